@@ -1,0 +1,15 @@
+"""Builders for model families, and the maps between Hugging Face checkpoints and our modules."""
+
+from fusiontrain.models.mllama import (
+    build_mllama,
+    encoder_mask_from_cross_attention_mask,
+    load_hf_mllama,
+    mllama_args_from_config,
+)
+
+__all__ = [
+    "build_mllama",
+    "encoder_mask_from_cross_attention_mask",
+    "load_hf_mllama",
+    "mllama_args_from_config",
+]

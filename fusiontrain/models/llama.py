@@ -1,0 +1,179 @@
+"""Builders for Llama-family decoder pieces, shared by the Mllama and composed model families.
+
+Every builder creates modules on the current default device, so wrapping a call in
+``with torch.device("meta"):`` builds a model without allocating its weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from fusiontrain.modules import (
+    FeedForward,
+    FusionEmbedding,
+    FusionLayer,
+    Llama3RopeScaling,
+    MultiHeadAttention,
+    RMSNorm,
+    RotaryPositionalEmbeddings,
+    TanhGate,
+    TransformerCrossAttentionLayer,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
+
+
+@dataclass(frozen=True)
+class LlamaDecoderArgs:
+    """Sizes of a Llama-family decoder.
+
+    Attributes:
+        vocab_size: rows of the pretrained embedding and outputs of the LM head (``v``).
+        hidden_size: width ``d``.
+        intermediate_size: MLP hidden width.
+        num_heads: query heads.
+        num_kv_heads: key/value heads.
+        head_dim: features per head.
+        rms_norm_eps: epsilon of every RMSNorm.
+        rope_theta: RoPE base.
+        rope_scaling: Llama 3 frequency scaling, or None.
+        max_seq_len: longest sequence (and default cache length).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Llama3RopeScaling | None
+    max_seq_len: int
+
+
+def _linear(in_dim: int, out_dim: int) -> nn.Linear:
+    return nn.Linear(in_dim, out_dim, bias=False)
+
+
+def llama_mlp(args: LlamaDecoderArgs) -> FeedForward:
+    """SwiGLU MLP, bias-free."""
+    d, hidden = args.hidden_size, args.intermediate_size
+    return FeedForward(gate_proj=_linear(d, hidden), down_proj=_linear(hidden, d), up_proj=_linear(d, hidden))
+
+
+def llama_self_attention_layer(args: LlamaDecoderArgs) -> TransformerSelfAttentionLayer:
+    """A Llama block: RMSNorm, GQA self-attention with RoPE, RMSNorm, SwiGLU."""
+    d, hd = args.hidden_size, args.head_dim
+    attn = MultiHeadAttention(
+        embed_dim=d,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        head_dim=hd,
+        q_proj=_linear(d, args.num_heads * hd),
+        k_proj=_linear(d, args.num_kv_heads * hd),
+        v_proj=_linear(d, args.num_kv_heads * hd),
+        output_proj=_linear(args.num_heads * hd, d),
+        pos_embeddings=RotaryPositionalEmbeddings(hd, args.rope_theta, args.rope_scaling),
+        is_causal=True,
+    )
+    return TransformerSelfAttentionLayer(
+        attn,
+        llama_mlp(args),
+        sa_norm=RMSNorm(d, args.rms_norm_eps),
+        mlp_norm=RMSNorm(d, args.rms_norm_eps),
+    )
+
+
+def llama_cross_attention_layer(args: LlamaDecoderArgs) -> TransformerCrossAttentionLayer:
+    """A Llama 3.2 Vision cross-attention block: GQA attention to encoder embeddings with per-head
+    q/k RMSNorms, a SwiGLU MLP, and tanh gates on both branches (shut at init)."""
+    d, hd = args.hidden_size, args.head_dim
+    attn = MultiHeadAttention(
+        embed_dim=d,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        head_dim=hd,
+        q_proj=_linear(d, args.num_heads * hd),
+        k_proj=_linear(d, args.num_kv_heads * hd),
+        v_proj=_linear(d, args.num_kv_heads * hd),
+        output_proj=_linear(args.num_heads * hd, d),
+        q_norm=RMSNorm(hd, args.rms_norm_eps),
+        k_norm=RMSNorm(hd, args.rms_norm_eps),
+        is_causal=False,
+    )
+    return TransformerCrossAttentionLayer(
+        attn,
+        llama_mlp(args),
+        ca_norm=RMSNorm(d, args.rms_norm_eps),
+        mlp_norm=RMSNorm(d, args.rms_norm_eps),
+        ca_scale=TanhGate(),
+        mlp_scale=TanhGate(),
+    )
+
+
+@dataclass(frozen=True)
+class FusedSlot:
+    """One layer of our decoder and where its weights come from.
+
+    Attributes:
+        self_index: index, in the source stack, of the pretrained self-attention layer.
+        cross_index: index, in the source stack, of the cross-attention layer fused with it, or
+            None for a plain layer.
+        fusion_first: whether the cross-attention layer runs before the self-attention layer.
+    """
+
+    self_index: int
+    cross_index: int | None = None
+    fusion_first: bool = True
+
+
+def fuse_layer_stack(num_layers: int, cross_attention_layers: list[int] | tuple[int, ...]) -> list[FusedSlot]:
+    """Pair each cross-attention layer of a flat stack with a neighbouring self-attention layer.
+
+    A flat stack (HF Mllama's layout) interleaves cross-attention layers among the self-attention
+    ones. Each cross-attention layer joins the self-attention layer right after it (it runs first,
+    as in Llama 3.2 Vision); a cross-attention layer at the end of the stack joins the one right
+    before it instead and runs after it. The order of computation is unchanged.
+    """
+    cross = set(cross_attention_layers)
+    if not cross <= set(range(num_layers)):
+        raise ValueError(f"cross_attention_layers {sorted(cross)} fall outside a stack of {num_layers} layers")
+    slots: list[FusedSlot] = []
+    pending_cross: int | None = None
+    for index in range(num_layers):
+        if index in cross:
+            if pending_cross is not None:
+                raise ValueError(f"cross-attention layers {pending_cross} and {index} are adjacent; cannot fuse both")
+            pending_cross = index
+            continue
+        slots.append(FusedSlot(index, pending_cross, True))
+        pending_cross = None
+    if pending_cross is not None:
+        if not slots or slots[-1].cross_index is not None:
+            raise ValueError(f"cross-attention layer {pending_cross} has no free self-attention layer to join")
+        slots[-1] = FusedSlot(slots[-1].self_index, pending_cross, False)
+    return slots
+
+
+def llama_fused_decoder(
+    args: LlamaDecoderArgs, slots: list[FusedSlot], *, fusion_vocab_size: int
+) -> TransformerDecoder:
+    """A decoder whose layers follow ``slots``, with ``fusion_vocab_size`` new embedding rows."""
+    layers: list[nn.Module] = []
+    for slot in slots:
+        layer = llama_self_attention_layer(args)
+        if slot.cross_index is not None:
+            layer = FusionLayer(layer, llama_cross_attention_layer(args), fusion_first=slot.fusion_first)
+        layers.append(layer)
+    return TransformerDecoder(
+        tok_embeddings=FusionEmbedding(args.vocab_size, fusion_vocab_size, args.hidden_size),
+        layers=layers,
+        max_seq_len=args.max_seq_len,
+        num_heads=args.num_heads,
+        head_dim=args.head_dim,
+        norm=RMSNorm(args.hidden_size, args.rms_norm_eps),
+        output=_linear(args.hidden_size, args.vocab_size),
+    )

@@ -1,0 +1,39 @@
+"""Model building blocks that honour torchtune's ``DeepFusionModel`` contract. Imports torch only."""
+
+from fusiontrain.modules.attention import MultiHeadAttention, attend
+from fusiontrain.modules.fusion import (
+    DeepFusionModel,
+    FusionEmbedding,
+    FusionLayer,
+    get_fusion_params,
+    register_fusion_module,
+    set_trainable_params,
+)
+from fusiontrain.modules.kv_cache import KVCache
+from fusiontrain.modules.layers import FeedForward, RMSNorm, TanhGate
+from fusiontrain.modules.rope import Llama3RopeScaling, RotaryPositionalEmbeddings
+from fusiontrain.modules.transformer import (
+    TransformerCrossAttentionLayer,
+    TransformerDecoder,
+    TransformerSelfAttentionLayer,
+)
+
+__all__ = [
+    "DeepFusionModel",
+    "FeedForward",
+    "FusionEmbedding",
+    "FusionLayer",
+    "KVCache",
+    "Llama3RopeScaling",
+    "MultiHeadAttention",
+    "RMSNorm",
+    "RotaryPositionalEmbeddings",
+    "TanhGate",
+    "TransformerCrossAttentionLayer",
+    "TransformerDecoder",
+    "TransformerSelfAttentionLayer",
+    "attend",
+    "get_fusion_params",
+    "register_fusion_module",
+    "set_trainable_params",
+]

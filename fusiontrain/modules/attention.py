@@ -1,0 +1,234 @@
+"""Multi-head attention with grouped-query heads, optional RoPE, q/k norms and a KV cache.
+
+All attention math goes through :func:`attend`, the single seam between the model and the
+kernels: a boolean mask (or none) runs ``F.scaled_dot_product_attention``; a flex_attention
+``BlockMask`` runs ``flex_attention`` (the GPU path for packed sequences).
+
+Mask convention everywhere: boolean, ``True`` means "may attend".
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusiontrain.modules.kv_cache import KVCache
+
+try:  # flex_attention is optional: present on recent torch, used only with a BlockMask.
+    from torch.nn.attention.flex_attention import BlockMask
+except ImportError:  # pragma: no cover - older torch
+    BlockMask = None  # type: ignore[assignment,misc]
+
+AttentionMask = Union[torch.Tensor, Any]  # a bool tensor or a flex_attention BlockMask
+
+
+def is_block_mask(mask: object) -> bool:
+    """True when ``mask`` is a flex_attention ``BlockMask``."""
+    return BlockMask is not None and isinstance(mask, BlockMask)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: AttentionMask | None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Scaled dot-product attention over heads.
+
+    Args:
+        q: queries ``[b, n_h, s, h_d]``.
+        k: keys ``[b, n_kv, s_k, h_d]``; ``n_h`` must be a multiple of ``n_kv`` (GQA).
+        v: values ``[b, n_kv, s_k, h_d]``.
+        mask: ``[b, s, s_k]`` bool (True = attend), a flex_attention ``BlockMask``, or None.
+        is_causal: with ``mask=None``, apply a causal mask (requires ``s == s_k``).
+        dropout_p: attention dropout probability.
+
+    Returns:
+        ``[b, n_h, s, h_d]``.
+    """
+    grouped = q.shape[1] != k.shape[1]
+    if is_block_mask(mask):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=grouped)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"attention masks are boolean (True = attend); got {mask.dtype}")
+        mask = mask[:, None, :, :]
+        is_causal = False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, enable_gqa=grouped
+    )
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with grouped-query key/value heads.
+
+    Self-attention passes the same tensor as ``x`` and ``y``; cross-attention passes the encoder
+    embeddings as ``y`` (or None on decoding steps that read the cached encoder keys/values).
+
+    Args:
+        embed_dim: model width ``d``.
+        num_heads: query heads ``n_h``.
+        num_kv_heads: key/value heads ``n_kv`` (``n_h`` must be a multiple).
+        head_dim: features per head ``h_d``.
+        q_proj, k_proj, v_proj, output_proj: the four projections.
+        pos_embeddings: RoPE applied to q and k (self-attention), or None (cross-attention).
+        q_norm, k_norm: per-head norms applied to q and k before attention, or None.
+        is_causal: whether the default (mask=None) pattern is causal.
+        attn_dropout: attention dropout probability, used in training only.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        q_proj: nn.Module,
+        k_proj: nn.Module,
+        v_proj: nn.Module,
+        output_proj: nn.Module,
+        pos_embeddings: nn.Module | None = None,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        is_causal: bool = True,
+        attn_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.is_causal = is_causal
+        self.attn_dropout = attn_dropout
+        self.q_proj = q_proj
+        self.k_proj = k_proj
+        self.v_proj = v_proj
+        self.output_proj = output_proj
+        self.pos_embeddings = pos_embeddings
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.kv_cache: KVCache | None = None
+        self.cache_enabled = False
+
+    # -- KV cache -------------------------------------------------------------------------------
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+        """Allocate a KV cache of ``max_seq_len`` slots and enable it."""
+        device = self.q_proj.weight.device if hasattr(self.q_proj, "weight") else None
+        self.kv_cache = KVCache(batch_size, max_seq_len, self.num_kv_heads, self.head_dim, dtype, device)
+        self.cache_enabled = True
+
+    def reset_cache(self) -> None:
+        """Zero the KV cache and mark it empty."""
+        if self.kv_cache is None:
+            raise RuntimeError("KV cache is not set up; call setup_caches first")
+        self.kv_cache.reset()
+
+    def remove_cache(self) -> None:
+        """Free the KV cache and return to training behaviour."""
+        self.kv_cache = None
+        self.cache_enabled = False
+
+    @property
+    def cache_is_empty(self) -> bool:
+        return self.kv_cache is None or self.kv_cache.size == 0
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        mask: AttentionMask | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attend from ``x`` to ``y``.
+
+        Args:
+            x: queries' input ``[b, s, d]``.
+            y: keys'/values' input ``[b, s_y, d]``; None reads the cached keys/values
+                (cross-attention decoding).
+            mask: ``[b, s, s_y]`` bool (True = attend) or a ``BlockMask``. With an enabled
+                self-attention cache, keys are the cache slots, so the mask is ``[b, s, m_s]``
+                (wider masks are cut to the filled slots); None there means causal by
+                ``input_pos``.
+            input_pos: positions ``[b, s]`` (or ``[s]``) of the tokens in ``x``: drive RoPE and
+                the slots a self-attention cache writes.
+
+        Returns:
+            ``[b, s, d]``.
+        """
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        if self.pos_embeddings is not None:
+            q = self.pos_embeddings(q, input_pos=input_pos)
+        q = q.transpose(1, 2)  # [b, n_h, s, h_d]
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+
+        use_cache = self.cache_enabled and self.kv_cache is not None
+        if y is None:
+            if not use_cache or self.kv_cache.size == 0:
+                raise ValueError("no key/value input and no cached keys/values to attend to")
+            k, v = self.kv_cache.filled()
+        else:
+            k, v = self._project_kv(y, input_pos)
+            if use_cache:
+                if self.pos_embeddings is None:  # cross-attention: cache the encoder keys/values
+                    self.kv_cache.write_prefix(k, v)
+                    k, v = self.kv_cache.filled()
+                else:  # self-attention: write new tokens at their positions, read all filled slots
+                    if input_pos is None:
+                        raise ValueError("input_pos is required when the KV cache is enabled")
+                    slots = input_pos if input_pos.dim() == 1 else input_pos[0]
+                    self.kv_cache.write_at(k, v, slots)
+                    k, v = self.kv_cache.filled()
+                    if mask is None:
+                        mask = self._causal_mask_over_cache(input_pos, b, s, k.shape[2], x.device)
+
+        if mask is not None and not is_block_mask(mask) and mask.shape[-1] > k.shape[2]:
+            mask = mask[..., : k.shape[2]]
+        out = attend(
+            q,
+            k,
+            v,
+            mask=mask,
+            is_causal=self.is_causal and mask is None,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
+        out = out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)
+        return self.output_proj(out)
+
+    def _project_kv(
+        self, y: torch.Tensor, input_pos: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s_y, _ = y.shape
+        k = self.k_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
+        if self.pos_embeddings is not None:
+            k = self.pos_embeddings(k, input_pos=input_pos)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, n_kv, s_y, h_d]
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return k, v
+
+    @staticmethod
+    def _causal_mask_over_cache(
+        input_pos: torch.Tensor, b: int, s: int, num_slots: int, device: torch.device
+    ) -> torch.Tensor:
+        """``[b, s, num_slots]``: a token sees the slots at or before its own position."""
+        query_pos = input_pos.expand(b, s) if input_pos.dim() == 1 else input_pos
+        slots = torch.arange(num_slots, device=device)
+        return slots[None, None, :] <= query_pos[:, :, None]

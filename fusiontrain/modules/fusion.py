@@ -1,0 +1,263 @@
+"""Deep fusion: joining a pretrained encoder to a pretrained decoder.
+
+- :class:`FusionLayer` pairs a pretrained decoder layer with a new fusion layer
+  (normally a :class:`~fusiontrain.modules.transformer.TransformerCrossAttentionLayer`).
+- :class:`FusionEmbedding` extends a pretrained token embedding with a few new rows
+  (image tokens) kept as their own small parameter.
+- :func:`register_fusion_module` marks any module (e.g. a projection head) as new fusion weights.
+- :func:`get_fusion_params` and :func:`set_trainable_params` select what trains.
+- :class:`DeepFusionModel` runs the encoder and hands its embeddings to the decoder.
+
+State-dict keys are always the parameter names (no key-renaming hooks): a fused layer's
+pretrained half lives under ``layer.`` and its new half under ``fusion_layer.``. Keeping the two
+identical is what FSDP2, ``torch.distributed.checkpoint`` and optimizer state rely on; weight maps
+in :mod:`fusiontrain.models` translate checkpoints of other layouts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusiontrain.modules.attention import AttentionMask
+from fusiontrain.modules.transformer import TransformerDecoder
+
+_FUSION_MODULE_FLAG = "_is_fusion_module"
+
+
+def register_fusion_module(module: nn.Module) -> nn.Module:
+    """Mark every parameter of ``module`` as a fusion parameter; returns ``module``.
+
+    Use it for new modules that join encoder and decoder, such as a projection head.
+    """
+    setattr(module, _FUSION_MODULE_FLAG, True)
+    return module
+
+
+def _fusion_param_names(module: nn.Module) -> list[str]:
+    """Local names of ``module``'s own fusion parameters (not recursing into children that
+    declare their own)."""
+    if getattr(module, _FUSION_MODULE_FLAG, False):
+        return [name for name, _ in module.named_parameters()]
+    if isinstance(module, (FusionLayer, FusionEmbedding)):
+        return module.fusion_params()
+    return []
+
+
+def get_fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """All fusion parameters of ``model``, by fully qualified name.
+
+    These are the parameters of registered fusion modules, the ``fusion_layer`` of every
+    :class:`FusionLayer`, and the new rows of every :class:`FusionEmbedding`.
+    """
+    found: dict[str, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        local_names = _fusion_param_names(module)
+        if not local_names:
+            continue
+        local_params = dict(module.named_parameters())
+        for local in local_names:
+            full = f"{module_name}.{local}" if module_name else local
+            found[full] = local_params[local]
+    return found
+
+
+def set_trainable_params(model: nn.Module, trainable: dict[str, Any] | set[str]) -> None:
+    """Set ``requires_grad`` on exactly the parameters named in ``trainable``, clear it on the rest."""
+    names = set(trainable)
+    unknown = names - {name for name, _ in model.named_parameters()}
+    if unknown:
+        raise KeyError(f"no such parameters: {sorted(unknown)[:5]}")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+
+
+class FusionLayer(nn.Module):
+    """A pretrained decoder layer joined with a new fusion layer.
+
+    Args:
+        layer: the pretrained layer (keeps its parameters under ``layer.``).
+        fusion_layer: the new layer (parameters under ``fusion_layer.``; all are fusion params).
+        fusion_first: run the fusion layer before the pretrained layer (Llama 3.2 Vision and
+            Flamingo do) or after it.
+    """
+
+    def __init__(self, layer: nn.Module, fusion_layer: nn.Module, fusion_first: bool = True) -> None:
+        super().__init__()
+        self.layer = layer
+        self.fusion_layer = fusion_layer
+        self.fusion_first = fusion_first
+
+    def fusion_params(self) -> list[str]:
+        """Local names of the fusion layer's parameters."""
+        return [f"fusion_layer.{name}" for name, _ in self.fusion_layer.named_parameters()]
+
+    def setup_caches(
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        *,
+        encoder_max_seq_len: int,
+        decoder_max_seq_len: int,
+    ) -> None:
+        for part in (self.layer, self.fusion_layer):
+            part.setup_caches(
+                batch_size,
+                dtype,
+                encoder_max_seq_len=encoder_max_seq_len,
+                decoder_max_seq_len=decoder_max_seq_len,
+            )
+
+    def caches_are_setup(self) -> bool:
+        return self.layer.caches_are_setup()
+
+    def caches_are_enabled(self) -> bool:
+        return self.layer.caches_are_enabled()
+
+    def reset_cache(self) -> None:
+        self.layer.reset_cache()
+        self.fusion_layer.reset_cache()
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """``x`` ``[b, s, d]`` -> ``[b, s, d]``; ``kwargs`` go to both layers."""
+        if self.fusion_first:
+            return self.layer(self.fusion_layer(x, **kwargs), **kwargs)
+        return self.fusion_layer(self.layer(x, **kwargs), **kwargs)
+
+
+class FusionEmbedding(nn.Module):
+    """Token embedding with ``fusion_vocab_size`` new rows appended after ``vocab_size`` rows.
+
+    ``weight`` ``[vocab_size, d]`` holds the pretrained rows under the same key as a plain
+    ``nn.Embedding``; ``fusion_embedding.weight`` ``[fusion_vocab_size, d]`` holds the new rows,
+    a separate (small) trainable parameter. Token ``vocab_size + i`` reads new row ``i``.
+
+    Args:
+        vocab_size: pretrained rows.
+        fusion_vocab_size: new rows.
+        embed_dim: width ``d``.
+    """
+
+    def __init__(self, vocab_size: int, fusion_vocab_size: int, embed_dim: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.fusion_vocab_size = fusion_vocab_size
+        self.embed_dim = embed_dim
+        self.weight = nn.Parameter(torch.empty(vocab_size, embed_dim))
+        self.fusion_embedding = nn.Embedding(fusion_vocab_size, embed_dim)
+        nn.init.normal_(self.weight)
+
+    def fusion_params(self) -> list[str]:
+        return ["fusion_embedding.weight"]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` ``[b, s]`` ids in ``[0, vocab_size + fusion_vocab_size)`` -> ``[b, s, d]``."""
+        is_new = tokens >= self.vocab_size
+        base = F.embedding(tokens.clamp(max=self.vocab_size - 1), self.weight)
+        new = self.fusion_embedding((tokens - self.vocab_size).clamp(min=0))
+        return torch.where(is_new.unsqueeze(-1), new, base)
+
+    def extra_repr(self) -> str:
+        return f"{self.vocab_size} + {self.fusion_vocab_size}, {self.embed_dim}"
+
+
+class DeepFusionModel(nn.Module):
+    """A pretrained encoder fused into a pretrained decoder.
+
+    The encoder turns ``encoder_input`` (a dict of its keyword arguments, e.g. what an HF image
+    processor returns) into embeddings ``[b, s_e, d]``; the decoder's fusion layers attend to
+    them. Same methods and forward signature as :class:`TransformerDecoder`.
+
+    Args:
+        decoder: the decoder, with fusion layers and a fusion embedding as needed.
+        encoder: the encoder, ending in a registered fusion module that maps to width ``d``.
+        decoder_trainable: train the decoder's pretrained parameters.
+        encoder_trainable: train the encoder's pretrained parameters.
+        fusion_trainable: train the fusion parameters (wins over the two flags above).
+    """
+
+    def __init__(
+        self,
+        decoder: TransformerDecoder,
+        encoder: nn.Module,
+        *,
+        decoder_trainable: bool = False,
+        encoder_trainable: bool = False,
+        fusion_trainable: bool = True,
+    ) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.encoder = encoder
+        trainable: set[str] = set()
+        if encoder_trainable:
+            trainable |= {f"encoder.{name}" for name, _ in encoder.named_parameters()}
+        if decoder_trainable:
+            trainable |= {f"decoder.{name}" for name, _ in decoder.named_parameters()}
+        fusion = set(get_fusion_params(self))
+        trainable = trainable | fusion if fusion_trainable else trainable - fusion
+        set_trainable_params(self, trainable)
+
+    def set_num_output_chunks(self, num_output_chunks: int) -> None:
+        """Return logits as that many chunks along s (for a chunked loss); 0 turns it off."""
+        self.decoder.set_num_output_chunks(num_output_chunks)
+
+    def setup_caches(
+        self,
+        batch_size: int,
+        dtype: torch.dtype,
+        *,
+        encoder_max_seq_len: int | None = None,
+        decoder_max_seq_len: int | None = None,
+    ) -> None:
+        """Allocate the decoder's KV caches (see :meth:`TransformerDecoder.setup_caches`)."""
+        self.decoder.setup_caches(
+            batch_size,
+            dtype,
+            encoder_max_seq_len=encoder_max_seq_len,
+            decoder_max_seq_len=decoder_max_seq_len,
+        )
+
+    def caches_are_setup(self) -> bool:
+        """True once the KV caches exist."""
+        return self.decoder.caches_are_setup()
+
+    def caches_are_enabled(self) -> bool:
+        """True while forward passes read and update the KV caches."""
+        return self.decoder.caches_are_enabled()
+
+    def reset_caches(self) -> None:
+        """Zero the KV caches and their positions, keeping the allocations."""
+        self.decoder.reset_caches()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        mask: AttentionMask | None = None,
+        encoder_input: dict[str, Any] | None = None,
+        encoder_mask: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Args:
+            tokens: ``[b, s]`` token ids.
+            mask: ``[b, s, s]`` bool self-attention mask (True = attend) or a ``BlockMask``;
+                None means causal.
+            encoder_input: keyword arguments for the encoder, or None (text only, or decoding
+                from cached encoder keys/values).
+            encoder_mask: ``[b, s, s_e]`` bool, True where token i may attend embedding j.
+            input_pos: ``[b, s]`` positions, restarting per packed sample.
+
+        Returns:
+            fp32 logits ``[b, s, v]``, or a list (output chunks / hidden states).
+        """
+        encoder_embeddings = None if encoder_input is None else self.encoder(**encoder_input)
+        return self.decoder(
+            tokens,
+            mask=mask,
+            encoder_input=encoder_embeddings,
+            encoder_mask=encoder_mask,
+            input_pos=input_pos,
+        )
