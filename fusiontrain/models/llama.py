@@ -54,6 +54,27 @@ class LlamaDecoderArgs:
     max_seq_len: int
 
 
+def rope_from_hf_text_config(text: dict) -> tuple[float, Llama3RopeScaling | None]:
+    """RoPE base and scaling from either ``rope_parameters`` (transformers 5) or the older
+    ``rope_theta`` + ``rope_scaling`` fields."""
+    params = dict(text.get("rope_parameters") or {})
+    legacy = text.get("rope_scaling") or {}
+    theta = params.get("rope_theta", text.get("rope_theta", 500_000.0))
+    rope_type = params.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
+    source = params if "factor" in params else legacy
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default' and 'llama3')")
+    scaling = Llama3RopeScaling(
+        factor=float(source["factor"]),
+        low_freq_factor=float(source["low_freq_factor"]),
+        high_freq_factor=float(source["high_freq_factor"]),
+        original_max_seq_len=int(source["original_max_position_embeddings"]),
+    )
+    return float(theta), scaling
+
+
 def _linear(in_dim: int, out_dim: int) -> nn.Linear:
     return nn.Linear(in_dim, out_dim, bias=False)
 

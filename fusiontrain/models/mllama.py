@@ -23,8 +23,14 @@ from pathlib import Path
 import torch
 
 from fusiontrain.models.hf_checkpoint import HFCheckpoint, TensorRoute, load_routes, materialize
-from fusiontrain.models.llama import FusedSlot, LlamaDecoderArgs, fuse_layer_stack, llama_fused_decoder
-from fusiontrain.modules import DeepFusionModel, Llama3RopeScaling
+from fusiontrain.models.llama import (
+    FusedSlot,
+    LlamaDecoderArgs,
+    fuse_layer_stack,
+    llama_fused_decoder,
+    rope_from_hf_text_config,
+)
+from fusiontrain.modules import DeepFusionModel
 from fusiontrain.modules.vision import MllamaVisionArgs, MllamaVisionEncoder
 
 MLLAMA_FUSION_VOCAB_SIZE = 8  # HF's embed_tokens has vocab_size + 8 rows
@@ -45,33 +51,12 @@ class MllamaArgs:
         return fuse_layer_stack(self.num_text_layers, self.cross_attention_layers)
 
 
-def _rope_from_text_config(text: dict) -> tuple[float, Llama3RopeScaling | None]:
-    """RoPE base and scaling from either ``rope_parameters`` (transformers 5) or the older
-    ``rope_theta`` + ``rope_scaling`` fields."""
-    params = dict(text.get("rope_parameters") or {})
-    legacy = text.get("rope_scaling") or {}
-    theta = params.get("rope_theta", text.get("rope_theta", 500_000.0))
-    rope_type = params.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
-    source = params if "factor" in params else legacy
-    if rope_type == "default":
-        return float(theta), None
-    if rope_type != "llama3":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default' and 'llama3')")
-    scaling = Llama3RopeScaling(
-        factor=float(source["factor"]),
-        low_freq_factor=float(source["low_freq_factor"]),
-        high_freq_factor=float(source["high_freq_factor"]),
-        original_max_seq_len=int(source["original_max_position_embeddings"]),
-    )
-    return float(theta), scaling
-
-
 def mllama_args_from_config(config: dict) -> MllamaArgs:
     """Sizes from a HF ``MllamaConfig`` as stored in ``config.json``."""
     if config.get("model_type") != "mllama":
         raise ValueError(f"expected an Mllama config (model_type 'mllama'), got {config.get('model_type')!r}")
     text, vision = config["text_config"], config["vision_config"]
-    theta, scaling = _rope_from_text_config(text)
+    theta, scaling = rope_from_hf_text_config(text)
     heads = text["num_attention_heads"]
     decoder = LlamaDecoderArgs(
         vocab_size=text["vocab_size"],
