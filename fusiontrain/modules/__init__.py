@@ -1,6 +1,6 @@
 """Model building blocks that honour torchtune's ``DeepFusionModel`` contract. Imports torch only."""
 
-from fusiontrain.modules.attention import MultiHeadAttention, attend
+from fusiontrain.modules.attention import MultiHeadAttention, attend, delete_kv_caches, disable_kv_cache
 from fusiontrain.modules.fusion import (
     DeepFusionModel,
     FusionEmbedding,
@@ -33,6 +33,8 @@ __all__ = [
     "TransformerDecoder",
     "TransformerSelfAttentionLayer",
     "attend",
+    "delete_kv_caches",
+    "disable_kv_cache",
     "get_fusion_params",
     "register_fusion_module",
     "set_trainable_params",

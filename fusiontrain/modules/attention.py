@@ -9,6 +9,8 @@ Mask convention everywhere: boolean, ``True`` means "may attend".
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Union
 
 import torch
@@ -232,3 +234,27 @@ class MultiHeadAttention(nn.Module):
         query_pos = input_pos.expand(b, s) if input_pos.dim() == 1 else input_pos
         slots = torch.arange(num_slots, device=device)
         return slots[None, None, :] <= query_pos[:, :, None]
+
+
+@contextmanager
+def disable_kv_cache(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, attention modules ignore their KV caches (which stay allocated and
+    untouched), so ``caches_are_enabled()`` is False while ``caches_are_setup()`` stays True."""
+    attentions = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    if not any(m.kv_cache is not None for m in attentions):
+        raise RuntimeError("KV caches are not set up; call setup_caches first")
+    previous = [m.cache_enabled for m in attentions]
+    for module in attentions:
+        module.cache_enabled = False
+    try:
+        yield model
+    finally:
+        for module, enabled in zip(attentions, previous):
+            module.cache_enabled = enabled
+
+
+def delete_kv_caches(model: nn.Module) -> None:
+    """Free every KV cache in ``model`` and return its attention to training behaviour."""
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.remove_cache()
