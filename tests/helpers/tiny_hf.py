@@ -1,0 +1,468 @@
+"""Tiny, deterministic Hugging Face checkpoints for tests.
+
+Everything here is built from config objects (never from the hub), seeded, and written with
+``save_pretrained`` (safetensors) into a caller-supplied folder, so tests can exercise the real
+loading paths on checkpoints that take milliseconds to build.
+
+Shared shapes (kept in sync on purpose so fixtures can be combined):
+
+* text side: vocab 128, hidden 64, 4 heads / 2 KV heads (head_dim 16), MLP 128, Llama-3 RoPE
+  (theta 5e5, factor 8, low/high freq factor 1/4, original context 64, so with head_dim 16 all
+  three branches of the llama3 frequency rule are hit), RMSNorm eps 1e-5, pad/bos/eos = 0/1/2;
+* image token ``<|image|>`` has id 128 == text vocab size, i.e. it lives in the "extra" embedding
+  rows (HF Mllama allocates ``vocab_size + 8`` rows, torchtune uses a fusion embedding);
+* vision side: 28x28 tiles of 14x14 patches -> 4 patches + 1 CLS = 5 tokens per tile.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Shared constants
+# --------------------------------------------------------------------------------------------
+
+TEXT_VOCAB_SIZE = 128
+PAD_TOKEN_ID = 0
+BOS_TOKEN_ID = 1
+EOS_TOKEN_ID = 2
+UNK_TOKEN_ID = 3
+IMAGE_TOKEN_ID = 128
+
+PAD_TOKEN = "<|pad|>"
+BOS_TOKEN = "<|begin_of_text|>"
+EOS_TOKEN = "<|end_of_text|>"
+UNK_TOKEN = "<|unk|>"
+IMAGE_TOKEN = "<|image|>"
+
+IMAGE_SIZE = 28
+PATCH_SIZE = 14
+
+# Distinct, non-zero gate values (cycled) so an image really reaches the logits.
+_GATE_VALUES = (0.3, -0.5, 0.7, -0.2, 0.45, -0.65, 0.25, -0.35)
+
+
+def _llama3_rope_parameters() -> dict[str, Any]:
+    """RoPE settings shared by the tiny Mllama text model and the tiny Llama."""
+    return {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+
+
+def _prepare_folder(folder: str | Path) -> Path:
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_vocab() -> list[str]:
+    """The 128 base tokens of the tiny tokenizer, index == id.
+
+    Ids 0-3 are ``<|pad|>``, ``<|begin_of_text|>``, ``<|end_of_text|>``, ``<|unk|>``; then single
+    characters (letters, digits, space, newline, punctuation); the rest are reserved specials.
+    ``<|image|>`` (id 128) is added on top of these as an added special token.
+    """
+    specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
+    chars = list("abcdefghijklmnopqrstuvwxyz")
+    chars += list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    chars += list("0123456789")
+    chars += [" ", "\n"] + list(".,!?;:'\"-()/")
+    vocab = specials + chars
+    n_reserved = TEXT_VOCAB_SIZE - len(vocab)
+    vocab += [f"<|reserved_special_token_{i}|>" for i in range(n_reserved)]
+    assert len(vocab) == TEXT_VOCAB_SIZE
+    return vocab
+
+
+def build_tiny_tokenizer() -> Any:
+    """A character-level ``PreTrainedTokenizerFast`` matching the tiny models' special ids.
+
+    Every character is one token (unknown characters map to ``<|unk|>``), decoding concatenates
+    tokens back, and, like Llama 3, encoding with ``add_special_tokens=True`` prepends
+    ``<|begin_of_text|>`` (no EOS is appended). ``<|image|>`` is an added special token with id 128.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(tiny_vocab())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    special = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
+    special += [t for t in vocab if t.startswith("<|reserved_special_token_")]
+    tok.add_special_tokens(special)
+    tok.add_special_tokens([IMAGE_TOKEN])
+    assert tok.token_to_id(IMAGE_TOKEN) == IMAGE_TOKEN_ID
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A $B",
+        special_tokens=[(BOS_TOKEN, BOS_TOKEN_ID)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        padding_side="right",
+        model_max_length=256,
+    )
+
+
+def save_tiny_tokenizer(folder: str | Path) -> Path:
+    """Save the tiny tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) into ``folder``."""
+    path = _prepare_folder(folder)
+    build_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Mllama
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_mllama_config(**overrides: Any) -> Any:
+    """A tiny ``transformers.MllamaConfig`` (eager attention).
+
+    ``overrides`` may contain top-level ``MllamaConfig`` fields, or ``text_config`` /
+    ``vision_config`` dicts whose entries update the tiny defaults of that sub-config.
+    """
+    from transformers import MllamaConfig
+
+    text_kwargs: dict[str, Any] = {
+        "vocab_size": TEXT_VOCAB_SIZE,
+        "hidden_size": 64,
+        "num_hidden_layers": 6,
+        "cross_attention_layers": [1, 4],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "rope_parameters": _llama3_rope_parameters(),
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": BOS_TOKEN_ID,
+        "eos_token_id": EOS_TOKEN_ID,
+        "pad_token_id": PAD_TOKEN_ID,
+        "tie_word_embeddings": False,
+    }
+    vision_kwargs: dict[str, Any] = {
+        "hidden_size": 32,
+        "attention_heads": 4,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_global_layers": 2,
+        "intermediate_layers_indices": [1, 3],
+        "vision_output_dim": 32 * (1 + 2),
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH_SIZE,
+        "max_num_tiles": 2,
+        "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]],
+        "norm_eps": 1e-5,
+    }
+    text_kwargs.update(overrides.pop("text_config", None) or {})
+    vision_kwargs.update(overrides.pop("vision_config", None) or {})
+    top: dict[str, Any] = {"image_token_index": IMAGE_TOKEN_ID}
+    top.update(overrides)
+    config = MllamaConfig(text_config=text_kwargs, vision_config=vision_kwargs, **top)
+    config._attn_implementation = "eager"
+    return config
+
+
+@torch.no_grad()
+def set_nonzero_mllama_gates(model: torch.nn.Module) -> None:
+    """Give every gate that HF initialises to zero a distinct non-zero value.
+
+    Covers the text cross-attention gates (``cross_attn_attn_gate`` / ``cross_attn_mlp_gate``) and
+    the vision gates of the positional and pre/post tile embeddings, so that both an image and its
+    aspect ratio change the logits. Works on ``MllamaForConditionalGeneration`` or ``MllamaModel``.
+    """
+    k = 0
+
+    def nxt() -> float:
+        nonlocal k
+        val = _GATE_VALUES[k % len(_GATE_VALUES)] * (1.0 + 0.05 * (k // len(_GATE_VALUES)))
+        k += 1
+        return val
+
+    found = 0
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
+            param.fill_(nxt())
+            found += 1
+        elif leaf == "gate" and any(
+            part in name
+            for part in (
+                "gated_positional_embedding",
+                "pre_tile_positional_embedding",
+                "post_tile_positional_embedding",
+            )
+        ):
+            param.fill_(nxt())
+            found += 1
+    if found == 0:
+        raise ValueError("no Mllama gates found on the given module")
+
+
+def save_tiny_mllama(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    nonzero_gates: bool = True,
+    sharded: bool = False,
+    config: Any = None,
+    save_tokenizer: bool = True,
+    save_processor: bool = True,
+) -> tuple[Path, Any]:
+    """Build, seed and save a tiny ``MllamaForConditionalGeneration``.
+
+    Args:
+        folder: where to write (created if needed).
+        seed: ``torch.manual_seed`` used before building the model and for the extra rows.
+        nonzero_gates: set all zero-initialised gates to distinct non-zero values (see
+            :func:`set_nonzero_mllama_gates`), so images affect the logits.
+        sharded: save with a small ``max_shard_size`` so there are several
+            ``model-0000x-of-0000y.safetensors`` files plus ``model.safetensors.index.json``.
+        config: a config to use instead of :func:`tiny_mllama_config`.
+        save_tokenizer: also save the tiny tokenizer (:func:`save_tiny_tokenizer`).
+        save_processor: also save an ``MllamaImageProcessorPil`` for 28px tiles, 2 tiles max,
+            so that ``AutoProcessor.from_pretrained(folder)`` gives an ``MllamaProcessor``
+            (needs ``save_tokenizer``).
+
+    Returns:
+        ``(path, model)`` with the model in eval mode, exactly as saved.
+    """
+    from transformers import MllamaForConditionalGeneration
+
+    path = _prepare_folder(folder)
+    config = tiny_mllama_config() if config is None else config
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config)
+    model.eval()
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        n_base = config.text_config.vocab_size
+        gen = torch.Generator().manual_seed(seed + 1)
+        extra = torch.randn(emb.shape[0] - n_base, emb.shape[1], generator=gen)
+        emb[n_base:] = extra.to(emb.dtype) * config.text_config.initializer_range
+    if nonzero_gates:
+        set_nonzero_mllama_gates(model)
+    if sharded:
+        model.save_pretrained(path, max_shard_size="300KB")
+    else:
+        model.save_pretrained(path)
+    if save_tokenizer:
+        save_tiny_tokenizer(path)
+        if save_processor:
+            _save_mllama_processor(path, config)
+    return path, model
+
+
+def _save_mllama_processor(path: Path, config: Any) -> None:
+    from transformers import AutoTokenizer, MllamaImageProcessorPil, MllamaProcessor
+
+    vc = config.vision_config
+    image_processor = MllamaImageProcessorPil(
+        size={"height": vc.image_size, "width": vc.image_size},
+        max_image_tiles=vc.max_num_tiles,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+
+
+def tiny_pixel_inputs(
+    config: Any,
+    *,
+    batch_images: list[list[int]],
+    seed: int = 0,
+    hf_padding_quirk: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Random HF-style Mllama image inputs.
+
+    Args:
+        config: an ``MllamaConfig`` (or its ``vision_config``).
+        batch_images: for each sample, the 1-based aspect-ratio id (index into
+            ``supported_aspect_ratios`` plus one) of each of its images; e.g. ``[[1], [2, 3]]``
+            means sample 0 has one 1x1 image and sample 1 has a 1x2 and a 2x1 image. A sample
+            may have no images (``[]``).
+        seed: seed for the pixel values.
+        hf_padding_quirk: mimic ``MllamaImageProcessor``, which sets
+            ``aspect_ratio_mask[..., 0] = 1`` for *every* image slot, padding slots included.
+            With ``False``, padding image slots are all zeros.
+
+    Returns:
+        ``pixel_values`` float ``[b, max_imgs, max_tiles, 3, H, W]`` (standard normal for real
+        tiles, zero for padding tiles/images), ``aspect_ratio_ids`` long ``[b, max_imgs]``
+        (0 for padding images), ``aspect_ratio_mask`` long ``[b, max_imgs, max_tiles]``
+        (1 for real tiles), where ``max_imgs = max(1, longest list)``.
+    """
+    vc = getattr(config, "vision_config", config)
+    ratios = vc.supported_aspect_ratios
+    max_tiles = vc.max_num_tiles
+    size = vc.image_size
+    channels = getattr(vc, "num_channels", 3)
+    batch = len(batch_images)
+    max_imgs = max([1] + [len(imgs) for imgs in batch_images])
+
+    gen = torch.Generator().manual_seed(seed)
+    pixel_values = torch.zeros(batch, max_imgs, max_tiles, channels, size, size)
+    aspect_ratio_ids = torch.zeros(batch, max_imgs, dtype=torch.long)
+    aspect_ratio_mask = torch.zeros(batch, max_imgs, max_tiles, dtype=torch.long)
+    if hf_padding_quirk:
+        aspect_ratio_mask[:, :, 0] = 1
+    for i, imgs in enumerate(batch_images):
+        for j, ar_id in enumerate(imgs):
+            if not 1 <= ar_id <= len(ratios):
+                raise ValueError(f"aspect ratio id {ar_id} not in 1..{len(ratios)}")
+            n_tiles = math.prod(ratios[ar_id - 1])
+            if n_tiles > max_tiles:
+                raise ValueError(f"aspect ratio {ratios[ar_id - 1]} needs more than {max_tiles} tiles")
+            aspect_ratio_ids[i, j] = ar_id
+            aspect_ratio_mask[i, j, :n_tiles] = 1
+            pixel_values[i, j, :n_tiles] = torch.randn(n_tiles, channels, size, size, generator=gen)
+    return {
+        "pixel_values": pixel_values,
+        "aspect_ratio_ids": aspect_ratio_ids,
+        "aspect_ratio_mask": aspect_ratio_mask,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Llama decoder
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_llama_config(**overrides: Any) -> Any:
+    """A tiny ``transformers.LlamaConfig`` (eager attention), same text shapes as the Mllama."""
+    from transformers import LlamaConfig
+
+    kwargs: dict[str, Any] = {
+        "vocab_size": TEXT_VOCAB_SIZE,
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "rope_parameters": _llama3_rope_parameters(),
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": BOS_TOKEN_ID,
+        "eos_token_id": EOS_TOKEN_ID,
+        "pad_token_id": PAD_TOKEN_ID,
+        "tie_word_embeddings": False,
+    }
+    kwargs.update(overrides)
+    config = LlamaConfig(**kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def save_tiny_llama(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    config: Any = None,
+    save_tokenizer: bool = True,
+) -> tuple[Path, Any]:
+    """Build, seed and save a tiny ``LlamaForCausalLM`` (and the tiny tokenizer).
+
+    Note the tokenizer's ``<|image|>`` id (128) is outside this model's 128-row embedding: a
+    fusion model built on it must add rows for it.
+
+    Returns:
+        ``(path, model)`` with the model in eval mode, exactly as saved.
+    """
+    from transformers import LlamaForCausalLM
+
+    path = _prepare_folder(folder)
+    config = tiny_llama_config() if config is None else config
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    model.save_pretrained(path)
+    if save_tokenizer:
+        save_tiny_tokenizer(path)
+    return path, model
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP / SigLIP vision towers
+# --------------------------------------------------------------------------------------------
+
+_TINY_VISION_KWARGS: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "image_size": IMAGE_SIZE,
+    "patch_size": PATCH_SIZE,
+}
+
+
+def tiny_clip_vision_config(**overrides: Any) -> Any:
+    """A tiny ``transformers.CLIPVisionConfig`` (eager attention)."""
+    from transformers import CLIPVisionConfig
+
+    config = CLIPVisionConfig(**{**_TINY_VISION_KWARGS, "projection_dim": 32, **overrides})
+    config._attn_implementation = "eager"
+    return config
+
+
+def tiny_siglip_vision_config(**overrides: Any) -> Any:
+    """A tiny ``transformers.SiglipVisionConfig`` (eager attention)."""
+    from transformers import SiglipVisionConfig
+
+    config = SiglipVisionConfig(**{**_TINY_VISION_KWARGS, **overrides})
+    config._attn_implementation = "eager"
+    return config
+
+
+def save_tiny_clip_vision(folder: str | Path, *, seed: int = 0) -> tuple[Path, Any]:
+    """Build, seed and save a tiny ``CLIPVisionModel`` plus a 28px ``CLIPImageProcessorPil``.
+
+    Returns:
+        ``(path, model)`` with the model in eval mode, exactly as saved.
+    """
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel
+
+    path = _prepare_folder(folder)
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(tiny_clip_vision_config())
+    model.eval()
+    model.save_pretrained(path)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    ).save_pretrained(path)
+    return path, model
+
+
+def save_tiny_siglip_vision(folder: str | Path, *, seed: int = 0) -> tuple[Path, Any]:
+    """Build, seed and save a tiny ``SiglipVisionModel`` plus a 28px ``SiglipImageProcessorPil``.
+
+    Returns:
+        ``(path, model)`` with the model in eval mode, exactly as saved.
+    """
+    from transformers import SiglipImageProcessorPil, SiglipVisionModel
+
+    path = _prepare_folder(folder)
+    torch.manual_seed(seed)
+    model = SiglipVisionModel(tiny_siglip_vision_config())
+    model.eval()
+    model.save_pretrained(path)
+    SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    return path, model
