@@ -164,10 +164,10 @@ class MultiHeadAttention(nn.Module):
                 (cross-attention decoding).
             mask: ``[b, s, s_y]`` bool (True = attend) or a ``BlockMask``. With an enabled
                 self-attention cache, keys are the cache slots, so the mask is ``[b, s, m_s]``
-                (wider masks are cut to the filled slots); None there means causal by
-                ``input_pos``.
-            input_pos: positions ``[b, s]`` (or ``[s]``) of the tokens in ``x``: drive RoPE and
-                the slots a self-attention cache writes.
+                (wider masks are cut to the filled slots); None there means causal over the
+                slots (pass a mask for left-padded rows).
+            input_pos: positions ``[b, s]`` (or ``[s]``) of the tokens in ``x``, for RoPE. The
+                cache appends tokens to its next free slots.
 
         Returns:
             ``[b, s, d]``.
@@ -191,14 +191,12 @@ class MultiHeadAttention(nn.Module):
                 if self.pos_embeddings is None:  # cross-attention: cache the encoder keys/values
                     self.kv_cache.write_prefix(k, v)
                     k, v = self.kv_cache.filled()
-                else:  # self-attention: write new tokens at their positions, read all filled slots
-                    if input_pos is None:
-                        raise ValueError("input_pos is required when the KV cache is enabled")
-                    slots = input_pos if input_pos.dim() == 1 else input_pos[0]
-                    self.kv_cache.write_at(k, v, slots)
+                else:  # self-attention: append the new tokens, attend to every filled slot
+                    first_slot = self.kv_cache.size
+                    self.kv_cache.append(k, v)
                     k, v = self.kv_cache.filled()
                     if mask is None:
-                        mask = self._causal_mask_over_cache(input_pos, b, s, k.shape[2], x.device)
+                        mask = self._causal_mask_over_cache(first_slot, b, s, k.shape[2], x.device)
 
         if mask is not None and not is_block_mask(mask) and mask.shape[-1] > k.shape[2]:
             mask = mask[..., : k.shape[2]]
@@ -227,13 +225,11 @@ class MultiHeadAttention(nn.Module):
         return k, v
 
     @staticmethod
-    def _causal_mask_over_cache(
-        input_pos: torch.Tensor, b: int, s: int, num_slots: int, device: torch.device
-    ) -> torch.Tensor:
-        """``[b, s, num_slots]``: a token sees the slots at or before its own position."""
-        query_pos = input_pos.expand(b, s) if input_pos.dim() == 1 else input_pos
-        slots = torch.arange(num_slots, device=device)
-        return slots[None, None, :] <= query_pos[:, :, None]
+    def _causal_mask_over_cache(first_slot: int, b: int, s: int, num_slots: int, device: torch.device) -> torch.Tensor:
+        """``[b, s, num_slots]``: token i (in slot ``first_slot + i``) sees slots up to its own."""
+        query_slots = torch.arange(first_slot, first_slot + s, device=device)
+        mask = torch.arange(num_slots, device=device)[None, :] <= query_slots[:, None]
+        return mask.expand(b, s, num_slots)
 
 
 @contextmanager

@@ -9,9 +9,10 @@ from torch import nn
 class KVCache(nn.Module):
     """Pre-allocated keys and values, ``[b, n_kv, max_seq_len, h_d]`` each.
 
-    Self-attention writes each new token at its position (``input_pos``), so the cache is addressed
-    by position, not by arrival order. Cross-attention writes the encoder's keys and values once,
-    from slot 0, and reads them back on later decoding steps.
+    Self-attention appends each forward's tokens to the next free slots (``input_pos`` only drives
+    RoPE), so unpadded prompts have slot == position, and left-padded rows keep torchtune's
+    convention (pads and the first real token share position 0 but not a slot). Cross-attention
+    writes the encoder's keys and values once, from slot 0, and reads them back on later steps.
 
     Args:
         batch_size: rows in the cache.
@@ -37,8 +38,7 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
-        # Number of leading slots that hold data (encoder length for cross-attention; highest
-        # written position + 1 for self-attention, as far as the caller told us).
+        # Number of leading slots that hold data.
         self.size = 0
 
     def reset(self) -> None:
@@ -47,12 +47,18 @@ class KVCache(nn.Module):
         self.v_cache.zero_()
         self.size = 0
 
-    def write_at(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
-        """Store ``k``/``v`` ``[b, n_kv, s, h_d]`` in the slots ``positions`` ``[s]``."""
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``/``v`` ``[b, n_kv, s, h_d]`` in the next ``s`` free slots."""
         self._check_batch(k)
-        self.k_cache.index_copy_(2, positions, k.to(self.k_cache.dtype))
-        self.v_cache.index_copy_(2, positions, v.to(self.v_cache.dtype))
-        self.size = max(self.size, int(positions.max()) + 1) if positions.numel() else self.size
+        length = k.shape[2]
+        if self.size + length > self.max_seq_len:
+            raise ValueError(
+                f"{self.size} cached + {length} new tokens exceed the KV cache's {self.max_seq_len} slots; "
+                "pass a larger decoder_max_seq_len to setup_caches"
+            )
+        self.k_cache[:, :, self.size : self.size + length].copy_(k)
+        self.v_cache[:, :, self.size : self.size + length].copy_(v)
+        self.size += length
 
     def write_prefix(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace the cache contents with ``k``/``v`` ``[b, n_kv, s, h_d]``, from slot 0."""
