@@ -6,32 +6,32 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import tiny_hf
+from fusiontrain import tiny
 
 
 @pytest.fixture(scope="session")
 def tiny_mllama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with a tiny Mllama (non-zero gates, single safetensors file, tokenizer, processor)."""
-    path, _ = tiny_hf.save_tiny_mllama(tmp_path_factory.mktemp("tiny_mllama"))
+    path, _ = tiny.save_tiny_mllama(tmp_path_factory.mktemp("tiny_mllama"))
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with a tiny Llama decoder and the tiny tokenizer."""
-    path, _ = tiny_hf.save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+    path, _ = tiny.save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with a tiny CLIP vision tower and its PIL image processor."""
-    path, _ = tiny_hf.save_tiny_clip_vision(tmp_path_factory.mktemp("tiny_clip"))
+    path, _ = tiny.save_tiny_clip_vision(tmp_path_factory.mktemp("tiny_clip"))
     return path
 
 
 @pytest.fixture(scope="session")
 def tiny_siglip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with a tiny SigLIP vision tower and its PIL image processor."""
-    path, _ = tiny_hf.save_tiny_siglip_vision(tmp_path_factory.mktemp("tiny_siglip"))
+    path, _ = tiny.save_tiny_siglip_vision(tmp_path_factory.mktemp("tiny_siglip"))
     return path

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_hf
+from fusiontrain import tiny
 
 
 def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -40,15 +40,15 @@ def _mllama_text_batch() -> dict[str, torch.Tensor]:
 
 
 def test_tiny_mllama_config_values() -> None:
-    cfg = tiny_hf.tiny_mllama_config()
+    cfg = tiny.tiny_mllama_config()
     tc, vc = cfg.text_config, cfg.vision_config
     assert (tc.vocab_size, tc.hidden_size, tc.num_hidden_layers) == (128, 64, 6)
     assert tc.cross_attention_layers == [1, 4]
     assert tc.rope_parameters["rope_type"] == "llama3"
     assert vc.vision_output_dim == vc.hidden_size * (1 + len(vc.intermediate_layers_indices))
     assert vc.image_size % vc.patch_size == 0
-    assert cfg.image_token_index == tiny_hf.IMAGE_TOKEN_ID
-    over = tiny_hf.tiny_mllama_config(text_config={"num_hidden_layers": 3, "cross_attention_layers": [2]})
+    assert cfg.image_token_index == tiny.IMAGE_TOKEN_ID
+    over = tiny.tiny_mllama_config(text_config={"num_hidden_layers": 3, "cross_attention_layers": [2]})
     assert over.text_config.num_hidden_layers == 3 and over.text_config.hidden_size == 64
 
 
@@ -56,7 +56,7 @@ def test_tiny_mllama_config_values() -> None:
 def test_tiny_mllama_roundtrip(tmp_path: Path, sharded: bool) -> None:
     from transformers import MllamaForConditionalGeneration
 
-    path, model = tiny_hf.save_tiny_mllama(tmp_path / "m", sharded=sharded)
+    path, model = tiny.save_tiny_mllama(tmp_path / "m", sharded=sharded)
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     if sharded:
         assert len(shards) > 1
@@ -79,7 +79,7 @@ def test_tiny_mllama_roundtrip(tmp_path: Path, sharded: bool) -> None:
     assert (emb[128:].abs().sum(-1) > 0).all()
 
     batch = _mllama_text_batch()
-    pixels = tiny_hf.tiny_pixel_inputs(loaded.config, batch_images=[[1], [2, 3]])
+    pixels = tiny.tiny_pixel_inputs(loaded.config, batch_images=[[1], [2, 3]])
     with torch.no_grad():
         a = loaded(**batch, **pixels).logits
         b = model(**batch, **pixels).logits
@@ -92,8 +92,8 @@ def test_tiny_mllama_image_changes_logits(tiny_mllama_dir: Path) -> None:
 
     model = _load_strict(MllamaForConditionalGeneration, tiny_mllama_dir)
     batch = _mllama_text_batch()
-    px0 = tiny_hf.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=0)
-    px1 = tiny_hf.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=1)
+    px0 = tiny.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=0)
+    px1 = tiny.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=1)
     with torch.no_grad():
         text_only = model(input_ids=batch["input_ids"]).logits
         with0 = model(**batch, **px0).logits
@@ -105,17 +105,17 @@ def test_tiny_mllama_image_changes_logits(tiny_mllama_dir: Path) -> None:
 
 def test_zero_gates_make_images_irrelevant(tmp_path: Path) -> None:
     """Sanity check of the fixture's purpose: with HF's zero init an image changes nothing."""
-    _, model = tiny_hf.save_tiny_mllama(tmp_path / "z", nonzero_gates=False, save_tokenizer=False)
+    _, model = tiny.save_tiny_mllama(tmp_path / "z", nonzero_gates=False, save_tokenizer=False)
     batch = _mllama_text_batch()
-    px0 = tiny_hf.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=0)
-    px1 = tiny_hf.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=1)
+    px0 = tiny.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=0)
+    px1 = tiny.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=1)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch, **px0).logits, model(**batch, **px1).logits)
 
 
 def test_tiny_pixel_inputs_layout() -> None:
-    cfg = tiny_hf.tiny_mllama_config()
-    px = tiny_hf.tiny_pixel_inputs(cfg, batch_images=[[1], [2, 3], []])
+    cfg = tiny.tiny_mllama_config()
+    px = tiny.tiny_pixel_inputs(cfg, batch_images=[[1], [2, 3], []])
     assert px["pixel_values"].shape == (3, 2, 2, 3, 28, 28)
     assert px["aspect_ratio_ids"].tolist() == [[1, 0], [2, 3], [0, 0]]
     # HF processor quirk: the first tile of every image slot, padding included, is marked.
@@ -123,10 +123,10 @@ def test_tiny_pixel_inputs_layout() -> None:
     real = px["pixel_values"].flatten(3).abs().sum(-1) > 0
     assert real.tolist() == [[[True, False], [False, False]], [[True, True], [True, True]],
                              [[False, False], [False, False]]]
-    strict = tiny_hf.tiny_pixel_inputs(cfg, batch_images=[[1], [2, 3]], hf_padding_quirk=False)
+    strict = tiny.tiny_pixel_inputs(cfg, batch_images=[[1], [2, 3]], hf_padding_quirk=False)
     assert strict["aspect_ratio_mask"].tolist() == [[[1, 0], [0, 0]], [[1, 1], [1, 1]]]
     with pytest.raises(ValueError):
-        tiny_hf.tiny_pixel_inputs(cfg, batch_images=[[4]])
+        tiny.tiny_pixel_inputs(cfg, batch_images=[[4]])
 
 
 def test_tiny_tokenizer_and_processor(tiny_mllama_dir: Path) -> None:
@@ -157,7 +157,7 @@ def test_tiny_tokenizer_and_processor(tiny_mllama_dir: Path) -> None:
 def test_tiny_llama_roundtrip(tmp_path: Path) -> None:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    path, model = tiny_hf.save_tiny_llama(tmp_path / "llama")
+    path, model = tiny.save_tiny_llama(tmp_path / "llama")
     loaded = _load_strict(LlamaForCausalLM, path)
     _assert_same_state(model, loaded)
     cfg = loaded.config
@@ -187,8 +187,8 @@ def test_tiny_vision_roundtrip(tmp_path: Path, kind: str) -> None:
     from transformers import AutoImageProcessor, AutoModel, CLIPVisionModel, SiglipVisionModel
 
     save, cls, n_tokens = {
-        "clip": (tiny_hf.save_tiny_clip_vision, CLIPVisionModel, 5),  # 4 patches + CLS
-        "siglip": (tiny_hf.save_tiny_siglip_vision, SiglipVisionModel, 4),  # no CLS
+        "clip": (tiny.save_tiny_clip_vision, CLIPVisionModel, 5),  # 4 patches + CLS
+        "siglip": (tiny.save_tiny_siglip_vision, SiglipVisionModel, 4),  # no CLS
     }[kind]
     path, model = save(tmp_path / kind)
     loaded = _load_strict(cls, path)

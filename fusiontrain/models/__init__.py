@@ -1,5 +1,6 @@
 """Builders for model families, and the maps between Hugging Face checkpoints and our modules."""
 
+from fusiontrain.models.compose import compose_from_hf
 from fusiontrain.models.mllama import (
     build_mllama,
     encoder_mask_from_cross_attention_mask,
@@ -9,6 +10,7 @@ from fusiontrain.models.mllama import (
 
 __all__ = [
     "build_mllama",
+    "compose_from_hf",
     "encoder_mask_from_cross_attention_mask",
     "load_hf_mllama",
     "mllama_args_from_config",

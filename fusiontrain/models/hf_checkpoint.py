@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -81,35 +82,84 @@ class HFCheckpoint:
         """The safetensors files, sorted."""
         return sorted(set(self._file_of.values()))
 
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor ``key`` (canonical name), or only its rows ``rows[0]:rows[1]``."""
+    def shape(self, key: str) -> list[int]:
+        """Shape of tensor ``key`` (canonical name), read from the file header only."""
+        with safe_open(self._file_of[self._known(key)], framework="pt") as handle:
+            return handle.get_slice(self._stored_name[key]).get_shape()
+
+    def _known(self, key: str) -> str:
         if key not in self._file_of:
             raise KeyError(f"tensor {key!r} is not in the checkpoint {self.folder}")
-        with safe_open(self._file_of[key], framework="pt") as handle:
-            if rows is None:
+        return key
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``key`` (canonical name), or only its rows ``rows[0]:rows[1]`` (0-dim tensors
+        are read whole)."""
+        with safe_open(self._file_of[self._known(key)], framework="pt") as handle:
+            tensor_slice = handle.get_slice(self._stored_name[key])
+            if rows is None or not tensor_slice.get_shape():
                 return handle.get_tensor(self._stored_name[key])
-            return handle.get_slice(self._stored_name[key])[rows[0] : rows[1]]
+            return tensor_slice[rows[0] : rows[1]]
+
+
+def local_rows(param: torch.Tensor) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of the full parameter that this rank holds.
+
+    A plain tensor holds them all. A DTensor (FSDP2 shards dim 0, replicates across HSDP replica
+    groups) holds the ``torch.chunk`` share of its mesh coordinates along every sharded mesh dim.
+    """
+    start, stop = 0, param.shape[0] if param.dim() else 1
+    if not isinstance(param, DTensor):
+        return start, stop
+    mesh = param.device_mesh
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_replicate():
+            continue
+        if not placement.is_shard(dim=0):
+            raise ValueError(f"only row (dim-0) sharding is supported, got {placement}")
+        rows, ranks = stop - start, mesh.size(mesh_dim)
+        chunk = -(-rows // ranks)
+        coordinate = mesh.get_local_rank(mesh_dim)
+        start, stop = start + min(coordinate * chunk, rows), start + min((coordinate + 1) * chunk, rows)
+    return start, stop
+
+
+def copy_rows_into(param: torch.Tensor, read_rows: Callable[[int, int], torch.Tensor]) -> None:
+    """Fill this rank's part of ``param`` with ``read_rows(start, stop)`` of the full tensor.
+
+    Only the local rows are ever read, so a rank's peak memory is its shard plus one slice.
+    """
+    start, stop = local_rows(param)
+    local = param.to_local() if isinstance(param, DTensor) else param
+    if local.numel() == 0:
+        return
+    rows = read_rows(start, stop)
+    if param.dim() == 0:
+        rows = rows.reshape(())
+    if rows.shape != local.shape:
+        raise ValueError(f"rows {start}:{stop} have shape {tuple(rows.shape)}, the local shard {tuple(local.shape)}")
+    local.copy_(rows)
 
 
 def load_routes(
-    model: nn.Module,
+    params: dict[str, torch.Tensor],
     checkpoint: HFCheckpoint,
     routes: Iterable[TensorRoute],
     *,
     strict: bool = True,
 ) -> list[str]:
-    """Copy every routed tensor into ``model``'s (already materialised) parameters.
+    """Copy every routed tensor into the (already materialised) parameters ``params``.
 
     Args:
-        model: the model; parameters keep their dtype and device, values are cast into them.
+        params: the model's parameters by (canonical) name; plain tensors or DTensor shards.
+            They keep their dtype and device; values are cast into them.
         checkpoint: where the tensors come from.
         routes: the weight map.
         strict: require that every parameter is filled and every stored tensor is used.
 
     Returns:
-        The names of the model's parameters that no route filled (empty when ``strict``).
+        The names of the parameters that no route filled (empty when ``strict``).
     """
-    params = dict(model.named_parameters())
     routes = list(routes)
     filled: set[str] = set()
     used: set[str] = set()
@@ -118,13 +168,17 @@ def load_routes(
             if route.our_key not in params:
                 raise KeyError(f"weight map names {route.our_key!r}, which the model does not have")
             target = params[route.our_key]
-            source = checkpoint.read(route.hf_key, route.rows)
-            if source.shape != target.shape:
+            stored_shape = checkpoint.shape(route.hf_key)
+            first = route.rows[0] if route.rows else 0
+            routed_shape = (route.rows[1] - route.rows[0], *stored_shape[1:]) if route.rows else stored_shape
+            if tuple(routed_shape) != tuple(target.shape):
                 raise ValueError(
-                    f"{route.hf_key} {tuple(source.shape)} does not fit {route.our_key} {tuple(target.shape)}: "
+                    f"{route.hf_key} {tuple(routed_shape)} does not fit {route.our_key} {tuple(target.shape)}: "
                     "does config.json match the weights?"
                 )
-            target.copy_(source)
+            copy_rows_into(
+                target, lambda start, stop, r=route: checkpoint.read(r.hf_key, (first + start, first + stop))
+            )
             filled.add(route.our_key)
             used.add(route.hf_key)
     unfilled = sorted(set(params) - filled)

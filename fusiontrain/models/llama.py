@@ -141,8 +141,9 @@ class FusedSlot:
 
     Attributes:
         self_index: index, in the source stack, of the pretrained self-attention layer.
-        cross_index: index, in the source stack, of the cross-attention layer fused with it, or
-            None for a plain layer.
+        cross_index: index, in the source stack, of the cross-attention layer fused with it
+            (Mllama), the slot's own index for a new cross-attention layer (composed models, where
+            no weight map reads it), or None for a plain layer.
         fusion_first: whether the cross-attention layer runs before the self-attention layer.
     """
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fusiontrain.models.hf_checkpoint import HFCheckpoint, TensorRoute, load_routes, materialize
+from fusiontrain.models.hf_checkpoint import HFCheckpoint, TensorRoute, materialize
 from fusiontrain.models.llama import (
     FusedSlot,
     LlamaDecoderArgs,
@@ -30,6 +30,7 @@ from fusiontrain.models.llama import (
     llama_fused_decoder,
     rope_from_hf_text_config,
 )
+from fusiontrain.models.pretrained import PretrainedModel, WeightSource, check_routes_cover
 from fusiontrain.modules import DeepFusionModel
 from fusiontrain.modules.vision import MllamaVisionArgs, MllamaVisionEncoder
 
@@ -232,6 +233,29 @@ def mllama_weight_map(args: MllamaArgs) -> list[TensorRoute]:
     return routes
 
 
+def prepare_mllama(
+    path: str | Path,
+    *,
+    decoder_trainable: bool = False,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+) -> PretrainedModel:
+    """Build the model of a HF ``MllamaForConditionalGeneration`` folder on the meta device and
+    check, from file headers only, that its tensors match; :meth:`PretrainedModel.load` fills it."""
+    checkpoint = HFCheckpoint(path, key_renamer=canonical_mllama_key)
+    args = mllama_args_from_config(checkpoint.config)
+    with torch.device("meta"):
+        model = build_mllama(
+            args,
+            decoder_trainable=decoder_trainable,
+            encoder_trainable=encoder_trainable,
+            fusion_trainable=fusion_trainable,
+        )
+    source = WeightSource(checkpoint, mllama_weight_map(args))
+    check_routes_cover(source, set(checkpoint.keys()), "Mllama")
+    return PretrainedModel(model, [source])
+
+
 def load_hf_mllama(
     path: str | Path,
     *,
@@ -252,18 +276,12 @@ def load_hf_mllama(
         device: where the parameters live.
         decoder_trainable, encoder_trainable, fusion_trainable: what trains (see DeepFusionModel).
     """
-    checkpoint = HFCheckpoint(path, key_renamer=canonical_mllama_key)
-    args = mllama_args_from_config(checkpoint.config)
-    with torch.device("meta"):
-        model = build_mllama(
-            args,
-            decoder_trainable=decoder_trainable,
-            encoder_trainable=encoder_trainable,
-            fusion_trainable=fusion_trainable,
-        )
-    materialize(model.to(dtype), device)
-    load_routes(model, checkpoint, mllama_weight_map(args))
-    return model
+    pretrained = prepare_mllama(
+        path, decoder_trainable=decoder_trainable, encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable
+    )
+    materialize(pretrained.model.to(dtype), device)
+    pretrained.load()
+    return pretrained.model
 
 
 def encoder_mask_from_cross_attention_mask(

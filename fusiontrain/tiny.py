@@ -1,4 +1,4 @@
-"""Tiny, deterministic Hugging Face checkpoints for tests.
+"""Tiny, deterministic Hugging Face checkpoints for the demo, tests and benchmarks.
 
 Everything here is built from config objects (never from the hub), seeded, and written with
 ``save_pretrained`` (safetensors) into a caller-supplied folder, so tests can exercise the real

@@ -1,0 +1,228 @@
+"""Hugging Face CLIP and SigLIP vision towers as deep-fusion encoders.
+
+- :func:`vision_tower_config_from_dict` reads a tower's config from a ``config.json`` dict (a
+  vision-only ``clip_vision_model`` / ``siglip_vision_model`` config, or the ``vision_config`` of a
+  full ``clip`` / ``siglip`` one).
+- :func:`build_vision_tower` builds the matching ``CLIPVisionModel`` / ``SiglipVisionModel``.
+- :class:`MLPProjectionHead` is the LLaVA-style head ``Linear(d_e, d) -> GELU -> Linear(d, d)``.
+- :class:`HFVisionTowerEncoder` joins the two: the pretrained tower (submodule ``tower``) and the
+  head (submodule ``projection``, registered as a fusion module).
+- :func:`vision_tower_weight_map` routes a checkpoint's tensors to the tower's parameters, and
+  :func:`vision_tower_tensor_names` says which stored tensors must all be used.
+
+The tower is the unmodified HF module, so its state-dict keys under ``tower.`` are exactly the
+ones ``save_pretrained`` writes in transformers 5 (older checkpoints prefix them with
+``vision_model.``; :func:`canonical_vision_tower_key` strips that).
+
+``transformers`` is imported only when a tower is built or inspected, never at module import.
+
+Shapes: b batch, i images per sample, H, W pixel height and width, n_tok tokens per image (the
+length of the tower's ``last_hidden_state``), d_e tower width, d decoder width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusiontrain.models.hf_checkpoint import TensorRoute
+from fusiontrain.modules import register_fusion_module
+
+# config.json model_type -> (transformers config class, whether it is a full image + text model)
+_CONFIG_CLASSES = {
+    "clip_vision_model": ("CLIPVisionConfig", False),
+    "siglip_vision_model": ("SiglipVisionConfig", False),
+    "clip": ("CLIPConfig", True),
+    "siglip": ("SiglipConfig", True),
+}
+ACCEPTED_MODEL_TYPES = tuple(_CONFIG_CLASSES)
+
+_LEGACY_PREFIX = "vision_model."
+
+
+def vision_tower_config_from_dict(config: dict) -> Any:
+    """The tower's HF config object from a ``config.json`` dict.
+
+    Args:
+        config: a ``CLIPVisionConfig`` / ``SiglipVisionConfig`` dict, or a full ``CLIPConfig`` /
+            ``SiglipConfig`` dict (then its ``vision_config`` is used).
+
+    Returns:
+        A ``CLIPVisionConfig`` or ``SiglipVisionConfig``.
+    """
+    model_type = config.get("model_type")
+    if model_type not in _CONFIG_CLASSES:
+        raise ValueError(
+            f"expected a CLIP or SigLIP config (model_type one of {list(ACCEPTED_MODEL_TYPES)}), got model_type "
+            f"{model_type!r}: pass the folder of a CLIPVisionModel / SiglipVisionModel (or of a full "
+            "CLIPModel / SiglipModel)"
+        )
+    import transformers
+
+    class_name, is_full = _CONFIG_CLASSES[model_type]
+    parsed = getattr(transformers, class_name).from_dict(config)
+    return parsed.vision_config if is_full else parsed
+
+
+def build_vision_tower(vision_config: Any) -> nn.Module:
+    """A ``CLIPVisionModel`` or ``SiglipVisionModel`` for ``vision_config``, on the current default
+    device (wrap the call in ``with torch.device("meta"):`` to defer allocation). Its non-persistent
+    buffers then need :meth:`HFVisionTowerEncoder.init_buffers` once the tower is materialised."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    if isinstance(vision_config, CLIPVisionConfig):
+        return CLIPVisionModel(vision_config)
+    if isinstance(vision_config, SiglipVisionConfig):
+        return SiglipVisionModel(vision_config)
+    raise TypeError(f"expected a CLIPVisionConfig or SiglipVisionConfig, got {type(vision_config).__name__}")
+
+
+def canonical_vision_tower_key(key: str) -> str:
+    """A stored tensor name in transformers 5's flat layout: strips the ``vision_model.`` prefix of
+    older ``CLIPVisionModel`` / ``SiglipVisionModel`` checkpoints and of full CLIP / SigLIP ones.
+    Other names (a full model's ``text_model.*``, ``logit_scale``, ...) are left as they are."""
+    return key[len(_LEGACY_PREFIX) :] if key.startswith(_LEGACY_PREFIX) else key
+
+
+def vision_tower_weight_map(tower: nn.Module, prefix: str) -> list[TensorRoute]:
+    """One route per tower parameter: canonical tensor ``name`` -> our ``prefix + name``.
+
+    Args:
+        tower: the HF tower.
+        prefix: where the tower sits in the model being filled, e.g. ``"encoder.tower."``.
+    """
+    return [TensorRoute(name, f"{prefix}{name}") for name, _ in tower.named_parameters()]
+
+
+# Tensors a CLIP / SigLIP folder may hold that are not the vision tower's: a full model's text tower,
+# projections and logit scale/bias (also CLIPVisionModelWithProjection's visual_projection), and the
+# position_ids that old transformers versions stored (the tower recomputes them).
+_NOT_TOWER_PREFIXES = ("text_model.", "text_projection.", "visual_projection.", "logit_scale", "logit_bias")
+_NOT_TOWER_SUFFIXES = ("position_ids",)
+
+
+def vision_tower_tensor_names(checkpoint_keys: list[str]) -> set[str]:
+    """The canonical checkpoint tensors that must fill the tower: every tensor except those of the
+    other parts of a full CLIP / SigLIP model (text tower, projections, logit scale) and stored
+    ``position_ids`` buffers."""
+    return {
+        key
+        for key in checkpoint_keys
+        if not key.startswith(_NOT_TOWER_PREFIXES) and not key.endswith(_NOT_TOWER_SUFFIXES)
+    }
+
+
+class MLPProjectionHead(nn.Module):
+    """LLaVA's projector: ``linear_2(gelu(linear_1(x)))``, ``d_e -> d -> d``, with biases.
+
+    Args:
+        encoder_dim: tower width ``d_e``.
+        decoder_dim: decoder width ``d``.
+    """
+
+    def __init__(self, encoder_dim: int, decoder_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(encoder_dim, decoder_dim)
+        self.linear_2 = nn.Linear(decoder_dim, decoder_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., d_e]`` -> ``[..., d]``."""
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class HFVisionTowerEncoder(nn.Module):
+    """A HF CLIP / SigLIP vision tower followed by a projection head to the decoder's width.
+
+    Every image becomes the tower's ``last_hidden_state`` (``n_tok`` tokens of width ``d_e``;
+    CLIP: patches + class token, SigLIP: patches, after its final LayerNorm), projected to ``d``.
+    A sample's images are concatenated along the token axis in order.
+
+    When no tower parameter requires grad and the pixels need none, the tower runs under
+    ``torch.no_grad()``, so a frozen tower keeps no activations for backward.
+
+    The tower's pooling parts (CLIP's ``post_layernorm``, SigLIP's attention-pooling ``head``) are
+    kept so the tower stays a faithful, re-exportable HF module, but they do not feed
+    ``last_hidden_state``: with ``encoder_trainable`` they get no gradient.
+
+    Args:
+        tower: a ``CLIPVisionModel`` or ``SiglipVisionModel``.
+        decoder_dim: decoder width ``d``.
+    """
+
+    def __init__(self, tower: nn.Module, decoder_dim: int) -> None:
+        super().__init__()
+        from transformers import CLIPVisionModel, SiglipVisionModel
+
+        if not isinstance(tower, (CLIPVisionModel, SiglipVisionModel)):
+            raise TypeError(
+                f"HFVisionTowerEncoder takes a CLIPVisionModel or SiglipVisionModel, got {type(tower).__name__}"
+            )
+        self.tower = tower
+        self.projection = register_fusion_module(MLPProjectionHead(tower.config.hidden_size, decoder_dim))
+        self.decoder_dim = decoder_dim
+
+    @property
+    def image_size(self) -> int:
+        """Height and width, in pixels, of the images the tower takes."""
+        return self.tower.config.image_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        """``n_tok``: length of the tower's ``last_hidden_state``, i.e. its position embeddings
+        (CLIP: ``(image_size // patch_size)**2 + 1``; SigLIP: ``(image_size // patch_size)**2``)."""
+        return self.tower.embeddings.num_positions
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Re-create the tower's non-persistent buffers from its config.
+
+        ``Module.to_empty`` (used after building on the meta device) leaves every buffer
+        uninitialised, and non-persistent buffers are in no checkpoint. CLIP and SigLIP towers have
+        one: ``embeddings.position_ids`` = ``arange(num_positions)[None]``. Any other buffer raises,
+        rather than being left as garbage.
+        """
+        for name, buffer in self.tower.named_buffers():
+            owner_name, _, local = name.rpartition(".")
+            owner = self.tower.get_submodule(owner_name)
+            if local not in owner._non_persistent_buffers_set:
+                raise RuntimeError(
+                    f"tower buffer {name!r} is persistent; HFVisionTowerEncoder only knows how to rebuild the "
+                    "non-persistent position_ids of CLIP / SigLIP towers"
+                )
+            if local == "position_ids" and hasattr(owner, "num_positions"):
+                positions = torch.arange(owner.num_positions, device=buffer.device, dtype=buffer.dtype)
+                buffer.copy_(positions.expand(buffer.shape))
+            else:
+                raise RuntimeError(
+                    f"don't know how to rebuild the tower's non-persistent buffer {name!r} after a meta-device "
+                    "build; extend HFVisionTowerEncoder.init_buffers"
+                )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Args:
+            pixel_values: ``[b, i, 3, H, W]`` (``i`` images per sample) or ``[b, 3, H, W]`` (one
+                image per sample), normalised by the tower's own HF image processor, with
+                ``H == W == image_size``.
+
+        Returns:
+            ``[b, i * n_tok, d]`` (``i = 1`` for 4-dim input).
+        """
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values.unsqueeze(1)
+        channels = self.tower.config.num_channels
+        size = self.image_size
+        if pixel_values.dim() != 5 or tuple(pixel_values.shape[2:]) != (channels, size, size):
+            raise ValueError(
+                f"pixel_values must be [b, i, {channels}, {size}, {size}] or [b, {channels}, {size}, {size}], got "
+                f"{list(pixel_values.shape)}: pass the output of this tower's own HF image processor "
+                "(stack a sample's images along dim 1)"
+            )
+        b, i = pixel_values.shape[:2]
+        images = pixel_values.reshape(b * i, channels, size, size)
+        needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+            features = self.tower(pixel_values=images).last_hidden_state  # [b*i, n_tok, d_e]
+        return self.projection(features).reshape(b, i * features.shape[1], self.decoder_dim)
