@@ -7,6 +7,7 @@ Every builder creates modules on the current default device, so wrapping a call 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -85,10 +86,10 @@ def llama_mlp(args: LlamaDecoderArgs) -> FeedForward:
     return FeedForward(gate_proj=_linear(d, hidden), down_proj=_linear(hidden, d), up_proj=_linear(d, hidden))
 
 
-def llama_self_attention_layer(args: LlamaDecoderArgs) -> TransformerSelfAttentionLayer:
-    """A Llama block: RMSNorm, GQA self-attention with RoPE, RMSNorm, SwiGLU."""
+def llama_attention(args: LlamaDecoderArgs, **kwargs: Any) -> MultiHeadAttention:
+    """GQA attention with Llama's bias-free projections; ``kwargs`` add RoPE, q/k norms, causality."""
     d, hd = args.hidden_size, args.head_dim
-    attn = MultiHeadAttention(
+    return MultiHeadAttention(
         embed_dim=d,
         num_heads=args.num_heads,
         num_kv_heads=args.num_kv_heads,
@@ -97,8 +98,15 @@ def llama_self_attention_layer(args: LlamaDecoderArgs) -> TransformerSelfAttenti
         k_proj=_linear(d, args.num_kv_heads * hd),
         v_proj=_linear(d, args.num_kv_heads * hd),
         output_proj=_linear(args.num_heads * hd, d),
-        pos_embeddings=RotaryPositionalEmbeddings(hd, args.rope_theta, args.rope_scaling),
-        is_causal=True,
+        **kwargs,
+    )
+
+
+def llama_self_attention_layer(args: LlamaDecoderArgs) -> TransformerSelfAttentionLayer:
+    """A Llama block: RMSNorm, GQA self-attention with RoPE, RMSNorm, SwiGLU."""
+    d, hd = args.hidden_size, args.head_dim
+    attn = llama_attention(
+        args, pos_embeddings=RotaryPositionalEmbeddings(hd, args.rope_theta, args.rope_scaling), is_causal=True
     )
     return TransformerSelfAttentionLayer(
         attn,
@@ -112,18 +120,8 @@ def llama_cross_attention_layer(args: LlamaDecoderArgs) -> TransformerCrossAtten
     """A Llama 3.2 Vision cross-attention block: GQA attention to encoder embeddings with per-head
     q/k RMSNorms, a SwiGLU MLP, and tanh gates on both branches (shut at init)."""
     d, hd = args.hidden_size, args.head_dim
-    attn = MultiHeadAttention(
-        embed_dim=d,
-        num_heads=args.num_heads,
-        num_kv_heads=args.num_kv_heads,
-        head_dim=hd,
-        q_proj=_linear(d, args.num_heads * hd),
-        k_proj=_linear(d, args.num_kv_heads * hd),
-        v_proj=_linear(d, args.num_kv_heads * hd),
-        output_proj=_linear(args.num_heads * hd, d),
-        q_norm=RMSNorm(hd, args.rms_norm_eps),
-        k_norm=RMSNorm(hd, args.rms_norm_eps),
-        is_causal=False,
+    attn = llama_attention(
+        args, q_norm=RMSNorm(hd, args.rms_norm_eps), k_norm=RMSNorm(hd, args.rms_norm_eps), is_causal=False
     )
     return TransformerCrossAttentionLayer(
         attn,

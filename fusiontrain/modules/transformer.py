@@ -18,7 +18,22 @@ from torch import nn
 from fusiontrain.modules.attention import AttentionMask, MultiHeadAttention
 
 
-class TransformerSelfAttentionLayer(nn.Module):
+class _AttentionBlock(nn.Module):
+    """Cache queries shared by the self- and cross-attention layers (``self.attn`` holds the cache)."""
+
+    attn: MultiHeadAttention
+
+    def caches_are_setup(self) -> bool:
+        return self.attn.kv_cache is not None
+
+    def caches_are_enabled(self) -> bool:
+        return self.attn.cache_enabled
+
+    def reset_cache(self) -> None:
+        self.attn.reset_cache()
+
+
+class TransformerSelfAttentionLayer(_AttentionBlock):
     """``x + sa_scale(attn(sa_norm(x)))``, then ``h + mlp_scale(mlp(mlp_norm(h)))``.
 
     Args:
@@ -56,15 +71,6 @@ class TransformerSelfAttentionLayer(nn.Module):
     ) -> None:
         self.attn.setup_cache(batch_size, dtype, decoder_max_seq_len)
 
-    def caches_are_setup(self) -> bool:
-        return self.attn.kv_cache is not None
-
-    def caches_are_enabled(self) -> bool:
-        return self.attn.cache_enabled
-
-    def reset_cache(self) -> None:
-        self.attn.reset_cache()
-
     def forward(
         self,
         x: torch.Tensor,
@@ -79,7 +85,7 @@ class TransformerSelfAttentionLayer(nn.Module):
         return h + self.mlp_scale(self.mlp(self.mlp_norm(h)))
 
 
-class TransformerCrossAttentionLayer(nn.Module):
+class TransformerCrossAttentionLayer(_AttentionBlock):
     """Gated cross-attention from tokens to encoder embeddings, then a gated MLP.
 
     A token whose ``encoder_mask`` row is all False (it sees no image, e.g. text before the first
@@ -125,15 +131,6 @@ class TransformerCrossAttentionLayer(nn.Module):
         decoder_max_seq_len: int | None,
     ) -> None:
         self.attn.setup_cache(batch_size, dtype, encoder_max_seq_len)
-
-    def caches_are_setup(self) -> bool:
-        return self.attn.kv_cache is not None
-
-    def caches_are_enabled(self) -> bool:
-        return self.attn.cache_enabled
-
-    def reset_cache(self) -> None:
-        self.attn.reset_cache()
 
     def forward(
         self,

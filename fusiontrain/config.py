@@ -1,0 +1,337 @@
+"""The training configuration: typed dataclasses, read from YAML plus ``dotted.key=value`` overrides.
+
+Every field documents itself through ``metadata["help"]`` (``python -m fusiontrain train
+--help-config`` prints them all). Reading is strict: an unknown key, a value of the wrong type or
+a missing file raises :class:`ConfigError` with a one-line message that names the key and the fix.
+
+Each part of the program receives only its own section (``cfg.optim`` to the optimizer builder,
+``cfg.parallel`` to parallelize, ...), never the whole object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line that names the key and the fix."""
+
+
+def _field(default: Any, help: str) -> Any:
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ComposeConfig:
+    decoder: str | None = _field(None, "HF Llama-family causal LM folder (config.json + safetensors).")
+    encoder: str | None = _field(None, "HF CLIP or SigLIP vision model folder.")
+    fusion_interval: int = _field(4, "Fuse a new cross-attention layer into every N-th decoder layer.")
+
+
+@dataclass
+class ModelConfig:
+    hf_mllama: str | None = _field(None, "HF MllamaForConditionalGeneration folder (Llama 3.2 Vision).")
+    compose: ComposeConfig = _field(ComposeConfig, "Build from a separate LLM and vision tower instead.")
+    dtype: Literal["float32", "bfloat16"] = _field(
+        "float32", "Dtype of the stored (master) parameters; compute dtype is parallel.mixed_precision."
+    )
+    decoder_trainable: bool = _field(False, "Train the pretrained decoder's parameters too.")
+    encoder_trainable: bool = _field(False, "Train the pretrained encoder's parameters too.")
+    fusion_trainable: bool = _field(True, "Train the fusion parameters (cross-attention, projection head, new rows).")
+
+
+@dataclass
+class DataSplitConfig:
+    path: str | None = _field(None, "Dataset file or folder (json/jsonl/parquet/imagefolder) or hub name.")
+
+
+@dataclass
+class DataConfig:
+    train: DataSplitConfig = _field(DataSplitConfig, "Training split.")
+    eval: DataSplitConfig = _field(DataSplitConfig, "Held-out split for the periodic eval loss.")
+    format: Literal["synthetic", "caption", "chat"] = _field(
+        "synthetic", "Sample format; 'synthetic' generates random image-text samples (no files)."
+    )
+    packing: bool = _field(True, "Pack samples into fixed batch.seq_len rows instead of padding.")
+    num_workers: int = _field(0, "Dataloader worker processes per rank.")
+    synthetic_samples: int = _field(512, "Number of samples in the synthetic training set.")
+    synthetic_max_text: int = _field(24, "Longest synthetic text, in tokens (lengths are uniform from 4).")
+
+
+@dataclass
+class BatchConfig:
+    micro_batch_size: int = _field(2, "Rows per rank per forward/backward.")
+    grad_accum_steps: int = _field(
+        1, "Micro-batches per optimizer step and rank; derived when global_batch_size is set."
+    )
+    global_batch_size: int | None = _field(
+        None,
+        "Rows per optimizer step over all ranks. Set it to keep each step's samples the same at any "
+        "world size; then grad_accum_steps = global / (micro_batch_size * data-parallel ranks).",
+    )
+    seq_len: int = _field(256, "Tokens per row (packed or padded).")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _field(1e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = _field(0.0, "AdamW weight decay.")
+    betas: tuple[float, float] = _field((0.9, 0.95), "AdamW betas.")
+    eps: float = _field(1e-8, "AdamW epsilon.")
+    schedule: Literal["constant", "linear", "cosine"] = _field("cosine", "LR decay after warmup.")
+    warmup_steps: int = _field(0, "Linear warmup steps from 0 to optim.lr.")
+    min_lr_ratio: float = _field(0.0, "Final LR of linear/cosine decay, as a fraction of optim.lr.")
+    max_grad_norm: float | None = _field(1.0, "Clip the global grad norm to this; null disables clipping.")
+
+
+@dataclass
+class ParallelConfig:
+    dp_shard: int = _field(-1, "Ranks each parameter is sharded over (FSDP); -1 = all ranks left.")
+    dp_replicate: int = _field(1, "Replica groups (HSDP); world = dp_replicate * dp_shard.")
+    activation_checkpointing: str = _field(
+        "none", "'none', 'full' (every layer), or an integer k (every k-th layer of each stack)."
+    )
+    mixed_precision: Literal["auto", "bf16", "fp32"] = _field(
+        "auto", "Compute dtype of sharded layers: 'auto' is bf16 on CUDA with fp32 reduce, fp32 on CPU."
+    )
+    fusion_layer_sharding: Literal["unit", "split"] = _field(
+        "unit", "Shard each FusionLayer as one FSDP unit, or its two halves separately."
+    )
+    compile: bool = _field(False, "torch.compile each layer (the GPU path).")
+
+
+@dataclass
+class LossConfig:
+    num_output_chunks: int = _field(8, "Chunks of the output projection for the cross-entropy (0 = none).")
+    ignore_index: int = _field(-100, "Label value excluded from the loss (prompt and padding).")
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = _field(0, "Save a checkpoint every N steps (0 = only at the end when enabled).")
+    resume: str | None = _field(None, "'auto' (latest in output_dir) or a checkpoint path; null starts fresh.")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = _field("disabled", "wandb mode.")
+    project: str = _field("fusiontrain", "wandb project.")
+
+
+@dataclass
+class LoggingConfig:
+    every_n_steps: int = _field(1, "Print a console line from rank 0 every N steps.")
+    wandb: WandbConfig = _field(WandbConfig, "Weights & Biases logging.")
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: int = _field(0, "Compute the eval loss every N steps (0 = never).")
+    max_batches: int = _field(4, "Eval micro-batches per rank per evaluation.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _field("outputs/run", "Where config.yaml, metrics.jsonl and checkpoints go.")
+    seed: int = _field(0, "Seed for initialisation, data order and dropout.")
+    max_steps: int = _field(100, "Optimizer steps to run.")
+    model: ModelConfig = _field(ModelConfig, "The model.")
+    data: DataConfig = _field(DataConfig, "The data.")
+    batch: BatchConfig = _field(BatchConfig, "Batch sizes.")
+    optim: OptimConfig = _field(OptimConfig, "Optimizer and LR schedule.")
+    parallel: ParallelConfig = _field(ParallelConfig, "Sharding, activation checkpointing, precision.")
+    loss: LossConfig = _field(LossConfig, "The loss.")
+    checkpoint: CheckpointConfig = _field(CheckpointConfig, "Checkpointing and resume.")
+    logging: LoggingConfig = _field(LoggingConfig, "Console and wandb logging.")
+    eval: EvalConfig = _field(EvalConfig, "Periodic evaluation.")
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, build and validate a TrainConfig."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with an existing YAML file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            first_line = str(error).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML ({first_line}); fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override)
+    config = _build(TrainConfig, raw, prefix="")
+    validate(config)
+    return config
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form dotted.key=value (e.g. optim.lr=3e-4)")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'!r} must be a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            full = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key '{full}'; {hint}")
+    values = {}
+    for name, spec in known.items():
+        if name not in raw:
+            continue
+        values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    """``value`` as type ``kind``, or a ConfigError naming ``key``."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value if value is not None else {}, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, e.g. [0.9, 0.95]; got {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false; got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer; got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-4 (no dot) as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number; got {value!r}")
+    if kind is str:
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' must be a string; got {value!r}")
+    raise TypeError(f"unsupported config field type {kind!r} for {key}")  # a bug in this module
+
+
+def validate(config: TrainConfig) -> None:
+    """Cross-field checks; raises ConfigError."""
+    model = config.model
+    composed = model.compose.decoder is not None or model.compose.encoder is not None
+    if (model.hf_mllama is None) == (not composed):
+        raise ConfigError(
+            "set exactly one of model.hf_mllama or model.compose.decoder + model.compose.encoder"
+        )
+    folders = {"model.hf_mllama": model.hf_mllama}
+    if composed:
+        folders |= {"model.compose.decoder": model.compose.decoder, "model.compose.encoder": model.compose.encoder}
+    for key, folder in folders.items():
+        if folder is None:
+            raise ConfigError(f"config key '{key}' is required when composing a model; set it to a HF model folder")
+        if not Path(folder).is_dir():
+            raise ConfigError(f"config key '{key}': folder {folder} does not exist; point it at a HF model folder")
+    if config.data.format != "synthetic" and config.data.train.path is None:
+        raise ConfigError(f"config key 'data.train.path' is required for data.format={config.data.format!r}")
+    ac = config.parallel.activation_checkpointing
+    if ac not in ("none", "full") and not (ac.isdigit() and int(ac) >= 1):
+        raise ConfigError(
+            f"config key 'parallel.activation_checkpointing' must be 'none', 'full' or a positive integer k; got {ac!r}"
+        )
+    positive = {
+        "max_steps": config.max_steps,
+        "batch.micro_batch_size": config.batch.micro_batch_size,
+        "batch.grad_accum_steps": config.batch.grad_accum_steps,
+        "batch.seq_len": config.batch.seq_len,
+        "parallel.dp_replicate": config.parallel.dp_replicate,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1; got {value}")
+    if config.parallel.dp_shard == 0 or config.parallel.dp_shard < -1:
+        raise ConfigError(f"config key 'parallel.dp_shard' must be -1 or >= 1; got {config.parallel.dp_shard}")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"config key 'optim.lr' must be > 0; got {config.optim.lr}")
+    if config.loss.num_output_chunks < 0:
+        raise ConfigError(f"config key 'loss.num_output_chunks' must be >= 0; got {config.loss.num_output_chunks}")
+
+
+# -- writing and describing -----------------------------------------------------------------------
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists), ready for YAML or wandb."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(dataclasses.asdict(config))
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def describe(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, default, help)`` for every leaf field, in declaration order."""
+    rows = []
+    for spec in dataclasses.fields(cls):
+        key = f"{prefix}{spec.name}"
+        hints = typing.get_type_hints(cls)
+        if dataclasses.is_dataclass(hints[spec.name]):
+            rows += describe(hints[spec.name], prefix=f"{key}.")
+        else:
+            default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+            rows.append((key, json.dumps(default), spec.metadata["help"]))
+    return rows

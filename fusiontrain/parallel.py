@@ -1,0 +1,155 @@
+"""Parallelize a model: activation checkpointing, optional torch.compile, FSDP2 sharding.
+
+Applied to a model built on the meta device, before its weights are loaded, in torchtitan's
+order: activation checkpointing, then compile, then ``fully_shard`` per block and at the root.
+Model code never imports this module.
+
+Blocks are found structurally: every ``nn.ModuleList`` named ``layers`` is a stack of transformer
+blocks (the decoder's layers, the vision encoder's local layers, the projection head's global
+layers, a HF vision tower's encoder layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    _CHECKPOINT_PREFIX,
+    CheckpointImpl,
+    checkpoint_wrapper,
+)
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from fusiontrain.modules import FusionLayer
+
+
+def block_stacks(model: nn.Module) -> Iterator[tuple[str, nn.ModuleList]]:
+    """``(name, stack)`` for every ``nn.ModuleList`` named ``layers``, outermost first."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rpartition(".")[2] == "layers":
+            yield name, module
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name as the unwrapped model knows it (drops activation-checkpoint and
+    compile wrappers' prefixes)."""
+    return name.replace(_CHECKPOINT_PREFIX, "").replace("_orig_mod.", "")
+
+
+def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``named_parameters`` under their canonical names."""
+    return {canonical_name(name): param for name, param in model.named_parameters()}
+
+
+def checkpoint_every(mode: str) -> int:
+    """The activation-checkpointing stride: 0 for 'none', 1 for 'full', k for 'k'."""
+    if mode == "none":
+        return 0
+    if mode == "full":
+        return 1
+    return int(mode)
+
+
+def apply_activation_checkpointing(model: nn.Module, every: int) -> int:
+    """Wrap every ``every``-th block of each stack (blocks 0, k, 2k, ...) in non-reentrant
+    activation checkpointing; returns how many blocks were wrapped.
+
+    Non-reentrant only: the reentrant variant silently drops the gradients of fusion parameters
+    when a block's inputs do not require grad (a frozen embedding in front). Cross-attention
+    (fusion) layers are wrapped like every other block.
+    """
+    if every <= 0:
+        return 0
+    wrapped = 0
+    for _, stack in block_stacks(model):
+        for index in range(0, len(stack), every):
+            stack[index] = checkpoint_wrapper(stack[index], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            wrapped += 1
+    return wrapped
+
+
+def apply_compile(model: nn.Module) -> None:
+    """``torch.compile`` each block in place (names unchanged)."""
+    for _, stack in block_stacks(model):
+        for block in stack:
+            block.compile()
+
+
+def mixed_precision_policy(mode: str, device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction on CUDA ('auto' or 'bf16'); fp32 otherwise."""
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def _unwrapped(block: nn.Module) -> nn.Module:
+    return getattr(block, "_checkpoint_wrapped_module", block)
+
+
+def shard_model(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    mp_policy: MixedPrecisionPolicy,
+    split_fusion_layers: bool = False,
+) -> list[str]:
+    """``fully_shard`` each block, then the decoder's embeddings, its norm + output, the
+    projection head, and the root. Returns the names of the FSDP units, in creation order.
+
+    With ``split_fusion_layers``, a ``FusionLayer``'s pretrained and fusion halves become two
+    units instead of one.
+    """
+    units: list[str] = []
+
+    def shard(module: nn.Module | list[nn.Module], name: str) -> None:
+        fully_shard(module, mesh=mesh, mp_policy=mp_policy)
+        units.append(name)
+
+    for stack_name, stack in block_stacks(model):
+        for index, block in enumerate(stack):
+            inner = _unwrapped(block)
+            if split_fusion_layers and isinstance(inner, FusionLayer):
+                shard(inner.layer, f"{stack_name}.{index}.layer")
+                shard(inner.fusion_layer, f"{stack_name}.{index}.fusion_layer")
+            else:
+                shard(block, f"{stack_name}.{index}")
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        shard(decoder.tok_embeddings, "decoder.tok_embeddings")
+        shard([decoder.norm, decoder.output], "decoder.norm+output")
+    projection = getattr(getattr(model, "encoder", None), "projection", None)
+    if projection is not None:
+        shard(projection, "encoder.projection")
+    shard(model, "<root>")
+    return units
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Turn FSDP's gradient reduce-scatter on or off (off on non-final accumulation micro-steps)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+
+
+def parallelize(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    device: torch.device,
+    *,
+    activation_checkpointing: str = "none",
+    mixed_precision: str = "auto",
+    fusion_layer_sharding: str = "unit",
+    compile: bool = False,
+) -> list[str]:
+    """Apply activation checkpointing, compile and FSDP2 (in that order); returns the FSDP units."""
+    apply_activation_checkpointing(model, checkpoint_every(activation_checkpointing))
+    if compile:
+        apply_compile(model)
+    return shard_model(
+        model,
+        mesh,
+        mp_policy=mixed_precision_policy(mixed_precision, device),
+        split_fusion_layers=fusion_layer_sharding == "split",
+    )
