@@ -7,6 +7,8 @@ dependencies (torch, transformers, ...) lazily inside its handler, so ``--help``
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 
@@ -16,6 +18,45 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     result = demo_module.main(args)
     return int(result) if isinstance(result, int) else 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    """Handler of ``train``: read the config, train, leave the process group."""
+    from fusiontrain.config import ConfigError, describe, load_config
+
+    if args.help_config:
+        for key, default, help_text in describe():
+            print(f"{key} = {default}\n    {help_text}")
+        return 0
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from fusiontrain.trainer import Trainer
+
+    trainer = Trainer(config)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return 0
+
+
+def _run_make_tiny(args: argparse.Namespace) -> int:
+    """Handler of ``make-tiny``: write tiny HF checkpoints for trying configs/tiny.yaml."""
+    from fusiontrain import tiny
+
+    out = Path(args.out)
+    written = {
+        "mllama": tiny.save_tiny_mllama(out / "tiny_mllama")[0],
+        "llama": tiny.save_tiny_llama(out / "tiny_llama")[0],
+        "clip": tiny.save_tiny_clip_vision(out / "tiny_clip")[0],
+        "siglip": tiny.save_tiny_siglip_vision(out / "tiny_siglip")[0],
+    }
+    for family, path in written.items():
+        print(f"{family}: {path}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", default="demo_output", help="where the demo writes its outputs"
     )
     demo.set_defaults(func=_run_demo)
+
+    train = sub.add_parser(
+        "train",
+        help="train a deep-fusion model (under torchrun for several processes)",
+        description="Train a deep-fusion model. Run under torchrun / accelerate / srun for several processes.",
+    )
+    train.add_argument("--config", help="YAML config file (see configs/)")
+    train.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    train.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    train.set_defaults(func=_run_train)
+
+    make_tiny = sub.add_parser("make-tiny", help="write tiny HF checkpoints (Mllama, Llama, CLIP, SigLIP)")
+    make_tiny.add_argument("--out", default="tiny_checkpoints", help="folder to write them into")
+    make_tiny.set_defaults(func=_run_make_tiny)
     return parser
 
 

@@ -60,8 +60,8 @@ class DataSplitConfig:
 class DataConfig:
     train: DataSplitConfig = _field(DataSplitConfig, "Training split.")
     eval: DataSplitConfig = _field(DataSplitConfig, "Held-out split for the periodic eval loss.")
-    format: Literal["synthetic", "caption", "chat"] = _field(
-        "synthetic", "Sample format; 'synthetic' generates random image-text samples (no files)."
+    format: Literal["synthetic"] = _field(
+        "synthetic", "Sample format; 'synthetic' generates deterministic image-text samples (no files)."
     )
     packing: bool = _field(True, "Pack samples into fixed batch.seq_len rows instead of padding.")
     num_workers: int = _field(0, "Dataloader worker processes per rank.")
@@ -138,7 +138,7 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     every_n_steps: int = _field(0, "Compute the eval loss every N steps (0 = never).")
-    max_batches: int = _field(4, "Eval micro-batches per rank per evaluation.")
+    num_samples: int = _field(32, "Held-out samples per evaluation, split over the ranks (same set at any world size).")
 
 
 @dataclass
@@ -269,9 +269,10 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             "set exactly one of model.hf_mllama or model.compose.decoder + model.compose.encoder"
         )
-    folders = {"model.hf_mllama": model.hf_mllama}
     if composed:
-        folders |= {"model.compose.decoder": model.compose.decoder, "model.compose.encoder": model.compose.encoder}
+        folders = {"model.compose.decoder": model.compose.decoder, "model.compose.encoder": model.compose.encoder}
+    else:
+        folders = {"model.hf_mllama": model.hf_mllama}
     for key, folder in folders.items():
         if folder is None:
             raise ConfigError(f"config key '{key}' is required when composing a model; set it to a HF model folder")

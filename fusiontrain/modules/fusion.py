@@ -204,6 +204,10 @@ class DeepFusionModel(nn.Module):
         """Return logits as that many chunks along s (for a chunked loss); 0 turns it off."""
         self.decoder.set_num_output_chunks(num_output_chunks)
 
+    def set_skip_output_projection(self, skip: bool) -> None:
+        """Return final hidden states instead of logits (see TransformerDecoder)."""
+        self.decoder.set_skip_output_projection(skip)
+
     def setup_caches(
         self,
         batch_size: int,

@@ -204,6 +204,7 @@ class TransformerDecoder(nn.Module):
         self.head_dim = head_dim
         self.output_hidden_states = list(output_hidden_states or [])
         self.num_output_chunks = 0
+        self.skip_output_projection = False
         self.encoder_max_cache_seq_len: int | None = None
         self.decoder_max_cache_seq_len: int | None = None
 
@@ -214,6 +215,12 @@ class TransformerDecoder(nn.Module):
         if num_output_chunks < 0:
             raise ValueError(f"num_output_chunks must be >= 0, got {num_output_chunks}")
         self.num_output_chunks = num_output_chunks
+
+    def set_skip_output_projection(self, skip: bool) -> None:
+        """Return the final-normed hidden states ``[b, s, d]`` instead of logits (a fusiontrain
+        extension): a loss that applies ``self.output`` chunk by chunk, recomputing each chunk in
+        backward (``fusiontrain.loss``), then never holds more than one chunk of logits."""
+        self.skip_output_projection = skip
 
     def setup_caches(
         self,
@@ -301,8 +308,10 @@ class TransformerDecoder(nn.Module):
     def unembed(self, h: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Final norm and output projection of ``h`` ``[b, s, d]``: fp32 ``[b, s, v]``, or
         chunks of it along s when output chunking is on (left in the model dtype: the loss
-        upcasts one chunk at a time)."""
+        upcasts one chunk at a time), or only the normed ``h`` when the projection is skipped."""
         h = self.norm(h)
+        if self.skip_output_projection:
+            return h
         if self.num_output_chunks > 0:
             return [self.output(chunk) for chunk in h.chunk(self.num_output_chunks, dim=1)]
         return self.output(h).float()

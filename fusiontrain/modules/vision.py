@@ -252,8 +252,7 @@ class MllamaProjectionHead(nn.Module):
         images, t, p = x.shape[0], features.num_tiles, features.tokens_per_tile
         x = torch.cat([x, features.intermediate], dim=-1)
         x = x.reshape(images, t, features.padded_tokens_per_tile, -1)[:, :, :p]  # drop padded slots
-        x = self.output(x)
-        return x.reshape(features.batch_size, features.num_images * t * p, -1)
+        return self.output(x.reshape(features.batch_size, features.num_images * t * p, -1))
 
 
 class MllamaVisionEncoder(nn.Module):

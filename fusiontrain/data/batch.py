@@ -1,0 +1,144 @@
+"""The batch the trainer feeds the model, and padded collation of token samples.
+
+Shapes: b rows, s tokens per row, s_e encoder tokens per row, i images per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What one image looks like to the model's encoder.
+
+    Attributes:
+        kind: "mllama" (tiled: ``pixel_values`` ``[t, 3, H, W]`` plus aspect-ratio id and tile
+            mask) or "tower" (a CLIP / SigLIP tower: ``pixel_values`` ``[3, H, W]``).
+        image_size: tile (or image) height and width in pixels.
+        tokens_per_image: encoder tokens per image: ``t * p`` for Mllama, ``n_tok`` for a tower.
+        max_num_tiles: tiles per image (Mllama; 1 for a tower).
+    """
+
+    kind: Literal["mllama", "tower"]
+    image_size: int
+    tokens_per_image: int
+    max_num_tiles: int = 1
+
+
+@dataclass
+class Sample:
+    """One tokenized sample.
+
+    Attributes:
+        tokens: ``[n]`` token ids.
+        labels: ``[n]`` target ids, already shifted (position j predicts ``labels[j]``), with
+            the ignore index where nothing is trained.
+        images: per image, the encoder's inputs (see :class:`ImageSpec`).
+        image_starts: per image, the index of its image token; a token sees the images whose
+            start is at or before it.
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    images: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    image_starts: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """Model inputs and targets for one micro-batch.
+
+    Attributes:
+        tokens: ``[b, s]``.
+        labels: ``[b, s]``, ignore index on prompt and padding.
+        input_pos: ``[b, s]`` positions, restarting at 0 per sample.
+        is_real: ``[b, s]`` bool, False on padding.
+        mask: ``[b, s, s]`` bool self-attention mask, or None for plain causal.
+        encoder_input: the encoder's keyword arguments, or None (no image in the batch).
+        encoder_mask: ``[b, s, s_e]`` bool, or None.
+    """
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    input_pos: torch.Tensor
+    is_real: torch.Tensor
+    mask: torch.Tensor | None = None
+    encoder_input: dict[str, torch.Tensor] | None = None
+    encoder_mask: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> Batch:
+        """A copy on ``device``."""
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        encoder_input = None if self.encoder_input is None else {k: move(v) for k, v in self.encoder_input.items()}
+        return replace(
+            self,
+            tokens=move(self.tokens),
+            labels=move(self.labels),
+            input_pos=move(self.input_pos),
+            is_real=move(self.is_real),
+            mask=move(self.mask),
+            encoder_input=encoder_input,
+            encoder_mask=move(self.encoder_mask),
+        )
+
+
+def stack_images(per_row: list[list[dict[str, torch.Tensor]]], spec: ImageSpec) -> dict[str, torch.Tensor] | None:
+    """Encoder inputs for ``b`` rows with up to ``i`` images each, zero-padded to the longest row.
+
+    Mllama: ``pixel_values`` ``[b, i, t, 3, H, W]``, ``aspect_ratio_ids`` ``[b, i]`` (0 = padding),
+    ``aspect_ratio_mask`` ``[b, i, t]``. Tower: ``pixel_values`` ``[b, i, 3, H, W]``.
+    """
+    max_images = max((len(images) for images in per_row), default=0)
+    if max_images == 0:
+        return None
+    b, h = len(per_row), spec.image_size
+    if spec.kind == "mllama":
+        t = spec.max_num_tiles
+        stacked = {
+            "pixel_values": torch.zeros(b, max_images, t, 3, h, h),
+            "aspect_ratio_ids": torch.zeros(b, max_images, dtype=torch.long),
+            "aspect_ratio_mask": torch.zeros(b, max_images, t, dtype=torch.long),
+        }
+    else:
+        stacked = {"pixel_values": torch.zeros(b, max_images, 3, h, h)}
+    for row, images in enumerate(per_row):
+        for index, image in enumerate(images):
+            for key, value in image.items():
+                stacked[key][row, index] = value
+    return stacked
+
+
+def collate_padded(samples: list[Sample], seq_len: int, spec: ImageSpec, *, pad_id: int = 0, ignore_index: int = -100) -> Batch:
+    """One sample per row, right-padded to ``seq_len`` (padding is masked from the loss and sees
+    no image; causal attention keeps it from affecting real tokens)."""
+    b = len(samples)
+    tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((b, seq_len), ignore_index, dtype=torch.long)
+    is_real = torch.zeros(b, seq_len, dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        n = len(sample.tokens)
+        if n > seq_len:
+            raise ValueError(f"a sample of {n} tokens does not fit batch.seq_len={seq_len}")
+        tokens[row, :n], labels[row, :n], is_real[row, :n] = sample.tokens, sample.labels, True
+    max_images = max(len(sample.images) for sample in samples)
+    encoder_mask = None
+    if max_images:
+        encoder_mask = torch.zeros(b, seq_len, max_images * spec.tokens_per_image, dtype=torch.bool)
+        for row, sample in enumerate(samples):
+            n = len(sample.tokens)
+            for index, start in enumerate(sample.image_starts):
+                columns = slice(index * spec.tokens_per_image, (index + 1) * spec.tokens_per_image)
+                encoder_mask[row, start:n, columns] = True
+    input_pos = torch.arange(seq_len).expand(b, seq_len).clone()
+    return Batch(
+        tokens=tokens,
+        labels=labels,
+        input_pos=input_pos,
+        is_real=is_real,
+        encoder_input=stack_images([s.images for s in samples], spec),
+        encoder_mask=encoder_mask,
+    )

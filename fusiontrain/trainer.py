@@ -1,0 +1,298 @@
+"""The training loop: one class that reads top-down.
+
+``Trainer(config).run()`` joins the process group, builds the model on the meta device,
+parallelizes it (activation checkpointing, FSDP2), allocates each rank's shards and fills them
+from the pretrained safetensors, then trains: gradient accumulation with reduce-scatter only on
+the last micro-step, a chunked loss normalised by the global number of target tokens, grad-norm
+clipping, warmup + decay, a periodic eval loss, and one ``metrics.jsonl`` row per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fusiontrain import distributed
+from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, save_config
+from fusiontrain.data import Batch, GlobalBatchPlan, ImageSpec, SyntheticImageText, collate_padded
+from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
+from fusiontrain.metrics import MetricsLogger, peak_memory_bytes
+from fusiontrain.models.compose import prepare_composed
+from fusiontrain.models.hf_checkpoint import materialize
+from fusiontrain.models.hf_vision import HFVisionTowerEncoder
+from fusiontrain.models.mllama import prepare_mllama
+from fusiontrain.models.pretrained import PretrainedModel
+from fusiontrain.modules.vision import MllamaVisionEncoder
+from fusiontrain.parallel import canonical_parameters, parallelize, set_gradient_sync
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# -- builders (config section -> component) -------------------------------------------------------
+
+
+def prepare_model(config: ModelConfig, *, seed: int) -> PretrainedModel:
+    """The configured model, on the meta device, with its weight sources."""
+    flags = dict(
+        decoder_trainable=config.decoder_trainable,
+        encoder_trainable=config.encoder_trainable,
+        fusion_trainable=config.fusion_trainable,
+    )
+    if config.hf_mllama is not None:
+        return prepare_mllama(config.hf_mllama, **flags)
+    return prepare_composed(
+        config.compose.decoder, config.compose.encoder, fusion_interval=config.compose.fusion_interval, seed=seed, **flags
+    )
+
+
+def image_spec(model: nn.Module) -> ImageSpec:
+    """How the model's encoder takes one image."""
+    encoder = model.encoder
+    if isinstance(encoder, MllamaVisionEncoder):
+        args = encoder.vision.args
+        return ImageSpec("mllama", args.image_size, args.max_num_tiles * args.tokens_per_tile, args.max_num_tiles)
+    if isinstance(encoder, HFVisionTowerEncoder):
+        return ImageSpec("tower", encoder.image_size, encoder.tokens_per_image)
+    raise TypeError(f"no image format known for a {type(encoder).__name__} encoder")
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (fused on CUDA, foreach elsewhere). Weight decay
+    applies to matrices; vectors (norm scales, biases, gates) are not decayed."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("no parameter is trainable: set model.fusion_trainable (or another *_trainable) to true")
+    groups = [
+        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps, **fast
+    )
+
+
+def lr_multiplier(step: int, config: OptimConfig, max_steps: int) -> float:
+    """LR at ``step`` as a fraction of ``optim.lr``: linear warmup, then constant, linear or
+    cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+    progress = min(1.0, progress)
+    decay = 1.0 - progress if config.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
+
+
+def build_dataset(config: DataConfig, spec: ImageSpec, *, vocab_size: int, image_token_id: int, seed: int, split: str):
+    """The configured dataset."""
+    num_samples = config.synthetic_samples if split == "train" else max(64, config.synthetic_samples // 8)
+    return SyntheticImageText(
+        num_samples,
+        vocab_size=vocab_size,
+        image_token_id=image_token_id,
+        spec=spec,
+        max_text=config.synthetic_max_text,
+        seed=seed if split == "train" else seed + 7919,
+    )
+
+
+def resolve_global_batch(config: BatchConfig, dp_size: int) -> int:
+    """Samples per optimizer step: ``global_batch_size`` when set, else micro x accum x ranks."""
+    if config.global_batch_size is not None:
+        return config.global_batch_size
+    return config.micro_batch_size * config.grad_accum_steps * dp_size
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains a DeepFusionModel as ``config`` says. Call :meth:`run`."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.context = distributed.init_distributed()
+        self.device = self.context.device
+        torch.manual_seed(config.seed)
+        self.output_dir = Path(config.output_dir)
+        if self.context.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.output_dir / "config.yaml")
+
+        self.mesh = distributed.build_mesh(self.context, config.parallel.dp_replicate, config.parallel.dp_shard)
+        self.model = self._build_model()
+        self.optimizer = build_optimizer(self.model, config.optim, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, config.optim, config.max_steps)
+        )
+        # After model init every rank draws from its own stream (dropout, sampling), reproducibly.
+        torch.manual_seed(config.seed + 1 + self.context.rank)
+
+        spec = image_spec(self.model)
+        embeddings = self.model.decoder.tok_embeddings
+        dataset_args = dict(vocab_size=embeddings.vocab_size, image_token_id=embeddings.vocab_size, seed=config.seed)
+        self.train_data = build_dataset(config.data, spec, split="train", **dataset_args)
+        self.eval_data = build_dataset(config.data, spec, split="eval", **dataset_args)
+        self.image_spec = spec
+        dp_rank, dp_size = self.context.rank, self.context.world_size
+        self.plan = GlobalBatchPlan(
+            len(self.train_data),
+            resolve_global_batch(config.batch, dp_size),
+            config.batch.micro_batch_size,
+            dp_rank,
+            dp_size,
+            config.seed,
+        )
+        self.metrics = MetricsLogger(
+            self.output_dir, is_main=self.context.is_main, console_every=config.logging.every_n_steps
+        )
+
+    def _build_model(self) -> nn.Module:
+        """Meta build -> parallelize -> allocate shards -> fill from the pretrained files."""
+        config = self.config
+        pretrained = prepare_model(config.model, seed=config.seed)
+        model = pretrained.model.to(_DTYPES[config.model.dtype])
+        parallel = config.parallel
+        parallelize(
+            model,
+            self.mesh,
+            self.device,
+            activation_checkpointing=parallel.activation_checkpointing,
+            mixed_precision=parallel.mixed_precision,
+            fusion_layer_sharding=parallel.fusion_layer_sharding,
+            compile=parallel.compile,
+        )
+        materialize(model, self.device)
+        pretrained.load(canonical_parameters(model))
+        model.set_skip_output_projection(True)  # the chunked loss applies the output projection
+        return model.train()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        """Train for ``max_steps``; returns the per-step metrics (on every rank)."""
+        history = []
+        try:
+            for step in range(self.config.max_steps):
+                metrics = self.train_step(step)
+                if self._due(self.config.eval.every_n_steps, step):
+                    metrics["eval_loss"] = self.evaluate()
+                self.metrics.log(step, metrics)
+                history.append(metrics)
+        finally:
+            self.metrics.close()
+        return history
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer step over this rank's micro-batches of the global batch ``step``."""
+        started = time.perf_counter()
+        batches = [self._batch(self.train_data, indices) for indices in self.plan.micro_batches(step)]
+        ignore = self.config.loss.ignore_index
+        local_targets = sum(count_targets(batch.labels, ignore) for batch in batches)
+        global_targets = distributed.all_reduce_sum(local_targets.clone()).item()
+        scale = self.context.world_size / max(global_targets, 1)  # FSDP averages gradients over ranks
+
+        loss_sum = torch.zeros((), device=self.device)
+        for index, batch in enumerate(batches):
+            set_gradient_sync(self.model, index == len(batches) - 1)
+            batch_loss = self._loss_sum(batch)
+            (batch_loss * scale).backward()
+            loss_sum += batch_loss.detach()
+
+        grad_norm = self._clip_gradients()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+        loss = distributed.all_reduce_sum(loss_sum).item() / max(global_targets, 1)
+        real_tokens = distributed.all_reduce_sum(sum(b.is_real.sum() for b in batches).clone()).item()
+        elapsed = time.perf_counter() - started
+        return {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(global_targets),
+            "real_tokens": int(real_tokens),
+            "tokens_per_s": real_tokens / elapsed,
+            "step_time_s": elapsed,
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+        }
+
+    def _batch(self, dataset, indices: list[int]) -> Batch:
+        samples = [dataset[i] for i in indices]
+        batch = collate_padded(samples, self.config.batch.seq_len, self.image_spec, ignore_index=self.config.loss.ignore_index)
+        return batch.to(self.device)
+
+    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+        hidden = self.model(
+            batch.tokens,
+            mask=batch.mask,
+            encoder_input=batch.encoder_input,
+            encoder_mask=batch.encoder_mask,
+            input_pos=batch.input_pos,
+        )
+        return chunked_cross_entropy_sum(
+            hidden,
+            batch.labels,
+            self.model.decoder.output,
+            num_chunks=self.config.loss.num_output_chunks,
+            ignore_index=self.config.loss.ignore_index,
+        )
+
+    def _clip_gradients(self) -> float:
+        """Global grad norm over all trainable (sharded) parameters, clipped when configured."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.config.optim.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean per-token loss over the first ``eval.num_samples`` held-out samples (rank r takes
+        every r-th), so the value does not depend on the world size."""
+        self.model.eval()
+        rank, size = self.context.rank, self.context.world_size
+        total = min(self.config.eval.num_samples, len(self.eval_data))
+        micro = self.config.batch.micro_batch_size
+        per_rank = -(-total // size)
+        # Every rank runs the same number of forwards (FSDP's collectives need all ranks); slots
+        # past the end hold sample 0 with its loss masked out.
+        slots = [rank + size * j for j in range(-(-per_rank // micro) * micro)]
+        loss_sum = torch.zeros((), device=self.device)
+        targets = torch.zeros((), dtype=torch.long, device=self.device)
+        for start in range(0, len(slots), micro):
+            chunk = slots[start : start + micro]
+            batch = self._batch(self.eval_data, [i if i < total else 0 for i in chunk])
+            real = torch.tensor([i < total for i in chunk], device=self.device)[:, None]
+            batch.labels = batch.labels.masked_fill(~real, self.config.loss.ignore_index)
+            loss_sum += self._loss_sum(batch)
+            targets += count_targets(batch.labels, self.config.loss.ignore_index)
+        self.model.train()
+        return distributed.all_reduce_sum(loss_sum).item() / max(1, distributed.all_reduce_sum(targets).item())
+
+    @staticmethod
+    def _due(every: int, step: int) -> bool:
+        return every > 0 and (step + 1) % every == 0
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded) values of the trainable parameters, by canonical name, on the CPU."""
+        state = {}
+        for name, param in canonical_parameters(self.model).items():
+            if param.requires_grad:
+                full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                state[name] = full.detach().cpu().clone()
+        return state
+
+    def close(self) -> None:
+        """Leave the process group."""
+        distributed.shutdown()

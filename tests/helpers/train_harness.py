@@ -1,0 +1,65 @@
+"""Runs the real Trainer (under torchrun or alone) and dumps what the distributed tests compare.
+
+Usage: ``python tests/helpers/train_harness.py OUT_DIR --config X.yaml [key=value ...]``.
+
+Rank 0 writes ``OUT_DIR/trainable.safetensors`` (full trainable weights after training) and
+``OUT_DIR/report.json``: per-step losses and grad norms, whether every frozen parameter's local
+shard is bitwise unchanged on every rank, which parameters have optimizer state, and which
+trainable parameters moved.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from fusiontrain.config import load_config
+from fusiontrain.parallel import canonical_parameters
+from fusiontrain.trainer import Trainer
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return (param.to_local() if hasattr(param, "to_local") else param).detach().clone()
+
+
+def main() -> None:
+    out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
+    config_path = argv[argv.index("--config") + 1]
+    overrides = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]
+    trainer = Trainer(load_config(config_path, overrides))
+    params = canonical_parameters(trainer.model)
+    frozen_before = {name: _local(p) for name, p in params.items() if not p.requires_grad}
+    trainable_before = trainer.trainable_state()
+    history = trainer.run()
+    frozen_unchanged = all(torch.equal(frozen_before[name], _local(params[name])) for name in frozen_before)
+    flag = torch.tensor(int(frozen_unchanged))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    trainable_after = trainer.trainable_state()
+    by_param = {id(p): name for name, p in params.items()}
+    with_state = sorted(by_param[id(p)] for p in trainer.optimizer.state if trainer.optimizer.state[p])
+    if trainer.context.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(trainable_after, out_dir / "trainable.safetensors")
+        report = {
+            "losses": [row["loss"] for row in history],
+            "grad_norms": [row["grad_norm"] for row in history],
+            "eval_losses": [row["eval_loss"] for row in history if "eval_loss" in row],
+            "frozen_unchanged": bool(flag.item()),
+            "num_frozen": len(frozen_before),
+            "optimizer_state_params": with_state,
+            "trainable": sorted(trainable_after),
+            "unmoved_trainable": sorted(
+                name for name in trainable_after if torch.equal(trainable_after[name], trainable_before[name])
+            ),
+        }
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The trainer end to end, on 1, 2 and 4 gloo ranks: sharded runs compute what one process does.
+
+Each run goes through ``tests/helpers/train_harness.py`` (the real Trainer under torchrun), which
+dumps per-step losses, the final trainable weights, and checks on frozen weights and optimizer
+state. The reference is one process with 4 accumulation micro-steps of 2 samples; every other run
+sees the same 8 samples per step (``batch.global_batch_size=8``), split differently.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers.launch import REPO_ROOT, run_torchrun
+
+HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
+TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
+COMMON = ["max_steps=4", "logging.every_n_steps=0", "eval.every_n_steps=2", "eval.num_samples=7", "batch.global_batch_size=8"]
+
+
+def _train(tmp_path: Path, name: str, nproc: int, model_args: list[str], *overrides: str) -> tuple[dict, dict]:
+    out = tmp_path / name
+    args = [HARNESS, str(out), "--config", TINY_CONFIG, *model_args, f"output_dir={out}/run", *COMMON, *overrides]
+    run_torchrun(args, nproc=nproc, timeout=300)
+    report = json.loads((out / "report.json").read_text())
+    return report, load_file(out / "trainable.safetensors")
+
+
+def _assert_same_run(got: tuple[dict, dict], want: tuple[dict, dict], *, weight_atol: float = 2e-5) -> None:
+    """Losses agree to 2e-6 (summation order differs across ranks). Weights after 4 AdamW steps at
+    lr 3e-3 agree to 2e-5 (0.02% of their size): Adam divides by sqrt(v), which turns 1e-7-sized
+    gradient differences on near-zero gradients into visibly larger update differences."""
+    (got_report, got_weights), (want_report, want_weights) = got, want
+    torch.testing.assert_close(torch.tensor(got_report["losses"]), torch.tensor(want_report["losses"]), atol=2e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(got_report["eval_losses"]), torch.tensor(want_report["eval_losses"]), atol=2e-6, rtol=0
+    )
+    assert got_weights.keys() == want_weights.keys()
+    for name in want_weights:
+        torch.testing.assert_close(got_weights[name], want_weights[name], atol=weight_atol, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def mllama_args(tiny_mllama_dir: Path) -> list[str]:
+    return [f"model.hf_mllama={tiny_mllama_dir}"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, mllama_args: list[str]) -> tuple[dict, dict]:
+    """One process, 4 micro-steps of 2 samples per step."""
+    return _train(tmp_path_factory.mktemp("reference"), "ref", 1, mllama_args, "batch.micro_batch_size=2")
+
+
+def test_reference_run_trains_only_fusion_parameters(reference: tuple[dict, dict]) -> None:
+    report, weights = reference
+    assert report["frozen_unchanged"] and report["num_frozen"] > 50
+    assert not report["unmoved_trainable"], "every fusion parameter must move"
+    assert set(report["optimizer_state_params"]) == set(report["trainable"]) == set(weights)
+    assert all(".fusion_layer." in n or n.startswith("encoder.projection.") or "fusion_embedding" in n for n in weights)
+    assert report["losses"][-1] < report["losses"][0]
+
+
+def test_fsdp_two_ranks_with_checkpointing_matches_one_process(tmp_path, mllama_args, reference) -> None:
+    run = _train(
+        tmp_path, "fsdp2", 2, mllama_args, "parallel.activation_checkpointing=full", "parallel.fusion_layer_sharding=split"
+    )
+    assert run[0]["frozen_unchanged"]
+    _assert_same_run(run, reference)
+
+
+def test_fsdp_four_ranks_matches_one_process(tmp_path, mllama_args, reference) -> None:
+    run = _train(tmp_path, "fsdp4", 4, mllama_args, "batch.micro_batch_size=1", "batch.global_batch_size=8")
+    _assert_same_run(run, reference)
+
+
+def test_hsdp_2x2_matches_fsdp_and_one_process(tmp_path, mllama_args, reference) -> None:
+    hsdp = _train(tmp_path, "hsdp", 4, mllama_args, "parallel.dp_replicate=2", "parallel.activation_checkpointing=2")
+    fsdp = _train(tmp_path, "fsdp4b", 4, mllama_args)
+    _assert_same_run(hsdp, fsdp)
+    _assert_same_run(hsdp, reference)
+
+
+def test_one_batch_of_eight_equals_four_accumulated_batches_of_two(tmp_path, mllama_args, reference) -> None:
+    _assert_same_run(_train(tmp_path, "big", 1, mllama_args, "batch.micro_batch_size=8"), reference)
+
+
+def test_compiled_step_equals_eager(tmp_path, mllama_args, reference) -> None:
+    compiled = _train(tmp_path, "compiled", 1, mllama_args, "parallel.compile=true", "max_steps=2", "eval.every_n_steps=0")
+    (report, weights), (ref_report, _) = compiled, reference
+    torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(ref_report["losses"][:2]), atol=1e-6, rtol=0)
+    eager = _train(tmp_path, "eager", 1, mllama_args, "max_steps=2", "eval.every_n_steps=0")
+    for name in weights:
+        torch.testing.assert_close(weights[name], eager[1][name], atol=5e-5, rtol=0, msg=name)
+
+
+def test_composed_model_trains_the_same_sharded(tmp_path, tiny_llama_dir, tiny_clip_dir) -> None:
+    """A Llama + CLIP model: the sharded load (each rank reads its rows) and the seeded fusion init
+    give the same run on 2 ranks as on 1."""
+    composed = ["model.hf_mllama=null", f"model.compose.decoder={tiny_llama_dir}", f"model.compose.encoder={tiny_clip_dir}", "model.compose.fusion_interval=2"]
+    one = _train(tmp_path, "c1", 1, composed)
+    two = _train(tmp_path, "c2", 2, composed)
+    assert one[0]["frozen_unchanged"] and two[0]["frozen_unchanged"]
+    _assert_same_run(two, one)
+
+
+def test_run_folder_has_config_and_metrics(tmp_path, mllama_args, reference) -> None:
+    out = tmp_path / "plain"
+    run_torchrun(["-m", "fusiontrain", "train", "--config", TINY_CONFIG, *mllama_args, f"output_dir={out}", *COMMON], nproc=2)
+    assert (out / "config.yaml").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_memory_bytes"):
+        assert all(key in row for row in rows), key
+    assert "eval_loss" in rows[1] and "eval_loss" not in rows[0]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in rows]), torch.tensor(reference[0]["losses"]), atol=2e-6, rtol=0)
