@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -188,7 +189,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or an empty section in the YAML
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part!r} is a value, not a section")
         node = child
@@ -281,7 +284,7 @@ def validate(config: TrainConfig) -> None:
     if config.data.format != "synthetic" and config.data.train.path is None:
         raise ConfigError(f"config key 'data.train.path' is required for data.format={config.data.format!r}")
     ac = config.parallel.activation_checkpointing
-    if ac not in ("none", "full") and not (ac.isdigit() and int(ac) >= 1):
+    if ac not in ("none", "full") and not (ac.isascii() and ac.isdecimal() and int(ac) >= 1):
         raise ConfigError(
             f"config key 'parallel.activation_checkpointing' must be 'none', 'full' or a positive integer k; got {ac!r}"
         )
@@ -297,8 +300,24 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1; got {value}")
     if config.parallel.dp_shard == 0 or config.parallel.dp_shard < -1:
         raise ConfigError(f"config key 'parallel.dp_shard' must be -1 or >= 1; got {config.parallel.dp_shard}")
-    if config.optim.lr <= 0:
-        raise ConfigError(f"config key 'optim.lr' must be > 0; got {config.optim.lr}")
+    if config.checkpoint.every_n_steps or config.checkpoint.resume is not None:
+        raise ConfigError(
+            "checkpoint.every_n_steps / checkpoint.resume: checkpointing is not implemented yet; "
+            "leave them at 0 / null"
+        )
+    if config.logging.wandb.mode != "disabled":
+        raise ConfigError("logging.wandb.mode: wandb logging is not implemented yet; use 'disabled' (metrics.jsonl is always written)")
+    optim = config.optim
+    if not (math.isfinite(optim.lr) and optim.lr > 0):
+        raise ConfigError(f"config key 'optim.lr' must be a finite number > 0; got {optim.lr}")
+    if optim.max_grad_norm is not None and not (math.isfinite(optim.max_grad_norm) and optim.max_grad_norm > 0):
+        raise ConfigError(
+            f"config key 'optim.max_grad_norm' must be > 0, or null to disable clipping; got {optim.max_grad_norm}"
+        )
+    if not 0.0 <= optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1]; got {optim.min_lr_ratio}")
+    if optim.warmup_steps < 0:
+        raise ConfigError(f"config key 'optim.warmup_steps' must be >= 0; got {optim.warmup_steps}")
     if config.loss.num_output_chunks < 0:
         raise ConfigError(f"config key 'loss.num_output_chunks' must be >= 0; got {config.loss.num_output_chunks}")
 

@@ -182,6 +182,38 @@ def tiny_mllama_config(**overrides: Any) -> Any:
     return config
 
 
+def bench_mllama_config() -> Any:
+    """The "small but not trivial" Mllama of the benchmarks: d=512, 8 text layers of which 2 are
+    cross-attention (indices 3 and 7), 8 heads / 4 KV heads, MLP 1536, a 32k vocabulary; a vision
+    tower of 4 + 2 global layers, width 256, one 112 px tile of 14 px patches (65 tokens)."""
+    return tiny_mllama_config(
+        text_config={
+            "vocab_size": 32_000,
+            "hidden_size": 512,
+            "num_hidden_layers": 8,
+            "cross_attention_layers": [3, 7],
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "intermediate_size": 1536,
+            "max_position_embeddings": 4096,
+        },
+        vision_config={
+            "hidden_size": 256,
+            "attention_heads": 4,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 4,
+            "num_global_layers": 2,
+            "intermediate_layers_indices": [1, 3],
+            "vision_output_dim": 256 * 3,
+            "image_size": 112,
+            "patch_size": 14,
+            "max_num_tiles": 1,
+            "supported_aspect_ratios": [[1, 1]],
+        },
+        image_token_index=32_000,
+    )
+
+
 @torch.no_grad()
 def set_nonzero_mllama_gates(model: torch.nn.Module) -> None:
     """Give every gate that HF initialises to zero a distinct non-zero value.

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.launch import REPO_ROOT, run_torchrun
+from tests.helpers.launch import REPO_ROOT, run_script_multinode, run_torchrun
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
@@ -116,4 +116,14 @@ def test_run_folder_has_config_and_metrics(tmp_path, mllama_args, reference) -> 
     for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_memory_bytes"):
         assert all(key in row for row in rows), key
     assert "eval_loss" in rows[1] and "eval_loss" not in rows[0]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in rows]), torch.tensor(reference[0]["losses"]), atol=2e-6, rtol=0)
+
+
+def test_multinode_script_trains_two_nodes_like_one_process(tmp_path, mllama_args, reference) -> None:
+    """launch/multinode.sh as 2 "nodes" x 1 process on 127.0.0.1 runs the real train command."""
+    out = tmp_path / "multinode"
+    run_script_multinode(
+        ["--config", TINY_CONFIG, *mllama_args, f"output_dir={out}", *COMMON], nnodes=2, nproc_per_node=1, timeout=240
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in rows]), torch.tensor(reference[0]["losses"]), atol=2e-6, rtol=0)

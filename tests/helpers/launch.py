@@ -1,0 +1,279 @@
+"""Launch multi-process runs from tests: torchrun on one machine, or several "nodes" of
+``launch/multinode.sh`` on 127.0.0.1.
+
+Every launch:
+
+- runs with ``OMP_NUM_THREADS=1`` (a 2-core CI machine otherwise thrashes) and the repo root on
+  ``PYTHONPATH``;
+- captures stdout and stderr together (into a temporary file, not a pipe, so that an orphaned
+  worker holding the pipe can never hang the test);
+- has a hard timeout: on expiry the whole process tree (launcher, torchrun agents and their
+  workers, which torchrun starts in sessions of their own) is terminated, then killed, and an
+  ``AssertionError`` shows the tail of the output;
+- raises ``AssertionError`` with the last lines of the output on a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MULTINODE_SH = REPO_ROOT / "launch" / "multinode.sh"
+TAIL_LINES = 80
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Launcher / process-group variables a developer's shell (or an outer torchrun) may hold; a test
+# run must not inherit them.
+_LAUNCH_VARS = {
+    "FUSIONTRAIN_ENTRY", "TORCHRUN_ARGS", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_ADDR",
+    "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+    "GPUS_PER_NODE", "FUSIONTRAIN_ROOT",
+}
+
+
+def _is_launch_var(name: str) -> bool:
+    return name in _LAUNCH_VARS or name.startswith(("RDZV_", "TORCHELASTIC_", "SLURM_"))
+
+
+def launch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a launched run: ours without launcher / process-group variables
+    (``RANK``, ``NODE_RANK``, ``RDZV_*``, ``SLURM_*``, ...), ``OMP_NUM_THREADS=1``, the repo root
+    first on ``PYTHONPATH``, this interpreter as ``PYTHON`` (read by the launch scripts), then
+    ``env``."""
+    out = {k: v for k, v in os.environ.items() if not _is_launch_var(k)}
+    out["OMP_NUM_THREADS"] = "1"
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), out.get("PYTHONPATH", "")) if p)
+    out["PYTHON"] = sys.executable
+    out["PYTHONUNBUFFERED"] = "1"
+    if env:
+        out.update(env)
+    return out
+
+
+def run_torchrun(
+    args: Sequence[str],
+    *,
+    nproc: int,
+    timeout: float = 240,
+    env: Mapping[str, str] | None = None,
+    nnodes: int = 1,
+    extra_torchrun_args: Sequence[str] = (),
+) -> subprocess.CompletedProcess:
+    """Run ``python -m torch.distributed.run ... <args>`` with ``nproc`` processes on this machine.
+
+    ``args`` is what follows the torchrun options: ``["-m", "fusiontrain", "train", ...]`` or
+    ``[script_path, ...]``. The rendezvous is c10d on a fresh port of 127.0.0.1 (override it, or
+    anything else, through ``extra_torchrun_args``; later options win). Returns the completed
+    process with the combined output in ``.stdout``; raises ``AssertionError`` on a non-zero
+    exit or on timeout.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--nnodes",
+        str(nnodes),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        *extra_torchrun_args,
+        *args,
+    ]
+    (result,) = _run_all([cmd], env=launch_env(env), timeout=timeout, cwd=REPO_ROOT)
+    return result
+
+
+def run_script_multinode(
+    args: Sequence[str],
+    *,
+    nnodes: int,
+    nproc_per_node: int = 1,
+    timeout: float = 240,
+    env: Mapping[str, str] | None = None,
+    port: int | None = None,
+) -> list[subprocess.CompletedProcess]:
+    """Start ``nnodes`` copies of ``launch/multinode.sh <args>`` at once on 127.0.0.1, one per
+    ``NODE_RANK`` 0..nnodes-1, sharing one rendezvous, and wait for all of them.
+
+    ``env`` goes to every node (``FUSIONTRAIN_ENTRY`` picks what they run). Returns one
+    completed process per node, in ``NODE_RANK`` order; raises ``AssertionError`` with each
+    node's output tail if any node fails or the run exceeds ``timeout``.
+    """
+    base = launch_env(env)
+    base.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port or free_port()),
+        NNODES=str(nnodes),
+        NPROC_PER_NODE=str(nproc_per_node),
+    )
+    if "RDZV_ID" not in (env or {}):
+        base["RDZV_ID"] = f"test-{os.getpid()}-{time.monotonic_ns()}"
+    cmds, envs = [], []
+    for node_rank in range(nnodes):
+        cmds.append(["bash", str(MULTINODE_SH), *args])
+        envs.append({**base, "NODE_RANK": str(node_rank)})
+    return _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT)
+
+
+def run_command(
+    cmd: Sequence[str],
+    *,
+    timeout: float = 240,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str = REPO_ROOT,
+) -> subprocess.CompletedProcess:
+    """Run any launcher command (``launch/torchrun.sh``, ``accelerate launch``, ...) with the
+    same environment, output capture, timeout and failure report as :func:`run_torchrun`."""
+    (result,) = _run_all([cmd], env=launch_env(env), timeout=timeout, cwd=Path(cwd))
+    return result
+
+
+# -- process plumbing ---------------------------------------------------------------------------
+
+
+def _run_all(
+    cmds: Sequence[Sequence[str]],
+    *,
+    env: Mapping[str, str] | Sequence[Mapping[str, str]],
+    timeout: float,
+    cwd: Path,
+) -> list[subprocess.CompletedProcess]:
+    """Start every command at once (each in its own session), wait for all with one deadline,
+    and check the exit codes."""
+    envs = [env] * len(cmds) if isinstance(env, Mapping) else list(env)
+    logs = [tempfile.TemporaryFile(mode="w+b") for _ in cmds]
+    procs: list[subprocess.Popen] = []
+    try:
+        for cmd, proc_env, log in zip(cmds, envs, logs):
+            procs.append(
+                subprocess.Popen(
+                    list(cmd),
+                    env=dict(proc_env),
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
+        if timed_out:
+            for proc in procs:
+                _kill_tree(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # an exception of our own (KeyboardInterrupt): leave nothing behind
+                _kill_tree(proc)
+    outputs = [_read(log) for log in logs]
+    results = [subprocess.CompletedProcess(list(c), p.returncode, o, None) for c, p, o in zip(cmds, procs, outputs)]
+
+    if timed_out:
+        raise AssertionError(f"launch timed out after {timeout:.0f} s (process trees killed)\n" + _report(results))
+    if any(r.returncode != 0 for r in results):
+        raise AssertionError("launch failed\n" + _report(results))
+    return results
+
+
+def _read(log) -> str:
+    log.seek(0)
+    text = log.read().decode("utf-8", errors="replace")
+    log.close()
+    return text
+
+
+def _tail(text: str, n: int = TAIL_LINES) -> str:
+    lines = text.splitlines()
+    head = f"... ({len(lines) - n} earlier lines)\n" if len(lines) > n else ""
+    return head + "\n".join(lines[-n:])
+
+
+def _report(results: Sequence[subprocess.CompletedProcess]) -> str:
+    parts = []
+    for i, r in enumerate(results):
+        name = f"[process {i}] " if len(results) > 1 else ""
+        parts.append(f"{name}exit code {r.returncode}: {' '.join(map(str, r.args))}\n{_tail(r.stdout)}")
+    return "\n\n".join(parts)
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        # the command name (field 2) is in parentheses and may hold spaces
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def _descendants(pid: int) -> list[int]:
+    if not os.path.isdir("/proc"):
+        return []
+    children, out, stack = _children_map(), [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _signal(pids: Sequence[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the process and every descendant (torchrun's workers live in sessions of their
+    own, so the process group alone does not reach them), then SIGKILL what is left."""
+    if proc.poll() is not None:
+        return
+    tree = _descendants(proc.pid)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _signal(tree, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    tree = sorted(set(tree) | set(_descendants(proc.pid)))
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _signal(tree, signal.SIGKILL)
+    proc.wait()

@@ -1,0 +1,179 @@
+"""fusiontrain.loss: the chunked cross-entropy against a plain full-logits cross-entropy, and the
+memory it saves for backward (counted with saved-tensor hooks, no timing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
+
+B, S, D, V = 2, 10, 16, 50  # S = 10 is divisible by neither 3 nor 4
+
+
+def _inputs(dtype: torch.dtype, seed: int = 0, ignore_all: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, S, D, generator=generator).to(dtype)
+    output = nn.Linear(D, V, bias=False)
+    with torch.no_grad():
+        output.weight.copy_(torch.randn(V, D, generator=generator) / D**0.5)
+    output = output.to(dtype)
+    labels = torch.randint(0, V, (B, S), generator=generator)
+    labels[0, :3] = -100  # prompt
+    labels[1, -4:] = -100  # padding
+    labels[1, 5] = -100
+    if ignore_all:
+        labels.fill_(-100)
+    return hidden, labels, output
+
+
+def _reference(hidden: torch.Tensor, labels: torch.Tensor, output: nn.Module):
+    """The plain computation: full logits, fp32 cross-entropy, summed."""
+    hidden = hidden.detach().clone().requires_grad_(True)
+    output.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(
+        output(hidden).float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    loss.backward()
+    return loss.detach(), hidden.grad, output.weight.grad.clone()
+
+
+def _chunked(hidden: torch.Tensor, labels: torch.Tensor, output: nn.Module, k: int):
+    hidden = hidden.detach().clone().requires_grad_(True)
+    output.zero_grad(set_to_none=True)
+    loss = chunked_cross_entropy_sum(hidden, labels, output, num_chunks=k)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    loss.backward()
+    return loss.detach(), hidden.grad, output.weight.grad.clone()
+
+
+def _by_hand(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> float:
+    """Token by token in float64, independent of F.cross_entropy."""
+    total = 0.0
+    h, w = hidden.double(), weight.double()
+    for b in range(B):
+        for s in range(S):
+            if labels[b, s] == -100:
+                continue
+            logits = w @ h[b, s]
+            total += (torch.logsumexp(logits, 0) - logits[labels[b, s]]).item()
+    return total
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 4])
+def test_matches_full_cross_entropy_fp32(k: int) -> None:
+    hidden, labels, output = _inputs(torch.float32)
+    want_loss, want_h, want_w = _reference(hidden, labels, output)
+    got_loss, got_h, got_w = _chunked(hidden, labels, output, k)
+    assert want_loss.item() == pytest.approx(_by_hand(hidden, labels, output.weight.detach()), rel=1e-5)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    # ignored positions get no gradient
+    ignored = labels == -100
+    assert torch.all(got_h[ignored] == 0) and torch.all(got_h[~ignored].abs().sum(-1) > 0)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 4])
+def test_matches_full_cross_entropy_bf16(k: int) -> None:
+    hidden, labels, output = _inputs(torch.bfloat16)
+    want_loss, want_h, want_w = _reference(hidden, labels, output)
+    got_loss, got_h, got_w = _chunked(hidden, labels, output, k)
+    assert got_h.dtype == got_w.dtype == torch.bfloat16
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(got_h.float(), want_h.float(), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got_w.float(), want_w.float(), rtol=2e-2, atol=2e-3)
+    exact = _by_hand(hidden, labels, output.weight.detach())
+    assert got_loss.item() == pytest.approx(exact, rel=2e-2)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 4])
+def test_all_labels_ignored_gives_zero(k: int) -> None:
+    hidden, labels, output = _inputs(torch.float32, ignore_all=True)
+    loss, grad_h, grad_w = _chunked(hidden, labels, output, k)
+    assert loss.item() == 0.0
+    assert torch.all(grad_h == 0) and torch.all(grad_w == 0)
+    assert not torch.isnan(grad_h).any() and not torch.isnan(grad_w).any()
+
+
+def test_custom_ignore_index() -> None:
+    hidden, labels, output = _inputs(torch.float32)
+    labels = torch.where(labels == -100, torch.full_like(labels, 7), labels)
+    labels[0, 0] = 3
+    want = F.cross_entropy(output(hidden).flatten(0, 1), labels.flatten(), ignore_index=7, reduction="sum")
+    got = chunked_cross_entropy_sum(hidden, labels, output, num_chunks=3, ignore_index=7)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    assert count_targets(labels, ignore_index=7).item() == sum(int(x) != 7 for x in labels.flatten())
+
+
+def test_count_targets() -> None:
+    _, labels, _ = _inputs(torch.float32)
+    expected = sum(1 for row in labels.tolist() for x in row if x != -100)
+    assert expected == B * S - 8
+    counted = count_targets(labels)
+    assert counted.dim() == 0 and counted.dtype == torch.int64 and counted.item() == expected
+    assert count_targets(torch.full((3, 4), -100)).item() == 0
+
+
+def test_the_loss_of_a_sum_does_not_depend_on_the_split() -> None:
+    """Sum over rows == loss of the batch (what lets the trainer divide by global targets)."""
+    hidden, labels, output = _inputs(torch.float32)
+    whole = chunked_cross_entropy_sum(hidden, labels, output, num_chunks=4)
+    parts = sum(chunked_cross_entropy_sum(hidden[i : i + 1], labels[i : i + 1], output, num_chunks=4) for i in range(B))
+    torch.testing.assert_close(whole, parts, rtol=1e-6, atol=1e-5)
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def _saved_for_backward(fn, leaves: list[torch.Tensor]) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, bytes) of every tensor that autograd keeps for backward while ``fn()`` builds its
+    graph, except the leaves themselves (or views of them), which exist anyway."""
+    leaf_storages = {leaf.untyped_storage().data_ptr() for leaf in leaves}
+    saved: list[tuple[tuple[int, ...], int]] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in leaf_storages:
+            saved.append((tuple(tensor.shape), tensor.numel() * tensor.element_size()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = fn()
+    loss.backward()  # the graph is complete and usable
+    return saved
+
+
+def test_chunked_loss_never_saves_the_full_logits() -> None:
+    b, s, d, v, k = 2, 256, 64, 32000, 8
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(b, s, d, generator=generator, requires_grad=True)
+    output = nn.Linear(d, v, bias=False)
+    labels = torch.randint(0, v, (b, s), generator=generator)
+    labels[:, :16] = -100
+    leaves = [hidden, output.weight]
+    full_logits_bytes = b * s * v * 4
+    chunk_logits_bytes = b * (s // k) * v * 4
+
+    unchunked = _saved_for_backward(lambda: chunked_cross_entropy_sum(hidden, labels, output, num_chunks=0), leaves)
+    # the measurement sees the full fp32 logits when nothing is chunked
+    assert max(nbytes for _, nbytes in unchunked) >= full_logits_bytes
+    assert any(shape == (b * s, v) for shape, _ in unchunked)
+
+    chunked = _saved_for_backward(lambda: chunked_cross_entropy_sum(hidden, labels, output, num_chunks=k), leaves)
+    largest = max((nbytes for _, nbytes in chunked), default=0)
+    total = sum(nbytes for _, nbytes in chunked)
+    assert all(shape[-1:] != (v,) or nbytes <= chunk_logits_bytes for shape, nbytes in chunked)
+    assert largest <= chunk_logits_bytes, chunked
+    assert total < 2 * chunk_logits_bytes, f"{total} bytes saved over {len(chunked)} tensors"
+    # and the grads are those of the plain loss
+    hidden.grad = None
+    output.zero_grad(set_to_none=True)
+    chunked_cross_entropy_sum(hidden, labels, output, num_chunks=k).backward()
+    grad_h, grad_w = hidden.grad.clone(), output.weight.grad.clone()
+    hidden.grad = None
+    output.zero_grad(set_to_none=True)
+    F.cross_entropy(output(hidden).flatten(0, 1), labels.flatten(), reduction="sum").backward()
+    torch.testing.assert_close(grad_h, hidden.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_w, output.weight.grad, rtol=1e-4, atol=1e-5)
