@@ -107,7 +107,9 @@ class ParallelConfig:
         "auto", "Compute dtype of sharded layers: 'auto' is bf16 on CUDA with fp32 reduce, fp32 on CPU."
     )
     fusion_layer_sharding: Literal["unit", "split"] = _field(
-        "unit", "Shard each FusionLayer as one FSDP unit, or its two halves separately."
+        "split",
+        "Shard each FusionLayer's two halves as separate FSDP units ('split': smaller all-gathers, same "
+        "speed in benchmarks/memory.py) or as one unit ('unit').",
     )
     compile: bool = _field(False, "torch.compile each layer (the GPU path).")
 

@@ -150,3 +150,18 @@ def test_register_fusion_module_and_set_trainable_params() -> None:
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.bias"]
     with pytest.raises(KeyError, match="no such parameters"):
         set_trainable_params(model, {"2.weight"})
+
+
+def test_frozen_vision_encoder_keeps_no_activations() -> None:
+    """Fusion-only: the pretrained ViT runs under no_grad (nothing saved for backward); the
+    projection head, a fusion module, still builds a graph."""
+    model = random_mllama().train()
+    seen = {}
+    model.encoder.vision.register_forward_hook(lambda m, i, out: seen.update(vision=out.hidden.requires_grad))
+    model.encoder.projection.register_forward_hook(lambda m, i, out: seen.update(projection=out.requires_grad))
+    model.encoder(**random_pixels([[1]]))
+    assert seen == {"vision": False, "projection": True}
+    trainable = random_mllama(encoder_trainable=True).train()
+    trainable.encoder.vision.register_forward_hook(lambda m, i, out: seen.update(vision=out.hidden.requires_grad))
+    trainable.encoder(**random_pixels([[1]]))
+    assert seen["vision"] is True
