@@ -38,14 +38,20 @@ class Sample:
         labels: ``[n]`` target ids, already shifted (position j predicts ``labels[j]``), with
             the ignore index where nothing is trained.
         images: per image, the encoder's inputs (see :class:`ImageSpec`).
-        image_starts: per image, the index of its image token; a token sees the images whose
-            start is at or before it.
+        image_spans: per image, the token range ``[start, end)`` that sees it (the Llama 3.2
+            rule: from its image token until the next image token, consecutive image tokens
+            sharing the later span); tokens outside every span see no image.
+        origin: where the sample came from (``file:line``), for messages.
     """
 
     tokens: torch.Tensor
     labels: torch.Tensor
     images: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    image_starts: list[int] = field(default_factory=list)
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
+    origin: str = ""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
 
 @dataclass
@@ -130,9 +136,9 @@ def collate_padded(samples: list[Sample], seq_len: int, spec: ImageSpec, *, pad_
         encoder_mask = torch.zeros(b, seq_len, max_images * spec.tokens_per_image, dtype=torch.bool)
         for row, sample in enumerate(samples):
             n = len(sample.tokens)
-            for index, start in enumerate(sample.image_starts):
+            for index, (start, end) in enumerate(sample.image_spans):
                 columns = slice(index * spec.tokens_per_image, (index + 1) * spec.tokens_per_image)
-                encoder_mask[row, start:n, columns] = True
+                encoder_mask[row, start:end, columns] = True
     input_pos = torch.arange(seq_len).expand(b, seq_len).clone()
     return Batch(
         tokens=tokens,

@@ -62,7 +62,7 @@ class SyntheticImageText:
         text[0] = self.first_text_id + int((brightness.clamp(-1, 1) + 1) * 4) % (self.vocab_size - self.first_text_id)
         tokens = torch.cat([torch.tensor([self.image_token_id]), text])
         labels = torch.cat([text, torch.tensor([self.ignore_index])])  # the last token predicts nothing
-        return Sample(tokens=tokens, labels=labels, images=[image], image_starts=[0])
+        return Sample(tokens=tokens, labels=labels, images=[image], image_spans=[(0, len(tokens))], origin=f"synthetic:{index}")
 
     def _image(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         size, shift = self.spec.image_size, torch.rand((), generator=generator) * 2 - 1
