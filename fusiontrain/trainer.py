@@ -234,7 +234,7 @@ class Trainer:
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         hidden = self.model(
             batch.tokens,
-            mask=batch.mask,
+            mask=batch.self_attention_mask(flex=self.device.type == "cuda"),
             encoder_input=batch.encoder_input,
             encoder_mask=batch.encoder_mask,
             input_pos=batch.input_pos,

@@ -6,7 +6,7 @@ Shapes: b rows, s tokens per row, s_e encoder tokens per row, i images per row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -63,18 +63,30 @@ class Batch:
         labels: ``[b, s]``, ignore index on prompt and padding.
         input_pos: ``[b, s]`` positions, restarting at 0 per sample.
         is_real: ``[b, s]`` bool, False on padding.
-        mask: ``[b, s, s]`` bool self-attention mask, or None for plain causal.
+        segment_ids: ``[b, s]`` which packed sample each token belongs to (padding is a segment
+            of its own), or None for one sample per row (plain causal attention).
         encoder_input: the encoder's keyword arguments, or None (no image in the batch).
         encoder_mask: ``[b, s, s_e]`` bool, or None.
+        skipped: bad samples skipped while producing this batch, by reason.
     """
 
     tokens: torch.Tensor
     labels: torch.Tensor
     input_pos: torch.Tensor
     is_real: torch.Tensor
-    mask: torch.Tensor | None = None
+    segment_ids: torch.Tensor | None = None
     encoder_input: dict[str, torch.Tensor] | None = None
     encoder_mask: torch.Tensor | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def self_attention_mask(self, *, flex: bool = False) -> Any:
+        """None (causal) for unpacked rows; for packed rows the block-diagonal causal mask, dense
+        ``[b, s, s]`` bool, or a flex_attention ``BlockMask`` when ``flex``."""
+        if self.segment_ids is None:
+            return None
+        from fusiontrain.data.packing import block_causal_block_mask, block_causal_mask
+
+        return block_causal_block_mask(self.segment_ids) if flex else block_causal_mask(self.segment_ids)
 
     def to(self, device: torch.device) -> Batch:
         """A copy on ``device``."""
@@ -86,7 +98,7 @@ class Batch:
             labels=move(self.labels),
             input_pos=move(self.input_pos),
             is_real=move(self.is_real),
-            mask=move(self.mask),
+            segment_ids=move(self.segment_ids),
             encoder_input=encoder_input,
             encoder_mask=move(self.encoder_mask),
         )

@@ -1,0 +1,148 @@
+"""Packed rows compute exactly what their samples compute alone."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fusiontrain.data.batch import ImageSpec, Sample, stack_images
+from fusiontrain.data.packing import FirstFitPacker, block_causal_mask, collate_rows
+from tests.helpers.tiny_models import IMAGE_TOKEN, random_mllama
+
+SPEC = ImageSpec("mllama", image_size=28, tokens_per_image=2 * 5, max_num_tiles=2)
+SEQ_LEN = 40
+
+
+def _image(ratio: int, seed: int) -> dict[str, torch.Tensor]:
+    tiles = 1 if ratio == 1 else 2
+    pixels = torch.zeros(2, 3, 28, 28)
+    pixels[:tiles] = torch.randn(tiles, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+    mask = torch.tensor([1, int(tiles == 2)])
+    return {"pixel_values": pixels, "aspect_ratio_ids": torch.tensor(ratio), "aspect_ratio_mask": mask}
+
+
+def _sample(length: int, image_at: list[int], seed: int) -> Sample:
+    """``length`` tokens with image tokens at ``image_at``; spans follow the Llama 3.2 rule."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(4, 128, (length,), generator=generator)
+    for position in image_at:
+        tokens[position] = IMAGE_TOKEN
+    labels = torch.cat([tokens[1:], torch.tensor([-100])])
+    labels[labels == IMAGE_TOKEN] = -100  # image tokens are inputs, never targets
+    ends = image_at[1:] + [length]
+    spans = [(start, end) for start, end in zip(image_at, ends)]
+    images = [_image(1 + (seed + k) % 3, seed * 10 + k) for k in range(len(image_at))]
+    return Sample(tokens, labels, images, spans, origin=f"test:{seed}")
+
+
+SAMPLES = [
+    _sample(9, [0], seed=1),  # image first
+    _sample(12, [3, 8], seed=2),  # text, image, text, image, text
+    _sample(6, [], seed=3),  # text only
+    _sample(10, [4], seed=4),  # text before its image
+]
+
+
+def _alone(model, sample: Sample) -> torch.Tensor:
+    """Logits of ``sample`` run by itself: no padding, no other sample."""
+    encoder_input = stack_images([sample.images], SPEC)
+    encoder_mask = None
+    if sample.images:
+        encoder_mask = torch.zeros(1, len(sample), len(sample.images) * SPEC.tokens_per_image, dtype=torch.bool)
+        for k, (start, end) in enumerate(sample.image_spans):
+            encoder_mask[0, start:end, k * SPEC.tokens_per_image : (k + 1) * SPEC.tokens_per_image] = True
+    with torch.no_grad():
+        return model(sample.tokens[None], encoder_input=encoder_input, encoder_mask=encoder_mask)[0]
+
+
+def _packed(model, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    packer = FirstFitPacker(SEQ_LEN, max_images=4, max_open_rows=1)
+    rows = []
+    for index, sample in enumerate(samples):
+        rows += packer.add(index, sample)
+    rows += packer.flush()
+    assert len(rows) == 1, "the samples are meant to share one row"
+    batch = collate_rows(rows, SEQ_LEN, SPEC)
+    with torch.no_grad():
+        logits = model(
+            batch.tokens,
+            mask=batch.self_attention_mask(),
+            encoder_input=batch.encoder_input,
+            encoder_mask=batch.encoder_mask,
+            input_pos=batch.input_pos,
+        )[0]
+    offsets = [0]
+    for sample in rows[0].samples:
+        offsets.append(offsets[-1] + len(sample))
+    return logits, batch.labels[0], offsets
+
+
+def test_packed_per_token_losses_equal_each_sample_alone() -> None:
+    model = random_mllama(seed=5)
+    logits, labels, offsets = _packed(model, SAMPLES)
+    packed_losses = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    for index, sample in enumerate(SAMPLES):
+        alone = F.cross_entropy(_alone(model, sample), sample.labels, ignore_index=-100, reduction="none")
+        span = slice(offsets[index], offsets[index + 1])
+        torch.testing.assert_close(packed_losses[span], alone, atol=1e-5, rtol=1e-5, msg=f"sample {index}")
+        assert labels[offsets[index + 1] - 1] == -100, "a sample's last token must not predict the next sample"
+
+
+def test_another_samples_image_leaves_logits_bitwise_unchanged() -> None:
+    model = random_mllama(seed=6)
+    before, _, offsets = _packed(model, SAMPLES)
+    changed = [*SAMPLES]
+    first = SAMPLES[0]
+    changed[0] = Sample(first.tokens, first.labels, [_image(3, 999)], first.image_spans)
+    after, _, _ = _packed(model, changed)
+    assert (after[offsets[0] : offsets[1]] - before[offsets[0] : offsets[1]]).abs().max() > 1e-3
+    assert torch.equal(after[offsets[1] :], before[offsets[1] :])
+
+
+def test_text_before_an_image_in_a_pack_gets_no_image_signal() -> None:
+    model = random_mllama(seed=7)
+    logits, _, offsets = _packed(model, SAMPLES)
+    sample = SAMPLES[3]  # its image token is at 4
+    without_images = Sample(sample.tokens, sample.labels)
+    text_only = _alone(model, without_images)
+    first = offsets[3]
+    torch.testing.assert_close(logits[first : first + 4], text_only[:4], atol=1e-5, rtol=1e-5)
+    assert (logits[first + 4 : offsets[4]] - text_only[4:]).abs().max() > 1e-3
+
+
+def test_packed_row_layout() -> None:
+    packer = FirstFitPacker(SEQ_LEN, max_images=4, max_open_rows=1)
+    rows = [row for i, s in enumerate(SAMPLES) for row in packer.add(i, s)] + packer.flush()
+    batch = collate_rows(rows, SEQ_LEN, SPEC)
+    assert batch.input_pos[0, :9].tolist() == list(range(9))
+    assert batch.input_pos[0, 9:21].tolist() == list(range(12))
+    assert batch.segment_ids[0, :9].unique().tolist() == [0]
+    assert batch.segment_ids[0, 37:].unique().tolist() == [4]  # padding
+    assert not batch.encoder_mask[0, 37:].any() and (batch.labels[0, 37:] == -100).all()
+    mask = block_causal_mask(batch.segment_ids)
+    assert not mask[0, 9, :9].any() and mask[0, 9, 9] and not mask[0, 9, 10]
+    # sample 1's tokens see only its own image slots (slots 1 and 2), from their image tokens on
+    columns = batch.encoder_mask[0, 9:21].nonzero()[:, 1].unique()
+    assert columns.min() >= 10 and columns.max() < 30
+    assert not batch.encoder_mask[0, 9:12].any()
+    assert batch.encoder_input["pixel_values"].shape == (1, 4, 2, 3, 28, 28)
+
+
+def test_first_fit_fills_earlier_rows_and_respects_caps() -> None:
+    def text(n: int, images: int = 0) -> Sample:
+        return _sample(n, list(range(images)), seed=n)
+
+    packer = FirstFitPacker(seq_len=10, max_images=2, max_open_rows=2)
+    closed = []
+    closed += packer.add("a", text(7))
+    closed += packer.add("b", text(6))  # does not fit row 1 -> row 2
+    closed += packer.add("c", text(3))  # first fit: row 1 (7 + 3 = 10, closes full)
+    assert [row.keys for row in closed] == [["a", "c"]]
+    closed = packer.add("d", text(5, images=2))  # row 2 has 6 tokens; opens a new row
+    closed += packer.add("e", text(2, images=1))  # fits row 2 by tokens (8); images 1 <= 2
+    closed += packer.add("f", text(1, images=1))  # row 2 has 8 tokens; row 3 full of images -> row 2
+    assert packer.state() == [["b", "e", "f"], ["d"]]
+    closed += packer.add("g", text(6))  # no room anywhere, 2 rows open -> close the fullest
+    assert [row.keys for row in closed] == [["b", "e", "f"]]
+    for row in closed + packer.flush():
+        assert row.num_tokens <= 10 and row.num_images <= 2
