@@ -65,7 +65,10 @@ class DataConfig:
         "synthetic", "Sample format; 'synthetic' generates deterministic image-text samples (no files)."
     )
     packing: bool = _field(True, "Pack samples into fixed batch.seq_len rows instead of padding.")
-    num_workers: int = _field(0, "Dataloader worker processes per rank.")
+    max_images_per_row: int = _field(4, "Image slots per packed row (samples that would exceed it go to another row).")
+    packing_open_rows: int = _field(8, "Rows the first-fit packer keeps open (1 = greedy).")
+    strict: bool = _field(False, "Stop at the first bad sample instead of skipping (and counting) it.")
+    num_workers: int = _field(0, "Dataloader worker processes per rank (samples and images are built there).")
     synthetic_samples: int = _field(512, "Number of samples in the synthetic training set.")
     synthetic_max_text: int = _field(24, "Longest synthetic text, in tokens (lengths are uniform from 4).")
 

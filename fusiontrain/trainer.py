@@ -19,7 +19,8 @@ from torch import nn
 
 from fusiontrain import distributed
 from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, save_config
-from fusiontrain.data import Batch, GlobalBatchPlan, ImageSpec, SyntheticImageText, collate_padded
+from fusiontrain.data import Batch, ImageSpec, SyntheticImageText, collate_padded
+from fusiontrain.data.loader import SKIP_REASONS, SampleStream, StreamConfig, build_loader
 from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
 from fusiontrain.metrics import MetricsLogger, peak_memory_bytes
 from fusiontrain.models.compose import prepare_composed
@@ -142,14 +143,29 @@ class Trainer:
         self.eval_data = build_dataset(config.data, spec, split="eval", **dataset_args)
         self.image_spec = spec
         dp_rank, dp_size = self.context.rank, self.context.world_size
-        self.plan = GlobalBatchPlan(
-            len(self.train_data),
-            resolve_global_batch(config.batch, dp_size),
-            config.batch.micro_batch_size,
-            dp_rank,
-            dp_size,
-            config.seed,
+        rows_per_step = resolve_global_batch(config.batch, dp_size)
+        per_rank, remainder = divmod(rows_per_step, dp_size * config.batch.micro_batch_size)
+        if remainder or not per_rank:
+            raise ValueError(
+                f"batch.global_batch_size={rows_per_step} must be a multiple of batch.micro_batch_size "
+                f"({config.batch.micro_batch_size}) x data-parallel ranks ({dp_size})"
+            )
+        self.grad_accum_steps = per_rank
+        stream_config = StreamConfig(
+            seq_len=config.batch.seq_len,
+            micro_batch_size=config.batch.micro_batch_size,
+            packing=config.data.packing,
+            max_images=config.data.max_images_per_row,
+            max_open_rows=config.data.packing_open_rows,
+            strict=config.data.strict,
+            ignore_index=config.loss.ignore_index,
         )
+        stream = SampleStream(
+            len(self.train_data), self.train_data.__getitem__, spec, stream_config, rank=dp_rank, world=dp_size, seed=config.seed
+        )
+        self.train_loader = build_loader(stream, num_workers=config.data.num_workers)
+        self._train_batches = iter(self.train_loader)
+        self.skipped_total = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
         self.metrics = MetricsLogger(
             self.output_dir, is_main=self.context.is_main, console_every=config.logging.every_n_steps
         )
@@ -193,7 +209,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches of the global batch ``step``."""
         started = time.perf_counter()
-        batches = [self._batch(self.train_data, indices) for indices in self.plan.micro_batches(step)]
+        batches = [next(self._train_batches).to(self.device) for _ in range(self.grad_accum_steps)]
         ignore = self.config.loss.ignore_index
         local_targets = sum(count_targets(batch.labels, ignore) for batch in batches)
         global_targets = distributed.all_reduce_sum(local_targets.clone()).item()
@@ -214,6 +230,8 @@ class Trainer:
 
         loss = distributed.all_reduce_sum(loss_sum).item() / max(global_targets, 1)
         real_tokens = distributed.all_reduce_sum(sum(b.is_real.sum() for b in batches).clone()).item()
+        slots = sum(b.is_real.numel() for b in batches) * self.context.world_size
+        self.skipped_total += distributed.all_reduce_sum(self._skipped_in(batches).to(self.device))
         elapsed = time.perf_counter() - started
         return {
             "loss": loss,
@@ -221,10 +239,21 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": int(global_targets),
             "real_tokens": int(real_tokens),
+            "real_token_share": real_tokens / slots,
             "tokens_per_s": real_tokens / elapsed,
             "step_time_s": elapsed,
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, self.skipped_total) if n},
         }
+
+    @staticmethod
+    def _skipped_in(batches: list[Batch]) -> torch.Tensor:
+        """Bad samples skipped while producing ``batches``, per reason in SKIP_REASONS order."""
+        counts = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        for batch in batches:
+            for reason, n in batch.skipped.items():
+                counts[SKIP_REASONS.index(reason) if reason in SKIP_REASONS else -1] += n
+        return counts
 
     def _batch(self, dataset, indices: list[int]) -> Batch:
         samples = [dataset[i] for i in indices]

@@ -1,5 +1,8 @@
 """The trainer end to end, on 1, 2 and 4 gloo ranks: sharded runs compute what one process does.
 
+Unpacked (padded) batches make each step's global batch independent of the world size; packed
+streams are per rank (tests/test_loader.py, tests/test_packing.py).
+
 Each run goes through ``tests/helpers/train_harness.py`` (the real Trainer under torchrun), which
 dumps per-step losses, the final trainable weights, and checks on frozen weights and optimizer
 state. The reference is one process with 4 accumulation micro-steps of 2 samples; every other run
@@ -19,7 +22,7 @@ from tests.helpers.launch import REPO_ROOT, run_script_multinode, run_torchrun
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
-COMMON = ["max_steps=4", "logging.every_n_steps=0", "eval.every_n_steps=2", "eval.num_samples=7", "batch.global_batch_size=8"]
+COMMON = ["data.packing=false", "max_steps=4", "logging.every_n_steps=0", "eval.every_n_steps=2", "eval.num_samples=7", "batch.global_batch_size=8"]
 
 
 def _train(tmp_path: Path, name: str, nproc: int, model_args: list[str], *overrides: str) -> tuple[dict, dict]:

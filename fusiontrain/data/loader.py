@@ -1,0 +1,232 @@
+"""Each rank's stream of micro-batches, resumable exactly, through torchdata's StatefulDataLoader.
+
+:class:`SampleStream` is an ``IterableDataset`` for one data-parallel rank. Per epoch it shuffles
+all sample ids with a seed of ``(seed, epoch)``, keeps every ``world``-th (its shard), splits that
+among dataloader workers, builds each sample (decoding images) in the worker, skips bad ones
+(counted, logged with file and line; or raised with ``strict``), packs samples into rows (or pads
+one per row) and yields collated micro-batches.
+
+Its state is small and exact: the epoch, the position within the epoch's shard, the ids of the
+samples in the packer's open rows and in rows not yet yielded, and the skip counts. A restored
+stream rebuilds those samples from their ids and continues with exactly the next sample.
+``StatefulDataLoader`` gathers the state of every worker.
+
+For unpacked (padded) batches with every sample good, the shards interleave so that the samples
+of step k over all ranks are the same at any world size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from fusiontrain.data.batch import Batch, ImageSpec, Sample, collate_padded
+from fusiontrain.data.packing import FirstFitPacker, PackedRow, collate_rows
+
+logger = logging.getLogger("fusiontrain.data")
+
+# Why samples get skipped; metrics count them in this order ("other" last).
+SKIP_REASONS = (
+    "missing_image",
+    "corrupt_image",
+    "malformed_json",
+    "too_long",
+    "too_many_images",
+    "empty_text",
+    "image_count_mismatch",
+    "unknown_role",
+    "other",
+)
+
+
+class BadSample(Exception):
+    """A sample that cannot be used.
+
+    Args:
+        reason: a short key counted in metrics (``missing_image``, ``corrupt_image``, ...).
+        message: what is wrong, naming the file and line.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How a rank's stream batches its samples.
+
+    Attributes:
+        seq_len: tokens per row.
+        micro_batch_size: rows per yielded batch.
+        packing: pack several samples per row (else one sample per row, padded).
+        max_images: image slots per packed row.
+        max_open_rows: rows the first-fit packer keeps open.
+        strict: raise on the first bad sample instead of skipping it.
+        pad_id: token id of padding.
+        ignore_index: label of positions without a target.
+    """
+
+    seq_len: int
+    micro_batch_size: int
+    packing: bool = True
+    max_images: int = 4
+    max_open_rows: int = 8
+    strict: bool = False
+    pad_id: int = 0
+    ignore_index: int = -100
+
+
+class SampleStream(IterableDataset):
+    """One rank's infinite stream of micro-batches (see the module docstring).
+
+    Args:
+        num_samples: size of the dataset.
+        fetch: ``fetch(i)`` builds sample ``i`` (raises :class:`BadSample`); runs in workers.
+        spec: the encoder's image format.
+        config: batching.
+        rank, world: this rank's data-parallel coordinate and the number of ranks.
+        seed: shuffle seed.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        fetch: Callable[[int], Sample],
+        spec: ImageSpec,
+        config: StreamConfig,
+        *,
+        rank: int,
+        world: int,
+        seed: int,
+    ) -> None:
+        if num_samples < world:
+            raise ValueError(f"{num_samples} samples cannot feed {world} ranks")
+        self.num_samples = num_samples
+        self.fetch = fetch
+        self.spec = spec
+        self.config = config
+        self.rank = rank
+        self.world = world
+        self.seed = seed
+        self._restored: dict[str, Any] | None = None
+        self._live: dict[str, Any] | None = None
+
+    # -- order --------------------------------------------------------------------------------
+
+    def shard(self, epoch: int, worker: int = 0, num_workers: int = 1) -> list[int]:
+        """The sample ids this rank (and worker) reads in ``epoch``, in order."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_samples, generator=generator)
+        return order[self.rank :: self.world][worker::num_workers].tolist()
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position of the stream (taken by StatefulDataLoader in the worker)."""
+        state = self._live if self._live is not None else self._restored
+        if state is None:
+            state = {"epoch": 0, "position": 0, "open_rows": [], "ready_rows": [], "skipped": {}}
+        return {**state, "rank": self.rank, "world": self.world, "seed": self.seed, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``; refuses a state from another world size, seed or dataset."""
+        saved = (state["world"], state["seed"], state["num_samples"])
+        if saved != (self.world, self.seed, self.num_samples):
+            raise ValueError(
+                f"the data position was saved with world size {state['world']}, seed {state['seed']} and "
+                f"{state['num_samples']} samples; this run has {self.world}, {self.seed} and {self.num_samples}. "
+                "Packed per-rank streams cannot be re-split: resume with the same world size and data"
+            )
+        self._restored = {k: state[k] for k in ("epoch", "position", "open_rows", "ready_rows", "skipped")}
+
+    # -- iteration --------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        state = self._restored or {"epoch": 0, "position": 0, "open_rows": [], "ready_rows": [], "skipped": {}}
+        config = self.config
+        packer = FirstFitPacker(config.seq_len, config.max_images, config.max_open_rows)
+        packer.open_rows = [self._rebuild(keys) for keys in state["open_rows"]]
+        ready = [self._rebuild(keys) for keys in state["ready_rows"]]
+        skipped = Counter(state["skipped"])
+        reported = Counter(skipped)
+        epoch, position = state["epoch"], state["position"]
+        while True:
+            shard = self.shard(epoch, worker, num_workers)
+            while position < len(shard):
+                key = shard[position]
+                position += 1
+                sample = self._build(key, skipped)
+                if sample is not None:
+                    ready += packer.add(key, sample) if config.packing else [PackedRow([key], [sample])]
+                while len(ready) >= config.micro_batch_size:
+                    rows, ready = ready[: config.micro_batch_size], ready[config.micro_batch_size :]
+                    batch = self._collate(rows)
+                    batch.skipped = dict(skipped - reported)
+                    reported = Counter(skipped)
+                    self._live = {
+                        "epoch": epoch,
+                        "position": position,
+                        "open_rows": packer.state(),
+                        "ready_rows": [list(row.keys) for row in ready],
+                        "skipped": dict(skipped),
+                    }
+                    yield batch
+            epoch, position = epoch + 1, 0
+
+    def _build(self, key: int, skipped: Counter) -> Sample | None:
+        try:
+            sample = self.fetch(key)
+        except BadSample as error:
+            if self.config.strict:
+                raise
+            skipped[error.reason] += 1
+            logger.warning("skipping a sample (%s): %s", error.reason, error)
+            return None
+        if len(sample) > self.config.seq_len or len(sample.images) > self.config.max_images:
+            reason = "too_long" if len(sample) > self.config.seq_len else "too_many_images"
+            message = (
+                f"{sample.origin or key}: {len(sample)} tokens and {len(sample.images)} images do not fit a row of "
+                f"{self.config.seq_len} tokens and {self.config.max_images} images"
+            )
+            if self.config.strict:
+                raise BadSample(reason, message)
+            skipped[reason] += 1
+            logger.warning("skipping a sample (%s): %s", reason, message)
+            return None
+        return sample
+
+    def _rebuild(self, keys: list[int]) -> PackedRow:
+        row = PackedRow()
+        for key in keys:
+            row.add(key, self.fetch(key))
+        return row
+
+    def _collate(self, rows: list[PackedRow]) -> Batch:
+        config = self.config
+        if config.packing:
+            return collate_rows(rows, config.seq_len, self.spec, pad_id=config.pad_id, ignore_index=config.ignore_index)
+        samples = [row.samples[0] for row in rows]
+        return collate_padded(samples, config.seq_len, self.spec, pad_id=config.pad_id, ignore_index=config.ignore_index)
+
+
+def build_loader(stream: SampleStream, *, num_workers: int = 0) -> StatefulDataLoader:
+    """A StatefulDataLoader over ``stream``: samples are built in ``num_workers`` processes (in
+    this process when 0), and ``state_dict()`` / ``load_state_dict()`` save and restore the
+    position of every worker."""
+    return StatefulDataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        prefetch_factor=2 if num_workers else None,
+        persistent_workers=False,
+    )
