@@ -70,7 +70,12 @@ class DataConfig:
     strict: bool = _field(False, "Stop at the first bad sample instead of skipping (and counting) it.")
     num_workers: int = _field(0, "Dataloader worker processes per rank (samples and images are built there).")
     synthetic_samples: int = _field(512, "Number of samples in the synthetic training set.")
-    synthetic_max_text: int = _field(24, "Longest synthetic text, in tokens (lengths are uniform from 4).")
+    synthetic_max_text: int = _field(24, "Longest synthetic text, in tokens.")
+    synthetic_lengths: Literal["uniform", "long_tail"] = _field(
+        "uniform",
+        "Synthetic mix: 'uniform' (one image, 4..max_text tokens) or 'long_tail' (0-2 images, Pareto "
+        "alpha 1.1 scale 24 text lengths capped at max_text).",
+    )
 
 
 @dataclass

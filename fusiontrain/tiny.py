@@ -11,6 +11,8 @@ Shared shapes (kept in sync on purpose so fixtures can be combined):
   three branches of the llama3 frequency rule are hit), RMSNorm eps 1e-5, pad/bos/eos = 0/1/2;
 * image token ``<|image|>`` has id 128 == text vocab size, i.e. it lives in the "extra" embedding
   rows (HF Mllama allocates ``vocab_size + 8`` rows, torchtune uses a fusion embedding);
+* chat: Llama 3 header / end-of-turn specials and a Llama-3.2-Vision-style chat template
+  (:data:`TINY_CHAT_TEMPLATE`) saved with the tokenizer and the Mllama processor;
 * vision side: 28x28 tiles of 14x14 patches -> 4 patches + 1 CLS = 5 tokens per tile.
 """
 
@@ -38,6 +40,32 @@ BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 UNK_TOKEN = "<|unk|>"
 IMAGE_TOKEN = "<|image|>"
+START_HEADER_TOKEN = "<|start_header_id|>"
+END_HEADER_TOKEN = "<|end_header_id|>"
+EOT_TOKEN = "<|eot_id|>"
+
+# Llama 3.2 Vision's chat template, reduced to what the tiny models need: BOS, then per message a
+# header and the content (a string, or a list of ``{"type": "image"}`` -> ``<|image|>`` and
+# ``{"type": "text", "text": ...}`` items), closed by ``<|eot_id|>``; no system-prompt or tool
+# logic. Assistant turns (content and ``<|eot_id|>``) are wrapped in ``{% generation %}`` so HF's
+# ``return_assistant_tokens_mask`` works, which gives tests an independent assistant mask.
+TINY_CHAT_TEMPLATE = (
+    "{%- macro render_content(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<|image|>' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- render_content(message['content']) + '<|eot_id|>' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- render_content(message['content']) + '<|eot_id|>' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}{%- endif -%}"
+)
 
 IMAGE_SIZE = 28
 PATCH_SIZE = 14
@@ -73,7 +101,8 @@ def tiny_vocab() -> list[str]:
     """The 128 base tokens of the tiny tokenizer, index == id.
 
     Ids 0-3 are ``<|pad|>``, ``<|begin_of_text|>``, ``<|end_of_text|>``, ``<|unk|>``; then single
-    characters (letters, digits, space, newline, punctuation); the rest are reserved specials.
+    characters (letters, digits, space, newline, punctuation); then the chat specials
+    ``<|start_header_id|>``, ``<|end_header_id|>``, ``<|eot_id|>``; the rest are reserved specials.
     ``<|image|>`` (id 128) is added on top of these as an added special token.
     """
     specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
@@ -81,7 +110,7 @@ def tiny_vocab() -> list[str]:
     chars += list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
     chars += list("0123456789")
     chars += [" ", "\n"] + list(".,!?;:'\"-()/")
-    vocab = specials + chars
+    vocab = specials + chars + [START_HEADER_TOKEN, END_HEADER_TOKEN, EOT_TOKEN]
     n_reserved = TEXT_VOCAB_SIZE - len(vocab)
     vocab += [f"<|reserved_special_token_{i}|>" for i in range(n_reserved)]
     assert len(vocab) == TEXT_VOCAB_SIZE
@@ -94,15 +123,18 @@ def build_tiny_tokenizer() -> Any:
     Every character is one token (unknown characters map to ``<|unk|>``), decoding concatenates
     tokens back, and, like Llama 3, encoding with ``add_special_tokens=True`` prepends
     ``<|begin_of_text|>`` (no EOS is appended). ``<|image|>`` is an added special token with id 128.
+    The chat template is :data:`TINY_CHAT_TEMPLATE`.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(tiny_vocab())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # One piece per character; "[\s\S]" (not ".") so that newlines are characters too.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     special = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]
+    special += [START_HEADER_TOKEN, END_HEADER_TOKEN, EOT_TOKEN]
     special += [t for t in vocab if t.startswith("<|reserved_special_token_")]
     tok.add_special_tokens(special)
     tok.add_special_tokens([IMAGE_TOKEN])
@@ -112,7 +144,7 @@ def build_tiny_tokenizer() -> Any:
         pair=f"{BOS_TOKEN} $A $B",
         special_tokens=[(BOS_TOKEN, BOS_TOKEN_ID)],
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
@@ -121,6 +153,8 @@ def build_tiny_tokenizer() -> Any:
         padding_side="right",
         model_max_length=256,
     )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
 
 
 def save_tiny_tokenizer(folder: str | Path) -> Path:
@@ -272,8 +306,8 @@ def save_tiny_mllama(
         config: a config to use instead of :func:`tiny_mllama_config`.
         save_tokenizer: also save the tiny tokenizer (:func:`save_tiny_tokenizer`).
         save_processor: also save an ``MllamaImageProcessorPil`` for 28px tiles, 2 tiles max,
-            so that ``AutoProcessor.from_pretrained(folder)`` gives an ``MllamaProcessor``
-            (needs ``save_tokenizer``).
+            so that ``AutoProcessor.from_pretrained(folder)`` gives an ``MllamaProcessor`` with
+            the tiny chat template (needs ``save_tokenizer``).
 
     Returns:
         ``(path, model)`` with the model in eval mode, exactly as saved.
@@ -313,7 +347,8 @@ def _save_mllama_processor(path: Path, config: Any) -> None:
         max_image_tiles=vc.max_num_tiles,
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=TINY_CHAT_TEMPLATE)
+    processor.save_pretrained(path)
 
 
 def tiny_pixel_inputs(

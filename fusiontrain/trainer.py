@@ -100,6 +100,7 @@ def build_dataset(config: DataConfig, spec: ImageSpec, *, vocab_size: int, image
         image_token_id=image_token_id,
         spec=spec,
         max_text=config.synthetic_max_text,
+        lengths=config.synthetic_lengths,
         seed=seed if split == "train" else seed + 7919,
     )
 

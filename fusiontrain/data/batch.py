@@ -130,17 +130,23 @@ def stack_images(per_row: list[list[dict[str, torch.Tensor]]], spec: ImageSpec) 
     return stacked
 
 
+PAD_TO_MULTIPLE = 8
+
+
 def collate_padded(samples: list[Sample], seq_len: int, spec: ImageSpec, *, pad_id: int = 0, ignore_index: int = -100) -> Batch:
-    """One sample per row, right-padded to ``seq_len`` (padding is masked from the loss and sees
-    no image; causal attention keeps it from affecting real tokens)."""
+    """One sample per row, right-padded to the longest sample of the batch (rounded up to a
+    multiple of 8, at most ``seq_len``), as a padding collator does. Padding is masked from the
+    loss and sees no image; causal attention keeps it from affecting real tokens."""
     b = len(samples)
+    longest = max(len(sample.tokens) for sample in samples)
+    if longest > seq_len:
+        raise ValueError(f"a sample of {longest} tokens does not fit batch.seq_len={seq_len}")
+    seq_len = min(seq_len, -(-longest // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE)
     tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((b, seq_len), ignore_index, dtype=torch.long)
     is_real = torch.zeros(b, seq_len, dtype=torch.bool)
     for row, sample in enumerate(samples):
         n = len(sample.tokens)
-        if n > seq_len:
-            raise ValueError(f"a sample of {n} tokens does not fit batch.seq_len={seq_len}")
         tokens[row, :n], labels[row, :n], is_real[row, :n] = sample.tokens, sample.labels, True
     max_images = max(len(sample.images) for sample in samples)
     encoder_mask = None
