@@ -61,8 +61,16 @@ class DataSplitConfig:
 class DataConfig:
     train: DataSplitConfig = _field(DataSplitConfig, "Training split.")
     eval: DataSplitConfig = _field(DataSplitConfig, "Held-out split for the periodic eval loss.")
-    format: Literal["synthetic"] = _field(
-        "synthetic", "Sample format; 'synthetic' generates deterministic image-text samples (no files)."
+    format: Literal["caption", "chat", "synthetic"] = _field(
+        "synthetic",
+        "Sample format: 'caption' ({image, text}), 'chat' ({images, messages}), or 'synthetic' "
+        "(deterministic generated samples, no files).",
+    )
+    train_on: Literal["assistant", "all"] = _field(
+        "assistant", "Positions trained on: assistant turns (or the caption) only, or every text token."
+    )
+    too_long: Literal["skip", "truncate"] = _field(
+        "skip", "A sample longer than batch.seq_len is skipped (counted) or truncated."
     )
     packing: bool = _field(True, "Pack samples into fixed batch.seq_len rows instead of padding.")
     max_images_per_row: int = _field(4, "Image slots per packed row (samples that would exceed it go to another row).")

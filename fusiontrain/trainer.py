@@ -9,6 +9,7 @@ clipping, warmup + decay, a periodic eval loss, and one ``metrics.jsonl`` row pe
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -20,7 +21,11 @@ from torch import nn
 from fusiontrain import distributed
 from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, save_config
 from fusiontrain.data import Batch, ImageSpec, SyntheticImageText, collate_padded
+from fusiontrain.data.batch import Sample
+from fusiontrain.data.errors import BadSample
+from fusiontrain.data.formats import SampleBuilder
 from fusiontrain.data.loader import SKIP_REASONS, SampleStream, StreamConfig, build_loader
+from fusiontrain.data.sources import RecordSource, load_records
 from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
 from fusiontrain.metrics import MetricsLogger, peak_memory_bytes
 from fusiontrain.models.compose import prepare_composed
@@ -32,6 +37,8 @@ from fusiontrain.modules.vision import MllamaVisionEncoder
 from fusiontrain.parallel import canonical_parameters, parallelize, set_gradient_sync
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_PLACEHOLDER = Sample(tokens=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), -100), origin="placeholder")
+logger = logging.getLogger("fusiontrain.trainer")
 
 
 # -- builders (config section -> component) -------------------------------------------------------
@@ -49,6 +56,13 @@ def prepare_model(config: ModelConfig, *, seed: int) -> PretrainedModel:
     return prepare_composed(
         config.compose.decoder, config.compose.encoder, fusion_interval=config.compose.fusion_interval, seed=seed, **flags
     )
+
+
+def model_folders(config: ModelConfig) -> dict[str, str]:
+    """The pretrained folders of the configured model, by role."""
+    if config.hf_mllama is not None:
+        return {"hf_mllama": config.hf_mllama}
+    return {"decoder": config.compose.decoder, "encoder": config.compose.encoder}
 
 
 def image_spec(model: nn.Module) -> ImageSpec:
@@ -91,18 +105,59 @@ def lr_multiplier(step: int, config: OptimConfig, max_steps: int) -> float:
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
 
 
-def build_dataset(config: DataConfig, spec: ImageSpec, *, vocab_size: int, image_token_id: int, seed: int, split: str):
-    """The configured dataset."""
-    num_samples = config.synthetic_samples if split == "train" else max(64, config.synthetic_samples // 8)
-    return SyntheticImageText(
-        num_samples,
-        vocab_size=vocab_size,
-        image_token_id=image_token_id,
-        spec=spec,
-        max_text=config.synthetic_max_text,
-        lengths=config.synthetic_lengths,
-        seed=seed if split == "train" else seed + 7919,
+class RecordDataset:
+    """Samples built from records on demand (in dataloader workers): ``dataset[i]`` reads record
+    ``i``, tokenizes it and decodes its images, or raises BadSample."""
+
+    def __init__(self, records: RecordSource, builder: SampleBuilder) -> None:
+        self.records = records
+        self.builder = builder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.builder(self.records[index])
+
+
+def build_dataset(
+    config: DataConfig,
+    spec: ImageSpec,
+    *,
+    model_folders: dict[str, str],
+    vocab_size: int,
+    image_token_id: int,
+    seq_len: int,
+    seed: int,
+    split: str,
+) -> RecordDataset | SyntheticImageText | None:
+    """The configured dataset for ``split`` ("train" or "eval"); None when no eval split is set."""
+    if config.format == "synthetic":
+        num_samples = config.synthetic_samples if split == "train" else max(64, config.synthetic_samples // 8)
+        return SyntheticImageText(
+            num_samples,
+            vocab_size=vocab_size,
+            image_token_id=image_token_id,
+            spec=spec,
+            max_text=config.synthetic_max_text,
+            lengths=config.synthetic_lengths,
+            seed=seed if split == "train" else seed + 7919,
+        )
+    path = config.train.path if split == "train" else config.eval.path
+    if path is None:
+        return None
+    composed = "decoder" in model_folders
+    builder = SampleBuilder(
+        model_folders["decoder"] if composed else model_folders["hf_mllama"],
+        spec,
+        image_dir=model_folders.get("encoder"),
+        format=config.format,
+        train_on=config.train_on,
+        max_len=seq_len,
+        too_long=config.too_long,
+        image_token_id=image_token_id if composed else None,
     )
+    return RecordDataset(load_records(path, split=split), builder)
 
 
 def resolve_global_batch(config: BatchConfig, dp_size: int) -> int:
@@ -139,7 +194,13 @@ class Trainer:
 
         spec = image_spec(self.model)
         embeddings = self.model.decoder.tok_embeddings
-        dataset_args = dict(vocab_size=embeddings.vocab_size, image_token_id=embeddings.vocab_size, seed=config.seed)
+        dataset_args = dict(
+            model_folders=model_folders(config.model),
+            vocab_size=embeddings.vocab_size,
+            image_token_id=embeddings.vocab_size,
+            seq_len=config.batch.seq_len,
+            seed=config.seed,
+        )
         self.train_data = build_dataset(config.data, spec, split="train", **dataset_args)
         self.eval_data = build_dataset(config.data, spec, split="eval", **dataset_args)
         self.image_spec = spec
@@ -199,7 +260,7 @@ class Trainer:
         try:
             for step in range(self.config.max_steps):
                 metrics = self.train_step(step)
-                if self._due(self.config.eval.every_n_steps, step):
+                if self.eval_data is not None and self._due(self.config.eval.every_n_steps, step):
                     metrics["eval_loss"] = self.evaluate()
                 self.metrics.log(step, metrics)
                 history.append(metrics)
@@ -253,13 +314,16 @@ class Trainer:
         counts = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
         for batch in batches:
             for reason, n in batch.skipped.items():
-                counts[SKIP_REASONS.index(reason) if reason in SKIP_REASONS else -1] += n
+                counts[SKIP_REASONS.index(reason)] += n
         return counts
 
-    def _batch(self, dataset, indices: list[int]) -> Batch:
-        samples = [dataset[i] for i in indices]
-        batch = collate_padded(samples, self.config.batch.seq_len, self.image_spec, ignore_index=self.config.loss.ignore_index)
-        return batch.to(self.device)
+    def _eval_sample(self, index: int) -> Sample:
+        """Held-out sample ``index``, or a placeholder that trains nothing if it is bad."""
+        try:
+            return self.eval_data[index]
+        except BadSample as error:
+            logger.warning("eval: skipping a sample (%s): %s", error.reason, error)
+            return _PLACEHOLDER
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         hidden = self.model(
@@ -296,15 +360,15 @@ class Trainer:
         micro = self.config.batch.micro_batch_size
         per_rank = -(-total // size)
         # Every rank runs the same number of forwards (FSDP's collectives need all ranks); slots
-        # past the end hold sample 0 with its loss masked out.
+        # past the end, and bad samples, hold a one-token placeholder with no target.
         slots = [rank + size * j for j in range(-(-per_rank // micro) * micro)]
         loss_sum = torch.zeros((), device=self.device)
         targets = torch.zeros((), dtype=torch.long, device=self.device)
         for start in range(0, len(slots), micro):
-            chunk = slots[start : start + micro]
-            batch = self._batch(self.eval_data, [i if i < total else 0 for i in chunk])
-            real = torch.tensor([i < total for i in chunk], device=self.device)[:, None]
-            batch.labels = batch.labels.masked_fill(~real, self.config.loss.ignore_index)
+            samples = [self._eval_sample(i) if i < total else _PLACEHOLDER for i in slots[start : start + micro]]
+            batch = collate_padded(
+                samples, self.config.batch.seq_len, self.image_spec, ignore_index=self.config.loss.ignore_index
+            ).to(self.device)
             loss_sum += self._loss_sum(batch)
             targets += count_targets(batch.labels, self.config.loss.ignore_index)
         self.model.train()

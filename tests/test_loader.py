@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fusiontrain.data.batch import ImageSpec, Sample
-from fusiontrain.data.loader import BadSample, SampleStream, StreamConfig, build_loader
+from fusiontrain.data.errors import BadSample
+from fusiontrain.data.loader import SampleStream, StreamConfig, build_loader
 
 SPEC = ImageSpec("tower", image_size=4, tokens_per_image=3)
 NUM_SAMPLES = 60

@@ -53,5 +53,6 @@ REASONS: frozenset[str] = frozenset(
         "template_unstable",  # the chat template renders a prefix of the conversation differently
         "no_target",  # no position would be trained on
         "too_long",  # more tokens than max_len (too_long="skip"), or nothing trainable left after truncation
+        "too_many_images",  # more images than a packed row holds (raised by the loader)
     }
 )

@@ -28,35 +28,13 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fusiontrain.data.batch import Batch, ImageSpec, Sample, collate_padded
+from fusiontrain.data.errors import REASONS, BadSample
 from fusiontrain.data.packing import FirstFitPacker, PackedRow, collate_rows
 
 logger = logging.getLogger("fusiontrain.data")
 
-# Why samples get skipped; metrics count them in this order ("other" last).
-SKIP_REASONS = (
-    "missing_image",
-    "corrupt_image",
-    "malformed_json",
-    "too_long",
-    "too_many_images",
-    "empty_text",
-    "image_count_mismatch",
-    "unknown_role",
-    "other",
-)
-
-
-class BadSample(Exception):
-    """A sample that cannot be used.
-
-    Args:
-        reason: a short key counted in metrics (``missing_image``, ``corrupt_image``, ...).
-        message: what is wrong, naming the file and line.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+# Why samples get skipped; metrics count them in this order.
+SKIP_REASONS = tuple(sorted(REASONS))
 
 
 @dataclass(frozen=True)

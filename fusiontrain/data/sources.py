@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import operator
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,8 +76,10 @@ class RecordSource:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Record:
-        if not isinstance(index, int):
-            raise TypeError(f"RecordSource indices must be int, not {type(index).__name__}")
+        try:
+            index = operator.index(index)
+        except TypeError:
+            raise TypeError(f"RecordSource indices must be integers, not {type(index).__name__}") from None
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"record {index} out of range for {n} records of {self.name}")
@@ -86,7 +89,8 @@ class RecordSource:
             return Record(data=row, origin=f"{self.name}[{index}]", base_dir=self.base_dir)
         origin = f"{self.name}:{index + 1}"
         data, error = _parse_json_line(row["text"])
-        return Record(data=data, origin=origin, base_dir=self.base_dir, error=None if error is None else error.at(origin))
+        error = None if error is None else error.at(origin)
+        return Record(data=data, origin=origin, base_dir=self.base_dir, error=error)
 
     def __iter__(self) -> Iterator[Record]:
         for index in range(len(self)):
@@ -121,7 +125,9 @@ def load_records(path: str | Path, *, split: str = "train") -> RecordSource:
     name = str(local)
     if local.is_dir():
         if not (local / "metadata.jsonl").is_file():
-            raise ValueError(f"{name} is a directory without metadata.jsonl: an imagefolder needs one to give each image its text")
+            raise ValueError(
+                f"{name} is a directory without metadata.jsonl: an imagefolder needs one to give each image its text"
+            )
         dataset = datasets.load_dataset("imagefolder", data_dir=name, split=split)
         return RecordSource(_without_image_decoding(dataset), name=name, kind="imagefolder", base_dir=local)
 
@@ -232,7 +238,9 @@ def _decode_file(path: str | Path, base_dir: Path | None) -> Image.Image:
     file = Path(path)
     if not file.is_absolute():
         if base_dir is None:
-            raise BadSample("missing_image", f"relative image path {str(path)!r} but the records have no base directory")
+            raise BadSample(
+                "missing_image", f"relative image path {str(path)!r} but the records have no base directory"
+            )
         file = base_dir / file
     try:
         data = file.read_bytes()
