@@ -55,6 +55,7 @@ class ModelConfig:
 @dataclass
 class DataSplitConfig:
     path: str | None = _field(None, "Dataset file or folder (json/jsonl/parquet/imagefolder) or hub name.")
+    split: str = _field("train", "Split to read from a hub dataset (local files have only 'train').")
 
 
 @dataclass

@@ -143,8 +143,8 @@ def build_dataset(
             lengths=config.synthetic_lengths,
             seed=seed if split == "train" else seed + 7919,
         )
-    path = config.train.path if split == "train" else config.eval.path
-    if path is None:
+    source = config.train if split == "train" else config.eval
+    if source.path is None:
         return None
     composed = "decoder" in model_folders
     builder = SampleBuilder(
@@ -157,7 +157,7 @@ def build_dataset(
         too_long=config.too_long,
         image_token_id=image_token_id if composed else None,
     )
-    return RecordDataset(load_records(path, split=split), builder)
+    return RecordDataset(load_records(source.path, split=source.split), builder)
 
 
 def resolve_global_batch(config: BatchConfig, dp_size: int) -> int:
