@@ -77,7 +77,7 @@ class DataConfig:
     max_images_per_row: int = _field(4, "Image slots per packed row (samples that would exceed it go to another row).")
     packing_open_rows: int = _field(8, "Rows the first-fit packer keeps open (1 = greedy).")
     strict: bool = _field(False, "Stop at the first bad sample instead of skipping (and counting) it.")
-    num_workers: int = _field(0, "Dataloader worker processes per rank (samples and images are built there).")
+    num_workers: int = _field(1, "Dataloader worker processes per rank: samples and images are built there, off the training loop (0 = in the loop).")
     synthetic_samples: int = _field(512, "Number of samples in the synthetic training set.")
     synthetic_max_text: int = _field(24, "Longest synthetic text, in tokens.")
     synthetic_lengths: Literal["uniform", "long_tail"] = _field(
@@ -139,8 +139,18 @@ class LossConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = _field(0, "Save a checkpoint every N steps (0 = only at the end when enabled).")
-    resume: str | None = _field(None, "'auto' (latest in output_dir) or a checkpoint path; null starts fresh.")
+    every_n_steps: int = _field(0, "Save a checkpoint every N steps and at the end (0 = never).")
+    resume: str | None = _field(
+        None, "'auto' (the latest complete checkpoint in output_dir, if any) or a checkpoint path; null starts fresh."
+    )
+    keep_last_n: int = _field(3, "Complete checkpoints to keep (0 = all).")
+    async_save: bool = _field(False, "Write checkpoints in the background (dcp.async_save).")
+    save_frozen: bool = _field(
+        False, "Also write the frozen encoder / decoder weights (trainable ones are always written)."
+    )
+    allow_base_mismatch: bool = _field(
+        False, "Resume even when the base weights' fingerprint differs from the checkpoint's."
+    )
 
 
 @dataclass
@@ -319,11 +329,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1; got {value}")
     if config.parallel.dp_shard == 0 or config.parallel.dp_shard < -1:
         raise ConfigError(f"config key 'parallel.dp_shard' must be -1 or >= 1; got {config.parallel.dp_shard}")
-    if config.checkpoint.every_n_steps or config.checkpoint.resume is not None:
-        raise ConfigError(
-            "checkpoint.every_n_steps / checkpoint.resume: checkpointing is not implemented yet; "
-            "leave them at 0 / null"
-        )
+    if config.checkpoint.every_n_steps < 0 or config.checkpoint.keep_last_n < 0:
+        raise ConfigError("config keys 'checkpoint.every_n_steps' and 'checkpoint.keep_last_n' must be >= 0")
     if config.logging.wandb.mode != "disabled":
         raise ConfigError("logging.wandb.mode: wandb logging is not implemented yet; use 'disabled' (metrics.jsonl is always written)")
     optim = config.optim

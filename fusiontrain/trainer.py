@@ -18,10 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
+import base64
+
 from fusiontrain import distributed
+from fusiontrain.checkpoint.fingerprint import fingerprint
+from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState
 from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, save_config
 from fusiontrain.data import Batch, ImageSpec, SyntheticImageText, collate_padded
-from fusiontrain.data.batch import Sample
+from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.formats import SampleBuilder
 from fusiontrain.data.loader import SKIP_REASONS, SampleStream, StreamConfig, build_loader
@@ -34,7 +38,8 @@ from fusiontrain.models.hf_vision import HFVisionTowerEncoder
 from fusiontrain.models.mllama import prepare_mllama
 from fusiontrain.models.pretrained import PretrainedModel
 from fusiontrain.modules.vision import MllamaVisionEncoder
-from fusiontrain.parallel import canonical_parameters, parallelize, set_gradient_sync
+from fusiontrain.modules import get_fusion_params
+from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, set_gradient_sync
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PLACEHOLDER = Sample(tokens=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), -100), origin="placeholder")
@@ -226,8 +231,20 @@ class Trainer:
             len(self.train_data), self.train_data.__getitem__, spec, stream_config, rank=dp_rank, world=dp_size, seed=config.seed
         )
         self.train_loader = build_loader(stream, num_workers=config.data.num_workers)
-        self._train_batches = iter(self.train_loader)
         self.skipped_total = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
+        self.start_step = 0
+        self.tokens_seen = 0
+        self.checkpointer = CheckpointManager(
+            self.output_dir,
+            base=self._base_description(),
+            fingerprint=fingerprint(model_folders(config.model), self.output_dir / ".base_fingerprint_cache.json"),
+            keep_last_n=config.checkpoint.keep_last_n,
+            async_save=config.checkpoint.async_save,
+        )
+        resume_from = self.checkpointer.resolve(config.checkpoint.resume)
+        if resume_from is not None:
+            self._restore(resume_from)
+        self._train_batches = iter(self.train_loader)
         self.metrics = MetricsLogger(
             self.output_dir, is_main=self.context.is_main, console_every=config.logging.every_n_steps
         )
@@ -257,21 +274,92 @@ class Trainer:
     def run(self) -> list[dict[str, Any]]:
         """Train for ``max_steps``; returns the per-step metrics (on every rank)."""
         history = []
+        every = self.config.checkpoint.every_n_steps
         try:
-            for step in range(self.config.max_steps):
+            for step in range(self.start_step, self.config.max_steps):
                 metrics = self.train_step(step)
+                self.tokens_seen += metrics["real_tokens"]
                 if self.eval_data is not None and self._due(self.config.eval.every_n_steps, step):
                     metrics["eval_loss"] = self.evaluate()
                 self.metrics.log(step, metrics)
                 history.append(metrics)
+                done = step + 1
+                if every and (done % every == 0 or done == self.config.max_steps):
+                    self.save_checkpoint(done)
+            self.checkpointer.wait()
         finally:
             self.metrics.close()
         return history
 
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _base_description(self) -> dict[str, Any]:
+        folders = {role: str(Path(folder).resolve()) for role, folder in model_folders(self.config.model).items()}
+        if self.config.model.hf_mllama is not None:
+            return {"family": "mllama", "folders": folders}
+        embeddings = self.model.decoder.tok_embeddings
+        return {
+            "family": "composed",
+            "folders": folders,
+            "fusion_interval": self.config.model.compose.fusion_interval,
+            "fusion_vocab_size": embeddings.fusion_vocab_size,
+        }
+
+    def model_parts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What a checkpoint holds of the model: every fusion parameter, plus the encoder's and
+        decoder's trainable parameters (all of them with ``checkpoint.save_frozen``)."""
+        fusion = {canonical_name(name) for name in get_fusion_params(self.model)}
+        parts: dict[str, dict[str, torch.Tensor]] = {"fusion": {}}
+        for name, param in canonical_parameters(self.model).items():
+            if name in fusion:
+                parts["fusion"][name] = param.detach()
+            elif param.requires_grad or self.config.checkpoint.save_frozen:
+                parts.setdefault(name.partition(".")[0], {})[name] = param.detach()
+        return parts
+
+    def save_checkpoint(self, step: int) -> None:
+        """Checkpoint the state after ``step`` optimizer steps (all ranks call it)."""
+        rng = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+        if self.device.type == "cuda":
+            rng["cuda"] = base64.b64encode(torch.cuda.get_rng_state(self.device).numpy().tobytes()).decode()
+        self.checkpointer.save(
+            step,
+            model_parts=self.model_parts(),
+            optimizer=OptimizerState(self.model, self.optimizer),
+            rank_state={"loader": self.train_loader.state_dict(), "rng": rng},
+            global_state={
+                "step": step,
+                "tokens_seen": self.tokens_seen,
+                "scheduler": self.scheduler.state_dict(),
+                "skipped": self.skipped_total.tolist(),
+                "wandb_run_id": None,
+            },
+        )
+
+    def _restore(self, path: Path) -> None:
+        """Continue from checkpoint ``path``: weights, optimizer, schedule, data position, RNG."""
+        state, rank_state = self.checkpointer.load(
+            path,
+            model_parts=self.model_parts(),
+            optimizer=OptimizerState(self.model, self.optimizer),
+            allow_base_mismatch=self.config.checkpoint.allow_base_mismatch,
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.skipped_total = torch.tensor(state["skipped"], dtype=torch.long, device=self.device)
+        self.train_loader.load_state_dict(rank_state["loader"])
+        decode = lambda text: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)  # noqa: E731
+        torch.set_rng_state(decode(rank_state["rng"]["cpu"]))
+        if self.device.type == "cuda" and "cuda" in rank_state["rng"]:
+            torch.cuda.set_rng_state(decode(rank_state["rng"]["cuda"]), self.device)
+        if self.context.is_main:
+            logger.warning("resumed from %s at step %d", path, self.start_step)
+
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches of the global batch ``step``."""
         started = time.perf_counter()
-        batches = [next(self._train_batches).to(self.device) for _ in range(self.grad_accum_steps)]
+        batches = [self._on_device(next(self._train_batches)) for _ in range(self.grad_accum_steps)]
         ignore = self.config.loss.ignore_index
         local_targets = sum(count_targets(batch.labels, ignore) for batch in batches)
         global_targets = distributed.all_reduce_sum(local_targets.clone()).item()
@@ -316,6 +404,13 @@ class Trainer:
             for reason, n in batch.skipped.items():
                 counts[SKIP_REASONS.index(reason)] += n
         return counts
+
+    def _on_device(self, batch: Batch) -> Batch:
+        """``batch`` on this rank's device; with several ranks, never without an image slot (see
+        :func:`~fusiontrain.data.batch.with_placeholder_image`)."""
+        if self.context.world_size > 1:
+            batch = with_placeholder_image(batch, self.image_spec)
+        return batch.to(self.device)
 
     def _eval_sample(self, index: int) -> Sample:
         """Held-out sample ``index``, or a placeholder that trains nothing if it is bad."""
@@ -366,9 +461,9 @@ class Trainer:
         targets = torch.zeros((), dtype=torch.long, device=self.device)
         for start in range(0, len(slots), micro):
             samples = [self._eval_sample(i) if i < total else _PLACEHOLDER for i in slots[start : start + micro]]
-            batch = collate_padded(
-                samples, self.config.batch.seq_len, self.image_spec, ignore_index=self.config.loss.ignore_index
-            ).to(self.device)
+            batch = self._on_device(
+                collate_padded(samples, self.config.batch.seq_len, self.image_spec, ignore_index=self.config.loss.ignore_index)
+            )
             loss_sum += self._loss_sum(batch)
             targets += count_targets(batch.labels, self.config.loss.ignore_index)
         self.model.train()

@@ -146,3 +146,19 @@ def test_first_fit_fills_earlier_rows_and_respects_caps() -> None:
     assert [row.keys for row in closed] == [["b", "e", "f"]]
     for row in closed + packer.flush():
         assert row.num_tokens <= 10 and row.num_images <= 2
+
+
+def test_placeholder_image_changes_no_output() -> None:
+    """A text-only batch given a blank, unseen image slot (so every FSDP rank runs the encoder)
+    computes bitwise the same logits as without it."""
+    from fusiontrain.data.batch import collate_padded, with_placeholder_image
+
+    model = random_mllama(seed=8)
+    batch = collate_padded([SAMPLES[2], _sample(5, [], seed=9)], 16, SPEC)
+    assert batch.encoder_input is None
+    with torch.no_grad():
+        plain = model(batch.tokens)
+        batch = with_placeholder_image(batch, SPEC)
+        assert batch.encoder_input["aspect_ratio_mask"][:, 0, 0].tolist() == [1, 1]
+        padded = model(batch.tokens, encoder_input=batch.encoder_input, encoder_mask=batch.encoder_mask)
+    assert torch.equal(plain, padded)

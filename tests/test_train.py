@@ -130,3 +130,18 @@ def test_multinode_script_trains_two_nodes_like_one_process(tmp_path, mllama_arg
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in rows]), torch.tensor(reference[0]["losses"]), atol=2e-6, rtol=0)
+
+
+def test_text_only_micro_batches_on_one_rank_keep_ranks_in_step(tmp_path, mllama_args) -> None:
+    """With 0-2 images per sample and one sample per micro-batch, a rank often has a text-only
+    batch while the other has images; both must still run the encoder's collectives."""
+    out = tmp_path / "mixed"
+    run_torchrun(
+        ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, *mllama_args, f"output_dir={out}",
+         "data.synthetic_lengths=long_tail", "data.synthetic_max_text=30", "batch.micro_batch_size=1",
+         "batch.global_batch_size=2", "max_steps=6", "logging.every_n_steps=0", "eval.every_n_steps=3", "eval.num_samples=3"],
+        nproc=2,
+        timeout=180,
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["loss"] == r["loss"] for r in rows)

@@ -79,7 +79,7 @@ def new_manifest(step: int, parts: list[str] | tuple[str, ...], base: dict[str, 
 
     Args:
         step: the optimizer step the checkpoint was taken after.
-        parts: the DCP parts the checkpoint holds (a subset of :data:`PARTS`, ``fusion`` among them).
+        parts: the DCP parts the checkpoint holds (a subset of :data:`PARTS`).
         base: the base description (see the module docstring).
         extra: more fields (``fingerprint``, ...), stored as they are.
     """

@@ -104,6 +104,34 @@ class Batch:
         )
 
 
+def with_placeholder_image(batch: Batch, spec: ImageSpec) -> Batch:
+    """``batch`` with one blank image slot per row that no token attends to, when it has no image.
+
+    Under FSDP every rank must run the same modules: a rank whose micro-batch is text-only while
+    another rank's has images would skip the encoder and the cross-attention layers and so miss
+    their collectives. A blank, fully masked slot keeps them running, and changes no output: a
+    token that sees no image gets exactly zero from every cross-attention layer.
+    """
+    if batch.encoder_input is not None:
+        return batch
+    b, s = batch.tokens.shape
+    batch.encoder_input = stack_images([[_blank_image(spec)] for _ in range(b)], spec)
+    batch.encoder_mask = torch.zeros(b, s, spec.tokens_per_image, dtype=torch.bool)
+    return batch
+
+
+def _blank_image(spec: ImageSpec) -> dict[str, torch.Tensor]:
+    if spec.kind == "tower":
+        return {"pixel_values": torch.zeros(3, spec.image_size, spec.image_size)}
+    tile_mask = torch.zeros(spec.max_num_tiles, dtype=torch.long)
+    tile_mask[0] = 1
+    return {
+        "pixel_values": torch.zeros(spec.max_num_tiles, 3, spec.image_size, spec.image_size),
+        "aspect_ratio_ids": torch.tensor(0),
+        "aspect_ratio_mask": tile_mask,
+    }
+
+
 def stack_images(per_row: list[list[dict[str, torch.Tensor]]], spec: ImageSpec) -> dict[str, torch.Tensor] | None:
     """Encoder inputs for ``b`` rows with up to ``i`` images each, zero-padded to the longest row.
 
@@ -121,6 +149,9 @@ def stack_images(per_row: list[list[dict[str, torch.Tensor]]], spec: ImageSpec) 
             "aspect_ratio_ids": torch.zeros(b, max_images, dtype=torch.long),
             "aspect_ratio_mask": torch.zeros(b, max_images, t, dtype=torch.long),
         }
+        # A padding slot keeps one "real" tile, as MllamaImageProcessor does: its vision attention
+        # then has keys to attend to (no fully masked row, hence no NaN). No token attends to it.
+        stacked["aspect_ratio_mask"][:, :, 0] = 1
     else:
         stacked = {"pixel_values": torch.zeros(b, max_images, 3, h, h)}
     for row, images in enumerate(per_row):

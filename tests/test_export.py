@@ -1,0 +1,470 @@
+"""Exporting a training checkpoint (fusion parameters in DCP + the base folders) as one model.
+
+Each test "trains" by perturbing every fusion parameter of a model loaded from a tiny base, writes a
+checkpoint folder by hand in the layout of fusiontrain.checkpoint.layout, exports it and checks the
+export against the perturbed in-memory model: transformers' own MllamaForConditionalGeneration for
+the hf format, load_fusiontrain_export for ours.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+
+from fusiontrain import tiny
+from fusiontrain.checkpoint import layout
+from fusiontrain.checkpoint.export import (
+    ExportError,
+    SafetensorsFolder,
+    ShardWriter,
+    export_checkpoint,
+    load_fusiontrain_export,
+    main,
+    parse_size,
+)
+from fusiontrain.models import compose_from_hf, encoder_mask_from_cross_attention_mask, load_hf_mllama
+from fusiontrain.models.compose import image_token_layout
+from fusiontrain.models.hf_checkpoint import HFCheckpoint
+from fusiontrain.models.mllama import canonical_mllama_key, mllama_args_from_config, mllama_weight_map
+from fusiontrain.modules import get_fusion_params
+
+TOKENS_PER_TILE = 5  # (28 // 14) ** 2 + 1
+STEP = 7
+SMALL_SHARD = 300_000  # the tiny Mllama is ~1.27 MB in fp32: 5 shards
+
+
+# -- building checkpoints ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _perturb(params: dict[str, torch.Tensor], seed: int) -> None:
+    """Simulated training: move every parameter (gates included) by a visible amount."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in params.values():
+        param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.dtype))
+
+
+def _dcp_save(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.save(tensors, checkpoint_id=folder, no_dist=True)
+
+
+def _write_checkpoint(root: Path, parts: dict[str, dict[str, torch.Tensor]], base: dict, **extra) -> Path:
+    folder = layout.checkpoint_dir(root, STEP)
+    folder.mkdir(parents=True)
+    for part, tensors in parts.items():
+        clones = {name: tensor.detach().clone() for name, tensor in tensors.items()}
+        _dcp_save(clones, layout.part_dir(folder, part))
+    layout.write_manifest(folder, layout.new_manifest(STEP, sorted(parts), base, **extra))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_mllama(tiny_mllama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(our perturbed Mllama, its checkpoint folder) with only the fusion part."""
+    model = load_hf_mllama(tiny_mllama_dir).eval()
+    fusion = get_fusion_params(model)
+    _perturb(fusion, seed=3)
+    base = {"family": "mllama", "folders": {"hf_mllama": str(tiny_mllama_dir)}}
+    checkpoint = _write_checkpoint(tmp_path_factory.mktemp("run"), {"fusion": fusion}, base)
+    return model, checkpoint
+
+
+@pytest.fixture(scope="module")
+def hf_fp32_export(trained_mllama, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The hf export, fp32, in several shards, written through the CLI."""
+    _, checkpoint = trained_mllama
+    out = tmp_path_factory.mktemp("exports") / "hf_fp32"
+    code = main(["--checkpoint", str(checkpoint), "--out", str(out), "--dtype", "fp32", "--max-shard-size", "300KB"])
+    assert code == 0
+    return out
+
+
+def _mllama_batch() -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Every text row sees an image (transformers#39379 differs from us on rows that see none):
+    sample 0 one 1x2 image, sample 1 a 1x1 image and, from token 6, a 2x1 image too."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, 100, (2, 12), generator=generator)
+    tokens[0, 0] = tokens[1, 0] = tokens[1, 6] = tiny.IMAGE_TOKEN_ID
+    pixels = tiny.tiny_pixel_inputs(tiny.tiny_mllama_config(), batch_images=[[2], [1, 3]])
+    cross = torch.zeros(2, 12, 2, 2, dtype=torch.long)
+    cross[0, :, 0, :2] = 1
+    cross[1, :, 0, :1] = 1
+    cross[1, 6:, 1, :2] = 1
+    return tokens, pixels, cross
+
+
+def _hf_mllama(folder: Path):
+    from transformers import MllamaForConditionalGeneration
+
+    model, info = MllamaForConditionalGeneration.from_pretrained(
+        folder, attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def _hf_logits(model, tokens, pixels, cross) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens, **pixels, cross_attention_mask=cross).logits
+
+
+def _our_logits(model, tokens, pixels, cross) -> torch.Tensor:
+    with torch.no_grad():
+        mask = encoder_mask_from_cross_attention_mask(cross, TOKENS_PER_TILE)
+        return model(tokens, encoder_input=pixels, encoder_mask=mask)
+
+
+# -- hf format --------------------------------------------------------------------------------------
+
+
+def test_hf_export_logits_match_the_trained_model(trained_mllama, hf_fp32_export: Path, tiny_mllama_dir: Path) -> None:
+    model, _ = trained_mllama
+    exported = _hf_mllama(hf_fp32_export)
+    tokens, pixels, cross = _mllama_batch()
+    want = _our_logits(model, tokens, pixels, cross)
+    got = _hf_logits(exported, tokens, pixels, cross)
+    difference = (got - want).abs().max().item()
+    print(f"max |hf export - trained model| logits: {difference:.3e}")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # ... and the check could fail: the base's logits are far from the trained ones.
+    base_logits = _hf_logits(_hf_mllama(tiny_mllama_dir), tokens, pixels, cross)
+    assert (base_logits - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_hf_export_tensors_are_the_base_and_the_trained_ones(
+    dtype: str, trained_mllama, hf_fp32_export: Path, tiny_mllama_dir: Path, tmp_path: Path
+) -> None:
+    model, checkpoint = trained_mllama
+    if dtype == "fp32":
+        out = hf_fp32_export
+    else:
+        out = export_checkpoint(checkpoint, tmp_path / "hf_bf16")  # the defaults: hf, bf16, one file
+        assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+    cast = torch.float32 if dtype == "fp32" else torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(cast).removeprefix("torch.")
+
+    base = HFCheckpoint(tiny_mllama_dir, key_renamer=canonical_mllama_key)
+    export = HFCheckpoint(out, key_renamer=canonical_mllama_key)
+    assert sorted(export.keys()) == sorted(base.keys())
+    args = mllama_args_from_config(base.config)
+    fusion = get_fusion_params(model)
+    ours = dict(model.named_parameters())
+    checked = {"fusion": 0, "base": 0}
+    for route in mllama_weight_map(args):
+        stored = export.read(route.hf_key, route.rows)
+        assert stored.dtype == cast, route.hf_key
+        if route.our_key in fusion:
+            want, kind = ours[route.our_key].detach(), "fusion"
+        else:
+            want, kind = base.read(route.hf_key, route.rows), "base"
+        assert torch.equal(stored, want.reshape(stored.shape).to(cast)), route
+        checked[kind] += 1
+    assert checked == {"fusion": len(fusion), "base": len(ours) - len(fusion)}
+    # the trained tensors really moved away from the base's
+    gate = next(r for r in mllama_weight_map(args) if r.hf_key.endswith("cross_attn_attn_gate"))
+    assert not torch.equal(export.read(gate.hf_key).to(cast), base.read(gate.hf_key).to(cast))
+
+
+def test_hf_export_shards_and_index(hf_fp32_export: Path) -> None:
+    index = json.loads((hf_fp32_export / "model.safetensors.index.json").read_text())
+    files = sorted(hf_fp32_export.glob("model-*-of-*.safetensors"))
+    assert len(files) == 5 and not (hf_fp32_export / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == [file.name for file in files]
+    total = 0
+    for file in files:
+        assert file.stat().st_size <= SMALL_SHARD + 20_000  # tensors + header
+        with safe_open(file, framework="pt") as handle:
+            assert handle.metadata() == {"format": "pt"}
+            names = list(handle.keys())
+            assert names and all(index["weight_map"][name] == file.name for name in names)
+            total += sum(handle.get_tensor(name).numel() * 4 for name in names)
+    assert index["metadata"]["total_size"] == total
+    assert len(index["weight_map"]) == 156
+    # the base was written by transformers 5.23 (legacy names); the export keeps its naming
+    assert "language_model.model.embed_tokens.weight" in index["weight_map"]
+    assert not (hf_fp32_export.parent / "hf_fp32.tmp").exists()
+
+
+def test_hf_export_in_current_naming_loads_too(trained_mllama, tmp_path: Path) -> None:
+    model, checkpoint = trained_mllama
+    out = export_checkpoint(checkpoint, tmp_path / "current", dtype="fp32", hf_naming="current")
+    assert "model.language_model.embed_tokens.weight" in SafetensorsFolder(out).keys()
+    tokens, pixels, cross = _mllama_batch()
+    got = _hf_logits(_hf_mllama(out), tokens, pixels, cross)
+    torch.testing.assert_close(got, _our_logits(model, tokens, pixels, cross), atol=1e-5, rtol=0)
+
+
+def test_hf_export_has_tokenizer_processor_and_generation_config(hf_fp32_export: Path, tiny_mllama_dir: Path) -> None:
+    from transformers import AutoProcessor
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja"):
+        assert (hf_fp32_export / name).read_bytes() == (tiny_mllama_dir / name).read_bytes(), name
+    assert json.loads((hf_fp32_export / "generation_config.json").read_text())["eos_token_id"] == tiny.EOS_TOKEN_ID
+    processor = AutoProcessor.from_pretrained(hf_fp32_export)
+    assert type(processor).__name__ == "MllamaProcessor"
+    assert processor.tokenizer.convert_tokens_to_ids(tiny.IMAGE_TOKEN) == tiny.IMAGE_TOKEN_ID
+    assert processor.chat_template
+
+
+def test_generation_config_is_written_when_the_base_has_none(trained_mllama, tiny_mllama_dir: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(tiny_mllama_dir, base)
+    (base / "generation_config.json").unlink()
+    model, _ = trained_mllama
+    checkpoint = _write_checkpoint(
+        tmp_path / "run", {"fusion": get_fusion_params(model)}, {"family": "mllama", "folders": {"hf_mllama": str(base)}}
+    )
+    out = export_checkpoint(checkpoint, tmp_path / "out")
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": tiny.BOS_TOKEN_ID, "eos_token_id": tiny.EOS_TOKEN_ID, "pad_token_id": tiny.PAD_TOKEN_ID}
+
+
+def test_mllama_in_fusiontrain_format(trained_mllama, tmp_path: Path) -> None:
+    model, checkpoint = trained_mllama
+    out = export_checkpoint(checkpoint, tmp_path / "ours", format="fusiontrain", dtype="fp32", max_shard_bytes=SMALL_SHARD)
+    assert (out / "model.safetensors.index.json").is_file()
+    loaded = load_fusiontrain_export(out).eval()
+    want = dict(model.named_parameters())
+    got = dict(loaded.named_parameters())
+    assert list(got) == list(want)
+    for name, param in got.items():
+        assert torch.equal(param, want[name]), name
+    assert set(n for n, p in loaded.named_parameters() if p.requires_grad) == set(get_fusion_params(loaded))
+
+
+# -- composed family --------------------------------------------------------------------------------
+
+
+def test_composed_export_is_self_contained_and_matches(
+    tiny_llama_dir: Path, tiny_clip_dir: Path, tmp_path: Path
+) -> None:
+    """Fusion and decoder parts trained; the base folders are deleted before loading the export."""
+    decoder_dir, encoder_dir = tmp_path / "llama", tmp_path / "clip"
+    shutil.copytree(tiny_llama_dir, decoder_dir)
+    shutil.copytree(tiny_clip_dir, encoder_dir)
+    model = compose_from_hf(decoder_dir, encoder_dir, fusion_interval=2, fusion_vocab_size=8, decoder_trainable=True).eval()
+    fusion = get_fusion_params(model)
+    decoder = {name: p for name, p in model.named_parameters() if name.startswith("decoder.") and name not in fusion}
+    _perturb(fusion, seed=1)
+    _perturb(decoder, seed=2)
+    base = {
+        "family": "composed",
+        "folders": {"decoder": str(decoder_dir), "encoder": str(encoder_dir)},
+        "fusion_interval": 2,
+        "fusion_vocab_size": 8,
+    }
+    checkpoint = _write_checkpoint(tmp_path / "run", {"fusion": fusion, "decoder": decoder}, base)
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+    out = tmp_path / "out"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "decoder_config.json").read_text())["model_type"] == "llama"
+    shutil.rmtree(decoder_dir)
+    shutil.rmtree(encoder_dir)
+
+    loaded = load_fusiontrain_export(out).eval()
+    for (name, a), (other, b) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
+        assert name == other and torch.equal(a, b), name
+    layout_info = image_token_layout(loaded)
+    tokens = torch.randint(0, tiny.TEXT_VOCAB_SIZE, (2, 10), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = layout_info.image_token_id
+    pixels = torch.randn(2, 2, 3, tiny.IMAGE_SIZE, tiny.IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 10, 2 * layout_info.tokens_per_image, dtype=torch.bool)
+    with torch.no_grad():
+        want = model(tokens, encoder_input={"pixel_values": pixels}, encoder_mask=mask)
+        got = loaded(tokens, encoder_input={"pixel_values": pixels}, encoder_mask=mask)
+    print(f"max |fusiontrain export - trained model| logits: {(got - want).abs().max().item():.3e}")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+    bf16 = load_fusiontrain_export(out, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+
+
+def test_composed_base_cannot_be_exported_as_hf(tiny_llama_dir: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
+    model = compose_from_hf(tiny_llama_dir, tiny_clip_dir, fusion_interval=2)
+    base = {
+        "family": "composed",
+        "folders": {"decoder": str(tiny_llama_dir), "encoder": str(tiny_clip_dir)},
+        "fusion_interval": 2,
+        "fusion_vocab_size": 8,
+    }
+    checkpoint = _write_checkpoint(tmp_path / "run", {"fusion": get_fusion_params(model)}, base)
+    with pytest.raises(ExportError, match="use --format fusiontrain"):
+        export_checkpoint(checkpoint, tmp_path / "out", format="hf")
+    # a part that does not match the base model is refused, naming the offenders
+    broken = _write_checkpoint(
+        tmp_path / "run2", {"fusion": {"decoder.layers.1.fusion_layer.nope": torch.zeros(2)}}, base
+    )
+    with pytest.raises(ExportError, match="unexpected .*fusion_layer.nope"):
+        export_checkpoint(broken, tmp_path / "out")
+
+
+# -- errors and the output folder ---------------------------------------------------------------------
+
+
+def _cli_error(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_cli_errors(trained_mllama, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, checkpoint = trained_mllama
+    out = str(tmp_path / "out")
+    missing = tmp_path / "nowhere"
+    assert str(missing) in _cli_error(capsys, ["--checkpoint", str(missing), "--out", out])
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = _cli_error(capsys, ["--checkpoint", str(empty), "--out", out])
+    assert str(empty) in err and "manifest.json" in err
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(checkpoint, corrupt)
+    (corrupt / "manifest.json").write_text('{"format": "fusiontrain-checkpoint", "vers')
+    err = _cli_error(capsys, ["--checkpoint", str(corrupt), "--out", out])
+    assert str(corrupt) in err and "cannot read" in err
+
+    (corrupt / "manifest.json").write_text(json.dumps({"format": "something-else", "version": 1}))
+    assert "format 'something-else'" in _cli_error(capsys, ["--checkpoint", str(corrupt), "--out", out])
+
+    no_part = tmp_path / "no_part"
+    shutil.copytree(checkpoint, no_part)
+    shutil.rmtree(no_part / "fusion")
+    assert "no DCP checkpoint" in _cli_error(capsys, ["--checkpoint", str(no_part), "--out", out])
+
+    assert "--max-shard-size" in _cli_error(capsys, ["--checkpoint", str(checkpoint), "--out", out, "--max-shard-size", "lots"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
+def test_existing_output_is_kept_unless_forced(trained_mllama, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, checkpoint = trained_mllama
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    err = _cli_error(capsys, ["--checkpoint", str(checkpoint), "--out", str(out)])
+    assert str(out) in err and "--force" in err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+    (tmp_path / "out.old").mkdir()  # a neighbour with a telling name is left alone
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--force"]) == 0
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.old"]
+
+    # an empty folder is fine without --force; the base or the checkpoint itself never are
+    (tmp_path / "empty").mkdir()
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "empty")]) == 0
+    base = json.loads((checkpoint / "manifest.json").read_text())["base"]["folders"]["hf_mllama"]
+    assert "would overwrite" in _cli_error(capsys, ["--checkpoint", str(checkpoint), "--out", base, "--force"])
+    assert "would overwrite" in _cli_error(capsys, ["--checkpoint", str(checkpoint), "--out", str(checkpoint.parent), "--force"])
+
+
+def test_a_crash_leaves_no_export(trained_mllama, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, checkpoint = trained_mllama
+    calls = []
+
+    def crash(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 20:
+            raise RuntimeError("disk full")
+        return original(self, name, tensor)
+
+    original = ShardWriter.add
+    monkeypatch.setattr(ShardWriter, "add", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_checkpoint(checkpoint, tmp_path / "out", max_shard_bytes=SMALL_SHARD)
+    assert list(tmp_path.iterdir()) == []
+
+    # a process killed mid-export leaves <out>.tmp with its marker: the next export clears it
+    monkeypatch.setattr(ShardWriter, "add", original)
+    stale = tmp_path / "out.tmp"
+    stale.mkdir()
+    (stale / ".fusiontrain-export-in-progress").touch()
+    (stale / "model-00001-of-00009.safetensors").write_bytes(b"half")
+    export_checkpoint(checkpoint, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert not (tmp_path / "out" / "model-00001-of-00009.safetensors").exists()
+    # ... but a <out>.tmp that is not ours is never deleted
+    (tmp_path / "other.tmp").mkdir()
+    with pytest.raises(ExportError, match="not a partial export"):
+        export_checkpoint(checkpoint, tmp_path / "other")
+    assert (tmp_path / "other.tmp").is_dir()
+
+
+def test_changed_base_is_refused(trained_mllama, tiny_mllama_dir: Path, tmp_path: Path) -> None:
+    model, _ = trained_mllama
+    base = tmp_path / "base"
+    shutil.copytree(tiny_mllama_dir, base)
+    size = (base / "model.safetensors").stat().st_size
+    fingerprint = {"hf_mllama/model.safetensors": {"size": size + 1, "sha256": "0" * 64}}
+    checkpoint = _write_checkpoint(
+        tmp_path / "run",
+        {"fusion": get_fusion_params(model)},
+        {"family": "mllama", "folders": {"hf_mllama": str(base)}},
+        fingerprint=fingerprint,
+    )
+    with pytest.raises(ExportError, match="other base weights"):
+        export_checkpoint(checkpoint, tmp_path / "out")
+    export_checkpoint(checkpoint, tmp_path / "out", allow_base_mismatch=True)
+    shutil.rmtree(base)
+    with pytest.raises(ExportError, match="does not exist"):
+        export_checkpoint(checkpoint, tmp_path / "out2")
+
+
+def test_parse_size() -> None:
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("5GiB") == 5 * 2**30
+    assert parse_size("300KB") == 300_000
+    assert parse_size("1.5MB") == 1_500_000
+    assert parse_size("4096") == 4096
+    for bad in ("lots", "5XB", "0", "-1GB", "5Gi"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+# -- layout -------------------------------------------------------------------------------------------
+
+
+def test_layout_lists_only_complete_checkpoints(tmp_path: Path) -> None:
+    base = {"family": "mllama", "folders": {"hf_mllama": "/somewhere"}}
+    tensors = {"x": torch.zeros(2)}
+    for step in (3, 12, 100):
+        folder = layout.tmp_dir(tmp_path, step)
+        folder.mkdir(parents=True)
+        _dcp_save(tensors, layout.part_dir(folder, "fusion"))
+        layout.write_manifest(folder, layout.new_manifest(step, ["fusion"], base))
+        if step != 100:  # step 100 stays a temporary folder: its save never finished
+            folder.rename(layout.checkpoint_dir(tmp_path, step))
+    layout.checkpoint_dir(tmp_path, 50).mkdir()  # no manifest
+    broken = layout.checkpoint_dir(tmp_path, 60)
+    broken.mkdir()
+    layout.write_manifest(broken, layout.new_manifest(60, ["fusion", "decoder"], base))  # no DCP data
+    assert layout.list_complete(tmp_path) == [
+        (3, layout.checkpoint_dir(tmp_path, 3)),
+        (12, layout.checkpoint_dir(tmp_path, 12)),
+    ]
+    assert layout.latest_complete(tmp_path) == (12, layout.checkpoint_dir(tmp_path, 12))
+    assert layout.latest_complete(tmp_path / "elsewhere") is None
+    assert layout.checkpoint_dir(tmp_path, 12) == tmp_path / "checkpoints" / "step_12"
+    assert layout.tmp_dir(tmp_path, 12) == tmp_path / "checkpoints" / ".tmp-step_12"
+    assert not layout.is_complete(layout.tmp_dir(tmp_path, 100))
+    unfinished = layout.tmp_dir(tmp_path, 200)
+    unfinished.mkdir()
+    with pytest.raises(layout.CheckpointError, match="did not complete"):
+        layout.read_manifest(unfinished)
+    assert layout.read_manifest(layout.checkpoint_dir(tmp_path, 3))["step"] == 3
+    with pytest.raises(layout.CheckpointError, match="newer"):
+        layout.write_manifest(tmp_path, {**layout.new_manifest(1, ["fusion"], base), "version": 99})
+    with pytest.raises(layout.CheckpointError, match="parts"):
+        layout.new_manifest(1, ["fusion", "optimizer"], base)
