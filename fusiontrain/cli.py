@@ -43,6 +43,13 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    """Handler of ``export``: its own parser lives with the exporter (imported lazily)."""
+    from fusiontrain.checkpoint.export import main as export_main
+
+    return export_main(args.args)
+
+
 def _run_make_tiny(args: argparse.Namespace) -> int:
     """Handler of ``make-tiny``: write tiny HF checkpoints for trying configs/tiny.yaml."""
     from fusiontrain import tiny
@@ -86,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     train.add_argument("--help-config", action="store_true", help="list every config key with its default")
     train.set_defaults(func=_run_train)
+
+    export = sub.add_parser(
+        "export",
+        add_help=False,
+        prefix_chars="\0",  # pass every argument, --help included, to the exporter's own parser
+        help="export a checkpoint as one consolidated model folder (HF Mllama or fusiontrain format)",
+    )
+    export.add_argument("args", nargs=argparse.REMAINDER)
+    export.set_defaults(func=_run_export)
 
     make_tiny = sub.add_parser("make-tiny", help="write tiny HF checkpoints (Mllama, Llama, CLIP, SigLIP)")
     make_tiny.add_argument("--out", default="tiny_checkpoints", help="folder to write them into")

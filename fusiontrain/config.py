@@ -47,6 +47,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = _field(
         "float32", "Dtype of the stored (master) parameters; compute dtype is parallel.mixed_precision."
     )
+    fusion_init: str | None = _field(
+        None,
+        "A checkpoint folder (.../checkpoints/step_N) of another run whose fusion weights replace the fresh "
+        "or pretrained ones at the start (not its optimizer or data position).",
+    )
     decoder_trainable: bool = _field(False, "Train the pretrained decoder's parameters too.")
     encoder_trainable: bool = _field(False, "Train the pretrained encoder's parameters too.")
     fusion_trainable: bool = _field(True, "Train the fusion parameters (cross-attention, projection head, new rows).")
@@ -175,7 +180,12 @@ class EvalConfig:
 class TrainConfig:
     output_dir: str = _field("outputs/run", "Where config.yaml, metrics.jsonl and checkpoints go.")
     seed: int = _field(0, "Seed for initialisation, data order and dropout.")
-    max_steps: int = _field(100, "Optimizer steps to run.")
+    max_steps: int = _field(100, "Optimizer steps of the run (the LR schedule spans them).")
+    stop_after_steps: int | None = _field(
+        None,
+        "Stop once this many steps are done (checkpointing first when enabled), without changing the "
+        "schedule; resume later with checkpoint.resume=auto. For jobs split over time slots.",
+    )
     model: ModelConfig = _field(ModelConfig, "The model.")
     data: DataConfig = _field(DataConfig, "The data.")
     batch: BatchConfig = _field(BatchConfig, "Batch sizes.")
@@ -310,6 +320,10 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"config key '{key}' is required when composing a model; set it to a HF model folder")
         if not Path(folder).is_dir():
             raise ConfigError(f"config key '{key}': folder {folder} does not exist; point it at a HF model folder")
+    if model.fusion_init is not None and not Path(model.fusion_init).is_dir():
+        raise ConfigError(
+            f"config key 'model.fusion_init': folder {model.fusion_init} does not exist; point it at a checkpoint folder"
+        )
     if config.data.format != "synthetic" and config.data.train.path is None:
         raise ConfigError(f"config key 'data.train.path' is required for data.format={config.data.format!r}")
     ac = config.parallel.activation_checkpointing

@@ -22,7 +22,7 @@ import base64
 
 from fusiontrain import distributed
 from fusiontrain.checkpoint.fingerprint import fingerprint
-from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState
+from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState, load_part
 from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, save_config
 from fusiontrain.data import Batch, ImageSpec, SyntheticImageText, collate_padded
 from fusiontrain.data.batch import Sample, with_placeholder_image
@@ -244,6 +244,8 @@ class Trainer:
         resume_from = self.checkpointer.resolve(config.checkpoint.resume)
         if resume_from is not None:
             self._restore(resume_from)
+        elif config.model.fusion_init is not None:
+            load_part(Path(config.model.fusion_init), "fusion", self.model_parts()["fusion"])
         self._train_batches = iter(self.train_loader)
         self.metrics = MetricsLogger(
             self.output_dir, is_main=self.context.is_main, console_every=config.logging.every_n_steps
@@ -276,7 +278,8 @@ class Trainer:
         history = []
         every = self.config.checkpoint.every_n_steps
         try:
-            for step in range(self.start_step, self.config.max_steps):
+            last = min(self.config.max_steps, self.config.stop_after_steps or self.config.max_steps)
+            for step in range(self.start_step, last):
                 metrics = self.train_step(step)
                 self.tokens_seen += metrics["real_tokens"]
                 if self.eval_data is not None and self._due(self.config.eval.every_n_steps, step):
@@ -284,7 +287,7 @@ class Trainer:
                 self.metrics.log(step, metrics)
                 history.append(metrics)
                 done = step + 1
-                if every and (done % every == 0 or done == self.config.max_steps):
+                if every and (done % every == 0 or done == last):
                     self.save_checkpoint(done)
             self.checkpointer.wait()
         finally:

@@ -150,6 +150,7 @@ def test_hf_export_tensors_are_the_base_and_the_trained_ones(
     else:
         out = export_checkpoint(checkpoint, tmp_path / "hf_bf16")  # the defaults: hf, bf16, one file
         assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+        assert next(_hf_mllama(out).parameters()).dtype == torch.bfloat16  # loads strictly, in bf16
     cast = torch.float32 if dtype == "fp32" else torch.bfloat16
     assert json.loads((out / "config.json").read_text())["dtype"] == str(cast).removeprefix("torch.")
 
@@ -417,6 +418,20 @@ def test_changed_base_is_refused(trained_mllama, tiny_mllama_dir: Path, tmp_path
     with pytest.raises(ExportError, match="other base weights"):
         export_checkpoint(checkpoint, tmp_path / "out")
     export_checkpoint(checkpoint, tmp_path / "out", allow_base_mismatch=True)
+
+    # the trainer's real fingerprint: sizes are compared for free, hashes with verify_base
+    from fusiontrain.checkpoint.fingerprint import fingerprint as base_fingerprint
+
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["fingerprint"] = base_fingerprint({"hf_mllama": str(base)})
+    layout.write_manifest(checkpoint, manifest)
+    export_checkpoint(checkpoint, tmp_path / "out", verify_base=True, force=True)
+    with (base / "model.safetensors").open("r+b") as handle:  # same size, other bytes
+        handle.seek(-4, 2)
+        handle.write(b"\x01\x02\x03\x04")
+    export_checkpoint(checkpoint, tmp_path / "out", force=True)
+    with pytest.raises(ExportError, match="model.safetensors changed"):
+        export_checkpoint(checkpoint, tmp_path / "out", verify_base=True, force=True)
     shutil.rmtree(base)
     with pytest.raises(ExportError, match="does not exist"):
         export_checkpoint(checkpoint, tmp_path / "out2")

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -51,6 +52,40 @@ from fusiontrain.checkpoint.layout import (
 
 TRAIN_STATE = "train_state"
 OPTIMIZER = "optimizer"
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Check that checkpoint ``path`` is whole before anything is loaded from it: a valid
+    manifest, and for every DCP folder (model parts and optimizer) its metadata and every data
+    file it refers to, at least as long as the metadata says. Returns the manifest.
+
+    Raises:
+        CheckpointError: naming the folder and what is missing or short.
+    """
+    manifest = read_manifest(path)
+    folders = [part_dir(path, part) for part in manifest["parts"]] + [path / TRAIN_STATE / OPTIMIZER]
+    for folder in folders:
+        try:
+            metadata = FileSystemReader(folder).read_metadata()
+        except Exception as error:  # noqa: BLE001 - any failure to read means an unusable checkpoint
+            raise CheckpointError(f"checkpoint {path}: cannot read the DCP metadata of {folder.name}/ ({error})") from None
+        needed: dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+        for name, size in needed.items():
+            file = folder / name
+            if not file.is_file() or file.stat().st_size < size:
+                raise CheckpointError(f"checkpoint {path}: {folder.name}/{name} is missing or truncated")
+    return manifest
+
+
+def load_part(path: Path, part: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Load one part (e.g. another run's ``fusion`` weights) of checkpoint ``path`` into
+    ``tensors`` in place, resharding as needed. Its keys must match exactly."""
+    manifest = verify(path)
+    if part not in manifest["parts"]:
+        raise CheckpointError(f"checkpoint {path} has no {part!r} part (it holds {manifest['parts']})")
+    dcp.load(tensors, checkpoint_id=part_dir(path, part))
 
 
 class OptimizerState(Stateful):
@@ -199,7 +234,7 @@ class CheckpointManager:
             latest = latest_complete(self.output_dir)
             return None if latest is None else latest[1]
         path = Path(resume)
-        read_manifest(path)  # raises CheckpointError naming the folder
+        verify(path)  # raises CheckpointError naming the folder, before anything is loaded
         return path
 
     def load(
@@ -219,7 +254,7 @@ class CheckpointManager:
         Returns:
             ``(global_state, rank_state)`` as saved (``rank_state`` of this rank).
         """
-        manifest = read_manifest(path)
+        manifest = verify(path)
         changed = differences(manifest.get("fingerprint", {}), self.fingerprint)
         if changed and not allow_base_mismatch:
             raise CheckpointError(
@@ -228,12 +263,14 @@ class CheckpointManager:
                 "checkpoint.allow_base_mismatch=true to go ahead"
             )
         rank, world = _rank_world()
-        rank_file = path / TRAIN_STATE / f"rank_{rank}.json"
-        if not rank_file.is_file():
+        if manifest["world_size"] != world:
+            # DCP could reshard the weights and optimizer, but each rank's data stream (its shard,
+            # packer and position) belongs to that world size and cannot be re-split exactly.
             raise CheckpointError(
-                f"checkpoint {path} has no state for rank {rank}: it was saved by {manifest.get('world_size')} ranks, "
-                f"this run has {world}"
+                f"checkpoint {path} was saved by {manifest['world_size']} ranks and this run has {world}: resume on "
+                f"{manifest['world_size']} ranks (per-rank data positions cannot be re-split exactly)"
             )
+        rank_file = path / TRAIN_STATE / f"rank_{rank}.json"
         for part in manifest["parts"]:
             if part not in model_parts:
                 raise CheckpointError(f"checkpoint {path} holds part {part!r}, which this model does not have")

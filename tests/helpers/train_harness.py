@@ -2,7 +2,8 @@
 
 Usage: ``python tests/helpers/train_harness.py OUT_DIR --config X.yaml [key=value ...]``.
 
-Rank 0 writes ``OUT_DIR/trainable.safetensors`` (full trainable weights after training) and
+Rank 0 writes ``OUT_DIR/trainable.safetensors`` (full trainable weights after training),
+``OUT_DIR/initial.safetensors`` (the same before the first step) and
 ``OUT_DIR/report.json``: per-step losses and grad norms, whether every frozen parameter's local
 shard is bitwise unchanged on every rank, which parameters have optimizer state, and which
 trainable parameters moved.
@@ -45,6 +46,7 @@ def main() -> None:
     if trainer.context.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(trainable_after, out_dir / "trainable.safetensors")
+        save_file(trainable_before, out_dir / "initial.safetensors")
         report = {
             "losses": [row["loss"] for row in history],
             "grad_norms": [row["grad_norm"] for row in history],

@@ -1,0 +1,128 @@
+"""CheckpointManager in one process: atomic saves, crash safety, pruning, verification, async."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemWriter
+
+from fusiontrain.checkpoint.layout import CheckpointError, latest_complete, list_complete
+from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState, verify
+
+BASE = {"family": "mllama", "folders": {"hf_mllama": "/base"}}
+PRINT = {"m/model.safetensors": {"size": 10, "sha256": "ab" * 32}}
+
+
+def _model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _parts(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    return {"fusion": {name: p.detach() for name, p in model.named_parameters()}}
+
+
+def _save(manager: CheckpointManager, step: int, model, optimizer) -> None:
+    manager.save(
+        step,
+        model_parts=_parts(model),
+        optimizer=OptimizerState(model, optimizer),
+        rank_state={"loader": {"position": step}, "rng": {}},
+        global_state={"step": step, "tokens_seen": 10 * step},
+    )
+
+
+def test_save_then_load_restores_weights_optimizer_and_state(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, base=BASE, fingerprint=PRINT)
+    model, optimizer = _model_and_optimizer(0)
+    _save(manager, 3, model, optimizer)
+    step, path = latest_complete(tmp_path)
+    assert step == 3 and path.name == "step_3" and (path / "manifest.json").is_file()
+    other, other_optimizer = _model_and_optimizer(1)
+    state, rank_state = manager.load(path, model_parts=_parts(other), optimizer=OptimizerState(other, other_optimizer))
+    assert state == {"step": 3, "tokens_seen": 30} and rank_state["loader"] == {"position": 3}
+    for a, b in zip(model.parameters(), other.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(optimizer.state.values(), other_optimizer.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
+def test_a_crash_inside_the_writer_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    manager = CheckpointManager(tmp_path, base=BASE, fingerprint=PRINT)
+    model, optimizer = _model_and_optimizer(0)
+    _save(manager, 2, model, optimizer)
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def explode(self, plan, planner):  # noqa: ANN001
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", explode)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    with pytest.raises(BaseException) as failure:  # DCP raises CheckpointException, a BaseException
+        _save(manager, 4, model, optimizer)
+    assert "disk full" in str(failure.value) or "disk full" in repr(failure.value.__dict__)
+    monkeypatch.undo()
+    assert [step for step, _ in list_complete(tmp_path)] == [2]
+    assert latest_complete(tmp_path)[0] == 2
+    fresh, fresh_optimizer = _model_and_optimizer(5)
+    manager.load(manager.resolve("auto"), model_parts=_parts(fresh), optimizer=OptimizerState(fresh, fresh_optimizer))
+    assert all(torch.equal(p, saved[n]) for n, p in fresh.named_parameters())
+    _save(manager, 4, model, optimizer)  # the next save clears the abandoned folder
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_keep_last_n_prunes_older_checkpoints(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, base=BASE, fingerprint=PRINT, keep_last_n=2)
+    model, optimizer = _model_and_optimizer(0)
+    for step in (1, 2, 3, 4):
+        _save(manager, step, model, optimizer)
+    assert [step for step, _ in list_complete(tmp_path)] == [3, 4]
+
+
+def test_async_save_completes_on_wait(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, base=BASE, fingerprint=PRINT, async_save=True)
+    model, optimizer = _model_and_optimizer(0)
+    _save(manager, 1, model, optimizer)
+    manager.wait()
+    assert latest_complete(tmp_path)[0] == 1
+    fresh, fresh_optimizer = _model_and_optimizer(3)
+    manager.load(manager.resolve("auto"), model_parts=_parts(fresh), optimizer=OptimizerState(fresh, fresh_optimizer))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
+def test_missing_or_damaged_checkpoints_are_named_and_nothing_is_loaded(tmp_path: Path) -> None:
+    manager = CheckpointManager(tmp_path, base=BASE, fingerprint=PRINT)
+    with pytest.raises(CheckpointError, match="nowhere.*does not exist"):
+        manager.resolve(str(tmp_path / "nowhere"))
+    assert manager.resolve("auto") is None  # nothing yet: start fresh
+    model, optimizer = _model_and_optimizer(0)
+    _save(manager, 5, model, optimizer)
+    path = latest_complete(tmp_path)[1]
+    data = next((path / "fusion").glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:10])  # truncated
+    with pytest.raises(CheckpointError, match=r"step_5.*fusion/.*truncated"):
+        manager.resolve(str(path))
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="step_5"):
+        verify(path)
+
+
+def test_a_different_base_is_refused_unless_allowed(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer(0)
+    _save(CheckpointManager(tmp_path, base=BASE, fingerprint=PRINT), 1, model, optimizer)
+    changed = {"m/model.safetensors": {"size": 10, "sha256": "cd" * 32}}
+    manager = CheckpointManager(tmp_path, base=BASE, fingerprint=changed)
+    path = manager.resolve("auto")
+    with pytest.raises(CheckpointError, match="other base weights.*allow_base_mismatch"):
+        manager.load(path, model_parts=_parts(model), optimizer=OptimizerState(model, optimizer))
+    manager.load(path, model_parts=_parts(model), optimizer=OptimizerState(model, optimizer), allow_base_mismatch=True)
+    assert json.loads((path / "manifest.json").read_text())["fingerprint"] == PRINT

@@ -1,0 +1,202 @@
+"""Resuming training: bitwise identical to an uninterrupted run on CPU (2 ranks, packed data,
+a dataloader worker), after a planned stop and after a SIGKILL under torchrun --max-restarts 1;
+refusals for another base or another world size; fusion-only checkpoint size."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_torchrun
+
+HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
+TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
+RUN = [
+    "max_steps=8", "data.packing=true", "data.synthetic_lengths=long_tail", "data.synthetic_max_text=30",
+    "data.num_workers=0", "batch.micro_batch_size=2", "batch.global_batch_size=4", "logging.every_n_steps=0",
+    "eval.every_n_steps=0", "checkpoint.resume=auto",
+]
+
+
+def _harness(out: Path, output_dir: Path, nproc: int, *overrides: str, mllama: Path) -> tuple[dict, dict]:
+    args = [HARNESS, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={mllama}", f"output_dir={output_dir}", *RUN, *overrides]
+    run_torchrun(args, nproc=nproc, timeout=300)
+    return json.loads((out / "report.json").read_text()), load_file(out / "trainable.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, tiny_mllama_dir) -> tuple[dict, dict, Path]:
+    """Report, final trainable weights and output folder of an 8-step run checkpointed at 4 and 8."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    report, weights = _harness(tmp / "h", tmp / "run", 2, "checkpoint.every_n_steps=4", mllama=tiny_mllama_dir)
+    return report, weights, tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> tuple[dict, dict]:
+    return uninterrupted_run[:2]
+
+
+def _assert_bitwise(weights: dict, reference: dict) -> None:
+    assert weights.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(weights[name], reference[name]), name
+
+
+def test_resumed_run_is_bitwise_identical(tmp_path, tiny_mllama_dir, uninterrupted) -> None:
+    first, _ = _harness(tmp_path / "h1", tmp_path / "run", 2, "checkpoint.every_n_steps=4", "stop_after_steps=4", mllama=tiny_mllama_dir)
+    assert len(first["losses"]) == 4 and (tmp_path / "run" / "checkpoints" / "step_4" / "manifest.json").is_file()
+    second, weights = _harness(tmp_path / "h2", tmp_path / "run", 2, "checkpoint.every_n_steps=4", mllama=tiny_mllama_dir)
+    assert first["losses"] + second["losses"] == uninterrupted[0]["losses"]  # every step, exactly
+    _assert_bitwise(weights, uninterrupted[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return "train_harness.py" in cmdline and b"LOCAL_RANK=1" in environ and "torch.distributed.run" not in cmdline
+
+
+def test_sigkilled_rank_restarts_and_resumes_to_the_same_weights(tmp_path, tiny_mllama_dir, uninterrupted) -> None:
+    out, run = tmp_path / "h", tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        HARNESS, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
+        *RUN, "checkpoint.every_n_steps=2",
+    ]
+    log = (tmp_path / "torchrun.log").open("w")
+    process = subprocess.Popen(command, env=launch_env(), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "step_4" / "manifest.json").is_file():
+            assert process.poll() is None and time.monotonic() < deadline, "the run ended before its step 4 checkpoint"
+            time.sleep(0.05)
+        victims = [pid for pid in _descendants(process.pid) if _is_worker(pid)]
+        assert victims, "no rank-1 worker found"
+        os.kill(victims[0], signal.SIGKILL)
+        assert process.wait(timeout=150) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    text = (tmp_path / "torchrun.log").read_text()
+    assert "resumed from" in text and "step_" in text
+    _assert_bitwise(load_file(out / "trainable.safetensors"), uninterrupted[1])
+
+
+def _train(output_dir: Path, nproc: int, mllama: Path, *overrides: str):
+    args = ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={mllama}", f"output_dir={output_dir}", *RUN, *overrides]
+    return run_torchrun(args, nproc=nproc, timeout=240)
+
+
+def test_resume_refuses_another_base_or_world_size(tmp_path, tiny_mllama_dir) -> None:
+    run = tmp_path / "run"
+    _train(run, 2, tiny_mllama_dir, "checkpoint.every_n_steps=2", "stop_after_steps=2")
+    with pytest.raises(AssertionError, match="saved by 2 ranks and this run has 1"):
+        _train(run, 1, tiny_mllama_dir, "checkpoint.every_n_steps=2")
+    other = tmp_path / "other_base"
+    shutil.copytree(tiny_mllama_dir, other)
+    tensors = load_file(other / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("layers.0.mlp.down_proj.weight"))
+    tensors[key] = tensors[key] + 1e-3
+    save_file(tensors, other / "model.safetensors")
+    with pytest.raises(AssertionError, match="other base weights"):
+        _train(run, 2, other, "checkpoint.every_n_steps=2")
+    _train(run, 2, other, "checkpoint.every_n_steps=2", "checkpoint.allow_base_mismatch=true", "max_steps=4")
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_fusion_only_checkpoints_are_smaller_than_full_ones(tmp_path, tiny_mllama_dir) -> None:
+    sizes = {}
+    for mode in ("false", "true"):
+        run = tmp_path / mode
+        started = time.perf_counter()
+        _train(run, 1, tiny_mllama_dir, "checkpoint.every_n_steps=2", "max_steps=2", f"checkpoint.save_frozen={mode}")
+        step = run / "checkpoints" / "step_2"
+        manifest = json.loads((step / "manifest.json").read_text())
+        sizes[mode] = (sum(_size(step / part) for part in manifest["parts"]), _size(step))
+        assert manifest["parts"] == (["decoder", "encoder", "fusion"] if mode == "true" else ["fusion"])
+    weights_ratio = sizes["false"][0] / sizes["true"][0]
+    print(f"fusion-only / full checkpoint: weights {weights_ratio:.3f}, with optimizer {sizes['false'][1] / sizes['true'][1]:.3f}")
+    assert weights_ratio < 0.5
+
+
+def test_export_of_a_training_checkpoint_loads_in_transformers(tmp_path, tiny_mllama_dir, uninterrupted_run) -> None:
+    """The step-8 checkpoint of the 2-rank run, exported in HF layout: transformers' logits equal
+    our model with the trained fusion weights (inputs where every text row sees an image)."""
+    from transformers import MllamaForConditionalGeneration
+
+    from fusiontrain import tiny
+    from fusiontrain.models import encoder_mask_from_cross_attention_mask, load_hf_mllama
+
+    _, weights, run = uninterrupted_run
+    out = tmp_path / "export"
+    subprocess.run(
+        [sys.executable, "-m", "fusiontrain", "export", "--checkpoint", str(run / "checkpoints" / "step_8"),
+         "--out", str(out), "--dtype", "fp32"],
+        check=True, env=launch_env(), cwd=REPO_ROOT, capture_output=True,
+    )
+    ours = load_hf_mllama(tiny_mllama_dir).eval()
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if name in weights:
+                param.copy_(weights[name])
+    hf = MllamaForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+    tokens = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = tiny.IMAGE_TOKEN_ID
+    pixels = tiny.tiny_pixel_inputs(tiny.tiny_mllama_config(), batch_images=[[2], [1]])
+    cross = torch.zeros(2, 9, 1, 2, dtype=torch.long)
+    cross[0, :, 0, :2] = 1
+    cross[1, :, 0, :1] = 1
+    with torch.no_grad():
+        want = ours(tokens, encoder_input=pixels, encoder_mask=encoder_mask_from_cross_attention_mask(cross, 5))
+        got = hf(input_ids=tokens, **pixels, cross_attention_mask=cross).logits
+    base = load_hf_mllama(tiny_mllama_dir).eval()
+    with torch.no_grad():
+        untrained = base(tokens, encoder_input=pixels, encoder_mask=encoder_mask_from_cross_attention_mask(cross, 5))
+    assert (untrained - want).abs().max() > 1e-4, "training must have changed the model"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_fusion_init_starts_from_another_runs_fusion_weights(tmp_path, tiny_mllama_dir, uninterrupted_run) -> None:
+    """A new run (on 1 rank: DCP reshards the 2-rank checkpoint) starts from its fusion weights."""
+    _, weights, run = uninterrupted_run
+    _harness(
+        tmp_path / "h", tmp_path / "run", 1, f"model.fusion_init={run / 'checkpoints' / 'step_8'}", "max_steps=1",
+        "checkpoint.resume=null", mllama=tiny_mllama_dir,
+    )
+    _assert_bitwise(load_file(tmp_path / "h" / "initial.safetensors"), weights)
