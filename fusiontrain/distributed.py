@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -61,8 +62,36 @@ def init_distributed() -> DistributedContext:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        device_id = device if backend == "nccl" else None
+        store = _restart_safe_store()
+        if store is None:
+            dist.init_process_group(backend, device_id=device_id)
+        else:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, device_id=device_id)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def _restart_safe_store() -> dist.Store | None:
+    """Under torchrun, a store whose keys are private to this restart attempt, or None elsewhere.
+
+    torchrun's workers share one store hosted by the agent, and it outlives a failed attempt. The
+    process group keeps its peers' addresses in it under fixed keys, so after a restart
+    (``--max-restarts``) a worker may read a dead peer's address from the failed attempt and fail
+    to connect (seen with gloo in torch 2.13). Prefixing the keys with the attempt number keeps
+    every attempt's rendezvous apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=False,
+        timeout=timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"fusiontrain/attempt_{attempt}", client)
 
 
 def build_mesh(context: DistributedContext, dp_replicate: int, dp_shard: int) -> DeviceMesh:

@@ -23,7 +23,7 @@ HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 RUN = [
     "max_steps=8", "data.packing=true", "data.synthetic_lengths=long_tail", "data.synthetic_max_text=30",
-    "data.num_workers=0", "batch.micro_batch_size=2", "batch.global_batch_size=4", "logging.every_n_steps=0",
+    "data.num_workers=1", "batch.micro_batch_size=2", "batch.global_batch_size=4", "logging.every_n_steps=0",
     "eval.every_n_steps=0", "checkpoint.resume=auto",
 ]
 

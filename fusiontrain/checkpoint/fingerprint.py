@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch.distributed as dist
@@ -39,7 +40,7 @@ def fingerprint(folders: dict[str, str], cache_file: Path | None = None) -> dict
     """``{role/file: {"size": bytes, "sha256": hex}}`` of the base folders (a collective when a
     process group is up: every rank hashes its share of the files, all ranks get the result)."""
     files = _files(folders)
-    cache = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.is_file() else {}
+    cache = _read_cache(cache_file)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = {}
     for index, (name, path) in enumerate(files):
@@ -59,8 +60,20 @@ def fingerprint(folders: dict[str, str], cache_file: Path | None = None) -> dict
     if cache_file is not None and rank == 0:
         cache.update({entry["_cache_key"]: entry["sha256"] for entry in merged.values()})
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(cache))
+        partial = cache_file.with_suffix(".partial")
+        partial.write_text(json.dumps(cache))
+        os.replace(partial, cache_file)  # other ranks may be reading it: never show a half file
     return {name: {"size": e["size"], "sha256": e["sha256"]} for name, e in sorted(merged.items())}
+
+
+def _read_cache(cache_file: Path | None) -> dict[str, str]:
+    """The hash cache, or an empty one when it is absent or unreadable (it is only a cache)."""
+    if cache_file is None or not cache_file.is_file():
+        return {}
+    try:
+        return json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def differences(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
