@@ -150,7 +150,17 @@ def worker_activations(args: argparse.Namespace) -> None:
         apply_activation_checkpointing(model, every)
         model.set_skip_output_projection(True)
         spec = image_spec(model)
-        data = build_dataset(DataConfig(synthetic_max_text=args.seq_len - 2), spec, vocab_size=32_000, image_token_id=32_000, seed=0, split="train")
+        vocab = model.decoder.tok_embeddings.vocab_size
+        data = build_dataset(
+            DataConfig(synthetic_max_text=args.seq_len - 2),
+            spec,
+            model_folders={"hf_mllama": args.folder},
+            vocab_size=vocab,
+            image_token_id=vocab,
+            seq_len=args.seq_len,
+            seed=0,
+            split="train",
+        )
         batch = collate_padded([data[i] for i in range(2)], args.seq_len, spec)
         saved = []
 
