@@ -689,37 +689,6 @@ def read_export_config(path: str | Path) -> dict:
     return config
 
 
-def build_composed_model(
-    decoder_config: dict,
-    encoder_config: dict,
-    *,
-    fusion_interval: int,
-    fusion_vocab_size: int,
-    decoder_trainable: bool = False,
-    encoder_trainable: bool = False,
-    fusion_trainable: bool = True,
-) -> DeepFusionModel:
-    """The composed model of :func:`~fusiontrain.models.compose.prepare_composed`, built from the two
-    ``config.json`` dicts alone (on the current default device; its tower's non-persistent buffers
-    need ``model.encoder.init_buffers()`` after a meta-device build)."""
-    from fusiontrain.models.compose import fusion_slots, llama_args_from_config
-    from fusiontrain.models.hf_vision import HFVisionTowerEncoder, build_vision_tower, vision_tower_config_from_dict
-    from fusiontrain.models.llama import llama_fused_decoder
-
-    args, num_layers = llama_args_from_config(decoder_config)
-    decoder = llama_fused_decoder(args, fusion_slots(num_layers, fusion_interval), fusion_vocab_size=fusion_vocab_size)
-    encoder = HFVisionTowerEncoder(
-        build_vision_tower(vision_tower_config_from_dict(encoder_config)), decoder_dim=args.hidden_size
-    )
-    return DeepFusionModel(
-        decoder,
-        encoder,
-        decoder_trainable=decoder_trainable,
-        encoder_trainable=encoder_trainable,
-        fusion_trainable=fusion_trainable,
-    )
-
-
 def load_fusiontrain_export(
     path: str | Path,
     *,
@@ -748,6 +717,8 @@ def load_fusiontrain_export(
 
             model = build_mllama(mllama_args_from_config(configs["mllama"]), **flags)
         else:
+            from fusiontrain.models.compose import build_composed_model
+
             model = build_composed_model(
                 configs["decoder"],
                 configs["encoder"],

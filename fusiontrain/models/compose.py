@@ -242,6 +242,33 @@ def image_token_layout(model: DeepFusionModel) -> ImageTokenLayout:
     )
 
 
+def build_composed_model(
+    decoder_config: dict,
+    encoder_config: dict,
+    *,
+    fusion_interval: int,
+    fusion_vocab_size: int,
+    decoder_trainable: bool = False,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+) -> DeepFusionModel:
+    """The composed model for a Llama ``config.json`` dict and a CLIP / SigLIP one, with fresh
+    weights, on the current default device (a meta-device build needs
+    ``model.encoder.init_buffers()`` once allocated)."""
+    args, num_layers = llama_args_from_config(decoder_config)
+    decoder = llama_fused_decoder(args, fusion_slots(num_layers, fusion_interval), fusion_vocab_size=fusion_vocab_size)
+    encoder = HFVisionTowerEncoder(
+        build_vision_tower(vision_tower_config_from_dict(encoder_config)), decoder_dim=args.hidden_size
+    )
+    return DeepFusionModel(
+        decoder,
+        encoder,
+        decoder_trainable=decoder_trainable,
+        encoder_trainable=encoder_trainable,
+        fusion_trainable=fusion_trainable,
+    )
+
+
 def prepare_composed(
     decoder_path: str | Path,
     encoder_path: str | Path,
@@ -262,20 +289,19 @@ def prepare_composed(
         )
     decoder_checkpoint = HFCheckpoint(decoder_path)
     encoder_checkpoint = HFCheckpoint(encoder_path, key_renamer=canonical_vision_tower_key)
-    args, num_layers = llama_args_from_config(decoder_checkpoint.config)
-    vision_config = vision_tower_config_from_dict(encoder_checkpoint.config)
+    _, num_layers = llama_args_from_config(decoder_checkpoint.config)
     slots = fusion_slots(num_layers, fusion_interval)
-
     with torch.device("meta"):
-        decoder = llama_fused_decoder(args, slots, fusion_vocab_size=fusion_vocab_size)
-        encoder = HFVisionTowerEncoder(build_vision_tower(vision_config), decoder_dim=args.hidden_size)
-        model = DeepFusionModel(
-            decoder,
-            encoder,
+        model = build_composed_model(
+            decoder_checkpoint.config,
+            encoder_checkpoint.config,
+            fusion_interval=fusion_interval,
+            fusion_vocab_size=fusion_vocab_size,
             decoder_trainable=decoder_trainable,
             encoder_trainable=encoder_trainable,
             fusion_trainable=fusion_trainable,
         )
+    encoder = model.encoder
 
     decoder_keys = decoder_checkpoint.keys()
     decoder_source = WeightSource(
