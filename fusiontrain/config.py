@@ -44,6 +44,9 @@ class ComposeConfig:
 class ModelConfig:
     hf_mllama: str | None = _field(None, "HF MllamaForConditionalGeneration folder (Llama 3.2 Vision).")
     compose: ComposeConfig = _field(ComposeConfig, "Build from a separate LLM and vision tower instead.")
+    fusiontrain_export: str | None = _field(
+        None, "Start from a fusiontrain-format export (python -m fusiontrain export --format fusiontrain)."
+    )
     dtype: Literal["float32", "bfloat16"] = _field(
         "float32", "Dtype of the stored (master) parameters; compute dtype is parallel.mixed_precision."
     )
@@ -307,12 +310,16 @@ def validate(config: TrainConfig) -> None:
     """Cross-field checks; raises ConfigError."""
     model = config.model
     composed = model.compose.decoder is not None or model.compose.encoder is not None
-    if (model.hf_mllama is None) == (not composed):
+    chosen = [model.hf_mllama is not None, composed, model.fusiontrain_export is not None]
+    if sum(chosen) != 1:
         raise ConfigError(
-            "set exactly one of model.hf_mllama or model.compose.decoder + model.compose.encoder"
+            "set exactly one of model.hf_mllama, model.compose.decoder + model.compose.encoder, or "
+            "model.fusiontrain_export"
         )
     if composed:
         folders = {"model.compose.decoder": model.compose.decoder, "model.compose.encoder": model.compose.encoder}
+    elif model.fusiontrain_export is not None:
+        folders = {"model.fusiontrain_export": model.fusiontrain_export}
     else:
         folders = {"model.hf_mllama": model.hf_mllama}
     for key, folder in folders.items():

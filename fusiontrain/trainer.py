@@ -21,6 +21,7 @@ from torch import nn
 import base64
 
 from fusiontrain import distributed
+from fusiontrain.checkpoint.export import prepare_fusiontrain_export
 from fusiontrain.checkpoint.fingerprint import fingerprint
 from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState, load_part
 from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, save_config
@@ -58,6 +59,8 @@ def prepare_model(config: ModelConfig, *, seed: int) -> PretrainedModel:
     )
     if config.hf_mllama is not None:
         return prepare_mllama(config.hf_mllama, **flags)
+    if config.fusiontrain_export is not None:
+        return prepare_fusiontrain_export(config.fusiontrain_export, **flags)
     return prepare_composed(
         config.compose.decoder, config.compose.encoder, fusion_interval=config.compose.fusion_interval, seed=seed, **flags
     )
@@ -67,6 +70,8 @@ def model_folders(config: ModelConfig) -> dict[str, str]:
     """The pretrained folders of the configured model, by role."""
     if config.hf_mllama is not None:
         return {"hf_mllama": config.hf_mllama}
+    if config.fusiontrain_export is not None:
+        return {"fusiontrain_export": config.fusiontrain_export}
     return {"decoder": config.compose.decoder, "encoder": config.compose.encoder}
 
 
@@ -151,11 +156,12 @@ def build_dataset(
     source = config.train if split == "train" else config.eval
     if source.path is None:
         return None
-    composed = "decoder" in model_folders
+    composed = spec.kind == "tower"
+    text_dir = model_folders.get("decoder") or model_folders.get("hf_mllama") or model_folders["fusiontrain_export"]
     builder = SampleBuilder(
-        model_folders["decoder"] if composed else model_folders["hf_mllama"],
+        text_dir,
         spec,
-        image_dir=model_folders.get("encoder"),
+        image_dir=model_folders.get("encoder") or (model_folders.get("fusiontrain_export") if composed else None),
         format=config.format,
         train_on=config.train_on,
         max_len=seq_len,
@@ -298,15 +304,21 @@ class Trainer:
 
     def _base_description(self) -> dict[str, Any]:
         folders = {role: str(Path(folder).resolve()) for role, folder in model_folders(self.config.model).items()}
-        if self.config.model.hf_mllama is not None:
+        if isinstance(self.model.encoder, MllamaVisionEncoder):
             return {"family": "mllama", "folders": folders}
         embeddings = self.model.decoder.tok_embeddings
         return {
             "family": "composed",
             "folders": folders,
-            "fusion_interval": self.config.model.compose.fusion_interval,
+            "fusion_interval": self._fusion_interval(),
             "fusion_vocab_size": embeddings.fusion_vocab_size,
         }
+
+    def _fusion_interval(self) -> int:
+        """Decoder layers per fused layer (composed models: every k-th layer holds one)."""
+        layers = self.model.decoder.layers
+        fused = [i for i, layer in enumerate(layers) if hasattr(getattr(layer, "_checkpoint_wrapped_module", layer), "fusion_layer")]
+        return fused[0] + 1 if fused else len(layers)
 
     def model_parts(self) -> dict[str, dict[str, torch.Tensor]]:
         """What a checkpoint holds of the model: every fusion parameter, plus the encoder's and

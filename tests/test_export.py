@@ -22,7 +22,6 @@ from fusiontrain import tiny
 from fusiontrain.checkpoint import layout
 from fusiontrain.checkpoint.export import (
     ExportError,
-    SafetensorsFolder,
     ShardWriter,
     export_checkpoint,
     load_fusiontrain_export,
@@ -199,7 +198,7 @@ def test_hf_export_shards_and_index(hf_fp32_export: Path) -> None:
 def test_hf_export_in_current_naming_loads_too(trained_mllama, tmp_path: Path) -> None:
     model, checkpoint = trained_mllama
     out = export_checkpoint(checkpoint, tmp_path / "current", dtype="fp32", hf_naming="current")
-    assert "model.language_model.embed_tokens.weight" in SafetensorsFolder(out).keys()
+    assert "model.language_model.embed_tokens.weight" in HFCheckpoint(out).keys()
     tokens, pixels, cross = _mllama_batch()
     got = _hf_logits(_hf_mllama(out), tokens, pixels, cross)
     torch.testing.assert_close(got, _our_logits(model, tokens, pixels, cross), atol=1e-5, rtol=0)

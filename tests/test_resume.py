@@ -144,7 +144,6 @@ def test_fusion_only_checkpoints_are_smaller_than_full_ones(tmp_path, tiny_mllam
     sizes = {}
     for mode in ("false", "true"):
         run = tmp_path / mode
-        started = time.perf_counter()
         _train(run, 1, tiny_mllama_dir, "checkpoint.every_n_steps=2", "max_steps=2", f"checkpoint.save_frozen={mode}")
         step = run / "checkpoints" / "step_2"
         manifest = json.loads((step / "manifest.json").read_text())
@@ -200,3 +199,34 @@ def test_fusion_init_starts_from_another_runs_fusion_weights(tmp_path, tiny_mlla
         "checkpoint.resume=null", mllama=tiny_mllama_dir,
     )
     _assert_bitwise(load_file(tmp_path / "h" / "initial.safetensors"), weights)
+
+
+def test_a_run_starts_from_a_fusiontrain_export_of_a_composed_model(tmp_path, tiny_llama_dir, tiny_clip_dir) -> None:
+    """Llama + CLIP: train, export in fusiontrain format, start a new run from the export (its
+    first weights are the exported ones), and export that run's checkpoint again."""
+    from fusiontrain.checkpoint.export import load_fusiontrain_export
+
+    composed = ["model.hf_mllama=null", f"model.compose.decoder={tiny_llama_dir}", f"model.compose.encoder={tiny_clip_dir}",
+                "model.compose.fusion_interval=2", "checkpoint.every_n_steps=2", "max_steps=2", "checkpoint.resume=null"]
+    args = [HARNESS, str(tmp_path / "h1"), "--config", TINY_CONFIG, f"output_dir={tmp_path / 'run1'}", *RUN, *composed]
+    run_torchrun(args, nproc=1, timeout=240)
+    trained = load_file(tmp_path / "h1" / "trainable.safetensors")
+
+    def export(checkpoint: Path, out: Path) -> None:
+        subprocess.run(
+            [sys.executable, "-m", "fusiontrain", "export", "--checkpoint", str(checkpoint), "--out", str(out),
+             "--format", "fusiontrain", "--dtype", "fp32"],
+            check=True, env=launch_env(), cwd=REPO_ROOT, capture_output=True,
+        )
+
+    export(tmp_path / "run1" / "checkpoints" / "step_2", tmp_path / "export1")
+    from_export = ["model.hf_mllama=null", f"model.fusiontrain_export={tmp_path / 'export1'}", "checkpoint.every_n_steps=1",
+                   "max_steps=1", "checkpoint.resume=null"]
+    args = [HARNESS, str(tmp_path / "h2"), "--config", TINY_CONFIG, f"output_dir={tmp_path / 'run2'}", *RUN, *from_export]
+    run_torchrun(args, nproc=1, timeout=240)
+    _assert_bitwise(load_file(tmp_path / "h2" / "initial.safetensors"), trained)
+    export(tmp_path / "run2" / "checkpoints" / "step_1", tmp_path / "export2")
+    reloaded = load_fusiontrain_export(tmp_path / "export2")
+    final = load_file(tmp_path / "h2" / "trainable.safetensors")
+    params = dict(reloaded.named_parameters())
+    _assert_bitwise({name: params[name].detach() for name in final}, final)

@@ -53,8 +53,8 @@ from torch import nn
 
 from fusiontrain.checkpoint import layout
 from fusiontrain.checkpoint.layout import CheckpointError
-from fusiontrain.models.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint, TensorRoute, load_routes, materialize
-from fusiontrain.models.pretrained import PretrainedModel
+from fusiontrain.models.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint, TensorRoute, materialize
+from fusiontrain.models.pretrained import PretrainedModel, WeightSource, check_routes_cover
 from fusiontrain.modules import DeepFusionModel, get_fusion_params
 
 EXPORT_CONFIG = "fusiontrain_config.json"
@@ -132,6 +132,19 @@ class _Base:
 def _open_base(manifest: dict, checkpoint: Path) -> _Base:
     base = manifest["base"]
     family, folders = base["family"], base["folders"]
+    if "fusiontrain_export" in folders:  # a run that started from a fusiontrain-format export
+        path = Path(folders["fusiontrain_export"])
+        if not path.is_dir():
+            raise ExportError(f"base folder {path}, recorded in {checkpoint / layout.MANIFEST}, does not exist")
+        exported = read_export_config(path)
+        return _Base(
+            family,
+            prepare_fusiontrain_export(path),
+            {"fusiontrain_export": path},
+            exported["config_dicts"],
+            exported.get("fusion_interval"),
+            exported.get("fusion_vocab_size"),
+        )
     needed = ("hf_mllama",) if family == "mllama" else ("decoder", "encoder")
     missing = [name for name in needed if name not in folders]
     if missing:
@@ -436,7 +449,7 @@ def _generation_config_from(config: dict) -> dict:
 
 
 def _write_hf(base: _Base, params: _Parameters, folder: Path, dtype: torch.dtype, max_shard_bytes: int, naming: str) -> None:
-    hf_folder = base.folders["hf_mllama"]
+    hf_folder = _text_folder(base)
     config = dict(base.configs["mllama"])
     dtype_name = str(dtype).removeprefix("torch.")
     config["dtype"] = dtype_name
@@ -471,17 +484,25 @@ def _write_fusiontrain(
     _write_json(folder / EXPORT_CONFIG, export_config)
     for name, file in files.items():
         _write_json(folder / file, base.configs[name])
-    if base.family == "mllama":
-        text_folder = image_folder = base.folders["hf_mllama"]
-    else:
-        text_folder, image_folder = base.folders["decoder"], base.folders["encoder"]
-    _copy_files(text_folder, folder, TOKENIZER_FILES + (GENERATION_CONFIG,), TOKENIZER_FOLDERS)
-    _copy_files(image_folder, folder, PROCESSOR_FILES)
+    _copy_files(_text_folder(base), folder, TOKENIZER_FILES + (GENERATION_CONFIG,), TOKENIZER_FOLDERS)
+    _copy_files(_image_folder(base), folder, PROCESSOR_FILES)
 
     writer = ShardWriter(folder, max_shard_bytes)
     for name in params.names():
         writer.add(name, params.read(name).to(dtype))
     writer.finish()
+
+
+def _text_folder(base: _Base) -> Path:
+    """Where the base's tokenizer and chat template live."""
+    folders = base.folders
+    return folders.get("hf_mllama") or folders.get("decoder") or folders["fusiontrain_export"]
+
+
+def _image_folder(base: _Base) -> Path:
+    """Where the base's image processor lives."""
+    folders = base.folders
+    return folders.get("hf_mllama") or folders.get("encoder") or folders["fusiontrain_export"]
 
 
 # -- the output folder ----------------------------------------------------------------------------
@@ -624,50 +645,6 @@ def export_checkpoint(
 # -- reading a fusiontrain export -------------------------------------------------------------------
 
 
-class SafetensorsFolder:
-    """The tensors of a folder holding ``model.safetensors`` or shards with an index (no
-    ``config.json`` needed); reads like :class:`HFCheckpoint` (``keys``, ``shape``, ``read``)."""
-
-    def __init__(self, folder: str | Path) -> None:
-        from safetensors import safe_open
-
-        self.folder = Path(folder)
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            self._file_of = {name: self.folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-        elif (self.folder / SINGLE_FILE).is_file():
-            with safe_open(self.folder / SINGLE_FILE, framework="pt") as handle:
-                self._file_of = {name: self.folder / SINGLE_FILE for name in handle.keys()}
-        else:
-            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.folder}")
-        for file in set(self._file_of.values()):
-            if not file.is_file():
-                raise FileNotFoundError(f"{file} is listed in {INDEX_FILE} but missing")
-
-    def keys(self) -> list[str]:
-        return list(self._file_of)
-
-    def _file(self, key: str) -> Path:
-        if key not in self._file_of:
-            raise KeyError(f"tensor {key!r} is not in {self.folder}")
-        return self._file_of[key]
-
-    def shape(self, key: str) -> list[int]:
-        from safetensors import safe_open
-
-        with safe_open(self._file(key), framework="pt") as handle:
-            return handle.get_slice(key).get_shape()
-
-    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self._file(key), framework="pt") as handle:
-            tensor_slice = handle.get_slice(key)
-            if rows is None or not tensor_slice.get_shape():
-                return handle.get_tensor(key)
-            return tensor_slice[rows[0] : rows[1]]
-
-
 def read_export_config(path: str | Path) -> dict:
     """The ``fusiontrain_config.json`` of an export, checked, with the base configs it names
     loaded under ``"config_dicts"``."""
@@ -689,24 +666,20 @@ def read_export_config(path: str | Path) -> dict:
     return config
 
 
-def load_fusiontrain_export(
+def _safetensors_folder(folder: str | Path) -> HFCheckpoint:
+    return HFCheckpoint(folder, require_config=False)
+
+
+def prepare_fusiontrain_export(
     path: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
     decoder_trainable: bool = False,
     encoder_trainable: bool = False,
     fusion_trainable: bool = True,
-) -> DeepFusionModel:
-    """Rebuild the :class:`DeepFusionModel` of a ``fusiontrain``-format export, from the configs it
-    stores (the base folders are not needed), and fill every parameter from its safetensors.
-
-    Args:
-        path: the export folder.
-        dtype: parameter dtype (values are cast from the export's dtype).
-        device: where the parameters live.
-        decoder_trainable, encoder_trainable, fusion_trainable: what trains (see DeepFusionModel).
-    """
+) -> PretrainedModel:
+    """The model of a ``fusiontrain``-format export, built on the meta device from the configs the
+    export stores (the base folders are not needed), with the export's safetensors as its only
+    weight source: :meth:`PretrainedModel.load` fills every parameter (also sharded)."""
     folder = Path(path)
     config = read_export_config(folder)
     configs = config["config_dicts"]
@@ -726,11 +699,35 @@ def load_fusiontrain_export(
                 fusion_vocab_size=config["fusion_vocab_size"],
                 **flags,
             )
-    materialize(model.to(dtype), device)
-    _init_buffers(model)
-    params = dict(model.named_parameters())
-    load_routes(params, SafetensorsFolder(folder), [TensorRoute(name, name) for name in params], strict=True)  # type: ignore[arg-type]
-    return model
+    source = WeightSource(_safetensors_folder(folder), [TensorRoute(name, name) for name, _ in model.named_parameters()])
+    check_routes_cover(source, set(source.checkpoint.keys()), "fusiontrain export")
+    return PretrainedModel(model, [source], init_buffers=_init_buffers)
+
+
+def load_fusiontrain_export(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    decoder_trainable: bool = False,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+) -> DeepFusionModel:
+    """Rebuild the :class:`DeepFusionModel` of a ``fusiontrain``-format export and fill every
+    parameter from its safetensors (see :func:`prepare_fusiontrain_export`).
+
+    Args:
+        path: the export folder.
+        dtype: parameter dtype (values are cast from the export's dtype).
+        device: where the parameters live.
+        decoder_trainable, encoder_trainable, fusion_trainable: what trains (see DeepFusionModel).
+    """
+    pretrained = prepare_fusiontrain_export(
+        path, decoder_trainable=decoder_trainable, encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable
+    )
+    materialize(pretrained.model.to(dtype), device)
+    pretrained.load()
+    return pretrained.model
 
 
 def _init_buffers(model: nn.Module) -> None:

@@ -40,16 +40,20 @@ class HFCheckpoint:
     Args:
         folder: the folder.
         key_renamer: maps a stored tensor name to the canonical one (e.g. legacy layouts).
+        require_config: fail when there is no ``config.json`` (not every safetensors folder has
+            one, e.g. fusiontrain's own export).
     """
 
-    def __init__(self, folder: str | Path, key_renamer: Callable[[str], str] = lambda key: key) -> None:
+    def __init__(
+        self, folder: str | Path, key_renamer: Callable[[str], str] = lambda key: key, *, require_config: bool = True
+    ) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"checkpoint folder {self.folder} does not exist")
         config_path = self.folder / "config.json"
-        if not config_path.is_file():
+        if require_config and not config_path.is_file():
             raise FileNotFoundError(f"{config_path} is missing: is {self.folder} a Hugging Face model folder?")
-        self.config: dict = json.loads(config_path.read_text())
+        self.config: dict = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self._file_of: dict[str, Path] = {}
         self._stored_name: dict[str, str] = {}
         for stored, file in self._stored_keys().items():
