@@ -162,3 +162,22 @@ def test_placeholder_image_changes_no_output() -> None:
         assert batch.encoder_input["aspect_ratio_mask"][:, 0, 0].tolist() == [1, 1]
         padded = model(batch.tokens, encoder_input=batch.encoder_input, encoder_mask=batch.encoder_mask)
     assert torch.equal(plain, padded)
+
+
+def test_block_mask_for_flex_attention_matches_the_dense_mask() -> None:
+    """The GPU path's BlockMask encodes the same pattern: flex_attention with it equals SDPA with
+    the dense mask (forward only: flex_attention has no CPU backward in torch 2.13)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from fusiontrain.data.packing import block_causal_block_mask
+    from fusiontrain.modules.attention import attend
+
+    packer = FirstFitPacker(SEQ_LEN, max_images=4, max_open_rows=1)
+    rows = [row for i, s in enumerate(SAMPLES) for row in packer.add(i, s)] + packer.flush()
+    segments = collate_rows(rows, SEQ_LEN, SPEC).segment_ids
+    q, k, v = torch.randn(3, 1, 4, SEQ_LEN, 16).unbind(0)
+    dense = attend(q, k, v, mask=block_causal_mask(segments))
+    with torch.no_grad():
+        flex = flex_attention(q, k, v, block_mask=block_causal_block_mask(segments))
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+    assert torch.equal(attend(q, k, v, mask=block_causal_block_mask(segments)), flex)
