@@ -6,8 +6,9 @@
     the ``hf`` export is one);
   * a ``fusiontrain``-format export (``fusiontrain_config.json``; Mllama or composed);
   * a training checkpoint (``<output_dir>/checkpoints/step_<N>`` with ``manifest.json``): the model
-    is rebuilt from the base folders the manifest names, then every part the checkpoint holds is
-    loaded over it with DCP (single process, no process group);
+    is rebuilt from the base folders the manifest names (a HF Mllama folder, a Llama + a CLIP /
+    SigLIP folder, or the fusiontrain export the run started from), then every part the checkpoint
+    holds is loaded over it with DCP (single process, no process group);
   * a run's ``output_dir`` (it has a ``checkpoints/`` folder): its latest complete checkpoint.
 
   The result, a :class:`LoadedModel`, carries the model and what builds its inputs: the tokenizer
@@ -257,7 +258,10 @@ def _load_checkpoint(
     manifest = layout.read_manifest(folder)
     base = manifest["base"]
     family, folders = base["family"], base["folders"]
-    needed = ("hf_mllama",) if family == "mllama" else ("decoder", "encoder")
+    if "fusiontrain_export" in folders:  # a run that started from a fusiontrain-format export
+        needed: tuple[str, ...] = ("fusiontrain_export",)
+    else:
+        needed = ("hf_mllama",) if family == "mllama" else ("decoder", "encoder")
     missing = [name for name in needed if name not in folders]
     if missing:
         raise CheckpointError(f"checkpoint folder {folder}: {layout.MANIFEST} base.folders lacks {missing}")
@@ -270,7 +274,18 @@ def _load_checkpoint(
             )
     if not allow_base_mismatch:
         _check_base_sizes(manifest, paths, folder)
-    if family == "mllama":
+    if "fusiontrain_export" in paths:
+        from fusiontrain.checkpoint.export import load_fusiontrain_export, read_export_config
+
+        exported = read_export_config(paths["fusiontrain_export"])["family"]
+        if exported != family:
+            raise CheckpointError(
+                f"checkpoint folder {folder}: {layout.MANIFEST} says family {family!r}, its base export "
+                f"{paths['fusiontrain_export']} holds a {exported!r} model"
+            )
+        model = load_fusiontrain_export(paths["fusiontrain_export"], dtype=dtype, device=device, fusion_trainable=False)
+        text_dir = image_dir = paths["fusiontrain_export"]
+    elif family == "mllama":
         from fusiontrain.models.mllama import load_hf_mllama
 
         model = load_hf_mllama(paths["hf_mllama"], dtype=dtype, device=device, fusion_trainable=False)

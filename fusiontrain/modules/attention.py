@@ -9,6 +9,7 @@ Mask convention everywhere: boolean, ``True`` means "may attend".
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Union
@@ -30,6 +31,15 @@ AttentionMask = Union[torch.Tensor, Any]  # a bool tensor or a flex_attention Bl
 def is_block_mask(mask: object) -> bool:
     """True when ``mask`` is a flex_attention ``BlockMask``."""
     return BlockMask is not None and isinstance(mask, BlockMask)
+
+
+@functools.cache
+def _flex_attention(compiled: bool) -> Any:
+    """flex_attention, compiled into a fused kernel for CUDA (uncompiled, it materialises the full
+    score matrix); plain on CPU, where it serves inference and tests only."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention) if compiled else flex_attention
 
 
 def attend(
@@ -56,9 +66,7 @@ def attend(
     """
     grouped = q.shape[1] != k.shape[1]
     if is_block_mask(mask):
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(q, k, v, block_mask=mask, enable_gqa=grouped)
+        return _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=grouped)
     if mask is not None:
         if mask.dtype != torch.bool:
             raise TypeError(f"attention masks are boolean (True = attend); got {mask.dtype}")
