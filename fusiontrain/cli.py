@@ -50,6 +50,13 @@ def _run_export(args: argparse.Namespace) -> int:
     return export_main(args.args)
 
 
+def _run_generate(args: argparse.Namespace) -> int:
+    """Handler of ``generate``: its own parser lives with the inference code (imported lazily)."""
+    from fusiontrain.inference import main as generate_main
+
+    return generate_main(args.args)
+
+
 def _run_make_tiny(args: argparse.Namespace) -> int:
     """Handler of ``make-tiny``: write tiny HF checkpoints for trying configs/tiny.yaml."""
     from fusiontrain import tiny
@@ -102,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("args", nargs=argparse.REMAINDER)
     export.set_defaults(func=_run_export)
+
+    generate = sub.add_parser(
+        "generate",
+        add_help=False,
+        prefix_chars="\0",  # pass every argument, --help included, to the generator's own parser
+        help="continue a prompt about images with a HF Mllama folder, an export or a training checkpoint",
+    )
+    generate.add_argument("args", nargs=argparse.REMAINDER)
+    generate.set_defaults(func=_run_generate)
 
     make_tiny = sub.add_parser("make-tiny", help="write tiny HF checkpoints (Mllama, Llama, CLIP, SigLIP)")
     make_tiny.add_argument("--out", default="tiny_checkpoints", help="folder to write them into")

@@ -38,8 +38,12 @@ pass ``attention_pairs = b * s * s`` to reproduce that convention. Cross-attenti
 attention are counted dense, which is what their kernels compute.
 
 Recompute is not counted: activation checkpointing and the chunked loss re-run forwards in
-backward (hardware FLOPs, "HFU"), but model FLOPs count each op once. Nor are non-matmul ops
-(norms, softmax, activations, elementwise), as usual.
+backward (hardware FLOPs, "HFU"), but model FLOPs count each op once; so does the recompute of
+the attention scores inside flash-attention backward (FlopCounterMode counts that backward as
+2.5x its forward, this count as 2x). Nor are non-matmul ops (norms, softmax, activations,
+elementwise), as usual.
+
+Only shapes and ``requires_grad`` are read, so a meta-device or FSDP-sharded model works too.
 """
 
 from __future__ import annotations
@@ -332,8 +336,11 @@ def _mllama_encoder(tally: _Tally, encoder: MllamaVisionEncoder, images: int) ->
     tokens, pairs = images * seq, images * seq * seq
 
     # Pixels never require grad: the patch convolution only ever computes a weight gradient.
-    tally.add("encoder.vision", _conv_flops(vision.conv, tiles, args.image_size), int(vision.conv.weight.requires_grad))
-    x = _trainable(vision.conv, vision.class_embedding, vision.pre_tile_pos_embed, vision.token_pos_embed, vision.ln_pre)
+    conv_flops = _conv_flops(vision.conv, tiles, args.image_size)
+    tally.add("encoder.vision", conv_flops, int(vision.conv.weight.requires_grad))
+    x = _trainable(
+        vision.conv, vision.class_embedding, vision.pre_tile_pos_embed, vision.token_pos_embed, vision.ln_pre
+    )
     outputs = []
     for layer in vision.layers:
         x = _self_attention_layer(
@@ -417,15 +424,6 @@ def _encoder(tally: _Tally, encoder: nn.Module, images: int) -> tuple[int, bool]
     raise TypeError(f"don't know how to count FLOPs of a {type(encoder).__name__} encoder")
 
 
-def encoder_tokens_per_image(model: nn.Module) -> int:
-    """Encoder embeddings per image slot: ``max_num_tiles * tokens_per_tile`` (Mllama) or the
-    tower's ``tokens_per_image``."""
-    encoder = _unwrap(_unwrap(model).encoder)
-    if isinstance(encoder, MllamaVisionEncoder):
-        return encoder.vision.args.max_num_tiles * encoder.vision.args.tokens_per_tile
-    return encoder.tokens_per_image
-
-
 # -- public API -----------------------------------------------------------------------------------
 
 
@@ -495,8 +493,8 @@ def step_flops(
 
     encoder_grad = False
     if images:
-        if encoder is None:
-            raise ValueError(f"images={images} but the model has no encoder")
+        if encoder is None or not num_rows:
+            raise ValueError(f"images={images} needs an encoder and num_rows > 0")
         tokens_per_image, encoder_grad = _encoder(tally, encoder, images)
         if encoder_seq_len is None:
             if images % num_rows:
@@ -523,7 +521,8 @@ def micro_batch_flops(model: nn.Module, batch: Any, *, attention_pairs: int | No
     ``batch.segment_ids`` (block-diagonal causal) or, without them, causal rows; the image slots
     from ``batch.encoder_input["pixel_values"]`` (``[b, i, ...]``) and ``s_e`` from
     ``batch.encoder_mask``. ``attention_pairs`` overrides the pairs (e.g. ``b * s * s``).
-    Packed batches cost one device sync (the segment count).
+    Packed batches cost two small device syncs (the segment counts) when ``batch`` is on a GPU;
+    pass the CPU batch to avoid them.
     """
     num_rows, seq_len = batch.tokens.shape
     if attention_pairs is None and getattr(batch, "segment_ids", None) is not None:

@@ -158,18 +158,18 @@ class MetricsLogger:
     def _start_wandb(
         self, mode: str, project: str, name: str | None, config: dict[str, Any]
     ) -> wandb.sdk.wandb_run.Run:
-        """Start (or continue, by ``self.run_id``) the wandb run. The environment's
-        ``WANDB_PROJECT`` / ``WANDB_NAME`` / ``WANDB_DIR`` win over the arguments."""
+        """Start (or continue, by ``self.run_id``) the wandb run. ``WANDB_PROJECT``,
+        ``WANDB_NAME`` and ``WANDB_DIR`` from the environment win over the arguments."""
         import wandb
 
         env = os.environ
         return wandb.init(
-            project=None if env.get("WANDB_PROJECT") else project,
-            name=None if env.get("WANDB_NAME") else (name or self.output_dir.resolve().name),
+            project=env.get("WANDB_PROJECT") or project,
+            name=env.get("WANDB_NAME") or name or self.output_dir.resolve().name,
             id=self.run_id,
             resume="allow",
             mode=mode,
-            dir=None if env.get("WANDB_DIR") else str(self.output_dir),
+            dir=env.get("WANDB_DIR") or str(self.output_dir),
             config={**config, "system": self.system},
         )
 
@@ -214,13 +214,21 @@ class MetricsLogger:
 
     def close(self, exit_code: int = 0) -> None:
         """Close the bar, finish the wandb run (``exit_code`` != 0 marks it failed) and close
-        ``metrics.jsonl``. Safe to call more than once."""
+        ``metrics.jsonl``. Safe to call more than once.
+
+        Finishing also shuts wandb's service process down (``wandb.teardown``): only then is
+        everything on disk (``run.finish()`` alone can return before an offline run's datastore is
+        written) and uploaded, even if the process then ends without running ``atexit`` hooks.
+        """
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self.wandb_run is not None:
+            import wandb
+
             self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
+            wandb.teardown(exit_code)
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -49,8 +49,11 @@ def _alone(model, sample: Sample) -> torch.Tensor:
     encoder_mask = None
     if sample.images:
         encoder_mask = torch.zeros(1, len(sample), len(sample.images) * SPEC.tokens_per_image, dtype=torch.bool)
-        for k, (start, end) in enumerate(sample.image_spans):
-            encoder_mask[0, start:end, k * SPEC.tokens_per_image : (k + 1) * SPEC.tokens_per_image] = True
+        for k, ((start, end), image) in enumerate(zip(sample.image_spans, sample.images)):
+            for tile in range(2):  # only real tiles are seen (MllamaProcessor's cross_attention_mask)
+                if image["aspect_ratio_mask"][tile]:
+                    first = k * SPEC.tokens_per_image + tile * 5
+                    encoder_mask[0, start:end, first : first + 5] = True
     with torch.no_grad():
         return model(sample.tokens[None], encoder_input=encoder_input, encoder_mask=encoder_mask)[0]
 
@@ -181,3 +184,20 @@ def test_block_mask_for_flex_attention_matches_the_dense_mask() -> None:
         flex = flex_attention(q, k, v, block_mask=block_causal_block_mask(segments))
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
     assert torch.equal(attend(q, k, v, mask=block_causal_block_mask(segments)), flex)
+
+
+def test_padding_tiles_are_never_seen() -> None:
+    """A 1-tile image in a 2-tile encoder: text sees its 5 real-tile tokens, not the padding tile's
+    (what MllamaProcessor's cross_attention_mask and encoder_mask_from_cross_attention_mask give)."""
+    from fusiontrain.data.batch import collate_padded
+    from fusiontrain.models import encoder_mask_from_cross_attention_mask
+
+    sample = _sample(6, [0], seed=3)  # ratio 1 + (3 % 3) = 1: one tile
+    assert sample.images[0]["aspect_ratio_mask"].tolist() == [1, 0]
+    hf_cross = torch.zeros(1, 6, 1, 2, dtype=torch.long)
+    hf_cross[0, :, 0, 0] = 1
+    want = encoder_mask_from_cross_attention_mask(hf_cross, tokens_per_tile=5)
+    assert torch.equal(collate_padded([sample], 8, SPEC).encoder_mask[:, :6], want)
+    packer = FirstFitPacker(SEQ_LEN, max_images=4, max_open_rows=1)
+    rows = packer.add(0, sample) + packer.flush()
+    assert torch.equal(collate_rows(rows, SEQ_LEN, SPEC).encoder_mask[:, :6], want)

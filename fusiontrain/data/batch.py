@@ -104,6 +104,17 @@ class Batch:
         )
 
 
+def seen_columns(image: dict[str, torch.Tensor], spec: ImageSpec) -> torch.Tensor:
+    """Indices, among an image's ``tokens_per_image`` encoder tokens, that text may attend to:
+    all of them for a tower; for Mllama only the tokens of its real tiles (``aspect_ratio_mask``),
+    as MllamaProcessor's cross_attention_mask does; padding tiles are never seen."""
+    if spec.kind == "tower":
+        return torch.arange(spec.tokens_per_image)
+    per_tile = spec.tokens_per_image // spec.max_num_tiles
+    real_tiles = image["aspect_ratio_mask"].nonzero().flatten()
+    return (real_tiles[:, None] * per_tile + torch.arange(per_tile)).flatten()
+
+
 def with_placeholder_image(batch: Batch, spec: ImageSpec) -> Batch:
     """``batch`` with one blank image slot per row that no token attends to, when it has no image.
 
@@ -185,8 +196,8 @@ def collate_padded(samples: list[Sample], seq_len: int, spec: ImageSpec, *, pad_
         encoder_mask = torch.zeros(b, seq_len, max_images * spec.tokens_per_image, dtype=torch.bool)
         for row, sample in enumerate(samples):
             n = len(sample.tokens)
-            for index, (start, end) in enumerate(sample.image_spans):
-                columns = slice(index * spec.tokens_per_image, (index + 1) * spec.tokens_per_image)
+            for index, ((start, end), image) in enumerate(zip(sample.image_spans, sample.images)):
+                columns = index * spec.tokens_per_image + seen_columns(image, spec)
                 encoder_mask[row, start:end, columns] = True
     input_pos = torch.arange(seq_len).expand(b, seq_len).clone()
     return Batch(

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from fusiontrain.data.batch import Batch, ImageSpec, Sample, stack_images
+from fusiontrain.data.batch import Batch, ImageSpec, Sample, seen_columns, stack_images
 
 
 @dataclass
@@ -128,8 +128,8 @@ def collate_rows(
             input_pos[r, offset : offset + n] = torch.arange(n)
             segment_ids[r, offset : offset + n] = segment
             is_real[r, offset : offset + n] = True
-            for start, end in sample.image_spans:
-                encoder_mask[r, offset + start : offset + end, slot * width : (slot + 1) * width] = True
+            for (start, end), image in zip(sample.image_spans, sample.images):
+                encoder_mask[r, offset + start : offset + end, slot * width + seen_columns(image, spec)] = True
                 slot += 1
             offset += n
         pad = seq_len - offset
