@@ -160,7 +160,13 @@ class MetricsLogger:
     ) -> wandb.sdk.wandb_run.Run:
         """Start (or continue, by ``self.run_id``) the wandb run. ``WANDB_PROJECT``,
         ``WANDB_NAME`` and ``WANDB_DIR`` from the environment win over the arguments."""
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError(
+                f"wandb mode {mode!r} needs the wandb package: pip install wandb, or set "
+                "logging.wandb.mode=disabled (metrics.jsonl is written either way)"
+            ) from None
 
         env = os.environ
         return wandb.init(

@@ -31,6 +31,7 @@ from fusiontrain.data.errors import BadSample
 from fusiontrain.data.formats import SampleBuilder
 from fusiontrain.data.loader import SKIP_REASONS, SampleStream, StreamConfig, build_loader
 from fusiontrain.data.sources import RecordSource, load_records
+from fusiontrain.flops import device_peak_flops, mfu, micro_batch_flops
 from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
 from fusiontrain.metrics import MetricsLogger, peak_memory_bytes
 from fusiontrain.models.compose import prepare_composed
@@ -195,6 +196,11 @@ class Trainer:
             save_config(config, self.output_dir / "config.yaml")
 
         self.mesh = distributed.build_mesh(self.context, config.parallel.dp_replicate, config.parallel.dp_shard)
+        try:
+            self.peak_flops: float | None = device_peak_flops(self.device)
+        except ValueError as error:  # a GPU outside the peak table: no MFU rather than a wrong one
+            logger.warning("MFU unavailable: %s", error)
+            self.peak_flops = None
         self.model = self._build_model()
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -375,6 +381,7 @@ class Trainer:
         """One optimizer step over this rank's micro-batches of the global batch ``step``."""
         started = time.perf_counter()
         batches = [self._on_device(next(self._train_batches)) for _ in range(self.grad_accum_steps)]
+        flops = sum(micro_batch_flops(self.model, batch).total for batch in batches)
         ignore = self.config.loss.ignore_index
         local_targets = sum(count_targets(batch.labels, ignore) for batch in batches)
         global_targets = distributed.all_reduce_sum(local_targets.clone()).item()
@@ -398,7 +405,11 @@ class Trainer:
         slots = sum(b.is_real.numel() for b in batches) * self.context.world_size
         self.skipped_total += distributed.all_reduce_sum(self._skipped_in(batches).to(self.device))
         elapsed = time.perf_counter() - started
+        step_flops = distributed.all_reduce_sum(torch.tensor(float(flops), dtype=torch.float64, device=self.device)).item()
+        world = self.context.world_size
         return {
+            "mfu": mfu(step_flops, elapsed, self.peak_flops, world) if self.peak_flops else None,
+            "tflops_per_device": step_flops / elapsed / world / 1e12,
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,

@@ -215,9 +215,13 @@ def test_console_lines_when_not_a_terminal(tmp_path: Path) -> None:
 @pytest.mark.parametrize("make_stream, progress", [(FakeTerminal, None), (io.StringIO, True)])
 def test_progress_bar_on_a_terminal_or_when_forced(tmp_path: Path, make_stream: type, progress: bool | None) -> None:
     stream = make_stream()
-    run_logger(tmp_path, range(5, 8), stream=stream, start_step=5, progress=progress)
+    logger = MetricsLogger(tmp_path, is_main=True, stream=stream, max_steps=10, start_step=5, progress=progress)
+    for step in range(5, 8):
+        logger.log(step, {**step_metrics(step), "eval_loss": 0.5} if step == 6 else step_metrics(step))
+    logger.close()
     text = stream.getvalue()
     final = text.split("\r")[-1]
     assert "8/10" in final and "loss=0.7500" in final and "tok/s=12,700" in final
     assert "<" in final  # tqdm's elapsed<remaining (the ETA)
+    assert "step 6 eval_loss=0.5\n" in text  # eval losses stay in the scrollback
     assert "step=" not in text  # no plain lines beside the bar

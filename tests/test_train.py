@@ -116,8 +116,9 @@ def test_run_folder_has_config_and_metrics(tmp_path, mllama_args, reference) -> 
     assert (out / "config.yaml").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
-    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_memory_bytes"):
+    for key in ("loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_memory_bytes", "mfu", "real_token_share"):
         assert all(key in row for row in rows), key
+    assert all(0 < row["mfu"] < 1 for row in rows)
     assert "eval_loss" in rows[1] and "eval_loss" not in rows[0]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in rows]), torch.tensor(reference[0]["losses"]), atol=2e-6, rtol=0)
 
