@@ -163,7 +163,9 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
-    mode: Literal["online", "offline", "disabled"] = _field("disabled", "wandb mode.")
+    mode: Literal["online", "offline", "disabled"] = _field(
+        "disabled", "wandb mode (rank 0 only); WANDB_MODE in the environment wins. metrics.jsonl is always written."
+    )
     project: str = _field("fusiontrain", "wandb project.")
 
 
@@ -352,8 +354,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"config key 'parallel.dp_shard' must be -1 or >= 1; got {config.parallel.dp_shard}")
     if config.checkpoint.every_n_steps < 0 or config.checkpoint.keep_last_n < 0:
         raise ConfigError("config keys 'checkpoint.every_n_steps' and 'checkpoint.keep_last_n' must be >= 0")
-    if config.logging.wandb.mode != "disabled":
-        raise ConfigError("logging.wandb.mode: wandb logging is not implemented yet; use 'disabled' (metrics.jsonl is always written)")
     optim = config.optim
     if not (math.isfinite(optim.lr) and optim.lr > 0):
         raise ConfigError(f"config key 'optim.lr' must be a finite number > 0; got {optim.lr}")

@@ -142,7 +142,6 @@ class MetricsLogger:
         if not is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a")
         self.system = system_info(device, world_size)
         if self.run_id is None:
             self.run_id = new_run_id()
@@ -150,6 +149,7 @@ class MetricsLogger:
         if mode != "disabled":
             self.wandb_run = self._start_wandb(mode, wandb_project, run_name, config or {})
             self.run_id = self.wandb_run.id
+        self._file = self.path.open("a")
         if progress is None:
             progress = _is_terminal(self.stream)
         if progress:

@@ -24,7 +24,7 @@ from fusiontrain import distributed
 from fusiontrain.checkpoint.export import prepare_fusiontrain_export
 from fusiontrain.checkpoint.fingerprint import fingerprint
 from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState, load_part
-from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, save_config
+from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, config_to_dict, save_config
 from fusiontrain.data import Batch, ImageSpec, SyntheticImageText, collate_padded
 from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
@@ -253,6 +253,7 @@ class Trainer:
             keep_last_n=config.checkpoint.keep_last_n,
             async_save=config.checkpoint.async_save,
         )
+        self.wandb_run_id: str | None = None  # the wandb run to continue, from a checkpoint
         resume_from = self.checkpointer.resolve(config.checkpoint.resume)
         if resume_from is not None:
             self._restore(resume_from)
@@ -260,7 +261,17 @@ class Trainer:
             load_part(Path(config.model.fusion_init), "fusion", self.model_parts()["fusion"])
         self._train_batches = iter(self.train_loader)
         self.metrics = MetricsLogger(
-            self.output_dir, is_main=self.context.is_main, console_every=config.logging.every_n_steps
+            self.output_dir,
+            is_main=self.context.is_main,
+            console_every=config.logging.every_n_steps,
+            config=config_to_dict(config),
+            wandb_mode=config.logging.wandb.mode,
+            wandb_project=config.logging.wandb.project,
+            run_id=self.wandb_run_id,
+            max_steps=min(config.max_steps, config.stop_after_steps or config.max_steps),
+            start_step=self.start_step,
+            world_size=self.context.world_size,
+            device=self.device,
         )
 
     def _build_model(self) -> nn.Module:
@@ -302,6 +313,9 @@ class Trainer:
                 if every and (done % every == 0 or done == last):
                     self.save_checkpoint(done)
             self.checkpointer.wait()
+        except BaseException:
+            self.metrics.close(exit_code=1)  # marks the wandb run failed
+            raise
         finally:
             self.metrics.close()
         return history
@@ -353,7 +367,7 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "scheduler": self.scheduler.state_dict(),
                 "skipped": self.skipped_total.tolist(),
-                "wandb_run_id": None,
+                "wandb_run_id": self.metrics.run_id,
             },
         )
 
@@ -369,6 +383,7 @@ class Trainer:
         self.start_step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.skipped_total = torch.tensor(state["skipped"], dtype=torch.long, device=self.device)
+        self.wandb_run_id = state.get("wandb_run_id")
         self.train_loader.load_state_dict(rank_state["loader"])
         decode = lambda text: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)  # noqa: E731
         torch.set_rng_state(decode(rank_state["rng"]["cpu"]))

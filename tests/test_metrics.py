@@ -225,3 +225,9 @@ def test_progress_bar_on_a_terminal_or_when_forced(tmp_path: Path, make_stream: 
     assert "<" in final  # tqdm's elapsed<remaining (the ETA)
     assert "step 6 eval_loss=0.5\n" in text  # eval losses stay in the scrollback
     assert "step=" not in text  # no plain lines beside the bar
+
+
+@pytest.mark.usefixtures("no_wandb")
+def test_missing_wandb_package_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(ImportError, match="pip install wandb"):
+        MetricsLogger(tmp_path, is_main=True, wandb_mode="offline", progress=False)

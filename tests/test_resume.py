@@ -230,3 +230,14 @@ def test_a_run_starts_from_a_fusiontrain_export_of_a_composed_model(tmp_path, ti
     final = load_file(tmp_path / "h2" / "trainable.safetensors")
     params = dict(reloaded.named_parameters())
     _assert_bitwise({name: params[name].detach() for name in final}, final)
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, tiny_mllama_dir) -> None:
+    run = tmp_path / "run"
+    env_args = ["logging.wandb.mode=offline", "checkpoint.every_n_steps=1", "max_steps=2"]
+    _train(run, 1, tiny_mllama_dir, *env_args, "stop_after_steps=1")
+    _train(run, 1, tiny_mllama_dir, *env_args)
+    ids = [json.loads((run / "checkpoints" / f"step_{n}" / "manifest.json").read_text())["state"]["wandb_run_id"] for n in (1, 2)]
+    assert ids[0] and ids[0] == ids[1]
+    offline_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(path.name.endswith(ids[0]) or ids[0] in path.name for path in offline_runs)
