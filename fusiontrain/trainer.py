@@ -9,6 +9,7 @@ clipping, warmup + decay, a periodic eval loss, and one ``metrics.jsonl`` row pe
 
 from __future__ import annotations
 
+import base64
 import logging
 import math
 import time
@@ -18,8 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import base64
-
 from fusiontrain import distributed
 from fusiontrain.checkpoint.export import prepare_fusiontrain_export
 from fusiontrain.checkpoint.fingerprint import fingerprint
@@ -28,9 +27,9 @@ from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig
 from fusiontrain.data import Batch, ImageSpec, SyntheticImageText, collate_padded
 from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
-from fusiontrain.data.formats import SampleBuilder
+from fusiontrain.data.formats import RecordDataset, SampleBuilder
 from fusiontrain.data.loader import SKIP_REASONS, SampleStream, StreamConfig, build_loader
-from fusiontrain.data.sources import RecordSource, load_records
+from fusiontrain.data.sources import load_records
 from fusiontrain.flops import device_peak_flops, mfu, micro_batch_flops
 from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
 from fusiontrain.metrics import MetricsLogger, peak_memory_bytes
@@ -114,21 +113,6 @@ def lr_multiplier(step: int, config: OptimConfig, max_steps: int) -> float:
     progress = min(1.0, progress)
     decay = 1.0 - progress if config.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
-
-
-class RecordDataset:
-    """Samples built from records on demand (in dataloader workers): ``dataset[i]`` reads record
-    ``i``, tokenizes it and decodes its images, or raises BadSample."""
-
-    def __init__(self, records: RecordSource, builder: SampleBuilder) -> None:
-        self.records = records
-        self.builder = builder
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> Sample:
-        return self.builder(self.records[index])
 
 
 def build_dataset(

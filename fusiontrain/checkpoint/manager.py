@@ -54,16 +54,19 @@ TRAIN_STATE = "train_state"
 OPTIMIZER = "optimizer"
 
 
-def verify(path: Path) -> dict[str, Any]:
+def verify(path: Path, *, with_optimizer: bool = True) -> dict[str, Any]:
     """Check that checkpoint ``path`` is whole before anything is loaded from it: a valid
-    manifest, and for every DCP folder (model parts and optimizer) its metadata and every data
-    file it refers to, at least as long as the metadata says. Returns the manifest.
+    manifest, and for every DCP folder (model parts, and the optimizer unless
+    ``with_optimizer=False``) its metadata and every data file it refers to, at least as long as
+    the metadata says. Returns the manifest.
 
     Raises:
         CheckpointError: naming the folder and what is missing or short.
     """
     manifest = read_manifest(path)
-    folders = [part_dir(path, part) for part in manifest["parts"]] + [path / TRAIN_STATE / OPTIMIZER]
+    folders = [part_dir(path, part) for part in manifest["parts"]]
+    if with_optimizer:
+        folders.append(path / TRAIN_STATE / OPTIMIZER)
     for folder in folders:
         try:
             metadata = FileSystemReader(folder).read_metadata()
@@ -82,7 +85,7 @@ def verify(path: Path) -> dict[str, Any]:
 def load_part(path: Path, part: str, tensors: dict[str, torch.Tensor]) -> None:
     """Load one part (e.g. another run's ``fusion`` weights) of checkpoint ``path`` into
     ``tensors`` in place, resharding as needed. Its keys must match exactly."""
-    manifest = verify(path)
+    manifest = verify(path, with_optimizer=False)
     if part not in manifest["parts"]:
         raise CheckpointError(f"checkpoint {path} has no {part!r} part (it holds {manifest['parts']})")
     dcp.load(tensors, checkpoint_id=part_dir(path, part))

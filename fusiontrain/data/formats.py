@@ -60,7 +60,7 @@ import torch
 from fusiontrain.data.batch import ImageSpec, Sample
 from fusiontrain.data.errors import REASONS, BadSample
 from fusiontrain.data.images import ImageTransform, check_mllama_aspect_ratios
-from fusiontrain.data.sources import ImageRef, Record, open_image
+from fusiontrain.data.sources import ImageRef, Record, RecordSource, open_image
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -400,3 +400,18 @@ class SampleBuilder:
                     "bad_record", f"message {index}: content items must be {{'type': 'text' | 'image'}}, got {item!r}"
                 )
         return "".join(texts)
+
+
+class RecordDataset:
+    """Samples built from records on demand (in dataloader workers): ``dataset[i]`` reads record
+    ``i``, tokenizes it and decodes its images, or raises BadSample."""
+
+    def __init__(self, records: RecordSource, builder: SampleBuilder) -> None:
+        self.records = records
+        self.builder = builder
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.builder(self.records[index])
