@@ -1,84 +1,210 @@
-"""The end-to-end demo (``make demo``): a tiny Llama 3.2 Vision from a generated HF checkpoint.
+"""The end-to-end demo (``make demo``), on 2 CPU processes in about a minute and a half.
 
-It writes a tiny ``MllamaForConditionalGeneration`` folder (config, safetensors, tokenizer and
-processor), loads it into a :class:`~fusiontrain.modules.DeepFusionModel`, checks its logits
-against ``transformers`` on a drawn image, and prints a KV-cached greedy continuation. The weights
-are random, so the continuation is gibberish until training lands (a later issue).
+1. Writes a tiny HF Llama 3.2 Vision checkpoint (config, safetensors, tokenizer, processor) and
+   draws a few hundred images of red / green / blue circles, squares and triangles, each with its
+   caption ("a red circle"), plus held-out ones.
+2. Trains on 2 gloo ranks under ``torchrun --max-restarts 1`` with packing and checkpoints, and
+   kills one rank with SIGKILL mid-run: torchrun restarts the job, which resumes from the latest
+   checkpoint by itself.
+3. Exports the last checkpoint in the HF layout, reloads it with ``transformers`` and checks its
+   logits against fusiontrain's.
+4. Captions held-out images with KV-cached greedy decoding.
+
+The tiny base model is random, so the demo trains it whole (``decoder_trainable``,
+``encoder_trainable``): a random LM cannot be steered to spell captions by its fusion layers
+alone. Real runs start from pretrained weights and train the fusion parameters only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-from fusiontrain.generation import generate
-from fusiontrain.models import encoder_mask_from_cross_attention_mask, load_hf_mllama
-from fusiontrain.modules import get_fusion_params
-from fusiontrain.tiny import save_tiny_mllama
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
+SHAPES = ("circle", "square", "triangle")
+TRAIN_STEPS, KILL_AFTER_CHECKPOINT = 160, 80
 
 
-def draw_shape(kind: str, color: tuple[int, int, int], size: tuple[int, int] = (64, 40)) -> Image.Image:
-    """A plain picture: one ``kind`` ("circle" or "square") of ``color`` on white."""
+def draw_shape(shape: str, color: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """One ``color`` ``shape`` on white, a little off-centre."""
+    width, height = size
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    box = (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4)
-    (draw.ellipse if kind == "circle" else draw.rectangle)(box, fill=color)
+    radius = rng.randint(12, 18)
+    cx, cy = width // 2 + rng.randint(-4, 4), height // 2 + rng.randint(-4, 4)
+    box = (cx - radius, cy - radius, cx + radius, cy + radius)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    else:
+        draw.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=COLORS[color])
     return image
 
 
+def write_dataset(folder: Path, count: int, seed: int) -> list[tuple[Path, str]]:
+    """``count`` drawn images and a caption JSON Lines file; returns (image, caption) pairs."""
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    pairs, lines = [], []
+    for index in range(count):
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        size = rng.choice([(48, 48), (64, 40), (40, 64)])
+        path = folder / "images" / f"{index}.png"
+        draw_shape(shape, color, size, rng).save(path)
+        caption = f"a {color} {shape}"
+        pairs.append((path, caption))
+        lines.append(json.dumps({"image": f"images/{index}.png", "text": caption}))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return pairs
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant process of ``pid`` (read from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in parents.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _rank_one(pid: int) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"LOCAL_RANK=1" in environ and b"torch.distributed.run" not in cmdline and b"fusiontrain" in cmdline
+
+
+def train_with_a_kill(command: list[str], run: Path, log: Path) -> None:
+    """Run ``command`` (torchrun with --max-restarts 1) and SIGKILL rank 1 once the checkpoint
+    of step KILL_AFTER_CHECKPOINT exists; torchrun restarts and the run resumes by itself."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        marker = run / "checkpoints" / f"step_{KILL_AFTER_CHECKPOINT}" / "manifest.json"
+        while not marker.is_file() and process.poll() is None:
+            time.sleep(0.05)
+        victims = [pid for pid in _children(process.pid) if _rank_one(pid)]
+        if victims:
+            os.kill(victims[0], signal.SIGKILL)
+            print(f"      killed rank 1 (pid {victims[0]}) with SIGKILL after the step-{KILL_AFTER_CHECKPOINT} checkpoint")
+        if process.wait() != 0:
+            raise RuntimeError(f"training failed; see {log}")
+
+
+def caption(model, transform, tokenizer, image: Image.Image, spec) -> str:
+    """Greedy caption of ``image``: the caption layout trained on (BOS, image token, text)."""
+    from fusiontrain.data.batch import seen_columns, stack_images
+    from fusiontrain.generation import generate
+
+    pixels = transform(image)
+    image_token = model.decoder.tok_embeddings.vocab_size
+    prompt = torch.tensor([[tokenizer.bos_token_id, image_token]])
+    encoder_mask = torch.zeros(1, 2, spec.tokens_per_image, dtype=torch.bool)
+    encoder_mask[:, :, seen_columns(pixels, spec)] = True
+    tokens = generate(
+        model,
+        prompt,
+        max_new_tokens=16,
+        encoder_input=stack_images([[pixels]], spec),
+        encoder_mask=encoder_mask,
+        stop_token_ids=(tokenizer.eos_token_id,),
+    )
+    return tokenizer.decode(tokens[0, 2:], skip_special_tokens=True).strip()
+
+
 def main(args: argparse.Namespace) -> int:
-    from transformers import AutoProcessor, MllamaForConditionalGeneration
     from transformers.utils import logging as hf_logging
+
+    from fusiontrain import tiny
 
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    output_dir = Path(args.output_dir)
-    checkpoint_dir = output_dir / "tiny_mllama"
-    print(f"[1/4] writing a tiny HF Llama 3.2 Vision checkpoint to {checkpoint_dir}")
-    save_tiny_mllama(checkpoint_dir, seed=0)
+    out = Path(args.output_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"[1/4] a tiny HF Llama 3.2 Vision checkpoint and {300} drawn images with captions, in {out}")
+    base, _ = tiny.save_tiny_mllama(out / "tiny_mllama", seed=0, nonzero_gates=False)
+    write_dataset(out / "train", 300, seed=1)
+    held_out = write_dataset(out / "held_out", 6, seed=2)
 
-    print("[2/4] loading it into a fusiontrain DeepFusionModel")
-    model = load_hf_mllama(checkpoint_dir).eval()
-    total = sum(p.numel() for p in model.parameters())
-    fusion = sum(p.numel() for p in get_fusion_params(model).values())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"      parameters: {total:,} in all, {fusion:,} fusion, {trainable:,} trainable (fusion only)")
+    print("[2/4] training on 2 ranks (gloo) with packing and checkpoints; one rank gets killed")
+    run = out / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+        "-m", "fusiontrain", "train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
+        f"model.hf_mllama={base}", f"output_dir={run}", "data.format=caption",
+        f"data.train.path={out / 'train' / 'captions.jsonl'}", f"data.eval.path={out / 'held_out' / 'captions.jsonl'}",
+        "model.decoder_trainable=true", "model.encoder_trainable=true", "batch.seq_len=64",
+        "batch.micro_batch_size=2", "batch.global_batch_size=4", f"max_steps={TRAIN_STEPS}", "optim.lr=3e-3",
+        "optim.warmup_steps=5", "checkpoint.every_n_steps=40", "checkpoint.resume=auto", "eval.every_n_steps=40",
+        "eval.num_samples=6", "logging.every_n_steps=0",
+    ]
+    train_with_a_kill(command, run, out / "train.log")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["step"] % 20 == 0 or "eval_loss" in row:
+            extra = f"  eval loss {row['eval_loss']:.3f}" if "eval_loss" in row else ""
+            print(f"      step {row['step']:3d}  loss {row['loss']:.3f}{extra}")
+    resumed = "resumed from" in (out / "train.log").read_text()
+    print(f"      the restarted job resumed from its checkpoint: {resumed}")
 
-    print("[3/4] one forward on a drawn image, against transformers")
-    processor = AutoProcessor.from_pretrained(checkpoint_dir)
-    batch = processor(
-        images=[[draw_shape("circle", (220, 40, 40))]],
-        text=["<|image|>a picture of"],
-        add_special_tokens=False,
-        return_tensors="pt",
-    )
-    encoder_input = {key: batch[key] for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
-    vision_args = model.encoder.vision.args
-    encoder_mask = encoder_mask_from_cross_attention_mask(
-        batch["cross_attention_mask"], vision_args.tokens_per_tile, vision_args.max_num_tiles
-    )
+    print("[3/4] export the last checkpoint in the HF layout and reload it with transformers")
+    from transformers import MllamaForConditionalGeneration
+
+    from fusiontrain.checkpoint.export import export_checkpoint
+    from fusiontrain.checkpoint.layout import latest_complete
+    from fusiontrain.data.images import ImageTransform
+    from fusiontrain.inference import load_for_inference
+    from fusiontrain.models import encoder_mask_from_cross_attention_mask
+
+    step, checkpoint = latest_complete(run)
+    exported = export_checkpoint(checkpoint, out / "exported", format="hf", dtype="fp32")
+    hf_model = MllamaForConditionalGeneration.from_pretrained(exported, attn_implementation="eager").eval()
+    loaded = load_for_inference(checkpoint)
+    transform = ImageTransform.from_pretrained(base, loaded.spec)
+    image = Image.open(held_out[0][0]).convert("RGB")
+    pixels = transform(image)
+    from fusiontrain.data.batch import stack_images
+
+    encoder_input = stack_images([[pixels]], loaded.spec)
+    tokens = torch.tensor([[loaded.tokenizer.bos_token_id, loaded.image_token_id, 40, 41]])
+    cross = torch.zeros(1, 4, 1, loaded.spec.max_num_tiles, dtype=torch.long)
+    cross[0, 1:, 0] = pixels["aspect_ratio_mask"]
+    cross[0, 0, 0] = pixels["aspect_ratio_mask"]  # every row sees the image (see transformers#39379)
+    tokens_per_tile = loaded.spec.tokens_per_image // loaded.spec.max_num_tiles
     with torch.no_grad():
-        logits = model(batch["input_ids"], encoder_input=encoder_input, encoder_mask=encoder_mask)
-        reference = MllamaForConditionalGeneration.from_pretrained(checkpoint_dir, attn_implementation="eager")
-        hf_logits = reference.eval()(**batch).logits
-    print(f"      logits shape {tuple(logits.shape)}  (b, s, v)")
-    print(f"      max |fusiontrain - transformers| = {(logits - hf_logits).abs().max().item():.2e}")
+        ours = loaded.model(tokens, encoder_input=encoder_input, encoder_mask=encoder_mask_from_cross_attention_mask(cross, tokens_per_tile))
+        theirs = hf_model(input_ids=tokens, **encoder_input, cross_attention_mask=cross).logits
+    print(f"      checkpoint step {step} -> {exported}: max |fusiontrain - transformers| logits = {(ours - theirs).abs().max():.2e}")
 
-    print("[4/4] KV-cached greedy continuation (random weights: expect gibberish)")
-    tokens = generate(
-        model,
-        batch["input_ids"],
-        max_new_tokens=16,
-        encoder_input=encoder_input,
-        encoder_mask=encoder_mask,
-        stop_token_ids=(processor.tokenizer.eos_token_id,),
-    )
-    prompt_length = batch["input_ids"].shape[1]
-    print(f"      prompt:       {processor.tokenizer.decode(tokens[0, :prompt_length])!r}")
-    print(f"      continuation: {processor.tokenizer.decode(tokens[0, prompt_length:])!r}")
-    print(f"done in {time.perf_counter() - started:.1f} s")
+    print("[4/4] captions of held-out images (KV-cached greedy decoding)")
+    correct = 0
+    for path, truth in held_out:
+        text = caption(loaded.model, transform, loaded.tokenizer, Image.open(path).convert("RGB"), loaded.spec)
+        correct += truth.split()[-1] in text
+        print(f"      {path.name}: {text!r}  (drawn: {truth!r})")
+    print(f"      the shape is named in {correct} of {len(held_out)} captions")
+    print(f"done in {time.perf_counter() - started:.0f} s")
     return 0

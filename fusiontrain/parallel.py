@@ -127,6 +127,15 @@ def shard_model(
     return units
 
 
+def reshard(model: nn.Module) -> None:
+    """Reshard every FSDP unit. A unit called outside the root's forward with no backward after it
+    (the output projection, applied by the loss, during an eval) is otherwise left unsharded: full
+    size in memory, and its parameters swapped for unsharded tensors the optimizer does not know."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Turn FSDP's gradient reduce-scatter on or off (off on non-final accumulation micro-steps)."""
     if isinstance(model, FSDPModule):

@@ -40,7 +40,7 @@ from fusiontrain.models.mllama import prepare_mllama
 from fusiontrain.models.pretrained import PretrainedModel
 from fusiontrain.modules.vision import MllamaVisionEncoder
 from fusiontrain.modules import get_fusion_params
-from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, set_gradient_sync
+from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, reshard, set_gradient_sync
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PLACEHOLDER = Sample(tokens=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), -100), origin="placeholder")
@@ -491,6 +491,7 @@ class Trainer:
             )
             loss_sum += self._loss_sum(batch)
             targets += count_targets(batch.labels, self.config.loss.ignore_index)
+        reshard(self.model)
         self.model.train()
         return distributed.all_reduce_sum(loss_sum).item() / max(1, distributed.all_reduce_sum(targets).item())
 

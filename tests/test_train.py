@@ -146,3 +146,17 @@ def test_text_only_micro_batches_on_one_rank_keep_ranks_in_step(tmp_path, mllama
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and all(r["loss"] == r["loss"] for r in rows)
+
+
+def test_eval_then_checkpoint_with_a_trainable_decoder(tmp_path, mllama_args) -> None:
+    """The eval applies the output projection outside the root forward with no backward after it;
+    its FSDP unit must be resharded, or the optimizer's state no longer matches the parameters
+    (a KeyError in get_optimizer_state_dict at the next checkpoint)."""
+    out = tmp_path / "eval_ckpt"
+    run_torchrun(
+        ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, *mllama_args, f"output_dir={out}", "max_steps=2",
+         "model.decoder_trainable=true", "eval.every_n_steps=1", "checkpoint.every_n_steps=1", "logging.every_n_steps=0"],
+        nproc=2,
+        timeout=180,
+    )
+    assert (out / "checkpoints" / "step_2" / "manifest.json").is_file()
