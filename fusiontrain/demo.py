@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from fusiontrain.processes import descendant_pids
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 SHAPES = ("circle", "square", "triangle")
 TRAIN_STEPS, KILL_AFTER_CHECKPOINT = 400, 200
@@ -71,24 +73,6 @@ def write_dataset(folder: Path, count: int, seed: int) -> list[tuple[Path, str]]
     return pairs
 
 
-def _children(pid: int) -> list[int]:
-    """Every descendant process of ``pid`` (read from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            parents.setdefault(parent, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in parents.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def _rank_one(pid: int) -> bool:
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -107,7 +91,7 @@ def train_with_a_kill(command: list[str], run: Path, log: Path) -> None:
         marker = run / "checkpoints" / f"step_{KILL_AFTER_CHECKPOINT}" / "manifest.json"
         while not marker.is_file() and process.poll() is None:
             time.sleep(0.05)
-        victims = [pid for pid in _children(process.pid) if _rank_one(pid)]
+        victims = [pid for pid in descendant_pids(process.pid) if _rank_one(pid)]
         if victims:
             os.kill(victims[0], signal.SIGKILL)
             print(f"      killed rank 1 (pid {victims[0]}) with SIGKILL after the step-{KILL_AFTER_CHECKPOINT} checkpoint")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fusiontrain.processes import descendant_pids
 from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_torchrun
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
@@ -61,23 +62,6 @@ def test_resumed_run_is_bitwise_identical(tmp_path, tiny_mllama_dir, uninterrupt
     _assert_bitwise(weights, uninterrupted[1])
 
 
-def _descendants(pid: int) -> list[int]:
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def _is_worker(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -102,7 +86,7 @@ def test_sigkilled_rank_restarts_and_resumes_to_the_same_weights(tmp_path, tiny_
         while not (run / "checkpoints" / "step_4" / "manifest.json").is_file():
             assert process.poll() is None and time.monotonic() < deadline, "the run ended before its step 4 checkpoint"
             time.sleep(0.05)
-        victims = [pid for pid in _descendants(process.pid) if _is_worker(pid)]
+        victims = [pid for pid in descendant_pids(process.pid) if _is_worker(pid)]
         assert victims, "no rank-1 worker found"
         os.kill(victims[0], signal.SIGKILL)
         assert process.wait(timeout=150) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]

@@ -25,6 +25,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from fusiontrain.processes import descendant_pids
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MULTINODE_SH = REPO_ROOT / "launch" / "multinode.sh"
 TAIL_LINES = 80
@@ -220,33 +222,6 @@ def _report(results: Sequence[subprocess.CompletedProcess]) -> str:
     return "\n\n".join(parts)
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        # the command name (field 2) is in parentheses and may hold spaces
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def _descendants(pid: int) -> list[int]:
-    if not os.path.isdir("/proc"):
-        return []
-    children, out, stack = _children_map(), [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
 def _signal(pids: Sequence[int], sig: signal.Signals) -> None:
     for pid in pids:
         try:
@@ -260,7 +235,7 @@ def _kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
     own, so the process group alone does not reach them), then SIGKILL what is left."""
     if proc.poll() is not None:
         return
-    tree = _descendants(proc.pid)
+    tree = descendant_pids(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
@@ -270,7 +245,7 @@ def _kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         pass
-    tree = sorted(set(tree) | set(_descendants(proc.pid)))
+    tree = sorted(set(tree) | set(descendant_pids(proc.pid)))
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
