@@ -406,10 +406,9 @@ def prompt_tokens(builder: SampleBuilder, messages: list[dict]) -> list[int]:
     prompt, image tokens where the template puts them: the tokens training gives the same
     conversation up to the start of the assistant's reply."""
     try:
-        text = builder._render(builder._messages(messages), generation_prompt=True)
+        return builder.encode_prompt(messages)
     except BadSample as error:
         raise InferenceError(f"cannot render the prompt: {error.detail}") from None
-    return builder._encode(text)
 
 
 def prompt_encoder_mask(

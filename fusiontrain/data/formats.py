@@ -285,6 +285,12 @@ class SampleBuilder:
                 raise BadSample("too_long", f"nothing to train on in the first max_len={self.max_len} tokens")
         return TokenizedRecord(tokens, trained, images, record.origin, record.base_dir)
 
+    def encode_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation rendered with the chat template and the generation prompt
+        (what training gives the same conversation up to the start of the assistant's reply),
+        image tokens where the template puts them. Raises BadSample for an unusable conversation."""
+        return self._encode(self._render(self._messages(messages), generation_prompt=True))
+
     def _encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added), with ``image_token_id`` at every
         image placeholder."""
