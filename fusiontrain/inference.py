@@ -257,21 +257,8 @@ def _load_checkpoint(
     """Rebuild a checkpoint's model from its base folders, then load its parts over it."""
     manifest = layout.read_manifest(folder)
     base = manifest["base"]
-    family, folders = base["family"], base["folders"]
-    if "fusiontrain_export" in folders:  # a run that started from a fusiontrain-format export
-        needed: tuple[str, ...] = ("fusiontrain_export",)
-    else:
-        needed = ("hf_mllama",) if family == "mllama" else ("decoder", "encoder")
-    missing = [name for name in needed if name not in folders]
-    if missing:
-        raise CheckpointError(f"checkpoint folder {folder}: {layout.MANIFEST} base.folders lacks {missing}")
-    paths = {name: Path(folders[name]) for name in needed}
-    for name, path in paths.items():
-        if not path.is_dir():
-            raise InferenceError(
-                f"base folder {path} ({name}), recorded in {folder / layout.MANIFEST}, does not exist: the checkpoint "
-                "holds only what trained, the rest comes from there"
-            )
+    family = base["family"]
+    paths = layout.base_folders(manifest, folder)
     if not allow_base_mismatch:
         _check_base_sizes(manifest, paths, folder)
     if "fusiontrain_export" in paths:
@@ -293,12 +280,7 @@ def _load_checkpoint(
     else:
         from fusiontrain.models.compose import compose_from_hf
 
-        interval, vocab = base.get("fusion_interval"), base.get("fusion_vocab_size")
-        if not isinstance(interval, int) or not isinstance(vocab, int):
-            raise CheckpointError(
-                f"checkpoint folder {folder}: a composed base needs integer fusion_interval and fusion_vocab_size in "
-                f"{layout.MANIFEST}, got {interval!r} and {vocab!r}"
-            )
+        interval, vocab = base["fusion_interval"], base["fusion_vocab_size"]  # checked by the manifest reader
         if "fusion" not in manifest["parts"]:
             raise CheckpointError(
                 f"checkpoint folder {folder} has no 'fusion' part: a composed model's fusion parameters exist only there"

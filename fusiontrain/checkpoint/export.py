@@ -131,31 +131,21 @@ class _Base:
 
 def _open_base(manifest: dict, checkpoint: Path) -> _Base:
     base = manifest["base"]
-    family, folders = base["family"], base["folders"]
-    if "fusiontrain_export" in folders:  # a run that started from a fusiontrain-format export
-        path = Path(folders["fusiontrain_export"])
-        if not path.is_dir():
-            raise ExportError(f"base folder {path}, recorded in {checkpoint / layout.MANIFEST}, does not exist")
-        exported = read_export_config(path)
+    family = base["family"]
+    try:
+        paths = layout.base_folders(manifest, checkpoint)
+    except layout.BaseFolderMissing as error:
+        raise ExportError(str(error)) from None
+    if "fusiontrain_export" in paths:  # a run that started from a fusiontrain-format export
+        exported = read_export_config(paths["fusiontrain_export"])
         return _Base(
             family,
-            prepare_fusiontrain_export(path),
-            {"fusiontrain_export": path},
+            prepare_fusiontrain_export(paths["fusiontrain_export"]),
+            paths,
             exported["config_dicts"],
             exported.get("fusion_interval"),
             exported.get("fusion_vocab_size"),
         )
-    needed = ("hf_mllama",) if family == "mllama" else ("decoder", "encoder")
-    missing = [name for name in needed if name not in folders]
-    if missing:
-        raise CheckpointError(f"checkpoint folder {checkpoint}: {layout.MANIFEST} base.folders lacks {missing}")
-    paths = {name: Path(folders[name]) for name in needed}
-    for name, path in paths.items():
-        if not path.is_dir():
-            raise ExportError(
-                f"base folder {path} ({name}), recorded in {checkpoint / layout.MANIFEST}, does not exist: "
-                "the export needs the pretrained weights that did not train"
-            )
     try:
         if family == "mllama":
             from fusiontrain.models.mllama import prepare_mllama
@@ -165,12 +155,7 @@ def _open_base(manifest: dict, checkpoint: Path) -> _Base:
             return _Base(family, pretrained, paths, configs)
         from fusiontrain.models.compose import prepare_composed
 
-        interval, vocab = base.get("fusion_interval"), base.get("fusion_vocab_size")
-        if not isinstance(interval, int) or not isinstance(vocab, int):
-            raise CheckpointError(
-                f"checkpoint folder {checkpoint}: a composed base needs integer fusion_interval and fusion_vocab_size "
-                f"in {layout.MANIFEST}, got {interval!r} and {vocab!r}"
-            )
+        interval, vocab = base["fusion_interval"], base["fusion_vocab_size"]  # checked by the manifest reader
         pretrained = prepare_composed(
             paths["decoder"], paths["encoder"], fusion_interval=interval, fusion_vocab_size=vocab
         )

@@ -45,6 +45,28 @@ class CheckpointError(ValueError):
     names the folder."""
 
 
+class BaseFolderMissing(CheckpointError):
+    """A base folder a checkpoint was trained on is gone (its frozen weights live only there)."""
+
+
+def base_folders(manifest: dict[str, Any], checkpoint: str | Path) -> dict[str, Path]:
+    """The base folders of a (validated) manifest, by role (``hf_mllama``, ``decoder`` +
+    ``encoder``, or ``fusiontrain_export``), each checked to exist.
+
+    Raises:
+        BaseFolderMissing: naming the folder, its role and the manifest that records it.
+    """
+    folders = manifest["base"]["folders"]
+    paths = {role: Path(folders[role]) for role in _base_roles(manifest["base"])}
+    for role, path in paths.items():
+        if not path.is_dir():
+            raise BaseFolderMissing(
+                f"base folder {path} ({role}), recorded in {Path(checkpoint) / MANIFEST}, does not exist: the "
+                "checkpoint holds only what trained, the rest comes from there"
+            )
+    return paths
+
+
 def checkpoints_root(output_dir: str | Path) -> Path:
     """``<output_dir>/checkpoints``."""
     return Path(output_dir) / CHECKPOINTS
@@ -186,3 +208,19 @@ def _validate(manifest: Any, folder: Path) -> None:
     folders = base.get("folders")
     if not isinstance(folders, dict) or not all(isinstance(value, str) for value in folders.values()):
         raise CheckpointError(f"{where} 'base.folders' must map names to folder paths, got {folders!r}")
+    missing = [role for role in _base_roles(base) if role not in folders]
+    if missing:
+        raise CheckpointError(f"{where} base.folders lacks {missing}")
+    if base["family"] == "composed":
+        interval, vocab = base.get("fusion_interval"), base.get("fusion_vocab_size")
+        if not isinstance(interval, int) or not isinstance(vocab, int):
+            raise CheckpointError(
+                f"{where}: a composed base needs integer fusion_interval and fusion_vocab_size, got {interval!r} and {vocab!r}"
+            )
+
+
+def _base_roles(base: dict[str, Any]) -> tuple[str, ...]:
+    """The folders a base description must name: a fusiontrain export, or the HF folders."""
+    if "fusiontrain_export" in base["folders"]:
+        return ("fusiontrain_export",)
+    return ("hf_mllama",) if base["family"] == "mllama" else ("decoder", "encoder")
