@@ -32,7 +32,12 @@ from fusiontrain.models.hf_vision import (
     vision_tower_tensor_names,
     vision_tower_weight_map,
 )
-from fusiontrain.models.llama import FusedSlot, LlamaDecoderArgs, llama_fused_decoder, rope_from_hf_text_config
+from fusiontrain.models.llama import (
+    FusedSlot,
+    LlamaDecoderArgs,
+    decoder_args_from_hf_text_config,
+    llama_fused_decoder,
+)
 from fusiontrain.models.pretrained import PretrainedModel, WeightSource, check_routes_cover
 from fusiontrain.modules import DeepFusionModel, FusionEmbedding, RMSNorm, TanhGate, get_fusion_params
 
@@ -58,20 +63,7 @@ def llama_args_from_config(config: dict) -> tuple[LlamaDecoderArgs, int]:
             raise ValueError(f"{flag}=true is not supported: our Llama layers have bias-free projections")
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported (only 'silu')")
-    theta, scaling = rope_from_hf_text_config(config)
-    heads = config["num_attention_heads"]
-    args = LlamaDecoderArgs(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads") or heads,
-        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-        rms_norm_eps=config["rms_norm_eps"],
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_seq_len=config["max_position_embeddings"],
-    )
+    args = decoder_args_from_hf_text_config(config)
     return args, config["num_hidden_layers"]
 
 

@@ -76,6 +76,25 @@ def rope_from_hf_text_config(text: dict) -> tuple[float, Llama3RopeScaling | Non
     return float(theta), scaling
 
 
+
+def decoder_args_from_hf_text_config(config: dict) -> LlamaDecoderArgs:
+    """Decoder sizes from a HF Llama-family text config dict (a ``LlamaConfig``, or the
+    ``text_config`` of an ``MllamaConfig``)."""
+    theta, scaling = rope_from_hf_text_config(config)
+    heads = config["num_attention_heads"]
+    return LlamaDecoderArgs(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        rms_norm_eps=config["rms_norm_eps"],
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_seq_len=config["max_position_embeddings"],
+    )
+
 def _linear(in_dim: int, out_dim: int) -> nn.Linear:
     return nn.Linear(in_dim, out_dim, bias=False)
 

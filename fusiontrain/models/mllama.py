@@ -28,7 +28,7 @@ from fusiontrain.models.llama import (
     LlamaDecoderArgs,
     fuse_layer_stack,
     llama_fused_decoder,
-    rope_from_hf_text_config,
+    decoder_args_from_hf_text_config,
 )
 from fusiontrain.models.pretrained import PretrainedModel, WeightSource, check_routes_cover
 from fusiontrain.modules import DeepFusionModel
@@ -57,20 +57,7 @@ def mllama_args_from_config(config: dict) -> MllamaArgs:
     if config.get("model_type") != "mllama":
         raise ValueError(f"expected an Mllama config (model_type 'mllama'), got {config.get('model_type')!r}")
     text, vision = config["text_config"], config["vision_config"]
-    theta, scaling = rope_from_hf_text_config(text)
-    heads = text["num_attention_heads"]
-    decoder = LlamaDecoderArgs(
-        vocab_size=text["vocab_size"],
-        hidden_size=text["hidden_size"],
-        intermediate_size=text["intermediate_size"],
-        num_heads=heads,
-        num_kv_heads=text["num_key_value_heads"],
-        head_dim=text["hidden_size"] // heads,
-        rms_norm_eps=text["rms_norm_eps"],
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_seq_len=text["max_position_embeddings"],
-    )
+    decoder = decoder_args_from_hf_text_config(text)
     vision_args = MllamaVisionArgs(
         hidden_size=vision["hidden_size"],
         num_heads=vision["attention_heads"],
