@@ -141,7 +141,8 @@ def worker_activations(args: argparse.Namespace) -> None:
     from fusiontrain.loss import chunked_cross_entropy_sum
     from fusiontrain.models import load_hf_mllama
     from fusiontrain.parallel import apply_activation_checkpointing
-    from fusiontrain.trainer import build_dataset, image_spec
+    from fusiontrain.builders import image_spec
+    from fusiontrain.trainer import build_dataset
     from fusiontrain.config import DataConfig
 
     results = {}

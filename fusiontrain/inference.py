@@ -215,7 +215,7 @@ def _with_inputs(
     model: DeepFusionModel, *, family: str, kind: str, path: Path, text_dir: Path, image_dir: Path
 ) -> LoadedModel:
     from fusiontrain.data.formats import SampleBuilder
-    from fusiontrain.trainer import image_spec
+    from fusiontrain.builders import image_spec
 
     spec = image_spec(model)
     if family == "mllama":

@@ -89,6 +89,34 @@ def _unwrapped(block: nn.Module) -> nn.Module:
     return getattr(block, "_checkpoint_wrapped_module", block)
 
 
+def fsdp_units(model: nn.Module, *, split_fusion_layers: bool = False) -> list[tuple[str, nn.Module | list[nn.Module]]]:
+    """The FSDP units of ``model`` in the order they are sharded: each block, then the decoder's
+    embeddings, its norm + output, the projection head, and the root (which holds every
+    parameter no other unit does). ``(name, module or modules)`` per unit.
+
+    With ``split_fusion_layers``, a ``FusionLayer``'s pretrained and fusion halves are two units
+    instead of one.
+    """
+    units: list[tuple[str, nn.Module | list[nn.Module]]] = []
+    for stack_name, stack in block_stacks(model):
+        for index, block in enumerate(stack):
+            inner = _unwrapped(block)
+            if split_fusion_layers and isinstance(inner, FusionLayer):
+                units.append((f"{stack_name}.{index}.layer", inner.layer))
+                units.append((f"{stack_name}.{index}.fusion_layer", inner.fusion_layer))
+            else:
+                units.append((f"{stack_name}.{index}", block))
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        units.append(("decoder.tok_embeddings", decoder.tok_embeddings))
+        units.append(("decoder.norm+output", [decoder.norm, decoder.output]))
+    projection = getattr(getattr(model, "encoder", None), "projection", None)
+    if projection is not None:
+        units.append(("encoder.projection", projection))
+    units.append(("<root>", model))
+    return units
+
+
 def shard_model(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -96,35 +124,11 @@ def shard_model(
     mp_policy: MixedPrecisionPolicy,
     split_fusion_layers: bool = False,
 ) -> list[str]:
-    """``fully_shard`` each block, then the decoder's embeddings, its norm + output, the
-    projection head, and the root. Returns the names of the FSDP units, in creation order.
-
-    With ``split_fusion_layers``, a ``FusionLayer``'s pretrained and fusion halves become two
-    units instead of one.
-    """
-    units: list[str] = []
-
-    def shard(module: nn.Module | list[nn.Module], name: str) -> None:
+    """``fully_shard`` every unit of :func:`fsdp_units`, innermost first; returns their names."""
+    units = fsdp_units(model, split_fusion_layers=split_fusion_layers)
+    for _, module in units:
         fully_shard(module, mesh=mesh, mp_policy=mp_policy)
-        units.append(name)
-
-    for stack_name, stack in block_stacks(model):
-        for index, block in enumerate(stack):
-            inner = _unwrapped(block)
-            if split_fusion_layers and isinstance(inner, FusionLayer):
-                shard(inner.layer, f"{stack_name}.{index}.layer")
-                shard(inner.fusion_layer, f"{stack_name}.{index}.fusion_layer")
-            else:
-                shard(block, f"{stack_name}.{index}")
-    decoder = getattr(model, "decoder", None)
-    if decoder is not None:
-        shard(decoder.tok_embeddings, "decoder.tok_embeddings")
-        shard([decoder.norm, decoder.output], "decoder.norm+output")
-    projection = getattr(getattr(model, "encoder", None), "projection", None)
-    if projection is not None:
-        shard(projection, "encoder.projection")
-    shard(model, "<root>")
-    return units
+    return [name for name, _ in units]
 
 
 def reshard(model: nn.Module) -> None:

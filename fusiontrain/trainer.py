@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from fusiontrain import distributed
-from fusiontrain.checkpoint.export import prepare_fusiontrain_export
+from fusiontrain.builders import build_optimizer, image_spec, model_folders, prepare_model
 from fusiontrain.checkpoint.fingerprint import fingerprint
 from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState, load_part
-from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, config_to_dict, save_config
+from fusiontrain.config import BatchConfig, DataConfig, OptimConfig, TrainConfig, config_to_dict, save_config
 from fusiontrain.data import Batch, ImageSpec, SyntheticImageText, collate_padded
 from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
@@ -32,12 +32,8 @@ from fusiontrain.data.loader import SKIP_REASONS, SampleStream, StreamConfig, bu
 from fusiontrain.data.sources import load_records
 from fusiontrain.flops import device_peak_flops, mfu, micro_batch_flops
 from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
-from fusiontrain.metrics import MetricsLogger, peak_memory_bytes
-from fusiontrain.models.compose import prepare_composed
+from fusiontrain.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
 from fusiontrain.models.hf_checkpoint import materialize
-from fusiontrain.models.hf_vision import HFVisionTowerEncoder
-from fusiontrain.models.mllama import prepare_mllama
-from fusiontrain.models.pretrained import PretrainedModel
 from fusiontrain.modules.vision import MllamaVisionEncoder
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, reshard, set_gradient_sync
@@ -48,58 +44,6 @@ logger = logging.getLogger("fusiontrain.trainer")
 
 
 # -- builders (config section -> component) -------------------------------------------------------
-
-
-def prepare_model(config: ModelConfig, *, seed: int) -> PretrainedModel:
-    """The configured model, on the meta device, with its weight sources."""
-    flags = dict(
-        decoder_trainable=config.decoder_trainable,
-        encoder_trainable=config.encoder_trainable,
-        fusion_trainable=config.fusion_trainable,
-    )
-    if config.hf_mllama is not None:
-        return prepare_mllama(config.hf_mllama, **flags)
-    if config.fusiontrain_export is not None:
-        return prepare_fusiontrain_export(config.fusiontrain_export, **flags)
-    return prepare_composed(
-        config.compose.decoder, config.compose.encoder, fusion_interval=config.compose.fusion_interval, seed=seed, **flags
-    )
-
-
-def model_folders(config: ModelConfig) -> dict[str, str]:
-    """The pretrained folders of the configured model, by role."""
-    if config.hf_mllama is not None:
-        return {"hf_mllama": config.hf_mllama}
-    if config.fusiontrain_export is not None:
-        return {"fusiontrain_export": config.fusiontrain_export}
-    return {"decoder": config.compose.decoder, "encoder": config.compose.encoder}
-
-
-def image_spec(model: nn.Module) -> ImageSpec:
-    """How the model's encoder takes one image."""
-    encoder = model.encoder
-    if isinstance(encoder, MllamaVisionEncoder):
-        args = encoder.vision.args
-        return ImageSpec("mllama", args.image_size, args.max_num_tiles * args.tokens_per_tile, args.max_num_tiles)
-    if isinstance(encoder, HFVisionTowerEncoder):
-        return ImageSpec("tower", encoder.image_size, encoder.tokens_per_image)
-    raise TypeError(f"no image format known for a {type(encoder).__name__} encoder")
-
-
-def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters only (fused on CUDA, foreach elsewhere). Weight decay
-    applies to matrices; vectors (norm scales, biases, gates) are not decayed."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("no parameter is trainable: set model.fusion_trainable (or another *_trainable) to true")
-    groups = [
-        {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps, **fast
-    )
 
 
 def lr_multiplier(step: int, config: OptimConfig, max_steps: int) -> float:
@@ -185,7 +129,11 @@ class Trainer:
         except ValueError as error:  # a GPU outside the peak table: no MFU rather than a wrong one
             logger.warning("MFU unavailable: %s", error)
             self.peak_flops = None
+        # CPU peaks are measured above the RSS before the model exists (runtime and process group
+        # excluded), from after loading: the numbers the planner predicts.
+        self.host_baseline = host_rss_bytes() if self.device.type == "cpu" else 0
         self.model = self._build_model()
+        reset_peak_memory(self.device)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, config.optim, config.max_steps)
@@ -388,7 +336,7 @@ class Trainer:
 
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(batches):
-            set_gradient_sync(self.model, index == len(batches) - 1)
+            set_gradient_sync(self.model, index == len(batches) - 1 or not self.config.parallel.defer_gradient_sync)
             batch_loss = self._loss_sum(batch)
             (batch_loss * scale).backward()
             loss_sum += batch_loss.detach()
@@ -417,7 +365,7 @@ class Trainer:
             "real_token_share": real_tokens / slots,
             "tokens_per_s": real_tokens / elapsed,
             "step_time_s": elapsed,
-            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_bytes": peak_memory_bytes(self.device, self.host_baseline),
             "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, self.skipped_total) if n},
         }
 
