@@ -88,10 +88,10 @@ class DataConfig:
     num_workers: int = _field(1, "Dataloader worker processes per rank: samples and images are built there, off the training loop (0 = in the loop).")
     synthetic_samples: int = _field(512, "Number of samples in the synthetic training set.")
     synthetic_max_text: int = _field(24, "Longest synthetic text, in tokens.")
-    synthetic_lengths: Literal["uniform", "long_tail"] = _field(
+    synthetic_lengths: Literal["uniform", "fixed", "long_tail"] = _field(
         "uniform",
-        "Synthetic mix: 'uniform' (one image, 4..max_text tokens) or 'long_tail' (0-2 images, Pareto "
-        "alpha 1.1 scale 24 text lengths capped at max_text).",
+        "Synthetic mix: 'uniform' (one image, 4..max_text tokens), 'fixed' (one image, max_text tokens) "
+        "or 'long_tail' (0-2 images, Pareto alpha 1.1 scale 24 text lengths capped at max_text).",
     )
 
 
@@ -135,6 +135,11 @@ class ParallelConfig:
         "split",
         "Shard each FusionLayer's two halves as separate FSDP units ('split': smaller all-gathers, same "
         "speed in benchmarks/memory.py) or as one unit ('unit').",
+    )
+    defer_gradient_sync: bool = _field(
+        True,
+        "With gradient accumulation, reduce-scatter gradients only on the last micro-batch (less communication, "
+        "but every rank holds the unsharded fp32 gradients of all trainable parameters until then; see `plan`).",
     )
     compile: bool = _field(False, "torch.compile each layer (the GPU path).")
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import secrets
 import string
 import sys
@@ -36,11 +35,35 @@ if TYPE_CHECKING:  # imported lazily at run time
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process so far: CUDA allocator peak on GPU, peak RSS on CPU."""
+def host_rss_bytes() -> int:
+    """This process's resident set size now (Linux ``VmRSS``)."""
+    return _proc_status_bytes("VmRSS")
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"no {field} in /proc/self/status (memory metrics need Linux)")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak afresh (after building and loading the model): the CUDA
+    allocator's peak, or on CPU the RSS high-water mark (Linux ``/proc/self/clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_bytes(device: torch.device, host_baseline: int = 0) -> int:
+    """Peak memory since :func:`reset_peak_memory`: the CUDA allocator's peak on a GPU (tensor
+    bytes, what ``python -m fusiontrain plan`` predicts); on a CPU the RSS high-water mark minus
+    ``host_baseline`` (pass the RSS from before the model was built, leaving out the Python and
+    torch runtime)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return _proc_status_bytes("VmHWM") - host_baseline
 
 
 def new_run_id() -> str:

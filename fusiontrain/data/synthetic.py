@@ -1,8 +1,10 @@
 """A synthetic image-text dataset: deterministic samples that need no files.
 
-Sample ``i`` is a function of ``(seed, i)`` only. Two length mixes:
+Sample ``i`` is a function of ``(seed, i)`` only. Three length mixes:
 
 - ``uniform``: one image whose token opens the sample, then 4 to ``max_text`` text tokens;
+- ``fixed``: one image, then exactly ``max_text`` text tokens (every batch the same shape: what
+  ``python -m fusiontrain plan`` assumes, for checking its prediction);
 - ``long_tail``: 0, 1 or 2 images, each followed by text, and a text length drawn from a Pareto
   law (alpha 1.1, scale 24 tokens, capped at ``max_text``; mean about 100 for a cap of 1024):
   the mix of chat and caption data that makes padded batches waste most of their slots.
@@ -31,7 +33,7 @@ class SyntheticImageText:
         image_token_id: id that marks an image.
         spec: the encoder's image format.
         max_text: longest text, in tokens.
-        lengths: ``uniform`` or ``long_tail`` (see the module docstring).
+        lengths: ``uniform``, ``fixed`` or ``long_tail`` (see the module docstring).
         seed: dataset seed.
         ignore_index: label for untrained positions.
         first_text_id: smallest text id (ids below are special tokens).
@@ -45,7 +47,7 @@ class SyntheticImageText:
         image_token_id: int,
         spec: ImageSpec,
         max_text: int = 24,
-        lengths: Literal["uniform", "long_tail"] = "uniform",
+        lengths: Literal["uniform", "fixed", "long_tail"] = "uniform",
         seed: int = 0,
         ignore_index: int = -100,
         first_text_id: int = 4,
@@ -72,6 +74,8 @@ class SyntheticImageText:
         if self.lengths == "uniform":
             num_images = 1
             length = int(torch.randint(4, self.max_text + 1, (1,), generator=generator))
+        elif self.lengths == "fixed":
+            num_images, length = 1, self.max_text
         else:
             num_images = int(torch.randint(0, 3, (1,), generator=generator))
             pareto = PARETO_SCALE * (1 - torch.rand((), generator=generator)) ** (-1 / PARETO_ALPHA)
