@@ -7,6 +7,7 @@ dependencies (torch, transformers, ...) lazily inside its handler, so ``--help``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from collections.abc import Sequence
@@ -33,6 +34,11 @@ def _run_train(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0  # under a launcher, rank 0 plans for everyone
+        gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+        return _print_plan(config, gpus=gpus, gpu=args.gpu, efficiency=args.efficiency, title=f"dry run of {args.config}")
     from fusiontrain.trainer import Trainer
 
     trainer = Trainer(config)
@@ -41,6 +47,56 @@ def _run_train(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _print_plan(config: object, *, gpus: int, gpu: str | None, efficiency: float, title: str, as_json: bool = False) -> int:
+    from fusiontrain.plan import default_hardware_name, format_plan, hardware_for, plan_run, plan_to_dict
+
+    try:
+        hardware = hardware_for(gpu or default_hardware_name())
+        plan = plan_run(config, gpus=gpus, hardware=hardware, efficiency=efficiency)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if as_json:
+        import json
+
+        print(json.dumps(plan_to_dict(plan), indent=2))
+        return 0
+    print(f"{title}: the model was built on the meta device and one training step traced on fake tensors")
+    print(format_plan(plan))
+    return 0
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    """Handler of ``plan``: predict per-GPU memory and step time of a config (no GPU needed)."""
+    from fusiontrain.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return _print_plan(
+        config, gpus=args.gpus, gpu=args.gpu, efficiency=args.efficiency, title=f"plan for {args.config}", as_json=args.json
+    )
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser, *, gpus_default: int | None) -> None:
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=gpus_default,
+        help="devices in the job" + (" (default: WORLD_SIZE, else 1)" if gpus_default is None else ""),
+    )
+    parser.add_argument(
+        "--gpu",
+        choices=["h100", "h200", "a100", "b200", "cpu"],
+        help="device kind (default: this machine's GPU if it is one of these, else cpu)",
+    )
+    parser.add_argument(
+        "--efficiency", type=float, default=0.5, help="fraction of the peak FLOP/s the kernels reach (time estimate)"
+    )
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -99,7 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="YAML config file (see configs/)")
     train.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     train.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build the model on the meta device, validate the config, print the plan (see `plan`) and exit",
+    )
+    _add_plan_arguments(train, gpus_default=None)
     train.set_defaults(func=_run_train)
+
+    plan = sub.add_parser(
+        "plan",
+        help="predict per-GPU memory and step time of a config, without GPUs or weights",
+        description="Predict one GPU's peak memory (parameters, gradients, optimizer, FSDP buffers, activations "
+        "under the configured checkpointing, loss chunk, encoder) and the step time of a config. Builds on the "
+        "meta device from config.json files and traces one step on fake tensors.",
+    )
+    plan.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    plan.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    _add_plan_arguments(plan, gpus_default=1)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (bytes and seconds)")
+    plan.set_defaults(func=_run_plan)
 
     export = sub.add_parser(
         "export",

@@ -148,6 +148,17 @@ def run_command(
     return result
 
 
+def run_commands(
+    cmds: Sequence[Sequence[str]],
+    *,
+    timeout: float = 240,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | str = REPO_ROOT,
+) -> list[subprocess.CompletedProcess]:
+    """:func:`run_command` for several commands at once (they run concurrently)."""
+    return _run_all(cmds, env=launch_env(env), timeout=timeout, cwd=Path(cwd))
+
+
 # -- process plumbing ---------------------------------------------------------------------------
 
 

@@ -1,0 +1,154 @@
+"""Live tensor memory of a computation, by label, without allocating it.
+
+:class:`TensorMemoryTracker` is a ``TorchDispatchMode``: every tensor an op returns is attributed
+to the label active when it was created (``with tracker.label("encoder")``), and counted until
+its storage dies (a weakref callback on the storage). It keeps the running total and, at the
+highest total, a copy of the per-label totals: what was alive at the peak.
+
+Run the computation on fake tensors (``torch._subclasses.fake_tensor.FakeTensorMode``) and
+nothing is allocated, so a 90B-parameter step can be traced on a laptop; run it on real tensors
+and it counts what the allocator would be asked for. Views share their base's storage and are
+counted once, and an op's output that shares an input's storage (a view, an in-place result)
+allocates nothing. Tensors created before entering the mode (parameters, say) are not counted;
+the caller adds them from their shapes.
+
+Two hooks cover memory the dispatcher does not see or labels by phase only:
+
+- ``untracked``: ``{label: bytes()}`` polled after every op and added to the total (FSDP2 grows
+  and frees its unsharded parameters by resizing storages in place, which no op reports);
+- ``regroup``: called at each new peak, ``{label: tensors}``: those tensors' bytes are moved to
+  ``label`` in the peak's breakdown (gradients made by reduce-scatter ops, say).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch._guards import active_fake_mode
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Counts the bytes of live tensor storages created inside it, by label.
+
+    Args:
+        default_label: the label outside every :meth:`label` block.
+        untracked: bytes held outside the dispatcher, by label, polled after each op.
+        op_label: ``op_label(func)`` -> a label for that op's outputs, or None for the active one.
+        regroup: at a new peak, tensors whose bytes belong to another label (see module doc).
+
+    Attributes:
+        current: bytes alive now (tracked and untracked).
+        peak: the highest ``current`` seen.
+        at_peak: bytes per label when ``peak`` was reached.
+        peak_label: the label active when ``peak`` was reached.
+    """
+
+    def __init__(
+        self,
+        default_label: str = "other",
+        *,
+        untracked: dict[str, Callable[[], int]] | None = None,
+        op_label: Callable[[Any], str | None] | None = None,
+        regroup: Callable[[], dict[str, list[torch.Tensor]]] | None = None,
+    ) -> None:
+        super().__init__()
+        self._labels = [default_label]
+        self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> [label, bytes]
+        self._untracked = untracked or {}
+        self._op_label = op_label
+        self._regroup = regroup
+        self.by_label: dict[str, int] = defaultdict(int)
+        self.tracked = 0
+        self.current = 0
+        self.peak = 0
+        self.at_peak: dict[str, int] = {}
+        self.peak_label = default_label
+
+    @contextmanager
+    def label(self, name: str) -> Iterator[None]:
+        """Attribute tensors created inside the block to ``name``."""
+        self.push(name)
+        try:
+            yield
+        finally:
+            self.pop()
+
+    def push(self, name: str) -> None:
+        """Start attributing new tensors to ``name`` (until :meth:`pop`); for module hooks."""
+        self._labels.append(name)
+
+    def pop(self) -> None:
+        """Return to the label before the last :meth:`push`."""
+        self._labels.pop()
+
+    def __enter__(self) -> TensorMemoryTracker:
+        self._fake_mode = active_fake_mode()  # None when tracking real tensors
+        return super().__enter__()
+
+    def _track(self, tensor: torch.Tensor, label: str) -> None:
+        storage = tensor.untyped_storage()
+        if storage in self._storages:
+            return
+        record = [label, storage.nbytes()]
+        self._storages[storage] = record
+        self.by_label[label] += record[1]
+        self.tracked += record[1]
+        weakref.finalize(storage, self._release, record)
+
+    def _release(self, record: list[Any]) -> None:
+        self.by_label[record[0]] -= record[1]
+        self.tracked -= record[1]
+
+    def _update_peak(self) -> None:
+        untracked = {name: poll() for name, poll in self._untracked.items()}
+        self.current = self.tracked + sum(untracked.values())
+        if self.current <= self.peak:
+            return
+        self.peak = self.current
+        breakdown = dict(self.by_label)
+        for name, size in untracked.items():
+            breakdown[name] = breakdown.get(name, 0) + size
+        if self._regroup is not None:
+            for name, tensors in self._regroup().items():
+                seen: set[int] = set()
+                for tensor in tensors:
+                    storage = tensor.untyped_storage()
+                    record = self._storages.get(storage)
+                    if record is None or id(record) in seen:
+                        continue
+                    seen.add(id(record))
+                    breakdown[record[0]] -= record[1]
+                    breakdown[name] = breakdown.get(name, 0) + record[1]
+        self.at_peak = {name: n for name, n in breakdown.items() if n}
+        self.peak_label = self._labels[-1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - the dispatch protocol
+        if any(issubclass(kind, DTensor) for kind in types):
+            return NotImplemented  # let DTensor run its local ops, which come back here
+        out = func(*args, **(kwargs or {}))
+        if active_fake_mode() is not self._fake_mode:
+            # DTensor's sharding propagation runs ops under a fake mode of its own to learn output
+            # shapes (and caches them): metadata, not memory.
+            return out
+        label = (self._op_label(func) if self._op_label is not None else None) or self._labels[-1]
+        # An output sharing an input's storage (a view, an in-place op) allocated nothing; the
+        # input may even predate the tracker (a transposed weight).
+        inputs = {_storage_id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor) and _storage_id(value) not in inputs:
+                self._track(value, label)
+        self._update_peak()
+        return out
+
+
+def _storage_id(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
