@@ -465,7 +465,8 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         f"{sum(p.numel() for p in trainable) / 1e9:.3f} B trainable; stored {config.model.dtype}, compute "
         f"{'bfloat16' if compute_bytes == 2 else 'float32'}; activation checkpointing {parallel.activation_checkpointing}; "
         f"{config.loss.num_output_chunks} loss chunks",
-        f"micro-batch per device (worst case): {batch_config.micro_batch_size} rows x {batch_config.seq_len} tokens "
+        f"micro-batch per device (worst case): {batch_config.micro_batch_size} row{'s' if batch_config.micro_batch_size > 1 else ''} "
+        f"x {batch_config.seq_len} tokens "
         f"{'packed' if config.data.packing else 'padded'}, {images} images per row x {spec.max_num_tiles} tiles "
         f"({batch.encoder_mask.shape[-1] if batch.encoder_mask is not None else 0} encoder tokens); "
         f"{accum} micro-batches per step",
