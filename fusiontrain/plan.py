@@ -437,6 +437,8 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         # [b, s, s] bool mask that the traced CPU path builds.
         memory["inputs"] -= batch.tokens.shape[0] * batch.tokens.shape[1] ** 2
         notes.append("packed rows attend through a flex_attention BlockMask on CUDA (the dense mask is left out)")
+    if hardware.device_type == "cpu" and gpus > 1:
+        notes.append("CPU: the time estimate gives each rank the measured matmul peak, though ranks share this machine's cores")
     phase = "optimizer step" if tracker.peak_label == "optimizer step temporaries" else "forward/backward"
 
     # Time: model FLOPs plus the recomputed forward of checkpointed blocks, and the collectives.
