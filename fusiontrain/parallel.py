@@ -109,6 +109,8 @@ def fsdp_units(model: nn.Module, *, split_fusion_layers: bool = False) -> list[t
     decoder = getattr(model, "decoder", None)
     if decoder is not None:
         units.append(("decoder.tok_embeddings", decoder.tok_embeddings))
+        # One unit: the norm runs in the root's forward and unshards it, so the chunked loss finds
+        # the projection unsharded (a unit never called would break FSDP2's backward).
         units.append(("decoder.norm+output", [decoder.norm, decoder.output]))
     projection = getattr(getattr(model, "encoder", None), "projection", None)
     if projection is not None:

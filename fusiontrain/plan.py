@@ -241,7 +241,8 @@ class _UnshardedParameters:
         grads = []
         for group in self._groups:
             for fsdp_param in group.fsdp_params:
-                for grad in (fsdp_param._unsharded_param.grad, fsdp_param.unsharded_accumulated_grad):
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)  # absent until first unsharded
+                for grad in (getattr(unsharded, "grad", None), fsdp_param.unsharded_accumulated_grad):
                     if grad is not None:
                         grads.append(grad)
         return grads

@@ -173,10 +173,24 @@ def test_default_pairs_are_causal() -> None:
     assert flops.micro_batch_flops(model, unpacked) == flops.step_flops(model, num_rows=B, seq_len=S)
 
 
-def test_recompute_is_not_counted() -> None:
-    """The chunked loss recomputes each chunk's output projection in backward: the counter sees it
-    twice, the model-FLOPs count once. Activation-checkpoint wrappers change nothing."""
+def test_chunked_loss_flops_frozen_projection_are_model_flops() -> None:
+    """Fusion-only (frozen output projection): the chunked loss takes the hidden states' gradient
+    during forward, so the counter sees exactly the model FLOPs, the output projection's input
+    gradient moved from backward to forward, and nothing recomputed."""
     model = _training_model()
+    inputs = _inputs()
+    count = _count(model, inputs)
+    forward, backward = _measure(model, inputs, num_chunks=2)
+    projection = count.parts["decoder.output"][0]
+    assert count.parts["decoder.output"][1] == projection  # input gradient only: the weight is frozen
+    assert forward == count.forward + projection
+    assert backward == count.backward - projection
+
+
+def test_recompute_is_not_counted() -> None:
+    """A trainable output projection is recomputed chunk by chunk in backward: the counter sees
+    its forward twice, the model-FLOPs count once. Activation-checkpoint wrappers change nothing."""
+    model = _training_model(decoder_trainable=True)
     inputs = _inputs()
     count = _count(model, inputs)
     forward, backward = _measure(model, inputs, num_chunks=2)

@@ -177,3 +177,49 @@ def test_chunked_loss_never_saves_the_full_logits() -> None:
     F.cross_entropy(output(hidden).flatten(0, 1), labels.flatten(), reduction="sum").backward()
     torch.testing.assert_close(grad_h, hidden.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad_w, output.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+# -- a frozen output projection (fusion-only training) ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [2, 3, 4, 7])
+def test_frozen_projection_matches_full_cross_entropy(dtype: torch.dtype, k: int) -> None:
+    """With a frozen projection the hidden states' gradient is taken in forward, chunk by chunk:
+    the same loss and gradient as the plain computation, and no weight gradient."""
+    hidden, labels, output = _inputs(dtype)
+    want_loss, want_h, _ = _reference(hidden, labels, output)
+    output.weight.grad = None
+    output.weight.requires_grad_(False)
+    leaf = hidden.detach().clone().requires_grad_(True)
+    loss = chunked_cross_entropy_sum(leaf, labels, output, num_chunks=k)
+    assert loss.dtype == torch.float32 and loss.grad_fn is not None
+    (loss * 2.0).backward()  # backward scales the stored gradient by the incoming one
+    assert output.weight.grad is None and leaf.grad.dtype == dtype
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 4e-3}
+    torch.testing.assert_close(loss, want_loss, **({"rtol": 1e-6, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-3}))
+    torch.testing.assert_close(leaf.grad.float(), 2.0 * want_h.float(), **tolerance)
+    assert torch.all(leaf.grad[labels == -100] == 0)
+
+
+def test_frozen_projection_all_ignored_and_no_grad() -> None:
+    hidden, labels, output = _inputs(torch.float32, ignore_all=True)
+    output.weight.requires_grad_(False)
+    leaf = hidden.clone().requires_grad_(True)
+    loss = chunked_cross_entropy_sum(leaf, labels, output, num_chunks=3)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(leaf.grad == 0)
+    with torch.no_grad():  # eval: no gradient is computed or kept
+        assert chunked_cross_entropy_sum(hidden, labels, output, num_chunks=3).item() == 0.0
+
+
+def test_frozen_projection_keeps_only_the_hidden_gradient() -> None:
+    """What autograd keeps: one tensor the size of the hidden states, never logits; and nothing is
+    recomputed in backward (the projection runs k times in all, plus k input-gradient matmuls)."""
+    b, s, d, v, k = 2, 256, 64, 32000, 8
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(b, s, d, generator=generator, requires_grad=True)
+    output = nn.Linear(d, v, bias=False).requires_grad_(False)
+    labels = torch.randint(0, v, (b, s), generator=generator)
+    saved = _saved_for_backward(lambda: chunked_cross_entropy_sum(hidden, labels, output, num_chunks=k), [hidden])
+    assert saved == [((b * s, d), b * s * d * 4)]
