@@ -1,0 +1,112 @@
+"""Run every benchmark and write ``benchmarks/RESULTS.md``: ``python benchmarks/run_all.py``.
+
+Each benchmark runs in its own process, one after the other (they time the whole machine, so
+nothing else should run meanwhile); its printed tables go into RESULTS.md under its heading, with
+the machine, the commit, the date and the command that reproduces them. About 15 minutes on 2
+CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "RESULTS.md"
+
+# (title, script and arguments, what it shows)
+BENCHMARKS: list[tuple[str, list[str], str]] = [
+    (
+        "fusiontrain against HF transformers (vs_hf.py)",
+        ["benchmarks/vs_hf.py", "--profile"],
+        "Same weights, same data, one process: (a) HF MllamaForConditionalGeneration with a padding collator "
+        "and frozen parameters set by hand, (b) fusiontrain padded, (c) fusiontrain packed. The profile is "
+        "(c)'s top operators.",
+    ),
+    (
+        "Packed against padded batches (packing.py)",
+        ["benchmarks/packing.py"],
+        "Real-token share and real tokens/s of padded, greedy-packed and first-fit-packed batches.",
+    ),
+    (
+        "Memory (memory.py)",
+        ["benchmarks/memory.py"],
+        "Per-rank parameters, gradients and optimizer state on 1, 2 and 4 ranks; activations under "
+        "checkpointing; the chunked loss; FusionLayer sharding.",
+    ),
+    (
+        "Scaling over gloo ranks (scaling.py)",
+        ["benchmarks/scaling.py"],
+        "Throughput and per-rank memory on 1, 2 and 4 ranks at a fixed global batch.",
+    ),
+    (
+        "The planner against measured memory (plan_accuracy.py)",
+        ["benchmarks/plan_accuracy.py"],
+        "`python -m fusiontrain plan` against the measured peak of real training runs.",
+    ),
+]
+
+
+def git_commit() -> str:
+    """The checked-out commit, marked ``-dirty`` when the work tree has changes."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True)
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def machine() -> str:
+    import torch
+    import transformers
+
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB, {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+
+
+def run(script: list[str]) -> tuple[str, float]:
+    """Run one benchmark; its stdout and its wall time."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, *script], cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(script)} failed:\n{result.stderr[-3000:]}")
+    return result.stdout.strip(), time.perf_counter() - started
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    sections = []
+    for title, script, what in BENCHMARKS:
+        print(f"running {' '.join(script)} ...", flush=True)
+        output, seconds = run(script)
+        sections.append(
+            f"## {title}\n\n{what}\n\n`python {' '.join(script)}` ({seconds:.0f} s):\n\n```\n{output}\n```\n"
+        )
+    header = (
+        "# Benchmark results\n\n"
+        f"Written by `python benchmarks/run_all.py` on {datetime.date.today().isoformat()}, commit `{git_commit()}`.\n\n"
+        f"Machine: {machine()}.\n\n"
+        "Reproduce: `make test` once (it builds `.venv`), then `.venv/bin/python benchmarks/run_all.py` on an "
+        "otherwise idle machine. Every number below comes from this one run; ratios are taken within a "
+        "table, never across machines.\n"
+    )
+    RESULTS.write_text(header + "\n" + "\n".join(sections))
+    print(f"wrote {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
