@@ -85,10 +85,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.memory import mib, model_folder, table  # noqa: E402
 from fusiontrain import distributed  # noqa: E402
-from fusiontrain.builders import build_meta_model, image_spec, model_folders  # noqa: E402
+from fusiontrain.builders import build_meta_model, build_stream_config, image_spec, model_folders  # noqa: E402
 from fusiontrain.config import TrainConfig, load_config  # noqa: E402
 from fusiontrain.data import Batch, ImageSpec  # noqa: E402
-from fusiontrain.data.loader import SampleStream, StreamConfig, build_loader  # noqa: E402
+from fusiontrain.data.loader import SampleStream, build_loader  # noqa: E402
 from fusiontrain.loss import count_targets  # noqa: E402
 from fusiontrain.metrics import host_rss_bytes, peak_memory_bytes, reset_peak_memory  # noqa: E402
 from fusiontrain.models import encoder_mask_from_cross_attention_mask  # noqa: E402
@@ -167,15 +167,7 @@ def padded_stream(config: TrainConfig) -> tuple[Iterator[Batch], ImageSpec]:
         seed=config.seed,
         split="train",
     )
-    stream_config = StreamConfig(
-        seq_len=config.batch.seq_len,
-        micro_batch_size=config.batch.micro_batch_size,
-        packing=config.data.packing,
-        max_images=config.data.max_images_per_row,
-        max_open_rows=config.data.packing_open_rows,
-        strict=config.data.strict,
-        ignore_index=config.loss.ignore_index,
-    )
+    stream_config = build_stream_config(config.data, config.batch, ignore_index=config.loss.ignore_index)
     stream = SampleStream(len(dataset), dataset.__getitem__, spec, stream_config, rank=0, world=1, seed=config.seed)
     return iter(build_loader(stream, num_workers=0)), spec
 

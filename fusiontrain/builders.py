@@ -1,5 +1,5 @@
 """Builders from config sections: the model (with or without its weights), its pretrained
-folders, the image format its encoder takes, and the optimizer.
+folders, the image format its encoder takes, the optimizer, and the per-rank batching.
 
 ``prepare_model`` is what training uses: the model on the meta device plus the safetensors that
 fill it. ``build_meta_model`` reads only ``config.json`` files, so a plan or a dry run works from
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from fusiontrain.checkpoint.export import prepare_fusiontrain_export
-from fusiontrain.config import ModelConfig, OptimConfig
+from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig
 from fusiontrain.data import ImageSpec
+from fusiontrain.data.loader import StreamConfig
 from fusiontrain.models.compose import build_composed_model, prepare_composed
 from fusiontrain.models.hf_vision import HFVisionTowerEncoder
 from fusiontrain.models.mllama import build_mllama, mllama_args_from_config, prepare_mllama
@@ -111,4 +112,17 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device)
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=config.lr, betas=config.betas, eps=config.eps, **fast
+    )
+
+
+def build_stream_config(data: DataConfig, batch: BatchConfig, *, ignore_index: int) -> StreamConfig:
+    """How each rank turns samples into micro-batches (packing or padding, row sizes, strictness)."""
+    return StreamConfig(
+        seq_len=batch.seq_len,
+        micro_batch_size=batch.micro_batch_size,
+        packing=data.packing,
+        max_images=data.max_images_per_row,
+        max_open_rows=data.packing_open_rows,
+        strict=data.strict,
+        ignore_index=ignore_index,
     )

@@ -30,7 +30,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -376,22 +376,8 @@ def _local_optimizer(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Opti
 
 def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker | None) -> Batch:
     """``batch`` as fake tensors, each a fresh (tracked) allocation: inputs live on the device."""
-
-    def fake(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else mode.from_tensor(t).clone()
-
     with tracker.label("inputs") if tracker is not None else nullcontext():
-        encoder_input = None if batch.encoder_input is None else {k: fake(v) for k, v in batch.encoder_input.items()}
-        return replace(
-            batch,
-            tokens=fake(batch.tokens),
-            labels=fake(batch.labels),
-            input_pos=fake(batch.input_pos),
-            is_real=fake(batch.is_real),
-            segment_ids=fake(batch.segment_ids),
-            encoder_input=encoder_input,
-            encoder_mask=fake(batch.encoder_mask),
-        )
+        return batch.map(lambda t: mode.from_tensor(t).clone())
 
 
 # -- the plan -------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fusiontrain import distributed
-from fusiontrain.builders import build_optimizer, image_spec, model_folders, prepare_model
+from fusiontrain.builders import build_optimizer, build_stream_config, image_spec, model_folders, prepare_model
 from fusiontrain.checkpoint.fingerprint import fingerprint
 from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState, load_part
 from fusiontrain.config import BatchConfig, DataConfig, OptimConfig, TrainConfig, config_to_dict, save_config
@@ -28,7 +28,7 @@ from fusiontrain.data import Batch, ImageSpec, SyntheticImageText, collate_padde
 from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.formats import RecordDataset, SampleBuilder
-from fusiontrain.data.loader import SKIP_REASONS, SampleStream, StreamConfig, build_loader
+from fusiontrain.data.loader import SKIP_REASONS, SampleStream, build_loader
 from fusiontrain.data.sources import load_records
 from fusiontrain.flops import device_peak_flops, mfu, micro_batch_flops
 from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
@@ -162,15 +162,7 @@ class Trainer:
                 f"({config.batch.micro_batch_size}) x data-parallel ranks ({dp_size})"
             )
         self.grad_accum_steps = per_rank
-        stream_config = StreamConfig(
-            seq_len=config.batch.seq_len,
-            micro_batch_size=config.batch.micro_batch_size,
-            packing=config.data.packing,
-            max_images=config.data.max_images_per_row,
-            max_open_rows=config.data.packing_open_rows,
-            strict=config.data.strict,
-            ignore_index=config.loss.ignore_index,
-        )
+        stream_config = build_stream_config(config.data, config.batch, ignore_index=config.loss.ignore_index)
         stream = SampleStream(
             len(self.train_data), self.train_data.__getitem__, spec, stream_config, rank=dp_rank, world=dp_size, seed=config.seed
         )

@@ -6,6 +6,7 @@ Shapes: b rows, s tokens per row, s_e encoder tokens per row, i images per row.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -90,17 +91,21 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         """A copy on ``device``."""
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        encoder_input = None if self.encoder_input is None else {k: move(v) for k, v in self.encoder_input.items()}
+        return self.map(lambda t: t.to(device, non_blocking=True))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """A copy with ``fn`` applied to every tensor (the encoder's inputs included)."""
+        apply = lambda t: None if t is None else fn(t)  # noqa: E731
+        encoder_input = None if self.encoder_input is None else {k: apply(v) for k, v in self.encoder_input.items()}
         return replace(
             self,
-            tokens=move(self.tokens),
-            labels=move(self.labels),
-            input_pos=move(self.input_pos),
-            is_real=move(self.is_real),
-            segment_ids=move(self.segment_ids),
+            tokens=apply(self.tokens),
+            labels=apply(self.labels),
+            input_pos=apply(self.input_pos),
+            is_real=apply(self.is_real),
+            segment_ids=apply(self.segment_ids),
             encoder_input=encoder_input,
-            encoder_mask=move(self.encoder_mask),
+            encoder_mask=apply(self.encoder_mask),
         )
 
 
