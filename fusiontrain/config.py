@@ -133,8 +133,8 @@ class ParallelConfig:
     )
     fusion_layer_sharding: Literal["unit", "split"] = _field(
         "split",
-        "Shard each FusionLayer's two halves as separate FSDP units ('split': smaller all-gathers, same "
-        "speed in benchmarks/memory.py) or as one unit ('unit').",
+        "Shard each FusionLayer's two halves as separate FSDP units ('split': smaller all-gathers and a lower "
+        "peak in benchmarks/memory.py; step time within 6% of 'unit' on CPU) or as one unit ('unit').",
     )
     defer_gradient_sync: bool = _field(
         True,
