@@ -1,27 +1,26 @@
 """Size a run before queueing it: per-GPU memory and an estimated step time, from the config.
 
-``python -m fusiontrain plan --config X --gpus N [--gpu h100]`` (and ``train --dry-run``) builds
-the configured model on the meta device from its ``config.json`` files (no weights are read) and
-predicts one rank's peak memory as the sum of:
+``python -m fusiontrain plan --config X --gpus N [--gpu h100]`` (and ``train --dry-run``) needs
+neither a GPU nor the weights. It builds the configured model on the meta device from its
+``config.json`` files, shards it with the real FSDP2 code (``parallelize``) over a fake process
+group of N ranks, and runs a training step on fake tensors (``FakeTensorMode``: shapes only,
+nothing allocated): the worst-case micro-batch (every row full, every image slot filled with all
+its tiles), the configured activation checkpointing, precision, chunked loss, gradient
+accumulation (two micro-batches are enough to show it) and AdamW, after one untracked step that
+lets FSDP and AdamW allocate their lazy state.
 
-- **model state**, from parameter shapes: FSDP2 shards every parameter along dim 0 (padded to a
-  multiple of the shard count), so a rank holds ``ceil(d0 / n) * rest`` elements of each;
-  gradients of the trainable shards; AdamW's state, measured by running the optimizer's step on
-  fake shard-sized tensors (its step temporaries too);
-- **FSDP buffers**: the unsharded parameters of the two largest FSDP units in the compute dtype
-  (the unit in use and the one being gathered next), and the unsharded gradient of the largest
-  trainable unit plus its reduce-scatter input;
-- **activations**, traced, not guessed: one micro-batch's forward, chunked loss and backward run
-  on fake tensors (``FakeTensorMode``: shapes only, nothing allocated) under a
-  :class:`~fusiontrain.memory_tracker.TensorMemoryTracker`, with the configured activation
-  checkpointing and compute dtype, on the worst-case batch (every row full, every image slot
-  filled with all its tiles). The peak of that trace is split into the batch's inputs, what the
-  encoder holds, the decoder's saved activations, the loss's chunk of logits and the backward
-  working set (recomputed blocks, activation gradients).
+A :class:`~fusiontrain.memory_tracker.TensorMemoryTracker` counts every tensor alive on rank 0
+(the rank with the largest shards) and keeps the breakdown at the peak: parameter shards (from the
+sharded parameters), inputs, encoder, decoder activations, loss chunk, backward working set,
+optimizer state and step temporaries, gradients, FSDP's unsharded parameters (polled: FSDP2
+resizes their storages in place, which no op reports), its unsharded gradients and its
+gradient-reduction buffers. On CPU the prediction is checked against measured training runs
+(tests/test_plan.py, benchmarks/plan_accuracy.py).
 
-The step time is an estimate: the model FLOPs of :mod:`fusiontrain.flops` plus activation
-recompute, at an assumed fraction of the device's peak (``--efficiency``), against the FSDP
-collectives at an assumed bus bandwidth (NVLink within a node, InfiniBand across), overlapped.
+The step time is a model, not a measurement: the model FLOPs of :mod:`fusiontrain.flops` plus the
+forward recomputed by activation checkpointing, at an assumed fraction of the device's peak
+(``--efficiency``), against the FSDP all-gathers and reduce-scatters at an assumed bus bandwidth
+(NVLink within a node, InfiniBand across), the two overlapped.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ from fusiontrain.distributed import DistributedContext, build_mesh
 from fusiontrain.flops import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
 from fusiontrain.loss import chunked_cross_entropy_sum
 from fusiontrain.memory_tracker import TensorMemoryTracker
-from fusiontrain.parallel import checkpoint_every, parallelize, set_gradient_sync
+from fusiontrain.parallel import checkpoint_every, mixed_precision_policy, parallelize, set_gradient_sync
 
 GiB = 2**30
 
@@ -383,12 +382,6 @@ def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker
 # -- the plan -------------------------------------------------------------------------------------
 
 
-def _compute_dtype(mode: str, device_type: str) -> torch.dtype:
-    if mode == "bf16" or (mode == "auto" and device_type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
-
-
 def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: float = 0.5) -> Plan:
     """Predict one rank's peak memory and the step time of ``config`` on ``gpus`` devices.
 
@@ -433,7 +426,8 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
     every = checkpoint_every(parallel.activation_checkpointing)
     recompute = flops.forward / every if every else 0
     compute_time = (flops.total + recompute) * accum / (hardware.peak_flops * efficiency)
-    compute_bytes = _compute_dtype(parallel.mixed_precision, hardware.device_type).itemsize
+    policy = mixed_precision_policy(parallel.mixed_precision, torch.device(hardware.device_type))
+    compute_bytes = (policy.param_dtype or torch.float32).itemsize
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     bandwidth = hardware.intra_node_bandwidth if shards <= hardware.devices_per_node else hardware.inter_node_bandwidth
