@@ -312,13 +312,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, hardware: Hardware, micro_b
                 label = tracker.label if tracker is not None else lambda _name: nullcontext()
                 for index in range(micro_batches):
                     set_gradient_sync(model, index == micro_batches - 1 or not parallel.defer_gradient_sync)
-                    hidden = model(
-                        fake.tokens,
-                        mask=fake.self_attention_mask(),
-                        encoder_input=fake.encoder_input,
-                        encoder_mask=fake.encoder_mask,
-                        input_pos=fake.input_pos,
-                    )
+                    hidden = model(fake.tokens, **fake.model_inputs())
                     with label("loss chunk"):
                         loss = chunked_cross_entropy_sum(
                             hidden, fake.labels, model.decoder.output, num_chunks=config.loss.num_output_chunks

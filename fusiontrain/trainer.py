@@ -386,13 +386,7 @@ class Trainer:
             return _PLACEHOLDER
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        hidden = self.model(
-            batch.tokens,
-            mask=batch.self_attention_mask(flex=self.device.type == "cuda"),
-            encoder_input=batch.encoder_input,
-            encoder_mask=batch.encoder_mask,
-            input_pos=batch.input_pos,
-        )
+        hidden = self.model(batch.tokens, **batch.model_inputs(flex=self.device.type == "cuda"))
         return chunked_cross_entropy_sum(
             hidden,
             batch.labels,

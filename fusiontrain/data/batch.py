@@ -89,6 +89,16 @@ class Batch:
 
         return block_causal_block_mask(self.segment_ids) if flex else block_causal_mask(self.segment_ids)
 
+    def model_inputs(self, *, flex: bool = False) -> dict[str, Any]:
+        """The keyword arguments of ``DeepFusionModel.forward`` besides ``tokens``: the
+        self-attention mask (see :meth:`self_attention_mask`), encoder inputs and mask, positions."""
+        return {
+            "mask": self.self_attention_mask(flex=flex),
+            "encoder_input": self.encoder_input,
+            "encoder_mask": self.encoder_mask,
+            "input_pos": self.input_pos,
+        }
+
     def to(self, device: torch.device) -> Batch:
         """A copy on ``device``."""
         return self.map(lambda t: t.to(device, non_blocking=True))
