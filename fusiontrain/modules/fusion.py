@@ -4,7 +4,9 @@
   (normally a :class:`~fusiontrain.modules.transformer.TransformerCrossAttentionLayer`).
 - :class:`FusionEmbedding` extends a pretrained token embedding with a few new rows
   (image tokens) kept as their own small parameter.
-- :func:`register_fusion_module` marks any module (e.g. a projection head) as new fusion weights.
+- :func:`register_fusion_module` marks any module (e.g. a projection head) as new fusion weights
+  by giving it a ``fusion_params()`` method; any module of a user's own that defines
+  ``fusion_params()`` (returning local parameter names) is honoured the same way.
 - :func:`get_fusion_params` and :func:`set_trainable_params` select what trains.
 - :class:`DeepFusionModel` runs the encoder and hands its embeddings to the decoder.
 
@@ -16,6 +18,8 @@ in :mod:`fusiontrain.models` translate checkpoints of other layouts.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -25,43 +29,71 @@ from torch import nn
 from fusiontrain.modules.attention import AttentionMask
 from fusiontrain.modules.transformer import TransformerDecoder
 
-_FUSION_MODULE_FLAG = "_is_fusion_module"
+_FUSION_PARAMS_METHOD = "fusion_params"
+
+
+def _all_parameter_names(module: nn.Module) -> list[str]:
+    """Local names of all of ``module``'s parameters: the ``fusion_params`` of a registered module.
+
+    A module-level function (bound with :func:`functools.partial`) rather than a closure, so a
+    registered module still pickles, deep-copies and survives FSDP2's class swap: the binding is a
+    plain instance attribute whose only reference is to the module itself.
+    """
+    return [name for name, _ in module.named_parameters()]
 
 
 def register_fusion_module(module: nn.Module) -> nn.Module:
-    """Mark every parameter of ``module`` as a fusion parameter; returns ``module``.
+    """Give ``module`` a ``fusion_params()`` method listing all its parameters; returns ``module``.
 
-    Use it for new modules that join encoder and decoder, such as a projection head.
+    Use it for new modules that join encoder and decoder, such as a projection head. As in
+    torchtune, the method is an instance attribute, so it takes precedence over a
+    ``fusion_params`` the module's class may define.
     """
-    setattr(module, _FUSION_MODULE_FLAG, True)
+    setattr(module, _FUSION_PARAMS_METHOD, functools.partial(_all_parameter_names, module))
     return module
 
 
-def _fusion_param_names(module: nn.Module) -> list[str]:
-    """Local names of ``module``'s own fusion parameters (not recursing into children that
-    declare their own)."""
-    if getattr(module, _FUSION_MODULE_FLAG, False):
-        return [name for name, _ in module.named_parameters()]
-    if isinstance(module, (FusionLayer, FusionEmbedding)):
-        return module.fusion_params()
-    return []
+def _declared_fusion_names(module: nn.Module) -> set[str] | None:
+    """The local names ``module.fusion_params()`` returns, or None when it has no such method."""
+    method = getattr(module, _FUSION_PARAMS_METHOD, None)
+    if method is None or not callable(method):
+        return None
+    names = method()
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise TypeError(
+            f"{type(module).__name__}.fusion_params() must return parameter names, got {names!r}"
+        )
+    return set(names)
 
 
 def get_fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """All fusion parameters of ``model``, by fully qualified name.
+    """All fusion parameters of ``model``, by fully qualified name (torchtune's contract).
 
-    These are the parameters of registered fusion modules, the ``fusion_layer`` of every
-    :class:`FusionLayer`, and the new rows of every :class:`FusionEmbedding`.
+    Every submodule (``model`` included) with a callable ``fusion_params()`` contributes the
+    parameters it names, given as names local to that submodule: the ``fusion_layer`` of a
+    :class:`FusionLayer`, the new rows of a :class:`FusionEmbedding`, everything in a module passed
+    to :func:`register_fusion_module`, and whatever a user's own module declares. A parameter
+    declared at several levels (a registered module inside a fusion layer) is listed once. Order
+    follows ``named_modules()`` and, within a module, ``named_parameters()``.
+
+    Raises:
+        ValueError: a ``fusion_params()`` names something that is not a parameter of its module.
     """
     found: dict[str, nn.Parameter] = {}
     for module_name, module in model.named_modules():
-        local_names = _fusion_param_names(module)
-        if not local_names:
+        declared = _declared_fusion_names(module)
+        if not declared:
             continue
-        local_params = dict(module.named_parameters())
-        for local in local_names:
-            full = f"{module_name}.{local}" if module_name else local
-            found[full] = local_params[local]
+        for local, param in module.named_parameters():
+            if local in declared:
+                found[f"{module_name}.{local}" if module_name else local] = param
+                declared.discard(local)
+        if declared:
+            where = repr(module_name) if module_name else "the root module"
+            raise ValueError(
+                f"fusion_params() of {where} ({type(module).__name__}) names "
+                f"{sorted(declared)}, which are not parameters of that module"
+            )
     return found
 
 
@@ -151,6 +183,7 @@ class FusionEmbedding(nn.Module):
         nn.init.normal_(self.weight)
 
     def fusion_params(self) -> list[str]:
+        """Local name of the new rows' parameter."""
         return ["fusion_embedding.weight"]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
