@@ -41,6 +41,10 @@ class LlamaDecoderArgs:
         rope_theta: RoPE base.
         rope_scaling: Llama 3 frequency scaling, or None.
         max_seq_len: longest sequence (and default cache length).
+        attention_bias: biases on the self-attention q/k/v projections (none on the output
+            projection), as in Qwen2 / Qwen2.5. Cross-attention layers never have them.
+        qk_norm: a per-head RMSNorm over ``head_dim`` on the self-attention queries and keys,
+            applied before RoPE, as in Qwen3. Cross-attention layers always have q/k norms.
     """
 
     vocab_size: int
@@ -53,20 +57,45 @@ class LlamaDecoderArgs:
     rope_theta: float
     rope_scaling: Llama3RopeScaling | None
     max_seq_len: int
+    attention_bias: bool = False
+    qk_norm: bool = False
 
 
-def rope_from_hf_text_config(text: dict) -> tuple[float, Llama3RopeScaling | None]:
+def rope_from_hf_text_config(
+    text: dict, *, default_theta: float = 500_000.0
+) -> tuple[float, Llama3RopeScaling | None]:
     """RoPE base and scaling from either ``rope_parameters`` (transformers 5) or the older
-    ``rope_theta`` + ``rope_scaling`` fields."""
+    ``rope_theta`` + ``rope_scaling`` fields.
+
+    Args:
+        text: a HF text config dict.
+        default_theta: the base when the config names none (the HF config class's
+            ``default_theta``: 500000 for Mllama, 10000 for Llama, Qwen2, Qwen3 and Mistral).
+
+    Raises:
+        ValueError: a RoPE type other than ``default`` / ``llama3`` (yarn, linear, dynamic,
+            longrope, ...), or RoPE parameters nested per layer type; the message names the field.
+    """
     params = dict(text.get("rope_parameters") or {})
     legacy = text.get("rope_scaling") or {}
-    theta = params.get("rope_theta", text.get("rope_theta", 500_000.0))
-    rope_type = params.get("rope_type", legacy.get("rope_type", legacy.get("type", "default")))
+    nested = sorted(key for key, value in params.items() if isinstance(value, dict))
+    if nested:
+        raise ValueError(
+            f"rope_parameters nested per layer type ({nested}) are not supported: "
+            "our decoder uses one RoPE for all layers"
+        )
+    theta = params.get("rope_theta", text.get("rope_theta", default_theta))
+    if "rope_type" in params or "type" in params:
+        field, rope_type = "rope_parameters", params.get("rope_type", params.get("type"))
+    else:
+        field, rope_type = "rope_scaling", legacy.get("rope_type", legacy.get("type", "default"))
     source = params if "factor" in params else legacy
     if rope_type == "default":
         return float(theta), None
     if rope_type != "llama3":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default' and 'llama3')")
+        raise ValueError(
+            f"{field} has rope_type {rope_type!r}, which is not supported (only 'default' and 'llama3')"
+        )
     scaling = Llama3RopeScaling(
         factor=float(source["factor"]),
         low_freq_factor=float(source["low_freq_factor"]),
@@ -76,11 +105,19 @@ def rope_from_hf_text_config(text: dict) -> tuple[float, Llama3RopeScaling | Non
     return float(theta), scaling
 
 
+def decoder_args_from_hf_text_config(
+    config: dict, *, default_theta: float = 500_000.0, attention_bias: bool = False, qk_norm: bool = False
+) -> LlamaDecoderArgs:
+    """Decoder sizes from a HF Llama-family text config dict (a ``LlamaConfig``, the
+    ``text_config`` of an ``MllamaConfig``, or a Qwen2 / Qwen3 / Mistral config).
 
-def decoder_args_from_hf_text_config(config: dict) -> LlamaDecoderArgs:
-    """Decoder sizes from a HF Llama-family text config dict (a ``LlamaConfig``, or the
-    ``text_config`` of an ``MllamaConfig``)."""
-    theta, scaling = rope_from_hf_text_config(config)
+    Args:
+        config: the config dict.
+        default_theta: RoPE base when the config names none (see :func:`rope_from_hf_text_config`).
+        attention_bias: set :attr:`LlamaDecoderArgs.attention_bias` (the family decides, not a field).
+        qk_norm: set :attr:`LlamaDecoderArgs.qk_norm`.
+    """
+    theta, scaling = rope_from_hf_text_config(config, default_theta=default_theta)
     heads = config["num_attention_heads"]
     return LlamaDecoderArgs(
         vocab_size=config["vocab_size"],
@@ -93,10 +130,13 @@ def decoder_args_from_hf_text_config(config: dict) -> LlamaDecoderArgs:
         rope_theta=theta,
         rope_scaling=scaling,
         max_seq_len=config["max_position_embeddings"],
+        attention_bias=attention_bias,
+        qk_norm=qk_norm,
     )
 
-def _linear(in_dim: int, out_dim: int) -> nn.Linear:
-    return nn.Linear(in_dim, out_dim, bias=False)
+
+def _linear(in_dim: int, out_dim: int, *, bias: bool = False) -> nn.Linear:
+    return nn.Linear(in_dim, out_dim, bias=bias)
 
 
 def llama_mlp(args: LlamaDecoderArgs) -> FeedForward:
@@ -105,27 +145,46 @@ def llama_mlp(args: LlamaDecoderArgs) -> FeedForward:
     return FeedForward(gate_proj=_linear(d, hidden), down_proj=_linear(hidden, d), up_proj=_linear(d, hidden))
 
 
-def llama_attention(args: LlamaDecoderArgs, **kwargs: Any) -> MultiHeadAttention:
-    """GQA attention with Llama's bias-free projections; ``kwargs`` add RoPE, q/k norms, causality."""
+def llama_attention(args: LlamaDecoderArgs, *, qkv_bias: bool = False, **kwargs: Any) -> MultiHeadAttention:
+    """GQA attention; ``kwargs`` add RoPE, q/k norms, causality.
+
+    Args:
+        args: the decoder sizes (its ``attention_bias`` / ``qk_norm`` are read by
+            :func:`llama_self_attention_layer`, not here, so cross-attention stays as it is).
+        qkv_bias: biases on the q/k/v projections ``[n_h * h_d]`` / ``[n_kv * h_d]``; the output
+            projection is always bias-free.
+        kwargs: passed to :class:`MultiHeadAttention`.
+    """
     d, hd = args.hidden_size, args.head_dim
     return MultiHeadAttention(
         embed_dim=d,
         num_heads=args.num_heads,
         num_kv_heads=args.num_kv_heads,
         head_dim=hd,
-        q_proj=_linear(d, args.num_heads * hd),
-        k_proj=_linear(d, args.num_kv_heads * hd),
-        v_proj=_linear(d, args.num_kv_heads * hd),
+        q_proj=_linear(d, args.num_heads * hd, bias=qkv_bias),
+        k_proj=_linear(d, args.num_kv_heads * hd, bias=qkv_bias),
+        v_proj=_linear(d, args.num_kv_heads * hd, bias=qkv_bias),
         output_proj=_linear(args.num_heads * hd, d),
         **kwargs,
     )
 
 
 def llama_self_attention_layer(args: LlamaDecoderArgs) -> TransformerSelfAttentionLayer:
-    """A Llama block: RMSNorm, GQA self-attention with RoPE, RMSNorm, SwiGLU."""
+    """A Llama block: RMSNorm, GQA self-attention with RoPE, RMSNorm, SwiGLU.
+
+    ``args.attention_bias`` adds q/k/v biases (``attn.q_proj.bias`` ...); ``args.qk_norm`` adds
+    per-head RMSNorms (``attn.q_norm.scale`` / ``attn.k_norm.scale``, ``[h_d]``) applied before RoPE.
+    """
     d, hd = args.hidden_size, args.head_dim
+    norms: dict[str, nn.Module] = {}
+    if args.qk_norm:
+        norms = {"q_norm": RMSNorm(hd, args.rms_norm_eps), "k_norm": RMSNorm(hd, args.rms_norm_eps)}
     attn = llama_attention(
-        args, pos_embeddings=RotaryPositionalEmbeddings(hd, args.rope_theta, args.rope_scaling), is_causal=True
+        args,
+        qkv_bias=args.attention_bias,
+        pos_embeddings=RotaryPositionalEmbeddings(hd, args.rope_theta, args.rope_scaling),
+        is_causal=True,
+        **norms,
     )
     return TransformerSelfAttentionLayer(
         attn,

@@ -90,7 +90,9 @@ class MultiHeadAttention(nn.Module):
         head_dim: features per head ``h_d``.
         q_proj, k_proj, v_proj, output_proj: the four projections.
         pos_embeddings: RoPE applied to q and k (self-attention), or None (cross-attention).
-        q_norm, k_norm: per-head norms applied to q and k before attention, or None.
+        q_norm, k_norm: per-head norms over ``h_d`` applied to q and k BEFORE RoPE, or None.
+            This follows Hugging Face (Qwen3 normalises each head, then rotates); torchtune 0.6.1
+            applies them after RoPE. Cross-attention has no RoPE, so there the order is moot.
         is_causal: whether the default (mask=None) pattern is causal.
         attn_dropout: attention dropout probability, used in training only.
     """
@@ -182,11 +184,11 @@ class MultiHeadAttention(nn.Module):
         """
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        if self.q_norm is not None:  # per head, before RoPE (as HF Qwen3)
+            q = self.q_norm(q)
         if self.pos_embeddings is not None:
             q = self.pos_embeddings(q, input_pos=input_pos)
         q = q.transpose(1, 2)  # [b, n_h, s, h_d]
-        if self.q_norm is not None:
-            q = self.q_norm(q)
 
         use_cache = self.cache_enabled and self.kv_cache is not None
         if y is None:
@@ -222,15 +224,16 @@ class MultiHeadAttention(nn.Module):
     def _project_kv(
         self, y: torch.Tensor, input_pos: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[b, n_kv, s_y, h_d]`` from ``y`` ``[b, s_y, d]``: project, k-norm
+        per head, then RoPE at ``input_pos`` (self-attention only)."""
         b, s_y, _ = y.shape
         k = self.k_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
         v = self.v_proj(y).view(b, s_y, self.num_kv_heads, self.head_dim)
+        if self.k_norm is not None:  # per head, before RoPE (as HF Qwen3)
+            k = self.k_norm(k)
         if self.pos_embeddings is not None:
             k = self.pos_embeddings(k, input_pos=input_pos)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, n_kv, s_y, h_d]
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        return k, v
+        return k.transpose(1, 2), v.transpose(1, 2)  # [b, n_kv, s_y, h_d]
 
     @staticmethod
     def _causal_mask_over_cache(first_slot: int, b: int, s: int, num_slots: int, device: torch.device) -> torch.Tensor:
