@@ -141,27 +141,21 @@ def worker_activations(args: argparse.Namespace) -> None:
     from fusiontrain.loss import chunked_cross_entropy_sum
     from fusiontrain.models import load_hf_mllama
     from fusiontrain.parallel import apply_activation_checkpointing
-    from fusiontrain.builders import image_spec
-    from fusiontrain.trainer import build_dataset
-    from fusiontrain.config import DataConfig
+    from fusiontrain.builders import build_dataset
+    from fusiontrain.config import DataConfig, TrainConfig
+    from fusiontrain.families import model_family
 
     results = {}
     for every in (0, 2, 1):
         model = load_hf_mllama(args.folder).train()
         apply_activation_checkpointing(model, every)
         model.set_skip_output_projection(True)
-        spec = image_spec(model)
-        vocab = model.decoder.tok_embeddings.vocab_size
-        data = build_dataset(
-            DataConfig(synthetic_max_text=args.seq_len - 2),
-            spec,
-            model_folders={"hf_mllama": args.folder},
-            vocab_size=vocab,
-            image_token_id=vocab,
-            seq_len=args.seq_len,
-            seed=0,
-            split="train",
-        )
+        family = model_family("mllama")
+        spec = family.image_format(model)
+        config = TrainConfig(data=DataConfig(synthetic_max_text=args.seq_len - 2))
+        config.batch.seq_len = args.seq_len
+        inputs = family.input_folders({"hf_mllama": args.folder}, model)
+        data = build_dataset(config, spec, inputs, model, split="train")
         batch = collate_padded([data[i] for i in range(2)], args.seq_len, spec)
         saved = []
 

@@ -85,14 +85,14 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.memory import mib, model_folder, table  # noqa: E402
 from fusiontrain import distributed  # noqa: E402
-from fusiontrain.builders import build_meta_model, build_stream_config, image_spec, model_folders  # noqa: E402
+from fusiontrain.builders import build_dataset, build_meta_model, build_stream_config, configured_family  # noqa: E402
 from fusiontrain.config import TrainConfig, load_config  # noqa: E402
-from fusiontrain.data import Batch, ImageSpec  # noqa: E402
+from fusiontrain.data import Batch, ImageFormat  # noqa: E402
 from fusiontrain.data.loader import SampleStream, build_loader  # noqa: E402
 from fusiontrain.loss import count_targets  # noqa: E402
 from fusiontrain.metrics import host_rss_bytes, peak_memory_bytes, reset_peak_memory  # noqa: E402
 from fusiontrain.models import encoder_mask_from_cross_attention_mask  # noqa: E402
-from fusiontrain.trainer import Trainer, build_dataset  # noqa: E402
+from fusiontrain.trainer import Trainer  # noqa: E402
 
 CPU = torch.device("cpu")
 SEQ_LEN = 1024
@@ -151,28 +151,19 @@ def train_config(folder: Path, output_dir: Path, *, packing: bool, steps: int) -
     return load_config(None, overrides)
 
 
-def padded_stream(config: TrainConfig) -> tuple[Iterator[Batch], ImageSpec]:
+def padded_stream(config: TrainConfig) -> tuple[Iterator[Batch], ImageFormat]:
     """The padded batches the Trainer of ``config`` reads, built the way the Trainer builds them
     (same dataset, seed, shuffle and collation); the script checks the equality batch by batch."""
     meta = build_meta_model(config.model)
-    spec = image_spec(meta)
-    vocab = meta.decoder.tok_embeddings.vocab_size
-    dataset = build_dataset(
-        config.data,
-        spec,
-        model_folders=model_folders(config.model),
-        vocab_size=vocab,
-        image_token_id=vocab,
-        seq_len=config.batch.seq_len,
-        seed=config.seed,
-        split="train",
-    )
-    stream_config = build_stream_config(config.data, config.batch, ignore_index=config.loss.ignore_index)
+    family, folders = configured_family(config.model)
+    spec = family.image_format(meta)
+    dataset = build_dataset(config, spec, family.input_folders(folders, meta), meta, split="train")
+    stream_config = build_stream_config(config.data, config.batch, spec, ignore_index=config.loss.ignore_index)
     stream = SampleStream(len(dataset), dataset.__getitem__, spec, stream_config, rank=0, world=1, seed=config.seed)
     return iter(build_loader(stream, num_workers=0)), spec
 
 
-def hf_inputs(batch: Batch, spec: ImageSpec, *, check: bool = False) -> dict[str, torch.Tensor]:
+def hf_inputs(batch: Batch, spec: ImageFormat, *, check: bool = False) -> dict[str, torch.Tensor]:
     """Our padded batch as ``MllamaForConditionalGeneration`` keyword arguments.
 
     HF shifts labels itself (position j is scored against ``labels[j + 1]``); ours are already
@@ -189,7 +180,7 @@ def hf_inputs(batch: Batch, spec: ImageSpec, *, check: bool = False) -> dict[str
     inputs: dict[str, Any] = {"input_ids": batch.tokens, "attention_mask": batch.is_real.long(), "labels": labels, "use_cache": False}
     if batch.encoder_input is not None:
         tiles = spec.max_num_tiles
-        per_tile = spec.tokens_per_image // tiles
+        per_tile = spec.tokens_per_tile
         images = batch.encoder_input["aspect_ratio_ids"].shape[1]
         cross = batch.encoder_mask.view(b, s, images, tiles, per_tile).any(-1).long()
         if check and not torch.equal(encoder_mask_from_cross_attention_mask(cross, per_tile), batch.encoder_mask):
@@ -335,7 +326,7 @@ def hf_trainable(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], int]
 
 
 @torch.no_grad()
-def hf_loss_without_39379(model: torch.nn.Module, batch: Batch, spec: ImageSpec) -> float:
+def hf_loss_without_39379(model: torch.nn.Module, batch: Batch, spec: ImageFormat) -> float:
     """HF's mean loss on ``batch`` with the logits of text-only samples taken from an image-free
     forward (see the module docstring): the loss fusiontrain and Meta's reference compute."""
     inputs = {k: v for k, v in hf_inputs(batch, spec, check=True).items() if k != "labels"}

@@ -1,5 +1,6 @@
-"""Builders from config sections: the model (with or without its weights), its pretrained
-folders, the image format its encoder takes, the optimizer, and the per-rank batching.
+"""Builders from config sections: the model (with or without its weights) through its family
+(:mod:`fusiontrain.families`), its pretrained folders, the image format its encoder takes, the
+optimizer, and the per-rank batching.
 
 ``prepare_model`` is what training uses: the model on the meta device plus the safetensors that
 fill it. ``build_meta_model`` reads only ``config.json`` files, so a plan or a dry run works from
@@ -8,95 +9,81 @@ a folder that holds a model's config and no weights.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import math
 
 import torch
 from torch import nn
 
-from fusiontrain.checkpoint.export import prepare_fusiontrain_export
-from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig
-from fusiontrain.data import ImageSpec
+from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from fusiontrain.data import SyntheticImageText
+from fusiontrain.data.formats import RecordDataset, SampleBuilder
+from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.loader import StreamConfig
-from fusiontrain.models.compose import build_composed_model, prepare_composed
-from fusiontrain.models.hf_vision import HFVisionTowerEncoder
-from fusiontrain.models.mllama import build_mllama, mllama_args_from_config, prepare_mllama
+from fusiontrain.data.sources import load_records
+from fusiontrain.families import (
+    EXPORT_ROLE,
+    InputFolders,
+    ModelFamily,
+    TrainableFlags,
+    model_family,
+    model_family_for_config,
+)
+from fusiontrain.families.model import read_config_json
+from fusiontrain.models.export_reader import prepare_fusiontrain_export, read_export_config
 from fusiontrain.models.pretrained import PretrainedModel
-from fusiontrain.modules.vision import MllamaVisionEncoder
-
-# New token rows a composed model adds (the image token is the first); a composed checkpoint
-# records it, so it stays fixed.
-COMPOSED_FUSION_VOCAB_SIZE = 8
 
 
-def _trainable_flags(config: ModelConfig) -> dict[str, bool]:
-    return dict(
-        decoder_trainable=config.decoder_trainable,
-        encoder_trainable=config.encoder_trainable,
-        fusion_trainable=config.fusion_trainable,
-    )
+def _trainable_flags(config: ModelConfig) -> TrainableFlags:
+    return TrainableFlags(config.decoder_trainable, config.encoder_trainable, config.fusion_trainable)
+
+
+def configured_family(config: ModelConfig) -> tuple[ModelFamily, dict[str, str]]:
+    """The model family the ``model`` section selects and its pretrained folders by role (a
+    fusiontrain export names its family in its own config)."""
+    if config.fusiontrain_export is not None:
+        return model_family(read_export_config(config.fusiontrain_export)["family"]), {
+            EXPORT_ROLE: config.fusiontrain_export
+        }
+    return model_family_for_config(config)
+
+
+def model_settings(config: ModelConfig) -> dict:
+    """The settings a checkpoint records to rebuild the configured model (beyond its folders)."""
+    family, folders = configured_family(config)
+    if EXPORT_ROLE in folders:
+        exported = read_export_config(folders[EXPORT_ROLE])
+        return {key: exported[key] for key in exported.get("settings", [])}
+    return family.settings_from_config(config)
 
 
 def prepare_model(config: ModelConfig, *, seed: int) -> PretrainedModel:
     """The configured model, on the meta device, with its weight sources."""
-    flags = _trainable_flags(config)
-    if config.hf_mllama is not None:
-        return prepare_mllama(config.hf_mllama, **flags)
-    if config.fusiontrain_export is not None:
-        return prepare_fusiontrain_export(config.fusiontrain_export, **flags)
-    return prepare_composed(
-        config.compose.decoder,
-        config.compose.encoder,
-        fusion_interval=config.compose.fusion_interval,
-        fusion_vocab_size=COMPOSED_FUSION_VOCAB_SIZE,
-        seed=seed,
-        **flags,
-    )
-
-
-def _read_config_json(folder: str, key: str) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"config key '{key}': {path} is missing; point it at a HF model folder")
-    return json.loads(path.read_text())
+    family, folders = configured_family(config)
+    if EXPORT_ROLE in folders:
+        return prepare_fusiontrain_export(folders[EXPORT_ROLE], **_trainable_flags(config).as_kwargs())
+    return family.prepare(folders, family.settings_from_config(config), _trainable_flags(config), seed=seed)
 
 
 def build_meta_model(config: ModelConfig) -> nn.Module:
     """The configured model on the meta device, built from ``config.json`` files alone (no
     weights are read or needed); trainability set as configured."""
-    flags = _trainable_flags(config)
-    if config.fusiontrain_export is not None:
-        return prepare_fusiontrain_export(config.fusiontrain_export, **flags).model
-    with torch.device("meta"):
-        if config.hf_mllama is not None:
-            return build_mllama(mllama_args_from_config(_read_config_json(config.hf_mllama, "model.hf_mllama")), **flags)
-        return build_composed_model(
-            _read_config_json(config.compose.decoder, "model.compose.decoder"),
-            _read_config_json(config.compose.encoder, "model.compose.encoder"),
-            fusion_interval=config.compose.fusion_interval,
-            fusion_vocab_size=COMPOSED_FUSION_VOCAB_SIZE,
-            **flags,
-        )
+    family, folders = configured_family(config)
+    if EXPORT_ROLE in folders:
+        return prepare_fusiontrain_export(folders[EXPORT_ROLE], **_trainable_flags(config).as_kwargs()).model
+    configs = {
+        role: read_config_json(folder, f"config key '{family.config_keys[role]}'") for role, folder in folders.items()
+    }
+    return family.build_meta(configs, family.settings_from_config(config), _trainable_flags(config))
 
 
 def model_folders(config: ModelConfig) -> dict[str, str]:
     """The pretrained folders of the configured model, by role."""
-    if config.hf_mllama is not None:
-        return {"hf_mllama": config.hf_mllama}
-    if config.fusiontrain_export is not None:
-        return {"fusiontrain_export": config.fusiontrain_export}
-    return {"decoder": config.compose.decoder, "encoder": config.compose.encoder}
+    return configured_family(config)[1]
 
 
-def image_spec(model: nn.Module) -> ImageSpec:
-    """How the model's encoder takes one image."""
-    encoder = model.encoder
-    if isinstance(encoder, MllamaVisionEncoder):
-        args = encoder.vision.args
-        return ImageSpec("mllama", args.image_size, args.max_num_tiles * args.tokens_per_tile, args.max_num_tiles)
-    if isinstance(encoder, HFVisionTowerEncoder):
-        return ImageSpec("tower", encoder.image_size, encoder.tokens_per_image)
-    raise TypeError(f"no image format known for a {type(encoder).__name__} encoder")
+def image_format(config: ModelConfig, model: nn.Module) -> ImageFormat:
+    """How the configured model's encoder takes one image."""
+    return configured_family(config)[0].image_format(model)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -115,14 +102,106 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device)
     )
 
 
-def build_stream_config(data: DataConfig, batch: BatchConfig, *, ignore_index: int) -> StreamConfig:
-    """How each rank turns samples into micro-batches (packing or padding, row sizes, strictness)."""
+def build_stream_config(
+    data: DataConfig, batch: BatchConfig, image_format: ImageFormat, *, ignore_index: int
+) -> StreamConfig:
+    """How each rank turns samples into micro-batches (packing or padding, row sizes, the
+    encoder-token capacity of a row, strictness)."""
+    max_encoder_tokens = data.max_encoder_tokens_per_row
+    if max_encoder_tokens is None:
+        max_encoder_tokens = data.max_images_per_row * image_format.max_tokens_per_image
     return StreamConfig(
         seq_len=batch.seq_len,
         micro_batch_size=batch.micro_batch_size,
         packing=data.packing,
         max_images=data.max_images_per_row,
         max_open_rows=data.packing_open_rows,
+        max_encoder_tokens=max_encoder_tokens,
         strict=data.strict,
         ignore_index=ignore_index,
     )
+
+
+def build_dataset(
+    config: TrainConfig, image_format: ImageFormat, inputs: InputFolders, model: nn.Module, *, split: str
+) -> RecordDataset | SyntheticImageText | None:
+    """The configured dataset for ``split`` ("train" or "eval"); None when no eval split is set.
+
+    Args:
+        config: the run config (``data``, ``batch.seq_len`` and ``seed`` are read).
+        image_format: the encoder's image format.
+        inputs: where the model's tokenizer and image processor are (its family says).
+        model: the model (synthetic data reads its vocabulary; the image token is the first new
+            embedding row unless the tokenizer has its own).
+        split: "train" or "eval".
+    """
+    data = config.data
+    if data.format == "synthetic":
+        vocab_size = model.decoder.tok_embeddings.vocab_size
+        num_samples = data.synthetic_samples if split == "train" else max(64, data.synthetic_samples // 8)
+        return SyntheticImageText(
+            num_samples,
+            vocab_size=vocab_size,
+            image_token_id=vocab_size,
+            image_format=image_format,
+            max_text=data.synthetic_max_text,
+            lengths=data.synthetic_lengths,
+            seed=config.seed if split == "train" else config.seed + 7919,
+        )
+    source = data.train if split == "train" else data.eval
+    if source.path is None:
+        return None
+    builder = SampleBuilder(
+        inputs.text_dir,
+        image_format,
+        image_dir=inputs.image_dir,
+        format=data.format,
+        train_on=data.train_on,
+        max_len=config.batch.seq_len,
+        too_long=data.too_long,
+        image_token_id=inputs.image_token_id,
+    )
+    return RecordDataset(load_records(source.path, split=source.split), builder)
+
+
+def lr_multiplier(step: int, config: OptimConfig, max_steps: int) -> float:
+    """LR at ``step`` as a fraction of ``optim.lr``: linear warmup, then constant, linear or
+    cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
+    progress = min(1.0, progress)
+    decay = 1.0 - progress if config.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup then decay (:func:`lr_multiplier`), stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config, max_steps))
+
+
+def resolve_global_batch(config: BatchConfig, dp_size: int) -> int:
+    """Rows per optimizer step: ``global_batch_size`` when set, else micro x accum x ranks."""
+    if config.global_batch_size is not None:
+        return config.global_batch_size
+    return config.micro_batch_size * config.grad_accum_steps * dp_size
+
+
+def rows_per_rank_per_step(config: BatchConfig, dp_size: int) -> int:
+    """Rows each data-parallel rank processes per optimizer step (a multiple of the micro-batch).
+
+    Raises:
+        ValueError: the global batch does not split into whole micro-batches on every rank.
+    """
+    rows = resolve_global_batch(config, dp_size)
+    per_rank, remainder = divmod(rows, dp_size * config.micro_batch_size)
+    if remainder or not per_rank:
+        raise ValueError(
+            f"batch.global_batch_size={rows} must be a multiple of batch.micro_batch_size "
+            f"({config.micro_batch_size}) x data-parallel ranks ({dp_size})"
+        )
+    return per_rank * config.micro_batch_size

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from collections.abc import Sequence
@@ -99,11 +100,96 @@ def _add_plan_arguments(parser: argparse.ArgumentParser, *, gpus_default: int | 
     )
 
 
-def _run_export(args: argparse.Namespace) -> int:
-    """Handler of ``export``: its own parser lives with the exporter (imported lazily)."""
-    from fusiontrain.checkpoint.export import main as export_main
+# The exporter's choices, spelled out so that ``--help`` needs no torch (a test holds them equal to
+# fusiontrain.checkpoint.export.FORMATS and DTYPES).
+EXPORT_FORMATS = ("hf", "fusiontrain")
+EXPORT_DTYPES = ("bf16", "fp32")
 
-    return export_main(args.args)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"5GB"`` (10**9 per GB, as transformers' ``max_shard_size``), ``"5GiB"``
+    (2**30), ``"300KB"``, ``"1048576"``.
+
+    Raises:
+        ValueError: the text is no size, or not a positive one.
+    """
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE.match(text)
+        if not match or (match.group(3) and match.group(3).upper() not in ("B", "IB")) or (
+            match.group(3).upper() == "IB" and not match.group(2)
+        ):
+            raise ValueError(f"cannot read size {text!r}; write it like 5GB, 500MB, 2GiB or a number of bytes")
+        number, unit, suffix = float(match.group(1)), match.group(2).upper(), match.group(3).upper()
+        power = "KMGT".index(unit) + 1 if unit else 0
+        value = int(number * ((1024 if suffix == "IB" else 1000) ** power))
+    if value < 1:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``export`` command's options (see :func:`fusiontrain.checkpoint.export.export_checkpoint`)."""
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint folder (.../checkpoints/step_N)")
+    parser.add_argument("--out", required=True, help="folder to write (must not exist or be empty, unless --force)")
+    parser.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default=None,
+        help="hf: what transformers' MllamaForConditionalGeneration loads (Mllama only; its default); "
+        "fusiontrain: our own layout, read by load_fusiontrain_export (the default for composed models)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=EXPORT_DTYPES,
+        default=None,
+        help="cast every tensor to this dtype (default: keep the dtype the base stores each tensor in, so frozen "
+        "tensors are bit-identical to the base; trained ones take their base tensor's dtype)",
+    )
+    parser.add_argument(
+        "--max-shard-size", default="5GiB", help="most bytes per safetensors file, e.g. 5GB, 2GiB, 500MB (default 5GiB)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing, non-empty --out")
+    parser.add_argument(
+        "--verify-base",
+        action="store_true",
+        help="check the base files' sha256 against the checkpoint's fingerprint (default: sizes only)",
+    )
+    parser.add_argument(
+        "--allow-base-mismatch", action="store_true", help="export even if the base files changed since training"
+    )
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    """Handler of ``export``: write the consolidated model folder; 0 on success, 2 with a one-line
+    error."""
+    try:
+        max_shard_bytes = parse_size(args.max_shard_size)
+    except ValueError as error:
+        print(f"error: --max-shard-size: {error}", file=sys.stderr)
+        return 2
+    from fusiontrain.checkpoint.export import ExportError, export_checkpoint
+    from fusiontrain.checkpoint.layout import CheckpointError
+
+    try:
+        out = export_checkpoint(
+            args.checkpoint,
+            args.out,
+            format=args.format,
+            dtype=args.dtype,
+            max_shard_bytes=max_shard_bytes,
+            force=args.force,
+            verify_base=args.verify_base,
+            allow_base_mismatch=args.allow_base_mismatch,
+        )
+    except (CheckpointError, ExportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -178,11 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser(
         "export",
-        add_help=False,
-        prefix_chars="\0",  # pass every argument, --help included, to the exporter's own parser
         help="export a checkpoint as one consolidated model folder (HF Mllama or fusiontrain format)",
+        description="Export a training checkpoint as one consolidated model folder (base and trained weights).",
     )
-    export.add_argument("args", nargs=argparse.REMAINDER)
+    _add_export_arguments(export)
     export.set_defaults(func=_run_export)
 
     generate = sub.add_parser(

@@ -35,8 +35,13 @@ def _field(default: Any, help: str) -> Any:
 
 @dataclass
 class ComposeConfig:
-    decoder: str | None = _field(None, "HF Llama-family causal LM folder (config.json + safetensors).")
-    encoder: str | None = _field(None, "HF CLIP or SigLIP vision model folder.")
+    decoder: str | None = _field(
+        None, "HF causal LM folder (config.json + safetensors) of a registered decoder family: Llama, Qwen2 / Qwen2.5, Qwen3, Mistral."
+    )
+    encoder: str | None = _field(
+        None,
+        "HF vision model folder of a registered encoder family: CLIP, SigLIP (SigLIP2 fixed-resolution checkpoints are SigLIP), SigLIP2 NaFlex, DINOv2 (with or without registers).",
+    )
     fusion_interval: int = _field(4, "Fuse a new cross-attention layer into every N-th decoder layer.")
 
 
@@ -84,6 +89,11 @@ class DataConfig:
     packing: bool = _field(True, "Pack samples into fixed batch.seq_len rows instead of padding.")
     max_images_per_row: int = _field(4, "Image slots per packed row (samples that would exceed it go to another row).")
     packing_open_rows: int = _field(8, "Rows the first-fit packer keeps open (1 = greedy).")
+    max_encoder_tokens_per_row: int | None = _field(
+        None,
+        "Encoder tokens a packed row may hold (variable-resolution encoders give each image its own count); "
+        "null = max_images_per_row x the most tokens one image yields.",
+    )
     strict: bool = _field(False, "Stop at the first bad sample instead of skipping (and counting) it.")
     num_workers: int = _field(1, "Dataloader worker processes per rank: samples and images are built there, off the training loop (0 = in the loop).")
     synthetic_samples: int = _field(512, "Number of samples in the synthetic training set.")

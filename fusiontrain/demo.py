@@ -13,11 +13,17 @@
 The tiny base model is random, so the demo trains it whole (``decoder_trainable``,
 ``encoder_trainable``): a random LM cannot be steered to spell captions by its fusion layers
 alone. Real runs start from pretrained weights and train the fusion parameters only.
+
+Everything the demo needs ships inside the package: its training config is package data
+(``fusiontrain/demo.yaml``, read with :mod:`importlib.resources`) and the model is built by
+:mod:`fusiontrain.tiny`, so an installed copy runs it from any directory. Its outputs go to
+``--output-dir`` (default ``demo_output``), relative to the current working directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -26,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -35,8 +42,25 @@ from fusiontrain.processes import descendant_pids
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 SHAPES = ("circle", "square", "triangle")
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-KILL_AFTER_CHECKPOINT = 300  # of 500 steps, checkpointed every 100 (configs/demo.yaml)
+DEMO_CONFIG = "demo.yaml"  # package data of fusiontrain ([tool.setuptools.package-data] in pyproject.toml)
+KILL_AFTER_CHECKPOINT = 300  # of 500 steps, checkpointed every 100 (fusiontrain/demo.yaml)
+
+
+def demo_config() -> contextlib.AbstractContextManager[Path]:
+    """The demo's training config as a file path, for the ``with`` block that uses it: it is read
+    from the installed package (not from a source checkout), extracted to a temporary file only
+    when the package is not on disk (e.g. imported from a zip)."""
+    return resources.as_file(resources.files("fusiontrain").joinpath(DEMO_CONFIG))
+
+
+def training_overrides(base: Path, out: Path) -> list[str]:
+    """The ``key=value`` overrides the demo adds to its config: the paths it generated under ``out``."""
+    return [
+        f"model.hf_mllama={base}",
+        f"output_dir={out / 'run'}",
+        f"data.train.path={out / 'train' / 'captions.jsonl'}",
+        f"data.eval.path={out / 'held_out' / 'captions.jsonl'}",
+    ]
 
 
 def draw_shape(shape: str, color: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
@@ -104,21 +128,20 @@ def train_with_a_kill(command: list[str], run: Path, log: Path) -> None:
             raise RuntimeError(f"training failed; see {log}")
 
 
-def caption(model, transform, tokenizer, image: Image.Image, spec) -> str:
+def caption(model, transform, tokenizer, image: Image.Image, image_format) -> str:
     """Greedy caption of ``image``: the caption layout trained on (BOS, image token, text)."""
-    from fusiontrain.data.batch import seen_columns, stack_images
+    from fusiontrain.data.image_format import encoder_mask_rows
     from fusiontrain.generation import generate
 
     pixels = transform(image)
     image_token = model.decoder.tok_embeddings.vocab_size
     prompt = torch.tensor([[tokenizer.bos_token_id, image_token]])
-    encoder_mask = torch.zeros(1, 2, spec.tokens_per_image, dtype=torch.bool)
-    encoder_mask[:, :, seen_columns(pixels, spec)] = True
+    encoder_mask, encoder_input = encoder_mask_rows([[pixels]], [[(0, 2)]], image_format, 2)
     tokens = generate(
         model,
         prompt,
         max_new_tokens=16,
-        encoder_input=stack_images([[pixels]], spec),
+        encoder_input=encoder_input,
         encoder_mask=encoder_mask,
         stop_token_ids=(tokenizer.eos_token_id,),
     )
@@ -143,12 +166,12 @@ def main(args: argparse.Namespace) -> int:
 
     print("[2/4] training on 2 ranks (gloo) with packing and checkpoints; one rank gets killed")
     run = out / "run"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
-        "-m", "fusiontrain", "train", "--config", str(DEMO_CONFIG), f"model.hf_mllama={base}", f"output_dir={run}",
-        f"data.train.path={out / 'train' / 'captions.jsonl'}", f"data.eval.path={out / 'held_out' / 'captions.jsonl'}",
-    ]
-    train_with_a_kill(command, run, out / "train.log")
+    with demo_config() as config_path:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+            "-m", "fusiontrain", "train", "--config", str(config_path), *training_overrides(base, out),
+        ]
+        train_with_a_kill(command, run, out / "train.log")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         if row["step"] % 50 == 0 or "eval_loss" in row:
@@ -170,17 +193,15 @@ def main(args: argparse.Namespace) -> int:
     exported = export_checkpoint(checkpoint, out / "exported", format="hf", dtype="fp32")
     hf_model = MllamaForConditionalGeneration.from_pretrained(exported, attn_implementation="eager").eval()
     loaded = load_for_inference(checkpoint)
-    transform = ImageTransform.from_pretrained(base, loaded.spec)
+    transform = ImageTransform.from_pretrained(base, loaded.image_format)
     image = Image.open(held_out[0][0]).convert("RGB")
     pixels = transform(image)
-    from fusiontrain.data.batch import stack_images
-
-    encoder_input = stack_images([[pixels]], loaded.spec)
+    encoder_input = loaded.image_format.collate([[pixels]])
     tokens = torch.tensor([[loaded.tokenizer.bos_token_id, loaded.image_token_id, 40, 41]])
-    cross = torch.zeros(1, 4, 1, loaded.spec.max_num_tiles, dtype=torch.long)
+    cross = torch.zeros(1, 4, 1, loaded.image_format.max_num_tiles, dtype=torch.long)
     cross[0, 1:, 0] = pixels["aspect_ratio_mask"]
     cross[0, 0, 0] = pixels["aspect_ratio_mask"]  # every row sees the image (see transformers#39379)
-    tokens_per_tile = loaded.spec.tokens_per_image // loaded.spec.max_num_tiles
+    tokens_per_tile = loaded.image_format.tokens_per_tile
     with torch.no_grad():
         ours = loaded.model(tokens, encoder_input=encoder_input, encoder_mask=encoder_mask_from_cross_attention_mask(cross, tokens_per_tile))
         theirs = hf_model(input_ids=tokens, **encoder_input, cross_attention_mask=cross).logits
@@ -189,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
     print("[4/4] captions of held-out images (KV-cached greedy decoding)")
     shapes = colors = 0
     for path, truth in held_out:
-        text = caption(loaded.model, transform, loaded.tokenizer, Image.open(path).convert("RGB"), loaded.spec)
+        text = caption(loaded.model, transform, loaded.tokenizer, Image.open(path).convert("RGB"), loaded.image_format)
         _, color, shape = truth.split()
         shapes, colors = shapes + (shape in text.split()), colors + (color in text.split())
         print(f"      {path.name}: {text!r}  (drawn: {truth!r})")

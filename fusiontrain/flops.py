@@ -19,6 +19,18 @@ What is counted (forward; ``T = b * s`` token slots, ``P`` attended self-attenti
   slot, padding slots included, because that is what runs), SigLIP's attention-pooling head (it
   runs in forward although its output is unused), and the projection head.
 
+Encoders. Mllama's tiled ViT and the HF CLIP / SigLIP towers (``HFVisionTowerEncoder``) are counted
+analytically, as above. Any other encoder (SigLIP2 NaFlex, DINOv2, a user's own module) is counted
+generically by :func:`fusiontrain.flop_probe.measure_encoder_flops`: its forward and backward run
+once per input shape on fake tensors under ``torch.utils.flop_counter.FlopCounterMode``, with the
+same conventions (SDPA through its math backend, so attention backward is 2x, not the 2.5x
+FlopCounterMode gives fused kernels; attention over the full square; no recompute; see that
+module). It needs the encoder's actual input (``encoder_input``) and reports one part,
+``encoder``. A count that cannot be made (an encoder whose forward reads tensor values that fake
+tensors lack, a decoder layer this module does not know) raises; :func:`micro_batch_flops_or_none`
+turns that into None and one logged warning, so MFU is reported as unavailable and training goes
+on.
+
 Backward: every matmul whose output needs a gradient costs its forward FLOPs once per operand
 that needs one: the weight gradient when the weight is trainable, the input gradient when the
 input requires grad. Requires-grad is propagated through the model the way autograd does it: an
@@ -49,25 +61,33 @@ Only shapes and ``requires_grad`` are read, so a meta-device or FSDP-sharded mod
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from fusiontrain.modules.attention import MultiHeadAttention
+from fusiontrain.flop_probe import measure_encoder_flops
+from fusiontrain.flop_rules import (
+    FlopCount,
+    Tally,
+    any_trainable,
+    count_linear,
+    count_mlp,
+    count_multi_head_attention,
+    count_self_attention_layer,
+    unwrap,
+)
 from fusiontrain.modules.fusion import FusionLayer
-from fusiontrain.modules.layers import FeedForward
 from fusiontrain.modules.transformer import (
     TransformerCrossAttentionLayer,
     TransformerDecoder,
     TransformerSelfAttentionLayer,
 )
-from fusiontrain.modules.vision import _PAD_MULTIPLE, MllamaVisionEncoder
 
 __all__ = [
     "PEAK_FLOPS",
@@ -77,164 +97,18 @@ __all__ = [
     "measure_matmul_flops",
     "mfu",
     "micro_batch_flops",
+    "micro_batch_flops_or_none",
     "packed_attention_pairs",
     "peak_flops_for_name",
     "step_flops",
 ]
 
+logger = logging.getLogger("fusiontrain.flops")
 
 # -- the count ------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class FlopCount:
-    """FLOPs of one forward + backward.
-
-    Attributes:
-        forward: forward FLOPs.
-        backward: backward FLOPs (weight and input gradients; no recompute).
-        parts: ``{part: (forward, backward)}`` by component (``decoder.self_attention``,
-            ``decoder.mlp``, ``decoder.output``, ``fusion.cross_attention``, ``fusion.mlp``,
-            ``encoder.vision``, ``encoder.projection``), for inspection.
-    """
-
-    forward: int = 0
-    backward: int = 0
-    parts: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def total(self) -> int:
-        """Forward plus backward FLOPs."""
-        return self.forward + self.backward
-
-    def __add__(self, other: FlopCount) -> FlopCount:
-        if not isinstance(other, FlopCount):
-            return NotImplemented
-        parts = dict(self.parts)
-        for name, (fwd, bwd) in other.parts.items():
-            old_fwd, old_bwd = parts.get(name, (0, 0))
-            parts[name] = (old_fwd + fwd, old_bwd + bwd)
-        return FlopCount(self.forward + other.forward, self.backward + other.backward, parts)
-
-    def __radd__(self, other: Any) -> FlopCount:
-        if other == 0:  # sum(counts)
-            return self
-        return NotImplemented
-
-
-class _Tally:
-    """Accumulates (forward, backward) FLOPs per part."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, list[int]] = {}
-
-    def add(self, part: str, forward: int, grads: int) -> None:
-        """One matmul-like op of ``forward`` FLOPs whose backward computes ``grads`` operand
-        gradients, each as costly as the forward."""
-        entry = self.parts.setdefault(part, [0, 0])
-        entry[0] += forward
-        entry[1] += forward * grads
-
-    def result(self) -> FlopCount:
-        parts = {name: (fwd, bwd) for name, (fwd, bwd) in self.parts.items()}
-        return FlopCount(sum(f for f, _ in parts.values()), sum(b for _, b in parts.values()), parts)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module inside activation-checkpoint and ``torch.compile`` wrappers."""
-    while True:
-        inner = getattr(module, "_checkpoint_wrapped_module", None)
-        if inner is None:
-            inner = getattr(module, "_orig_mod", None)
-        if inner is None:
-            return module
-        module = inner
-
-
-def _trainable(*modules: nn.Module | nn.Parameter | None) -> bool:
-    """Whether any parameter of ``modules`` requires grad."""
-    for module in modules:
-        if module is None:
-            continue
-        if isinstance(module, nn.Parameter):
-            if module.requires_grad:
-                return True
-        elif any(p.requires_grad for p in module.parameters()):
-            return True
-    return False
-
-
-def _linear(tally: _Tally, part: str, linear: nn.Module, tokens: int, x_grad: bool) -> bool:
-    """``linear`` applied to ``tokens`` rows; returns whether its output requires grad."""
-    linear = _unwrap(linear)
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"expected an nn.Linear projection, got {type(linear).__name__}")
-    weight_grad = linear.weight.requires_grad
-    tally.add(part, 2 * tokens * linear.in_features * linear.out_features, int(x_grad) + int(weight_grad))
-    return x_grad or weight_grad or (linear.bias is not None and linear.bias.requires_grad)
-
-
-def _attention_core(tally: _Tally, part: str, width: int, pairs: int, q: bool, k: bool, v: bool) -> bool:
-    """``softmax(q k^T) v`` over ``pairs`` (query, key) pairs, all heads together ``width``
-    features wide (``n_h * h_d``; GQA keys/values are shared, not narrower, in the matmuls)."""
-    flops = 2 * width * pairs
-    tally.add(part, flops, int(q) + int(k))  # scores = q @ k^T
-    tally.add(part, flops, int(q or k) + int(v))  # out = probs @ v
-    return q or k or v
-
-
-def _multi_head_attention(
-    tally: _Tally,
-    part: str,
-    attn: MultiHeadAttention,
-    *,
-    q_tokens: int,
-    kv_tokens: int,
-    pairs: int,
-    x_grad: bool,
-    y_grad: bool,
-) -> bool:
-    q = _linear(tally, part, attn.q_proj, q_tokens, x_grad) or _trainable(attn.q_norm)
-    k = _linear(tally, part, attn.k_proj, kv_tokens, y_grad) or _trainable(attn.k_norm)
-    v = _linear(tally, part, attn.v_proj, kv_tokens, y_grad)
-    out = _attention_core(tally, part, attn.num_heads * attn.head_dim, pairs, q, k, v)
-    return _linear(tally, part, attn.output_proj, q_tokens, out)
-
-
-def _mlp(tally: _Tally, part: str, mlp: nn.Module, tokens: int, x_grad: bool) -> bool:
-    mlp = _unwrap(mlp)
-    if isinstance(mlp, FeedForward):
-        hidden = _linear(tally, part, mlp.w1, tokens, x_grad)
-        if mlp.w3 is not None:
-            hidden = _linear(tally, part, mlp.w3, tokens, x_grad) or hidden
-        return _linear(tally, part, mlp.w2, tokens, hidden)
-    if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):  # HF CLIP / SigLIP MLP
-        hidden = _linear(tally, part, mlp.fc1, tokens, x_grad)
-        return _linear(tally, part, mlp.fc2, tokens, hidden)
-    raise TypeError(f"don't know how to count FLOPs of a {type(mlp).__name__} MLP")
-
-
-def _self_attention_layer(
-    tally: _Tally,
-    parts: tuple[str, str],
-    layer: TransformerSelfAttentionLayer,
-    *,
-    tokens: int,
-    pairs: int,
-    x_grad: bool,
-) -> bool:
-    """``h = x + sa_scale(attn(sa_norm(x)))``; ``h + mlp_scale(mlp(mlp_norm(h)))``."""
-    normed = x_grad or _trainable(layer.sa_norm)
-    attn = _multi_head_attention(
-        tally, parts[0], layer.attn, q_tokens=tokens, kv_tokens=tokens, pairs=pairs, x_grad=normed, y_grad=normed
-    )
-    h = x_grad or attn or _trainable(layer.sa_scale)
-    mlp = _mlp(tally, parts[1], layer.mlp, tokens, h or _trainable(layer.mlp_norm))
-    return h or mlp or _trainable(layer.mlp_scale)
-
-
 def _cross_attention_layer(
-    tally: _Tally,
+    tally: Tally,
     layer: TransformerCrossAttentionLayer,
     *,
     tokens: int,
@@ -244,8 +118,8 @@ def _cross_attention_layer(
     encoder_grad: bool,
 ) -> bool:
     """Gated cross-attention to the encoder embeddings, then a gated MLP."""
-    normed = x_grad or _trainable(layer.ca_norm)
-    attn = _multi_head_attention(
+    normed = x_grad or any_trainable(layer.ca_norm)
+    attn = count_multi_head_attention(
         tally,
         "fusion.cross_attention",
         layer.attn,
@@ -255,13 +129,12 @@ def _cross_attention_layer(
         x_grad=normed,
         y_grad=encoder_grad,
     )
-    h = x_grad or attn or _trainable(layer.ca_scale)
-    mlp = _mlp(tally, "fusion.mlp", layer.mlp, tokens, h or _trainable(layer.mlp_norm))
-    return h or mlp or _trainable(layer.mlp_scale)
-
+    h = x_grad or attn or any_trainable(layer.ca_scale)
+    mlp = count_mlp(tally, "fusion.mlp", layer.mlp, tokens, h or any_trainable(layer.mlp_norm))
+    return h or mlp or any_trainable(layer.mlp_scale)
 
 def _decoder(
-    tally: _Tally,
+    tally: Tally,
     decoder: TransformerDecoder,
     *,
     num_rows: int,
@@ -271,10 +144,10 @@ def _decoder(
     encoder_grad: bool,
 ) -> None:
     tokens = num_rows * seq_len
-    h = _trainable(decoder.tok_embeddings)
+    h = any_trainable(decoder.tok_embeddings)
 
     def layer_flops(layer: nn.Module, h: bool) -> bool:
-        layer = _unwrap(layer)
+        layer = unwrap(layer)
         if isinstance(layer, FusionLayer):
             order = (layer.fusion_layer, layer.layer) if layer.fusion_first else (layer.layer, layer.fusion_layer)
             for part in order:
@@ -293,145 +166,81 @@ def _decoder(
                 encoder_grad=encoder_grad,
             )
         if isinstance(layer, TransformerSelfAttentionLayer):
-            return _self_attention_layer(
+            return count_self_attention_layer(
                 tally, ("decoder.self_attention", "decoder.mlp"), layer, tokens=tokens, pairs=attention_pairs, x_grad=h
             )
         raise TypeError(f"don't know how to count FLOPs of a {type(layer).__name__} decoder layer")
 
     for layer in decoder.layers:
         h = layer_flops(layer, h)
-    _linear(tally, "decoder.output", decoder.output, tokens, h or _trainable(decoder.norm))
-
+    count_linear(tally, "decoder.output", decoder.output, tokens, h or any_trainable(decoder.norm))
 
 # -- encoders -------------------------------------------------------------------------------------
 
+def _known_encoder_counter(encoder: nn.Module) -> Any:
+    """The analytic counter of ``encoder`` (unwrapped) its family provides, or None for an encoder
+    counted generically."""
+    from fusiontrain.families import analytic_encoder_flops  # the family seam (imports this module's rules)
 
-def _conv_flops(conv: nn.Module, count: int, size: int) -> int:
-    """FLOPs of ``conv`` (a 2-d convolution) over ``count`` square inputs of ``size`` pixels."""
-    conv = _unwrap(conv)
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"expected an nn.Conv2d patch embedding, got {type(conv).__name__}")
-    positions = 1
-    for dim in range(2):
-        kernel, stride, dilation = conv.kernel_size[dim], conv.stride[dim], conv.dilation[dim]
-        if conv.padding == "same":
-            out = size
-        else:
-            padding = 0 if conv.padding == "valid" else conv.padding[dim]
-            out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-        positions *= out
-    per_position = conv.out_channels * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
-    return 2 * count * positions * per_position
+    return analytic_encoder_flops(encoder)
 
+def _image_slots(encoder_input: Mapping[str, Any], num_rows: int) -> int:
+    """Image slots of a known encoder's input: ``b * i`` for ``pixel_values`` ``[b, i, ...]`` (Mllama
+    ``[b, i, t, c, h, w]``, HF towers ``[b, i, c, h, w]``), ``b`` for one image per row ``[b, c, h, w]``."""
+    pixels = encoder_input.get("pixel_values")
+    if not isinstance(pixels, torch.Tensor):
+        raise ValueError(f"encoder_input has no pixel_values tensor (keys: {sorted(encoder_input)})")
+    return num_rows * (pixels.shape[1] if pixels.dim() >= 5 else 1)
 
-def _mllama_encoder(tally: _Tally, encoder: MllamaVisionEncoder, images: int) -> tuple[int, bool]:
-    """Tiled ViT + projection head over ``images`` image slots; returns (tokens per image slot,
-    whether the embeddings require grad)."""
-    vision, head = encoder.vision, encoder.projection
-    args = vision.args
-    tiles = images * args.max_num_tiles
-    p = args.tokens_per_tile
-    p_pad = -(-p // _PAD_MULTIPLE) * _PAD_MULTIPLE
-    seq = args.max_num_tiles * p_pad  # an image's tiles attend to each other
-    tokens, pairs = images * seq, images * seq * seq
+def _encoder(
+    tally: Tally,
+    encoder: nn.Module,
+    *,
+    num_rows: int,
+    images: int,
+    encoder_input: Mapping[str, Any] | None,
+    encoder_seq_len: int | None,
+) -> tuple[int, bool]:
+    """Counts ``encoder`` on one micro-batch of ``num_rows`` rows; returns (``s_e``, the encoder
+    tokens per row that cross-attention sees: ``encoder_seq_len`` when given; whether the
+    embeddings require grad).
 
-    # Pixels never require grad: the patch convolution only ever computes a weight gradient.
-    conv_flops = _conv_flops(vision.conv, tiles, args.image_size)
-    tally.add("encoder.vision", conv_flops, int(vision.conv.weight.requires_grad))
-    x = _trainable(
-        vision.conv, vision.class_embedding, vision.pre_tile_pos_embed, vision.token_pos_embed, vision.ln_pre
-    )
-    outputs = []
-    for layer in vision.layers:
-        x = _self_attention_layer(
-            tally, ("encoder.vision", "encoder.vision"), _unwrap(layer), tokens=tokens, pairs=pairs, x_grad=x
+    Known encoders are counted analytically from ``images`` (or, when 0, the image slots of
+    ``encoder_input["pixel_values"]``); any other encoder generically from ``encoder_input``, its
+    output ``[b, s_e, d]`` giving ``s_e``.
+    """
+    encoder = unwrap(encoder)
+    known = _known_encoder_counter(encoder)
+    if known is not None:
+        if not images:
+            images = _image_slots(encoder_input, num_rows)
+        tokens_per_image, grad = known(tally, encoder, images)
+        if encoder_seq_len is None:
+            if images % num_rows:
+                raise ValueError(f"images ({images}) is not a multiple of num_rows ({num_rows}): pass encoder_seq_len")
+            encoder_seq_len = images // num_rows * tokens_per_image
+        return encoder_seq_len, grad
+
+    if encoder_input is None:
+        raise ValueError(
+            f"a {type(encoder).__name__} encoder is counted by running it on fake tensors: pass encoder_input "
+            "(the encoder's keyword arguments)"
         )
-        outputs.append(x)
-    intermediate = any(outputs[i] for i in args.intermediate_layers_indices)
-    x = x or _trainable(vision.ln_post, vision.post_tile_pos_embed)
-
-    for layer in head.layers:
-        x = _self_attention_layer(
-            tally, ("encoder.projection", "encoder.projection"), _unwrap(layer), tokens=tokens, pairs=pairs, x_grad=x
+    cost = measure_encoder_flops(encoder, encoder_input)
+    if len(cost.output_shape) != 3 or cost.output_shape[0] != num_rows:
+        raise ValueError(
+            f"{type(encoder).__name__} returned embeddings of shape {list(cost.output_shape)}; a fusion encoder "
+            f"returns [b, s_e, d] with b = num_rows = {num_rows}"
         )
-    # The projector sees the real (unpadded) tile tokens only.
-    embeddings = _linear(tally, "encoder.projection", head.output, images * args.max_num_tiles * p, x or intermediate)
-    return args.max_num_tiles * p, embeddings
-
-
-def _hf_tower_layer(tally: _Tally, layer: nn.Module, *, tokens: int, pairs: int, x_grad: bool) -> bool:
-    """A CLIP / SigLIP encoder layer: pre-norm attention and MLP, both residual."""
-    attn = layer.self_attn
-    normed = x_grad or _trainable(layer.layer_norm1)
-    q = _linear(tally, "encoder.vision", attn.q_proj, tokens, normed)
-    k = _linear(tally, "encoder.vision", attn.k_proj, tokens, normed)
-    v = _linear(tally, "encoder.vision", attn.v_proj, tokens, normed)
-    out = _attention_core(tally, "encoder.vision", _unwrap(attn.q_proj).out_features, pairs, q, k, v)
-    h = _linear(tally, "encoder.vision", attn.out_proj, tokens, out) or x_grad
-    mlp = _mlp(tally, "encoder.vision", layer.mlp, tokens, h or _trainable(layer.layer_norm2))
-    return h or mlp
-
-
-def _siglip_pooling_head(tally: _Tally, head: nn.Module, images: int, n_tok: int) -> None:
-    """SigLIP's attention-pooling head: one probe query per image attends to the image's tokens.
-    It runs in forward, but its output (``pooler_output``) is not used: no backward."""
-    attention = head.attention
-    e = attention.embed_dim
-    kv_dim = e if attention.kdim is None else attention.kdim
-    if attention.kdim != attention.vdim:
-        raise TypeError("SigLIP pooling head with different key and value widths is not supported")
-    q_flops = 2 * images * e * e
-    kv_flops = 2 * images * n_tok * kv_dim * 2 * e
-    core = 2 * 2 * e * images * n_tok  # 1 query per image and head
-    out_flops = 2 * images * e * attention.out_proj.out_features
-    tally.add("encoder.vision", q_flops + kv_flops + core + out_flops, 0)
-    mlp = head.mlp
-    tally.add("encoder.vision", sum(2 * images * m.in_features * m.out_features for m in (mlp.fc1, mlp.fc2)), 0)
-
-
-def _hf_tower_encoder(tally: _Tally, encoder: nn.Module, images: int) -> tuple[int, bool]:
-    """HF CLIP / SigLIP tower + MLP projection head over ``images`` images."""
-    tower = encoder.tower
-    body = getattr(tower, "vision_model", tower)  # transformers < 5 nests the tower one level deeper
-    embeddings = body.embeddings
-    n_tok = encoder.tokens_per_image
-    tokens, pairs = images * n_tok, images * n_tok * n_tok
-
-    conv = embeddings.patch_embedding
-    tally.add("encoder.vision", _conv_flops(conv, images, encoder.image_size), int(conv.weight.requires_grad))
-    x = _trainable(embeddings, getattr(body, "pre_layrnorm", None))
-    for layer in body.encoder.layers:
-        x = _hf_tower_layer(tally, _unwrap(layer), tokens=tokens, pairs=pairs, x_grad=x)
-    head = getattr(body, "head", None)
-    if head is not None and getattr(body, "use_head", True):
-        _siglip_pooling_head(tally, head, images, n_tok)
-    # CLIP's post_layernorm only touches the pooled token; SigLIP's normalises last_hidden_state.
-    x = x or _trainable(getattr(body, "post_layernorm", None))
-
-    projection = encoder.projection
-    hidden = _linear(tally, "encoder.projection", projection.linear_1, tokens, x)
-    return n_tok, _linear(tally, "encoder.projection", projection.linear_2, tokens, hidden)
-
-
-def _encoder(tally: _Tally, encoder: nn.Module, images: int) -> tuple[int, bool]:
-    encoder = _unwrap(encoder)
-    if isinstance(encoder, MllamaVisionEncoder):
-        return _mllama_encoder(tally, encoder, images)
-    from fusiontrain.models.hf_vision import HFVisionTowerEncoder
-
-    if isinstance(encoder, HFVisionTowerEncoder):
-        return _hf_tower_encoder(tally, encoder, images)
-    raise TypeError(f"don't know how to count FLOPs of a {type(encoder).__name__} encoder")
-
+    tally.add_measured("encoder", cost.forward, cost.backward)
+    return (cost.output_shape[1] if encoder_seq_len is None else encoder_seq_len), cost.output_requires_grad
 
 # -- public API -----------------------------------------------------------------------------------
-
 
 def causal_attention_pairs(num_rows: int, seq_len: int) -> int:
     """Attended (query, key) pairs of causal self-attention over unpacked rows: ``s (s + 1) / 2``
     per row."""
     return num_rows * seq_len * (seq_len + 1) // 2
-
 
 def packed_attention_pairs(segment_ids: torch.Tensor) -> int:
     """Attended (query, key) pairs of block-diagonal causal attention, ``[b, s]`` segment ids:
@@ -448,7 +257,6 @@ def packed_attention_pairs(segment_ids: torch.Tensor) -> int:
     counts = torch.bincount((ids + rows).flatten())
     return int((counts * (counts + 1) // 2).sum())
 
-
 def step_flops(
     model: nn.Module,
     *,
@@ -457,11 +265,12 @@ def step_flops(
     attention_pairs: int | None = None,
     images: int = 0,
     encoder_seq_len: int | None = None,
+    encoder_input: Mapping[str, Any] | None = None,
 ) -> FlopCount:
     """Model FLOPs of one forward + backward of ``model`` on one micro-batch.
 
     Trainability is read from ``requires_grad`` of the model's parameters (as the trainer's
-    ``*_trainable`` flags set them); sizes from its modules (FSDP, activation-checkpoint and
+    ``*any_trainable`` flags set them); sizes from its modules (FSDP, activation-checkpoint and
     compile wrappers are seen through).
 
     Args:
@@ -472,34 +281,51 @@ def step_flops(
             None means causal over whole rows (:func:`causal_attention_pairs`); packed rows pass
             :func:`packed_attention_pairs`; ``b * s * s`` counts the full square.
         images: image slots the encoder processes (``b * i`` with ``i`` the padded images per
-            row; Mllama runs all ``max_num_tiles`` tiles of each). 0: a text-only micro-batch,
-            where neither the encoder nor the cross-attention layers run.
+            row; Mllama runs all ``max_num_tiles`` tiles of each), for the analytically counted
+            encoders (Mllama, HF CLIP / SigLIP towers); 0 there means: from
+            ``encoder_input["pixel_values"]`` when given. Other encoders ignore it. With
+            ``images == 0`` and no ``encoder_input``, a text-only micro-batch: neither the encoder
+            nor the cross-attention layers run.
         encoder_seq_len: encoder tokens ``s_e`` per row that cross-attention sees; by default
-            ``images / num_rows`` times the tokens per image.
+            ``images / num_rows`` times the tokens per image (analytic encoders) or the ``s_e`` of
+            the encoder's output ``[b, s_e, d]`` (generic count).
+        encoder_input: the encoder's keyword arguments (``batch.encoder_input``: real, meta or
+            fake tensors of any shapes, e.g. SigLIP2 NaFlex's ``pixel_values``,
+            ``pixel_attention_mask``, ``spatial_shapes``). Required by an encoder this module does
+            not count analytically: it is run once per input shape on fake tensors
+            (:func:`fusiontrain.flop_probe.measure_encoder_flops`). Giving it means the encoder runs.
 
     Returns:
         The forward and backward FLOPs.
+
+    Raises:
+        ValueError: inconsistent sizes. TypeError: a decoder layer or analytically counted
+            encoder part of an unknown kind. Whatever the generic encoder count raises (e.g. an
+            encoder that reads tensor values). :func:`micro_batch_flops_or_none` catches them all.
     """
-    model = _unwrap(model)
+    model = unwrap(model)
     if num_rows < 0 or seq_len < 0 or images < 0:
         raise ValueError("num_rows, seq_len and images must be >= 0")
     if attention_pairs is None:
         attention_pairs = causal_attention_pairs(num_rows, seq_len)
-    tally = _Tally()
+    tally = Tally()
     if isinstance(model, TransformerDecoder):
         decoder, encoder = model, None
     else:
-        decoder, encoder = _unwrap(model.decoder), getattr(model, "encoder", None)
+        decoder, encoder = unwrap(model.decoder), getattr(model, "encoder", None)
 
     encoder_grad = False
-    if images:
+    if images or encoder_input is not None:
         if encoder is None or not num_rows:
-            raise ValueError(f"images={images} needs an encoder and num_rows > 0")
-        tokens_per_image, encoder_grad = _encoder(tally, encoder, images)
-        if encoder_seq_len is None:
-            if images % num_rows:
-                raise ValueError(f"images ({images}) is not a multiple of num_rows ({num_rows}): pass encoder_seq_len")
-            encoder_seq_len = images // num_rows * tokens_per_image
+            raise ValueError(f"images={images} / encoder_input need an encoder and num_rows > 0")
+        encoder_seq_len, encoder_grad = _encoder(
+            tally,
+            encoder,
+            num_rows=num_rows,
+            images=images,
+            encoder_input=encoder_input,
+            encoder_seq_len=encoder_seq_len,
+        )
     elif encoder_seq_len:
         raise ValueError("encoder_seq_len given for a micro-batch without images")
     _decoder(
@@ -513,35 +339,67 @@ def step_flops(
     )
     return tally.result()
 
-
 def micro_batch_flops(model: nn.Module, batch: Any, *, attention_pairs: int | None = None) -> FlopCount:
     """:func:`step_flops` for a :class:`~fusiontrain.data.Batch` as the trainer feeds it.
 
     Reads ``b, s`` from ``batch.tokens``; the attended self-attention pairs from
-    ``batch.segment_ids`` (block-diagonal causal) or, without them, causal rows; the image slots
-    from ``batch.encoder_input["pixel_values"]`` (``[b, i, ...]``) and ``s_e`` from
-    ``batch.encoder_mask``. ``attention_pairs`` overrides the pairs (e.g. ``b * s * s``).
-    Packed batches cost two small device syncs (the segment counts) when ``batch`` is on a GPU;
-    pass the CPU batch to avoid them.
+    ``batch.segment_ids`` (block-diagonal causal) or, without them, causal rows; the encoder's
+    input from ``batch.encoder_input`` (analytic encoders: the image slots of its
+    ``pixel_values`` ``[b, i, ...]``; any other encoder: run on fake tensors of its shapes, once per
+    shape) and ``s_e`` from ``batch.encoder_mask``. ``attention_pairs`` overrides the pairs (e.g.
+    ``b * s * s``). Packed batches cost two small device syncs (the segment counts) when ``batch``
+    is on a GPU, and so does a generic encoder count with integer inputs (copied to the CPU, once
+    per shape); pass the CPU batch to avoid them.
+
+    Raises:
+        What :func:`step_flops` raises; see :func:`micro_batch_flops_or_none`.
     """
     num_rows, seq_len = batch.tokens.shape
     if attention_pairs is None and getattr(batch, "segment_ids", None) is not None:
         attention_pairs = packed_attention_pairs(batch.segment_ids)
-    images, encoder_seq_len = 0, None
-    if batch.encoder_input is not None:
-        pixels = batch.encoder_input["pixel_values"]
-        images = num_rows * (pixels.shape[1] if pixels.dim() >= 5 else 1)
-        if batch.encoder_mask is not None:
-            encoder_seq_len = batch.encoder_mask.shape[-1]
+    encoder_seq_len = None
+    if batch.encoder_input is not None and batch.encoder_mask is not None:
+        encoder_seq_len = batch.encoder_mask.shape[-1]
     return step_flops(
         model,
         num_rows=num_rows,
         seq_len=seq_len,
         attention_pairs=attention_pairs,
-        images=images,
         encoder_seq_len=encoder_seq_len,
+        encoder_input=batch.encoder_input,
     )
 
+_warned_unavailable = False  # micro_batch_flops_or_none warns once per process
+
+def micro_batch_flops_or_none(model: nn.Module, batch: Any, *, attention_pairs: int | None = None) -> FlopCount | None:
+    """:func:`micro_batch_flops`, or None when the count cannot be made, for any reason.
+
+    The FLOP count only feeds MFU, so it must never stop training: any exception (an encoder
+    that cannot run on fake tensors, a layer the analytic count does not know, inconsistent
+    shapes) gives None, and the first one in the process is logged as one warning on the
+    ``fusiontrain.flops`` logger, naming the encoder type and the error. Report MFU as unavailable
+    (``null``) for that step. Failures of the generic encoder count are cached per input shape,
+    so a failing encoder is traced once per shape, not once per step.
+    """
+    global _warned_unavailable
+    try:
+        return micro_batch_flops(model, batch, attention_pairs=attention_pairs)
+    except Exception as error:
+        if not _warned_unavailable:
+            _warned_unavailable = True
+            inner = unwrap(model)
+            encoder = getattr(inner, "encoder", None)
+            encoder_name = type(unwrap(encoder)).__name__ if encoder is not None else "none"
+            logger.warning(
+                "cannot count the FLOPs of %s (encoder %s): %s: %s. MFU is unavailable (reported as null) for "
+                "every step whose count fails; training goes on. (Warned once per process.)",
+                type(inner).__name__,
+                encoder_name,
+                type(error).__name__,
+                error,
+                exc_info=error,
+            )
+        return None
 
 def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_device: float, num_devices: int = 1) -> float:
     """Model FLOPs utilisation: ``flops_per_step / (step_time_s * peak_flops_per_device * num_devices)``.
@@ -557,7 +415,6 @@ def mfu(flops_per_step: float, step_time_s: float, peak_flops_per_device: float,
     if num_devices < 1:
         raise ValueError(f"num_devices must be >= 1, got {num_devices}")
     return flops_per_step / (step_time_s * peak_flops_per_device * num_devices)
-
 
 # -- peak FLOP/s ----------------------------------------------------------------------------------
 
@@ -592,7 +449,6 @@ _NAME_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 _OTHER_VARIANTS = {"H100 SXM": re.compile(r"\b(pcie|nvl)\b"), "H200": re.compile(r"\bnvl\b")}
 _MIG = re.compile(r"\bmig\b")
 
-
 def peak_flops_for_name(name: str) -> float:
     """Dense BF16 peak FLOP/s of the GPU called ``name`` (``torch.cuda.get_device_name()``).
 
@@ -610,7 +466,6 @@ def peak_flops_for_name(name: str) -> float:
     raise ValueError(
         f"no peak FLOP/s known for GPU {name!r} (known: {', '.join(PEAK_FLOPS)}); pass the peak explicitly"
     )
-
 
 @functools.lru_cache(maxsize=None)
 def measure_matmul_flops(
@@ -640,7 +495,6 @@ def measure_matmul_flops(
         sync()
         best = min(best, time.perf_counter() - started)
     return 2 * size**3 / best
-
 
 def device_peak_flops(device: torch.device | str | int | None = None) -> float:
     """Peak FLOP/s of one ``device``.

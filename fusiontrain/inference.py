@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +38,13 @@ import torch
 
 from fusiontrain.checkpoint import layout
 from fusiontrain.checkpoint.layout import CheckpointError
-from fusiontrain.data.batch import ImageSpec, stack_images
+from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
 from fusiontrain.data.errors import BadSample
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from fusiontrain.families import ModelFamily
 
     from fusiontrain.data.formats import SampleBuilder
     from fusiontrain.modules import DeepFusionModel
@@ -68,12 +69,12 @@ class LoadedModel:
 
     Attributes:
         model: the model, in eval mode, nothing trainable.
-        family: ``"mllama"`` or ``"composed"``.
+        family: the model family's name (``fusiontrain.families``).
         kind: what ``path`` was: ``"hf"``, ``"export"`` or ``"checkpoint"``.
         path: the folder the model came from (for a run folder, its latest checkpoint).
         text_dir: the folder with the tokenizer and chat template (Mllama: the whole processor).
         image_dir: the folder with the image processor (Mllama: ``text_dir``).
-        spec: how the encoder takes one image.
+        image_format: how the encoder takes one image.
         image_token_id: the id of the image token in the prompt.
         builder: renders and tokenizes prompts, and processes images (the training pipeline's).
     """
@@ -84,7 +85,7 @@ class LoadedModel:
     path: Path
     text_dir: Path
     image_dir: Path
-    spec: ImageSpec
+    image_format: ImageFormat
     image_token_id: int
     builder: SampleBuilder
 
@@ -139,7 +140,7 @@ def folder_kind(path: str | Path) -> tuple[str, Path]:
         raise InferenceError(f"model {folder} is not a folder")
     if (folder / layout.MANIFEST).is_file():
         return "checkpoint", folder
-    from fusiontrain.checkpoint.export import EXPORT_CONFIG
+    from fusiontrain.models.export_reader import EXPORT_CONFIG
 
     if (folder / EXPORT_CONFIG).is_file():
         return "export", folder
@@ -148,7 +149,9 @@ def folder_kind(path: str | Path) -> tuple[str, Path]:
             model_type = json.loads((folder / "config.json").read_text()).get("model_type")
         except (OSError, ValueError, AttributeError) as error:
             raise InferenceError(f"cannot read {folder / 'config.json'}: {error}") from None
-        if model_type == "mllama":
+        from fusiontrain.families import MODEL_FAMILIES
+
+        if any(model_type in family.hf_model_types for family in MODEL_FAMILIES.values()):
             return "hf", folder
         raise InferenceError(
             f"{folder} holds a {model_type!r} model, not a fusion model: pass a HF Mllama folder, a fusiontrain "
@@ -176,7 +179,8 @@ def load_for_inference(
     """Load the model in ``path`` (see :func:`folder_kind`) for generation.
 
     Args:
-        path: a HF Mllama folder, a fusiontrain export, a training checkpoint or a run folder.
+        path: a HF folder of a family with a transformers layout (Llama 3.2 Vision), a fusiontrain
+            export, a training checkpoint or a run folder.
         dtype: parameter dtype (values are cast).
         device: where the parameters live.
         allow_base_mismatch: for a checkpoint, go ahead even when the base folders' weight files
@@ -186,21 +190,22 @@ def load_for_inference(
         InferenceError: the folder is missing, of no known kind, or cannot be loaded.
         CheckpointError: a checkpoint folder is incomplete or corrupt.
     """
+    from fusiontrain.families import EXPORT_ROLE, model_family
+    from fusiontrain.models.export_reader import load_fusiontrain_export, read_export_config
+
     kind, folder = folder_kind(path)
+    frozen = {"fusion_trainable": False}
     try:
         if kind == "hf":
-            from fusiontrain.models.mllama import load_hf_mllama
-
-            model = load_hf_mllama(folder, dtype=dtype, device=device, fusion_trainable=False)
-            family, text_dir, image_dir = "mllama", folder, folder
+            family = _hf_family(folder)
+            folders: dict[str, Path] = {family.roles[0]: folder}
+            model = _load_base(family, folders, {}, dtype=dtype, device=device)
         elif kind == "export":
-            from fusiontrain.checkpoint.export import load_fusiontrain_export, read_export_config
-
-            family = read_export_config(folder)["family"]
-            model = load_fusiontrain_export(folder, dtype=dtype, device=device, fusion_trainable=False)
-            text_dir = image_dir = folder
+            family = model_family(read_export_config(folder)["family"])
+            folders = {EXPORT_ROLE: folder}
+            model = load_fusiontrain_export(folder, dtype=dtype, device=device, **frozen)
         else:
-            model, family, text_dir, image_dir = _load_checkpoint(
+            model, family, folders = _load_checkpoint(
                 folder, dtype=dtype, device=device, allow_base_mismatch=allow_base_mismatch
             )
     except (InferenceError, CheckpointError):
@@ -208,44 +213,61 @@ def load_for_inference(
     except (FileNotFoundError, ValueError, KeyError, OSError) as error:
         raise InferenceError(f"cannot load the model in {folder}: {error}") from error
     model.eval()
-    return _with_inputs(model, family=family, kind=kind, path=folder, text_dir=text_dir, image_dir=image_dir)
+    return _with_inputs(model, family=family, kind=kind, path=folder, folders=folders)
+
+
+def _hf_family(folder: Path) -> ModelFamily:
+    """The family whose transformers layout ``folder`` holds (its ``config.json`` model type)."""
+    from fusiontrain.families import MODEL_FAMILIES
+
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    for family in MODEL_FAMILIES.values():
+        if model_type in family.hf_model_types:
+            return family
+    raise InferenceError(f"{folder} holds a {model_type!r} model, which no fusion model family reads directly")
+
+
+def _load_base(
+    family: ModelFamily, folders: dict[str, Path], settings: dict[str, Any], *, dtype: torch.dtype, device: Any
+) -> DeepFusionModel:
+    """The family's model from its pretrained folders, allocated and filled, nothing trainable."""
+    from fusiontrain.families import TrainableFlags
+    from fusiontrain.models.hf_checkpoint import materialize
+
+    pretrained = family.prepare(folders, settings, TrainableFlags(fusion_trainable=False), seed=0)
+    materialize(pretrained.model.to(dtype), device)
+    pretrained.load()
+    return pretrained.model  # type: ignore[return-value]
 
 
 def _with_inputs(
-    model: DeepFusionModel, *, family: str, kind: str, path: Path, text_dir: Path, image_dir: Path
+    model: DeepFusionModel, *, family: ModelFamily, kind: str, path: Path, folders: dict[str, Path]
 ) -> LoadedModel:
     from fusiontrain.data.formats import SampleBuilder
-    from fusiontrain.builders import image_spec
 
-    spec = image_spec(model)
-    if family == "mllama":
-        image_token_id = None  # the tokenizer's <|image|>
-        builder_image_dir = None
-    else:
-        from fusiontrain.models.compose import image_token_layout
-
-        image_token_id = image_token_layout(model).image_token_id
-        builder_image_dir = image_dir
+    image_format = family.image_format(model)
+    inputs = family.input_folders(folders, model)
     try:
         builder = SampleBuilder(
-            text_dir,
-            spec,
-            image_dir=builder_image_dir,
+            inputs.text_dir,
+            image_format,
+            image_dir=inputs.image_dir,
             format="chat",
             max_len=int(model.decoder.max_seq_len),
-            image_token_id=image_token_id,
+            image_token_id=inputs.image_token_id,
         )
     except (OSError, ValueError, TypeError) as error:
-        what = "processor" if family == "mllama" else "tokenizer or image processor"
-        raise InferenceError(f"cannot use the {what} of {path} (in {text_dir}): {error}") from error
+        raise InferenceError(
+            f"cannot use the tokenizer or image processor of {path} (in {inputs.text_dir}): {error}"
+        ) from error
     return LoadedModel(
         model=model,
-        family=family,
+        family=family.name,
         kind=kind,
         path=path,
-        text_dir=text_dir,
-        image_dir=image_dir,
-        spec=spec,
+        text_dir=inputs.text_dir,
+        image_dir=inputs.image_dir or inputs.text_dir,
+        image_format=image_format,
         image_token_id=builder.image_token_id,
         builder=builder,
     )
@@ -253,108 +275,39 @@ def _with_inputs(
 
 def _load_checkpoint(
     folder: Path, *, dtype: torch.dtype, device: torch.device | str, allow_base_mismatch: bool
-) -> tuple[DeepFusionModel, str, Path, Path]:
+) -> tuple[DeepFusionModel, ModelFamily, dict[str, Path]]:
     """Rebuild a checkpoint's model from its base folders, then load its parts over it."""
+    from fusiontrain.checkpoint.fingerprint import check_base_unchanged
+    from fusiontrain.checkpoint.parts import PartMismatch, load_parts_into_model
+    from fusiontrain.families import EXPORT_ROLE, model_family
+    from fusiontrain.models.export_reader import load_fusiontrain_export, read_export_config
+
     manifest = layout.read_manifest(folder)
     base = manifest["base"]
-    family = base["family"]
+    family = model_family(base["family"])
     paths = layout.base_folders(manifest, folder)
     if not allow_base_mismatch:
-        _check_base_sizes(manifest, paths, folder)
-    if "fusiontrain_export" in paths:
-        from fusiontrain.checkpoint.export import load_fusiontrain_export, read_export_config
-
-        exported = read_export_config(paths["fusiontrain_export"])["family"]
-        if exported != family:
+        check_base_unchanged(manifest, paths, folder, error=InferenceError)
+    if EXPORT_ROLE in paths:
+        exported = read_export_config(paths[EXPORT_ROLE])["family"]
+        if exported != family.name:
             raise CheckpointError(
-                f"checkpoint folder {folder}: {layout.MANIFEST} says family {family!r}, its base export "
-                f"{paths['fusiontrain_export']} holds a {exported!r} model"
+                f"checkpoint folder {folder}: {layout.MANIFEST} says family {family.name!r}, its base export "
+                f"{paths[EXPORT_ROLE]} holds a {exported!r} model"
             )
-        model = load_fusiontrain_export(paths["fusiontrain_export"], dtype=dtype, device=device, fusion_trainable=False)
-        text_dir = image_dir = paths["fusiontrain_export"]
-    elif family == "mllama":
-        from fusiontrain.models.mllama import load_hf_mllama
-
-        model = load_hf_mllama(paths["hf_mllama"], dtype=dtype, device=device, fusion_trainable=False)
-        text_dir = image_dir = paths["hf_mllama"]
+        model = load_fusiontrain_export(paths[EXPORT_ROLE], dtype=dtype, device=device, fusion_trainable=False)
     else:
-        from fusiontrain.models.compose import compose_from_hf
-
-        interval, vocab = base["fusion_interval"], base["fusion_vocab_size"]  # checked by the manifest reader
+        settings = {key: value for key, value in base.items() if key not in ("family", "folders")}
+        model = _load_base(family, paths, settings, dtype=dtype, device=device)
         if "fusion" not in manifest["parts"]:
             raise CheckpointError(
-                f"checkpoint folder {folder} has no 'fusion' part: a composed model's fusion parameters exist only there"
+                f"checkpoint folder {folder} has no 'fusion' part: its model's fusion parameters exist only there"
             )
-        model = compose_from_hf(
-            paths["decoder"],
-            paths["encoder"],
-            fusion_interval=interval,
-            fusion_vocab_size=vocab,
-            dtype=dtype,
-            device=device,
-            fusion_trainable=False,
-        )
-        text_dir, image_dir = paths["decoder"], paths["encoder"]
-    load_checkpoint_parts(folder, manifest["parts"], model)
-    return model, family, text_dir, image_dir
-
-
-def _check_base_sizes(manifest: dict, paths: dict[str, Path], folder: Path) -> None:
-    """Refuse base weight files whose sizes differ from the checkpoint's fingerprint (the cheap
-    half of the resume check: sizes, not hashes)."""
-    saved = manifest.get("fingerprint")
-    if not isinstance(saved, dict):
-        return
-    changed = []
-    for name, entry in sorted(saved.items()):
-        role, _, file = name.partition("/")
-        if role not in paths:
-            continue
-        path = paths[role] / file
-        if not path.is_file():
-            changed.append(f"{name} is gone")
-        elif isinstance(entry, dict) and entry.get("size") not in (None, path.stat().st_size):
-            changed.append(f"{name} changed size ({entry['size']} -> {path.stat().st_size} bytes)")
-    if changed:
-        raise InferenceError(
-            f"checkpoint {folder} was trained on other base weights than {sorted(str(p) for p in paths.values())}: "
-            f"{'; '.join(changed[:3])}. Restore the original base, or pass --allow-base-mismatch"
-        )
-
-
-def load_checkpoint_parts(folder: Path, parts: Sequence[str], model: DeepFusionModel) -> None:
-    """Load every DCP part of checkpoint ``folder`` into ``model``'s parameters, in place (values
-    are cast to the parameters' dtype). Each part's tensors must be parameters of ``model`` of the
-    same shape."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from fusiontrain.checkpoint.manager import load_part
-
-    params = dict(model.named_parameters())
-    for part in parts:
-        part_folder = layout.part_dir(folder, part)
-        try:
-            entries = FileSystemReader(part_folder).read_metadata().state_dict_metadata
-        except Exception as error:  # noqa: BLE001 - a missing or foreign .metadata: unusable
-            raise CheckpointError(f"checkpoint {folder}: cannot read the DCP metadata of {part}/ ({error})") from None
-        unknown = sorted(name for name in entries if name not in params)
-        if unknown:
-            raise InferenceError(
-                f"checkpoint {folder}: part {part!r} holds {unknown[:3]}{' ...' if len(unknown) > 3 else ''}, which the "
-                "model rebuilt from its base does not have"
-            )
-        for name, entry in entries.items():
-            if not isinstance(entry, TensorStorageMetadata) or tuple(entry.size) != tuple(params[name].shape):
-                shape = tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else type(entry).__name__
-                raise InferenceError(
-                    f"checkpoint {folder}: {part}/{name} has shape {shape}, the model's parameter "
-                    f"{tuple(params[name].shape)}: was it trained from this base?"
-                )
-        tensors = {name: params[name].detach() for name in entries}  # same storage: loads in place
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            load_part(folder, part, tensors)
+    try:
+        load_parts_into_model(folder, manifest["parts"], model)
+    except PartMismatch as error:
+        raise InferenceError(str(error)) from None
+    return model, family, paths
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -393,22 +346,6 @@ def prompt_tokens(builder: SampleBuilder, messages: list[dict]) -> list[int]:
         raise InferenceError(f"cannot render the prompt: {error.detail}") from None
 
 
-def prompt_encoder_mask(
-    length: int, spans: Sequence[tuple[int, int]], images: Sequence[dict[str, torch.Tensor]], spec: ImageSpec
-) -> torch.Tensor:
-    """``[1, length, len(images) * spec.tokens_per_image]`` bool: token ``j`` sees image ``k``
-    when ``spans[k]`` holds ``j``. For Mllama, only the image's real tiles
-    (``aspect_ratio_mask``), as ``MllamaProcessor``'s ``cross_attention_mask``."""
-    per_image = spec.tokens_per_image
-    mask = torch.zeros(1, length, len(images) * per_image, dtype=torch.bool)
-    for k, ((start, end), image) in enumerate(zip(spans, images, strict=True)):
-        seen = per_image
-        if spec.kind == "mllama":
-            seen = int(image["aspect_ratio_mask"].sum()) * (per_image // spec.max_num_tiles)
-        mask[0, start:end, k * per_image : k * per_image + seen] = True
-    return mask
-
-
 def build_prompt_inputs(
     loaded: LoadedModel, images: Sequence[str | Path | Image.Image], prompt: str
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
@@ -439,13 +376,13 @@ def build_prompt_inputs(
     if not pictures:
         return token_tensor, None, None
     processed = [loaded.builder.transform(picture) for picture in pictures]
-    encoder_input = stack_images([processed], loaded.spec)
-    assert encoder_input is not None
+    spans = image_spans(tokens, loaded.image_token_id)
+    mask, encoder_input = encoder_mask_rows([processed], [spans], loaded.image_format, len(tokens))
+    assert encoder_input is not None and mask is not None
     encoder_input = {
         key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
         for key, value in encoder_input.items()
     }
-    mask = prompt_encoder_mask(len(tokens), image_spans(tokens, loaded.image_token_id), processed, loaded.spec)
     return token_tensor, encoder_input, mask.to(device)
 
 

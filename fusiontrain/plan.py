@@ -40,12 +40,13 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from fusiontrain.builders import build_meta_model, build_optimizer, image_spec
+from fusiontrain.builders import build_meta_model, build_optimizer, image_format as configured_image_format
 from fusiontrain.config import TrainConfig
-from fusiontrain.data import Batch, ImageSpec, collate_padded
+from fusiontrain.data import Batch, ImageFormat, collate_padded
 from fusiontrain.data.batch import Sample
 from fusiontrain.data.packing import PackedRow, collate_rows
 from fusiontrain.distributed import DistributedContext, build_mesh
+from fusiontrain.flop_probe import ValueKeepingFakeMode
 from fusiontrain.flops import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
 from fusiontrain.loss import chunked_cross_entropy_sum
 from fusiontrain.memory_tracker import TensorMemoryTracker
@@ -145,19 +146,15 @@ class Plan:
 # -- the simulated step ---------------------------------------------------------------------------
 
 
-def worst_case_batch(spec: ImageSpec, *, rows: int, seq_len: int, images_per_row: int, packing: bool) -> Batch:
-    """The largest micro-batch the loader can produce: every row full, every image slot holding an
-    image with all its tiles (packed: one image per sample, ``images_per_row`` samples a row)."""
+def worst_case_batch(
+    image_format: ImageFormat, *, rows: int, seq_len: int, images_per_row: int, packing: bool
+) -> Batch:
+    """The largest micro-batch the loader can produce: every row full, every image slot holding the
+    encoder's most expensive image (:meth:`ImageFormat.worst_case`: all tiles, all patches; packed:
+    one image per sample, ``images_per_row`` samples a row)."""
 
     def image() -> dict[str, torch.Tensor]:
-        if spec.kind == "tower":
-            return {"pixel_values": torch.zeros(3, spec.image_size, spec.image_size)}
-        tiles = spec.max_num_tiles
-        return {
-            "pixel_values": torch.zeros(tiles, 3, spec.image_size, spec.image_size),
-            "aspect_ratio_ids": torch.tensor(1),
-            "aspect_ratio_mask": torch.ones(tiles, dtype=torch.long),
-        }
+        return image_format.worst_case()
 
     def sample(length: int, num_images: int) -> Sample:
         tokens = torch.zeros(length, dtype=torch.long)
@@ -165,7 +162,7 @@ def worst_case_batch(spec: ImageSpec, *, rows: int, seq_len: int, images_per_row
         return Sample(tokens=tokens, labels=tokens.clone(), images=[image() for _ in range(num_images)], image_spans=spans)
 
     if not packing:
-        return collate_padded([sample(seq_len, images_per_row) for _ in range(rows)], seq_len, spec)
+        return collate_padded([sample(seq_len, images_per_row) for _ in range(rows)], seq_len, image_format)
     packed = []
     for _ in range(rows):
         row = PackedRow()
@@ -175,7 +172,7 @@ def worst_case_batch(spec: ImageSpec, *, rows: int, seq_len: int, images_per_row
         for index, length in enumerate(lengths):
             row.add(index, sample(length, 1 if images_per_row else 0))
         packed.append(row)
-    return collate_rows(packed, seq_len, spec)
+    return collate_rows(packed, seq_len, image_format)
 
 
 @contextmanager
@@ -289,15 +286,15 @@ def simulate_step(config: TrainConfig, *, gpus: int, hardware: Hardware, micro_b
             mixed_precision=parallel.mixed_precision,
             fusion_layer_sharding=parallel.fusion_layer_sharding,
         )
-        spec = image_spec(model)
+        image_format = configured_image_format(config.model, model)
         batch = worst_case_batch(
-            spec,
+            image_format,
             rows=config.batch.micro_batch_size,
             seq_len=config.batch.seq_len,
             images_per_row=config.data.max_images_per_row,
             packing=config.data.packing,
         )
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with ValueKeepingFakeMode(allow_non_fake_inputs=True) as mode:
             model.to_empty(device="cpu")
             model.set_skip_output_projection(True)
             storages = {_local(p).untyped_storage()._cdata: _local(p).untyped_storage().nbytes() for p in model.parameters()}
@@ -368,9 +365,19 @@ def _local_optimizer(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Opti
 
 
 def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker | None) -> Batch:
-    """``batch`` as fake tensors, each a fresh (tracked) allocation: inputs live on the device."""
+    """``batch`` as fake tensors, each a fresh (tracked) allocation: inputs live on the device.
+
+    The encoder's integer inputs stay real (CPU copies): an encoder may read their values (SigLIP2
+    NaFlex sizes its position embeddings from ``spatial_shapes``), which fake tensors cannot give.
+    They are a few bytes per image, and are left out of the count."""
     with tracker.label("inputs") if tracker is not None else nullcontext():
-        return batch.map(lambda t: mode.from_tensor(t).clone())
+        fake = batch.map(lambda t: mode.from_tensor(t).clone())
+    if batch.encoder_input is not None:
+        fake.encoder_input = {
+            key: value.clone() if not value.is_floating_point() else fake.encoder_input[key]
+            for key, value in batch.encoder_input.items()
+        }
+    return fake
 
 
 # -- the plan -------------------------------------------------------------------------------------
@@ -434,7 +441,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         communication += 2 * shard_grads * (parallel.dp_replicate - 1) / parallel.dp_replicate / hardware.inter_node_bandwidth
 
     images = batch.encoder_input["pixel_values"].shape[1] if batch.encoder_input is not None else 0
-    spec = image_spec(model)
+    image_format = configured_image_format(config.model, model)
     summary = [
         f"devices: {gpus} x {hardware.name}; FSDP over {shards}"
         + (f", {parallel.dp_replicate} replicas (HSDP)" if parallel.dp_replicate > 1 else ""),
@@ -444,7 +451,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         f"{config.loss.num_output_chunks} loss chunks",
         f"micro-batch per device (worst case): {batch_config.micro_batch_size} row{'s' if batch_config.micro_batch_size > 1 else ''} "
         f"x {batch_config.seq_len} tokens "
-        f"{'packed' if config.data.packing else 'padded'}, {images} images per row x {spec.max_num_tiles} tiles "
+        f"{'packed' if config.data.packing else 'padded'}, {images} images per row of {image_format.describe()} "
         f"({batch.encoder_mask.shape[-1] if batch.encoder_mask is not None else 0} encoder tokens); "
         f"{accum} micro-batches per step",
     ]

@@ -1,5 +1,10 @@
 """Tiny, deterministic Hugging Face checkpoints for the demo, tests and benchmarks.
 
+A public helper, installed with the package on purpose: it backs ``python -m fusiontrain
+make-tiny`` (checkpoints for trying ``configs/tiny.yaml``) and ``python -m fusiontrain demo``, and
+lets users test their own code against real checkpoint folders. fusiontrain's tests and benchmarks
+use it too; test-only fixtures live in ``tests/helpers``, which is not installed.
+
 Everything here is built from config objects (never from the hub), seeded, and written with
 ``save_pretrained`` (safetensors) into a caller-supplied folder, so tests can exercise the real
 loading paths on checkpoints that take milliseconds to build.
@@ -532,4 +537,120 @@ def save_tiny_siglip_vision(folder: str | Path, *, seed: int = 0) -> tuple[Path,
     model.eval()
     model.save_pretrained(path)
     SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(path)
+    return path, model
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen3 decoder and SigLIP2 NaFlex vision tower
+# --------------------------------------------------------------------------------------------
+
+# SigLIP2 NaFlex: 4 px patches, at most 16 per image (so a 16x16 px image is one full 4x4 grid).
+NAFLEX_PATCH_SIZE = 4
+NAFLEX_MAX_PATCHES = 16
+
+
+def tiny_qwen3_config(**overrides: Any) -> Any:
+    """A tiny ``transformers.Qwen3Config`` (eager attention), same text shapes as the tiny Llama
+    except ``head_dim`` 32 (not ``hidden_size / num_attention_heads`` = 16, so the field must be
+    read), default RoPE with theta 1e6, RMSNorm eps 1e-6 and a tied LM head
+    (``tie_word_embeddings``, as small Qwen3 checkpoints have: no ``lm_head.weight`` is stored)."""
+    from transformers import Qwen3Config
+
+    kwargs: dict[str, Any] = {
+        "vocab_size": TEXT_VOCAB_SIZE,
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "intermediate_size": 128,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-6,
+        "bos_token_id": BOS_TOKEN_ID,
+        "eos_token_id": EOS_TOKEN_ID,
+        "pad_token_id": PAD_TOKEN_ID,
+        "tie_word_embeddings": True,
+    }
+    kwargs.update(overrides)
+    config = Qwen3Config(**kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def save_tiny_qwen3(
+    folder: str | Path,
+    *,
+    seed: int = 0,
+    config: Any = None,
+    save_tokenizer: bool = True,
+) -> tuple[Path, Any]:
+    """Build, seed and save a tiny ``Qwen3ForCausalLM`` (and the tiny tokenizer).
+
+    Every RMSNorm weight (the per-head ``q_norm`` / ``k_norm`` included) is set to
+    ``1 + 0.3 N(0, 1)``: HF initialises them to ones, which would hide a missing or misplaced norm.
+    As with :func:`save_tiny_llama`, the tokenizer's ``<|image|>`` id (128) is outside this model's
+    128-row embedding: a fusion model built on it must add rows for it.
+
+    Returns:
+        ``(path, model)`` with the model in eval mode, exactly as saved.
+    """
+    from transformers import Qwen3ForCausalLM
+
+    path = _prepare_folder(folder)
+    config = tiny_qwen3_config() if config is None else config
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(path)
+    if save_tokenizer:
+        save_tiny_tokenizer(path)
+    return path, model
+
+
+def tiny_siglip2_naflex_config(**overrides: Any) -> Any:
+    """A tiny ``transformers.Siglip2VisionConfig`` (eager attention): width 32, 2 layers, 4 heads,
+    :data:`NAFLEX_PATCH_SIZE` px patches and at most :data:`NAFLEX_MAX_PATCHES` patches per image
+    (``num_patches``, the processor's ``max_num_patches``)."""
+    from transformers import Siglip2VisionConfig
+
+    kwargs: dict[str, Any] = {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "patch_size": NAFLEX_PATCH_SIZE,
+        "num_patches": NAFLEX_MAX_PATCHES,
+    }
+    kwargs.update(overrides)
+    config = Siglip2VisionConfig(**kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def save_tiny_siglip2_naflex(folder: str | Path, *, seed: int = 0) -> tuple[Path, Any]:
+    """Build, seed and save a tiny SigLIP2 NaFlex ``Siglip2VisionModel`` plus a
+    ``Siglip2ImageProcessorPil`` with the same patch size and ``max_num_patches``.
+
+    The processor resizes each image, keeping its aspect ratio, to at most 16 patches of 4 px, so
+    images of different shapes give different token counts (a 64x16 image (width x height) gets
+    2x8 = 16 patches, a 20x44 one 5x3 = 15).
+
+    Returns:
+        ``(path, model)`` with the model in eval mode, exactly as saved.
+    """
+    from transformers import Siglip2ImageProcessorPil, Siglip2VisionModel
+
+    path = _prepare_folder(folder)
+    config = tiny_siglip2_naflex_config()
+    torch.manual_seed(seed)
+    model = Siglip2VisionModel(config)
+    model.eval()
+    model.save_pretrained(path)
+    Siglip2ImageProcessorPil(patch_size=config.patch_size, max_num_patches=config.num_patches).save_pretrained(path)
     return path, model

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,91 +19,34 @@ import torch
 from torch import nn
 
 from fusiontrain import distributed
-from fusiontrain.builders import build_optimizer, build_stream_config, image_spec, model_folders, prepare_model
+from fusiontrain.builders import (
+    build_dataset,
+    build_lr_scheduler,
+    build_optimizer,
+    build_stream_config,
+    configured_family,
+    model_settings,
+    prepare_model,
+    rows_per_rank_per_step,
+)
 from fusiontrain.checkpoint.fingerprint import fingerprint
-from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState, load_part
-from fusiontrain.config import BatchConfig, DataConfig, OptimConfig, TrainConfig, config_to_dict, save_config
-from fusiontrain.data import Batch, ImageSpec, SyntheticImageText, collate_padded
+from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState
+from fusiontrain.checkpoint.parts import load_part
+from fusiontrain.config import TrainConfig, config_to_dict, save_config
+from fusiontrain.data import Batch, collate_padded
 from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
-from fusiontrain.data.formats import RecordDataset, SampleBuilder
 from fusiontrain.data.loader import SKIP_REASONS, SampleStream, build_loader
-from fusiontrain.data.sources import load_records
-from fusiontrain.flops import device_peak_flops, mfu, micro_batch_flops
+from fusiontrain.flops import device_peak_flops, mfu, micro_batch_flops_or_none
 from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
 from fusiontrain.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
 from fusiontrain.models.hf_checkpoint import materialize
-from fusiontrain.modules.vision import MllamaVisionEncoder
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, reshard, set_gradient_sync
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PLACEHOLDER = Sample(tokens=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), -100), origin="placeholder")
 logger = logging.getLogger("fusiontrain.trainer")
-
-
-# -- builders (config section -> component) -------------------------------------------------------
-
-
-def lr_multiplier(step: int, config: OptimConfig, max_steps: int) -> float:
-    """LR at ``step`` as a fraction of ``optim.lr``: linear warmup, then constant, linear or
-    cosine decay to ``min_lr_ratio`` at ``max_steps``."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    if config.schedule == "constant":
-        return 1.0
-    progress = (step - config.warmup_steps) / max(1, max_steps - config.warmup_steps)
-    progress = min(1.0, progress)
-    decay = 1.0 - progress if config.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
-
-
-def build_dataset(
-    config: DataConfig,
-    spec: ImageSpec,
-    *,
-    model_folders: dict[str, str],
-    vocab_size: int,
-    image_token_id: int,
-    seq_len: int,
-    seed: int,
-    split: str,
-) -> RecordDataset | SyntheticImageText | None:
-    """The configured dataset for ``split`` ("train" or "eval"); None when no eval split is set."""
-    if config.format == "synthetic":
-        num_samples = config.synthetic_samples if split == "train" else max(64, config.synthetic_samples // 8)
-        return SyntheticImageText(
-            num_samples,
-            vocab_size=vocab_size,
-            image_token_id=image_token_id,
-            spec=spec,
-            max_text=config.synthetic_max_text,
-            lengths=config.synthetic_lengths,
-            seed=seed if split == "train" else seed + 7919,
-        )
-    source = config.train if split == "train" else config.eval
-    if source.path is None:
-        return None
-    composed = spec.kind == "tower"
-    text_dir = model_folders.get("decoder") or model_folders.get("hf_mllama") or model_folders["fusiontrain_export"]
-    builder = SampleBuilder(
-        text_dir,
-        spec,
-        image_dir=model_folders.get("encoder") or (model_folders.get("fusiontrain_export") if composed else None),
-        format=config.format,
-        train_on=config.train_on,
-        max_len=seq_len,
-        too_long=config.too_long,
-        image_token_id=image_token_id if composed else None,
-    )
-    return RecordDataset(load_records(source.path, split=source.split), builder)
-
-
-def resolve_global_batch(config: BatchConfig, dp_size: int) -> int:
-    """Samples per optimizer step: ``global_batch_size`` when set, else micro x accum x ranks."""
-    if config.global_batch_size is not None:
-        return config.global_batch_size
-    return config.micro_batch_size * config.grad_accum_steps * dp_size
 
 
 # -- the trainer ----------------------------------------------------------------------------------
@@ -135,36 +77,28 @@ class Trainer:
         self.model = self._build_model()
         reset_peak_memory(self.device)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_multiplier(step, config.optim, config.max_steps)
-        )
+        self.scheduler = build_lr_scheduler(self.optimizer, config.optim, config.max_steps)
         # After model init every rank draws from its own stream (dropout, sampling), reproducibly.
         torch.manual_seed(config.seed + 1 + self.context.rank)
 
-        spec = image_spec(self.model)
-        embeddings = self.model.decoder.tok_embeddings
-        dataset_args = dict(
-            model_folders=model_folders(config.model),
-            vocab_size=embeddings.vocab_size,
-            image_token_id=embeddings.vocab_size,
-            seq_len=config.batch.seq_len,
-            seed=config.seed,
-        )
-        self.train_data = build_dataset(config.data, spec, split="train", **dataset_args)
-        self.eval_data = build_dataset(config.data, spec, split="eval", **dataset_args)
-        self.image_spec = spec
+        family, folders = configured_family(config.model)
+        self.image_format = family.image_format(self.model)
+        inputs = family.input_folders(folders, self.model)
+        self.train_data = build_dataset(config, self.image_format, inputs, self.model, split="train")
+        self.eval_data = build_dataset(config, self.image_format, inputs, self.model, split="eval")
         dp_rank, dp_size = self.context.rank, self.context.world_size
-        rows_per_step = resolve_global_batch(config.batch, dp_size)
-        per_rank, remainder = divmod(rows_per_step, dp_size * config.batch.micro_batch_size)
-        if remainder or not per_rank:
-            raise ValueError(
-                f"batch.global_batch_size={rows_per_step} must be a multiple of batch.micro_batch_size "
-                f"({config.batch.micro_batch_size}) x data-parallel ranks ({dp_size})"
-            )
-        self.grad_accum_steps = per_rank
-        stream_config = build_stream_config(config.data, config.batch, ignore_index=config.loss.ignore_index)
+        self.grad_accum_steps = rows_per_rank_per_step(config.batch, dp_size) // config.batch.micro_batch_size
+        stream_config = build_stream_config(
+            config.data, config.batch, self.image_format, ignore_index=config.loss.ignore_index
+        )
         stream = SampleStream(
-            len(self.train_data), self.train_data.__getitem__, spec, stream_config, rank=dp_rank, world=dp_size, seed=config.seed
+            len(self.train_data),
+            self.train_data.__getitem__,
+            self.image_format,
+            stream_config,
+            rank=dp_rank,
+            world=dp_size,
+            seed=config.seed,
         )
         self.train_loader = build_loader(stream, num_workers=config.data.num_workers)
         self.skipped_total = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
@@ -172,8 +106,12 @@ class Trainer:
         self.tokens_seen = 0
         self.checkpointer = CheckpointManager(
             self.output_dir,
-            base=self._base_description(),
-            fingerprint=fingerprint(model_folders(config.model), self.output_dir / ".base_fingerprint_cache.json"),
+            base={
+                "family": family.name,
+                "folders": {role: str(Path(folder).resolve()) for role, folder in folders.items()},
+                **model_settings(config.model),
+            },
+            fingerprint=fingerprint(folders, self.output_dir / ".base_fingerprint_cache.json"),
             keep_last_n=config.checkpoint.keep_last_n,
             async_save=config.checkpoint.async_save,
         )
@@ -246,24 +184,6 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def _base_description(self) -> dict[str, Any]:
-        folders = {role: str(Path(folder).resolve()) for role, folder in model_folders(self.config.model).items()}
-        if isinstance(self.model.encoder, MllamaVisionEncoder):
-            return {"family": "mllama", "folders": folders}
-        embeddings = self.model.decoder.tok_embeddings
-        return {
-            "family": "composed",
-            "folders": folders,
-            "fusion_interval": self._fusion_interval(),
-            "fusion_vocab_size": embeddings.fusion_vocab_size,
-        }
-
-    def _fusion_interval(self) -> int:
-        """Decoder layers per fused layer (composed models: every k-th layer holds one)."""
-        layers = self.model.decoder.layers
-        fused = [i for i, layer in enumerate(layers) if hasattr(getattr(layer, "_checkpoint_wrapped_module", layer), "fusion_layer")]
-        return fused[0] + 1 if fused else len(layers)
-
     def model_parts(self) -> dict[str, dict[str, torch.Tensor]]:
         """What a checkpoint holds of the model: every fusion parameter, plus the encoder's and
         decoder's trainable parameters (all of them with ``checkpoint.save_frozen``)."""
@@ -319,8 +239,11 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches of the global batch ``step``."""
         started = time.perf_counter()
-        batches = [self._on_device(next(self._train_batches)) for _ in range(self.grad_accum_steps)]
-        flops = sum(micro_batch_flops(self.model, batch).total for batch in batches)
+        host_batches = [self._complete(next(self._train_batches)) for _ in range(self.grad_accum_steps)]
+        # Counted from the host copies (no device syncs); None when the counter cannot count the model.
+        counts = [micro_batch_flops_or_none(self.model, batch) for batch in host_batches]
+        flops, uncounted = sum(c.total for c in counts if c is not None), sum(c is None for c in counts)
+        batches = [batch.to(self.device) for batch in host_batches]
         ignore = self.config.loss.ignore_index
         local_targets = sum(count_targets(batch.labels, ignore) for batch in batches)
         global_targets = distributed.all_reduce_sum(local_targets.clone()).item()
@@ -344,11 +267,13 @@ class Trainer:
         slots = sum(b.is_real.numel() for b in batches) * self.context.world_size
         self.skipped_total += distributed.all_reduce_sum(self._skipped_in(batches).to(self.device))
         elapsed = time.perf_counter() - started
-        step_flops = distributed.all_reduce_sum(torch.tensor(float(flops), dtype=torch.float64, device=self.device)).item()
+        totals = torch.tensor([float(flops), float(uncounted)], dtype=torch.float64, device=self.device)
+        step_flops, uncounted = distributed.all_reduce_sum(totals).tolist()
         world = self.context.world_size
+        counted = uncounted == 0
         return {
-            "mfu": mfu(step_flops, elapsed, self.peak_flops, world) if self.peak_flops else None,
-            "tflops_per_device": step_flops / elapsed / world / 1e12,
+            "mfu": mfu(step_flops, elapsed, self.peak_flops, world) if self.peak_flops and counted else None,
+            "tflops_per_device": step_flops / elapsed / world / 1e12 if counted else None,
             "loss": loss,
             "lr": lr,
             "grad_norm": grad_norm,
@@ -370,12 +295,16 @@ class Trainer:
                 counts[SKIP_REASONS.index(reason)] += n
         return counts
 
-    def _on_device(self, batch: Batch) -> Batch:
-        """``batch`` on this rank's device; with several ranks, never without an image slot (see
-        :func:`~fusiontrain.data.batch.with_placeholder_image`)."""
+    def _complete(self, batch: Batch) -> Batch:
+        """``batch`` as every rank must run it: with several ranks, never without an image slot
+        (see :func:`~fusiontrain.data.batch.with_placeholder_image`)."""
         if self.context.world_size > 1:
-            batch = with_placeholder_image(batch, self.image_spec)
-        return batch.to(self.device)
+            batch = with_placeholder_image(batch, self.image_format)
+        return batch
+
+    def _on_device(self, batch: Batch) -> Batch:
+        """``batch``, completed (:meth:`_complete`), on this rank's device."""
+        return self._complete(batch).to(self.device)
 
     def _eval_sample(self, index: int) -> Sample:
         """Held-out sample ``index``, or a placeholder that trains nothing if it is bad."""
@@ -421,7 +350,7 @@ class Trainer:
         for start in range(0, len(slots), micro):
             samples = [self._eval_sample(i) if i < total else _PLACEHOLDER for i in slots[start : start + micro]]
             batch = self._on_device(
-                collate_padded(samples, self.config.batch.seq_len, self.image_spec, ignore_index=self.config.loss.ignore_index)
+                collate_padded(samples, self.config.batch.seq_len, self.image_format, ignore_index=self.config.loss.ignore_index)
             )
             loss_sum += self._loss_sum(batch)
             targets += count_targets(batch.labels, self.config.loss.ignore_index)

@@ -126,3 +126,40 @@ def test_a_different_base_is_refused_unless_allowed(tmp_path: Path) -> None:
         manager.load(path, model_parts=_parts(model), optimizer=OptimizerState(model, optimizer))
     manager.load(path, model_parts=_parts(model), optimizer=OptimizerState(model, optimizer), allow_base_mismatch=True)
     assert json.loads((path / "manifest.json").read_text())["fingerprint"] == PRINT
+
+
+def test_the_part_reader_reads_one_tensor_loads_a_part_and_names_what_does_not_fit(tmp_path: Path) -> None:
+    from fusiontrain.checkpoint.parts import CheckpointPart, PartMismatch, load_part, load_parts_into_model
+
+    model, optimizer = _model_and_optimizer(0)
+    _save(CheckpointManager(tmp_path, base=BASE, fingerprint=PRINT), 4, model, optimizer)
+    path = latest_complete(tmp_path)[1]
+    part = CheckpointPart(path, "fusion")
+    saved = dict(model.named_parameters())
+    assert part.names() == list(saved) and "0.weight" in part and "nope" not in part
+    assert part.shape("0.weight") == (4, 4) and part.dtype("0.weight") == torch.float32
+    for name, param in saved.items():  # one tensor at a time, as saved
+        assert torch.equal(part.read(name), param.detach()), name
+
+    # a whole part into tensors of another dtype (cast), through the trainer's entry point too
+    target = {name: torch.zeros(p.shape, dtype=torch.bfloat16) for name, p in saved.items()}
+    load_part(path, "fusion", target)
+    assert all(torch.equal(target[name], p.detach().to(torch.bfloat16)) for name, p in saved.items())
+    fresh, _ = _model_and_optimizer(7)
+    load_parts_into_model(path, ["fusion"], fresh)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+    with pytest.raises(PartMismatch, match=r"missing \['extra'\], unexpected \[\]"):
+        part.load({**{name: torch.empty(p.shape) for name, p in saved.items()}, "extra": torch.empty(1)})
+    with pytest.raises(PartMismatch, match=r"missing \[\], unexpected \['1.bias'\]"):
+        part.load({name: torch.empty(p.shape) for name, p in saved.items() if name != "1.bias"})
+    with pytest.raises(PartMismatch, match=r"fusion/0.weight has shape \(4, 4\), the model's parameter \(4, 5\)"):
+        part.check_shapes({**{name: p.shape for name, p in saved.items()}, "0.weight": (4, 5)}, whole=False)
+    part.check_shapes({"extra": (1,), **{name: p.shape for name, p in saved.items()}}, whole=False)  # a subset is fine
+    with pytest.raises(PartMismatch, match=r"unexpected \['0.bias', '0.weight'\]"):
+        load_parts_into_model(path, ["fusion"], torch.nn.Sequential(torch.nn.Identity(), torch.nn.Linear(4, 2)))
+    with pytest.raises(CheckpointError, match="no 'decoder' part"):
+        load_part(path, "decoder", target)
+    (path / "fusion" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=r"step_4: fusion/ holds no DCP checkpoint"):
+        CheckpointPart(path, "fusion")

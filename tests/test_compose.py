@@ -396,9 +396,9 @@ def test_clear_errors(tmp_path: Path, tiny_llama_dir: Path, tiny_clip_dir: Path)
         compose_from_hf(tmp_path / "nowhere", tiny_clip_dir)
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         compose_from_hf(tiny_llama_dir, tmp_path)
-    with pytest.raises(ValueError, match=r"model_type 'llama'.*'clip_vision_model'"):
+    with pytest.raises(ValueError, match=r"no decoder family reads .* 'clip_vision_model'; supported: .*'llama'.*'qwen3'"):
         compose_from_hf(tiny_clip_dir, tiny_clip_dir)
-    with pytest.raises(ValueError, match=r"CLIP or SigLIP config.*'llama'"):
+    with pytest.raises(ValueError, match=r"no encoder family reads .* 'llama'; supported: .*'clip_vision_model'"):
         compose_from_hf(tiny_llama_dir, tiny_llama_dir)
     with pytest.raises(ValueError, match="fusion_interval=5 exceeds the decoder's 4 layers"):
         compose_from_hf(tiny_llama_dir, tiny_clip_dir, fusion_interval=5)

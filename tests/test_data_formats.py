@@ -16,14 +16,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from fusiontrain import tiny
-from fusiontrain.data.batch import ImageSpec, stack_images
+from fusiontrain.families.mllama import MllamaTiles
+from fusiontrain.families.encoder import FixedSizeImage
 from fusiontrain.data.formats import IMAGE_PLACEHOLDER, BadSample, SampleBuilder, image_spans
 from fusiontrain.data.sources import Record, load_records
 
 IGNORE = -100
 IMG = tiny.IMAGE_TOKEN_ID
-MLLAMA_SPEC = ImageSpec("mllama", image_size=tiny.IMAGE_SIZE, tokens_per_image=2 * 5, max_num_tiles=2)
-TOWER_SPEC = ImageSpec("tower", image_size=tiny.IMAGE_SIZE, tokens_per_image=5)
+MLLAMA_SPEC = MllamaTiles(image_size=tiny.IMAGE_SIZE, tokens_per_tile=5, max_num_tiles=2)
+TOWER_SPEC = FixedSizeImage(image_size=tiny.IMAGE_SIZE, tokens_per_image=5)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def test_chat_sample_equals_processor(tmp_path: Path, mllama_builder: SampleBuil
     if not sizes:
         assert "pixel_values" not in ref and sample.image_spans == []
         return
-    stacked = stack_images([sample.images], MLLAMA_SPEC)
+    stacked = MLLAMA_SPEC.collate([sample.images])
     for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
         assert torch.equal(stacked[key], ref[key]), key
     cross = ref["cross_attention_mask"][0]  # [s, images, tiles]
@@ -212,7 +213,7 @@ def test_caption_sample(tiny_mllama_dir: Path, tmp_path: Path, processor) -> Non
     assert ids == [bos, IMG] + ref_ids[3:] + [eos]
     assert sample.labels.tolist() == [IGNORE] + ref_ids[3:] + [eos, IGNORE]
     assert sample.image_spans == [(1, len(ids))]
-    stacked = stack_images([sample.images], MLLAMA_SPEC)
+    stacked = MLLAMA_SPEC.collate([sample.images])
     for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
         assert torch.equal(stacked[key], ref[key]), key
 
@@ -255,7 +256,7 @@ def test_composed_chat_inserts_the_image_id_where_the_template_puts_images(
 
     clip = AutoImageProcessor.from_pretrained(tiny_clip_dir)
     ref = clip([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
-    assert torch.equal(stack_images([sample.images], TOWER_SPEC)["pixel_values"][0], ref)
+    assert torch.equal(TOWER_SPEC.collate([sample.images])["pixel_values"][0], ref)
 
 
 def test_composed_caption(tmp_path: Path, tiny_llama_dir: Path, tiny_siglip_dir: Path) -> None:
@@ -275,9 +276,7 @@ def test_composed_needs_its_arguments(tiny_llama_dir: Path, tiny_clip_dir: Path,
         SampleBuilder(tiny_llama_dir, TOWER_SPEC, image_dir=tiny_clip_dir, max_len=10)
     with pytest.raises(ValueError, match="image_dir"):
         SampleBuilder(tiny_llama_dir, TOWER_SPEC, max_len=10, image_token_id=128)
-    with pytest.raises(ValueError, match="image_token_id=5"):
-        SampleBuilder(tiny_mllama_dir, MLLAMA_SPEC, max_len=10, image_token_id=5)
-    with pytest.raises(ValueError, match="own folder"):
+    with pytest.raises(ValueError, match="has its own image processor"):
         SampleBuilder(tiny_mllama_dir, MLLAMA_SPEC, image_dir=tiny_clip_dir, max_len=10)
 
 

@@ -12,11 +12,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from fusiontrain import tiny
-from fusiontrain.data.batch import ImageSpec
+from fusiontrain.families.mllama import MllamaTiles
+from fusiontrain.families.encoder import FixedSizeImage
 from fusiontrain.data.images import ImageTransform
 
-MLLAMA_SPEC = ImageSpec("mllama", image_size=tiny.IMAGE_SIZE, tokens_per_image=2 * 5, max_num_tiles=2)
-TOWER_SPEC = ImageSpec("tower", image_size=tiny.IMAGE_SIZE, tokens_per_image=5)
+MLLAMA_SPEC = MllamaTiles(image_size=tiny.IMAGE_SIZE, tokens_per_tile=5, max_num_tiles=2)
+TOWER_SPEC = FixedSizeImage(image_size=tiny.IMAGE_SIZE, tokens_per_image=5)
 
 # (width, height): square, wide, tall, very wide / tall, smaller and larger than a tile.
 SIZES = [(28, 28), (56, 28), (28, 56), (100, 30), (30, 100), (13, 9), (9, 200), (75, 61)]
@@ -74,14 +75,14 @@ def test_tower_image_matches_processor(tiny_clip_dir: Path, tiny_siglip_dir: Pat
 
 
 def test_spec_must_fit_the_processor(tiny_mllama_dir: Path, tiny_clip_dir: Path) -> None:
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="takes an MllamaImageProcessor"):
         ImageTransform.from_pretrained(tiny_clip_dir, MLLAMA_SPEC)
     with pytest.raises(ValueError, match="does not fit"):
         ImageTransform.from_pretrained(tiny_mllama_dir, TOWER_SPEC)
     with pytest.raises(ValueError, match="tiles per image"):
-        ImageTransform.from_pretrained(tiny_mllama_dir, ImageSpec("mllama", 28, 20, max_num_tiles=4))
+        ImageTransform.from_pretrained(tiny_mllama_dir, MllamaTiles(28, 5, max_num_tiles=4))
     with pytest.raises(ValueError, match="pixel tiles"):
-        ImageTransform.from_pretrained(tiny_clip_dir, ImageSpec("tower", 32, 5))
+        ImageTransform.from_pretrained(tiny_clip_dir, FixedSizeImage(32, 5))
 
 
 def test_mllama_aspect_ratios_must_match_the_model(tiny_mllama_dir: Path, tmp_path: Path) -> None:

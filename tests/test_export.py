@@ -20,14 +20,11 @@ from safetensors import safe_open
 
 from fusiontrain import tiny
 from fusiontrain.checkpoint import layout
-from fusiontrain.checkpoint.export import (
-    ExportError,
-    ShardWriter,
-    export_checkpoint,
-    load_fusiontrain_export,
-    main,
-    parse_size,
-)
+from fusiontrain.checkpoint.export import DTYPES, FORMATS, ExportError, ShardWriter, export_checkpoint
+from fusiontrain.cli import EXPORT_DTYPES, EXPORT_FORMATS, parse_size
+from fusiontrain.cli import main as cli_main
+from fusiontrain.families import TrainableFlags, model_family
+from fusiontrain.models.export_reader import load_fusiontrain_export
 from fusiontrain.models import compose_from_hf, encoder_mask_from_cross_attention_mask, load_hf_mllama
 from fusiontrain.models.compose import image_token_layout
 from fusiontrain.models.hf_checkpoint import HFCheckpoint
@@ -37,6 +34,11 @@ from fusiontrain.modules import get_fusion_params
 TOKENS_PER_TILE = 5  # (28 // 14) ** 2 + 1
 STEP = 7
 SMALL_SHARD = 300_000  # the tiny Mllama is ~1.27 MB in fp32: 5 shards
+
+
+def main(argv: list[str]) -> int:
+    """``python -m fusiontrain export ARGV``, in process."""
+    return cli_main(["export", *argv])
 
 
 # -- building checkpoints ---------------------------------------------------------------------------
@@ -147,7 +149,7 @@ def test_hf_export_tensors_are_the_base_and_the_trained_ones(
     if dtype == "fp32":
         out = hf_fp32_export
     else:
-        out = export_checkpoint(checkpoint, tmp_path / "hf_bf16")  # the defaults: hf, bf16, one file
+        out = export_checkpoint(checkpoint, tmp_path / "hf_bf16", dtype="bf16")  # the defaults: hf, one file
         assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
         assert next(_hf_mllama(out).parameters()).dtype == torch.bfloat16  # loads strictly, in bf16
     cast = torch.float32 if dtype == "fp32" else torch.bfloat16
@@ -309,6 +311,156 @@ def test_composed_base_cannot_be_exported_as_hf(tiny_llama_dir: Path, tiny_clip_
         export_checkpoint(broken, tmp_path / "out")
 
 
+# -- dtypes: by default as the base stores them ----------------------------------------------------
+
+
+def _stored(folder: Path) -> dict[str, tuple[str, torch.Tensor]]:
+    """Every tensor of a safetensors folder as stored: name -> (safetensors dtype, its raw bytes)."""
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                raw = handle.get_tensor(name).contiguous().reshape(-1).view(torch.uint8)
+                found[name] = (handle.get_slice(name).get_dtype(), raw)
+    return found
+
+
+def _base_in(source: Path, target: Path, dtype_of) -> Path:
+    """A copy of base folder ``source`` whose tensors are stored in ``dtype_of(name)`` (None: as
+    they are), its config.json saying ``dtype`` is bfloat16 when any tensor is."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    tensors = load_file(target / "model.safetensors")
+    cast = {name: t.to(dtype_of(name) or t.dtype) for name, t in tensors.items()}
+    save_file(cast, str(target / "model.safetensors"), metadata={"format": "pt"})
+    if any(t.dtype == torch.bfloat16 for t in cast.values()):
+        config = json.loads((target / "config.json").read_text())
+        config["dtype"] = "bfloat16"
+        (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def _trained_hf_keys(model, base_dir: Path) -> set[str]:
+    """The stored names of the base tensors that a fusion parameter fills (wholly or some rows)."""
+    base = HFCheckpoint(base_dir, key_renamer=canonical_mllama_key)
+    fusion = get_fusion_params(model)
+    canonical = {route.hf_key for route in mllama_weight_map(mllama_args_from_config(base.config)) if route.our_key in fusion}
+    return {base._stored_name[key] for key in canonical}
+
+
+@pytest.mark.parametrize("stored", ["fp32", "bf16"])
+def test_default_dtype_is_the_bases_and_frozen_tensors_are_bit_identical(
+    stored: str, trained_mllama, tiny_mllama_dir: Path, tmp_path: Path
+) -> None:
+    model, _ = trained_mllama
+    want = {"fp32": ("F32", torch.float32), "bf16": ("BF16", torch.bfloat16)}[stored]
+    base_dir = tiny_mllama_dir if stored == "fp32" else _base_in(tiny_mllama_dir, tmp_path / "bf16", lambda _: torch.bfloat16)
+    checkpoint = _write_checkpoint(
+        tmp_path / "run", {"fusion": get_fusion_params(model)}, {"family": "mllama", "folders": {"hf_mllama": str(base_dir)}}
+    )
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0  # no --dtype
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == str(want[1]).removeprefix("torch.")
+
+    base, exported = _stored(base_dir), _stored(out)
+    assert sorted(exported) == sorted(base)
+    trained = _trained_hf_keys(model, base_dir)
+    assert trained and len(trained) < len(base)
+    for name, (dtype, raw) in exported.items():
+        assert dtype == want[0], name
+        if name not in trained:
+            assert torch.equal(raw, base[name][1]), f"{name} is not bit-identical to the base"
+        elif not name.endswith("embed_tokens.weight"):  # embed_tokens: base rows + trained rows
+            assert not torch.equal(raw, base[name][1]), f"{name} should hold the trained values"
+    # the trained tensors are the checkpoint's, cast to the base tensor's dtype
+    ours = dict(model.named_parameters())
+    export = HFCheckpoint(out, key_renamer=canonical_mllama_key)
+    for route in mllama_weight_map(mllama_args_from_config(export.config)):
+        if route.our_key in get_fusion_params(model):
+            assert torch.equal(export.read(route.hf_key, route.rows), ours[route.our_key].detach().to(want[1])), route
+
+    # --dtype still forces one dtype on every tensor
+    forced = tmp_path / "forced"
+    other = "fp32" if stored == "bf16" else "bf16"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(forced), "--dtype", other]) == 0
+    assert {dtype for dtype, _ in _stored(forced).values()} == {"F32" if other == "fp32" else "BF16"}
+    assert json.loads((forced / "config.json").read_text())["dtype"] == str(DTYPES[other]).removeprefix("torch.")
+
+
+def test_a_mixed_dtype_base_keeps_each_tensors_dtype(trained_mllama, tiny_mllama_dir: Path, tmp_path: Path) -> None:
+    """Vision tensors in bf16, the rest in fp32: each is exported in its own dtype, the fusion
+    tensors in their base tensor's; the config names the dtype of most elements."""
+    model, _ = trained_mllama
+    base_dir = _base_in(
+        tiny_mllama_dir, tmp_path / "mixed", lambda name: torch.bfloat16 if name.startswith("vision_model.") else None
+    )
+    checkpoint = _write_checkpoint(
+        tmp_path / "run", {"fusion": get_fusion_params(model)}, {"family": "mllama", "folders": {"hf_mllama": str(base_dir)}}
+    )
+    out = export_checkpoint(checkpoint, tmp_path / "out")
+    base, exported = _stored(base_dir), _stored(out)
+    assert {dtype for dtype, _ in base.values()} == {"F32", "BF16"}
+    trained = _trained_hf_keys(model, base_dir)
+    for name, (dtype, raw) in exported.items():
+        assert dtype == base[name][0], name
+        if name not in trained:
+            assert torch.equal(raw, base[name][1]), name
+    elements = {"F32": 0, "BF16": 0}
+    with safe_open(base_dir / "model.safetensors", framework="pt") as handle:
+        for name in handle.keys():
+            elements[handle.get_slice(name).get_dtype()] += handle.get_tensor(name).numel()
+    dominant = "float32" if elements["F32"] > elements["BF16"] else "bfloat16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == dominant
+
+
+def test_composed_fusion_parameters_take_the_dominant_base_dtype(
+    tiny_llama_dir: Path, tiny_clip_dir: Path, tmp_path: Path
+) -> None:
+    """A bf16 decoder (most of the elements) and an fp32 encoder: each base tensor keeps its
+    dtype, bit for bit; the fusion parameters, which no base tensor holds, come out bf16."""
+    decoder_dir = _base_in(tiny_llama_dir, tmp_path / "llama", lambda _: torch.bfloat16)
+    encoder_dir = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, encoder_dir)
+    decoder, encoder = _stored(decoder_dir), _stored(encoder_dir)
+    assert sum(raw.numel() // 2 for _, raw in decoder.values()) > sum(raw.numel() // 4 for _, raw in encoder.values())
+    model = compose_from_hf(decoder_dir, encoder_dir, fusion_interval=2, fusion_vocab_size=8)
+    fusion = get_fusion_params(model)
+    _perturb(fusion, seed=4)
+    base = {
+        "family": "composed",
+        "folders": {"decoder": str(decoder_dir), "encoder": str(encoder_dir)},
+        "fusion_interval": 2,
+        "fusion_vocab_size": 8,
+    }
+    checkpoint = _write_checkpoint(tmp_path / "run", {"fusion": fusion}, base)
+    out = export_checkpoint(checkpoint, tmp_path / "out")
+    assert json.loads((out / "fusiontrain_config.json").read_text())["dtype"] == "bfloat16"
+    exported = _stored(out)
+
+    # every base tensor (found by its bytes' owner: the route from the family's weight map) as stored
+    prepared = model_family("composed").prepare(
+        {"decoder": decoder_dir, "encoder": encoder_dir},
+        {"fusion_interval": 2, "fusion_vocab_size": 8},
+        TrainableFlags(),
+        seed=0,
+    )
+    routed = 0
+    for source, stored in zip(prepared.sources, (decoder, encoder), strict=True):
+        for route in source.routes:
+            name = source.checkpoint._stored_name[route.hf_key]
+            assert route.rows is None and exported[route.our_key][0] == stored[name][0], route
+            assert torch.equal(exported[route.our_key][1], stored[name][1]), route
+            routed += 1
+    assert routed == len(exported) - len(fusion)
+    # the fusion parameters: the trained values, in bf16
+    loaded = dict(load_fusiontrain_export(out).named_parameters())
+    for name, value in fusion.items():
+        assert exported[name][0] == "BF16", name
+        assert torch.equal(loaded[name], value.detach().to(torch.bfloat16).float()), name
+
+
 # -- errors and the output folder ---------------------------------------------------------------------
 
 
@@ -434,6 +586,10 @@ def test_changed_base_is_refused(trained_mllama, tiny_mllama_dir: Path, tmp_path
     shutil.rmtree(base)
     with pytest.raises(ExportError, match="does not exist"):
         export_checkpoint(checkpoint, tmp_path / "out2")
+
+
+def test_the_cli_offers_the_exporters_formats_and_dtypes() -> None:
+    assert EXPORT_FORMATS == FORMATS and EXPORT_DTYPES == tuple(DTYPES)
 
 
 def test_parse_size() -> None:

@@ -14,6 +14,7 @@ them. Two things make the comparison honest:
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -23,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fusiontrain import flops
 from fusiontrain.data import Batch
-from fusiontrain.data.packing import block_causal_mask
+from fusiontrain.modules.masks import block_causal_mask
 from fusiontrain.loss import chunked_cross_entropy_sum
 from fusiontrain.modules import TransformerSelfAttentionLayer
 from fusiontrain.parallel import apply_activation_checkpointing
@@ -206,16 +207,16 @@ def test_recompute_is_not_counted() -> None:
 def test_hf_tower_models_match_counter(family: str, encoder_trainable: bool) -> None:
     """CLIP / SigLIP towers (SigLIP's pooling head runs in forward but gets no backward)."""
     from fusiontrain import tiny
-    from fusiontrain.models.compose import build_composed_model
+    from fusiontrain.families import TrainableFlags, model_family
 
     vision = tiny.tiny_clip_vision_config() if family == "clip" else tiny.tiny_siglip_vision_config()
     torch.manual_seed(0)
-    model = build_composed_model(
+    model = model_family("composed").build(
         tiny.tiny_llama_config().to_dict(),
         vision.to_dict(),
         fusion_interval=2,
         fusion_vocab_size=1,
-        encoder_trainable=encoder_trainable,
+        flags=TrainableFlags(encoder_trainable=encoder_trainable),
     ).train()
     model.set_skip_output_projection(True)
     images_per_row, n_tok = 2, model.encoder.tokens_per_image
@@ -275,3 +276,342 @@ def test_cpu_peak_is_measured_once() -> None:
     first = flops.device_peak_flops("cpu")
     assert math.isfinite(first) and first > 1e8
     assert flops.device_peak_flops(torch.device("cpu")) == first  # cached: measured once per process
+
+
+# -- encoders counted generically (fusiontrain.flop_probe) ----------------------------------------
+
+
+class _ToyBlock(torch.nn.Module):
+    """Pre-norm self-attention (SDPA, key-padding mask) and a GELU MLP, both residual."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = torch.nn.LayerNorm(width)
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.out = torch.nn.Linear(width, width)
+        self.norm2 = torch.nn.LayerNorm(width)
+        self.fc1 = torch.nn.Linear(width, 2 * width)
+        self.fc2 = torch.nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``x`` ``[b, n, w]``, ``mask`` ``[b, 1, 1, n]`` bool or None -> ``[b, n, w]``."""
+        b, n, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.out(attn.transpose(1, 2).reshape(b, n, w))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class ToyEncoder(torch.nn.Module):
+    """A user's own encoder, unknown to the analytic count: linear patch embedding, 2 blocks, a
+    registered projection head. ``patches`` ``[b, n, 3 p p]`` (n varies), ``patch_mask``
+    ``[b, n]`` bool -> ``[b, n, d]``. It reads the mask's values (``all()``), as HF code does."""
+
+    def __init__(self, patch_dim: int = 12, width: int = 32, decoder_dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        from fusiontrain.modules import register_fusion_module
+
+        self.patch_embed = torch.nn.Linear(patch_dim, width)
+        self.blocks = torch.nn.ModuleList([_ToyBlock(width, heads) for _ in range(2)])
+        self.norm = torch.nn.LayerNorm(width)
+        self.projection = register_fusion_module(torch.nn.Linear(width, decoder_dim))
+
+    def forward(self, patches: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
+        mask = None if bool(patch_mask.all()) else patch_mask[:, None, None, :]
+        x = self.patch_embed(patches)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.projection(self.norm(x))
+
+
+def _toy_model(**flags: bool) -> torch.nn.Module:
+    """The tiny Mllama decoder (open gates) fused with a ToyEncoder, trainer-style."""
+    from fusiontrain.modules import DeepFusionModel
+
+    decoder = random_mllama().decoder
+    torch.manual_seed(1)
+    model = DeepFusionModel(decoder, ToyEncoder(), **flags).train()
+    model.set_skip_output_projection(True)
+    return model
+
+
+def _toy_inputs(num_patches: int = 6, seq_len: int = 12) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    patch_mask = torch.ones(B, num_patches, dtype=torch.bool)
+    patch_mask[1, num_patches // 2 :] = False  # the second row's image is smaller
+    return {
+        "tokens": torch.randint(0, 128, (B, seq_len), generator=generator),
+        "encoder_input": {"patches": torch.randn(B, num_patches, 12, generator=generator), "patch_mask": patch_mask},
+        "encoder_mask": torch.rand(B, seq_len, num_patches, generator=generator) > 0.3,
+    }
+
+
+def _measure_encoder(encoder: torch.nn.Module, encoder_input: dict) -> tuple[int, int]:
+    """(forward, backward) FLOPs FlopCounterMode sees for the real encoder, real tensors."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = encoder(**encoder_input)
+        forward = counter.get_total_flops()
+        if out.requires_grad:
+            out.backward(torch.ones_like(out))
+        return forward, counter.get_total_flops() - forward
+
+
+def _generic_count(model: torch.nn.Module, inputs: dict, **kwargs) -> flops.FlopCount:
+    b, s = inputs["tokens"].shape
+    kwargs.setdefault("attention_pairs", b * s * s)
+    return flops.step_flops(model, num_rows=b, seq_len=s, encoder_input=inputs["encoder_input"], **kwargs)
+
+
+TOY_FLAGS = pytest.mark.parametrize(
+    "flags",
+    [{}, {"encoder_trainable": True}, {"fusion_trainable": False, "decoder_trainable": True}],
+    ids=["fusion_only", "encoder_trainable", "frozen_encoder_and_head"],
+)
+
+
+@pytest.mark.parametrize(
+    ("flags", "num_patches"),
+    [({}, 6), ({"encoder_trainable": True}, 9), ({"fusion_trainable": False, "decoder_trainable": True}, 6)],
+    ids=["fusion_only", "encoder_trainable", "frozen_encoder_and_head"],
+)
+def test_unknown_encoder_step_matches_counter(flags: dict, num_patches: int) -> None:
+    """A whole training step with an encoder the analytic count does not know: the generic
+    encoder count plus the analytic decoder count equal FlopCounterMode on the real step."""
+    model = _toy_model(**flags)
+    inputs = _toy_inputs(num_patches)
+    forward, backward = _measure(model, inputs)
+    count = _generic_count(model, inputs)
+    assert (count.forward, count.backward) == (forward, backward)
+    assert count.parts["encoder"][0] > 0 and count.parts["fusion.cross_attention"][0] > 0
+    assert not any(name in count.parts for name in ("encoder.vision", "encoder.projection"))
+
+
+@TOY_FLAGS
+def test_unknown_encoder_part_matches_real_encoder(flags: dict) -> None:
+    """The ``encoder`` part equals FlopCounterMode on the real encoder's forward + backward, and
+    trainability sets the backward: a frozen encoder with a trainable head costs the head's weight
+    gradient only (its input needs none); a trainable encoder more; a frozen head nothing."""
+    model = _toy_model(**flags)
+    inputs = _toy_inputs()
+    count = _generic_count(model, inputs)
+    assert count.parts["encoder"] == _measure_encoder(model.encoder, inputs["encoder_input"])
+    fwd, bwd = count.parts["encoder"]
+    head = model.encoder.projection
+    head_weight_grad = 2 * B * 6 * head.in_features * head.out_features
+    if flags.get("encoder_trainable"):
+        assert bwd > fwd
+    elif flags.get("fusion_trainable", True):
+        assert bwd == head_weight_grad
+    else:
+        assert bwd == 0
+        # nothing sends a gradient into the frozen embeddings: no k/v input gradients
+        assert count.parts["fusion.cross_attention"][1] < 2 * count.parts["fusion.cross_attention"][0]
+
+
+def test_unknown_encoder_through_micro_batch_flops() -> None:
+    model = _toy_model()
+    inputs = _toy_inputs()
+    batch = Batch(
+        tokens=inputs["tokens"],
+        labels=inputs["tokens"],
+        input_pos=torch.zeros_like(inputs["tokens"]),
+        is_real=torch.ones_like(inputs["tokens"], dtype=torch.bool),
+        encoder_input=inputs["encoder_input"],
+        encoder_mask=inputs["encoder_mask"],
+    )
+    expected = _generic_count(model, inputs, attention_pairs=None)
+    assert flops.micro_batch_flops(model, batch) == expected
+    assert flops.micro_batch_flops_or_none(model, batch) == expected
+    from fusiontrain import flop_probe
+
+    flop_probe.clear_encoder_cache()
+    with torch.inference_mode():  # a training step's count, whatever the caller's grad mode
+        assert flops.micro_batch_flops(model, batch) == expected
+    assert flops.step_flops(model, num_rows=B, seq_len=12) != expected  # text only
+    with pytest.raises(ValueError, match="pass encoder_input"):
+        flops.step_flops(model, num_rows=B, seq_len=12, images=B)
+
+
+def test_generic_count_runs_once_per_shape() -> None:
+    """Cached per (encoder, input shapes, requires-grad pattern): a new shape or trainability
+    re-runs the fake trace, new values of the same shapes do not."""
+    from unittest import mock
+
+    from fusiontrain import flop_probe
+
+    model = _toy_model()
+    with mock.patch.object(flop_probe, "_trace_encoder", wraps=flop_probe._trace_encoder) as trace:
+        first = _generic_count(model, _toy_inputs(6))
+        again = _toy_inputs(6)
+        again["encoder_input"] = {k: v.clone() for k, v in again["encoder_input"].items()}
+        again["encoder_input"]["patch_mask"].fill_(True)  # other values, same shapes
+        assert _generic_count(model, again) == first
+        assert trace.call_count == 1
+        _generic_count(model, _toy_inputs(9))
+        assert trace.call_count == 2
+        model.encoder.patch_embed.requires_grad_(True)
+        trainable = _generic_count(model, _toy_inputs(6))
+        assert trace.call_count == 3
+        assert trainable.parts["encoder"][1] > first.parts["encoder"][1]
+        _generic_count(model, _toy_inputs(6))
+        assert trace.call_count == 3
+
+
+class _ValueReadingEncoder(torch.nn.Module):
+    """Branches on the value of its (floating-point) pixels: fake tensors have none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from fusiontrain.modules import register_fusion_module
+
+        self.projection = register_fusion_module(torch.nn.Linear(12, 64))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        if patches.abs().max().item() > 100:
+            patches = patches / 100
+        return self.projection(patches)
+
+
+def test_uncountable_encoder_gives_none_and_one_warning(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    from unittest import mock
+
+    from fusiontrain import flop_probe
+    from fusiontrain.modules import DeepFusionModel
+
+    model = DeepFusionModel(random_mllama().decoder, _ValueReadingEncoder()).train()
+    tokens = torch.randint(0, 128, (B, 12))
+    batch = Batch(
+        tokens=tokens,
+        labels=tokens,
+        input_pos=torch.zeros_like(tokens),
+        is_real=torch.ones_like(tokens, dtype=torch.bool),
+        encoder_input={"patches": torch.randn(B, 6, 12)},
+        encoder_mask=torch.ones(B, 12, 6, dtype=torch.bool),
+    )
+    with pytest.raises(Exception, match="DataDependent|_local_scalar_dense"):
+        flops.micro_batch_flops(model, batch)  # the plain count raises ...
+
+    monkeypatch.setattr(flops, "_warned_unavailable", False)
+    caplog.set_level(logging.WARNING, logger="fusiontrain.flops")
+    with mock.patch.object(flop_probe, "_trace_encoder", wraps=flop_probe._trace_encoder) as trace:
+        assert flops.micro_batch_flops_or_none(model, batch) is None  # ... this one does not
+        assert flops.micro_batch_flops_or_none(model, batch) is None
+        assert trace.call_count == 0  # the failure was cached by the first call above
+    warnings = [r for r in caplog.records if r.name == "fusiontrain.flops" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "_ValueReadingEncoder" in warnings[0].getMessage() and "EncoderCountError" in warnings[0].getMessage()
+
+    # a counting failure of any other kind (here: an unknown decoder layer) is caught as well
+    broken = _toy_model()
+    broken.decoder.layers[0] = torch.nn.Identity()
+    assert flops.micro_batch_flops_or_none(broken, batch) is None
+    assert len([r for r in caplog.records if r.name == "fusiontrain.flops"]) == 1  # still one warning
+
+
+@pytest.mark.parametrize("flags", [{}, {"encoder_trainable": True}, {"fusion_trainable": False}])
+def test_generic_count_equals_analytic_mllama_encoder(flags: dict) -> None:
+    """Cross-check: the generic count of Mllama's tiled ViT (run under no_grad when frozen) equals
+    the analytic one, forward and backward."""
+    from fusiontrain import flop_probe
+
+    model = _training_model(**flags)
+    pixels = random_pixels(IMAGES)
+    analytic = flops.step_flops(model, num_rows=B, seq_len=S, images=4).parts
+    cost = flop_probe.measure_encoder_flops(model.encoder, pixels)
+    expected = [sum(part) for part in zip(analytic["encoder.vision"], analytic["encoder.projection"])]
+    assert [cost.forward, cost.backward] == expected
+    assert cost.output_shape[:2] == (B, 2 * 2 * 5)
+
+
+@pytest.mark.parametrize("family", ["siglip2", "dinov2"])
+def test_generic_count_hf_towers(family: str) -> None:
+    """New HF towers, unknown to the analytic count. SigLIP2 NaFlex resizes its position
+    embeddings to the values of ``spatial_shapes`` (kept real); the grid differs per image."""
+    import transformers
+
+    if family == "siglip2":
+        config = transformers.Siglip2VisionConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4, num_patches=16
+        )
+        tower = transformers.Siglip2VisionModel(config)
+        mask = torch.ones(B, 16, dtype=torch.long)
+        mask[1, 12:] = 0  # a 3x4 grid, padded to 16 patches
+        encoder_input = {
+            "pixel_values": torch.randn(B, 16, 48),
+            "pixel_attention_mask": mask,
+            "spatial_shapes": torch.tensor([[4, 4], [3, 4]]),
+        }
+    else:
+        config = transformers.Dinov2Config(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=4, image_size=16
+        )
+        tower = transformers.Dinov2Model(config)
+        encoder_input = {"pixel_values": torch.randn(B, 3, 16, 16)}
+
+    class TowerEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            from fusiontrain.modules import register_fusion_module
+
+            self.tower = tower
+            self.projection = register_fusion_module(torch.nn.Linear(32, 64))
+
+        def forward(self, **kwargs: torch.Tensor) -> torch.Tensor:
+            return self.projection(self.tower(**kwargs).last_hidden_state)
+
+    from fusiontrain import flop_probe
+
+    encoder = TowerEncoder().train()
+    cost = flop_probe.measure_encoder_flops(encoder, encoder_input)
+    assert (cost.forward, cost.backward) == _measure_encoder(encoder, encoder_input)
+    assert cost.output_shape == (B, 16 if family == "siglip2" else 17, 64) and cost.output_requires_grad
+
+
+def test_generic_count_of_fsdp_sharded_meta_encoder() -> None:
+    """Meta parameters, and FSDP2 shards (DTensors over meta) behind activation-checkpoint wrappers,
+    count like the real encoder: full shapes, no FSDP hook (no collective: with its hooks this meta
+    encoder would fail to unshard) and no recompute; other hooks still run."""
+    from torch.distributed.fsdp import fully_shard
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fusiontrain import flop_probe
+    from fusiontrain.plan import fake_process_group
+
+    encoder_input = _toy_inputs()["encoder_input"]
+    plain = ToyEncoder()
+    plain.patch_embed.requires_grad_(False)
+    expected = flop_probe.measure_encoder_flops(plain, encoder_input)
+    assert (expected.forward, expected.backward) == _measure_encoder(plain, encoder_input)
+
+    with torch.device("meta"):
+        on_meta = ToyEncoder()
+    on_meta.patch_embed.requires_grad_(False)
+    assert flop_probe.measure_encoder_flops(on_meta, encoder_input) == expected
+
+    calls = {"user": 0, "distributed": 0}
+
+    def user_hook(*_: object) -> None:
+        calls["user"] += 1
+
+    def distributed_hook(*_: object) -> None:
+        calls["distributed"] += 1
+
+    distributed_hook.__module__ = "torch.distributed.fsdp.test_only"
+    with fake_process_group(4):
+        mesh = init_device_mesh("cpu", (4,))
+        with torch.device("meta"):
+            sharded = ToyEncoder()
+        sharded.patch_embed.requires_grad_(False)
+        sharded.blocks[0] = checkpoint_wrapper(sharded.blocks[0])
+        for block in sharded.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        sharded.norm.register_forward_hook(user_hook)
+        sharded.norm.register_forward_hook(distributed_hook)
+        assert sharded.patch_embed.weight.to_local().shape[0] == 32 // 4
+        got = flop_probe.measure_encoder_flops(sharded, encoder_input)
+    assert got == expected
+    assert calls == {"user": 1, "distributed": 0}

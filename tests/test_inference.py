@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from fusiontrain import tiny
 from fusiontrain.checkpoint import layout
 from fusiontrain.checkpoint.export import export_checkpoint
-from fusiontrain.data.batch import stack_images
+from fusiontrain.data.image_format import encoder_mask_rows
 from fusiontrain.data.formats import image_spans
 from fusiontrain.generation import generate
 from fusiontrain.inference import (
@@ -24,7 +24,6 @@ from fusiontrain.inference import (
     build_prompt_inputs,
     load_for_inference,
     main,
-    prompt_encoder_mask,
 )
 from fusiontrain.models import compose_from_hf, encoder_mask_from_cross_attention_mask, load_hf_mllama
 from fusiontrain.modules import get_fusion_params
@@ -199,10 +198,9 @@ def test_padding_tiles_are_not_seen_and_logits_match_transformers(
     ref = processor(images=[pictures], text=["<|image|><|image|>Compare."], add_special_tokens=False, return_tensors="pt")
     ids = ref["input_ids"][0].tolist()
     processed = [loaded.builder.transform(picture) for picture in pictures]
-    mask = prompt_encoder_mask(len(ids), image_spans(ids, loaded.image_token_id), processed, loaded.spec)
+    mask, encoder_input = encoder_mask_rows([processed], [image_spans(ids, loaded.image_token_id)], loaded.image_format, len(ids))
     assert torch.equal(mask, encoder_mask_from_cross_attention_mask(ref["cross_attention_mask"], TOKENS_PER_TILE, MAX_TILES))
     assert not mask[0, :, TOKENS_PER_TILE : 2 * TOKENS_PER_TILE].any()  # the square image's padding tile
-    encoder_input = stack_images([processed], loaded.spec)
     hf = MllamaForConditionalGeneration.from_pretrained(tiny_mllama_dir, attn_implementation="eager").eval()
     with torch.no_grad():
         want = hf(**ref).logits
@@ -294,7 +292,11 @@ def test_composed_checkpoint_and_export(
     }
     checkpoint = _write_checkpoint(tmp_path / "run", {"fusion": fusion}, base)
     loaded = load_for_inference(checkpoint)
-    assert (loaded.family, loaded.spec.kind, loaded.image_token_id) == ("composed", "tower", tiny.TEXT_VOCAB_SIZE)
+    assert (loaded.family, type(loaded.image_format).__name__, loaded.image_token_id) == (
+        "composed",
+        "FixedSizeImage",
+        tiny.TEXT_VOCAB_SIZE,
+    )
     _assert_same_parameters(loaded.model, model)
 
     tokens, encoder_input, encoder_mask = build_prompt_inputs(loaded, [images["square"], images["wide"]], PROMPT)
@@ -409,3 +411,16 @@ def test_changed_base_is_refused_unless_allowed(trained_mllama, tiny_mllama_dir:
     with pytest.raises(InferenceError, match="changed size"):
         load_for_inference(copy)
     _assert_same_parameters(load_for_inference(copy, allow_base_mismatch=True).model, model)
+
+
+def test_a_part_that_does_not_fit_the_base_is_an_inference_error(trained_mllama, tmp_path: Path) -> None:
+    model, _, checkpoint = trained_mllama
+    base = layout.read_manifest(checkpoint)["base"]
+    fusion = get_fusion_params(model)
+    norm = next(name for name in fusion if name.endswith("ca_norm.scale"))
+    wrong_shape = _write_checkpoint(tmp_path / "shape", {"fusion": {**fusion, norm: torch.zeros(3)}}, base)
+    with pytest.raises(InferenceError, match=rf"fusion/{norm} has shape \(3,\).*trained from this base"):
+        load_for_inference(wrong_shape)
+    foreign = _write_checkpoint(tmp_path / "foreign", {"fusion": {**fusion, "decoder.nope": torch.zeros(2)}}, base)
+    with pytest.raises(InferenceError, match=r"unexpected \['decoder.nope'\]"):
+        load_for_inference(foreign)

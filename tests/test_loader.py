@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusiontrain.data.batch import ImageSpec, Sample
+from fusiontrain.data.batch import Sample
+from fusiontrain.families.encoder import FixedSizeImage
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SampleStream, StreamConfig, build_loader
 
-SPEC = ImageSpec("tower", image_size=4, tokens_per_image=3)
+SPEC = FixedSizeImage(image_size=4, tokens_per_image=3)
 NUM_SAMPLES = 60
 
 
@@ -90,7 +91,7 @@ def test_rows_respect_caps_and_bad_samples_are_counted() -> None:
     seen, skipped = [], {}
     for batch in batches(build_loader(stream(), num_workers=0), 12):
         assert batch.tokens.shape == (2, 32)
-        assert batch.encoder_mask is None or batch.encoder_mask.shape[-1] <= 3 * SPEC.tokens_per_image
+        assert batch.encoder_mask is None or batch.encoder_mask.shape[-1] <= 3 * SPEC.max_tokens_per_image
         for reason, count in batch.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + count
         seen += [key for row in keys_of(batch) for key in row]

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from fusiontrain.data.batch import ImageSpec, Sample, stack_images
-from fusiontrain.data.packing import FirstFitPacker, block_causal_mask, collate_rows
+from fusiontrain.data.batch import Sample
+from fusiontrain.data.packing import FirstFitPacker, collate_rows
+from fusiontrain.families.encoder import FixedSizeImage
+from fusiontrain.families.mllama import MllamaTiles
+from fusiontrain.modules.masks import block_causal_mask
 from tests.helpers.tiny_models import IMAGE_TOKEN, random_mllama
 
-SPEC = ImageSpec("mllama", image_size=28, tokens_per_image=2 * 5, max_num_tiles=2)
+SPEC = MllamaTiles(image_size=28, tokens_per_tile=5, max_num_tiles=2)
 SEQ_LEN = 40
 
 
@@ -45,14 +49,14 @@ SAMPLES = [
 
 def _alone(model, sample: Sample) -> torch.Tensor:
     """Logits of ``sample`` run by itself: no padding, no other sample."""
-    encoder_input = stack_images([sample.images], SPEC)
+    encoder_input = SPEC.collate([sample.images])
     encoder_mask = None
     if sample.images:
-        encoder_mask = torch.zeros(1, len(sample), len(sample.images) * SPEC.tokens_per_image, dtype=torch.bool)
+        encoder_mask = torch.zeros(1, len(sample), len(sample.images) * SPEC.max_tokens_per_image, dtype=torch.bool)
         for k, ((start, end), image) in enumerate(zip(sample.image_spans, sample.images)):
             for tile in range(2):  # only real tiles are seen (MllamaProcessor's cross_attention_mask)
                 if image["aspect_ratio_mask"][tile]:
-                    first = k * SPEC.tokens_per_image + tile * 5
+                    first = k * SPEC.max_tokens_per_image + tile * 5
                     encoder_mask[0, start:end, first : first + 5] = True
     with torch.no_grad():
         return model(sample.tokens[None], encoder_input=encoder_input, encoder_mask=encoder_mask)[0]
@@ -172,7 +176,7 @@ def test_block_mask_for_flex_attention_matches_the_dense_mask() -> None:
     the dense mask (forward only: flex_attention has no CPU backward in torch 2.13)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from fusiontrain.data.packing import block_causal_block_mask
+    from fusiontrain.modules.masks import block_causal_block_mask
     from fusiontrain.modules.attention import attend
 
     packer = FirstFitPacker(SEQ_LEN, max_images=4, max_open_rows=1)
@@ -201,3 +205,53 @@ def test_padding_tiles_are_never_seen() -> None:
     packer = FirstFitPacker(SEQ_LEN, max_images=4, max_open_rows=1)
     rows = packer.add(0, sample) + packer.flush()
     assert torch.equal(collate_rows(rows, SEQ_LEN, SPEC).encoder_mask[:, :6], want)
+
+
+# -- images with their own token counts (variable-resolution encoders) -----------------------------
+
+
+class _VariableTokens(FixedSizeImage):
+    """A format whose images yield ``image["n"]`` encoder tokens each, packed back to back in a
+    row (the layout of SigLIP2 NaFlex), to test packing and masks apart from any encoder."""
+
+    def num_tokens(self, image: dict[str, torch.Tensor]) -> int:
+        return int(image["n"])
+
+    def layout(self, per_row: list[list[dict[str, torch.Tensor]]]) -> tuple[list[list[int]], int]:
+        offsets = [[sum(self.num_tokens(i) for i in images[:k]) for k in range(len(images))] for images in per_row]
+        width = max((sum(self.num_tokens(i) for i in images) for images in per_row), default=0)
+        return offsets, width
+
+    def collate(self, per_row: list[list[dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor] | None:
+        counts = [[int(image["n"]) for image in images] for images in per_row]
+        return {"counts": torch.tensor([sum(row) for row in counts])} if any(counts) else None
+
+
+def _counted(n: int, length: int, seed: int) -> Sample:
+    tokens = torch.randint(4, 128, (length,), generator=torch.Generator().manual_seed(seed))
+    tokens[0] = IMAGE_TOKEN
+    return Sample(tokens, tokens.clone(), [{"n": torch.tensor(n)}], [(0, length)], origin=f"n{n}")
+
+
+def test_rows_are_bounded_by_encoder_tokens_when_images_differ() -> None:
+    """Packing counts encoder tokens, not image slots: 3 + 6 tokens fit a 10-token row, 6 + 6 do
+    not, though both are two images and the row has room for four."""
+    image_format = _VariableTokens(image_size=4, tokens_per_image=6)
+    packer = FirstFitPacker(SEQ_LEN, max_images=4, max_open_rows=4, image_format=image_format, max_encoder_tokens=10)
+    rows = []
+    for index, sample in enumerate([_counted(3, 5, 1), _counted(6, 5, 2), _counted(6, 5, 3), _counted(1, 5, 4)]):
+        rows += packer.add(index, sample)
+    rows += packer.flush()
+    assert [row.keys for row in rows] == [[0, 1, 3], [2]]
+    assert [row.encoder_tokens for row in rows] == [10, 6]
+
+    batch = collate_rows(rows, SEQ_LEN, image_format)
+    assert batch.encoder_mask.shape == (2, SEQ_LEN, 10)  # s_e: the fullest row's tokens, not 4 x 6
+    # Row 0: sample 0 sees columns 0-2, sample 1 columns 3-8, sample 3 column 9; nothing else.
+    want = torch.zeros(SEQ_LEN, 10, dtype=torch.bool)
+    want[0:5, 0:3], want[5:10, 3:9], want[10:15, 9:10] = True, True, True
+    assert torch.equal(batch.encoder_mask[0], want)
+    assert batch.encoder_mask[1, :5, :6].all() and not batch.encoder_mask[1, 5:].any()
+
+    with pytest.raises(ValueError, match="12 encoder tokens"):
+        packer.add(9, Sample(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), [{"n": torch.tensor(12)}], [(0, 4)]))

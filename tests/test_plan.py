@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fusiontrain import tiny
-from fusiontrain.builders import build_meta_model, image_spec
+from fusiontrain.builders import build_meta_model
+from fusiontrain.families import model_family_of
 from fusiontrain.config import load_config
 from fusiontrain.loss import chunked_cross_entropy_sum
 from fusiontrain.memory_tracker import TensorMemoryTracker
@@ -20,7 +21,12 @@ from fusiontrain.plan import worst_case_batch
 from tests.helpers.launch import REPO_ROOT, run_command, run_commands
 
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
-REAL_MODEL_CONFIGS = ["llama32_11b_vision.yaml", "llama32_90b_vision.yaml", "llama31_8b_siglip.yaml"]
+REAL_MODEL_CONFIGS = [
+    "llama32_11b_vision.yaml",
+    "llama32_90b_vision.yaml",
+    "llama31_8b_siglip.yaml",
+    "qwen3_8b_siglip2.yaml",
+]
 
 
 # -- the tracker ----------------------------------------------------------------------------------
@@ -51,7 +57,7 @@ def test_fake_trace_equals_real_tensors(tiny_mllama_dir: Path) -> None:
     results = []
     for fake in (False, True):
         model = build_meta_model(config.model)
-        batch = worst_case_batch(image_spec(model), rows=2, seq_len=48, images_per_row=2, packing=True)
+        batch = worst_case_batch(model_family_of(model).image_format(model), rows=2, seq_len=48, images_per_row=2, packing=True)
         tracker = TensorMemoryTracker("activations")
         if fake:
             with FakeTensorMode(allow_non_fake_inputs=True):

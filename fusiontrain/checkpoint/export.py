@@ -15,51 +15,64 @@ rest comes from. :func:`export_checkpoint` joins the two into one folder in eith
     loads both).
 
 ``fusiontrain`` (any family; the default for composed models)
-    Our own, self-contained layout, read back by :func:`load_fusiontrain_export`:
-    ``fusiontrain_config.json`` (family, fusion settings, provenance), the base configs stored
-    verbatim (``mllama_config.json``, or ``decoder_config.json`` + ``encoder_config.json``),
+    Our own, self-contained layout, read back by
+    :func:`~fusiontrain.models.export_reader.load_fusiontrain_export`: ``fusiontrain_config.json``
+    (family, fusion settings, dtype, provenance), the base configs stored verbatim
+    (``mllama_config.json``, or ``decoder_config.json`` + ``encoder_config.json``),
     ``model.safetensors`` (or shards + index) with every parameter under its canonical name, and
     the tokenizer files (from the decoder folder) and image processor files (from the encoder
     folder).
 
-Export is a single CPU process and streams: it reads one tensor at a time (from the base with
-:meth:`HFCheckpoint.read`, from a DCP part by loading just that key), casts it and appends it to
-the current shard, which is written once it reaches ``max_shard_bytes``. Peak memory is about one
-shard plus one tensor. Everything is written into ``<out>.tmp`` and renamed to ``<out>`` at the
-end, so a crash leaves no half export under ``<out>``. Only safetensors and DCP files are read:
-nothing is unpickled.
+Dtypes. By default (``dtype=None``) every tensor keeps the dtype the base stores it in, so the
+frozen tensors come out bit-identical to the base: a tensor read from a base folder is written as
+read (a base with mixed dtypes keeps each tensor's own); a trained tensor (from a DCP part, usually
+fp32) is cast to the dtype of the base tensor it replaces (for an Mllama tensor assembled from
+several parameters, such as ``embed_tokens``, that tensor's dtype), and a trained tensor that no
+base tensor stands for (a composed model's fusion parameters) to the base's *dominant* dtype, the
+one holding the most base elements. ``dtype="bf16"`` or ``"fp32"`` casts every tensor to it. The
+configs' ``dtype`` (and ``torch_dtype``) record the forced dtype, else the dominant one.
 
-CLI: ``python -m fusiontrain export --checkpoint DIR --out OUT [--format hf|fusiontrain]
-[--dtype bf16|fp32] [--max-shard-size 5GB] [--force]`` (see :func:`main`).
+Export is a single CPU process and streams: it reads one tensor at a time (from the base with
+:meth:`HFCheckpoint.read`, from a DCP part with :meth:`CheckpointPart.read`), casts it and appends
+it to the current shard, which is written once it reaches ``max_shard_bytes``. Peak memory is about
+one shard plus one tensor. Everything is written into ``<out>.tmp`` and renamed to ``<out>`` at
+the end, so a crash leaves no half export under ``<out>``. Tensors are read only from safetensors
+files and DCP data files (DCP's small ``.metadata`` file is unpickled).
+
+The command line (``python -m fusiontrain export``) lives in :mod:`fusiontrain.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import shutil
-import sys
 import tempfile
-import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from fusiontrain.checkpoint import layout
+from fusiontrain.checkpoint.fingerprint import check_base_unchanged
 from fusiontrain.checkpoint.layout import CheckpointError
-from fusiontrain.models.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint, TensorRoute, materialize
-from fusiontrain.models.pretrained import PretrainedModel, WeightSource, check_routes_cover
+from fusiontrain.checkpoint.parts import CheckpointPart, PartMismatch, open_parts
+from fusiontrain.families import EXPORT_ROLE, ModelFamily, TrainableFlags, model_family
+from fusiontrain.families.model import read_config_json
+from fusiontrain.models.export_reader import (
+    EXPORT_CONFIG,
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    prepare_fusiontrain_export,
+    read_export_config,
+)
+from fusiontrain.models.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint, TensorRoute
+from fusiontrain.models.pretrained import PretrainedModel
 from fusiontrain.modules import DeepFusionModel, get_fusion_params
 
-EXPORT_CONFIG = "fusiontrain_config.json"
-EXPORT_FORMAT = "fusiontrain-export"
-EXPORT_VERSION = 1
 FORMATS = ("hf", "fusiontrain")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -82,16 +95,7 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_p
 GENERATION_CONFIG = "generation_config.json"
 _IN_PROGRESS = ".fusiontrain-export-in-progress"  # marks <out>.tmp as ours while it is written
 
-# The stored Mllama tensor names transformers 5.23 writes (the Hub's), from the in-memory ones.
-_MLLAMA_CURRENT_TO_LEGACY = (
-    ("model.language_model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
-    ("model.vision_model.", "vision_model."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-)
-HF_NAMINGS = ("base", "legacy", "current")
-
-_CONFIG_FILES = {"mllama": {"mllama": "mllama_config.json"}, "composed": {"decoder": "decoder_config.json", "encoder": "encoder_config.json"}}
+HF_NAMINGS = ("base", "legacy", "current")  # see ModelFamily.hf_stored_name
 
 
 class ExportError(ValueError):
@@ -107,12 +111,11 @@ class _Base:
     """The pretrained side of a checkpoint: the model skeleton (meta device) and where each
     parameter that did not train comes from."""
 
-    family: str
+    family: ModelFamily
     pretrained: PretrainedModel
     folders: dict[str, Path]
-    configs: dict[str, dict]  # name -> config.json dict: {"mllama": ...} or {"decoder": ..., "encoder": ...}
-    fusion_interval: int | None = None
-    fusion_vocab_size: int | None = None
+    configs: dict[str, dict]  # role -> config.json dict, e.g. {"decoder": ..., "encoder": ...}
+    settings: dict[str, Any]  # what the family needs beyond the configs (ModelFamily.settings_from_config)
 
     @property
     def model(self) -> DeepFusionModel:
@@ -131,68 +134,24 @@ class _Base:
 
 def _open_base(manifest: dict, checkpoint: Path) -> _Base:
     base = manifest["base"]
-    family = base["family"]
+    family = model_family(base["family"])
     try:
         paths = layout.base_folders(manifest, checkpoint)
     except layout.BaseFolderMissing as error:
         raise ExportError(str(error)) from None
-    if "fusiontrain_export" in paths:  # a run that started from a fusiontrain-format export
-        exported = read_export_config(paths["fusiontrain_export"])
-        return _Base(
-            family,
-            prepare_fusiontrain_export(paths["fusiontrain_export"]),
-            paths,
-            exported["config_dicts"],
-            exported.get("fusion_interval"),
-            exported.get("fusion_vocab_size"),
-        )
+    if EXPORT_ROLE in paths:  # a run that started from a fusiontrain-format export
+        exported = read_export_config(paths[EXPORT_ROLE])
+        settings = {key: exported[key] for key in exported.get("settings", [])}
+        return _Base(family, prepare_fusiontrain_export(paths[EXPORT_ROLE]), paths, exported["config_dicts"], settings)
+    settings = {key: value for key, value in base.items() if key not in ("family", "folders")}
     try:
-        if family == "mllama":
-            from fusiontrain.models.mllama import prepare_mllama
-
-            pretrained = prepare_mllama(paths["hf_mllama"])
-            configs = {"mllama": pretrained.sources[0].checkpoint.config}
-            return _Base(family, pretrained, paths, configs)
-        from fusiontrain.models.compose import prepare_composed
-
-        interval, vocab = base["fusion_interval"], base["fusion_vocab_size"]  # checked by the manifest reader
-        pretrained = prepare_composed(
-            paths["decoder"], paths["encoder"], fusion_interval=interval, fusion_vocab_size=vocab
-        )
-        configs = {"decoder": pretrained.sources[0].checkpoint.config, "encoder": pretrained.sources[1].checkpoint.config}
-        return _Base(family, pretrained, paths, configs, interval, vocab)
+        pretrained = family.prepare(paths, settings, TrainableFlags(), seed=0)
     except (FileNotFoundError, ValueError) as error:
         if isinstance(error, CheckpointError):
             raise
         raise ExportError(f"the base of checkpoint {checkpoint} cannot be read: {error}") from error
-
-
-def _check_base_unchanged(manifest: dict, base: _Base, checkpoint: Path, *, verify_hashes: bool) -> None:
-    """Refuse a base folder whose weight files differ from those the checkpoint trained on, as
-    recorded in the manifest's ``fingerprint`` (``{"<role>/<file>": {"size", "sha256"}}``): file
-    sizes always (free), sha256 too with ``verify_hashes`` (reads every byte)."""
-    saved = manifest.get("fingerprint")
-    if not isinstance(saved, dict) or not saved:
-        return
-    folders = {role: str(path) for role, path in base.folders.items()}
-    if verify_hashes:
-        from fusiontrain.checkpoint.fingerprint import differences, fingerprint
-
-        changed = differences(saved, fingerprint(folders))
-    else:
-        changed = []
-        for name, entry in sorted(saved.items()):
-            role, _, file = name.partition("/")
-            path = base.folders.get(role, Path("/nonexistent")) / file
-            if not path.is_file():
-                changed.append(f"{name} is gone")
-            elif isinstance(entry, dict) and entry.get("size") not in (None, path.stat().st_size):
-                changed.append(f"{name} changed size ({entry['size']} -> {path.stat().st_size} bytes)")
-    if changed:
-        raise ExportError(
-            f"checkpoint {checkpoint} was trained on other base weights than {sorted(folders.values())}: "
-            f"{'; '.join(changed[:3])}. Restore the original base, or pass --allow-base-mismatch"
-        )
+    configs = {role: read_config_json(paths[role], f"base folder {role!r}") for role in family.roles}
+    return _Base(family, pretrained, paths, configs, settings)
 
 
 def _part_of(name: str, fusion: set[str]) -> str:
@@ -201,88 +160,30 @@ def _part_of(name: str, fusion: set[str]) -> str:
     return "decoder" if name.startswith("decoder.") else "encoder"
 
 
-def _metadata_caching_reader(folder: Path) -> Any:
-    """A DCP ``FileSystemReader`` of ``folder`` that reads (unpickles) its ``.metadata`` once, not on
-    every one-tensor load."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    class _Reader(FileSystemReader):
-        _metadata = None
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            if self._metadata is None:
-                self._metadata = super().read_metadata(*args, **kwargs)
-            return self._metadata
-
-    return _Reader(folder)
-
-
-class _TrainedParts:
-    """The DCP parts of a checkpoint: which parameters they hold, and reading one at a time."""
-
-    def __init__(self, checkpoint: Path, parts: list[str], model: nn.Module) -> None:
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-        self._where: dict[str, tuple[Any, Any]] = {}
-        params = dict(model.named_parameters())
-        fusion = set(get_fusion_params(model))
-        for part in parts:
-            folder = layout.part_dir(checkpoint, part)
-            if not (folder / layout.DCP_METADATA).is_file():
-                raise CheckpointError(
-                    f"checkpoint folder {checkpoint}: part {part!r} is listed in {layout.MANIFEST} but {folder} holds "
-                    f"no DCP checkpoint (no {layout.DCP_METADATA})"
-                )
-            reader = _metadata_caching_reader(folder)
-            try:
-                entries = reader.read_metadata().state_dict_metadata
-            except Exception as error:  # a truncated or foreign .metadata file
-                raise CheckpointError(f"checkpoint folder {checkpoint}: cannot read the DCP metadata of {folder}: {error}") from error
-            expected = {name for name in params if _part_of(name, fusion) == part}
-            unexpected = sorted(set(entries) - expected)
-            missing = sorted(expected - set(entries))
-            if unexpected or missing:
-                raise ExportError(
-                    f"checkpoint {checkpoint}: part {part!r} does not match the base model's {part} parameters: "
-                    f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                    f"{' ...' if len(unexpected) > 5 else ''}"
-                )
-            for name, entry in entries.items():
-                if not isinstance(entry, TensorStorageMetadata):
-                    raise ExportError(f"checkpoint {checkpoint}: {part}/{name} is not a tensor")
-                if tuple(entry.size) != tuple(params[name].shape):
-                    raise ExportError(
-                        f"checkpoint {checkpoint}: {part}/{name} has shape {tuple(entry.size)}, the base model's "
-                        f"parameter {tuple(params[name].shape)}: was it trained from this base?"
-                    )
-                self._where[name] = (reader, entry)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def read(self, name: str) -> torch.Tensor:
-        """The full tensor ``name``, in the dtype it was saved in (only its bytes are read)."""
-        import torch.distributed.checkpoint as dcp
-
-        reader, entry = self._where[name]
-        target = {name: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)}
-        # no_dist: a plain single-process read, also when a process group happens to be initialised
-        # (DCP still warns that it assumes a single process; that is the intent).
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp.load(target, storage_reader=reader, no_dist=True)
-        return target[name]
+def _open_trained(checkpoint: Path, parts: Sequence[str], model: DeepFusionModel) -> dict[str, CheckpointPart]:
+    """The checkpoint's DCP parts, each checked to hold exactly the base model's parameters of
+    that part (``fusion``: the fusion parameters; ``decoder`` / ``encoder``: the others)."""
+    shapes = {name: param.shape for name, param in model.named_parameters()}
+    fusion = set(get_fusion_params(model))
+    opened = open_parts(checkpoint, parts)
+    for part in opened.values():
+        expected = {name: shape for name, shape in shapes.items() if _part_of(name, fusion) == part.name}
+        try:
+            part.check_shapes(expected, whole=True, what="the base model")
+        except PartMismatch as error:
+            raise ExportError(str(error)) from None
+    return opened
 
 
 class _Parameters:
     """Every parameter of the merged model, full and one at a time: trained ones from the DCP parts,
     the others from the base folders."""
 
-    def __init__(self, base: _Base, trained: _TrainedParts) -> None:
+    def __init__(self, base: _Base, parts: dict[str, CheckpointPart]) -> None:
         self._shapes = {name: tuple(param.shape) for name, param in base.model.named_parameters()}
-        self._trained = trained
+        self._trained = {name: part for part in parts.values() for name in part.names()}
         self._routes = base.routes()
-        orphans = sorted(name for name in self._shapes if name not in trained and name not in self._routes)
+        orphans = sorted(name for name in self._shapes if name not in self._trained and name not in self._routes)
         if orphans:
             raise ExportError(
                 f"parameters {orphans[:5]}{' ...' if len(orphans) > 5 else ''} are in no base folder and in no part of "
@@ -294,7 +195,7 @@ class _Parameters:
 
     def read(self, name: str) -> torch.Tensor:
         if name in self._trained:
-            tensor = self._trained.read(name)
+            tensor = self._trained[name].read(name)
         else:
             checkpoint, route = self._routes[name]
             tensor = checkpoint.read(route.hf_key, route.rows)
@@ -304,6 +205,53 @@ class _Parameters:
                 raise ExportError(f"{name}: read shape {tuple(tensor.shape)}, the model's {shape}")
             tensor = tensor.reshape(shape)
         return tensor
+
+
+# -- dtypes -----------------------------------------------------------------------------------------
+
+
+class _OutputDtypes:
+    """The dtype each exported tensor is written in: ``forced`` for all, or else the dtype the
+    base stores it in (see the module docstring for trained tensors)."""
+
+    def __init__(self, base: _Base, forced: torch.dtype | None) -> None:
+        self.forced = forced
+        self._routes = base.routes()
+        self._stored: dict[tuple[Path, str], torch.dtype] = {}
+        elements: Counter[torch.dtype] = Counter()
+        for checkpoint, route in self._routes.values():
+            key = (checkpoint.folder, route.hf_key)
+            if key not in self._stored:
+                self._stored[key] = checkpoint.dtype(route.hf_key)
+                elements[self._stored[key]] += torch.Size(checkpoint.shape(route.hf_key)).numel()
+        if not elements:
+            raise ExportError("the base holds no tensor of the model: there is no stored dtype to export in")
+        # the dtype of the most elements; ties go to the wider dtype, so nothing is narrowed by chance
+        self.dominant = max(elements, key=lambda dtype: (elements[dtype], dtype.itemsize, str(dtype)))
+
+    @property
+    def label(self) -> str:
+        """What the configs record as the export's ``dtype``: ``"bfloat16"``, ``"float32"``, ..."""
+        return str(self.dominant if self.forced is None else self.forced).removeprefix("torch.")
+
+    def of_base_tensor(self, checkpoint: HFCheckpoint, hf_key: str) -> torch.dtype:
+        """The dtype of base tensor ``hf_key`` in the export."""
+        if self.forced is not None:
+            return self.forced
+        key = (checkpoint.folder, hf_key)
+        if key not in self._stored:
+            self._stored[key] = checkpoint.dtype(hf_key)
+        return self._stored[key]
+
+    def of_parameter(self, name: str) -> torch.dtype:
+        """The dtype of our parameter ``name`` in the export: its base tensor's, or the dominant
+        one for a parameter that no base tensor holds."""
+        if self.forced is not None:
+            return self.forced
+        if name in self._routes:
+            checkpoint, route = self._routes[name]
+            return self.of_base_tensor(checkpoint, route.hf_key)
+        return self.dominant
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -391,20 +339,9 @@ def _copy_files(source: Path, target: Path, names: Sequence[str], folders: Seque
     return copied
 
 
-def _to_legacy_mllama_name(name: str) -> str:
-    for current, legacy in _MLLAMA_CURRENT_TO_LEGACY:
-        if name.startswith(current):
-            return legacy + name[len(current) :]
-    return name
-
-
-def _base_uses_legacy_names(folder: Path) -> bool:
-    return any(key.startswith("language_model.") for key in HFCheckpoint(folder).keys())
-
-
 def _hf_tensors(base: _Base, params: _Parameters) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(current HF name, full tensor)`` of every tensor of the Mllama base, in weight-map order,
-    each assembled from the parameters its routes fill (``embed_tokens`` from two row ranges)."""
+    """``(current HF name, full tensor)`` of every tensor of the base, in weight-map order, each
+    assembled from the parameters its routes fill (Mllama's ``embed_tokens`` from two row ranges)."""
     source = base.pretrained.sources[0]
     by_key: dict[str, list[TensorRoute]] = {}
     for route in source.routes:
@@ -433,61 +370,54 @@ def _generation_config_from(config: dict) -> dict:
     return generation
 
 
-def _write_hf(base: _Base, params: _Parameters, folder: Path, dtype: torch.dtype, max_shard_bytes: int, naming: str) -> None:
-    hf_folder = _text_folder(base)
-    config = dict(base.configs["mllama"])
-    dtype_name = str(dtype).removeprefix("torch.")
-    config["dtype"] = dtype_name
-    config["torch_dtype"] = dtype_name  # what transformers 4.x and other readers look at
+def _write_hf(
+    base: _Base, params: _Parameters, folder: Path, dtypes: _OutputDtypes, max_shard_bytes: int, naming: str
+) -> None:
+    (role,) = base.family.roles  # a transformers layout exists for one-folder families only
+    hf_folder = Path(base.folders.get(EXPORT_ROLE) or base.folders[role])
+    config = dict(base.configs[role])
+    config["dtype"] = dtypes.label
+    config["torch_dtype"] = dtypes.label  # what transformers 4.x and other readers look at
     _write_json(folder / "config.json", config)
     if not _copy_files(hf_folder, folder, [GENERATION_CONFIG]):
         _write_json(folder / GENERATION_CONFIG, _generation_config_from(config))
     _copy_files(hf_folder, folder, TOKENIZER_FILES + PROCESSOR_FILES, TOKENIZER_FOLDERS)
 
-    legacy = _base_uses_legacy_names(hf_folder) if naming == "base" else naming == "legacy"
+    legacy = base.family.hf_uses_legacy_names(hf_folder) if naming == "base" else naming == "legacy"
+    checkpoint = base.pretrained.sources[0].checkpoint
     writer = ShardWriter(folder, max_shard_bytes)
     for name, tensor in _hf_tensors(base, params):
-        writer.add(_to_legacy_mllama_name(name) if legacy else name, tensor.to(dtype))
+        dtype = dtypes.of_base_tensor(checkpoint, name)
+        writer.add(base.family.hf_stored_name(name, legacy=legacy), tensor.to(dtype))
     writer.finish()
 
 
 def _write_fusiontrain(
-    base: _Base, params: _Parameters, folder: Path, dtype: torch.dtype, max_shard_bytes: int, provenance: dict
+    base: _Base, params: _Parameters, folder: Path, dtypes: _OutputDtypes, max_shard_bytes: int, provenance: dict
 ) -> None:
-    files = _CONFIG_FILES[base.family]
+    files = base.family.config_files
     export_config: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
-        "family": base.family,
-        "dtype": str(dtype).removeprefix("torch."),
+        "family": base.family.name,
+        "dtype": dtypes.label,
         "configs": files,
+        "settings": sorted(base.settings),
+        **base.settings,
+        **base.family.export_config(base.configs),
         "source": provenance,
     }
-    if base.family == "composed":
-        export_config["fusion_interval"] = base.fusion_interval
-        export_config["fusion_vocab_size"] = base.fusion_vocab_size
     _write_json(folder / EXPORT_CONFIG, export_config)
-    for name, file in files.items():
-        _write_json(folder / file, base.configs[name])
-    _copy_files(_text_folder(base), folder, TOKENIZER_FILES + (GENERATION_CONFIG,), TOKENIZER_FOLDERS)
-    _copy_files(_image_folder(base), folder, PROCESSOR_FILES)
+    for role, file in files.items():
+        _write_json(folder / file, base.configs[role])
+    inputs = base.family.input_folders(base.folders, base.model)
+    _copy_files(inputs.text_dir, folder, TOKENIZER_FILES + (GENERATION_CONFIG,), TOKENIZER_FOLDERS)
+    _copy_files(inputs.image_dir or inputs.text_dir, folder, PROCESSOR_FILES)
 
     writer = ShardWriter(folder, max_shard_bytes)
     for name in params.names():
-        writer.add(name, params.read(name).to(dtype))
+        writer.add(name, params.read(name).to(dtypes.of_parameter(name)))
     writer.finish()
-
-
-def _text_folder(base: _Base) -> Path:
-    """Where the base's tokenizer and chat template live."""
-    folders = base.folders
-    return folders.get("hf_mllama") or folders.get("decoder") or folders["fusiontrain_export"]
-
-
-def _image_folder(base: _Base) -> Path:
-    """Where the base's image processor lives."""
-    folders = base.folders
-    return folders.get("hf_mllama") or folders.get("encoder") or folders["fusiontrain_export"]
 
 
 # -- the output folder ----------------------------------------------------------------------------
@@ -550,7 +480,7 @@ def export_checkpoint(
     out: str | Path,
     *,
     format: str | None = None,
-    dtype: str = "bf16",
+    dtype: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     force: bool = False,
     hf_naming: str = "base",
@@ -564,7 +494,10 @@ def export_checkpoint(
         out: the folder to write; it must not exist or be empty unless ``force``.
         format: ``"hf"`` (Mllama only) or ``"fusiontrain"``; default ``"hf"`` for an Mllama base,
             ``"fusiontrain"`` for a composed one.
-        dtype: ``"bf16"`` or ``"fp32"``: every tensor is cast to it.
+        dtype: None (the default): every tensor in the dtype the base stores it in, so frozen
+            tensors are bit-identical to the base (trained ones take the dtype of the base tensor
+            they replace, or the base's dominant dtype; see the module docstring). ``"bf16"`` or
+            ``"fp32"``: every tensor is cast to it.
         max_shard_bytes: the most bytes of tensors per safetensors file (a larger tensor gets a file
             of its own).
         force: replace an existing, non-empty ``out``.
@@ -585,17 +518,17 @@ def export_checkpoint(
     """
     checkpoint, out = Path(checkpoint), Path(out)
     manifest = layout.read_manifest(checkpoint)
-    family = manifest["base"]["family"]
-    format = format or ("hf" if family == "mllama" else "fusiontrain")
+    family = model_family(manifest["base"]["family"])
+    format = format or ("hf" if family.hf_export else "fusiontrain")
     if format not in FORMATS:
         raise ExportError(f"format must be one of {list(FORMATS)}, got {format!r}")
-    if format == "hf" and family != "mllama":
+    if format == "hf" and not family.hf_export:
         raise ExportError(
-            f"the hf format needs an Mllama base; checkpoint {checkpoint} is a {family} model, which no transformers "
-            "class loads: use --format fusiontrain"
+            f"the hf format needs a family with a transformers layout (such as mllama); checkpoint {checkpoint} is a "
+            f"{family.name} model, which no transformers class loads: use --format fusiontrain"
         )
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ExportError(f"dtype must be None (as the base stores it) or one of {list(DTYPES)}, got {dtype!r}")
     if hf_naming not in HF_NAMINGS:
         raise ExportError(f"hf_naming must be one of {list(HF_NAMINGS)}, got {hf_naming!r}")
     if max_shard_bytes < 1:
@@ -603,15 +536,15 @@ def export_checkpoint(
 
     base = _open_base(manifest, checkpoint)
     if not allow_base_mismatch:
-        _check_base_unchanged(manifest, base, checkpoint, verify_hashes=verify_base)
-    trained = _TrainedParts(checkpoint, manifest["parts"], base.model)
-    params = _Parameters(base, trained)
+        check_base_unchanged(manifest, base.folders, checkpoint, verify_hashes=verify_base, error=ExportError)
+    params = _Parameters(base, _open_trained(checkpoint, manifest["parts"], base.model))
+    dtypes = _OutputDtypes(base, None if dtype is None else DTYPES[dtype])
     _check_out(out, force, [checkpoint, *base.folders.values()])
 
     tmp = _start_tmp(out)
     try:
         if format == "hf":
-            _write_hf(base, params, tmp, DTYPES[dtype], max_shard_bytes, hf_naming)
+            _write_hf(base, params, tmp, dtypes, max_shard_bytes, hf_naming)
         else:
             provenance = {
                 "checkpoint": str(checkpoint.resolve()),
@@ -619,199 +552,9 @@ def export_checkpoint(
                 "parts": manifest["parts"],
                 "base": manifest["base"],
             }
-            _write_fusiontrain(base, params, tmp, DTYPES[dtype], max_shard_bytes, provenance)
+            _write_fusiontrain(base, params, tmp, dtypes, max_shard_bytes, provenance)
     except BaseException:
         _remove(tmp)
         raise
     _commit(tmp, out)
     return out
-
-
-# -- reading a fusiontrain export -------------------------------------------------------------------
-
-
-def read_export_config(path: str | Path) -> dict:
-    """The ``fusiontrain_config.json`` of an export, checked, with the base configs it names
-    loaded under ``"config_dicts"``."""
-    folder = Path(path)
-    config_path = folder / EXPORT_CONFIG
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder} has no {EXPORT_CONFIG}: not a fusiontrain export")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != EXPORT_FORMAT or not isinstance(config.get("version"), int):
-        raise ValueError(f"{config_path} is not a {EXPORT_FORMAT} config")
-    if config["version"] > EXPORT_VERSION:
-        raise ValueError(f"{config_path} has version {config['version']}, newer than {EXPORT_VERSION}")
-    family = config.get("family")
-    if family not in _CONFIG_FILES:
-        raise ValueError(f"{config_path}: unknown family {family!r}")
-    config["config_dicts"] = {
-        name: json.loads((folder / file).read_text()) for name, file in config["configs"].items()
-    }
-    return config
-
-
-def _safetensors_folder(folder: str | Path) -> HFCheckpoint:
-    return HFCheckpoint(folder, require_config=False)
-
-
-def prepare_fusiontrain_export(
-    path: str | Path,
-    *,
-    decoder_trainable: bool = False,
-    encoder_trainable: bool = False,
-    fusion_trainable: bool = True,
-) -> PretrainedModel:
-    """The model of a ``fusiontrain``-format export, built on the meta device from the configs the
-    export stores (the base folders are not needed), with the export's safetensors as its only
-    weight source: :meth:`PretrainedModel.load` fills every parameter (also sharded)."""
-    folder = Path(path)
-    config = read_export_config(folder)
-    configs = config["config_dicts"]
-    flags = dict(decoder_trainable=decoder_trainable, encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable)
-    with torch.device("meta"):
-        if config["family"] == "mllama":
-            from fusiontrain.models.mllama import build_mllama, mllama_args_from_config
-
-            model = build_mllama(mllama_args_from_config(configs["mllama"]), **flags)
-        else:
-            from fusiontrain.models.compose import build_composed_model
-
-            model = build_composed_model(
-                configs["decoder"],
-                configs["encoder"],
-                fusion_interval=config["fusion_interval"],
-                fusion_vocab_size=config["fusion_vocab_size"],
-                **flags,
-            )
-    source = WeightSource(_safetensors_folder(folder), [TensorRoute(name, name) for name, _ in model.named_parameters()])
-    check_routes_cover(source, set(source.checkpoint.keys()), "fusiontrain export")
-    return PretrainedModel(model, [source], init_buffers=_init_buffers)
-
-
-def load_fusiontrain_export(
-    path: str | Path,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    decoder_trainable: bool = False,
-    encoder_trainable: bool = False,
-    fusion_trainable: bool = True,
-) -> DeepFusionModel:
-    """Rebuild the :class:`DeepFusionModel` of a ``fusiontrain``-format export and fill every
-    parameter from its safetensors (see :func:`prepare_fusiontrain_export`).
-
-    Args:
-        path: the export folder.
-        dtype: parameter dtype (values are cast from the export's dtype).
-        device: where the parameters live.
-        decoder_trainable, encoder_trainable, fusion_trainable: what trains (see DeepFusionModel).
-    """
-    pretrained = prepare_fusiontrain_export(
-        path, decoder_trainable=decoder_trainable, encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable
-    )
-    materialize(pretrained.model.to(dtype), device)
-    pretrained.load()
-    return pretrained.model
-
-
-def _init_buffers(model: nn.Module) -> None:
-    init = getattr(model.encoder, "init_buffers", None)
-    if init is not None:
-        init()
-    known = {name for name, _ in model.encoder.named_buffers(prefix="encoder")} if init is not None else set()
-    unknown = [name for name, _ in model.named_buffers() if name not in known]
-    if unknown:
-        raise RuntimeError(f"load_fusiontrain_export does not know how to initialise buffers {unknown[:5]}")
-
-
-# -- CLI --------------------------------------------------------------------------------------------
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from ``"5GB"`` (10**9 per GB, as transformers' ``max_shard_size``), ``"5GiB"``
-    (2**30), ``"300KB"``, ``"1048576"``."""
-    if isinstance(text, int):
-        value = text
-    else:
-        match = _SIZE.match(text)
-        if not match or (match.group(3) and match.group(3).upper() not in ("B", "IB")) or (
-            match.group(3).upper() == "IB" and not match.group(2)
-        ):
-            raise ValueError(f"cannot read size {text!r}; write it like 5GB, 500MB, 2GiB or a number of bytes")
-        number, unit, suffix = float(match.group(1)), match.group(2).upper(), match.group(3).upper()
-        power = "KMGT".index(unit) + 1 if unit else 0
-        value = int(number * ((1024 if suffix == "IB" else 1000) ** power))
-    if value < 1:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``export`` command's options to ``parser`` (for wiring into ``fusiontrain.cli``)."""
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint folder (.../checkpoints/step_N)")
-    parser.add_argument("--out", required=True, help="folder to write (must not exist or be empty, unless --force)")
-    parser.add_argument(
-        "--format",
-        choices=FORMATS,
-        default=None,
-        help="hf: what transformers' MllamaForConditionalGeneration loads (Mllama only; its default); "
-        "fusiontrain: our own layout, read by load_fusiontrain_export (the default for composed models)",
-    )
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="dtype of the exported tensors")
-    parser.add_argument(
-        "--max-shard-size", default="5GiB", help="most bytes per safetensors file, e.g. 5GB, 2GiB, 500MB (default 5GiB)"
-    )
-    parser.add_argument("--force", action="store_true", help="replace an existing, non-empty --out")
-    parser.add_argument(
-        "--verify-base",
-        action="store_true",
-        help="check the base files' sha256 against the checkpoint's fingerprint (default: sizes only)",
-    )
-    parser.add_argument(
-        "--allow-base-mismatch", action="store_true", help="export even if the base files changed since training"
-    )
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``export`` for parsed arguments; 0 on success, 2 with a one-line error."""
-    try:
-        max_shard_bytes = parse_size(args.max_shard_size)
-    except ValueError as error:
-        print(f"error: --max-shard-size: {error}", file=sys.stderr)
-        return 2
-    try:
-        out = export_checkpoint(
-            args.checkpoint,
-            args.out,
-            format=args.format,
-            dtype=args.dtype,
-            max_shard_bytes=max_shard_bytes,
-            force=args.force,
-            verify_base=args.verify_base,
-            allow_base_mismatch=args.allow_base_mismatch,
-        )
-    except (CheckpointError, ExportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"exported {args.checkpoint} to {out}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fusiontrain export --checkpoint DIR --out OUT [--format hf|fusiontrain]
-    [--dtype bf16|fp32] [--max-shard-size 5GB] [--force]``."""
-    parser = add_arguments(
-        argparse.ArgumentParser(
-            prog="python -m fusiontrain export",
-            description="Export a training checkpoint as one consolidated model folder (base and trained weights).",
-        )
-    )
-    return run(parser.parse_args(None if argv is None else list(argv)))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,6 +4,10 @@ A fusion-only checkpoint holds the trained parameters only; the frozen base come
 HF folders on resume. The fingerprint (a sha256 per safetensors file and per config.json) proves
 that those folders still hold the same weights. Hashing is shared out over the ranks, and results
 are cached per (path, size, mtime), so a restart does not hash a 180 GB base again.
+
+Resuming compares two fingerprints (:func:`differences`); the readers of a finished checkpoint
+(export, inference) compare its recorded fingerprint with the base folders as they are
+(:func:`check_base_unchanged`: sizes for free, sha256 on request).
 """
 
 from __future__ import annotations
@@ -87,3 +91,62 @@ def differences(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
         elif saved[name] != current[name]:
             lines.append(f"{name} changed (sha256 {saved[name]['sha256'][:12]} -> {current[name]['sha256'][:12]})")
     return lines
+
+
+def base_changes(saved: dict[str, dict], folders: dict[str, Path], *, verify_hashes: bool = False) -> list[str]:
+    """What differs between the base files a checkpoint recorded (its manifest's ``fingerprint``)
+    and the base folders as they are now, human-readable (empty when nothing did).
+
+    Without ``verify_hashes`` only existence and sizes are compared (free: no file is read);
+    with it, every file's sha256 too (reads the whole base, and reports new files as well).
+
+    Args:
+        saved: the recorded fingerprint, ``{"<role>/<file>": {"size": bytes, "sha256": hex}}``.
+        folders: the base folders now, by role.
+        verify_hashes: compare contents, not only sizes.
+    """
+    if verify_hashes:
+        return differences(saved, fingerprint({role: str(path) for role, path in folders.items()}))
+    changed = []
+    for name, entry in sorted(saved.items()):
+        role, _, file = name.partition("/")
+        path = Path(folders[role]) / file if role in folders else None
+        if path is None or not path.is_file():
+            changed.append(f"{name} is gone")
+        elif isinstance(entry, dict) and entry.get("size") not in (None, path.stat().st_size):
+            changed.append(f"{name} changed size ({entry['size']} -> {path.stat().st_size} bytes)")
+    return changed
+
+
+def check_base_unchanged(
+    manifest: dict,
+    folders: dict[str, Path],
+    checkpoint: Path,
+    *,
+    verify_hashes: bool = False,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Refuse base folders whose weight files differ from those checkpoint ``checkpoint`` was
+    trained on, as its manifest's ``fingerprint`` records them (see :func:`base_changes`). A
+    manifest without a fingerprint passes.
+
+    Args:
+        manifest: the checkpoint's manifest.
+        folders: its base folders, by role.
+        checkpoint: the checkpoint folder (for the message).
+        verify_hashes: compare sha256 too, not only sizes.
+        error: the exception class raised, so each caller keeps its own error type.
+
+    Raises:
+        error: naming the checkpoint, the folders and the first changes, and the way out
+            (``--allow-base-mismatch``).
+    """
+    saved = manifest.get("fingerprint")
+    if not isinstance(saved, dict) or not saved:
+        return
+    changed = base_changes(saved, folders, verify_hashes=verify_hashes)
+    if changed:
+        raise error(
+            f"checkpoint {checkpoint} was trained on other base weights than {sorted(str(p) for p in folders.values())}: "
+            f"{'; '.join(changed[:3])}. Restore the original base, or pass --allow-base-mismatch"
+        )

@@ -17,7 +17,8 @@ saves them, the side that resumes from them and the exporter.
     {"family": "composed", "folders": {"decoder": "/abs/path", "encoder": "/abs/path"},
      "fusion_interval": 4, "fusion_vocab_size": 8}
 
-Only the standard library is imported here, so listing checkpoints stays cheap.
+Only the standard library is imported at module level, so listing checkpoints stays cheap; checking a
+manifest asks the family registry (:mod:`fusiontrain.families`) about its ``base``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ VERSION = 1
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"  # sub-folder of the run's output_dir
 PARTS = ("encoder", "decoder", "fusion")
-FAMILIES = ("mllama", "composed")
 DCP_METADATA = ".metadata"  # the file DCP writes last, once every rank has written its data
 TMP_PREFIX = ".tmp-"
 
@@ -202,25 +202,29 @@ def _validate(manifest: Any, folder: Path) -> None:
         raise CheckpointError(f"{where} 'parts' must be a non-empty list drawn from {list(PARTS)}, got {parts!r}")
     if len(set(parts)) != len(parts):
         raise CheckpointError(f"{where} lists a part twice: {parts!r}")
+    from fusiontrain.families import MODEL_FAMILIES  # the family seam; imported late to keep listing cheap
+
     base = manifest.get("base")
-    if not isinstance(base, dict) or base.get("family") not in FAMILIES:
-        raise CheckpointError(f"{where} 'base' must be an object with 'family' one of {list(FAMILIES)}, got {base!r}")
+    if not isinstance(base, dict) or base.get("family") not in MODEL_FAMILIES:
+        raise CheckpointError(
+            f"{where} 'base' must be an object with 'family' one of {sorted(MODEL_FAMILIES)}, got {base!r}"
+        )
     folders = base.get("folders")
     if not isinstance(folders, dict) or not all(isinstance(value, str) for value in folders.values()):
         raise CheckpointError(f"{where} 'base.folders' must map names to folder paths, got {folders!r}")
     missing = [role for role in _base_roles(base) if role not in folders]
     if missing:
         raise CheckpointError(f"{where} base.folders lacks {missing}")
-    if base["family"] == "composed":
-        interval, vocab = base.get("fusion_interval"), base.get("fusion_vocab_size")
-        if not isinstance(interval, int) or not isinstance(vocab, int):
-            raise CheckpointError(
-                f"{where}: a composed base needs integer fusion_interval and fusion_vocab_size, got {interval!r} and {vocab!r}"
-            )
+    try:
+        MODEL_FAMILIES[base["family"]].check_settings(base)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {error}") from None
 
 
 def _base_roles(base: dict[str, Any]) -> tuple[str, ...]:
     """The folders a base description must name: a fusiontrain export, or the HF folders."""
-    if "fusiontrain_export" in base["folders"]:
-        return ("fusiontrain_export",)
-    return ("hf_mllama",) if base["family"] == "mllama" else ("decoder", "encoder")
+    from fusiontrain.families import EXPORT_ROLE, MODEL_FAMILIES
+
+    if EXPORT_ROLE in base["folders"]:
+        return (EXPORT_ROLE,)
+    return MODEL_FAMILIES[base["family"]].roles

@@ -15,7 +15,8 @@ previous checkpoint as the latest complete one. Saves may run asynchronously (``
 a pending save is finished before the next one starts and before training ends.
 
 This module knows nothing of training: the trainer hands it tensors, a Stateful optimizer and
-plain JSON-able state.
+plain JSON-able state. Model parts are read back through :mod:`fusiontrain.checkpoint.parts`, the
+reader that inference and export use too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -49,6 +49,7 @@ from fusiontrain.checkpoint.layout import (
     write_manifest,
     TMP_PREFIX,
 )
+from fusiontrain.checkpoint.parts import CheckpointPart, read_dcp_metadata
 
 TRAIN_STATE = "train_state"
 OPTIMIZER = "optimizer"
@@ -68,27 +69,8 @@ def verify(path: Path, *, with_optimizer: bool = True) -> dict[str, Any]:
     if with_optimizer:
         folders.append(path / TRAIN_STATE / OPTIMIZER)
     for folder in folders:
-        try:
-            metadata = FileSystemReader(folder).read_metadata()
-        except Exception as error:  # noqa: BLE001 - any failure to read means an unusable checkpoint
-            raise CheckpointError(f"checkpoint {path}: cannot read the DCP metadata of {folder.name}/ ({error})") from None
-        needed: dict[str, int] = {}
-        for info in (metadata.storage_data or {}).values():
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-        for name, size in needed.items():
-            file = folder / name
-            if not file.is_file() or file.stat().st_size < size:
-                raise CheckpointError(f"checkpoint {path}: {folder.name}/{name} is missing or truncated")
+        read_dcp_metadata(folder, Path(path))
     return manifest
-
-
-def load_part(path: Path, part: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Load one part (e.g. another run's ``fusion`` weights) of checkpoint ``path`` into
-    ``tensors`` in place, resharding as needed. Its keys must match exactly."""
-    manifest = verify(path, with_optimizer=False)
-    if part not in manifest["parts"]:
-        raise CheckpointError(f"checkpoint {path} has no {part!r} part (it holds {manifest['parts']})")
-    dcp.load(tensors, checkpoint_id=part_dir(path, part))
 
 
 class OptimizerState(Stateful):
@@ -277,6 +259,6 @@ class CheckpointManager:
         for part in manifest["parts"]:
             if part not in model_parts:
                 raise CheckpointError(f"checkpoint {path} holds part {part!r}, which this model does not have")
-            dcp.load(model_parts[part], checkpoint_id=part_dir(path, part))
+            CheckpointPart(path, part).load(model_parts[part])
         dcp.load({OPTIMIZER: optimizer}, checkpoint_id=path / TRAIN_STATE / OPTIMIZER)
         return manifest["state"], json.loads(rank_file.read_text())

@@ -1,6 +1,7 @@
 """Data: records -> samples -> packed or padded batches, streamed per rank and resumable."""
 
-from fusiontrain.data.batch import Batch, ImageSpec, collate_padded
+from fusiontrain.data.batch import Batch, collate_padded
+from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.synthetic import SyntheticImageText
 
-__all__ = ["Batch", "ImageSpec", "SyntheticImageText", "collate_padded"]
+__all__ = ["Batch", "ImageFormat", "SyntheticImageText", "collate_padded"]

@@ -5,29 +5,14 @@ Shapes: b rows, s tokens per row, s_e encoder tokens per row, i images per row.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
 from collections.abc import Callable
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """What one image looks like to the model's encoder.
-
-    Attributes:
-        kind: "mllama" (tiled: ``pixel_values`` ``[t, 3, H, W]`` plus aspect-ratio id and tile
-            mask) or "tower" (a CLIP / SigLIP tower: ``pixel_values`` ``[3, H, W]``).
-        image_size: tile (or image) height and width in pixels.
-        tokens_per_image: encoder tokens per image: ``t * p`` for Mllama, ``n_tok`` for a tower.
-        max_num_tiles: tiles per image (Mllama; 1 for a tower).
-    """
-
-    kind: Literal["mllama", "tower"]
-    image_size: int
-    tokens_per_image: int
-    max_num_tiles: int = 1
+from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
+from fusiontrain.modules.masks import block_causal_block_mask, block_causal_mask
 
 
 @dataclass
@@ -38,7 +23,7 @@ class Sample:
         tokens: ``[n]`` token ids.
         labels: ``[n]`` target ids, already shifted (position j predicts ``labels[j]``), with
             the ignore index where nothing is trained.
-        images: per image, the encoder's inputs (see :class:`ImageSpec`).
+        images: per image, the encoder's inputs (see :class:`~fusiontrain.data.image_format.ImageFormat`).
         image_spans: per image, the token range ``[start, end)`` that sees it (the Llama 3.2
             rule: from its image token until the next image token, consecutive image tokens
             sharing the later span); tokens outside every span see no image.
@@ -85,8 +70,6 @@ class Batch:
         ``[b, s, s]`` bool, or a flex_attention ``BlockMask`` when ``flex``."""
         if self.segment_ids is None:
             return None
-        from fusiontrain.data.packing import block_causal_block_mask, block_causal_mask
-
         return block_causal_block_mask(self.segment_ids) if flex else block_causal_mask(self.segment_ids)
 
     def model_inputs(self, *, flex: bool = False) -> dict[str, Any]:
@@ -119,18 +102,7 @@ class Batch:
         )
 
 
-def seen_columns(image: dict[str, torch.Tensor], spec: ImageSpec) -> torch.Tensor:
-    """Indices, among an image's ``tokens_per_image`` encoder tokens, that text may attend to:
-    all of them for a tower; for Mllama only the tokens of its real tiles (``aspect_ratio_mask``),
-    as MllamaProcessor's cross_attention_mask does; padding tiles are never seen."""
-    if spec.kind == "tower":
-        return torch.arange(spec.tokens_per_image)
-    per_tile = spec.tokens_per_image // spec.max_num_tiles
-    real_tiles = image["aspect_ratio_mask"].nonzero().flatten()
-    return (real_tiles[:, None] * per_tile + torch.arange(per_tile)).flatten()
-
-
-def with_placeholder_image(batch: Batch, spec: ImageSpec) -> Batch:
+def with_placeholder_image(batch: Batch, image_format: ImageFormat) -> Batch:
     """``batch`` with one blank image slot per row that no token attends to, when it has no image.
 
     Under FSDP every rank must run the same modules: a rank whose micro-batch is text-only while
@@ -141,56 +113,19 @@ def with_placeholder_image(batch: Batch, spec: ImageSpec) -> Batch:
     if batch.encoder_input is not None:
         return batch
     b, s = batch.tokens.shape
-    batch.encoder_input = stack_images([[_blank_image(spec)] for _ in range(b)], spec)
-    batch.encoder_mask = torch.zeros(b, s, spec.tokens_per_image, dtype=torch.bool)
+    per_row = [[image_format.blank()] for _ in range(b)]
+    _, width = image_format.layout(per_row)
+    batch.encoder_input = image_format.collate(per_row)
+    batch.encoder_mask = torch.zeros(b, s, width, dtype=torch.bool)
     return batch
-
-
-def _blank_image(spec: ImageSpec) -> dict[str, torch.Tensor]:
-    if spec.kind == "tower":
-        return {"pixel_values": torch.zeros(3, spec.image_size, spec.image_size)}
-    tile_mask = torch.zeros(spec.max_num_tiles, dtype=torch.long)
-    tile_mask[0] = 1
-    return {
-        "pixel_values": torch.zeros(spec.max_num_tiles, 3, spec.image_size, spec.image_size),
-        "aspect_ratio_ids": torch.tensor(0),
-        "aspect_ratio_mask": tile_mask,
-    }
-
-
-def stack_images(per_row: list[list[dict[str, torch.Tensor]]], spec: ImageSpec) -> dict[str, torch.Tensor] | None:
-    """Encoder inputs for ``b`` rows with up to ``i`` images each, zero-padded to the longest row.
-
-    Mllama: ``pixel_values`` ``[b, i, t, 3, H, W]``, ``aspect_ratio_ids`` ``[b, i]`` (0 = padding),
-    ``aspect_ratio_mask`` ``[b, i, t]``. Tower: ``pixel_values`` ``[b, i, 3, H, W]``.
-    """
-    max_images = max((len(images) for images in per_row), default=0)
-    if max_images == 0:
-        return None
-    b, h = len(per_row), spec.image_size
-    if spec.kind == "mllama":
-        t = spec.max_num_tiles
-        stacked = {
-            "pixel_values": torch.zeros(b, max_images, t, 3, h, h),
-            "aspect_ratio_ids": torch.zeros(b, max_images, dtype=torch.long),
-            "aspect_ratio_mask": torch.zeros(b, max_images, t, dtype=torch.long),
-        }
-        # A padding slot keeps one "real" tile, as MllamaImageProcessor does: its vision attention
-        # then has keys to attend to (no fully masked row, hence no NaN). No token attends to it.
-        stacked["aspect_ratio_mask"][:, :, 0] = 1
-    else:
-        stacked = {"pixel_values": torch.zeros(b, max_images, 3, h, h)}
-    for row, images in enumerate(per_row):
-        for index, image in enumerate(images):
-            for key, value in image.items():
-                stacked[key][row, index] = value
-    return stacked
 
 
 PAD_TO_MULTIPLE = 8
 
 
-def collate_padded(samples: list[Sample], seq_len: int, spec: ImageSpec, *, pad_id: int = 0, ignore_index: int = -100) -> Batch:
+def collate_padded(
+    samples: list[Sample], seq_len: int, image_format: ImageFormat, *, pad_id: int = 0, ignore_index: int = -100
+) -> Batch:
     """One sample per row, right-padded to the longest sample of the batch (rounded up to a
     multiple of 8, at most ``seq_len``), as a padding collator does. Padding is masked from the
     loss and sees no image; causal attention keeps it from affecting real tokens."""
@@ -205,21 +140,15 @@ def collate_padded(samples: list[Sample], seq_len: int, spec: ImageSpec, *, pad_
     for row, sample in enumerate(samples):
         n = len(sample.tokens)
         tokens[row, :n], labels[row, :n], is_real[row, :n] = sample.tokens, sample.labels, True
-    max_images = max(len(sample.images) for sample in samples)
-    encoder_mask = None
-    if max_images:
-        encoder_mask = torch.zeros(b, seq_len, max_images * spec.tokens_per_image, dtype=torch.bool)
-        for row, sample in enumerate(samples):
-            n = len(sample.tokens)
-            for index, ((start, end), image) in enumerate(zip(sample.image_spans, sample.images)):
-                columns = index * spec.tokens_per_image + seen_columns(image, spec)
-                encoder_mask[row, start:end, columns] = True
+    encoder_mask, encoder_input = encoder_mask_rows(
+        [sample.images for sample in samples], [sample.image_spans for sample in samples], image_format, seq_len
+    )
     input_pos = torch.arange(seq_len).expand(b, seq_len).clone()
     return Batch(
         tokens=tokens,
         labels=labels,
         input_pos=input_pos,
         is_real=is_real,
-        encoder_input=stack_images([s.images for s in samples], spec),
+        encoder_input=encoder_input,
         encoder_mask=encoder_mask,
     )

@@ -49,7 +49,6 @@ rejects it (``too_long``) only when no trained position is left.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +56,10 @@ from typing import Any, Literal
 
 import torch
 
-from fusiontrain.data.batch import ImageSpec, Sample
+from fusiontrain.data.batch import Sample
+from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.errors import REASONS, BadSample
-from fusiontrain.data.images import ImageTransform, check_mllama_aspect_ratios
+from fusiontrain.data.images import ImageTransform
 from fusiontrain.data.sources import ImageRef, Record, RecordSource, open_image
 
 __all__ = [
@@ -127,28 +127,30 @@ class SampleBuilder:
     template and image processor (loaded from its HF folders; no remote code).
 
     Args:
-        text_dir: the model folder with the tokenizer: the Mllama checkpoint (which also holds the
-            processor and its chat template), or a composed model's LM.
-        spec: the encoder's image format; ``spec.kind`` selects Mllama or composed handling.
-        image_dir: a composed model's vision tower folder (its image processor). Mllama: None or
-            ``text_dir`` (the processor is in the checkpoint's folder).
+        text_dir: the model folder with the tokenizer. Without ``image_token_id`` it must hold a
+            whole HF multimodal processor (tokenizer with its image token, image processor and
+            chat template, as a Llama 3.2 Vision checkpoint does); with it, a tokenizer only (a
+            composed model's LM).
+        image_format: the encoder's image format.
+        image_dir: the folder with the image processor when the tokenizer has no image token (a
+            composed model's vision tower); None or ``text_dir`` otherwise.
         format: ``"caption"`` or ``"chat"`` (see the module docstring).
         train_on: ``"assistant"`` or ``"all"``.
         max_len: most tokens per sample.
         too_long: ``"skip"`` or ``"truncate"``.
         ignore_index: label of untrained positions.
-        image_token_id: composed models: the id to insert for each image (required). Mllama: the
-            tokenizer's image token id is used; if given, it must match.
+        image_token_id: the id to insert for each image, for a tokenizer that has no image token
+            (composed models); None to use the processor's own image token.
 
     Raises:
         ValueError: inconsistent arguments or folders (no chat template for ``chat``, no EOS for
-            ``caption``, an image processor that does not fit ``spec``, ...).
+            ``caption``, an image processor that does not fit ``image_format``, ...).
     """
 
     def __init__(
         self,
         text_dir: str | Path,
-        spec: ImageSpec,
+        image_format: ImageFormat,
         *,
         image_dir: str | Path | None = None,
         format: Format = "chat",
@@ -158,7 +160,7 @@ class SampleBuilder:
         ignore_index: int = -100,
         image_token_id: int | None = None,
     ) -> None:
-        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+        from transformers import AutoProcessor, AutoTokenizer
 
         if format not in ("caption", "chat"):
             raise ValueError(f"format must be 'caption' or 'chat', got {format!r}")
@@ -168,43 +170,36 @@ class SampleBuilder:
             raise ValueError(f"too_long must be 'skip' or 'truncate', got {too_long!r}")
         if max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len}")
-        self.spec, self.format, self.train_on = spec, format, train_on
+        self.image_format, self.format, self.train_on = image_format, format, train_on
         self.max_len, self.too_long, self.ignore_index = max_len, too_long, ignore_index
 
-        if spec.kind == "mllama":
+        if image_token_id is None:
             if image_dir is not None and Path(image_dir) != Path(text_dir):
                 raise ValueError(
-                    f"an Mllama checkpoint's image processor is in its own folder ({text_dir}), not {image_dir}"
+                    f"the processor in {text_dir} has its own image processor; image_dir ({image_dir}) is only for a "
+                    "tokenizer without an image token (pass image_token_id too)"
                 )
             processor = AutoProcessor.from_pretrained(text_dir, trust_remote_code=False)
-            if type(processor).__name__ != "MllamaProcessor":
-                raise ValueError(f"{text_dir} holds a {type(processor).__name__}, not an MllamaProcessor")
-            if image_token_id is not None and image_token_id != processor.image_token_id:
+            if not all(hasattr(processor, name) for name in ("tokenizer", "image_processor", "image_token_id")):
                 raise ValueError(
-                    f"image_token_id={image_token_id} but the Mllama tokenizer's {processor.image_token} "
-                    f"is {processor.image_token_id}"
+                    f"{text_dir} holds a {type(processor).__name__}, not a multimodal processor with a tokenizer, an image "
+                    "processor and an image token"
                 )
             self.tokenizer = processor.tokenizer
             self.image_token_id: int = processor.image_token_id
             self.image_placeholder: str = processor.image_token
             self.flatten_content = False
             template_owner, template = f"the processor in {text_dir}", processor.chat_template
-            self.transform = ImageTransform(processor.image_processor, spec)
-            config_file = Path(text_dir) / "config.json"
-            if config_file.is_file():
-                check_mllama_aspect_ratios(processor.image_processor, json.loads(config_file.read_text()))
+            self.transform = ImageTransform(processor.image_processor, image_format, folder=text_dir)
         else:
             if image_dir is None:
-                raise ValueError("a composed model needs image_dir, the vision tower's folder")
-            if image_token_id is None:
-                raise ValueError("a composed model needs image_token_id (image_token_layout(model).image_token_id)")
+                raise ValueError(f"a tokenizer without an image token ({text_dir}) needs image_dir, the encoder's folder")
             self.tokenizer = AutoTokenizer.from_pretrained(text_dir, trust_remote_code=False)
             self.image_token_id = image_token_id
             self.image_placeholder = IMAGE_PLACEHOLDER
             self.flatten_content = True
             template_owner, template = f"the tokenizer in {text_dir}", self.tokenizer.chat_template
-            image_processor = AutoImageProcessor.from_pretrained(image_dir, trust_remote_code=False)
-            self.transform = ImageTransform(image_processor, spec)
+            self.transform = ImageTransform.from_pretrained(image_dir, image_format)
 
         self.chat_template: str | None = None
         if format == "chat":

@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from fusiontrain.data.batch import Batch, ImageSpec, Sample, collate_padded
+from fusiontrain.data.batch import Batch, Sample, collate_padded
 from fusiontrain.data.errors import REASONS, BadSample
+from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.packing import FirstFitPacker, PackedRow, collate_rows
 
 logger = logging.getLogger("fusiontrain.data")
@@ -47,6 +48,8 @@ class StreamConfig:
         packing: pack several samples per row (else one sample per row, padded).
         max_images: image slots per packed row.
         max_open_rows: rows the first-fit packer keeps open.
+        max_encoder_tokens: encoder tokens a packed row may hold (images yield different counts
+            with variable-resolution encoders); None: only ``max_images`` limits a row.
         strict: raise on the first bad sample instead of skipping it.
         pad_id: token id of padding.
         ignore_index: label of positions without a target.
@@ -57,6 +60,7 @@ class StreamConfig:
     packing: bool = True
     max_images: int = 4
     max_open_rows: int = 8
+    max_encoder_tokens: int | None = None
     strict: bool = False
     pad_id: int = 0
     ignore_index: int = -100
@@ -68,7 +72,7 @@ class SampleStream(IterableDataset):
     Args:
         num_samples: size of the dataset.
         fetch: ``fetch(i)`` builds sample ``i`` (raises :class:`BadSample`); runs in workers.
-        spec: the encoder's image format.
+        image_format: the encoder's image format.
         config: batching.
         rank, world: this rank's data-parallel coordinate and the number of ranks.
         seed: shuffle seed.
@@ -78,7 +82,7 @@ class SampleStream(IterableDataset):
         self,
         num_samples: int,
         fetch: Callable[[int], Sample],
-        spec: ImageSpec,
+        image_format: ImageFormat,
         config: StreamConfig,
         *,
         rank: int,
@@ -89,7 +93,7 @@ class SampleStream(IterableDataset):
             raise ValueError(f"{num_samples} samples cannot feed {world} ranks")
         self.num_samples = num_samples
         self.fetch = fetch
-        self.spec = spec
+        self.image_format = image_format
         self.config = config
         self.rank = rank
         self.world = world
@@ -132,9 +136,9 @@ class SampleStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         state = self._restored or {"epoch": 0, "position": 0, "open_rows": [], "ready_rows": [], "skipped": {}}
         config = self.config
-        packer = FirstFitPacker(config.seq_len, config.max_images, config.max_open_rows)
-        packer.open_rows = [self._rebuild(keys) for keys in state["open_rows"]]
-        ready = [self._rebuild(keys) for keys in state["ready_rows"]]
+        packer = self._packer()
+        packer.open_rows = [self._rebuild(keys, packer) for keys in state["open_rows"]]
+        ready = [self._rebuild(keys, packer) for keys in state["ready_rows"]]
         skipped = Counter(state["skipped"])
         reported = Counter(skipped)
         epoch, position = state["epoch"], state["position"]
@@ -161,6 +165,16 @@ class SampleStream(IterableDataset):
                     yield batch
             epoch, position = epoch + 1, 0
 
+    def _packer(self) -> FirstFitPacker:
+        config = self.config
+        return FirstFitPacker(
+            config.seq_len,
+            config.max_images,
+            config.max_open_rows,
+            image_format=self.image_format,
+            max_encoder_tokens=config.max_encoder_tokens,
+        )
+
     def _build(self, key: int, skipped: Counter) -> Sample | None:
         try:
             sample = self.fetch(key)
@@ -170,11 +184,15 @@ class SampleStream(IterableDataset):
             skipped[error.reason] += 1
             logger.warning("skipping a sample (%s): %s", error.reason, error)
             return None
-        if len(sample) > self.config.seq_len or len(sample.images) > self.config.max_images:
-            reason = "too_long" if len(sample) > self.config.seq_len else "too_many_images"
+        config = self.config
+        encoder_tokens = sum(self.image_format.num_tokens(image) for image in sample.images)
+        too_many_encoder_tokens = config.max_encoder_tokens is not None and encoder_tokens > config.max_encoder_tokens
+        if len(sample) > config.seq_len or len(sample.images) > config.max_images or too_many_encoder_tokens:
+            reason = "too_long" if len(sample) > config.seq_len else "too_many_images"
             message = (
-                f"{sample.origin or key}: {len(sample)} tokens and {len(sample.images)} images do not fit a row of "
-                f"{self.config.seq_len} tokens and {self.config.max_images} images"
+                f"{sample.origin or key}: {len(sample)} tokens, {len(sample.images)} images and {encoder_tokens} "
+                f"encoder tokens do not fit a row of {config.seq_len} tokens, {config.max_images} images and "
+                f"{config.max_encoder_tokens} encoder tokens (data.max_encoder_tokens_per_row)"
             )
             if self.config.strict:
                 raise BadSample(reason, message)
@@ -183,18 +201,19 @@ class SampleStream(IterableDataset):
             return None
         return sample
 
-    def _rebuild(self, keys: list[int]) -> PackedRow:
+    def _rebuild(self, keys: list[int], packer: FirstFitPacker) -> PackedRow:
         row = PackedRow()
         for key in keys:
-            row.add(key, self.fetch(key))
+            sample = self.fetch(key)
+            row.add(key, sample, packer.encoder_tokens(sample))
         return row
 
     def _collate(self, rows: list[PackedRow]) -> Batch:
         config = self.config
         if config.packing:
-            return collate_rows(rows, config.seq_len, self.spec, pad_id=config.pad_id, ignore_index=config.ignore_index)
+            return collate_rows(rows, config.seq_len, self.image_format, pad_id=config.pad_id, ignore_index=config.ignore_index)
         samples = [row.samples[0] for row in rows]
-        return collate_padded(samples, config.seq_len, self.spec, pad_id=config.pad_id, ignore_index=config.ignore_index)
+        return collate_padded(samples, config.seq_len, self.image_format, pad_id=config.pad_id, ignore_index=config.ignore_index)
 
 
 def build_loader(stream: SampleStream, *, num_workers: int = 0) -> StatefulDataLoader:

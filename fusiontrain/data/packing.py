@@ -25,15 +25,21 @@ from typing import Any
 
 import torch
 
-from fusiontrain.data.batch import Batch, ImageSpec, Sample, seen_columns, stack_images
+from fusiontrain.data.batch import Batch, Sample
+from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
 
 
 @dataclass
 class PackedRow:
-    """Samples packed into one row, in order, with the ids that recreate them after a restart."""
+    """Samples packed into one row, in order, with the ids that recreate them after a restart.
+
+    ``encoder_tokens`` counts the encoder-token columns of the row's images (see
+    :meth:`ImageFormat.num_tokens`); it is what the row's cross-attention attends over.
+    """
 
     keys: list[Any] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    encoder_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -43,12 +49,10 @@ class PackedRow:
     def num_images(self) -> int:
         return sum(len(sample.images) for sample in self.samples)
 
-    def fits(self, sample: Sample, seq_len: int, max_images: int) -> bool:
-        return self.num_tokens + len(sample) <= seq_len and self.num_images + len(sample.images) <= max_images
-
-    def add(self, key: Any, sample: Sample) -> None:
+    def add(self, key: Any, sample: Sample, encoder_tokens: int = 0) -> None:
         self.keys.append(key)
         self.samples.append(sample)
+        self.encoder_tokens += encoder_tokens
 
 
 class FirstFitPacker:
@@ -58,26 +62,57 @@ class FirstFitPacker:
         seq_len: tokens per row.
         max_images: image slots per row.
         max_open_rows: rows kept open at once (1 = plain greedy packing).
+        image_format: the encoder's image format; with ``max_encoder_tokens`` it counts each
+            image's encoder tokens, which may differ from image to image.
+        max_encoder_tokens: encoder-token capacity of a row (``s_e``); None for no limit beyond
+            ``max_images``.
     """
 
-    def __init__(self, seq_len: int, max_images: int, max_open_rows: int = 8) -> None:
+    def __init__(
+        self,
+        seq_len: int,
+        max_images: int,
+        max_open_rows: int = 8,
+        *,
+        image_format: ImageFormat | None = None,
+        max_encoder_tokens: int | None = None,
+    ) -> None:
         if max_open_rows < 1:
             raise ValueError(f"max_open_rows must be >= 1, got {max_open_rows}")
+        if max_encoder_tokens is not None and image_format is None:
+            raise ValueError("max_encoder_tokens needs the image_format that counts each image's tokens")
         self.seq_len = seq_len
         self.max_images = max_images
         self.max_open_rows = max_open_rows
+        self.image_format = image_format
+        self.max_encoder_tokens = max_encoder_tokens
         self.open_rows: list[PackedRow] = []
+
+    def encoder_tokens(self, sample: Sample) -> int:
+        """Encoder-token columns ``sample``'s images take in a row (0 when not counted)."""
+        if self.max_encoder_tokens is None:
+            return 0
+        return sum(self.image_format.num_tokens(image) for image in sample.images)
+
+    def _fits(self, row: PackedRow, sample: Sample, encoder_tokens: int) -> bool:
+        return (
+            row.num_tokens + len(sample) <= self.seq_len
+            and row.num_images + len(sample.images) <= self.max_images
+            and (self.max_encoder_tokens is None or row.encoder_tokens + encoder_tokens <= self.max_encoder_tokens)
+        )
 
     def add(self, key: Any, sample: Sample) -> list[PackedRow]:
         """Place ``sample`` (identified by ``key``); returns the rows this closed, in order."""
-        if len(sample) > self.seq_len or len(sample.images) > self.max_images:
+        encoder_tokens = self.encoder_tokens(sample)
+        if not self._fits(PackedRow(), sample, encoder_tokens):
             raise ValueError(
-                f"sample {sample.origin or key} ({len(sample)} tokens, {len(sample.images)} images) cannot fit a row "
-                f"of {self.seq_len} tokens and {self.max_images} images"
+                f"sample {sample.origin or key} ({len(sample)} tokens, {len(sample.images)} images, {encoder_tokens} "
+                f"encoder tokens) cannot fit a row of {self.seq_len} tokens, {self.max_images} images and "
+                f"{self.max_encoder_tokens} encoder tokens"
             )
         for row in self.open_rows:
-            if row.fits(sample, self.seq_len, self.max_images):
-                row.add(key, sample)
+            if self._fits(row, sample, encoder_tokens):
+                row.add(key, sample, encoder_tokens)
                 return self._close_full_rows()
         closed = []
         if len(self.open_rows) == self.max_open_rows:
@@ -85,7 +120,7 @@ class FirstFitPacker:
             self.open_rows.remove(fullest)
             closed.append(fullest)
         row = PackedRow()
-        row.add(key, sample)
+        row.add(key, sample, encoder_tokens)
         self.open_rows.append(row)
         return closed + self._close_full_rows()
 
@@ -106,7 +141,7 @@ class FirstFitPacker:
 
 
 def collate_rows(
-    rows: list[PackedRow], seq_len: int, spec: ImageSpec, *, pad_id: int = 0, ignore_index: int = -100
+    rows: list[PackedRow], seq_len: int, image_format: ImageFormat, *, pad_id: int = 0, ignore_index: int = -100
 ) -> Batch:
     """A batch of packed rows: ``segment_ids`` mark the samples, ``input_pos`` restarts per
     sample, ``encoder_mask`` keeps each token to its own sample's images."""
@@ -116,11 +151,12 @@ def collate_rows(
     input_pos = torch.zeros(b, seq_len, dtype=torch.long)
     segment_ids = torch.zeros(b, seq_len, dtype=torch.long)
     is_real = torch.zeros(b, seq_len, dtype=torch.bool)
-    max_images = max(row.num_images for row in rows)
-    width = spec.tokens_per_image
-    encoder_mask = torch.zeros(b, seq_len, max_images * width, dtype=torch.bool) if max_images else None
+    images_per_row: list[list[dict[str, torch.Tensor]]] = []
+    spans_per_row: list[list[tuple[int, int]]] = []
     for r, row in enumerate(rows):
-        offset, slot = 0, 0
+        offset = 0
+        images_per_row.append([])
+        spans_per_row.append([])
         for segment, sample in enumerate(row.samples):
             n = len(sample)
             tokens[r, offset : offset + n] = sample.tokens
@@ -128,39 +164,19 @@ def collate_rows(
             input_pos[r, offset : offset + n] = torch.arange(n)
             segment_ids[r, offset : offset + n] = segment
             is_real[r, offset : offset + n] = True
-            for (start, end), image in zip(sample.image_spans, sample.images):
-                encoder_mask[r, offset + start : offset + end, slot * width + seen_columns(image, spec)] = True
-                slot += 1
+            images_per_row[r] += sample.images
+            spans_per_row[r] += [(offset + start, offset + end) for start, end in sample.image_spans]
             offset += n
         pad = seq_len - offset
         input_pos[r, offset:] = torch.arange(pad)
         segment_ids[r, offset:] = len(row.samples)  # padding: a segment of its own
+    encoder_mask, encoder_input = encoder_mask_rows(images_per_row, spans_per_row, image_format, seq_len)
     return Batch(
         tokens=tokens,
         labels=labels,
         input_pos=input_pos,
         is_real=is_real,
         segment_ids=segment_ids,
-        encoder_input=stack_images([[img for s in row.samples for img in s.images] for row in rows], spec),
+        encoder_input=encoder_input,
         encoder_mask=encoder_mask,
     )
-
-
-def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """``[b, s, s]`` bool: token i attends to token j iff both are in the same segment and j <= i."""
-    s = segment_ids.shape[1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    return same & causal
-
-
-def block_causal_block_mask(segment_ids: torch.Tensor) -> Any:
-    """The same pattern as a flex_attention ``BlockMask`` (the GPU path): sparse blocks are
-    skipped instead of multiplied by a dense mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def same_sample_causal(b, h, q, kv):  # noqa: ANN001 - flex_attention's mask_mod signature
-        return (segment_ids[b, q] == segment_ids[b, kv]) & (kv <= q)
-
-    b, s = segment_ids.shape
-    return create_block_mask(same_sample_causal, b, None, s, s, device=segment_ids.device)

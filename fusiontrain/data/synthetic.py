@@ -20,7 +20,8 @@ from typing import Literal
 
 import torch
 
-from fusiontrain.data.batch import ImageSpec, Sample
+from fusiontrain.data.batch import Sample
+from fusiontrain.data.image_format import ImageFormat
 
 PARETO_ALPHA = 1.1
 PARETO_SCALE = 24
@@ -31,7 +32,7 @@ class SyntheticImageText:
         num_samples: dataset size.
         vocab_size: text ids are drawn from ``[first_text_id, vocab_size)``.
         image_token_id: id that marks an image.
-        spec: the encoder's image format.
+        image_format: the encoder's image format.
         max_text: longest text, in tokens.
         lengths: ``uniform``, ``fixed`` or ``long_tail`` (see the module docstring).
         seed: dataset seed.
@@ -45,7 +46,7 @@ class SyntheticImageText:
         *,
         vocab_size: int,
         image_token_id: int,
-        spec: ImageSpec,
+        image_format: ImageFormat,
         max_text: int = 24,
         lengths: Literal["uniform", "fixed", "long_tail"] = "uniform",
         seed: int = 0,
@@ -57,7 +58,7 @@ class SyntheticImageText:
         self.num_samples = num_samples
         self.vocab_size = vocab_size
         self.image_token_id = image_token_id
-        self.spec = spec
+        self.image_format = image_format
         self.max_text = max_text
         self.lengths = lengths
         self.seed = seed
@@ -107,11 +108,5 @@ class SyntheticImageText:
         return self.first_text_id + int((brightness + 1) * 4) % (self.vocab_size - self.first_text_id)
 
     def _image(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        size, shift = self.spec.image_size, torch.rand((), generator=generator) * 2 - 1
-        if self.spec.kind == "tower":
-            return {"pixel_values": torch.randn(3, size, size, generator=generator) * 0.5 + shift}
-        tiles = torch.zeros(self.spec.max_num_tiles, 3, size, size)
-        tiles[0] = torch.randn(3, size, size, generator=generator) * 0.5 + shift
-        tile_mask = torch.zeros(self.spec.max_num_tiles, dtype=torch.long)
-        tile_mask[0] = 1
-        return {"pixel_values": tiles, "aspect_ratio_ids": torch.tensor(1), "aspect_ratio_mask": tile_mask}
+        shift = float(torch.rand((), generator=generator) * 2 - 1)
+        return self.image_format.synthetic(generator, shift)

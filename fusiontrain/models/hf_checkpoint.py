@@ -23,6 +23,21 @@ from torch.distributed.tensor import DTensor
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# safetensors header dtype names -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,14 @@ class HFCheckpoint:
         """Shape of tensor ``key`` (canonical name), read from the file header only."""
         with safe_open(self._file_of[self._known(key)], framework="pt") as handle:
             return handle.get_slice(self._stored_name[key]).get_shape()
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype tensor ``key`` (canonical name) is stored in, read from the file header only."""
+        with safe_open(self._file_of[self._known(key)], framework="pt") as handle:
+            stored = handle.get_slice(self._stored_name[key]).get_dtype()
+        if stored not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {key!r} of {self.folder} has safetensors dtype {stored}, which torch does not read")
+        return SAFETENSORS_DTYPES[stored]
 
     def _known(self, key: str) -> str:
         if key not in self._file_of:

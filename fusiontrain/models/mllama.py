@@ -124,6 +124,15 @@ def canonical_mllama_key(key: str) -> str:
     return key
 
 
+def legacy_mllama_key(key: str) -> str:
+    """The reverse of :func:`canonical_mllama_key`: a current HF tensor name in the legacy layout
+    (the one transformers 5.23's ``save_pretrained`` writes)."""
+    for old, new in _LEGACY_PREFIXES:
+        if key.startswith(new):
+            return old + key[len(new) :]
+    return key
+
+
 _PROJ = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
 _MLP = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 

@@ -1,0 +1,215 @@
+"""Reading the DCP folders of a training checkpoint: the one reader that resuming, the
+``fusion_init`` start, inference and export share.
+
+A checkpoint (layout in :mod:`fusiontrain.checkpoint.layout`) keeps each trained model part
+(``fusion/``, ``decoder/``, ``encoder/``) and the optimizer state as DCP folders, keyed by canonical
+parameter names.
+
+- :func:`read_dcp_metadata` reads a DCP folder's metadata and checks that every data file it
+  refers to is there and long enough (a crash or a copy can leave one short).
+- :class:`CheckpointPart` is one model part, its metadata read once: which tensors it holds and
+  their shapes, checked against a model's parameters (:meth:`~CheckpointPart.check_shapes`);
+  :meth:`~CheckpointPart.load` fills tensors in place (plain tensors or sharded DTensors, a
+  collective when a process group is up, DCP resharding as needed), and
+  :meth:`~CheckpointPart.read` reads one full tensor alone (the exporter streams that way).
+- :func:`load_part` loads one part of a checkpoint into tensors (a run's ``model.fusion_init``);
+  :func:`load_parts_into_model` every listed part into a single-process model (inference).
+
+A part that does not fit the model raises :class:`PartMismatch`, a
+:class:`~fusiontrain.checkpoint.layout.CheckpointError`; callers with their own error type
+translate it. DCP unpickles its ``.metadata`` file; the tensor data is read as raw bytes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from fusiontrain.checkpoint.layout import DCP_METADATA, MANIFEST, CheckpointError, part_dir, read_manifest
+
+
+class PartMismatch(CheckpointError):
+    """A part of a checkpoint does not fit the model it is loaded into (other names or shapes)."""
+
+
+class _CachingReader(FileSystemReader):
+    """A DCP ``FileSystemReader`` that reads (unpickles) the folder's ``.metadata`` once, not on
+    every load from it."""
+
+    _metadata: Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if args or kwargs:  # a rank-local metadata file: not the one that is cached
+            return super().read_metadata(*args, **kwargs)
+        if self._metadata is None:
+            self._metadata = super().read_metadata()
+        return self._metadata
+
+
+def read_dcp_metadata(folder: Path, checkpoint: Path, reader: FileSystemReader | None = None) -> Metadata:
+    """The DCP metadata of ``folder`` (a folder of checkpoint ``checkpoint``), once every data
+    file it refers to is checked to exist and to be at least as long as the metadata says.
+
+    Raises:
+        CheckpointError: naming the checkpoint and the folder: no ``.metadata``, an unreadable
+            one, or a missing or truncated data file.
+    """
+    where = folder.relative_to(checkpoint).as_posix() if folder.is_relative_to(checkpoint) else str(folder)
+    if not (folder / DCP_METADATA).is_file():
+        raise CheckpointError(f"checkpoint {checkpoint}: {where}/ holds no DCP checkpoint (no {DCP_METADATA})")
+    try:
+        metadata = (reader or FileSystemReader(folder)).read_metadata()
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign .metadata: unusable
+        raise CheckpointError(f"checkpoint {checkpoint}: cannot read the DCP metadata of {where}/ ({error})") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in needed.items():
+        file = folder / name
+        if not file.is_file() or file.stat().st_size < size:
+            raise CheckpointError(f"checkpoint {checkpoint}: {where}/{name} is missing or truncated")
+    return metadata
+
+
+def _dcp_load(tensors: dict[str, torch.Tensor], reader: FileSystemReader, *, single_process: bool) -> None:
+    """``dcp.load`` in place; without a process group (or when asked) as one process, without
+    DCP's warning that it assumes so (that is the intent)."""
+    no_dist = single_process or not dist.is_initialized()
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(tensors, storage_reader=reader, no_dist=no_dist)
+
+
+def _first(names: Sequence[str], count: int = 5) -> str:
+    return f"{list(names[:count])}{' ...' if len(names) > count else ''}"
+
+
+class CheckpointPart:
+    """One model part (``fusion``, ``decoder`` or ``encoder``) of a checkpoint folder.
+
+    Args:
+        checkpoint: the checkpoint folder (``.../checkpoints/step_<N>``).
+        part: the part's name.
+
+    Raises:
+        CheckpointError: the part's folder holds no complete DCP checkpoint.
+        PartMismatch: it holds something other than tensors.
+    """
+
+    def __init__(self, checkpoint: str | Path, part: str) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.name = part
+        self.folder = part_dir(self.checkpoint, part)
+        self._reader = _CachingReader(self.folder)
+        metadata = read_dcp_metadata(self.folder, self.checkpoint, self._reader)
+        self.entries: dict[str, TensorStorageMetadata] = {}
+        for name, entry in metadata.state_dict_metadata.items():
+            if not isinstance(entry, TensorStorageMetadata):
+                raise PartMismatch(f"checkpoint {self.checkpoint}: {part}/{name} is not a tensor")
+            self.entries[name] = entry
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        """The names of the tensors the part holds."""
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The full shape tensor ``name`` was saved with."""
+        return tuple(self.entries[name].size)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype tensor ``name`` was saved in."""
+        return self.entries[name].properties.dtype
+
+    def check_shapes(self, shapes: Mapping[str, Sequence[int]], *, whole: bool, what: str = "the model") -> None:
+        """Check the part against a model's parameter shapes: it may hold no other name, each of
+        the same shape, and with ``whole`` it must hold every name of ``shapes``.
+
+        Args:
+            shapes: parameter name -> full (global) shape.
+            whole: the part must hold every one of ``shapes`` (not just a subset).
+            what: how the message names the model.
+
+        Raises:
+            PartMismatch: naming the first offenders.
+        """
+        unexpected = sorted(set(self.entries) - set(shapes))
+        missing = sorted(set(shapes) - set(self.entries)) if whole else []
+        if unexpected or missing:
+            raise PartMismatch(
+                f"checkpoint {self.checkpoint}: part {self.name!r} does not match {what}'s {self.name} parameters: "
+                f"missing {_first(missing)}, unexpected {_first(unexpected)}"
+            )
+        for name in self.entries:
+            if self.shape(name) != tuple(shapes[name]):
+                raise PartMismatch(
+                    f"checkpoint {self.checkpoint}: {self.name}/{name} has shape {self.shape(name)}, {what}'s "
+                    f"parameter {tuple(shapes[name])}: was it trained from this base?"
+                )
+
+    def load(self, tensors: Mapping[str, torch.Tensor], *, single_process: bool = False) -> None:
+        """Fill ``tensors`` (plain tensors or DTensor shards, by canonical name) in place from the
+        part, values cast to their dtypes. Their names must be exactly the part's, of the same
+        (global) shapes. A collective over the process group when one is up, unless
+        ``single_process``: DCP reshards the saved tensors onto the current sharding.
+
+        Raises:
+            PartMismatch: the names or shapes differ.
+        """
+        self.check_shapes({name: tensor.shape for name, tensor in tensors.items()}, whole=True)
+        _dcp_load(dict(tensors), self._reader, single_process=single_process)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The full tensor ``name``, on the CPU, in the dtype it was saved in (one process; only
+        its bytes are read)."""
+        entry = self.entries[name]
+        target = {name: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)}
+        _dcp_load(target, self._reader, single_process=True)
+        return target[name]
+
+
+def open_parts(checkpoint: str | Path, parts: Iterable[str]) -> dict[str, CheckpointPart]:
+    """The named parts of checkpoint ``checkpoint``, each opened (metadata read and checked)."""
+    return {part: CheckpointPart(checkpoint, part) for part in parts}
+
+
+def load_part(checkpoint: str | Path, part: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Load one part of checkpoint ``checkpoint`` (e.g. another run's ``fusion`` weights) into
+    ``tensors`` in place, resharding as needed (a collective when a process group is up). Its
+    names must match exactly.
+
+    Raises:
+        CheckpointError: the checkpoint is incomplete or has no such part; PartMismatch when it
+            does not fit ``tensors``.
+    """
+    manifest = read_manifest(checkpoint)
+    if part not in manifest["parts"]:
+        raise CheckpointError(f"checkpoint {checkpoint} has no {part!r} part ({MANIFEST} lists {manifest['parts']})")
+    CheckpointPart(checkpoint, part).load(tensors)
+
+
+def load_parts_into_model(checkpoint: str | Path, parts: Iterable[str], model: nn.Module) -> None:
+    """Load every part in ``parts`` of checkpoint ``checkpoint`` into the parameters of
+    ``model`` (one process, not sharded), in place, values cast to the parameters' dtype. Each
+    part may hold any of the model's parameters, none other, of the same shapes.
+
+    Raises:
+        CheckpointError: a part is incomplete; PartMismatch: it does not fit the model.
+    """
+    params = dict(model.named_parameters())
+    shapes = {name: param.shape for name, param in params.items()}
+    for part in open_parts(checkpoint, parts).values():
+        part.check_shapes(shapes, whole=False, what="the model")
+        part.load({name: params[name].detach() for name in part.names()}, single_process=True)

@@ -1,0 +1,134 @@
+"""Model families: everything that differs between them lives here, behind one seam.
+
+- A *decoder family* (:class:`~fusiontrain.families.decoder.DecoderFamily`) turns a HF causal LM
+  into our decoder.
+- An *encoder family* (:class:`~fusiontrain.families.encoder.EncoderFamily`) turns a HF vision
+  model into our encoder and says what its inputs are.
+- A *model family* (:class:`~fusiontrain.families.model.ModelFamily`: ``mllama``, ``composed``) is
+  what a run config selects and a checkpoint's manifest names.
+
+To add a family, write its file here and add one line to the matching registry below (README,
+"Adding a model family").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from fusiontrain.families.clip_siglip import ClipEncoder, SiglipEncoder
+from fusiontrain.families.composed import ComposedFamily, family_for_config
+from fusiontrain.families.decoder import DecoderFamily
+from fusiontrain.families.encoder import EncoderFamily
+from fusiontrain.families.llama import LlamaDecoder
+from fusiontrain.families.mistral import MistralDecoder
+from fusiontrain.families.mllama import MllamaFamily
+from fusiontrain.families.model import EXPORT_ROLE, EncoderFlopCounter, InputFolders, ModelFamily, TrainableFlags
+from fusiontrain.families.qwen2 import Qwen2Decoder
+from fusiontrain.families.qwen3 import Qwen3Decoder
+from fusiontrain.families.siglip2 import Siglip2NaflexEncoder
+
+DECODER_FAMILIES: dict[str, DecoderFamily] = {
+    family.name: family
+    for family in (
+        LlamaDecoder(),
+        Qwen2Decoder(),
+        Qwen3Decoder(),
+        MistralDecoder(),
+    )
+}
+
+ENCODER_FAMILIES: dict[str, EncoderFamily] = {
+    family.name: family
+    for family in (
+        ClipEncoder(),
+        SiglipEncoder(),
+        Siglip2NaflexEncoder(),
+    )
+}
+
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    family.name: family
+    for family in (
+        MllamaFamily(),
+        ComposedFamily(DECODER_FAMILIES, ENCODER_FAMILIES),
+    )
+}
+
+__all__ = [
+    "DECODER_FAMILIES",
+    "ENCODER_FAMILIES",
+    "EXPORT_ROLE",
+    "MODEL_FAMILIES",
+    "InputFolders",
+    "ModelFamily",
+    "TrainableFlags",
+    "analytic_encoder_flops",
+    "decoder_family_for",
+    "encoder_family_for",
+    "model_family",
+    "model_family_for_config",
+    "model_family_of",
+]
+
+
+def decoder_family_for(config: dict) -> DecoderFamily:
+    """The decoder family that reads ``config`` (a ``config.json`` dict), by its ``model_type``."""
+    return family_for_config(DECODER_FAMILIES, config, "decoder")
+
+
+def encoder_family_for(config: dict) -> EncoderFamily:
+    """The encoder family that reads ``config`` (a ``config.json`` dict), by its ``model_type``."""
+    return family_for_config(ENCODER_FAMILIES, config, "encoder")
+
+
+def model_family(name: str) -> ModelFamily:
+    """The model family a manifest or export names.
+
+    Raises:
+        ValueError: no family has that name.
+    """
+    if name not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {sorted(MODEL_FAMILIES)}")
+    return MODEL_FAMILIES[name]
+
+
+def model_family_for_config(model_config: Any) -> tuple[ModelFamily, dict[str, str]]:
+    """The family the run config's ``model`` section selects, and its folders by role.
+
+    Raises:
+        ValueError: no family, or more than one, is configured.
+    """
+    chosen = [
+        (family, folders)
+        for family in MODEL_FAMILIES.values()
+        if (folders := family.folders_from_config(model_config)) is not None
+    ]
+    if len(chosen) != 1:
+        raise ValueError(
+            "the model config must select exactly one model family (model.hf_mllama, or model.compose.decoder + "
+            f"model.compose.encoder, or model.fusiontrain_export); it selects {[f.name for f, _ in chosen]}"
+        )
+    return chosen[0]
+
+
+def analytic_encoder_flops(encoder: nn.Module) -> EncoderFlopCounter | None:
+    """The analytic FLOP counter a registered family provides for ``encoder`` (unwrapped), or None."""
+    for family in (*MODEL_FAMILIES.values(), *ENCODER_FAMILIES.values()):
+        counter = family.analytic_encoder_flops(encoder)
+        if counter is not None:
+            return counter
+    return None
+
+
+def model_family_of(model: nn.Module) -> ModelFamily:
+    """The family a built model belongs to.
+
+    Raises:
+        TypeError: no registered family recognises it.
+    """
+    for family in MODEL_FAMILIES.values():
+        if family.owns(model):
+            return family
+    raise TypeError(f"no registered model family recognises a model with a {type(getattr(model, 'encoder', None)).__name__} encoder")

@@ -1,0 +1,98 @@
+"""The encoder seam: what a HF vision-model family must say to become a composed model's encoder.
+
+An :class:`EncoderFamily` builds our encoder module (the pretrained tower plus a projection head
+registered as a fusion module) from the family's ``config.json``, routes its stored tensors, and
+gives its :class:`~fusiontrain.data.image_format.ImageFormat`. The encoder module itself lists its
+block stacks (``block_stacks()``) for activation checkpointing, FSDP units and compile.
+
+:class:`FixedSizeImage` is the format of every tower that takes one ``[3, H, W]`` image and
+yields a fixed number of tokens (CLIP, SigLIP, SigLIP2 fixed-resolution, DINOv2).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import nn
+
+from fusiontrain.data.image_format import ImageFormat, ImageInput
+from fusiontrain.families.model import EncoderFlopCounter
+from fusiontrain.models.hf_checkpoint import TensorRoute
+
+
+class FixedSizeImage(ImageFormat):
+    """One ``pixel_values`` ``[3, H, W]`` per image (``H = W = image_size``), normalised by the
+    tower's own image processor, yielding ``tokens_per_image`` encoder tokens."""
+
+    def __init__(self, image_size: int, tokens_per_image: int) -> None:
+        self.image_size = image_size
+        self.max_tokens_per_image = tokens_per_image
+
+    def process(self, image_processor: Any, image: Image.Image) -> ImageInput:
+        pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"][0].float()
+        if pixels.dim() != 3 or pixels.shape[0] != 3:
+            raise ValueError(
+                f"the image processor {type(image_processor).__name__} gives pixel_values {list(pixels.shape)} per "
+                "image, which does not fit an encoder taking one [3, H, W] image: use the encoder's own processor"
+            )
+        return {"pixel_values": pixels}
+
+    def blank(self) -> ImageInput:
+        return {"pixel_values": torch.zeros(3, self.image_size, self.image_size)}
+
+    def synthetic(self, generator: torch.Generator, shift: float) -> ImageInput:
+        size = self.image_size
+        return {"pixel_values": torch.randn(3, size, size, generator=generator) * 0.5 + shift}
+
+
+class EncoderFamily(ABC):
+    """A HF vision-model family usable as a composed model's encoder.
+
+    Attributes:
+        name: the registry key.
+        model_types: the ``config.json`` ``model_type`` values this family reads (a vision-only
+            config, or a full image-text model's whose ``vision_config`` is used).
+    """
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def build(self, config: dict, decoder_dim: int) -> nn.Module:
+        """Our encoder for ``config`` (a ``config.json`` dict) on the current default device: the
+        tower plus a projection head to ``decoder_dim``, taking ``encoder_input`` as the batch
+        collated by :meth:`image_format` holds it, and returning ``[b, s_e, d]``."""
+
+    @abstractmethod
+    def image_format(self, encoder: nn.Module) -> ImageFormat:
+        """How ``encoder`` (built by :meth:`build`) takes images."""
+
+    @abstractmethod
+    def owns(self, encoder: nn.Module) -> bool:
+        """Whether ``encoder`` was built by this family."""
+
+    def key_renamer(self, key: str) -> str:
+        """A stored tensor name in the layout :meth:`weight_map` expects (default: unchanged)."""
+        return key
+
+    def weight_map(self, encoder: nn.Module, prefix: str) -> list[TensorRoute]:
+        """Routes from the canonical stored names to our parameters under ``prefix`` (e.g.
+        ``"encoder."``). The default routes every parameter of ``encoder.tower`` by its own name."""
+        return [TensorRoute(name, f"{prefix}tower.{name}") for name, _ in encoder.tower.named_parameters()]
+
+    def expected_tensors(self, checkpoint_keys: list[str]) -> set[str]:
+        """The stored tensors that must all fill the tower (others are another part of a full
+        model, or buffers we recompute)."""
+        return set(checkpoint_keys)
+
+    def init_buffers(self, encoder: nn.Module) -> None:
+        """Rebuild non-persistent buffers after a meta-device build is allocated."""
+        encoder.init_buffers()
+
+    def analytic_encoder_flops(self, encoder: nn.Module) -> EncoderFlopCounter | None:
+        """This family's analytic FLOP count of ``encoder`` (unwrapped), or None: then
+        :mod:`fusiontrain.flops` counts it on fake tensors (``FlopCounterMode``)."""
+        return None

@@ -1,0 +1,220 @@
+"""Checks every encoder family's tests share, each parameterised by an :class:`EncoderCase`.
+
+A case saves a tiny HF vision tower and its PIL image processor to a folder; the checks compose it
+with the tiny Llama through the registered families and compare against the transformers model
+loaded from the same folder. A family's test file declares its cases and calls these checks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from fusiontrain import tiny
+from fusiontrain.data.image_format import ImageFormat, ImageInput, encoder_mask_rows
+from fusiontrain.families import encoder_family_for, model_family
+from fusiontrain.models.compose import compose_from_hf
+from fusiontrain.parallel import block_stacks
+from tests.helpers.tiny_models import open_gates
+
+ATOL = 1e-5
+FUSION_INTERVAL = 2
+TOWER_KWARGS: dict[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+}
+TOWER_WIDTH = TOWER_KWARGS["hidden_size"]
+
+
+@dataclass(frozen=True)
+class EncoderCase:
+    """One tiny HF vision tower under test.
+
+    Attributes:
+        name: the test id, and the folder's name.
+        save: saves the tower and its processor into the given folder and returns it.
+        family: the encoder family its ``config.json`` must resolve to.
+        model_type: the ``model_type`` its ``config.json`` has.
+        encoder_class: the class of the encoder the family builds.
+        blocks: the path of the tower's block stack in the composed model.
+        tokens_per_image: tokens per image of a fixed-size tower; None when it varies (NaFlex).
+        has_features: the encoder's ``features(**encoder_input)`` gives the tower's output (else the
+            checks run the tower itself on the collated pixels).
+    """
+
+    name: str
+    save: Callable[[Path], Path]
+    family: str
+    model_type: str
+    encoder_class: type
+    blocks: str
+    tokens_per_image: int | None
+    has_features: bool = True
+
+
+def case_id(case: EncoderCase) -> str:
+    return case.name
+
+
+def save_towers(cases: Iterable[EncoderCase], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each case's folder, by case name."""
+    return {case.name: case.save(tmp_path_factory.mktemp(case.name)) for case in cases}
+
+
+def save_tower(folder: Path, model: torch.nn.Module, processor: Any) -> Path:
+    model.eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+# -- small tools --------------------------------------------------------------------------------------
+
+
+def config_of(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def hf_tower(folder: Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    assert AutoConfig.from_pretrained(folder).model_type  # resolvable
+    return AutoModel.from_pretrained(folder).eval()
+
+
+def hf_processor(folder: Path) -> Any:
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(folder)
+
+
+def random_images(seed: int, sizes: list[tuple[int, int]]) -> list[Image.Image]:
+    """Random-noise RGB images of the given ``(width, height)``."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
+        for w, h in sizes
+    ]
+
+
+def compose(llama_dir: Path, tower_dir: Path) -> torch.nn.Module:
+    return compose_from_hf(llama_dir, tower_dir, fusion_interval=FUSION_INTERVAL).eval()
+
+
+def image_format(model: torch.nn.Module) -> ImageFormat:
+    return model_family("composed").image_format(model)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def encode_features(model: torch.nn.Module, fmt: ImageFormat, per_row: list[list[ImageInput]]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encoder.features(**fmt.collate(per_row))
+
+
+# -- the shared checks --------------------------------------------------------------------------------
+
+
+def check_family_and_weights(case: EncoderCase, llama_dir: Path, folder: Path) -> None:
+    """The config resolves to the case's family; the composed model's tower holds exactly the HF
+    tower's tensors; its block stack is found where the case says."""
+    config = config_of(folder)
+    assert config["model_type"] == case.model_type
+    assert encoder_family_for(config).name == case.family
+    model = compose(llama_dir, folder)
+    assert isinstance(model.encoder, case.encoder_class)
+    reference = hf_tower(folder).state_dict()
+    ours = model.encoder.tower.state_dict()
+    assert set(ours) == set(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(ours[name], tensor), name
+    stacks = dict(block_stacks(model))
+    assert case.blocks in stacks and stacks[case.blocks] is model.get_submodule(case.blocks)
+
+
+def check_fixed_size_tower_matches_hf(case: EncoderCase, llama_dir: Path, folder: Path) -> None:
+    """Images processed by the format and collated two to a row give, image by image, the HF
+    tower's ``last_hidden_state`` (``tokens_per_image`` tokens each); the encoder projects them."""
+    n = case.tokens_per_image
+    assert n is not None, f"{case.name} is not a fixed-size tower"
+    model, hf, processor = compose(llama_dir, folder), hf_tower(folder), hf_processor(folder)
+    assert type(processor).__name__.endswith("Pil")
+    fmt = image_format(model)
+    size = tiny.IMAGE_SIZE
+    assert fmt.max_tokens_per_image == n and fmt.image_size == size
+
+    images = random_images(1, [(40, 30), (31, 50), (28, 28)])
+    per_row = [[fmt.process(processor, images[0]), fmt.process(processor, images[1])], [fmt.process(processor, images[2])]]
+    assert per_row[0][0]["pixel_values"].shape == (3, size, size)
+    with torch.no_grad():
+        reference = hf(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]).last_hidden_state
+        encoder_input = fmt.collate(per_row)
+        if case.has_features:
+            got = model.encoder.features(**encoder_input)
+        else:
+            pixels = encoder_input["pixel_values"]  # [b, i, 3, H, W]
+            hidden = model.encoder.tower(pixel_values=pixels.flatten(0, 1)).last_hidden_state
+            got = hidden.reshape(pixels.shape[0], -1, hidden.shape[-1])
+        projected = model.encoder(**encoder_input)
+    assert reference.shape == (3, n, TOWER_WIDTH)
+    assert got.shape == (2, 2 * n, TOWER_WIDTH)
+    diffs = [max_diff(got[0, :n], reference[0]), max_diff(got[0, n:], reference[1]), max_diff(got[1, :n], reference[2])]
+    print(f"{case.name}: max |ours - hf| = {max(diffs):.2e}")
+    assert max(diffs) <= ATOL
+    assert projected.shape == (2, 2 * n, model.encoder.decoder_dim)
+    assert max_diff(projected, model.encoder.projection(got)) <= ATOL
+
+
+def check_images_reach_only_later_text(llama_dir: Path, folder: Path) -> None:
+    """With open gates, images change the logits from their image token on, never before it, and
+    different images change them differently."""
+    model, processor = compose(llama_dir, folder), hf_processor(folder)
+    open_gates(model)
+    fmt = image_format(model)
+    s, start = 10, 4
+    tokens = torch.randint(0, tiny.TEXT_VOCAB_SIZE, (2, s), generator=torch.Generator().manual_seed(0))
+    tokens[:, start] = model.decoder.tok_embeddings.vocab_size  # the image token
+
+    def run(seed: int) -> torch.Tensor:
+        images = random_images(seed, [(48, 20), (20, 36), (30, 30)])
+        per_row = [[fmt.process(processor, images[0]), fmt.process(processor, images[1])], [fmt.process(processor, images[2])]]
+        spans = [[(start, s), (start + 2, s)], [(start, s)]]
+        mask, encoder_input = encoder_mask_rows(per_row, spans, fmt, s)
+        assert mask[:, :start].sum() == 0 and mask[:, start:].any(-1).all()
+        with torch.no_grad():
+            return model(tokens, encoder_input=encoder_input, encoder_mask=mask)
+
+    with torch.no_grad():
+        text_only = model(tokens)
+    with_images, other_images = run(3), run(4)
+    assert torch.isfinite(with_images).all()
+    assert max_diff(with_images[:, :start], text_only[:, :start]) <= 1e-6
+    for row in range(2):
+        assert max_diff(with_images[row, start:], text_only[row, start:]) > 1e-3
+        # random-noise images are alike after the towers' LayerNorms; ignored images would give ~0
+        assert max_diff(with_images[row, start:], other_images[row, start:]) > 1e-4
+
+
+def check_meta_build_has_no_unknown_buffers(case: EncoderCase, folder: Path) -> None:
+    """The family builds its encoder on the meta device and rebuilds its buffers after
+    ``to_empty``; a buffer it does not know raises rather than being left uninitialised."""
+    config = config_of(folder)
+    family = encoder_family_for(config)
+    with torch.device("meta"):
+        encoder = family.build(config, decoder_dim=64)
+    assert isinstance(encoder, case.encoder_class) and family.owns(encoder)
+    encoder.to_empty(device="cpu")
+    family.init_buffers(encoder)
+    encoder.tower.register_buffer("stray", torch.zeros(1), persistent=False)
+    with pytest.raises(RuntimeError, match="buffers"):
+        family.init_buffers(encoder)
