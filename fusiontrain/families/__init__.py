@@ -20,6 +20,7 @@ from torch import nn
 from fusiontrain.families.clip_siglip import ClipEncoder, SiglipEncoder
 from fusiontrain.families.composed import ComposedFamily, family_for_config
 from fusiontrain.families.decoder import DecoderFamily
+from fusiontrain.families.dinov2 import DinoV2Encoder
 from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.llama import LlamaDecoder
 from fusiontrain.families.mistral import MistralDecoder
@@ -44,6 +45,7 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
     for family in (
         ClipEncoder(),
         SiglipEncoder(),
+        DinoV2Encoder(),
         Siglip2NaflexEncoder(),
     )
 }
