@@ -72,7 +72,9 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["EncoderCost", "EncoderCountError", "clear_encoder_cache", "measure_encoder_flops", "unwrap_module"]
+from fusiontrain.flop_rules import unwrap
+
+__all__ = ["EncoderCost", "EncoderCountError", "clear_encoder_cache", "measure_encoder_flops"]
 
 # nn.Module attributes holding hooks (name -> OrderedDict of hook id -> callable).
 _HOOK_DICTS = (
@@ -118,17 +120,6 @@ def clear_encoder_cache() -> None:
     _CACHE.clear()
 
 
-def unwrap_module(module: nn.Module) -> nn.Module:
-    """The module inside activation-checkpoint and ``torch.compile`` wrappers."""
-    while True:
-        inner = getattr(module, "_checkpoint_wrapped_module", None)
-        if inner is None:
-            inner = getattr(module, "_orig_mod", None)
-        if inner is None:
-            return module
-        module = inner
-
-
 def measure_encoder_flops(encoder: nn.Module, encoder_input: Mapping[str, Any]) -> EncoderCost:
     """FLOPs of ``encoder(**encoder_input)`` and of its backward, counted on fake tensors.
 
@@ -153,7 +144,7 @@ def measure_encoder_flops(encoder: nn.Module, encoder_input: Mapping[str, Any]) 
         TypeError when the encoder's output is not a tensor; later calls with the same key raise
         :class:`EncoderCountError` with that error's message.
     """
-    encoder = unwrap_module(encoder)
+    encoder = unwrap(encoder)
     key = _cache_key(encoder, encoder_input)
     per_encoder = _CACHE.setdefault(encoder, {})
     if key not in per_encoder:
@@ -261,7 +252,7 @@ class _FakeFactory:
 def _shadow(module: nn.Module, fakes: _FakeFactory, memo: dict[int, nn.Module]) -> nn.Module:
     """A copy of ``module``'s tree with fake tensors, plain classes and no distributed hooks
     (see the module docstring). Shared submodules stay shared."""
-    module = unwrap_module(module)
+    module = unwrap(module)
     done = memo.get(id(module))
     if done is not None:
         return done

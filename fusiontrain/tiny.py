@@ -418,18 +418,15 @@ def tiny_pixel_inputs(
 # --------------------------------------------------------------------------------------------
 
 
-def tiny_llama_config(**overrides: Any) -> Any:
-    """A tiny ``transformers.LlamaConfig`` (eager attention), same text shapes as the Mllama."""
-    from transformers import LlamaConfig
-
-    kwargs: dict[str, Any] = {
+def _tiny_text_kwargs() -> dict[str, Any]:
+    """The sizes every tiny causal LM here shares (the tiny Mllama's text shapes)."""
+    return {
         "vocab_size": TEXT_VOCAB_SIZE,
         "hidden_size": 64,
         "num_hidden_layers": 4,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "intermediate_size": 128,
-        "rope_parameters": _llama3_rope_parameters(),
         "max_position_embeddings": 256,
         "rms_norm_eps": 1e-5,
         "bos_token_id": BOS_TOKEN_ID,
@@ -437,7 +434,22 @@ def tiny_llama_config(**overrides: Any) -> Any:
         "pad_token_id": PAD_TOKEN_ID,
         "tie_word_embeddings": False,
     }
-    kwargs.update(overrides)
+
+
+def _save_causal_lm(path: Path, model: Any, *, save_tokenizer: bool) -> tuple[Path, Any]:
+    """Save ``model`` (in eval mode) and, optionally, the tiny tokenizer into ``path``."""
+    model.eval()
+    model.save_pretrained(path)
+    if save_tokenizer:
+        save_tiny_tokenizer(path)
+    return path, model
+
+
+def tiny_llama_config(**overrides: Any) -> Any:
+    """A tiny ``transformers.LlamaConfig`` (eager attention), same text shapes as the Mllama."""
+    from transformers import LlamaConfig
+
+    kwargs = {**_tiny_text_kwargs(), "rope_parameters": _llama3_rope_parameters(), **overrides}
     config = LlamaConfig(**kwargs)
     config._attn_implementation = "eager"
     return config
@@ -463,12 +475,7 @@ def save_tiny_llama(
     path = _prepare_folder(folder)
     config = tiny_llama_config() if config is None else config
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.eval()
-    model.save_pretrained(path)
-    if save_tokenizer:
-        save_tiny_tokenizer(path)
-    return path, model
+    return _save_causal_lm(path, LlamaForCausalLM(config), save_tokenizer=save_tokenizer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -556,23 +563,14 @@ def tiny_qwen3_config(**overrides: Any) -> Any:
     (``tie_word_embeddings``, as small Qwen3 checkpoints have: no ``lm_head.weight`` is stored)."""
     from transformers import Qwen3Config
 
-    kwargs: dict[str, Any] = {
-        "vocab_size": TEXT_VOCAB_SIZE,
-        "hidden_size": 64,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
+    kwargs = {
+        **_tiny_text_kwargs(),
         "head_dim": 32,
-        "intermediate_size": 128,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
-        "max_position_embeddings": 256,
         "rms_norm_eps": 1e-6,
-        "bos_token_id": BOS_TOKEN_ID,
-        "eos_token_id": EOS_TOKEN_ID,
-        "pad_token_id": PAD_TOKEN_ID,
         "tie_word_embeddings": True,
+        **overrides,
     }
-    kwargs.update(overrides)
     config = Qwen3Config(**kwargs)
     config._attn_implementation = "eager"
     return config
@@ -601,16 +599,12 @@ def save_tiny_qwen3(
     config = tiny_qwen3_config() if config is None else config
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
-    model.eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(path)
-    if save_tokenizer:
-        save_tiny_tokenizer(path)
-    return path, model
+    return _save_causal_lm(path, model, save_tokenizer=save_tokenizer)
 
 
 def tiny_siglip2_naflex_config(**overrides: Any) -> Any:
