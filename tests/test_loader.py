@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ def fetch(key: int) -> Sample:
     """Sample ``key``: 3-20 tokens whose ids encode the key; every 3rd has an image."""
     if key % 23 == 22:
         raise BadSample("missing_image", f"data.jsonl:{key + 1}: image nowhere.png does not exist")
-    length = 3 + (key * 7) % 18
+    length = sample_length(key)
     tokens = torch.full((length,), 1000 + key)
     labels = torch.cat([tokens[1:], torch.tensor([-100])])
     images, spans = [], []
@@ -33,17 +35,32 @@ def stream(rank: int = 0, world: int = 1, **overrides) -> SampleStream:
     return SampleStream(NUM_SAMPLES, fetch, SPEC, config, rank=rank, world=world, seed=3)
 
 
+def sample_length(key: int) -> int:
+    return 3 + (key * 7) % 18
+
+
 def keys_of(batch) -> list[list[int]]:
-    """The sample keys in each row of a batch, in order (from the token ids)."""
+    """The sample keys in each row of a batch, in order (from the token ids), each as many times
+    as the row holds that sample (its token count over the sample's length)."""
     rows = []
     for row, real in zip(batch.tokens, batch.is_real):
-        rows.append(list(dict.fromkeys(int(t) - 1000 for t in row[real])))
+        counts = Counter(int(t) - 1000 for t in row[real])
+        assert all(count % sample_length(key) == 0 for key, count in counts.items()), counts
+        rows.append([key for key in counts for _ in range(counts[key] // sample_length(key))])
     return rows
 
 
 def batches(loader, n: int) -> list:
     iterator = iter(loader)
     return [next(iterator) for _ in range(n)]
+
+
+def stream_states_of(loader_state: dict, num_workers: int) -> list[dict]:
+    """The SampleStream states inside a StatefulDataLoader state: one, or one per worker."""
+    if num_workers == 0:
+        return [loader_state.get("dataset_state")]
+    workers = loader_state["_snapshot"]["_worker_snapshots"]
+    return [workers.get(f"worker_{w}", {}).get("dataset_state") for w in range(num_workers)]
 
 
 def same_batch(a, b) -> bool:
@@ -66,9 +83,17 @@ def test_resumed_stream_yields_exactly_the_rest(rank: int, num_workers: int) -> 
     resumed = build_loader(stream(rank, 2), num_workers=num_workers)
     resumed.load_state_dict(state)
     tail = batches(resumed, 9)
+    assert len(head + tail) == len(uninterrupted)
     assert all(same_batch(a, b) for a, b in zip(head + tail, uninterrupted))
-    stream_states = [state] if num_workers == 0 else []
-    assert any(isinstance(v, dict) for v in state.values()) or stream_states
+    # The saved state holds each stream's own position and open rows (one per worker), not only
+    # a count of yielded batches that a restore would fast-forward through.
+    stream_states = stream_states_of(state, num_workers)
+    assert len(stream_states) == max(1, num_workers)
+    for stream_state in stream_states:
+        assert isinstance(stream_state, dict), f"no stream state saved: {state}"
+        assert (stream_state["rank"], stream_state["world"], stream_state["seed"]) == (rank, 2, 3)
+        assert stream_state["position"] > 0
+        assert stream_state["open_rows"], "the packer must have rows open at the save"
 
 
 def test_state_holds_open_rows_and_position() -> None:
@@ -89,7 +114,8 @@ def test_ranks_read_disjoint_shards_covering_the_epoch() -> None:
 
 def test_rows_respect_caps_and_bad_samples_are_counted() -> None:
     seen, skipped = [], {}
-    for batch in batches(build_loader(stream(), num_workers=0), 12):
+    loader = build_loader(stream(), num_workers=0)
+    for batch in batches(loader, 12):
         assert batch.tokens.shape == (2, 32)
         assert batch.encoder_mask is None or batch.encoder_mask.shape[-1] <= 3 * SPEC.max_tokens_per_image
         for reason, count in batch.skipped.items():
@@ -97,8 +123,19 @@ def test_rows_respect_caps_and_bad_samples_are_counted() -> None:
         seen += [key for row in keys_of(batch) for key in row]
     bad = [key for key in seen if key % 23 == 22]
     assert not bad
-    assert skipped.get("missing_image", 0) >= 1
-    assert len(seen) == len(set(seen)) or len(seen) > NUM_SAMPLES  # no repeats within an epoch
+    # Every sample read so far (whole epochs, then the current one up to its position) was either
+    # skipped as bad, yielded exactly once, or is still waiting in an open or ready row: the
+    # multiset of yielded keys is exact, so a sample yielded twice within an epoch (or lost) fails.
+    state = loader.state_dict()["dataset_state"]
+    reference = stream()
+    read = [key for epoch in range(state["epoch"]) for key in reference.shard(epoch)]
+    read += reference.shard(state["epoch"])[: state["position"]]
+    assert state["epoch"] >= 1, "12 batches should cross an epoch end (60 samples); raise the count"
+    pending = Counter(key for row in state["open_rows"] + state["ready_rows"] for key in row)
+    good = Counter(key for key in read if key % 23 != 22)
+    assert not pending - good, "rows hold samples that were never read"
+    assert Counter(seen) == good - pending
+    assert skipped == {"missing_image": sum(1 for key in read if key % 23 == 22)}
 
 
 def test_strict_mode_raises_on_the_first_bad_sample() -> None:

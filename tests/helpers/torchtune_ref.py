@@ -2,7 +2,7 @@
 
 Only ``torchtune.modules`` pieces (plus ``Llama3ScaledRoPE``) are used: importing
 ``torchtune.models.llama3_2_vision`` pulls in torchvision, which does not import beside the CPU
-torch wheel. Import this module only after ``pytest.importorskip("torchtune")``.
+torch wheel. torchtune is imported plainly: a missing or broken install is an error, never a skip.
 
 Weight map (torchtune state dict -> fusiontrain state dict):
 
