@@ -164,6 +164,16 @@ def build_dataset(
     return RecordDataset(load_records(source.path, split=source.split), builder)
 
 
+def data_description(config: DataConfig, split: str) -> str:
+    """Names the configured data of ``split`` ("train" or "eval") for people, in config terms:
+    ``data.train.path=/data/train.jsonl (data.format=chat)``, or the synthetic set's size."""
+    if config.format == "synthetic":
+        return f"the synthetic data (data.synthetic_samples={config.synthetic_samples})"
+    source = config.train if split == "train" else config.eval
+    hub_split = f", split {source.split!r}" if source.split != "train" else ""
+    return f"data.{split}.path={source.path} (data.format={config.format}{hub_split})"
+
+
 def lr_multiplier(step: int, config: OptimConfig, max_steps: int) -> float:
     """LR at ``step`` as a fraction of ``optim.lr``: linear warmup, then constant, linear or
     cosine decay to ``min_lr_ratio`` at ``max_steps``."""

@@ -40,11 +40,27 @@ def _run_train(args: argparse.Namespace) -> int:
             return 0  # under a launcher, rank 0 plans for everyone
         gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
         return _print_plan(config, gpus=gpus, gpu=args.gpu, efficiency=args.efficiency, title=f"dry run of {args.config}")
+    from fusiontrain.preemption import PREEMPTED_EXIT_CODE, Preempted
     from fusiontrain.trainer import Trainer
 
-    trainer = Trainer(config)
+    from fusiontrain import distributed
+
+    try:
+        trainer = Trainer(config)
+    except BaseException:
+        distributed.leave_after_failure()
+        raise
     try:
         trainer.run()
+    except Preempted:
+        return PREEMPTED_EXIT_CODE  # checkpointed on every rank; `checkpoint.resume=auto` continues
+    except BaseException:
+        # No closing barrier after an error: the other ranks may be stuck or in another collective
+        # (a barrier would only wait out distributed.timeout_s); leaving lets them fail at once.
+        # The dataloader workers end first: left to the exit hook, they may never (see ClosableLoader).
+        trainer.train_loader.close()
+        distributed.leave_after_failure()
+        raise
     finally:
         trainer.close()
     return 0
@@ -192,6 +208,52 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_verify(args: argparse.Namespace) -> int:
+    """Handler of ``verify``: check one checkpoint, or every ``step_<N>`` checkpoint of a run folder.
+    Prints one line per checkpoint (intact, or what is wrong). Exit code 0 when every checkpoint
+    is intact, 1 when any is damaged (or none is there), 2 when the path is neither a checkpoint
+    nor a run folder."""
+    from fusiontrain.checkpoint import layout
+    from fusiontrain.checkpoint.manager import verify
+
+    path = Path(args.path)
+    if (path / layout.MANIFEST).exists() or layout.step_of(path) is not None or path.name.startswith(layout.TMP_PREFIX):
+        folders = [path]
+    elif (path / layout.CHECKPOINTS).is_dir():
+        root = layout.checkpoints_root(path)
+        for entry in sorted(root.iterdir()):
+            if entry.name.startswith(layout.TMP_PREFIX):
+                print(f"{entry.name}: unfinished save (never resumed from; the next save removes it)")
+        folders = [folder for _, folder in layout.list_step_folders(path)]
+        if not folders:
+            print(f"error: run folder {path} has no checkpoint under {layout.CHECKPOINTS}/", file=sys.stderr)
+            return 1
+    else:
+        print(
+            f"error: {path} is neither a checkpoint folder ({layout.MANIFEST}) nor a run folder ({layout.CHECKPOINTS}/)",
+            file=sys.stderr,
+        )
+        return 2
+    damaged = 0
+    intact: list[Path] = []
+    for folder in folders:
+        try:
+            manifest = verify(folder, checksums=not args.sizes_only)
+        except layout.CheckpointError as error:
+            damaged += 1
+            print(f"{folder.name}: DAMAGED: {error}")
+            continue
+        intact.append(folder)
+        files = manifest["files"]
+        size = sum(entry["size"] for entry in files.values())
+        checked = "sizes" if args.sizes_only else "sizes and sha256 checksums"
+        print(f"{folder.name}: intact (step {manifest['step']}, {len(files)} files, {size / 2**20:.1f} MiB; {checked} match)")
+    if len(folders) > 1:
+        newest = f"newest intact: {intact[-1].name}" if intact else "no intact checkpoint"
+        print(f"{len(intact)} of {len(folders)} checkpoints intact; {newest} (what checkpoint.resume=auto takes)")
+    return 1 if damaged or not intact else 0
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     """Handler of ``generate``: its own parser lives with the inference code (imported lazily)."""
     from fusiontrain.inference import main as generate_main
@@ -269,6 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_export_arguments(export)
     export.set_defaults(func=_run_export)
+
+    verify_cmd = sub.add_parser(
+        "verify",
+        help="check a training checkpoint, or every checkpoint of a run folder, for damage",
+        description="Check training checkpoints: only JSON and safetensors files (a pickle, e.g. an older layout's "
+        "DCP .metadata, is refused unread), every file the manifest records present with its size and sha256 "
+        "checksum, readable safetensors headers. Exit code 0: all intact; 1: any damaged, or none found; 2: the path "
+        "is neither a checkpoint nor a run folder.",
+    )
+    verify_cmd.add_argument("path", help="a checkpoint folder (.../checkpoints/step_N) or a run's output_dir")
+    verify_cmd.add_argument("--sizes-only", action="store_true", help="compare file sizes only (skip the checksums)")
+    verify_cmd.set_defaults(func=_run_verify)
 
     generate = sub.add_parser(
         "generate",

@@ -155,18 +155,40 @@ class ParallelConfig:
 
 
 @dataclass
+class DistributedConfig:
+    timeout_s: float = _field(
+        1800.0,
+        "Seconds any collective may wait for the other ranks (init_process_group's timeout, gloo and nccl). A rank "
+        "stuck or dead makes the others fail after this long with an error naming their rank and the operation, "
+        "instead of hanging. Keep it above the longest rank-local pause (loading, checkpoint writes, first compile).",
+    )
+
+
+@dataclass
 class LossConfig:
     num_output_chunks: int = _field(8, "Chunks of the output projection for the cross-entropy (0 = none).")
     ignore_index: int = _field(-100, "Label value excluded from the loss (prompt and padding).")
+    nonfinite: Literal["skip", "stop"] = _field(
+        "skip",
+        "A step whose global loss or grad norm is NaN/inf: 'skip' drops its gradients (weights and optimizer "
+        "state untouched; it still counts as a step, so data position and LR schedule advance; counted in "
+        "metrics.jsonl) or 'stop' raises at once. skip is the default: one bad batch or overflow costs one "
+        "step instead of the job, while a diverged run still stops (loss.max_consecutive_nonfinite).",
+    )
+    max_consecutive_nonfinite: int = _field(
+        3, "With loss.nonfinite=skip, the k-th non-finite step in a row stops the run (1 = like stop)."
+    )
 
 
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = _field(0, "Save a checkpoint every N steps and at the end (0 = never).")
     resume: str | None = _field(
-        None, "'auto' (the latest complete checkpoint in output_dir, if any) or a checkpoint path; null starts fresh."
+        None,
+        "'auto' (the newest intact checkpoint in output_dir, if any; damaged newer ones are skipped and logged) or a "
+        "checkpoint path; null starts fresh.",
     )
-    keep_last_n: int = _field(3, "Complete checkpoints to keep (0 = all).")
+    keep_last_n: int = _field(3, "Complete checkpoints to keep (0 = all); the newest intact one is never deleted.")
     async_save: bool = _field(False, "Write checkpoints in the background (dcp.async_save).")
     save_frozen: bool = _field(
         False, "Also write the frozen encoder / decoder weights (trainable ones are always written)."
@@ -211,6 +233,7 @@ class TrainConfig:
     batch: BatchConfig = _field(BatchConfig, "Batch sizes.")
     optim: OptimConfig = _field(OptimConfig, "Optimizer and LR schedule.")
     parallel: ParallelConfig = _field(ParallelConfig, "Sharding, activation checkpointing, precision.")
+    distributed: DistributedConfig = _field(DistributedConfig, "The process group.")
     loss: LossConfig = _field(LossConfig, "The loss.")
     checkpoint: CheckpointConfig = _field(CheckpointConfig, "Checkpointing and resume.")
     logging: LoggingConfig = _field(LoggingConfig, "Console and wandb logging.")
@@ -380,6 +403,13 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"config key 'optim.min_lr_ratio' must be in [0, 1]; got {optim.min_lr_ratio}")
     if optim.warmup_steps < 0:
         raise ConfigError(f"config key 'optim.warmup_steps' must be >= 0; got {optim.warmup_steps}")
+    if config.loss.max_consecutive_nonfinite < 1:
+        raise ConfigError(
+            f"config key 'loss.max_consecutive_nonfinite' must be >= 1; got {config.loss.max_consecutive_nonfinite}"
+        )
+    timeout_s = config.distributed.timeout_s
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ConfigError(f"config key 'distributed.timeout_s' must be a finite number of seconds > 0; got {timeout_s}")
     if config.loss.num_output_chunks < 0:
         raise ConfigError(f"config key 'loss.num_output_chunks' must be >= 0; got {config.loss.num_output_chunks}")
 

@@ -3,18 +3,42 @@
 Every run, a plain single process included, joins a process group, so that one code path (FSDP2
 over a device mesh) serves 1 and 400 ranks alike. A plain ``python -m fusiontrain train`` gets a
 world of one on a free local port.
+
+Every collective has a timeout (``distributed.timeout_s``, passed to ``init_process_group`` and to
+the device mesh's sub-groups), so a rank that is stuck or dead cannot hang the others for ever.
+The collectives the trainer calls itself (:func:`all_reduce_sum`, the barrier in
+:func:`shutdown`) turn a timeout or a lost peer into a :class:`CollectiveError` that names this
+rank, the operation and what it was for. (On nccl, a collective that times out is usually ended
+by the NCCL watchdog instead, which logs the rank, the operation and its sequence number.)
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+# Default for ``distributed.timeout_s``: torch's own default for gloo (NCCL's is 10 minutes). A
+# healthy job's ranks can wait on each other for long stretches: rank-local work between two
+# collectives (loading shards from a slow shared file system, a checkpoint write, a first
+# torch.compile of a large model) takes minutes on big models. 30 minutes leaves room for that,
+# and still ends a stuck job within half an hour instead of never.
+DEFAULT_TIMEOUT_S = 1800.0
+_timeout_s: float | None = None  # the timeout of the process group init_distributed made
+
+
+class CollectiveError(RuntimeError):
+    """A collective that timed out or lost a peer, described for people: this rank, the
+    operation, what it was for, and where to look (the other ranks' logs)."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +71,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> DistributedContext:
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedContext:
     """Join the process group torchrun (or accelerate, or srun + torchrun) describes in the
     environment, or form a world of one. Picks nccl and ``cuda:LOCAL_RANK`` when CUDA is
-    available, gloo and the CPU otherwise."""
+    available, gloo and the CPU otherwise. Every collective of the group times out after
+    ``timeout_s`` seconds (``distributed.timeout_s``)."""
+    global _timeout_s
+    if not timeout_s > 0:
+        raise ValueError(f"the collective timeout must be > 0 seconds; got {timeout_s}")
     if "RANK" not in os.environ:
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
@@ -63,12 +91,16 @@ def init_distributed() -> DistributedContext:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         device_id = device if backend == "nccl" else None
+        timeout = timedelta(seconds=timeout_s)
         store = _restart_safe_store()
         if store is None:
-            dist.init_process_group(backend, device_id=device_id)
+            dist.init_process_group(backend, device_id=device_id, timeout=timeout)
         else:
             rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world, device_id=device_id)
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world, device_id=device_id, timeout=timeout
+            )
+        _timeout_s = timeout_s
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
@@ -111,15 +143,73 @@ def build_mesh(context: DistributedContext, dp_replicate: int, dp_shard: int) ->
             f"world size ({context.world_size}); set dp_shard=-1 to fill it"
         )
     device_type = context.device.type
-    if dp_replicate == 1:
+    if dp_replicate == 1:  # the default process group serves it, with its timeout
         return init_device_mesh(device_type, (dp_shard,), mesh_dim_names=("dp_shard",))
-    return init_device_mesh(device_type, (dp_replicate, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    shape, names = (dp_replicate, dp_shard), ("dp_replicate", "dp_shard")
+    if context.backend not in ("nccl", "gloo"):  # the planner's fake backend: no timeout to carry
+        return init_device_mesh(device_type, shape, mesh_dim_names=names)
+    # The sub-groups of a 2-D mesh are new process groups: without options they would get
+    # torch's default timeout, not distributed.timeout_s.
+    options = _group_options(context.backend)
+    override = {"dp_replicate": (context.backend, options), "dp_shard": (context.backend, options)}
+    return init_device_mesh(device_type, shape, mesh_dim_names=names, backend_override=override)
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum ``value`` over all ranks (in place) and return it."""
+def _group_options(backend: str) -> Any:
+    """Options of a new process group of ``backend`` carrying this process group's timeout."""
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+    else:
+        options = dist.ProcessGroupGloo._Options()
+    options._timeout = timedelta(seconds=_timeout_s if _timeout_s is not None else DEFAULT_TIMEOUT_S)
+    return options
+
+
+def collective(operation: str, what: str, call: Callable[[], Any]) -> Any:
+    """Run ``call()``, a collective; a timeout or a lost peer becomes a :class:`CollectiveError`
+    that says ``rank R: timed out after T s in <operation> (<what>)``."""
+    started = time.monotonic()
+    try:
+        return call()
+    except RuntimeError as error:
+        # torch 2.13: gloo raises a plain RuntimeError from its transport ("[.../gloo/transport/tcp/
+        # unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to complete", or
+        # "...pair.cc:553] Connection closed by peer"); nccl raises DistBackendError (a DistError).
+        # Anything else (a wrong dtype, ...) is a bug here and passes unchanged.
+        if not (isinstance(error, dist.DistError) or "gloo" in str(error)):
+            raise
+        raise CollectiveError(_describe_failure(operation, what, error, time.monotonic() - started)) from error
+
+
+def _describe_failure(operation: str, what: str, error: BaseException, elapsed: float) -> str:
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    text = str(error)
+    first = text.splitlines()[0] if text else type(error).__name__
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        limit = _timeout_s if _timeout_s is not None else elapsed
+        return (
+            f"rank {rank}: timed out after {limit:g} s in {operation} ({what}) — another rank is stuck or died; "
+            f"see its log (distributed.timeout_s sets the limit; the backend said: {first})"
+        )
+    return (
+        f"rank {rank}: {operation} ({what}) failed after {elapsed:.1f} s — another rank is stuck or died; "
+        f"see its log (the backend said: {first})"
+    )
+
+
+def all_reduce_sum(value: torch.Tensor, what: str = "a sum over ranks") -> torch.Tensor:
+    """Sum ``value`` over all ranks (in place) and return it. ``what`` names the value in the
+    :class:`CollectiveError` a timeout or a lost peer raises."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        collective("all_reduce", what, lambda: dist.all_reduce(value, op=dist.ReduceOp.SUM))
+    return value
+
+
+def all_reduce_max(value: torch.Tensor, what: str = "a maximum over ranks") -> torch.Tensor:
+    """Maximum of ``value`` over all ranks (in place), returned. ``what`` names the value in the
+    :class:`CollectiveError` a timeout or a lost peer raises."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        collective("all_reduce", what, lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
     return value
 
 
@@ -127,5 +217,14 @@ def shutdown() -> None:
     """Leave the process group deterministically: a barrier first, so no rank tears down while
     another still communicates (gloo otherwise aborts now and then at exit)."""
     if dist.is_initialized():
-        dist.barrier()
+        collective("barrier", "the end of the run", dist.barrier)
+        dist.destroy_process_group()
+
+
+def leave_after_failure() -> None:
+    """Leave the process group after an error, without a barrier: the other ranks may be stuck
+    elsewhere (or in another collective), so waiting for them would only add a timeout; they see
+    this rank's connections close and fail at once. Destroying the group also keeps gloo from
+    aborting the process at exit ("terminate called without an active exception")."""
+    if dist.is_initialized():
         dist.destroy_process_group()

@@ -9,7 +9,7 @@
     is rebuilt from the base folders the manifest names (a HF Mllama folder, a Llama + a CLIP /
     SigLIP folder, or the fusiontrain export the run started from), then every part the checkpoint
     holds is loaded over it with DCP (single process, no process group);
-  * a run's ``output_dir`` (it has a ``checkpoints/`` folder): its latest complete checkpoint.
+  * a run's ``output_dir`` (it has a ``checkpoints/`` folder): its newest intact checkpoint.
 
   The result, a :class:`LoadedModel`, carries the model and what builds its inputs: the tokenizer
   (and chat template) folder, the image processor folder, the :class:`ImageSpec`.
@@ -127,7 +127,7 @@ class LoadedModel:
 
 def folder_kind(path: str | Path) -> tuple[str, Path]:
     """``(kind, folder)`` of a model folder: ``"checkpoint"`` (a ``manifest.json``; a run's
-    ``output_dir`` resolves to its latest complete checkpoint), ``"export"``
+    ``output_dir`` resolves to its newest intact checkpoint, damaged newer ones reported on stderr), ``"export"``
     (``fusiontrain_config.json``) or ``"hf"`` (a HF Mllama ``config.json``).
 
     Raises:
@@ -159,9 +159,9 @@ def folder_kind(path: str | Path) -> tuple[str, Path]:
             "its export)"
         )
     if (folder / layout.CHECKPOINTS).is_dir():
-        latest = layout.latest_complete(folder)
+        latest = layout.newest_intact(folder, report=lambda line: print(f"warning: {line}", file=sys.stderr))
         if latest is None:
-            raise InferenceError(f"run folder {folder} has no complete checkpoint under {layout.CHECKPOINTS}/")
+            raise InferenceError(f"run folder {folder} has no intact checkpoint under {layout.CHECKPOINTS}/")
         return "checkpoint", latest[1]
     raise InferenceError(
         f"{folder} is not a model folder: expected a HF Mllama folder (config.json), a fusiontrain export "
@@ -282,7 +282,7 @@ def _load_checkpoint(
     from fusiontrain.families import EXPORT_ROLE, model_family
     from fusiontrain.models.export_reader import load_fusiontrain_export, read_export_config
 
-    manifest = layout.read_manifest(folder)
+    manifest = layout.verify_checkpoint(folder, checksums=False)  # sizes; refuses unsafe files unread
     base = manifest["base"]
     family = model_family(base["family"])
     paths = layout.base_folders(manifest, folder)

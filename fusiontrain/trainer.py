@@ -25,6 +25,7 @@ from fusiontrain.builders import (
     build_optimizer,
     build_stream_config,
     configured_family,
+    data_description,
     model_settings,
     prepare_model,
     rows_per_rank_per_step,
@@ -42,7 +43,9 @@ from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
 from fusiontrain.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
 from fusiontrain.models.hf_checkpoint import materialize
 from fusiontrain.modules import get_fusion_params
+from fusiontrain.nonfinite import NonFiniteGuard, injection_from_env
 from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, reshard, set_gradient_sync
+from fusiontrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PLACEHOLDER = Sample(tokens=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), -100), origin="placeholder")
@@ -57,7 +60,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.context = distributed.init_distributed()
+        # SIGTERM / SIGUSR1 stop the run at a step boundary with a checkpoint. Blocked until run()
+        # starts, so that the dataloader workers forked meanwhile never see them (preemption.py).
+        self.preemption = PreemptionWatcher().install()
+        self.context = distributed.init_distributed(timeout_s=config.distributed.timeout_s)
         self.device = self.context.device
         torch.manual_seed(config.seed)
         self.output_dir = Path(config.output_dir)
@@ -99,9 +105,13 @@ class Trainer:
             rank=dp_rank,
             world=dp_size,
             seed=config.seed,
+            name=data_description(config.data, "train"),
         )
         self.train_loader = build_loader(stream, num_workers=config.data.num_workers)
         self.skipped_total = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
+        self.nonfinite = NonFiniteGuard(
+            config.loss.nonfinite, config.loss.max_consecutive_nonfinite, injection=injection_from_env()
+        )
         self.start_step = 0
         self.tokens_seen = 0
         self.checkpointer = CheckpointManager(
@@ -162,6 +172,7 @@ class Trainer:
         """Train for ``max_steps``; returns the per-step metrics (on every rank)."""
         history = []
         every = self.config.checkpoint.every_n_steps
+        self.preemption.start()  # the dataloader workers exist: take SIGTERM / SIGUSR1 from here on
         try:
             last = min(self.config.max_steps, self.config.stop_after_steps or self.config.max_steps)
             for step in range(self.start_step, last):
@@ -172,15 +183,46 @@ class Trainer:
                 self.metrics.log(step, metrics)
                 history.append(metrics)
                 done = step + 1
-                if every and (done % every == 0 or done == last):
+                saved = bool(every and (done % every == 0 or done == last))
+                if saved:
                     self.save_checkpoint(done)
+                self._stop_if_preempted(done, last, saved)
             self.checkpointer.wait()
+        except Preempted:
+            self.metrics.close(exit_code=PREEMPTED_EXIT_CODE)
+            raise
         except BaseException:
             self.metrics.close(exit_code=1)  # marks the wandb run failed
+            # The dataloader workers end now: they block SIGTERM (preemption.py), so the exit
+            # hook's terminate() would never end them (see data.loader.ClosableLoader).
+            self.train_loader.close()
             raise
         finally:
             self.metrics.close()
+            self.preemption.uninstall()
         return history
+
+    def _stop_if_preempted(self, done: int, last: int, saved: bool) -> None:
+        """After step ``done``: if any rank got SIGTERM / SIGUSR1 (one small all-reduce, every
+        step), every rank checkpoints this step (also with ``checkpoint.every_n_steps: 0``) and
+        raises :class:`~fusiontrain.preemption.Preempted`. At the last step the run just ends, with
+        its checkpoint, so that a requeued job finds it complete."""
+        reason = self.preemption.agreed(self.device)
+        if reason is None:
+            return
+        if not saved:
+            self.save_checkpoint(done)
+        self.checkpointer.wait()
+        logger.warning(
+            "rank %d: preempted (%s) after step %d: checkpoint %s written%s",
+            self.context.rank,
+            reason,
+            done,
+            self.output_dir / "checkpoints" / f"step_{done}",
+            f", exiting with code {PREEMPTED_EXIT_CODE}" if done < last else "; the run is complete",
+        )
+        if done < last:
+            raise Preempted(done, reason)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -197,13 +239,23 @@ class Trainer:
         return parts
 
     def save_checkpoint(self, step: int) -> None:
-        """Checkpoint the state after ``step`` optimizer steps (all ranks call it)."""
+        """Checkpoint the state after ``step`` optimizer steps (all ranks call it). Refuses, with
+        :class:`~fusiontrain.nonfinite.NonFiniteError` on every rank, to write non-finite
+        trainable weights or optimizer state."""
+        model_parts = self.model_parts()
+        trainable = {name for name, param in canonical_parameters(self.model).items() if param.requires_grad}
+        self.nonfinite.check_before_save(
+            step,
+            {name: t for part in model_parts.values() for name, t in part.items() if name in trainable},
+            [v for state in self.optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)],
+            self.device,
+        )
         rng = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
         if self.device.type == "cuda":
             rng["cuda"] = base64.b64encode(torch.cuda.get_rng_state(self.device).numpy().tobytes()).decode()
         self.checkpointer.save(
             step,
-            model_parts=self.model_parts(),
+            model_parts=model_parts,
             optimizer=OptimizerState(self.model, self.optimizer),
             rank_state={"loader": self.train_loader.state_dict(), "rng": rng},
             global_state={
@@ -211,6 +263,7 @@ class Trainer:
                 "tokens_seen": self.tokens_seen,
                 "scheduler": self.scheduler.state_dict(),
                 "skipped": self.skipped_total.tolist(),
+                "nonfinite": self.nonfinite.state_dict(),
                 "wandb_run_id": self.metrics.run_id,
             },
         )
@@ -227,6 +280,8 @@ class Trainer:
         self.start_step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.skipped_total = torch.tensor(state["skipped"], dtype=torch.long, device=self.device)
+        if "nonfinite" in state:  # absent from checkpoints written before non-finite steps were counted
+            self.nonfinite.load_state_dict(state["nonfinite"])
         self.wandb_run_id = state.get("wandb_run_id")
         self.train_loader.load_state_dict(rank_state["loader"])
         decode = lambda text: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)  # noqa: E731
@@ -246,29 +301,34 @@ class Trainer:
         batches = [batch.to(self.device) for batch in host_batches]
         ignore = self.config.loss.ignore_index
         local_targets = sum(count_targets(batch.labels, ignore) for batch in batches)
-        global_targets = distributed.all_reduce_sum(local_targets.clone()).item()
+        global_targets = distributed.all_reduce_sum(local_targets.clone(), f"target token count of step {step}").item()
         scale = self.context.world_size / max(global_targets, 1)  # FSDP averages gradients over ranks
 
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(batches):
             set_gradient_sync(self.model, index == len(batches) - 1 or not self.config.parallel.defer_gradient_sync)
-            batch_loss = self._loss_sum(batch)
+            batch_loss = self.nonfinite.inject(self._loss_sum(batch), step)  # a test seam; see nonfinite.py
             (batch_loss * scale).backward()
             loss_sum += batch_loss.detach()
 
         grad_norm = self._clip_gradients()
+        # Every rank takes the same decision (see fusiontrain/nonfinite.py); raises to stop the run.
+        global_loss_sum, skip = self.nonfinite.check_step(
+            step, loss_sum, int(global_targets), grad_norm, self._local_grads
+        )
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if not skip:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self.scheduler.step()  # a skipped step still counts: the schedule follows the step index
 
-        loss = distributed.all_reduce_sum(loss_sum).item() / max(global_targets, 1)
-        real_tokens = distributed.all_reduce_sum(sum(b.is_real.sum() for b in batches).clone()).item()
+        loss = global_loss_sum / max(global_targets, 1)
+        real_tokens = distributed.all_reduce_sum(sum(b.is_real.sum() for b in batches).clone(), f"real tokens of step {step}").item()
         slots = sum(b.is_real.numel() for b in batches) * self.context.world_size
-        self.skipped_total += distributed.all_reduce_sum(self._skipped_in(batches).to(self.device))
+        self.skipped_total += distributed.all_reduce_sum(self._skipped_in(batches).to(self.device), f"skip counts of step {step}")
         elapsed = time.perf_counter() - started
         totals = torch.tensor([float(flops), float(uncounted)], dtype=torch.float64, device=self.device)
-        step_flops, uncounted = distributed.all_reduce_sum(totals).tolist()
+        step_flops, uncounted = distributed.all_reduce_sum(totals, f"FLOP counts of step {step}").tolist()
         world = self.context.world_size
         counted = uncounted == 0
         return {
@@ -284,7 +344,13 @@ class Trainer:
             "step_time_s": elapsed,
             "peak_memory_bytes": peak_memory_bytes(self.device, self.host_baseline),
             "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, self.skipped_total) if n},
+            "skipped_step": skip,
+            "nonfinite_skipped": self.nonfinite.skipped,
         }
+
+    def _local_grads(self) -> list[torch.Tensor]:
+        """This rank's gradient shards of the trainable parameters."""
+        return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in self.model.parameters() if p.grad is not None]
 
     @staticmethod
     def _skipped_in(batches: list[Batch]) -> torch.Tensor:
@@ -356,7 +422,9 @@ class Trainer:
             targets += count_targets(batch.labels, self.config.loss.ignore_index)
         reshard(self.model)
         self.model.train()
-        return distributed.all_reduce_sum(loss_sum).item() / max(1, distributed.all_reduce_sum(targets).item())
+        return distributed.all_reduce_sum(loss_sum, "eval loss").item() / max(
+            1, distributed.all_reduce_sum(targets, "eval target count").item()
+        )
 
     @staticmethod
     def _due(every: int, step: int) -> bool:
@@ -372,5 +440,6 @@ class Trainer:
         return state
 
     def close(self) -> None:
-        """Leave the process group."""
+        """Leave the process group (and give SIGTERM / SIGUSR1 back, for a trainer never run)."""
+        self.preemption.uninstall()
         distributed.shutdown()

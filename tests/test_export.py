@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 
 from fusiontrain import tiny
@@ -52,10 +50,11 @@ def _perturb(params: dict[str, torch.Tensor], seed: int) -> None:
         param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.dtype))
 
 
-def _dcp_save(tensors: dict[str, torch.Tensor], folder: Path) -> None:
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.save(tensors, checkpoint_id=folder, no_dist=True)
+def _dcp_save(tensors: dict, folder: Path) -> None:
+    """Tensors saved as a checkpoint's DCP part is (safetensors, one process)."""
+    from fusiontrain.checkpoint.parts import save_tensors
+
+    save_tensors(tensors, folder)
 
 
 def _write_checkpoint(root: Path, parts: dict[str, dict[str, torch.Tensor]], base: dict, **extra) -> Path:
@@ -494,7 +493,7 @@ def test_cli_errors(trained_mllama, tmp_path: Path, capsys: pytest.CaptureFixtur
     no_part = tmp_path / "no_part"
     shutil.copytree(checkpoint, no_part)
     shutil.rmtree(no_part / "fusion")
-    assert "no DCP checkpoint" in _cli_error(capsys, ["--checkpoint", str(no_part), "--out", out])
+    assert "fusion/shard-00001-model-00001-of-00001.safetensors is missing" in _cli_error(capsys, ["--checkpoint", str(no_part), "--out", out])
 
     assert "--max-shard-size" in _cli_error(capsys, ["--checkpoint", str(checkpoint), "--out", out, "--max-shard-size", "lots"])
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()

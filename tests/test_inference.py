@@ -5,12 +5,10 @@ and errors."""
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 from PIL import Image, ImageDraw
 
 from fusiontrain import tiny
@@ -88,9 +86,10 @@ def _perturb(params: dict[str, torch.Tensor], seed: int) -> None:
 
 
 def _dcp_save(tensors: dict, folder: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.save(tensors, checkpoint_id=folder, no_dist=True)
+    """Tensors saved as a checkpoint's DCP part is (safetensors, one process)."""
+    from fusiontrain.checkpoint.parts import save_tensors
+
+    save_tensors(tensors, folder)
 
 
 def _write_checkpoint(root: Path, parts: dict[str, dict[str, torch.Tensor]], base: dict, **extra) -> Path:
@@ -99,7 +98,7 @@ def _write_checkpoint(root: Path, parts: dict[str, dict[str, torch.Tensor]], bas
     folder.mkdir(parents=True)
     for part, tensors in parts.items():
         _dcp_save({name: tensor.detach().clone() for name, tensor in tensors.items()}, layout.part_dir(folder, part))
-    _dcp_save({"optimizer": {"state": {"step": torch.tensor(float(STEP))}}}, folder / "train_state" / "optimizer")
+    _dcp_save({"state/step": torch.tensor(float(STEP))}, folder / "train_state" / "optimizer")
     layout.write_manifest(folder, layout.new_manifest(STEP, sorted(parts), base, **extra))
     return folder
 

@@ -8,6 +8,7 @@ the probe instead of ``-m fusiontrain train``.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -258,7 +259,8 @@ def test_slurm_sbatch_with_fake_srun(probe: Path, tmp_path: Path) -> None:
             "PROBE_WORLD": "2",
         },
     )
-    lines = assert_world_of_two(result.stdout, " ".join(OVERRIDES))
+    # the job script adds checkpoint.resume=auto, so that a requeued job resumes (tests/test_preemption.py)
+    lines = assert_world_of_two(result.stdout, " ".join([*OVERRIDES, "checkpoint.resume=auto"]))
     assert sorted(line["node_rank"] for line in lines) == ["0", "1"]
     assert "2 nodes x 1 procs, rendezvous 127.0.0.1:" in result.stdout
 
@@ -330,3 +332,43 @@ def test_accelerate_launch_two_cpu_processes(tmp_path: Path) -> None:
         },
     )
     assert_world_of_two(result.stdout, " ".join(OVERRIDES))
+
+
+TRAIN_RUN = [
+    "max_steps=2", "checkpoint.every_n_steps=2", "logging.every_n_steps=1", "eval.every_n_steps=0",
+    "data.num_workers=0", "batch.micro_batch_size=2", "batch.global_batch_size=8",
+]
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("accelerate") is None,
+    reason="accelerate is not installed (optional launcher; `pip install accelerate`)",
+)
+def test_accelerate_launch_runs_the_real_trainer_like_torchrun(tmp_path: Path, tiny_mllama_dir: Path) -> None:
+    """`accelerate launch --config_file launch/accelerate.yaml --num_processes 2 -m fusiontrain
+    train ...` trains on 2 CPU processes (gloo): world size 2 in the checkpoint, and every
+    metrics.jsonl row (loss, grad norm, lr, tokens) equal to the same run under torchrun."""
+    train = ["--config", "configs/tiny.yaml", f"model.hf_mllama={tiny_mllama_dir}", *TRAIN_RUN]
+    accelerate_dir, torchrun_dir = tmp_path / "accelerate", tmp_path / "torchrun"
+    result = run_command(
+        [
+            sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
+            "--config_file", str(LAUNCH / "accelerate.yaml"),
+            "--num_processes", "2",
+            "--main_process_port", str(free_port()),
+            "-m", "fusiontrain", "train", *train, f"output_dir={accelerate_dir}",
+        ],
+        timeout=240,
+    )
+    run_torchrun(["-m", "fusiontrain", "train", *train, f"output_dir={torchrun_dir}"], nproc=2, timeout=240)
+    manifest = json.loads((accelerate_dir / "checkpoints" / "step_2" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2, result.stdout[-2000:]
+    rows, reference = _metrics(accelerate_dir), _metrics(torchrun_dir)
+    assert [row["step"] for row in rows] == [0, 1]
+    for row, want in zip(rows, reference):
+        for key in ("loss", "grad_norm", "lr", "tokens", "real_tokens"):
+            assert row[key] == want[key], (key, row, want)

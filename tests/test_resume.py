@@ -1,5 +1,6 @@
 """Resuming training: bitwise identical to an uninterrupted run on CPU (2 ranks, packed data,
-a dataloader worker), after a planned stop and after a SIGKILL under torchrun --max-restarts 1;
+a dataloader worker), after a planned stop, after a SIGKILL under torchrun --max-restarts 1, and
+after three SIGKILLs of random ranks at random steps under --max-restarts 3 (chaos);
 refusals for another base or another world size; fusion-only checkpoint size."""
 
 from __future__ import annotations
@@ -62,13 +63,14 @@ def test_resumed_run_is_bitwise_identical(tmp_path, tiny_mllama_dir, uninterrupt
     _assert_bitwise(weights, uninterrupted[1])
 
 
-def _is_worker(pid: int) -> bool:
+def _is_worker(pid: int, local_rank: int = 1) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
-    return "train_harness.py" in cmdline and b"LOCAL_RANK=1" in environ and "torch.distributed.run" not in cmdline
+    wanted = f"LOCAL_RANK={local_rank}".encode()
+    return "train_harness.py" in cmdline and wanted in environ and "torch.distributed.run" not in cmdline
 
 
 def test_sigkilled_rank_restarts_and_resumes_to_the_same_weights(tmp_path, tiny_mllama_dir, uninterrupted) -> None:
@@ -225,3 +227,71 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, tiny_mllama_dir) -
     assert ids[0] and ids[0] == ids[1]
     offline_runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(path.name.endswith(ids[0]) or ids[0] in path.name for path in offline_runs)
+
+
+def test_auto_resume_skips_a_truncated_newest_checkpoint_and_still_matches(tmp_path, tiny_mllama_dir, uninterrupted) -> None:
+    """Checkpoints at 2, 4, 6; step 6's fusion data file is cut short (a crash while copying, a
+    full disk). ``resume: auto`` says it skips step 6, resumes from step 4, and the final weights
+    are bitwise those of the uninterrupted run."""
+    run = tmp_path / "run"
+    _harness(tmp_path / "h1", run, 2, "checkpoint.every_n_steps=2", "stop_after_steps=6", "checkpoint.keep_last_n=0", mllama=tiny_mllama_dir)
+    newest = run / "checkpoints" / "step_6"
+    shard = sorted((newest / "fusion").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    verify = subprocess.run([sys.executable, "-m", "fusiontrain", "verify", str(run)], env=launch_env(), cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert verify.returncode == 1 and "step_6: DAMAGED" in verify.stdout and "newest intact: step_4" in verify.stdout
+    args = [HARNESS, str(tmp_path / "h2"), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
+            *RUN, "checkpoint.every_n_steps=2"]
+    result = run_torchrun(args, nproc=2, timeout=300)
+    log = result.stdout
+    assert f"skipping checkpoint {newest}" in log and "truncated" in log, log[-3000:]
+    assert "resumed from" in log and "step_4 at step 4" in log, log[-3000:]
+    second = json.loads((tmp_path / "h2" / "report.json").read_text())
+    assert len(second["losses"]) == 4 and second["losses"] == uninterrupted[0]["losses"][4:]
+    _assert_bitwise(load_file(tmp_path / "h2" / "trainable.safetensors"), uninterrupted[1])
+
+
+def test_chaos_three_sigkills_of_random_ranks_end_at_the_uninterrupted_weights(
+    tmp_path, tiny_mllama_dir, uninterrupted
+) -> None:
+    """Under ``torchrun --max-restarts 3``, three SIGKILLs of a random rank, each a random moment
+    after a random step's checkpoint (a seeded draw, printed), and the job still ends at the
+    uninterrupted run's weights, bitwise."""
+    import random
+
+    draw = random.Random(int(os.environ.get("FUSIONTRAIN_CHAOS_SEED", "13")))
+    choices = [steps for steps in ((a, b, c) for a in range(1, 8) for b in range(a + 2, 8) for c in range(b + 2, 8))]
+    kill_after = draw.choice(choices)  # checkpoint steps, two apart: each kill lands in a new attempt
+    plan = [(step, draw.randrange(2), draw.uniform(0.0, 0.4)) for step in kill_after]
+    print(f"chaos plan (checkpoint step, rank, delay s): {plan}")
+    out, run = tmp_path / "h", tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "3",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        HARNESS, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
+        *RUN, "checkpoint.every_n_steps=1", "checkpoint.keep_last_n=0",
+    ]
+    log = (tmp_path / "torchrun.log").open("w")
+    process = subprocess.Popen(command, env=launch_env(), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 400
+        for step, rank, delay in plan:
+            while not (run / "checkpoints" / f"step_{step}" / "manifest.json").is_file():
+                assert process.poll() is None and time.monotonic() < deadline, f"the run ended before step {step}"
+                time.sleep(0.02)
+            time.sleep(delay)
+            victims = []
+            while not victims:  # a restarted attempt may still be starting its workers
+                assert process.poll() is None and time.monotonic() < deadline, "the job ended before its last kill"
+                victims = [pid for pid in descendant_pids(process.pid) if _is_worker(pid, rank)]
+                time.sleep(0.02)
+            os.kill(victims[0], signal.SIGKILL)
+        assert process.wait(timeout=240) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    text = (tmp_path / "torchrun.log").read_text()
+    assert text.count("resumed from") >= 3, text[-3000:]  # each restart resumed (rank 0 says so)
+    _assert_bitwise(load_file(out / "trainable.safetensors"), uninterrupted[1])

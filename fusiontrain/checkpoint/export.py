@@ -36,8 +36,10 @@ Export is a single CPU process and streams: it reads one tensor at a time (from 
 :meth:`HFCheckpoint.read`, from a DCP part with :meth:`CheckpointPart.read`), casts it and appends
 it to the current shard, which is written once it reaches ``max_shard_bytes``. Peak memory is about
 one shard plus one tensor. Everything is written into ``<out>.tmp`` and renamed to ``<out>`` at
-the end, so a crash leaves no half export under ``<out>``. Tensors are read only from safetensors
-files and DCP data files (DCP's small ``.metadata`` file is unpickled).
+the end, so a crash leaves no half export under ``<out>``. Before anything is read, the checkpoint
+is verified: only JSON and safetensors files (anything else, such as an older layout's pickled
+``.metadata``, is refused unread), each of the size and sha256 checksum its manifest records.
+Nothing is unpickled.
 
 The command line (``python -m fusiontrain export``) lives in :mod:`fusiontrain.cli`.
 """
@@ -517,7 +519,7 @@ def export_checkpoint(
             not match its base.
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    manifest = layout.read_manifest(checkpoint)
+    manifest = layout.verify_checkpoint(checkpoint, checksums=True)  # refuses unsafe files unread
     family = model_family(manifest["base"]["family"])
     format = format or ("hf" if family.hf_export else "fusiontrain")
     if format not in FORMATS:

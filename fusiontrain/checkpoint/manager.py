@@ -1,27 +1,36 @@
-"""Saving and restoring training checkpoints with ``torch.distributed.checkpoint`` (DCP).
+"""Saving and restoring training checkpoints with ``torch.distributed.checkpoint`` (DCP), in
+safetensors and JSON only.
 
 A checkpoint (layout in :mod:`fusiontrain.checkpoint.layout`) holds:
 
-- one DCP sub-checkpoint per model part (``fusion``, and ``decoder`` / ``encoder`` when they
+- one safetensors DCP folder per model part (``fusion``, and ``decoder`` / ``encoder`` when they
   train or when everything is saved), keyed by canonical parameter names, so each part loads alone
-  and DCP reshards it onto any number of ranks;
-- ``train_state/optimizer``: the optimizer state (DCP, keyed by parameter names);
+  and DCP reshards it onto any number of ranks (:func:`~fusiontrain.checkpoint.parts.save_tensors`);
+- ``train_state/optimizer/``: the optimizer state's tensors the same way, and its non-tensor rest
+  (param groups, hyper-parameters) as ``optimizer.json``, with each tensor's place marked
+  ``{"__tensor__": name}``;
 - ``train_state/rank_<r>.json``: each rank's own state (data position, RNG);
 - ``manifest.json``: the step, the global training state (LR schedule, tokens seen, run id), where
-  the frozen base weights come from and their fingerprint. It is written last.
+  the frozen base weights come from and their fingerprint, and every other file's size and
+  sha256 checksum. It is written last.
 
-Every save goes to a temporary folder that is renamed once complete, so a crash mid-save leaves the
-previous checkpoint as the latest complete one. Saves may run asynchronously (``dcp.async_save``);
-a pending save is finished before the next one starts and before training ends.
+Every save goes to a temporary folder; once every rank's files are written, they are checksummed
+(the ranks share the files), fsynced, the manifest is written, the folder renamed and its parent
+fsynced, so a crash mid-save leaves the previous checkpoint as the latest complete one. Saves may
+run asynchronously (``dcp.async_save``); a pending save is finished before the next one starts and
+before training ends. ``resume: auto`` takes the newest checkpoint whose files all match the
+manifest (checksums read), skipping and logging damaged newer ones; pruning never removes it.
 
 This module knows nothing of training: the trainer hands it tensors, a Stateful optimizer and
 plain JSON-able state. Model parts are read back through :mod:`fusiontrain.checkpoint.parts`, the
-reader that inference and export use too.
+reader that inference and export use too. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -30,7 +39,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
@@ -40,37 +48,97 @@ from fusiontrain.checkpoint.layout import (
     CheckpointError,
     checkpoint_dir,
     checkpoints_root,
-    latest_complete,
+    checksum,
+    data_files,
+    fsync_dir,
+    fsync_tree,
     list_complete,
     new_manifest,
+    list_step_folders,
     part_dir,
-    read_manifest,
+    step_of,
     tmp_dir,
+    verify_checkpoint,
     write_manifest,
     TMP_PREFIX,
 )
-from fusiontrain.checkpoint.parts import CheckpointPart, read_dcp_metadata
+from fusiontrain.checkpoint.parts import CheckpointPart, PartMismatch, load_tensors, read_part_metadata, save_tensors
+
+logger = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state"
 OPTIMIZER = "optimizer"
+OPTIMIZER_JSON = "optimizer.json"
+_TENSOR = "__tensor__"
 
 
-def verify(path: Path, *, with_optimizer: bool = True) -> dict[str, Any]:
-    """Check that checkpoint ``path`` is whole before anything is loaded from it: a valid
-    manifest, and for every DCP folder (model parts, and the optimizer unless
-    ``with_optimizer=False``) its metadata and every data file it refers to, at least as long as
-    the metadata says. Returns the manifest.
+def verify(path: Path, *, with_optimizer: bool = True, checksums: bool = True) -> dict[str, Any]:
+    """Check that checkpoint ``path`` is safe and whole before anything is loaded from it: only
+    JSON and safetensors files, a valid manifest, every file it records present with its size
+    (and, with ``checksums``, its contents), and readable safetensors headers for every model
+    part (and the optimizer unless ``with_optimizer=False``). Returns the manifest.
 
     Raises:
-        CheckpointError: naming the folder and what is missing or short.
+        CheckpointError: naming the folder and what is missing, short or changed.
     """
-    manifest = read_manifest(path)
+    manifest = verify_checkpoint(path, checksums=checksums)
     folders = [part_dir(path, part) for part in manifest["parts"]]
     if with_optimizer:
-        folders.append(path / TRAIN_STATE / OPTIMIZER)
+        folders.append(Path(path) / TRAIN_STATE / OPTIMIZER)
     for folder in folders:
-        read_dcp_metadata(folder, Path(path))
+        read_part_metadata(folder, Path(path))
     return manifest
+
+
+def split_tensors(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(skeleton, tensors)`` of a nested state dict: ``tensors`` every tensor by its path
+    (``state/<param>/exp_avg``), ``skeleton`` the rest as JSON-able data, each tensor replaced by
+    ``{"__tensor__": path}``.
+
+    Raises:
+        CheckpointError: a value that JSON cannot hold (it would need a pickle).
+    """
+    if isinstance(state, torch.Tensor):
+        return {_TENSOR: prefix}, {prefix: state}
+    if isinstance(state, dict):
+        skeleton, tensors = {}, {}
+        for key, value in state.items():
+            if not isinstance(key, str) or key == _TENSOR:
+                raise CheckpointError(f"state key {key!r} at {prefix or '/'} cannot be saved as JSON")
+            skeleton[key], found = split_tensors(value, f"{prefix}/{key}" if prefix else key)
+            tensors.update(found)
+        return skeleton, tensors
+    if isinstance(state, (list, tuple)):
+        skeleton, tensors = [], {}
+        for index, value in enumerate(state):
+            item, found = split_tensors(value, f"{prefix}/{index}")
+            skeleton.append(item)
+            tensors.update(found)
+        return skeleton, tensors
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state, {}
+    raise CheckpointError(f"state value at {prefix or '/'} is a {type(state).__name__}, which JSON cannot hold")
+
+
+def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`split_tensors`."""
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {_TENSOR}:
+            return tensors[skeleton[_TENSOR]]
+        return {key: join_tensors(value, tensors) for key, value in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [join_tensors(value, tensors) for value in skeleton]
+    return skeleton
+
+
+def _tensor_names(skeleton: Any) -> set[str]:
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {_TENSOR}:
+            return {skeleton[_TENSOR]}
+        return set().union(*(_tensor_names(value) for value in skeleton.values())) if skeleton else set()
+    if isinstance(skeleton, list):
+        return set().union(*(_tensor_names(value) for value in skeleton)) if skeleton else set()
+    return set()
 
 
 class OptimizerState(Stateful):
@@ -156,13 +224,15 @@ class CheckpointManager:
         self.wait()
         rank, world = _rank_world()
         staging = tmp_dir(self.output_dir, step)
+        skeleton, optimizer_tensors = split_tensors(optimizer.state_dict())
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
-            (staging / TRAIN_STATE).mkdir(parents=True)
+            (staging / TRAIN_STATE / OPTIMIZER).mkdir(parents=True)
+            (staging / TRAIN_STATE / OPTIMIZER / OPTIMIZER_JSON).write_text(json.dumps(skeleton))
         _barrier()
-        save = dcp.async_save if self.async_save else dcp.save
-        results = [save(tensors, checkpoint_id=part_dir(staging, part)) for part, tensors in model_parts.items()]
-        results.append(save({OPTIMIZER: optimizer}, checkpoint_id=staging / TRAIN_STATE / OPTIMIZER))
+        asynchronous = self.async_save
+        results = [save_tensors(tensors, part_dir(staging, part), asynchronous=asynchronous) for part, tensors in model_parts.items()]
+        results.append(save_tensors(optimizer_tensors, staging / TRAIN_STATE / OPTIMIZER, asynchronous=asynchronous))
         (staging / TRAIN_STATE / f"rank_{rank}.json").write_text(json.dumps(rank_state))
         manifest = new_manifest(
             step,
@@ -188,39 +258,104 @@ class CheckpointManager:
         for future in pending.futures:
             future.result()
         _barrier()  # every rank's data is on disk
-        rank, _ = _rank_world()
+        rank, world = _rank_world()
+        staging = tmp_dir(self.output_dir, pending.step)
+        # every rank checksums and fsyncs its share of the files
+        records = {}
+        for name in data_files(staging)[rank::world]:
+            path = staging / name
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+            records[name] = {"size": path.stat().st_size, "sha256": checksum(path)}
+        if world > 1:
+            gathered: list[dict] = [None] * world  # type: ignore[list-item]
+            dist.all_gather_object(gathered, records)
+            records = {name: entry for part in gathered for name, entry in part.items()}
         if rank == 0:
-            staging = tmp_dir(self.output_dir, pending.step)
-            write_manifest(staging, pending.manifest)
+            fsync_tree(staging)  # the folders (the files were fsynced above)
+            write_manifest(staging, pending.manifest, files=dict(sorted(records.items())))
             final = checkpoint_dir(self.output_dir, pending.step)
             shutil.rmtree(final, ignore_errors=True)
             staging.rename(final)
-            self._prune()
+            fsync_dir(final.parent)
+            self._prune(final)
         _barrier()
 
-    def _prune(self) -> None:
-        """Keep the newest ``keep_last_n`` complete checkpoints; drop abandoned temporary folders."""
+    def _prune(self, saved: Path) -> None:
+        """Keep the newest ``keep_last_n`` complete checkpoints, and always the newest intact one;
+        drop abandoned temporary folders. ``saved`` was just written and checksummed: it is intact,
+        so only checkpoints of a higher step (left by an earlier run) are verified here."""
         root = checkpoints_root(self.output_dir)
         for entry in root.iterdir():
             if entry.name.startswith(TMP_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
         if self.keep_last_n > 0:
-            for _, path in list_complete(self.output_dir)[: -self.keep_last_n]:
-                shutil.rmtree(path, ignore_errors=True)
+            complete = list_complete(self.output_dir)  # sizes checked, not checksums
+            keep = {path for _, path in complete[-self.keep_last_n :]} | {saved}
+            saved_step = step_of(saved)
+            for step, path in reversed(complete):  # the newest intact one may be newer than saved
+                if saved_step is not None and step <= saved_step:
+                    break
+                try:
+                    verify_checkpoint(path, checksums=True)
+                except CheckpointError:
+                    continue
+                keep.add(path)
+                break
+            for _, path in complete:
+                if path not in keep:
+                    shutil.rmtree(path, ignore_errors=True)
 
     # -- resuming ---------------------------------------------------------------------------------
 
     def resolve(self, resume: str | None) -> Path | None:
-        """The checkpoint to resume from: None (start fresh), ``"auto"`` (the latest complete
-        one under ``output_dir``, or None), or a path (which must be a complete checkpoint)."""
+        """The checkpoint to resume from: None (start fresh), ``"auto"`` (the newest intact one
+        under ``output_dir``, or None), or a path (which must be an intact checkpoint).
+
+        Rank 0 verifies (files, sizes, checksums, safetensors headers) and broadcasts its
+        decision, so that every rank resumes from the same checkpoint and the bytes are read once.
+
+        Raises:
+            CheckpointError: on every rank, when the given path is not an intact checkpoint.
+        """
         if resume is None:
             return None
-        if resume == "auto":
-            latest = latest_complete(self.output_dir)
-            return None if latest is None else latest[1]
-        path = Path(resume)
+        rank, world = _rank_world()
+        decision: list[Any] = [None, None]  # (path, error message)
+        failure: Exception | None = None
+        if rank == 0:
+            try:
+                decision[0] = self._newest_intact() if resume == "auto" else str(self._checked(Path(resume)))
+            except Exception as error:  # noqa: BLE001 - sent to every rank, raised there
+                failure = error
+                decision[1] = str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
+        if world > 1:
+            dist.broadcast_object_list(decision, src=0)
+        if failure is not None:
+            raise failure
+        if decision[1] is not None:
+            raise CheckpointError(decision[1])
+        return None if decision[0] is None else Path(decision[0])
+
+    @staticmethod
+    def _checked(path: Path) -> Path:
         verify(path)  # raises CheckpointError naming the folder, before anything is loaded
         return path
+
+    def _newest_intact(self) -> str | None:
+        """The newest ``step_<N>`` checkpoint that :func:`verify` passes; each newer one is
+        skipped with a warning saying why."""
+        folders = list_step_folders(self.output_dir)
+        for step, folder in reversed(folders):
+            try:
+                verify(folder)
+            except CheckpointError as error:
+                logger.warning("skipping checkpoint %s: %s", folder, error)
+                continue
+            if step != folders[-1][0]:
+                logger.warning("resuming from %s, the newest intact checkpoint", folder)
+            return str(folder)
+        return None
 
     def load(
         self,
@@ -239,7 +374,7 @@ class CheckpointManager:
         Returns:
             ``(global_state, rank_state)`` as saved (``rank_state`` of this rank).
         """
-        manifest = verify(path)
+        manifest = verify(path, checksums=False)  # sizes; resolve() read the checksums
         changed = differences(manifest.get("fingerprint", {}), self.fingerprint)
         if changed and not allow_base_mismatch:
             raise CheckpointError(
@@ -260,5 +395,26 @@ class CheckpointManager:
             if part not in model_parts:
                 raise CheckpointError(f"checkpoint {path} holds part {part!r}, which this model does not have")
             CheckpointPart(path, part).load(model_parts[part])
-        dcp.load({OPTIMIZER: optimizer}, checkpoint_id=path / TRAIN_STATE / OPTIMIZER)
+        self._load_optimizer(path, optimizer)
         return manifest["state"], json.loads(rank_file.read_text())
+
+    @staticmethod
+    def _load_optimizer(path: Path, optimizer: Stateful) -> None:
+        """The optimizer's tensors (resharded by DCP) into the ones its current state dict holds,
+        then its JSON rest; ``load_state_dict`` of the joined state."""
+        folder = path / TRAIN_STATE / OPTIMIZER
+        saved = json.loads((folder / OPTIMIZER_JSON).read_text())
+        _, targets = split_tensors(optimizer.state_dict())
+        wanted = _tensor_names(saved)
+        entries = read_part_metadata(folder, path).state_dict_metadata
+        if set(entries) != wanted or not wanted <= set(targets):
+            raise PartMismatch(
+                f"checkpoint {path}: the optimizer state does not fit this run's optimizer (tensors "
+                f"{sorted(wanted ^ set(entries))[:3] or sorted(wanted - set(targets))[:3]} differ)"
+            )
+        chosen = {name: targets[name] for name in wanted}
+        for name, tensor in chosen.items():
+            if tuple(entries[name].size) != tuple(tensor.shape):
+                raise PartMismatch(f"checkpoint {path}: optimizer tensor {name} has shape {tuple(entries[name].size)}, this run's {tuple(tensor.shape)}")
+        load_tensors(chosen, folder)
+        optimizer.load_state_dict(join_tensors(saved, chosen))

@@ -5,8 +5,13 @@ A checkpoint (layout in :mod:`fusiontrain.checkpoint.layout`) keeps each trained
 (``fusion/``, ``decoder/``, ``encoder/``) and the optimizer state as DCP folders, keyed by canonical
 parameter names.
 
-- :func:`read_dcp_metadata` reads a DCP folder's metadata and checks that every data file it
-  refers to is there and long enough (a crash or a copy can leave one short).
+- :func:`save_tensors` writes a flat ``{name: tensor or DTensor}`` dict as one DCP checkpoint in
+  safetensors: each rank writes ``shard-<rank+1>-model-00001-of-00001.safetensors`` holding its own
+  chunks, each chunk's offset in the full tensor in the file's safetensors header. There is no
+  other metadata file.
+- :func:`read_part_metadata` rebuilds DCP's metadata (names, full shapes, dtypes, chunks) from the
+  safetensors headers of a folder (JSON); :class:`SafetensorsReader` is DCP's
+  ``HuggingFaceStorageReader`` with that metadata read once.
 - :class:`CheckpointPart` is one model part, its metadata read once: which tensors it holds and
   their shapes, checked against a model's parameters (:meth:`~CheckpointPart.check_shapes`);
   :meth:`~CheckpointPart.load` fills tensors in place (plain tensors or sharded DTensors, a
@@ -17,7 +22,10 @@ parameter names.
 
 A part that does not fit the model raises :class:`PartMismatch`, a
 :class:`~fusiontrain.checkpoint.layout.CheckpointError`; callers with their own error type
-translate it. DCP unpickles its ``.metadata`` file; the tensor data is read as raw bytes.
+translate it. Nothing is unpickled: the state dicts hold tensors only (so DCP's planner never
+``torch.load``s a non-tensor entry), and the storage reads safetensors headers (JSON) and raw bytes.
+A folder is checked for unsafe files (:func:`~fusiontrain.checkpoint.layout.refuse_unsafe_files`)
+before anything of it is read.
 """
 
 from __future__ import annotations
@@ -31,59 +39,89 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from fusiontrain.checkpoint.layout import DCP_METADATA, MANIFEST, CheckpointError, part_dir, read_manifest
+from fusiontrain.checkpoint.layout import (
+    MANIFEST,
+    CheckpointError,
+    part_dir,
+    refuse_unsafe_files,
+    verify_checkpoint,
+)
+
+SUFFIX = ".safetensors"
 
 
 class PartMismatch(CheckpointError):
     """A part of a checkpoint does not fit the model it is loaded into (other names or shapes)."""
 
 
-class _CachingReader(FileSystemReader):
-    """A DCP ``FileSystemReader`` that reads (unpickles) the folder's ``.metadata`` once, not on
-    every load from it."""
+def _no_dist(single_process: bool = False) -> bool:
+    return single_process or not dist.is_initialized()
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], folder: Path, *, asynchronous: bool = False) -> Any:
+    """Write ``tensors`` (a flat ``{name: tensor or DTensor}``) into ``folder`` as safetensors, each
+    rank its own chunks (a collective when a process group is up). Returns ``dcp.async_save``'s
+    future when ``asynchronous``, else None."""
+    bad = [name for name, value in tensors.items() if not isinstance(value, torch.Tensor)]
+    if bad:
+        raise TypeError(f"only tensors are saved as safetensors; not tensors: {_first(bad)}")
+    writer = HuggingFaceStorageWriter(str(folder), save_distributed=True)
+    no_dist = _no_dist()
+    with warnings.catch_warnings():
+        if no_dist:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        if asynchronous:
+            return dcp.async_save(dict(tensors), storage_writer=writer, no_dist=no_dist)
+        dcp.save(dict(tensors), storage_writer=writer, no_dist=no_dist)
+    return None
+
+
+class SafetensorsReader(HuggingFaceStorageReader):
+    """DCP's ``HuggingFaceStorageReader`` (metadata from the safetensors headers, JSON; tensor bytes
+    through ``safe_open``), its metadata read once, not on every load."""
 
     _metadata: Metadata | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if args or kwargs:  # a rank-local metadata file: not the one that is cached
-            return super().read_metadata(*args, **kwargs)
+        if args or kwargs:
+            raise CheckpointError(f"{self.path}: rank-local metadata is not part of a fusiontrain checkpoint")
         if self._metadata is None:
             self._metadata = super().read_metadata()
         return self._metadata
 
 
-def read_dcp_metadata(folder: Path, checkpoint: Path, reader: FileSystemReader | None = None) -> Metadata:
-    """The DCP metadata of ``folder`` (a folder of checkpoint ``checkpoint``), once every data
-    file it refers to is checked to exist and to be at least as long as the metadata says.
+def read_part_metadata(folder: Path, checkpoint: Path, reader: SafetensorsReader | None = None) -> Metadata:
+    """DCP's metadata of safetensors folder ``folder`` (a folder of checkpoint ``checkpoint``),
+    rebuilt from the files' safetensors headers. The folder is refused first if it holds anything
+    but safetensors and JSON files.
 
     Raises:
-        CheckpointError: naming the checkpoint and the folder: no ``.metadata``, an unreadable
-            one, or a missing or truncated data file.
+        CheckpointError: naming the checkpoint and the folder: no safetensors file, an unsafe
+            file, or an unreadable header.
     """
     where = folder.relative_to(checkpoint).as_posix() if folder.is_relative_to(checkpoint) else str(folder)
-    if not (folder / DCP_METADATA).is_file():
-        raise CheckpointError(f"checkpoint {checkpoint}: {where}/ holds no DCP checkpoint (no {DCP_METADATA})")
+    refuse_unsafe_files(folder)
+    if not folder.is_dir() or not any(path.suffix == SUFFIX for path in folder.iterdir()):
+        raise CheckpointError(f"checkpoint {checkpoint}: {where}/ holds no DCP checkpoint (no safetensors files)")
     try:
-        metadata = (reader or FileSystemReader(folder)).read_metadata()
-    except Exception as error:  # noqa: BLE001 - a truncated or foreign .metadata: unusable
-        raise CheckpointError(f"checkpoint {checkpoint}: cannot read the DCP metadata of {where}/ ({error})") from None
-    needed: dict[str, int] = {}
-    for info in (metadata.storage_data or {}).values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in needed.items():
-        file = folder / name
-        if not file.is_file() or file.stat().st_size < size:
-            raise CheckpointError(f"checkpoint {checkpoint}: {where}/{name} is missing or truncated")
-    return metadata
+        return (reader or SafetensorsReader(str(folder))).read_metadata()
+    except Exception as error:  # noqa: BLE001 - a truncated or foreign file: unusable
+        raise CheckpointError(f"checkpoint {checkpoint}: cannot read the safetensors headers of {where}/ ({error})") from None
 
 
-def _dcp_load(tensors: dict[str, torch.Tensor], reader: FileSystemReader, *, single_process: bool) -> None:
+def load_tensors(tensors: Mapping[str, torch.Tensor], folder: Path, *, single_process: bool = False) -> None:
+    """Fill ``tensors`` in place from safetensors folder ``folder`` (see :func:`save_tensors`),
+    resharding as needed; a collective when a process group is up, unless ``single_process``."""
+    _dcp_load(dict(tensors), SafetensorsReader(str(folder)), single_process=single_process)
+
+
+def _dcp_load(tensors: dict[str, torch.Tensor], reader: SafetensorsReader, *, single_process: bool) -> None:
     """``dcp.load`` in place; without a process group (or when asked) as one process, without
     DCP's warning that it assumes so (that is the intent)."""
-    no_dist = single_process or not dist.is_initialized()
+    no_dist = _no_dist(single_process)
     with warnings.catch_warnings():
         if no_dist:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -110,8 +148,8 @@ class CheckpointPart:
         self.checkpoint = Path(checkpoint)
         self.name = part
         self.folder = part_dir(self.checkpoint, part)
-        self._reader = _CachingReader(self.folder)
-        metadata = read_dcp_metadata(self.folder, self.checkpoint, self._reader)
+        self._reader = SafetensorsReader(str(self.folder))
+        metadata = read_part_metadata(self.folder, self.checkpoint, self._reader)
         self.entries: dict[str, TensorStorageMetadata] = {}
         for name, entry in metadata.state_dict_metadata.items():
             if not isinstance(entry, TensorStorageMetadata):
@@ -194,7 +232,7 @@ def load_part(checkpoint: str | Path, part: str, tensors: Mapping[str, torch.Ten
         CheckpointError: the checkpoint is incomplete or has no such part; PartMismatch when it
             does not fit ``tensors``.
     """
-    manifest = read_manifest(checkpoint)
+    manifest = verify_checkpoint(checkpoint, checksums=False)  # sizes; refuses unsafe files unread
     if part not in manifest["parts"]:
         raise CheckpointError(f"checkpoint {checkpoint} has no {part!r} part ({MANIFEST} lists {manifest['parts']})")
     CheckpointPart(checkpoint, part).load(tensors)
@@ -208,6 +246,7 @@ def load_parts_into_model(checkpoint: str | Path, parts: Iterable[str], model: n
     Raises:
         CheckpointError: a part is incomplete; PartMismatch: it does not fit the model.
     """
+    verify_checkpoint(checkpoint, checksums=False)  # sizes; refuses unsafe files unread
     params = dict(model.named_parameters())
     shapes = {name: param.shape for name, param in params.items()}
     for part in open_parts(checkpoint, parts).values():

@@ -4,7 +4,10 @@
 all sample ids with a seed of ``(seed, epoch)``, keeps every ``world``-th (its shard), splits that
 among dataloader workers, builds each sample (decoding images) in the worker, skips bad ones
 (counted, logged with file and line; or raised with ``strict``), packs samples into rows (or pads
-one per row) and yields collated micro-batches.
+one per row) and yields collated micro-batches. A stream (or a dataloader worker's part of it) that
+reads a whole epoch of its share without one usable sample raises :class:`NoUsableSampleError`,
+naming the data and the skips per reason: it could never yield, and the other ranks would wait for
+it in a collective.
 
 Its state is small and exact: the epoch, the position within the epoch's shard, the ids of the
 samples in the packer's open rows and in rows not yet yielded, and the skip counts. A restored
@@ -18,6 +21,7 @@ of step k over all ranks are the same at any world size.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +40,17 @@ logger = logging.getLogger("fusiontrain.data")
 
 # Why samples get skipped; metrics count them in this order.
 SKIP_REASONS = tuple(sorted(REASONS))
+
+# What to change when every sample of a share is skipped for one reason.
+_FIXES = {
+    "too_long": "raise batch.seq_len or set data.too_long=truncate",
+    "too_many_images": "raise data.max_images_per_row or data.max_encoder_tokens_per_row",
+}
+
+
+class NoUsableSampleError(RuntimeError):
+    """A rank's share of the data (or a dataloader worker's part of it) held no usable sample in a
+    whole epoch. The message names the data, the rank and worker, and the skips per reason."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,7 @@ class SampleStream(IterableDataset):
         config: batching.
         rank, world: this rank's data-parallel coordinate and the number of ranks.
         seed: shuffle seed.
+        name: what the data is, for error messages (e.g. ``data.train.path=... (data.format=chat)``).
     """
 
     def __init__(
@@ -88,6 +104,7 @@ class SampleStream(IterableDataset):
         rank: int,
         world: int,
         seed: int,
+        name: str = "",
     ) -> None:
         if num_samples < world:
             raise ValueError(f"{num_samples} samples cannot feed {world} ranks")
@@ -98,6 +115,7 @@ class SampleStream(IterableDataset):
         self.rank = rank
         self.world = world
         self.seed = seed
+        self.name = name or f"a dataset of {num_samples} samples"
         self._restored: dict[str, Any] | None = None
         self._live: dict[str, Any] | None = None
 
@@ -144,11 +162,13 @@ class SampleStream(IterableDataset):
         epoch, position = state["epoch"], state["position"]
         while True:
             shard = self.shard(epoch, worker, num_workers)
+            whole_epoch, usable, skipped_before = position == 0, 0, Counter(skipped)
             while position < len(shard):
                 key = shard[position]
                 position += 1
                 sample = self._build(key, skipped)
                 if sample is not None:
+                    usable += 1
                     ready += packer.add(key, sample) if config.packing else [PackedRow([key], [sample])]
                 while len(ready) >= config.micro_batch_size:
                     rows, ready = ready[: config.micro_batch_size], ready[config.micro_batch_size :]
@@ -163,7 +183,27 @@ class SampleStream(IterableDataset):
                         "skipped": dict(skipped),
                     }
                     yield batch
+            if whole_epoch and not usable:  # the next epochs are the same records: it would never yield
+                raise NoUsableSampleError(self._no_usable_sample(epoch, len(shard), skipped - skipped_before, worker, num_workers))
             epoch, position = epoch + 1, 0
+
+    def _no_usable_sample(self, epoch: int, size: int, skips: Counter, worker: int, num_workers: int) -> str:
+        where = f"rank {self.rank} of {self.world}"
+        if num_workers > 1:
+            where += f", dataloader worker {worker} of {num_workers}"
+        if size == 0:
+            return (
+                f"{where} has no sample of {self.name} to read: {self.num_samples} samples over {self.world} ranks x "
+                f"{num_workers} dataloader workers leave this one none; lower data.num_workers or use more data"
+            )
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(skips.items()))
+        fixes = [_FIXES[reason] for reason in sorted(skips) if reason in _FIXES]
+        fix = f"; {' / '.join(fixes)}" if fixes else ""
+        return (
+            f"{where} found no usable sample in its share of {self.name}: all {size} samples of epoch {epoch} were "
+            f"skipped ({counts}). It could never yield a batch, and the other ranks would wait for it. Fix or filter "
+            f"the data (each skipped sample is logged above with its file and line){fix}"
+        )
 
     def _packer(self) -> FirstFitPacker:
         config = self.config
@@ -216,11 +256,38 @@ class SampleStream(IterableDataset):
         return collate_padded(samples, config.seq_len, self.image_format, pad_id=config.pad_id, ignore_index=config.ignore_index)
 
 
-def build_loader(stream: SampleStream, *, num_workers: int = 0) -> StatefulDataLoader:
+class ClosableLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose worker processes :meth:`close` ends at once.
+
+    After an error the iterator (and its workers) usually stays alive, held by the traceback, until
+    the interpreter exits; then multiprocessing's exit hook SIGTERMs the daemon workers and joins
+    them. Workers that block SIGTERM (fusiontrain.preemption blocks it before they fork) never end,
+    and the process hangs at exit. :meth:`close` shuts them down the dataloader's own way instead
+    (the done event and a ``None`` task, which an idle worker obeys), and the process can leave.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._live_iterators: weakref.WeakSet = weakref.WeakSet()
+
+    def _get_iterator(self) -> Any:
+        iterator = super()._get_iterator()
+        self._live_iterators.add(iterator)
+        return iterator
+
+    def close(self) -> None:
+        """End the worker processes of every iterator made so far (no-op with 0 workers)."""
+        for iterator in list(self._live_iterators):
+            shutdown = getattr(iterator, "_shutdown_workers", None)  # multiprocess iterators only
+            if shutdown is not None:
+                shutdown()
+
+
+def build_loader(stream: SampleStream, *, num_workers: int = 0) -> ClosableLoader:
     """A StatefulDataLoader over ``stream``: samples are built in ``num_workers`` processes (in
     this process when 0), and ``state_dict()`` / ``load_state_dict()`` save and restore the
-    position of every worker."""
-    return StatefulDataLoader(
+    position of every worker. ``close()`` ends the workers (call it after an error)."""
+    return ClosableLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,

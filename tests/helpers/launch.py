@@ -75,14 +75,15 @@ def run_torchrun(
     env: Mapping[str, str] | None = None,
     nnodes: int = 1,
     extra_torchrun_args: Sequence[str] = (),
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m torch.distributed.run ... <args>`` with ``nproc`` processes on this machine.
 
     ``args`` is what follows the torchrun options: ``["-m", "fusiontrain", "train", ...]`` or
     ``[script_path, ...]``. The rendezvous is c10d on a fresh port of 127.0.0.1 (override it, or
     anything else, through ``extra_torchrun_args``; later options win). Returns the completed
-    process with the combined output in ``.stdout``; raises ``AssertionError`` on a non-zero
-    exit or on timeout.
+    process with the combined output in ``.stdout``; raises ``AssertionError`` on timeout, and
+    on a non-zero exit unless ``check`` is false.
     """
     cmd = [
         sys.executable,
@@ -99,8 +100,29 @@ def run_torchrun(
         *extra_torchrun_args,
         *args,
     ]
-    (result,) = _run_all([cmd], env=launch_env(env), timeout=timeout, cwd=REPO_ROOT)
+    (result,) = _run_all([cmd], env=launch_env(env), timeout=timeout, cwd=REPO_ROOT, check=check)
     return result
+
+
+def run_ranks(
+    args: Sequence[str],
+    *,
+    nproc: int,
+    timeout: float = 240,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> list[subprocess.CompletedProcess]:
+    """Start ``nproc`` plain processes ``python <args>`` at once, one per rank, with the process-group
+    variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) set by
+    hand: no torchrun agent, so no rank is killed because another failed, and each rank's output
+    is its own. Returns one completed process per rank, in rank order; raises ``AssertionError``
+    on timeout, and on a non-zero exit unless ``check`` is false.
+    """
+    base = launch_env(env)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc))
+    envs = [{**base, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(nproc)]
+    cmds = [[sys.executable, *args] for _ in range(nproc)]
+    return _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check)
 
 
 def run_script_multinode(
@@ -168,9 +190,10 @@ def _run_all(
     env: Mapping[str, str] | Sequence[Mapping[str, str]],
     timeout: float,
     cwd: Path,
+    check: bool = True,
 ) -> list[subprocess.CompletedProcess]:
     """Start every command at once (each in its own session), wait for all with one deadline,
-    and check the exit codes."""
+    and check the exit codes (unless ``check`` is false; a timeout always raises)."""
     envs = [env] * len(cmds) if isinstance(env, Mapping) else list(env)
     logs = [tempfile.TemporaryFile(mode="w+b") for _ in cmds]
     procs: list[subprocess.Popen] = []
@@ -207,7 +230,7 @@ def _run_all(
 
     if timed_out:
         raise AssertionError(f"launch timed out after {timeout:.0f} s (process trees killed)\n" + _report(results))
-    if any(r.returncode != 0 for r in results):
+    if check and any(r.returncode != 0 for r in results):
         raise AssertionError("launch failed\n" + _report(results))
     return results
 

@@ -6,7 +6,8 @@ Rank 0 writes ``OUT_DIR/trainable.safetensors`` (full trainable weights after tr
 ``OUT_DIR/initial.safetensors`` (the same before the first step) and
 ``OUT_DIR/report.json``: per-step losses and grad norms, whether every frozen parameter's local
 shard is bitwise unchanged on every rank, which parameters have optimizer state, and which
-trainable parameters moved.
+trainable parameters moved. With ``--dump-every-step``, rank 0 also writes
+``OUT_DIR/steps/after_<s>.safetensors``: the full trainable weights after each step ``s`` (0-based).
 """
 
 from __future__ import annotations
@@ -30,12 +31,26 @@ def _local(param: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
+    dump_every_step = "--dump-every-step" in argv
+    argv = [a for a in argv if a != "--dump-every-step"]
     config_path = argv[argv.index("--config") + 1]
     overrides = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")]
     trainer = Trainer(load_config(config_path, overrides))
     params = canonical_parameters(trainer.model)
     frozen_before = {name: _local(p) for name, p in params.items() if not p.requires_grad}
     trainable_before = trainer.trainable_state()
+    if dump_every_step:
+        train_step = trainer.train_step
+
+        def train_and_dump(step: int) -> dict:
+            metrics = train_step(step)
+            state = trainer.trainable_state()  # a collective: every rank gathers
+            if trainer.context.is_main:
+                (out_dir / "steps").mkdir(parents=True, exist_ok=True)
+                save_file(state, out_dir / "steps" / f"after_{step}.safetensors")
+            return metrics
+
+        trainer.train_step = train_and_dump
     history = trainer.run()
     frozen_unchanged = all(torch.equal(frozen_before[name], _local(params[name])) for name in frozen_before)
     flag = torch.tensor(int(frozen_unchanged))

@@ -1,0 +1,109 @@
+"""Preemption: stop at a step boundary, checkpoint, and exit with :data:`PREEMPTED_EXIT_CODE`.
+
+SLURM and Kubernetes announce a preemption or the end of a time slot with SIGTERM (or the signal
+that ``sbatch --signal=SIG@N`` names, usually SIGUSR1) and kill the job a little later. Every
+rank installs :class:`PreemptionWatcher`: the handler only records the signal. After each
+optimizer step the trainer all-reduces "a signal arrived here" over all ranks
+(:meth:`PreemptionWatcher.agreed`), so a signal that reached only some ranks stops all of them at
+the same step; they then write a checkpoint of that step together and leave with
+:data:`PREEMPTED_EXIT_CODE`.
+
+Dataloader workers must not die of the signal: torchrun delivers SIGTERM to each worker's whole
+process group (``os.killpg``) and SLURM signals every process of a step, so they get it too, and
+torch's dataloader installs a handler in them that dies on SIGTERM; the main process then fails
+with "DataLoader worker ... is killed by signal: Terminated" (seen with torch 2.13). So
+:meth:`PreemptionWatcher.install` also *blocks* the signals, before the trainer forks its
+dataloader workers, which inherit the blocked mask and never see them; :meth:`start` unblocks
+them in the training process once the workers exist (a signal that arrived in between is
+delivered then).
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import torch
+
+from fusiontrain import distributed
+
+#: Exit code of a run that stopped because of a preemption signal, after writing its checkpoint:
+#: ``EX_TEMPFAIL`` of ``sysexits.h`` ("temporary failure; the user is invited to retry"). It is
+#: not 143 / 138 (128 + SIGTERM / SIGUSR1, what a shell reports for a process the signal
+#: killed), so a job script can tell "checkpointed, requeue me" from "killed, nothing saved".
+PREEMPTED_EXIT_CODE = 75
+
+#: Signals that request a checkpoint-and-exit.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised by :meth:`fusiontrain.trainer.Trainer.run` after the preemption checkpoint is
+    written (on every rank, at the same step)."""
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        super().__init__(f"preempted by {signal_name}: checkpoint of step {step} written")
+        self.step = step
+        self.signal_name = signal_name
+
+
+class PreemptionWatcher:
+    """Records SIGTERM / SIGUSR1 on this rank; :meth:`agreed` tells every rank whether any rank
+    got one.
+
+    Only the main thread may install signal handlers; elsewhere (a trainer in a thread) the watcher
+    stays inert and says so in :attr:`installed`.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS) -> None:
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self.installed = False
+        self._blocked_before: set[signal.Signals] = set()
+        self._previous: dict[signal.Signals, object] = {}
+
+    def install(self) -> "PreemptionWatcher":
+        """Handle the signals in this process, and block them until :meth:`start` (so that
+        processes forked meanwhile, the dataloader workers, inherit them blocked)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        self._blocked_before = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        self.installed = True
+        return self
+
+    def start(self) -> None:
+        """Unblock the signals in this process (call it once the dataloader workers exist); one
+        that arrived since :meth:`install` is handled now."""
+        if self.installed:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+
+    def uninstall(self) -> None:
+        """Put back the handlers that were there before :meth:`install`, and the signals
+        unblocked (a pending one reaches this watcher first, not the old handler)."""
+        if not self.installed:
+            return
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [s for s in self.signals if s not in self._blocked_before])
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+        self.installed = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+    def agreed(self, device: torch.device) -> str | None:
+        """Collective (every rank calls it at the same point): the name of the signal when any
+        rank received one, else None. A rank that got none reports ``"signal on another rank"``."""
+        code = torch.tensor([int(self.received) if self.received is not None else 0], dtype=torch.int64, device=device)
+        distributed.all_reduce_max(code, "the preemption flag (did any rank get SIGTERM / SIGUSR1?)")
+        value = int(code.item())
+        if value == 0:
+            return None
+        if self.received is not None:
+            return self.received.name
+        return f"{signal.Signals(value).name} on another rank"
