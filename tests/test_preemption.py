@@ -347,7 +347,8 @@ def test_slurm_sbatch_usr1_checkpoints_and_requeues(tmp_path) -> None:
 def test_slurm_sbatch_keeps_an_explicit_resume_and_does_not_requeue_a_finished_run(tmp_path) -> None:
     env, state = _fake_slurm(tmp_path)
     step = tmp_path / "quick.py"
-    step.write_text("import sys; print('STEP-ARGS', ' '.join(sys.argv[1:]), flush=True)\n")
+    # One write per line: both fake nodes share the pipe, and unbuffered print() writes in pieces.
+    step.write_text("import os, sys; os.write(1, ('STEP-ARGS ' + ' '.join(sys.argv[1:]) + '\\n').encode())\n")
     env["FUSIONTRAIN_ENTRY"] = str(step)
     result = subprocess.run(
         ["bash", str(REPO_ROOT / "launch" / "slurm.sbatch"), "--config", "c.yaml", "checkpoint.resume=null"],
