@@ -346,25 +346,35 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported config field type {kind!r} for {key}")  # a bug in this module
 
 
+# The ways to name the model, each a group of folder keys that go together (the model family that
+# reads each group is fusiontrain.families'; nothing here depends on which).
+MODEL_SOURCES: tuple[tuple[str, ...], ...] = (
+    ("model.hf_mllama",),
+    ("model.compose.decoder", "model.compose.encoder"),
+    ("model.fusiontrain_export",),
+)
+
+
+def _value_at(config: Any, dotted_key: str) -> Any:
+    """The value of ``dotted_key`` (e.g. ``"model.compose.decoder"``) in a built config."""
+    value = config
+    for part in dotted_key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def validate(config: TrainConfig) -> None:
     """Cross-field checks; raises ConfigError."""
     model = config.model
-    composed = model.compose.decoder is not None or model.compose.encoder is not None
-    chosen = [model.hf_mllama is not None, composed, model.fusiontrain_export is not None]
-    if sum(chosen) != 1:
-        raise ConfigError(
-            "set exactly one of model.hf_mllama, model.compose.decoder + model.compose.encoder, or "
-            "model.fusiontrain_export"
-        )
-    if composed:
-        folders = {"model.compose.decoder": model.compose.decoder, "model.compose.encoder": model.compose.encoder}
-    elif model.fusiontrain_export is not None:
-        folders = {"model.fusiontrain_export": model.fusiontrain_export}
-    else:
-        folders = {"model.hf_mllama": model.hf_mllama}
-    for key, folder in folders.items():
+    given = [[(key, _value_at(config, key)) for key in keys] for keys in MODEL_SOURCES]
+    chosen = [source for source in given if any(folder is not None for _, folder in source)]
+    if len(chosen) != 1:
+        choices = ", or ".join(" + ".join(keys) for keys in MODEL_SOURCES)
+        raise ConfigError(f"set exactly one of {choices}")
+    for key, folder in chosen[0]:
         if folder is None:
-            raise ConfigError(f"config key '{key}' is required when composing a model; set it to a HF model folder")
+            others = [other for other, _ in chosen[0] if other != key]
+            raise ConfigError(f"config key '{key}' is required with {others}; set it to a HF model folder")
         if not Path(folder).is_dir():
             raise ConfigError(f"config key '{key}': folder {folder} does not exist; point it at a HF model folder")
     if model.fusion_init is not None and not Path(model.fusion_init).is_dir():
