@@ -57,8 +57,7 @@ def _run_train(args: argparse.Namespace) -> int:
     except BaseException:
         # No closing barrier after an error: the other ranks may be stuck or in another collective
         # (a barrier would only wait out distributed.timeout_s); leaving lets them fail at once.
-        # The dataloader workers end first: left to the exit hook, they may never (see ClosableLoader).
-        trainer.train_loader.close()
+        # (Trainer.run has already ended the dataloader workers.)
         distributed.leave_after_failure()
         raise
     finally:

@@ -188,11 +188,9 @@ class Trainer:
                     self.save_checkpoint(done)
                 self._stop_if_preempted(done, last, saved)
             self.checkpointer.wait()
-        except Preempted:
-            self.metrics.close(exit_code=PREEMPTED_EXIT_CODE)
-            raise
-        except BaseException:
-            self.metrics.close(exit_code=1)  # marks the wandb run failed
+        except BaseException as error:
+            # Preempted: checkpointed, a distinct exit code; anything else marks the wandb run failed.
+            self.metrics.close(exit_code=PREEMPTED_EXIT_CODE if isinstance(error, Preempted) else 1)
             # The dataloader workers end now: they block SIGTERM (preemption.py), so the exit
             # hook's terminate() would never end them (see data.loader.ClosableLoader).
             self.train_loader.close()

@@ -101,18 +101,6 @@ class ComposedFamily(ModelFamily):
                 f"a composed base needs integer fusion_interval and fusion_vocab_size, got {interval!r} and {vocab!r}"
             )
 
-    def settings_of(self, model: nn.Module) -> dict[str, Any]:
-        layers = model.decoder.layers
-        fused = [
-            index
-            for index, layer in enumerate(layers)
-            if hasattr(getattr(layer, "_checkpoint_wrapped_module", layer), "fusion_layer")
-        ]
-        return {
-            "fusion_interval": fused[0] + 1 if fused else len(layers),
-            "fusion_vocab_size": model.decoder.tok_embeddings.fusion_vocab_size,
-        }
-
     # -- building ---------------------------------------------------------------------------------
 
     def build_meta(self, configs: dict[str, dict], settings: dict[str, Any], flags: TrainableFlags) -> nn.Module:

@@ -144,10 +144,6 @@ class ModelFamily(ABC):
     def owns(self, model: nn.Module) -> bool:
         """Whether ``model`` is of this family (for code handed a model without its family)."""
 
-    def settings_of(self, model: nn.Module) -> dict[str, Any]:
-        """:meth:`settings_from_config`'s values, read back from a built model."""
-        return {}
-
     # -- the transformers layout (families with hf_export) ----------------------------------------
 
     def hf_uses_legacy_names(self, folder: str | Path) -> bool:
