@@ -630,7 +630,7 @@ def main() -> None:
     print("\n".join(lines))
     print("per-step losses: " + "; ".join(f"{key}: " + ", ".join(f"{x:.3f}" for x in run.losses) for key, run in runs.items()))
     if profile_table is not None:
-        print(f"\ntorch.profiler, 2 steps of {runs['c'].name}, top 10 by self CPU time:\n{profile_table}")
+        print(f"\ntorch.profiler, 2 steps of {runs['c'].name}, top 10 by self {'CUDA' if DEVICE.type == 'cuda' else 'CPU'} time:\n{profile_table}")
     wall = time.perf_counter() - started
     print(f"total wall time {wall:.0f} s")
 

@@ -20,6 +20,8 @@ proves it in about five minutes on one GPU and prints one table, a row per check
   (bf16 has 8 mantissa bits; over 20 AdamW steps the runs drift apart slowly).
 - ``train_gpu_vs_cpu``: the same fp32 run on the GPU (nccl, flex) and on the CPU (gloo, SDPA):
   every step's loss within 1e-3 relative.
+- ``train_with_eval``: a bf16 run with an eval every 5 steps (an eval between steps once broke
+  the next step: see ``fusiontrain.parallel.reshard``).
 - ``resume_on_gpu``: the fp32 GPU run stopped after 10 steps (a DCP checkpoint) and resumed ends
   with the uninterrupted run's losses for steps 11-20 (relative 1e-4: cuDNN / SDPA backward
   kernels may reduce in another order from run to run).
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -198,7 +201,7 @@ def check_flex_vs_sdpa() -> list[Check]:
     grad_out = torch.randn(b, n_h, s, h_d, generator=generator).to(device)
 
     def run(dtype: torch.dtype, mask: Any) -> list[torch.Tensor]:
-        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
         out = attend(*leaves, mask=mask)
         out.backward(grad_out.to(dtype))
         return [out.detach()] + [t.grad for t in leaves]
@@ -333,6 +336,14 @@ class Launch:
         self.process = subprocess.Popen([sys.executable, *args], stdout=self.log.open("w"), stderr=self.err.open("w"),
                                         env=env, cwd=REPO)
 
+    def settle(self) -> int | None:
+        """Wait for the process to end (killed past the timeout) without judging it; its exit code."""
+        try:
+            return self.process.wait(timeout=max(1.0, SUBPROCESS_TIMEOUT_S - (time.perf_counter() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
     def wait(self) -> float:
         """Seconds it ran; raises with the log's tail when it failed."""
         try:
@@ -350,7 +361,7 @@ def train(name: str, out: Path, tiny: Path, extra: list[str], *, cpu: bool = Fal
     """A 20-step run of the tiny Mllama through torchrun and the CLI, into ``out/name``."""
     args = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "fusiontrain", "train",
             "--config", str(TINY_CONFIG), f"model.hf_mllama={tiny}", f"output_dir={out / name}", f"max_steps={TRAIN_STEPS}",
-            "data.num_workers=0", "logging.wandb.mode=disabled", "logging.every_n_steps=5", *extra]
+            "data.num_workers=0", "logging.wandb.mode=disabled", "logging.every_n_steps=5", "eval.every_n_steps=0", *extra]
     return Launch(log or name, args, out, cpu=cpu)
 
 
@@ -393,8 +404,10 @@ def plan_checks(out: Path, launches: dict[str, tuple[Launch, Launch]]) -> list[C
     checks = []
     for name, (plan, run) in launches.items():
         try:
+            finished = [launch.settle() for launch in (plan, run)]  # both end before either is judged
             plan.wait()
             seconds = run.wait()
+            del finished
             predicted = json.loads(plan.log.read_text())
             rows = [json.loads(line) for line in (out / f"measure_{name}" / "metrics.jsonl").read_text().splitlines()]
             measured = max(row["peak_memory_bytes"] for row in rows if "peak_memory_bytes" in row)
@@ -455,6 +468,9 @@ def main() -> None:
         "cpu_fp32": train("cpu_fp32", args.out, tiny_folder, ["parallel.mixed_precision=fp32"], cpu=True),
         "stopped": train("stopped", args.out, tiny_folder, ["parallel.mixed_precision=fp32", "stop_after_steps=10",
                                                               "checkpoint.every_n_steps=10"]),
+        # An eval every 5 steps between training steps (FSDP2 units left mid-forward by an eval
+        # broke the next step on torch 2.11; see fusiontrain.parallel.reshard).
+        "eval": train("eval", args.out, tiny_folder, ["parallel.mixed_precision=bf16", "eval.every_n_steps=5"]),
     }
     plans = plan_launches(args.out, bench)
     report.run("env", check_env)
@@ -486,7 +502,19 @@ def main() -> None:
                      f"{RESUME_RTOL:.0e} relative", details={"resumed": after, "uninterrupted": reference})
 
     report.run("resume_on_gpu", resume)
+
+    def evals() -> Check:
+        runs["eval"].wait()
+        rows = [json.loads(line) for line in (args.out / "eval" / "metrics.jsonl").read_text().splitlines()]
+        evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
+        ok = len(rows) == TRAIN_STEPS and len(evals) == TRAIN_STEPS // 5 and all(map(math.isfinite, evals))
+        return Check("train_with_eval", verdict(ok), f"{len(rows)} steps, eval losses {', '.join(f'{x:.3f}' for x in evals)}",
+                     f"{TRAIN_STEPS} steps, {TRAIN_STEPS // 5} finite evals")
+
+    report.run("train_with_eval", evals)
     report.run("plan_vs_cuda_peak", lambda: plan_checks(args.out, plans))
+    for launch in [*runs.values(), *(launch for pair in plans.values() for launch in pair)]:
+        launch.settle()  # nothing else may run on the GPU while vs_hf times its steps
     if not args.skip_vs_hf:
         for precision in ("fp32", "bf16"):
             report.run(f"vs_hf/{precision}", lambda precision=precision: vs_hf_check(args.out, precision))
