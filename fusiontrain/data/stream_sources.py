@@ -27,7 +27,8 @@ member's bytes; :meth:`StreamSource.record` then builds the record:
 
 Any other path goes to ``datasets.load_dataset(path, split=split, streaming=True)`` (a hub name,
 or a local ``.jsonl`` / ``.json`` / ``.parquet`` file or glob, read with the ``text`` / ``json`` /
-``parquet`` builders; JSON Lines through ``text`` so that a malformed line is one bad record).
+``parquet`` builders; JSON Lines through ``text`` so that a malformed line is one bad record;
+relative image paths are relative to the folder of the path or glob).
 There an example ``datasets`` itself cannot decode ends the stream with datasets' error.
 """
 
@@ -73,12 +74,15 @@ class StreamSource:
         name: the configured path or hub name.
         kind: which reader produced it.
         num_shards: how many shards it has (what ranks and workers divide).
+        base_dir: the folder relative image paths are relative to (local files: the folder of
+            the path or glob); None for tar shards and hub datasets.
     """
 
     dataset: Any
     name: str
     kind: StreamKind
     num_shards: int
+    base_dir: Path | None = None
 
     def record(self, example: dict[str, Any], where: str) -> Record:
         """The :class:`Record` of one raw ``example``; ``where`` locates it for messages when the
@@ -88,8 +92,9 @@ class StreamSource:
         origin = f"{self.name} ({where})"
         if self.kind == "jsonl":
             data, error = _parse_json_line(example["text"])
-            return Record(data=data, origin=origin, base_dir=None, error=None if error is None else error.at(origin))
-        return Record(data=example, origin=origin, base_dir=None)
+            error = None if error is None else error.at(origin)
+            return Record(data=data, origin=origin, base_dir=self.base_dir, error=error)
+        return Record(data=example, origin=origin, base_dir=self.base_dir)
 
 
 def open_stream(path: str, *, split: str = "train") -> StreamSource:
@@ -111,7 +116,7 @@ def open_stream(path: str, *, split: str = "train") -> StreamSource:
         kind, builder = _FILE_BUILDERS[suffix]
         files = sorted(glob.glob(path))
         dataset = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
-        return StreamSource(dataset, str(path), kind, dataset.num_shards)
+        return StreamSource(dataset, str(path), kind, dataset.num_shards, base_dir=Path(path).parent)
     dataset = datasets.load_dataset(str(path), split=split, streaming=True)
     if dataset.features is not None:
         for column, feature in dataset.features.items():
