@@ -114,16 +114,16 @@ def shards(tmp_path_factory) -> str:
     return write_shards(tmp_path_factory.mktemp("shards"), 8, {7: "corrupt_image", 21: "malformed_json", 32: "no_text"})
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resumed_stream_yields_exactly_the_rest(shards: str, num_workers: int) -> None:
+@pytest.mark.parametrize("num_workers, split", [(0, "shards"), (2, "shards"), (2, "examples")])
+def test_resumed_stream_yields_exactly_the_rest(shards: str, num_workers: int, split: str) -> None:
     """Stop mid-pass with rows open in the packer, restore into a fresh loader: the next batches
     are bitwise those of the uninterrupted stream, across the end of the pass."""
     total = 16
-    uninterrupted = batches(build_streaming_loader(stream(shards, 1, 2, num_workers)), total)
-    first = build_streaming_loader(stream(shards, 1, 2, num_workers))
+    uninterrupted = batches(build_streaming_loader(stream(shards, 1, 2, num_workers, stream_split=split)), total)
+    first = build_streaming_loader(stream(shards, 1, 2, num_workers, stream_split=split))
     head = batches(first, 3)
     state = first.state_dict()
-    resumed = build_streaming_loader(stream(shards, 1, 2, num_workers))
+    resumed = build_streaming_loader(stream(shards, 1, 2, num_workers, stream_split=split))
     resumed.load_state_dict(json.loads(json.dumps(state)))  # the checkpoint stores it as JSON
     tail = batches(resumed, total - 3)
     assert all(same_batch(a, b) for a, b in zip(head + tail, uninterrupted, strict=True))
@@ -198,9 +198,10 @@ def _caption_shards(folder: Path) -> str:
                 n = shard * 6 + k
                 color = colors[n % 3]
                 out = io.BytesIO()
-                Image.new("RGB", (24 + 4 * (n % 3), 20), color).save(out, "PNG")
+                Image.new("RGB", (20 + n, 20 + n % 5), color).save(out, "PNG")
                 _member(tar, f"{n:03d}.png", b"\x89PNG broken" if n == 8 else out.getvalue())
-                _member(tar, f"{n:03d}.json", b"{" if n == 15 else json.dumps({"text": f"a {color} square"}).encode())
+                text = f"a {color} square, {' '.join(['number'] * (1 + n % 4))} {n}"  # every sample its own
+                _member(tar, f"{n:03d}.json", b"{" if n == 15 else json.dumps({"text": text}).encode())
     return str(folder / "*.tar")
 
 
@@ -252,3 +253,11 @@ def test_streamed_json_lines_resume_exactly(tmp_path: Path) -> None:
     seen = [n for batch in uninterrupted for n in ids_of(batch)]
     assert set(seen) == set(range(18)) - {10} and len(seen) > 17  # every good line, into a second pass
     assert sum(batch.skipped.get("malformed_json", 0) for batch in uninterrupted) >= 1
+
+
+def test_a_map_style_position_is_refused(shards: str) -> None:
+    from fusiontrain.data.loader import SampleStream, build_loader
+
+    map_style = build_loader(SampleStream(8, lambda key: None, SPEC, StreamConfig(seq_len=8, micro_batch_size=1), rank=0, world=1, seed=0))
+    with pytest.raises(StreamResumeError, match="map-style one.*data.streaming=false"):
+        build_streaming_loader(stream(shards)).load_state_dict(map_style.state_dict())

@@ -61,7 +61,7 @@ def expand_shards(pattern: str) -> list[str]:
     """The files ``pattern`` (a path or glob) matches, sorted; raises ValueError when none."""
     files = sorted(glob.glob(pattern))
     if not files:
-        raise ValueError(f"data.train.path={pattern} matches no file; point it at .tar shards (a glob like /data/*.tar)")
+        raise ValueError(f"data.train.path={pattern} matches no file; point it at the data's files (a glob like /data/*.tar)")
     return files
 
 
@@ -112,9 +112,14 @@ def open_stream(path: str, *, split: str = "train") -> StreamSource:
         dataset = datasets.IterableDataset.from_generator(read_tar_shards, gen_kwargs={"shards": shards})
         return StreamSource(dataset, str(path), "tar", len(shards))
     suffix = Path(path).suffix.lower()
-    if suffix in _FILE_BUILDERS and glob.glob(path):
+    if Path(path).is_dir():
+        raise ValueError(
+            f"data.train.path={path} is a folder: streaming reads .tar shards, .jsonl/.json/.parquet files or globs, "
+            "or a hub dataset; read an imagefolder with data.streaming=false"
+        )
+    if suffix in _FILE_BUILDERS:
         kind, builder = _FILE_BUILDERS[suffix]
-        files = sorted(glob.glob(path))
+        files = expand_shards(path)
         dataset = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
         return StreamSource(dataset, str(path), kind, dataset.num_shards, base_dir=Path(path).parent)
     dataset = datasets.load_dataset(str(path), split=split, streaming=True)

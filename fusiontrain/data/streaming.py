@@ -424,23 +424,29 @@ class StreamingLoader(ClosableLoader):
 
 
 def _worker_states(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The stream states inside a StatefulDataLoader state (one per worker, or the one of a loader
-    without workers); a loader state without any is refused as not a streaming position."""
+    """The stream states inside a StatefulDataLoader state (one per worker that had reported one,
+    or the one of a loader without workers). A map-style stream's state there is refused."""
     found: list[dict[str, Any]] = []
+    map_style = False
 
     def walk(value: Any) -> None:
+        nonlocal map_style
         if isinstance(value, dict):
             if "anchor" in value and "position" in value:
                 found.append(value)
+                return
+            if "num_samples" in value and "position" in value:  # a map-style SampleStream's state
+                map_style = True
                 return
             for inner in value.values():
                 walk(inner)
 
     walk(loader_state)
-    if not found:
+    if map_style:
         raise StreamResumeError(
-            "the checkpoint's data position is not a streaming position (it was saved with data.streaming=false): "
-            "resume with the same data settings"
+            "the checkpoint's data position is a map-style one (saved with data.streaming=false) and this run streams "
+            "its data (data.streaming=true): resume with data.streaming=false, or start the data afresh in a new "
+            "output_dir (model.fusion_init keeps the weights)"
         )
     return found
 
