@@ -261,3 +261,18 @@ def test_a_map_style_position_is_refused(shards: str) -> None:
     map_style = build_loader(SampleStream(8, lambda key: None, SPEC, StreamConfig(seq_len=8, micro_batch_size=1), rank=0, world=1, seed=0))
     with pytest.raises(StreamResumeError, match="map-style one.*data.streaming=false"):
         build_streaming_loader(stream(shards)).load_state_dict(map_style.state_dict())
+
+
+def test_streamed_parquet_images_are_decoded_by_the_stream(tmp_path: Path) -> None:
+    """A parquet file with an HF Image column: rows arrive undecoded, so a corrupt image is one
+    counted bad record (not an error inside datasets) and the good images decode."""
+    import datasets
+
+    images = [{"bytes": _png(n), "path": None} for n in range(4)]
+    images[2] = {"bytes": b"\x89PNG broken", "path": None}
+    table = datasets.Dataset.from_dict({"id": list(range(4)), "text": ["w"] * 4, "image": images})
+    table.cast_column("image", datasets.Image()).to_parquet(str(tmp_path / "part-0.parquet"))
+    loader = build_streaming_loader(stream(str(tmp_path / "*.parquet"), packing=False, micro_batch_size=1))
+    got = batches(loader, 3)
+    assert [ids_of(batch) for batch in got] == [[0], [1], [3]]
+    assert got[2].skipped == {"corrupt_image": 1}

@@ -120,15 +120,21 @@ def open_stream(path: str, *, split: str = "train") -> StreamSource:
     if suffix in _FILE_BUILDERS:
         kind, builder = _FILE_BUILDERS[suffix]
         files = expand_shards(path)
-        dataset = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+        dataset = _without_image_decoding(datasets.load_dataset(builder, data_files=files, split="train", streaming=True))
         return StreamSource(dataset, str(path), kind, dataset.num_shards, base_dir=Path(path).parent)
-    dataset = datasets.load_dataset(str(path), split=split, streaming=True)
-    if dataset.features is not None:
-        for column, feature in dataset.features.items():
-            plain = _no_decode(feature)
-            if plain != feature:
-                dataset = dataset.cast_column(column, plain)
+    dataset = _without_image_decoding(datasets.load_dataset(str(path), split=split, streaming=True))
     return StreamSource(dataset, str(path), "hub", dataset.num_shards)
+
+
+def _without_image_decoding(dataset: Any) -> Any:
+    """``dataset`` with its ``Image`` features (if it knows its features) left undecoded: rows hold
+    ``{"bytes", "path"}``, which :func:`~fusiontrain.data.sources.open_image` decodes in the stream,
+    so that a corrupt image is one bad record rather than an error inside ``datasets``."""
+    for column, feature in (dataset.features or {}).items():
+        plain = _no_decode(feature)
+        if plain != feature:
+            dataset = dataset.cast_column(column, plain)
+    return dataset
 
 
 # -- webdataset shards ------------------------------------------------------------------------------
