@@ -18,7 +18,9 @@ counted (or raised with ``strict``): its row is collated without it, shorter; a 
 sample is all padding and trains nothing (without packing: one padding token, no target). Which
 samples those are depends only on the data, so this too is the same at any world size. Samples
 the planner dropped (unusable from their sizes) are counted once per epoch, on the micro-batch
-that holds the epoch's first row.
+that holds the epoch's first row. A dataloader worker that builds two epochs' worth of rows in a
+row, none with a usable sample (say every image file is missing), raises
+:class:`NoUsableSampleError` rather than feed padding for ever.
 
 The state is global and tiny: the position in the row stream (``epoch``, ``row``, ``step``) plus
 what the plan depends on (seed, size fingerprint, row limits, rows per step), checked on restore.
@@ -169,6 +171,8 @@ class PlannedStream(IterableDataset):
     def __iter__(self) -> Iterator[Delivery]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self._where = f"rank {self.dealing.rank} of {self.dealing.world}, dataloader worker {worker} of {num_workers}"
+        self._empty_rows, self._empty_skips = 0, Counter()
         position, count = self.start, 0
         dealing = self.dealing
         while True:
@@ -193,18 +197,39 @@ class PlannedStream(IterableDataset):
         return Delivery(batch, step, index, [(first + k, row.ids) for k, row in enumerate(rows)], after)
 
     def _build_row(self, row: PlannedRow, skipped: Counter) -> PackedRow:
-        built = PackedRow()
+        built, failed = PackedRow(), Counter()
         for key in row.ids:
             try:
                 sample = self.fetch(key)
             except BadSample as error:
                 if self.config.strict:
                     raise
-                skipped[error.reason] += 1
+                failed[error.reason] += 1
                 logger.warning("skipping a sample (%s): %s", error.reason, error)
                 continue
             built.add(key, sample)
+        skipped.update(failed)
+        self._check_progress(row, built, failed)
         return built
+
+    def _check_progress(self, row: PlannedRow, built: PackedRow, failed: Counter) -> None:
+        """Raise once this worker has built twice as many rows in a row as an epoch holds, every
+        one without a usable sample: the data fails only when built (every image missing or
+        corrupt), and the run would train on padding for ever. (Twice: one usable sample per
+        epoch still ends every streak.)"""
+        if built.samples:
+            self._empty_rows, self._empty_skips = 0, Counter()
+            return
+        self._empty_rows += 1
+        self._empty_skips.update(failed)
+        epoch_rows = len(self.plan.epoch(row.epoch).rows)
+        if self._empty_rows >= 2 * epoch_rows:
+            counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self._empty_skips.items()))
+            raise NoUsableSampleError(
+                f"{self._where}: the last {self._empty_rows} rows it built from {self.plan.name} (two epochs' worth) "
+                f"held no usable sample ({counts}); training would only see padding. Fix or filter the data "
+                "(each skipped sample is logged above with its file and line)"
+            )
 
     def _collate(self, rows: list[PackedRow]) -> Batch:
         config = self.config
@@ -249,11 +274,11 @@ class PlannedLoader:
         self.rank = rank
         self.start = DataPosition()
         self.position = self.start
-        self._loaders: weakref.WeakSet = weakref.WeakSet()
+        self._loaders: list[ClosableLoader] = []
 
     def __iter__(self) -> Iterator[Batch]:
         loader = build_loader(self.make_stream(self.start), num_workers=self.num_workers)
-        self._loaders.add(loader)
+        self._loaders.append(loader)
         for delivery in loader:
             if self.sample_log is not None:
                 self._log(delivery)
@@ -284,7 +309,7 @@ class PlannedLoader:
 
     def close(self) -> None:
         """End the worker processes of every dataloader made so far."""
-        for loader in list(self._loaders):
+        for loader in self._loaders:
             loader.close()
 
 
