@@ -31,7 +31,7 @@ import torch
 
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.packing import FirstFitPacker
-from fusiontrain.data.sizes import SampleSizes
+from fusiontrain.data.sizes import SKIP_REASONS, SampleSizes
 
 # What to change when every sample is skipped for one reason.
 _FIXES = {
@@ -144,13 +144,13 @@ class RowPlan:
         return rows, DataPosition(epoch, index, position.step + 1)
 
     def _plan(self, epoch: int) -> EpochRows:
-        limits, table = self.limits, self.sizes.table
+        limits, table = self.limits, self.sizes.table.tolist()
         packer = FirstFitPacker(limits.seq_len, limits.max_images, limits.open_rows, max_encoder_tokens=limits.max_encoder_tokens)
         skipped: Counter[str] = Counter()
         rows: list[tuple[int, ...]] = []
         for index in self.order(epoch):
-            tokens, images, encoder_tokens, _ = table[index].tolist()
-            reason = self.sizes.reason(index) or self._misfit(tokens, images, encoder_tokens)
+            tokens, images, encoder_tokens, code = table[index]
+            reason = (SKIP_REASONS[code - 1] if code else None) or self._misfit(tokens, images, encoder_tokens)
             if reason is not None:
                 if self.strict:
                     raise BadSample(reason, f"sample {index} of {self.name} cannot be used (data.strict=true)")
