@@ -277,9 +277,14 @@ class PlannedLoader:
         self._loaders: list[ClosableLoader] = []
 
     def __iter__(self) -> Iterator[Batch]:
+        """The micro-batches from the current start on. The dataloader's workers start here, at
+        once (not at the first ``next``), so they inherit the caller's signal mask now."""
         loader = build_loader(self.make_stream(self.start), num_workers=self.num_workers)
         self._loaders.append(loader)
-        for delivery in loader:
+        return self._batches(iter(loader))
+
+    def _batches(self, deliveries: Iterator[Delivery]) -> Iterator[Batch]:
+        for delivery in deliveries:
             if self.sample_log is not None:
                 self._log(delivery)
             if delivery.after is not None:
