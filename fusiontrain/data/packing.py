@@ -157,7 +157,7 @@ class FirstFitPacker:
         return rows
 
     def state(self) -> list[list[Any]]:
-        """The open rows, as lists of sample keys (samples are rebuilt from their keys)."""
+        """The open rows, as lists of sample keys."""
         return [list(row.keys) for row in self.open_rows]
 
 
