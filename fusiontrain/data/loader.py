@@ -308,7 +308,8 @@ class PlannedLoader:
             raise ValueError(
                 "the data position of the checkpoint belongs to another row plan, so it cannot be continued: "
                 + "; ".join(changed)
-                + ". Resume with the data, seed and batch settings it was saved with, or start a fresh run"
+                + ". Resume with the data, seed and batch settings it was saved with (batch.global_batch_size keeps "
+                "the rows per step at another world size), or start a fresh run"
             )
         self.start = self.position = DataPosition.from_dict(state["position"])
 
