@@ -22,7 +22,7 @@ projection is frozen, so each chunk's gradient is taken in forward and nothing i
 Data: ``SyntheticImageText(lengths="long_tail", max_text=1024)``: 0, 1 or 2 images per sample
 (each image's token opens the text that sees it), text lengths from a Pareto law (alpha 1.1,
 scale 24 tokens, capped at 1024; mean about 100). All three read the same sample sequence: the
-Trainer's own ``SampleStream`` order (seed 0). (a) iterates an identical stream built here, and
+Trainer's own row plan (seed 0, ``fusiontrain.data.row_plan``). (a) iterates an identical stream built here, and
 the script asserts that every padded batch (a) trained on is bit-identical to the one (b) trained
 on. (a)/(b) take 4 samples per step; (c) takes 4 packed rows of 1024 tokens per step, which hold
 many more samples (that is the point).
@@ -97,10 +97,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.memory import mib, model_folder, table  # noqa: E402
 from fusiontrain import distributed  # noqa: E402
-from fusiontrain.builders import build_dataset, build_meta_model, build_stream_config, configured_family  # noqa: E402
+from fusiontrain.builders import build_dataset, build_meta_model, configured_family  # noqa: E402
 from fusiontrain.config import TrainConfig, load_config  # noqa: E402
 from fusiontrain.data import Batch, ImageFormat  # noqa: E402
-from fusiontrain.data.loader import SampleStream, build_loader  # noqa: E402
+from fusiontrain.data_builders import build_train_loader  # noqa: E402
 from fusiontrain.loss import count_targets  # noqa: E402
 from fusiontrain.metrics import host_rss_bytes, peak_memory_bytes, reset_peak_memory  # noqa: E402
 from fusiontrain.models import encoder_mask_from_cross_attention_mask  # noqa: E402
@@ -172,10 +172,12 @@ def padded_stream(config: TrainConfig) -> tuple[Iterator[Batch], ImageFormat]:
     meta = build_meta_model(config.model)
     family, folders = configured_family(config.model)
     spec = family.image_format(meta)
-    dataset = build_dataset(config, spec, family.input_folders(folders, meta), meta, split="train")
-    stream_config = build_stream_config(config.data, config.batch, spec, ignore_index=config.loss.ignore_index)
-    stream = SampleStream(len(dataset), dataset.__getitem__, spec, stream_config, rank=0, world=1, seed=config.seed)
-    return iter(build_loader(stream, num_workers=0)), spec
+    inputs = family.input_folders(folders, meta)
+    dataset = build_dataset(config, spec, inputs, meta, split="train")
+    loader = build_train_loader(
+        config, dataset, spec, inputs, rank=0, world=1, combine=lambda table: table, ignore_index=config.loss.ignore_index
+    )
+    return iter(loader), spec
 
 
 def hf_inputs(batch: Batch, spec: ImageFormat, *, check: bool = False) -> dict[str, torch.Tensor]:

@@ -98,6 +98,20 @@ def _run_plan(args: argparse.Namespace) -> int:
     )
 
 
+def _run_prepare(args: argparse.Namespace) -> int:
+    """Handler of ``prepare``: measure the training samples' sizes and write the size cache."""
+    from fusiontrain.config import ConfigError, load_config
+    from fusiontrain.data_builders import prepare_from_config
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(prepare_from_config(config))
+    return 0
+
+
 def _add_plan_arguments(parser: argparse.ArgumentParser, *, gpus_default: int | None) -> None:
     parser.add_argument(
         "--gpus",
@@ -322,6 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_arguments(plan, gpus_default=1)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (bytes and seconds)")
     plan.set_defaults(func=_run_plan)
+
+    prepare = sub.add_parser(
+        "prepare",
+        help="measure every training sample's size once and cache it beside the data (train reads the cache)",
+        description="Tokenize every training sample (decoding images only for variable-resolution encoders) and "
+        "write the size table the row planner needs, beside the data (or in output_dir/sizes when the data folder "
+        "is read-only or remote). A train run without it measures the sizes itself at start-up, split over its ranks.",
+    )
+    prepare.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    prepare.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
+    prepare.set_defaults(func=_run_prepare)
 
     export = sub.add_parser(
         "export",

@@ -90,7 +90,11 @@ class DataConfig:
     too_long: Literal["skip", "truncate"] = _field(
         "skip", "A sample longer than batch.seq_len is skipped (counted) or truncated."
     )
-    packing: bool = _field(True, "Pack samples into fixed batch.seq_len rows instead of padding.")
+    packing: bool = _field(
+        True,
+        "Pack samples into fixed batch.seq_len rows instead of padding. Rows are planned for the whole run from "
+        "cached sample sizes, the same at any world size (see README, Data).",
+    )
     max_images_per_row: int = _field(4, "Image slots per packed row (samples that would exceed it go to another row).")
     packing_open_rows: int = _field(8, "Rows the first-fit packer keeps open (1 = greedy).")
     max_encoder_tokens_per_row: int | None = _field(
@@ -112,6 +116,11 @@ class DataConfig:
         "world-th record: even shares for any shard count, at world times the reading).",
     )
     num_workers: int = _field(1, "Dataloader worker processes per rank: samples and images are built there, off the training loop (0 = in the loop).")
+    log_sample_ids: bool = _field(
+        False,
+        "Append each micro-batch's sample ids (step, row within the step) to output_dir/sample_ids/rank_<r>.jsonl "
+        "(for checking which samples a run saw).",
+    )
     synthetic_samples: int = _field(512, "Number of samples in the synthetic training set.")
     synthetic_max_text: int = _field(24, "Longest synthetic text, in tokens.")
     synthetic_lengths: Literal["uniform", "fixed", "long_tail"] = _field(

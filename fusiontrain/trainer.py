@@ -23,10 +23,7 @@ from fusiontrain.builders import (
     build_dataset,
     build_lr_scheduler,
     build_optimizer,
-    build_stream_config,
-    build_streaming_train_stream,
     configured_family,
-    data_description,
     model_settings,
     prepare_model,
     rows_per_rank_per_step,
@@ -38,8 +35,8 @@ from fusiontrain.config import TrainConfig, config_to_dict, save_config
 from fusiontrain.data import Batch, collate_padded
 from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
-from fusiontrain.data.loader import SKIP_REASONS, SampleStream, build_loader
-from fusiontrain.data.streaming import build_streaming_loader
+from fusiontrain.data.loader import SKIP_REASONS
+from fusiontrain.data_builders import build_streaming_train_loader, build_train_loader
 from fusiontrain.flops import device_peak_flops, mfu, micro_batch_flops_or_none
 from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
 from fusiontrain.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
@@ -97,26 +94,21 @@ class Trainer:
         self.eval_data = build_dataset(config, self.image_format, inputs, self.model, split="eval")
         dp_rank, dp_size = self.context.rank, self.context.world_size
         self.grad_accum_steps = rows_per_rank_per_step(config.batch, dp_size) // config.batch.micro_batch_size
-        stream_config = build_stream_config(
-            config.data, config.batch, self.image_format, ignore_index=config.loss.ignore_index
-        )
         if streaming:
-            streamed = build_streaming_train_stream(
-                config, self.image_format, inputs, stream_config, rank=dp_rank, world=dp_size
+            self.train_loader = build_streaming_train_loader(
+                config, self.image_format, inputs, rank=dp_rank, world=dp_size, ignore_index=config.loss.ignore_index
             )
-            self.train_loader = build_streaming_loader(streamed)
         else:
-            stream = SampleStream(
-                len(self.train_data),
-                self.train_data.__getitem__,
+            self.train_loader = build_train_loader(
+                config,
+                self.train_data,
                 self.image_format,
-                stream_config,
+                inputs,
                 rank=dp_rank,
                 world=dp_size,
-                seed=config.seed,
-                name=data_description(config.data, "train"),
+                combine=lambda table: distributed.all_reduce_sum(table.to(self.device), "sample size tables").cpu(),
+                ignore_index=config.loss.ignore_index,
             )
-            self.train_loader = build_loader(stream, num_workers=config.data.num_workers)
         self.skipped_total = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
         self.nonfinite = NonFiniteGuard(
             config.loss.nonfinite, config.loss.max_consecutive_nonfinite, injection=injection_from_env()
@@ -264,12 +256,15 @@ class Trainer:
             step,
             model_parts=model_parts,
             optimizer=OptimizerState(self.model, self.optimizer),
-            rank_state={"loader": self.train_loader.state_dict(), "rng": rng},
+            rank_state={"rng": rng, **({"data": self.train_loader.state_dict()} if self.config.data.streaming else {})},
             global_state={
                 "step": step,
                 "tokens_seen": self.tokens_seen,
                 "scheduler": self.scheduler.state_dict(),
                 "skipped": self.skipped_total.tolist(),
+                # The row plan's position is global (the same on every rank, loadable at any world
+                # size); a stream's is per rank and goes in the rank's own state above.
+                "data": {"streaming": True} if self.config.data.streaming else self.train_loader.state_dict(),
                 "nonfinite": self.nonfinite.state_dict(),
                 "wandb_run_id": self.metrics.run_id,
             },
@@ -290,13 +285,42 @@ class Trainer:
         if "nonfinite" in state:  # absent from checkpoints written before non-finite steps were counted
             self.nonfinite.load_state_dict(state["nonfinite"])
         self.wandb_run_id = state.get("wandb_run_id")
-        self.train_loader.load_state_dict(rank_state["loader"])
+        if "data" not in state:
+            raise ValueError(
+                f"checkpoint {path} holds per-rank data positions (written before the global row plan); resume it "
+                "with the fusiontrain version that wrote it, or start a fresh run"
+            )
+        self._restore_data_position(path, state["data"], rank_state)
         decode = lambda text: torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)  # noqa: E731
-        torch.set_rng_state(decode(rank_state["rng"]["cpu"]))
-        if self.device.type == "cuda" and "cuda" in rank_state["rng"]:
-            torch.cuda.set_rng_state(decode(rank_state["rng"]["cuda"]), self.device)
+        if rank_state is None:  # saved at another world size: each rank's RNG starts anew, from the step
+            torch.manual_seed(self.config.seed + 1 + self.context.rank + 1_000_003 * self.start_step)
+        else:
+            torch.set_rng_state(decode(rank_state["rng"]["cpu"]))
+            if self.device.type == "cuda" and "cuda" in rank_state["rng"]:
+                torch.cuda.set_rng_state(decode(rank_state["rng"]["cuda"]), self.device)
         if self.context.is_main:
             logger.warning("resumed from %s at step %d", path, self.start_step)
+
+    def _restore_data_position(self, path: Path, saved: dict[str, Any], rank_state: dict[str, Any] | None) -> None:
+        """The loader's position from checkpoint ``path``: global for the row plan, this rank's own
+        for a stream (which resumes only at the world size that saved it)."""
+        was_streaming = bool(saved.get("streaming"))
+        if was_streaming != self.config.data.streaming:
+            raise ValueError(
+                f"checkpoint {path} was written with data.streaming={str(was_streaming).lower()}; this run has "
+                f"data.streaming={str(self.config.data.streaming).lower()}. A data position resumes only in the same kind "
+                "of loader: set data.streaming back, or start a fresh run"
+            )
+        if not was_streaming:
+            self.train_loader.load_state_dict(saved)
+        elif rank_state is None or "data" not in rank_state:
+            raise ValueError(
+                f"checkpoint {path} holds per-rank stream positions saved at another world size (this run has "
+                f"{self.context.world_size} ranks). A streamed run resumes only on the number of ranks that saved it "
+                "(README: Streaming data): relaunch with that many, or start a fresh run"
+            )
+        else:
+            self.train_loader.load_state_dict(rank_state["data"])
 
     def train_step(self, step: int) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches of the global batch ``step``."""

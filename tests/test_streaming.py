@@ -256,11 +256,10 @@ def test_streamed_json_lines_resume_exactly(tmp_path: Path) -> None:
 
 
 def test_a_map_style_position_is_refused(shards: str) -> None:
-    from fusiontrain.data.loader import SampleStream, build_loader
+    from tests.test_loader import loader as planned_loader
 
-    map_style = build_loader(SampleStream(8, lambda key: None, SPEC, StreamConfig(seq_len=8, micro_batch_size=1), rank=0, world=1, seed=0))
     with pytest.raises(StreamResumeError, match="map-style one.*data.streaming=false"):
-        build_streaming_loader(stream(shards)).load_state_dict(map_style.state_dict())
+        build_streaming_loader(stream(shards)).load_state_dict(planned_loader(0, 1).state_dict())
 
 
 def test_streamed_parquet_images_are_decoded_by_the_stream(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ A checkpoint (layout in :mod:`fusiontrain.checkpoint.layout`) holds:
 - ``train_state/optimizer/``: the optimizer state's tensors the same way, and its non-tensor rest
   (param groups, hyper-parameters) as ``optimizer.json``, with each tensor's place marked
   ``{"__tensor__": name}``;
-- ``train_state/rank_<r>.json``: each rank's own state (data position, RNG);
+- ``train_state/rank_<r>.json``: each rank's own state (its RNG; read back only at the same
+  world size);
 - ``manifest.json``: the step, the global training state (LR schedule, tokens seen, run id), where
   the frozen base weights come from and their fingerprint, and every other file's size and
   sha256 checksum. It is written last.
@@ -218,8 +219,8 @@ class CheckpointManager:
             step: optimizer steps done.
             model_parts: part name -> {canonical parameter name: tensor or DTensor}.
             optimizer: the optimizer's Stateful.
-            rank_state: this rank's JSON-able state (data position, RNG).
-            global_state: JSON-able state shared by all ranks (LR schedule, counters).
+            rank_state: this rank's JSON-able state (RNG).
+            global_state: JSON-able state shared by all ranks (LR schedule, counters, data position).
         """
         self.wait()
         rank, world = _rank_world()
@@ -364,15 +365,16 @@ class CheckpointManager:
         model_parts: dict[str, dict[str, torch.Tensor]],
         optimizer: Stateful,
         allow_base_mismatch: bool = False,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore ``path`` into the given tensors and optimizer, in place.
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Restore ``path`` into the given tensors and optimizer, in place, at any world size.
 
         Every part the checkpoint holds is loaded (parts it lacks keep the base weights the model
         was built from). Refuses a checkpoint whose base differs from this run's, unless
         ``allow_base_mismatch``.
 
         Returns:
-            ``(global_state, rank_state)`` as saved (``rank_state`` of this rank).
+            ``(global_state, rank_state)`` as saved: ``rank_state`` of this rank, or None when the
+            checkpoint was saved by another number of ranks.
         """
         manifest = verify(path, checksums=False)  # sizes; resolve() read the checksums
         changed = differences(manifest.get("fingerprint", {}), self.fingerprint)
@@ -383,20 +385,16 @@ class CheckpointManager:
                 "checkpoint.allow_base_mismatch=true to go ahead"
             )
         rank, world = _rank_world()
-        if manifest["world_size"] != world:
-            # DCP could reshard the weights and optimizer, but each rank's data stream (its shard,
-            # packer and position) belongs to that world size and cannot be re-split exactly.
-            raise CheckpointError(
-                f"checkpoint {path} was saved by {manifest['world_size']} ranks and this run has {world}: resume on "
-                f"{manifest['world_size']} ranks (per-rank data positions cannot be re-split exactly)"
-            )
+        # DCP reshards the weights and the optimizer onto any number of ranks, and the data
+        # position is global state; only the per-rank state (RNG) belongs to the saving world size.
         rank_file = path / TRAIN_STATE / f"rank_{rank}.json"
+        rank_state = json.loads(rank_file.read_text()) if manifest["world_size"] == world else None
         for part in manifest["parts"]:
             if part not in model_parts:
                 raise CheckpointError(f"checkpoint {path} holds part {part!r}, which this model does not have")
             CheckpointPart(path, part).load(model_parts[part])
         self._load_optimizer(path, optimizer)
-        return manifest["state"], json.loads(rank_file.read_text())
+        return manifest["state"], rank_state
 
     @staticmethod
     def _load_optimizer(path: Path, optimizer: Stateful) -> None:

@@ -1,4 +1,4 @@
-"""Data: records -> samples -> packed or padded batches, streamed per rank and resumable."""
+"""Data: records -> sizes -> a global row plan -> each rank's packed or padded batches, resumable at any world size."""
 
 from fusiontrain.data.batch import Batch, collate_padded
 from fusiontrain.data.image_format import ImageFormat

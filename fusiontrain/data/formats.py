@@ -416,3 +416,19 @@ class RecordDataset:
 
     def __getitem__(self, index: int) -> Sample:
         return self.builder(self.records[index])
+
+    def size(self, index: int) -> tuple[int, int, int]:
+        """Sample ``index``'s text tokens, images and encoder tokens, from its tokens alone when
+        every image yields the same token count, else with its images decoded and processed.
+
+        Raises:
+            BadSample: naming the record.
+        """
+        builder = self.builder
+        image_format = builder.image_format
+        if image_format.tokens_vary:
+            sample = builder(self.records[index])
+            return len(sample), len(sample.images), sum(image_format.num_tokens(image) for image in sample.images)
+        tokenized = builder.tokenize(self.records[index])
+        images = len(tokenized.images)
+        return len(tokenized.tokens), images, images * image_format.max_tokens_per_image

@@ -33,10 +33,15 @@ class ImageFormat(ABC):
             variable-resolution encoders).
         max_tokens_per_image: the most encoder tokens one image can yield (the planner's worst
             case, and the default column stride).
+        tokens_vary: True when :meth:`num_tokens` differs from image to image (measuring a
+            sample's size then decodes its images); False when every image yields
+            ``max_tokens_per_image``.
     """
 
     image_size: int
     max_tokens_per_image: int
+    # Whether images yield different token counts (then a sample's size needs its images decoded).
+    tokens_vary: bool = False
 
     # -- one image ----------------------------------------------------------------------------------
 

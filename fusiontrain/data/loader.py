@@ -1,30 +1,42 @@
-"""Each rank's stream of micro-batches, resumable exactly, through torchdata's StatefulDataLoader.
+"""Each rank's micro-batches of the global row plan, resumable at any world size.
 
-:class:`SampleStream` is an ``IterableDataset`` for one data-parallel rank. Per epoch it shuffles
-all sample ids with a seed of ``(seed, epoch)``, keeps every ``world``-th (its shard), splits that
-among dataloader workers, builds each sample (decoding images) in the worker, skips bad ones
-(counted, logged with file and line; or raised with ``strict``), packs samples into rows (or pads
-one per row) and yields collated micro-batches. A stream (or a dataloader worker's part of it) that
-reads a whole epoch of its share without one usable sample raises :class:`NoUsableSampleError`,
-naming the data and the skips per reason: it could never yield, and the other ranks would wait for
-it in a collective.
+The rows of the whole run come from :class:`~fusiontrain.data.row_plan.RowPlan`, computed from
+sample sizes the same way on every rank, so the batches do not depend on the number of ranks.
+Dealing: optimizer step ``k`` takes the next ``G = global_batch_size`` rows of the plan; with
+``W`` ranks, rank ``r`` gets rows ``[r * G / W, (r + 1) * G / W)`` of the step, in order, and its
+micro-batch ``m`` is the ``m``-th run of ``micro_batch_size`` rows of that slice. So the step's
+rows, their order and their samples are the same at any ``W``; only which rank computes which
+row changes (and the loss is normalised by the global target count, so the step's gradient is the
+same sum).
 
-Its state is small and exact: the epoch, the position within the epoch's shard, the ids of the
-samples in the packer's open rows and in rows not yet yielded, and the skip counts. A restored
-stream rebuilds those samples from their ids and continues with exactly the next sample.
-``StatefulDataLoader`` gathers the state of every worker.
+Each rank builds only the samples of its own rows (decoding their images), in dataloader worker
+processes: with ``w`` workers, worker ``i`` builds the rank's micro-batches ``i, i + w, ...``,
+which is the order ``StatefulDataLoader`` collects them in, so the order is deterministic.
 
-For unpacked (padded) batches with every sample good, the shards interleave so that the samples
-of step k over all ranks are the same at any world size.
+A sample that turns out bad only when built (an image that does not decode, ...) is skipped and
+counted (or raised with ``strict``): its row is collated without it, shorter; a row left with no
+sample is all padding and trains nothing (without packing: one padding token, no target). Which
+samples those are depends only on the data, so this too is the same at any world size. Samples
+the planner dropped (unusable from their sizes) are counted once per epoch, on the micro-batch
+that holds the epoch's first row. A dataloader worker that builds two epochs' worth of rows in a
+row, none with a usable sample (say every image file is missing), raises
+:class:`NoUsableSampleError` rather than feed padding for ever.
+
+The state is global and tiny: the position in the row stream (``epoch``, ``row``, ``step``) plus
+what the plan depends on (seed, size fingerprint, row limits, rows per step), checked on restore.
+It is the same on every rank, so a run saved on N ranks resumes on M ranks and continues with
+exactly the next global rows.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,37 +44,27 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fusiontrain.data.batch import Batch, Sample, collate_padded
-from fusiontrain.data.errors import REASONS, BadSample
+from fusiontrain.data.errors import BadSample
 from fusiontrain.data.image_format import ImageFormat
-from fusiontrain.data.packing import FirstFitPacker, PackedRow, collate_rows
+from fusiontrain.data.packing import PackedRow, collate_rows
+from fusiontrain.data.row_plan import DataPosition, NoUsableSampleError, PlannedRow, RowPlan
+from fusiontrain.data.sizes import SKIP_REASONS
+
+__all__ = ["SKIP_REASONS", "NoUsableSampleError", "Dealing", "PlannedStream", "PlannedLoader", "StreamConfig"]
 
 logger = logging.getLogger("fusiontrain.data")
-
-# Why samples get skipped; metrics count them in this order.
-SKIP_REASONS = tuple(sorted(REASONS))
-
-# What to change when every sample of a share is skipped for one reason.
-_FIXES = {
-    "too_long": "raise batch.seq_len or set data.too_long=truncate",
-    "too_many_images": "raise data.max_images_per_row or data.max_encoder_tokens_per_row",
-}
-
-
-class NoUsableSampleError(RuntimeError):
-    """A rank's share of the data (or a dataloader worker's part of it) held no usable sample in a
-    whole epoch. The message names the data, the rank and worker, and the skips per reason."""
 
 
 @dataclass(frozen=True)
 class StreamConfig:
-    """How a rank's stream batches its samples.
+    """How a rank collates its rows.
 
     Attributes:
         seq_len: tokens per row.
         micro_batch_size: rows per yielded batch.
-        packing: pack several samples per row (else one sample per row, padded).
+        packing: several samples per row (else one sample per row, padded to the batch's longest).
         max_images: image slots per packed row.
-        max_open_rows: rows the first-fit packer keeps open.
+        max_open_rows: rows the first-fit planner keeps open.
         max_encoder_tokens: encoder tokens a packed row may hold (images yield different counts
             with variable-resolution encoders); None: only ``max_images`` limits a row.
         strict: raise on the first bad sample instead of skipping it.
@@ -81,179 +83,240 @@ class StreamConfig:
     ignore_index: int = -100
 
 
-class SampleStream(IterableDataset):
-    """One rank's infinite stream of micro-batches (see the module docstring).
+@dataclass(frozen=True)
+class Dealing:
+    """Which rows of each step a rank gets (see the module docstring).
+
+    Attributes:
+        rows_per_step: ``G``, rows of one optimizer step over all ranks.
+        rank, world: this rank and the number of data-parallel ranks.
+        micro_batch_size: rows per micro-batch.
+    """
+
+    rows_per_step: int
+    rank: int
+    world: int
+    micro_batch_size: int
+
+    def __post_init__(self) -> None:
+        if self.rows_per_step % (self.world * self.micro_batch_size):
+            raise ValueError(
+                f"{self.rows_per_step} rows per step (batch.global_batch_size) do not split into micro-batches of "
+                f"{self.micro_batch_size} rows over {self.world} ranks: use a world size that divides "
+                f"{self.rows_per_step // self.micro_batch_size} (or change batch.global_batch_size)"
+            )
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.rows_per_step // self.world
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per step on each rank (gradient accumulation)."""
+        return self.rows_per_rank // self.micro_batch_size
+
+    def micro_batch(self, step_rows: list[PlannedRow], index: int) -> list[PlannedRow]:
+        """This rank's micro-batch ``index`` of a step's rows."""
+        first = self.rank * self.rows_per_rank + index * self.micro_batch_size
+        return step_rows[first : first + self.micro_batch_size]
+
+
+@dataclass
+class Delivery:
+    """A micro-batch and where it sits in the run.
+
+    Attributes:
+        batch: the collated micro-batch.
+        step: the optimizer step it belongs to.
+        micro_batch: its index within the rank's micro-batches of that step.
+        rows: per row, ``(index of the row within the step, its sample ids)``.
+        after: for the step's last micro-batch, the position after the step; else None.
+    """
+
+    batch: Batch
+    step: int
+    micro_batch: int
+    rows: list[tuple[int, tuple[int, ...]]]
+    after: DataPosition | None
+
+
+class PlannedStream(IterableDataset):
+    """One rank's infinite stream of :class:`Delivery` s from ``start`` on.
 
     Args:
-        num_samples: size of the dataset.
+        plan: the global row plan.
         fetch: ``fetch(i)`` builds sample ``i`` (raises :class:`BadSample`); runs in workers.
         image_format: the encoder's image format.
-        config: batching.
-        rank, world: this rank's data-parallel coordinate and the number of ranks.
-        seed: shuffle seed.
-        name: what the data is, for error messages (e.g. ``data.train.path=... (data.format=chat)``).
+        config: collation.
+        dealing: which rows of a step are this rank's.
+        start: where in the row stream to begin.
     """
 
     def __init__(
         self,
-        num_samples: int,
+        plan: RowPlan,
         fetch: Callable[[int], Sample],
         image_format: ImageFormat,
         config: StreamConfig,
-        *,
-        rank: int,
-        world: int,
-        seed: int,
-        name: str = "",
+        dealing: Dealing,
+        start: DataPosition,
     ) -> None:
-        if num_samples < world:
-            raise ValueError(f"{num_samples} samples cannot feed {world} ranks")
-        self.num_samples = num_samples
+        self.plan = plan
         self.fetch = fetch
         self.image_format = image_format
         self.config = config
-        self.rank = rank
-        self.world = world
-        self.seed = seed
-        self.name = name or f"a dataset of {num_samples} samples"
-        self._restored: dict[str, Any] | None = None
-        self._live: dict[str, Any] | None = None
+        self.dealing = dealing
+        self.start = start
 
-    # -- order --------------------------------------------------------------------------------
-
-    def shard(self, epoch: int, worker: int = 0, num_workers: int = 1) -> list[int]:
-        """The sample ids this rank (and worker) reads in ``epoch``, in order."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.num_samples, generator=generator)
-        return order[self.rank :: self.world][worker::num_workers].tolist()
-
-    # -- state ------------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """The position of the stream (taken by StatefulDataLoader in the worker)."""
-        state = self._live if self._live is not None else self._restored
-        if state is None:
-            state = {"epoch": 0, "position": 0, "open_rows": [], "ready_rows": [], "skipped": {}}
-        return {**state, "rank": self.rank, "world": self.world, "seed": self.seed, "num_samples": self.num_samples}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; refuses a state from another world size, seed or dataset."""
-        saved = (state["world"], state["seed"], state["num_samples"])
-        if saved != (self.world, self.seed, self.num_samples):
-            raise ValueError(
-                f"the data position was saved with world size {state['world']}, seed {state['seed']} and "
-                f"{state['num_samples']} samples; this run has {self.world}, {self.seed} and {self.num_samples}. "
-                "Packed per-rank streams cannot be re-split: resume with the same world size and data"
-            )
-        self._restored = {k: state[k] for k in ("epoch", "position", "open_rows", "ready_rows", "skipped")}
-
-    # -- iteration --------------------------------------------------------------------------------
-
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Delivery]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        state = self._restored or {"epoch": 0, "position": 0, "open_rows": [], "ready_rows": [], "skipped": {}}
-        config = self.config
-        packer = self._packer()
-        packer.open_rows = [self._rebuild(keys, packer) for keys in state["open_rows"]]
-        ready = [self._rebuild(keys, packer) for keys in state["ready_rows"]]
-        skipped = Counter(state["skipped"])
-        reported = Counter(skipped)
-        epoch, position = state["epoch"], state["position"]
+        self._where = f"rank {self.dealing.rank} of {self.dealing.world}, dataloader worker {worker} of {num_workers}"
+        self._empty_rows, self._empty_skips = 0, Counter()
+        position, count = self.start, 0
+        dealing = self.dealing
         while True:
-            shard = self.shard(epoch, worker, num_workers)
-            whole_epoch, usable, skipped_before = position == 0, 0, Counter(skipped)
-            while position < len(shard):
-                key = shard[position]
-                position += 1
-                sample = self._build(key, skipped)
-                if sample is not None:
-                    usable += 1
-                    ready += packer.add(key, sample) if config.packing else [PackedRow([key], [sample])]
-                while len(ready) >= config.micro_batch_size:
-                    rows, ready = ready[: config.micro_batch_size], ready[config.micro_batch_size :]
-                    batch = self._collate(rows)
-                    batch.skipped = dict(skipped - reported)
-                    reported = Counter(skipped)
-                    self._live = {
-                        "epoch": epoch,
-                        "position": position,
-                        "open_rows": packer.state(),
-                        "ready_rows": [list(row.keys) for row in ready],
-                        "skipped": dict(skipped),
-                    }
-                    yield batch
-            if whole_epoch and not usable:  # the next epochs are the same records: it would never yield
-                raise NoUsableSampleError(self._no_usable_sample(epoch, len(shard), skipped - skipped_before, worker, num_workers))
-            epoch, position = epoch + 1, 0
+            step_rows, after = self.plan.take(position, dealing.rows_per_step)
+            for index in range(dealing.micro_batches):
+                if count % num_workers == worker:
+                    rows = dealing.micro_batch(step_rows, index)
+                    last = index == dealing.micro_batches - 1
+                    yield self._deliver(rows, position.step, index, after if last else None)
+                count += 1
+            position = after
 
-    def _no_usable_sample(self, epoch: int, size: int, skips: Counter, worker: int, num_workers: int) -> str:
-        where = f"rank {self.rank} of {self.world}"
-        if num_workers > 1:
-            where += f", dataloader worker {worker} of {num_workers}"
-        if size == 0:
-            return (
-                f"{where} has no sample of {self.name} to read: {self.num_samples} samples over {self.world} ranks x "
-                f"{num_workers} dataloader workers leave this one none; lower data.num_workers or use more data"
+    def _deliver(self, rows: list[PlannedRow], step: int, index: int, after: DataPosition | None) -> Delivery:
+        skipped: Counter[str] = Counter()
+        for row in rows:
+            if row.index == 0:  # the epoch's first row reports what its planning dropped
+                skipped.update(self.plan.epoch(row.epoch).skipped)
+        built = [self._build_row(row, skipped) for row in rows]
+        batch = self._collate(built)
+        batch.skipped = dict(skipped)
+        first = self.dealing.rank * self.dealing.rows_per_rank + index * self.dealing.micro_batch_size
+        return Delivery(batch, step, index, [(first + k, row.ids) for k, row in enumerate(rows)], after)
+
+    def _build_row(self, row: PlannedRow, skipped: Counter) -> PackedRow:
+        built, failed = PackedRow(), Counter()
+        for key in row.ids:
+            try:
+                sample = self.fetch(key)
+            except BadSample as error:
+                if self.config.strict:
+                    raise
+                failed[error.reason] += 1
+                logger.warning("skipping a sample (%s): %s", error.reason, error)
+                continue
+            built.add(key, sample)
+        skipped.update(failed)
+        self._check_progress(row, built, failed)
+        return built
+
+    def _check_progress(self, row: PlannedRow, built: PackedRow, failed: Counter) -> None:
+        """Raise once this worker has built twice as many rows in a row as an epoch holds, every
+        one without a usable sample: the data fails only when built (every image missing or
+        corrupt), and the run would train on padding for ever. (Twice: one usable sample per
+        epoch still ends every streak.)"""
+        if built.samples:
+            self._empty_rows, self._empty_skips = 0, Counter()
+            return
+        self._empty_rows += 1
+        self._empty_skips.update(failed)
+        epoch_rows = len(self.plan.epoch(row.epoch).rows)
+        if self._empty_rows >= 2 * epoch_rows:
+            counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(self._empty_skips.items()))
+            raise NoUsableSampleError(
+                f"{self._where}: the last {self._empty_rows} rows it built from {self.plan.name} (two epochs' worth) "
+                f"held no usable sample ({counts}); training would only see padding. Fix or filter the data "
+                "(each skipped sample is logged above with its file and line)"
             )
-        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(skips.items()))
-        fixes = [_FIXES[reason] for reason in sorted(skips) if reason in _FIXES]
-        fix = f"; {' / '.join(fixes)}" if fixes else ""
-        return (
-            f"{where} found no usable sample in its share of {self.name}: all {size} samples of epoch {epoch} were "
-            f"skipped ({counts}). It could never yield a batch, and the other ranks would wait for it. Fix or filter "
-            f"the data (each skipped sample is logged above with its file and line){fix}"
-        )
-
-    def _packer(self) -> FirstFitPacker:
-        config = self.config
-        return FirstFitPacker(
-            config.seq_len,
-            config.max_images,
-            config.max_open_rows,
-            image_format=self.image_format,
-            max_encoder_tokens=config.max_encoder_tokens,
-        )
-
-    def _build(self, key: int, skipped: Counter) -> Sample | None:
-        try:
-            sample = self.fetch(key)
-        except BadSample as error:
-            if self.config.strict:
-                raise
-            skipped[error.reason] += 1
-            logger.warning("skipping a sample (%s): %s", error.reason, error)
-            return None
-        config = self.config
-        encoder_tokens = sum(self.image_format.num_tokens(image) for image in sample.images)
-        too_many_encoder_tokens = config.max_encoder_tokens is not None and encoder_tokens > config.max_encoder_tokens
-        if len(sample) > config.seq_len or len(sample.images) > config.max_images or too_many_encoder_tokens:
-            reason = "too_long" if len(sample) > config.seq_len else "too_many_images"
-            message = (
-                f"{sample.origin or key}: {len(sample)} tokens, {len(sample.images)} images and {encoder_tokens} "
-                f"encoder tokens do not fit a row of {config.seq_len} tokens, {config.max_images} images and "
-                f"{config.max_encoder_tokens} encoder tokens (data.max_encoder_tokens_per_row)"
-            )
-            if self.config.strict:
-                raise BadSample(reason, message)
-            skipped[reason] += 1
-            logger.warning("skipping a sample (%s): %s", reason, message)
-            return None
-        return sample
-
-    def _rebuild(self, keys: list[int], packer: FirstFitPacker) -> PackedRow:
-        row = PackedRow()
-        for key in keys:
-            sample = self.fetch(key)
-            row.add(key, sample, packer.encoder_tokens(sample))
-        return row
 
     def _collate(self, rows: list[PackedRow]) -> Batch:
         config = self.config
         if config.packing:
             return collate_rows(rows, config.seq_len, self.image_format, pad_id=config.pad_id, ignore_index=config.ignore_index)
-        samples = [row.samples[0] for row in rows]
-        return collate_padded(samples, config.seq_len, self.image_format, pad_id=config.pad_id, ignore_index=config.ignore_index)
+        blank = Sample(torch.full((1,), config.pad_id), torch.full((1,), config.ignore_index), origin="padding")
+        samples = [row.samples[0] if row.samples else blank for row in rows]
+        batch = collate_padded(samples, config.seq_len, self.image_format, pad_id=config.pad_id, ignore_index=config.ignore_index)
+        for index, row in enumerate(rows):
+            if not row.samples:  # a bad sample's row: padding only
+                batch.is_real[index] = False
+        return batch
+
+
+class PlannedLoader:
+    """This rank's micro-batches (an iterable of :class:`Batch`), built by ``num_workers``
+    dataloader processes, with a global, world-size independent position.
+
+    Args:
+        make_stream: the rank's stream from a position.
+        num_workers: dataloader worker processes (0: in this process).
+        identity: what the plan depends on (seed, size fingerprint, limits, rows per step); a
+            saved state must match it to be loaded.
+        sample_log: a JSON Lines file to append each micro-batch's sample ids to (``step``,
+            ``rank``, ``rows``: ``[index of the row in the step, [sample ids]]``), or None.
+        rank: for the sample log.
+    """
+
+    def __init__(
+        self,
+        make_stream: Callable[[DataPosition], PlannedStream],
+        *,
+        num_workers: int,
+        identity: dict[str, Any],
+        sample_log: Path | None = None,
+        rank: int = 0,
+    ) -> None:
+        self.make_stream = make_stream
+        self.num_workers = num_workers
+        self.identity = identity
+        self.sample_log = sample_log
+        self.rank = rank
+        self.start = DataPosition()
+        self.position = self.start
+        self._loaders: list[ClosableLoader] = []
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The micro-batches from the current start on. The dataloader's workers start here, at
+        once (not at the first ``next``), so they inherit the caller's signal mask now."""
+        loader = build_loader(self.make_stream(self.start), num_workers=self.num_workers)
+        self._loaders.append(loader)
+        return self._batches(iter(loader))
+
+    def _batches(self, deliveries: Iterator[Delivery]) -> Iterator[Batch]:
+        for delivery in deliveries:
+            if self.sample_log is not None:
+                self._log(delivery)
+            if delivery.after is not None:
+                self.position = delivery.after
+            yield delivery.batch
+
+    def _log(self, delivery: Delivery) -> None:
+        line = {"step": delivery.step, "rank": self.rank, "micro_batch": delivery.micro_batch, "rows": delivery.rows}
+        self.sample_log.parent.mkdir(parents=True, exist_ok=True)
+        with self.sample_log.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last whole step handed out, with the plan's identity."""
+        return {"position": self.position.to_dict(), **self.identity}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (call before iterating). Refuses a state whose plan differs."""
+        changed = [f"{key}: saved {state.get(key)!r}, now {value!r}" for key, value in self.identity.items() if state.get(key) != value]
+        if changed:
+            raise ValueError(
+                "the data position of the checkpoint belongs to another row plan, so it cannot be continued: "
+                + "; ".join(changed)
+                + ". Resume with the data, seed and batch settings it was saved with (batch.global_batch_size keeps "
+                "the rows per step at another world size), or start a fresh run"
+            )
+        self.start = self.position = DataPosition.from_dict(state["position"])
+
+    def close(self) -> None:
+        """End the worker processes of every dataloader made so far."""
+        for loader in self._loaders:
+            loader.close()
 
 
 class ClosableLoader(StatefulDataLoader):
@@ -283,10 +346,10 @@ class ClosableLoader(StatefulDataLoader):
                 shutdown()
 
 
-def build_loader(stream: SampleStream, *, num_workers: int = 0) -> ClosableLoader:
-    """A StatefulDataLoader over ``stream``: samples are built in ``num_workers`` processes (in
-    this process when 0), and ``state_dict()`` / ``load_state_dict()`` save and restore the
-    position of every worker. ``close()`` ends the workers (call it after an error)."""
+def build_loader(stream: IterableDataset, *, num_workers: int = 0) -> ClosableLoader:
+    """A StatefulDataLoader over ``stream``: items are built in ``num_workers`` processes (in this
+    process when 0), collected round-robin from the workers. ``close()`` ends the workers (call it
+    after an error)."""
     return ClosableLoader(
         stream,
         batch_size=None,

@@ -4,8 +4,10 @@ The packer is a streaming, bounded first-fit: each sample goes into the first op
 for its tokens and its images; when none has room and ``max_open_rows`` rows are open, the
 fullest row is closed (emitted) first. Plain greedy packing (one open row) wastes the tail of a
 row whenever the next sample is long; a few open rows let short samples fill those tails, which
-matters for long-tailed length mixes (``benchmarks/packing.py`` compares them), while the state to
-save on a checkpoint stays a handful of sample ids.
+matters for long-tailed length mixes (``benchmarks/packing.py`` compares them). The training
+loader runs it on sample sizes alone (:meth:`FirstFitPacker.add_sized`), once for the whole
+dataset per epoch, the same on every rank (:mod:`fusiontrain.data.row_plan`); :meth:`add` packs
+built samples (tests, and streams that cannot know sizes up front).
 
 In a packed row, sample ``j`` occupies tokens ``[o_j, o_j + n_j)`` and image slots of its own:
 
@@ -33,25 +35,28 @@ from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
 class PackedRow:
     """Samples packed into one row, in order, with the ids that recreate them after a restart.
 
-    ``encoder_tokens`` counts the encoder-token columns of the row's images (see
-    :meth:`ImageFormat.num_tokens`); it is what the row's cross-attention attends over.
+    A row planned from sizes alone (:mod:`fusiontrain.data.row_plan`) holds keys and counts and no
+    samples yet; the loader builds its samples later. ``encoder_tokens`` counts the encoder-token
+    columns of the row's images (see :meth:`ImageFormat.num_tokens`); it is what the row's
+    cross-attention attends over.
     """
 
     keys: list[Any] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     encoder_tokens: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(sample) for sample in self.samples)
-
-    @property
-    def num_images(self) -> int:
-        return sum(len(sample.images) for sample in self.samples)
+    num_tokens: int = 0
+    num_images: int = 0
 
     def add(self, key: Any, sample: Sample, encoder_tokens: int = 0) -> None:
-        self.keys.append(key)
+        """Append ``sample`` (identified by ``key``)."""
+        self.add_sized(key, len(sample), len(sample.images), encoder_tokens)
         self.samples.append(sample)
+
+    def add_sized(self, key: Any, num_tokens: int, num_images: int, encoder_tokens: int) -> None:
+        """Append the sample ``key`` by its sizes only (its sample is built later)."""
+        self.keys.append(key)
+        self.num_tokens += num_tokens
+        self.num_images += num_images
         self.encoder_tokens += encoder_tokens
 
 
@@ -63,7 +68,8 @@ class FirstFitPacker:
         max_images: image slots per row.
         max_open_rows: rows kept open at once (1 = plain greedy packing).
         image_format: the encoder's image format; with ``max_encoder_tokens`` it counts each
-            image's encoder tokens, which may differ from image to image.
+            image's encoder tokens, which may differ from image to image (needed by :meth:`add`
+            only; :meth:`add_sized` is given the counts).
         max_encoder_tokens: encoder-token capacity of a row (``s_e``); None for no limit beyond
             ``max_images``.
     """
@@ -79,8 +85,6 @@ class FirstFitPacker:
     ) -> None:
         if max_open_rows < 1:
             raise ValueError(f"max_open_rows must be >= 1, got {max_open_rows}")
-        if max_encoder_tokens is not None and image_format is None:
-            raise ValueError("max_encoder_tokens needs the image_format that counts each image's tokens")
         self.seq_len = seq_len
         self.max_images = max_images
         self.max_open_rows = max_open_rows
@@ -92,36 +96,53 @@ class FirstFitPacker:
         """Encoder-token columns ``sample``'s images take in a row (0 when not counted)."""
         if self.max_encoder_tokens is None:
             return 0
+        if self.image_format is None:
+            raise ValueError("max_encoder_tokens needs the image_format that counts each image's tokens (or use add_sized)")
         return sum(self.image_format.num_tokens(image) for image in sample.images)
 
-    def _fits(self, row: PackedRow, sample: Sample, encoder_tokens: int) -> bool:
+    def _fits(self, row: PackedRow, num_tokens: int, num_images: int, encoder_tokens: int) -> bool:
         return (
-            row.num_tokens + len(sample) <= self.seq_len
-            and row.num_images + len(sample.images) <= self.max_images
+            row.num_tokens + num_tokens <= self.seq_len
+            and row.num_images + num_images <= self.max_images
             and (self.max_encoder_tokens is None or row.encoder_tokens + encoder_tokens <= self.max_encoder_tokens)
         )
+
+    def fits_alone(self, num_tokens: int, num_images: int, encoder_tokens: int) -> bool:
+        """Whether a sample of these sizes fits an empty row."""
+        return self._fits(PackedRow(), num_tokens, num_images, encoder_tokens)
 
     def add(self, key: Any, sample: Sample) -> list[PackedRow]:
         """Place ``sample`` (identified by ``key``); returns the rows this closed, in order."""
         encoder_tokens = self.encoder_tokens(sample)
-        if not self._fits(PackedRow(), sample, encoder_tokens):
+        return self._place(key, len(sample), len(sample.images), encoder_tokens, sample, sample.origin or key)
+
+    def add_sized(self, key: Any, num_tokens: int, num_images: int, encoder_tokens: int) -> list[PackedRow]:
+        """Place sample ``key`` by its sizes alone (rows hold keys, no samples); returns the rows
+        this closed, in order. Same rule as :meth:`add`."""
+        return self._place(key, num_tokens, num_images, encoder_tokens, None, key)
+
+    def _place(
+        self, key: Any, num_tokens: int, num_images: int, encoder_tokens: int, sample: Sample | None, name: Any
+    ) -> list[PackedRow]:
+        if not self.fits_alone(num_tokens, num_images, encoder_tokens):
             raise ValueError(
-                f"sample {sample.origin or key} ({len(sample)} tokens, {len(sample.images)} images, {encoder_tokens} "
+                f"sample {name} ({num_tokens} tokens, {num_images} images, {encoder_tokens} "
                 f"encoder tokens) cannot fit a row of {self.seq_len} tokens, {self.max_images} images and "
                 f"{self.max_encoder_tokens} encoder tokens"
             )
-        for row in self.open_rows:
-            if self._fits(row, sample, encoder_tokens):
-                row.add(key, sample, encoder_tokens)
-                return self._close_full_rows()
+        target = next((row for row in self.open_rows if self._fits(row, num_tokens, num_images, encoder_tokens)), None)
         closed = []
-        if len(self.open_rows) == self.max_open_rows:
-            fullest = max(self.open_rows, key=lambda row: row.num_tokens)
-            self.open_rows.remove(fullest)
-            closed.append(fullest)
-        row = PackedRow()
-        row.add(key, sample, encoder_tokens)
-        self.open_rows.append(row)
+        if target is None:
+            if len(self.open_rows) == self.max_open_rows:
+                fullest = max(self.open_rows, key=lambda row: row.num_tokens)
+                self.open_rows.remove(fullest)
+                closed.append(fullest)
+            target = PackedRow()
+            self.open_rows.append(target)
+        if sample is None:
+            target.add_sized(key, num_tokens, num_images, encoder_tokens)
+        else:
+            target.add(key, sample, encoder_tokens)
         return closed + self._close_full_rows()
 
     def _close_full_rows(self) -> list[PackedRow]:
@@ -136,7 +157,7 @@ class FirstFitPacker:
         return rows
 
     def state(self) -> list[list[Any]]:
-        """The open rows, as lists of sample keys (samples are rebuilt from their keys)."""
+        """The open rows, as lists of sample keys."""
         return [list(row.keys) for row in self.open_rows]
 
 

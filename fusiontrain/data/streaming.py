@@ -435,7 +435,7 @@ def _worker_states(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
             if "anchor" in value and "position" in value:
                 found.append(value)
                 return
-            if "num_samples" in value and "position" in value:  # a map-style SampleStream's state
+            if "rows_per_step" in value and "position" in value:  # the row plan's (map-style) state
                 map_style = True
                 return
             for inner in value.values():

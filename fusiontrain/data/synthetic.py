@@ -102,6 +102,12 @@ class SyntheticImageText:
         labels[labels == self.image_token_id] = self.ignore_index  # image tokens are inputs only
         return Sample(tokens=tokens, labels=labels, images=images, image_spans=spans, origin=f"synthetic:{index}")
 
+    def size(self, index: int) -> tuple[int, int, int]:
+        """Sample ``index``'s text tokens, images and encoder tokens (it is built: synthetic
+        samples are cheap)."""
+        sample = self[index]
+        return len(sample), len(sample.images), sum(self.image_format.num_tokens(image) for image in sample.images)
+
     def _image_word(self, image: dict[str, torch.Tensor]) -> int:
         """The text token an image predicts: a function of its brightness."""
         brightness = image["pixel_values"].mean().clamp(-1, 1)

@@ -58,6 +58,8 @@ class NaflexImage(ImageFormat):
         num_channels: image channels (3).
     """
 
+    tokens_vary = True  # each image's patch grid follows its aspect ratio
+
     def __init__(self, patch_size: int, max_num_patches: int, num_channels: int = 3) -> None:
         self.image_size = 0  # variable resolution: no fixed-size probe
         self.patch_size = patch_size

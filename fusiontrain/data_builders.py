@@ -1,0 +1,232 @@
+"""Builders of the training data pipeline from config: the sample size table (cached beside the
+data), the global row plan, and each rank's loader of it.
+
+``prepare_sizes`` is what ``python -m fusiontrain prepare`` runs: one pass over the data that
+writes the size cache. ``build_train_loader`` is what the trainer calls: it loads the cache, or
+has every rank measure ``1 / world`` of the samples and sums the tables over ranks (then rank 0
+writes the cache), and returns the rank's :class:`~fusiontrain.data.loader.PlannedLoader`.
+``build_streaming_train_loader`` is its counterpart for streamed data (``data.streaming``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusiontrain.builders import (
+    build_dataset,
+    build_meta_model,
+    build_stream_config,
+    configured_family,
+    data_description,
+    resolve_global_batch,
+    sample_builder,
+)
+from fusiontrain.config import TrainConfig
+from fusiontrain.data.formats import RecordDataset
+from fusiontrain.data.image_format import ImageFormat
+from fusiontrain.data.loader import Dealing, PlannedLoader, PlannedStream
+from fusiontrain.data.row_plan import DataPosition, RowLimits, RowPlan
+from fusiontrain.data.stream_sources import open_stream
+from fusiontrain.data.streaming import StreamingLoader, StreamingSampleStream, build_streaming_loader
+from fusiontrain.data.sizes import (
+    SampleSizes,
+    cache_dirs,
+    files_identity,
+    fingerprint,
+    folder_digest,
+    load_cached,
+    measure,
+    save_cache,
+)
+from fusiontrain.data.synthetic import SyntheticImageText
+from fusiontrain.families import InputFolders
+
+logger = logging.getLogger("fusiontrain.data")
+
+Dataset = RecordDataset | SyntheticImageText
+# Sums an int64 tensor over the data-parallel ranks (identity on one process).
+Combine = Callable[[torch.Tensor], torch.Tensor]
+
+
+def sizes_key_parts(config: TrainConfig, dataset: Dataset, image_format: ImageFormat, inputs: InputFolders) -> dict[str, Any]:
+    """What the training split's sample sizes depend on (JSON-able): the data (files' names,
+    sizes and mtimes, or the hub dataset's fingerprint), the sample format and ``batch.seq_len``,
+    the tokenizer and image-processor files, and the image format."""
+    encoder = {
+        "image_format": type(image_format).__name__,
+        "describe": image_format.describe(),
+        "max_tokens_per_image": image_format.max_tokens_per_image,
+        "tokens_vary": image_format.tokens_vary,
+    }
+    data = config.data
+    if isinstance(dataset, SyntheticImageText):
+        synthetic = {
+            "num_samples": len(dataset),
+            "max_text": dataset.max_text,
+            "lengths": dataset.lengths,
+            "seed": dataset.seed,
+            "vocab_size": dataset.vocab_size,
+        }
+        return {"synthetic": synthetic, "encoder": encoder}
+    records = dataset.records
+    local = Path(data.train.path)
+    source = {"name": records.name, "kind": records.kind, "split": data.train.split, "num_records": len(records)}
+    if local.exists():
+        source["files"] = files_identity(local)
+    else:
+        source["datasets_fingerprint"] = getattr(records.dataset, "_fingerprint", None)
+    samples = {
+        "format": data.format,
+        "train_on": data.train_on,
+        "seq_len": config.batch.seq_len,
+        "too_long": data.too_long,
+        "image_token_id": inputs.image_token_id,
+    }
+    processors = {"text_dir": folder_digest(inputs.text_dir), "image_dir": folder_digest(inputs.image_dir)}
+    return {"data": source, "samples": samples, "processors": processors, "encoder": encoder}
+
+
+def _dirs(config: TrainConfig) -> list[Path]:
+    return cache_dirs(config.data.train.path if config.data.format != "synthetic" else None, config.output_dir)
+
+
+def prepare_sizes(
+    config: TrainConfig, dataset: Dataset, image_format: ImageFormat, inputs: InputFolders
+) -> tuple[SampleSizes, Path, float]:
+    """Measure every training sample in this process and write the size cache.
+
+    Returns:
+        the table, the cache file written, and the seconds the measuring took.
+    """
+    parts = sizes_key_parts(config, dataset, image_format, inputs)
+    started = time.perf_counter()
+    sizes = SampleSizes(measure(dataset.size, len(dataset), range(len(dataset)), strict=config.data.strict))
+    seconds = time.perf_counter() - started
+    return sizes, save_cache(sizes, _dirs(config), fingerprint(parts), parts), seconds
+
+
+def prepare_from_config(config: TrainConfig) -> str:
+    """``python -m fusiontrain prepare``: build the model on the meta device (for its image
+    format, tokenizer folders and vocabulary; no weights are read), measure every training sample
+    and write the size cache. Returns a report for people."""
+    model = build_meta_model(config.model)
+    family, folders = configured_family(config.model)
+    image_format = family.image_format(model)
+    inputs = family.input_folders(folders, model)
+    dataset = build_dataset(config, image_format, inputs, model, split="train")
+    if dataset is None:
+        raise ValueError("prepare needs training data: set data.train.path (or data.format=synthetic)")
+    sizes, path, seconds = prepare_sizes(config, dataset, image_format, inputs)
+    skipped = sizes.skip_counts()
+    usable = len(sizes) - sum(skipped.values())
+    rate = len(sizes) / seconds if seconds > 0 else float("inf")
+    return (
+        f"measured {len(sizes)} samples of {data_description(config.data, 'train')} in {seconds:.2f} s "
+        f"({rate:.0f} samples/s, one process); {usable} usable, skipped {skipped or 'none'}\n"
+        f"size cache: {path}"
+    )
+
+
+def load_or_measure_sizes(
+    config: TrainConfig,
+    dataset: Dataset,
+    image_format: ImageFormat,
+    inputs: InputFolders,
+    *,
+    rank: int,
+    world: int,
+    combine: Combine,
+) -> tuple[SampleSizes, str]:
+    """The training split's size table and its fingerprint: from the cache when every rank finds
+    it, else measured by all ranks together (rank ``r`` measures samples ``r, r + world, ...``;
+    the tables are summed over ranks), then written by rank 0."""
+    parts = sizes_key_parts(config, dataset, image_format, inputs)
+    key = fingerprint(parts)
+    dirs = _dirs(config)
+    cached = load_cached(dirs, key, len(dataset))
+    found = combine(torch.tensor([int(cached is not None)], dtype=torch.long))
+    if int(found) == world:
+        logger.info("sample sizes from %s", cached[1])
+        return cached[0], key
+    started = time.perf_counter()
+    local = measure(dataset.size, len(dataset), range(rank, len(dataset), world), strict=config.data.strict)
+    sizes = SampleSizes(combine(local))
+    if rank == 0:
+        path = save_cache(sizes, dirs, key, parts)
+        logger.warning(
+            "measured the sizes of %d samples in %.1f s on %d ranks (no cache; `python -m fusiontrain prepare` "
+            "writes it ahead of time); cached in %s",
+            len(dataset), time.perf_counter() - started, world, path,
+        )
+    return sizes, key
+
+
+def build_train_loader(
+    config: TrainConfig,
+    dataset: Dataset,
+    image_format: ImageFormat,
+    inputs: InputFolders,
+    *,
+    rank: int,
+    world: int,
+    combine: Combine,
+    ignore_index: int,
+) -> PlannedLoader:
+    """This rank's loader of the global row plan (see :mod:`fusiontrain.data.loader`).
+
+    Raises:
+        ValueError: the global batch does not split into micro-batches over ``world`` ranks.
+    """
+    sizes, key = load_or_measure_sizes(config, dataset, image_format, inputs, rank=rank, world=world, combine=combine)
+    stream_config = build_stream_config(config.data, config.batch, image_format, ignore_index=ignore_index)
+    limits = RowLimits(
+        seq_len=stream_config.seq_len,
+        max_images=stream_config.max_images,
+        max_encoder_tokens=stream_config.max_encoder_tokens,
+        packing=stream_config.packing,
+        open_rows=stream_config.max_open_rows,
+    )
+    name = data_description(config.data, "train")
+    plan = RowPlan(sizes, limits, config.seed, name=name, strict=config.data.strict)
+    plan.epoch(0)  # fails early (on every rank alike) when no sample is usable
+    dealing = Dealing(resolve_global_batch(config.batch, world), rank, world, config.batch.micro_batch_size)
+    identity = {
+        "seed": config.seed,
+        "data_fingerprint": key,
+        "limits": {**vars(limits)},
+        "rows_per_step": dealing.rows_per_step,
+    }
+    log = Path(config.output_dir) / "sample_ids" / f"rank_{rank}.jsonl" if config.data.log_sample_ids else None
+
+    def make_stream(start: DataPosition) -> PlannedStream:
+        return PlannedStream(plan, dataset.__getitem__, image_format, stream_config, dealing, start)
+
+    return PlannedLoader(make_stream, num_workers=config.data.num_workers, identity=identity, sample_log=log, rank=rank)
+
+
+def build_streaming_train_loader(
+    config: TrainConfig, image_format: ImageFormat, inputs: InputFolders, *, rank: int, world: int, ignore_index: int
+) -> StreamingLoader:
+    """This rank's loader of the streamed ``data.train`` (``data.streaming``): its shards split
+    over ranks (``data.stream_split``) and ``data.num_workers`` workers, packed per worker (see
+    :mod:`fusiontrain.data.streaming`). Its position is per rank, unlike the row plan's."""
+    data = config.data
+    stream = StreamingSampleStream(
+        open_stream(data.train.path, split=data.train.split),
+        sample_builder(config, image_format, inputs),
+        image_format,
+        build_stream_config(data, config.batch, image_format, ignore_index=ignore_index),
+        rank=rank,
+        world=world,
+        num_workers=data.num_workers,
+        seed=config.seed,
+        stream_split=data.stream_split,
+        name=data_description(data, "train"),
+    )
+    return build_streaming_loader(stream)
