@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from fusiontrain.batch_layout import check_global_batch_without_world
+
 
 class ConfigError(ValueError):
     """A configuration problem, described in one line that names the key and the fix."""
@@ -400,6 +402,15 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1; got {value}")
     if config.parallel.dp_shard == 0 or config.parallel.dp_shard < -1:
         raise ConfigError(f"config key 'parallel.dp_shard' must be -1 or >= 1; got {config.parallel.dp_shard}")
+    try:
+        check_global_batch_without_world(
+            dp_replicate=config.parallel.dp_replicate,
+            dp_shard=config.parallel.dp_shard,
+            micro_batch_size=config.batch.micro_batch_size,
+            global_batch_size=config.batch.global_batch_size,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if config.checkpoint.every_n_steps < 0 or config.checkpoint.keep_last_n < 0:
         raise ConfigError("config keys 'checkpoint.every_n_steps' and 'checkpoint.keep_last_n' must be >= 0")
     optim = config.optim

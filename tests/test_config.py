@@ -112,6 +112,10 @@ def _new_value(key: str, current: Any, folder: Path) -> tuple[Any, list[str]]:
         target = folder / "checkpoints" / "step_5"
         target.mkdir(parents=True, exist_ok=True)
         return str(target), []
+    if key == "batch.micro_batch_size":  # the global batch must stay a multiple of the micro-batch
+        return current + 3, [f"batch.global_batch_size={2 * (current + 3)}"]
+    if key == "batch.global_batch_size":
+        return (current or 0) + 4, []
     if key == "data.format":  # formats other than synthetic read a training file
         value = "caption" if current != "caption" else "chat"
         return value, [f"data.train.path={folder / 'train.jsonl'}"]
@@ -243,6 +247,10 @@ def test_every_key_override_is_applied_with_validation_on(key: str, folder: Path
         ("model.fusion_init={folder}/absent", [], "'model.fusion_init'"),
         ("data.format=caption", ["data.train.path=null"], "'data.train.path'"),
         ("data.format=chat", ["data.train.path=null"], "'data.train.path'"),
+        # the global batch must split into whole micro-batches over the data-parallel ranks
+        ("batch.global_batch_size=7", [], "batch.global_batch_size=7"),
+        ("batch.global_batch_size=8", ["parallel.dp_shard=3"], "data-parallel ranks (3)"),
+        ("batch.global_batch_size=8", ["parallel.dp_replicate=8"], "data-parallel ranks (8)"),
     ],
 )
 def test_override_without_what_it_needs_is_rejected_by_name(
