@@ -28,29 +28,37 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from fusiontrain.builders import build_meta_model, build_optimizer, image_format as configured_image_format
+from fusiontrain.builders import (
+    build_batch_layout,
+    build_lr_scheduler,
+    build_meta_model,
+    build_optimizer,
+    image_format as configured_image_format,
+)
 from fusiontrain.config import TrainConfig
 from fusiontrain.data import Batch, ImageFormat, collate_padded
 from fusiontrain.data.batch import Sample
+from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import PackedRow, collate_rows
 from fusiontrain.distributed import DistributedContext, build_mesh
 from fusiontrain.flop_probe import ValueKeepingFakeMode
 from fusiontrain.flops import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
-from fusiontrain.loss import chunked_cross_entropy_sum
 from fusiontrain.memory_tracker import TensorMemoryTracker
-from fusiontrain.parallel import checkpoint_every, mixed_precision_policy, parallelize, set_gradient_sync
+from fusiontrain.nonfinite import NonFiniteGuard
+from fusiontrain.parallel import checkpoint_every, mixed_precision_policy, parallelize
+from fusiontrain.step import BACKWARD_PHASE, HOST_PHASE, LOSS_PHASE, OPTIMIZER_PHASE, StepSettings, TrainStep
 
 GiB = 2**30
 
@@ -120,6 +128,7 @@ class Plan:
 
     config_summary: list[str]
     memory: dict[str, int]  # component -> bytes at the predicted peak
+    host_memory: dict[str, int]  # component -> host (CPU) bytes per device, beyond the device's own
     phase: str  # which phase peaks: "forward/backward" or "optimizer step"
     hardware: Hardware
     flops_per_step_per_device: float
@@ -263,12 +272,30 @@ class StepTrace:
     model: nn.Module  # the sharded model, on fake tensors
 
 
+class PlanningFakeMode(ValueKeepingFakeMode):
+    """The planner's fake-tensor mode: a value read back to the host from a fake tensor
+    (``.item()``, ``.tolist()``, ``float()``) is zero, where a plain ``FakeTensorMode`` raises.
+
+    A shape-only trace has no values; the training step reads a few back (its token counts, the
+    global loss and grad norm for the non-finite check). With zeros they describe a finite step,
+    so the traced step takes the path that updates the weights, the one that needs memory."""
+
+    def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            return False if args[0].dtype == torch.bool else 0
+        return super().dispatch(func, types, args, kwargs)
+
+
+_TRACKER_LABELS = {LOSS_PHASE: "loss chunk", BACKWARD_PHASE: "backward working set", OPTIMIZER_PHASE: "optimizer step temporaries"}
+
+
 def simulate_step(config: TrainConfig, *, gpus: int, hardware: Hardware, micro_batches: int) -> StepTrace:
-    """Run a training step of ``config`` as rank 0 of ``gpus``: the real model sharded with FSDP2
-    and checkpointed as configured, on fake tensors and a fake process group, under a
-    :class:`TensorMemoryTracker`, after one untracked step (lazy initialisation, optimizer
-    state). ``micro_batches`` (at most 2 are needed) are accumulated, with gradient sync as the
-    trainer does it (``parallel.defer_gradient_sync``)."""
+    """Run the trainer's step (:class:`~fusiontrain.step.TrainStep`) of ``config`` as rank 0 of
+    ``gpus``: the real model sharded with FSDP2 and checkpointed as configured, on fake tensors and
+    a fake process group, under a :class:`TensorMemoryTracker`, after one untracked step (lazy
+    initialisation, optimizer state). ``micro_batches`` (at most 2 are needed: gradients
+    accumulate in place, and each micro-batch leaves the device before the next arrives) are
+    accumulated, with gradient sync as the trainer does it (``parallel.defer_gradient_sync``)."""
     device = torch.device(hardware.device_type)  # sets 'auto' precision and the optimizer
     stored_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
     parallel = config.parallel
@@ -294,43 +321,42 @@ def simulate_step(config: TrainConfig, *, gpus: int, hardware: Hardware, micro_b
             images_per_row=config.data.max_images_per_row,
             packing=config.data.packing,
         )
-        with ValueKeepingFakeMode(allow_non_fake_inputs=True) as mode:
+        with PlanningFakeMode(allow_non_fake_inputs=True) as mode:
             model.to_empty(device="cpu")
             model.set_skip_output_projection(True)
             storages = {_local(p).untyped_storage()._cdata: _local(p).untyped_storage().nbytes() for p in model.parameters()}
             optimizer = build_optimizer(model, config.optim, device)
+            scheduler = build_lr_scheduler(optimizer, config.optim, config.max_steps)
             trainable = [p for p in model.parameters() if p.requires_grad]
-            # The optimizer steps over each rank's local shards (what DTensor's foreach ops run);
-            # stepping the local tensors directly keeps DTensor's shape-propagation tensors out
-            # of the count.
-            local_optimizer, local_of = _local_optimizer(optimizer)
+            tracking: list[TensorMemoryTracker] = []  # the tracker, once the tracked step starts
 
-            def step(fake: Batch, tracker: TensorMemoryTracker | None, micro_batches: int) -> None:
-                label = tracker.label if tracker is not None else lambda _name: nullcontext()
-                for index in range(micro_batches):
-                    set_gradient_sync(model, index == micro_batches - 1 or not parallel.defer_gradient_sync)
-                    hidden = model(fake.tokens, **fake.model_inputs())
-                    with label("loss chunk"):
-                        loss = chunked_cross_entropy_sum(
-                            hidden, fake.labels, model.decoder.output, num_chunks=config.loss.num_output_chunks
-                        )
-                    del hidden
-                    with label("backward working set"):
-                        loss.backward()
-                    del loss
+            def label(phase: str) -> AbstractContextManager:
+                if phase == HOST_PHASE:  # the step's counts on the host copies are real work
+                    return unset_fake_temporarily()
+                return tracking[0].label(_TRACKER_LABELS[phase]) if tracking else nullcontext()
 
-            def optimizer_step() -> None:
-                for param, local in local_of.items():
-                    local.grad = None if param.grad is None else _local(param.grad)
-                local_optimizer.step()
-                local_optimizer.zero_grad(set_to_none=True)
-                optimizer.zero_grad(set_to_none=True)
-
+            train_step = TrainStep(
+                model,
+                optimizer,
+                scheduler,
+                NonFiniteGuard("stop", 1),  # the trace reads zeros: a finite step, never skipped
+                StepSettings(
+                    ignore_index=config.loss.ignore_index,
+                    num_output_chunks=config.loss.num_output_chunks,
+                    max_grad_norm=config.optim.max_grad_norm,
+                    defer_gradient_sync=parallel.defer_gradient_sync,
+                    flex_attention=False,  # plan_run takes the dense mask out on CUDA
+                ),
+                device=torch.device("cpu"),  # where the fake tensors live
+                world_size=gpus,
+                skip_reasons=SKIP_REASONS,
+                to_device=lambda host: _fake_batch(host, mode, tracking[0] if tracking else None),
+                phase=label,
+            )
             # A first step outside the tracker: FSDP's lazy init allocates its unsharded-parameter
             # storages (then polled, not tracked) and AdamW its state (then a constant).
-            step(_fake_batch(batch, mode, None), None, micro_batches=1)
-            optimizer_step()
-            state = [value for values in local_optimizer.state.values() for value in values.values() if isinstance(value, torch.Tensor)]
+            train_step(0, [batch])
+            state = [_local(v) for values in optimizer.state.values() for v in values.values() if isinstance(v, torch.Tensor)]
             state_bytes = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in state}.values())
 
             unsharded = _UnshardedParameters(model)
@@ -344,24 +370,12 @@ def simulate_step(config: TrainConfig, *, gpus: int, hardware: Hardware, micro_b
                     "gradients (trainable shards)": [_local(p.grad) for p in trainable if p.grad is not None],
                 },
             )
+            tracking.append(tracker)
             model.encoder.register_forward_pre_hook(lambda *_: tracker.push("encoder"))
             model.encoder.register_forward_hook(lambda *_: tracker.pop())
             with tracker:
-                step(_fake_batch(batch, mode, tracker), tracker, micro_batches)
-                with tracker.label("optimizer step temporaries"):
-                    optimizer_step()
+                train_step(1, [batch] * micro_batches)
     return StepTrace(parameters=sum(storages.values()), tracker=tracker, batch=batch, model=model)
-
-
-def _local_optimizer(optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, dict[nn.Parameter, nn.Parameter]]:
-    """A copy of ``optimizer`` (same class, groups and settings) over the local shards of its
-    parameters; returns it and the map from each parameter to its local stand-in."""
-    local_of: dict[nn.Parameter, nn.Parameter] = {}
-    groups = []
-    for group in optimizer.param_groups:
-        params = [local_of.setdefault(p, nn.Parameter(_local(p.detach()))) for p in group["params"]]
-        groups.append({**group, "params": params})
-    return type(optimizer)(groups), local_of  # each group carries all its settings
 
 
 def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker | None) -> Batch:
@@ -395,19 +409,8 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
     parallel, batch_config = config.parallel, config.batch
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
-    shards = parallel.dp_shard if parallel.dp_shard != -1 else gpus // parallel.dp_replicate
-    if shards * parallel.dp_replicate != gpus:
-        raise ValueError(
-            f"parallel.dp_replicate ({parallel.dp_replicate}) x parallel.dp_shard ({parallel.dp_shard}) "
-            f"must equal --gpus ({gpus})"
-        )
-    global_rows = batch_config.global_batch_size or batch_config.micro_batch_size * batch_config.grad_accum_steps * gpus
-    accum, remainder = divmod(global_rows, batch_config.micro_batch_size * gpus)
-    if remainder or not accum:
-        raise ValueError(
-            f"batch.global_batch_size={global_rows} must be a multiple of batch.micro_batch_size "
-            f"({batch_config.micro_batch_size}) x --gpus ({gpus})"
-        )
+    layout = build_batch_layout(batch_config, parallel, gpus)
+    shards, accum, global_rows = layout.dp_shard, layout.grad_accum_steps, layout.global_batch_size
 
     trace = simulate_step(config, gpus=gpus, hardware=hardware, micro_batches=min(accum, 2))
     tracker, model, batch = trace.tracker, trace.model, trace.batch
@@ -418,6 +421,14 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         # [b, s, s] bool mask that the traced CPU path builds.
         memory["inputs"] -= batch.tokens.shape[0] * batch.tokens.shape[1] ** 2
         notes.append("packed rows attend through a flex_attention BlockMask on CUDA (the dense mask is left out)")
+    # The step's micro-batches stay on the host for the whole step (pinned on CUDA); each goes to
+    # the device only for its own forward and backward (fusiontrain/step.py).
+    host_batches = accum * _batch_bytes(batch)
+    host_memory: dict[str, int] = {}
+    if hardware.device_type == "cpu":  # the host copies are the device copies
+        memory["inputs"] = memory.get("inputs", 0) + host_batches
+    else:
+        host_memory["micro-batches of one step (pinned)"] = host_batches
     if hardware.device_type == "cpu" and gpus > 1:
         notes.append("CPU: the time estimate gives each rank the measured matmul peak, though ranks share this machine's cores")
     phase = "optimizer step" if tracker.peak_label == "optimizer step temporaries" else "forward/backward"
@@ -458,6 +469,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
     return Plan(
         config_summary=summary,
         memory=memory,
+        host_memory=host_memory,
         phase=phase,
         hardware=hardware,
         flops_per_step_per_device=flops.total * accum,
@@ -469,6 +481,18 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
     )
 
 
+def _batch_bytes(batch: Batch) -> int:
+    """Bytes of a micro-batch's tensors (storages counted once)."""
+    storages: dict[int, int] = {}
+
+    def record(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    batch.map(record)
+    return sum(storages.values())
+
+
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """The plan as plain JSON-ready values (bytes, seconds)."""
     return {
@@ -476,6 +500,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "summary": plan.config_summary,
         "memory_bytes": plan.memory,
         "peak_bytes": plan.peak_bytes,
+        "host_memory_bytes": plan.host_memory,
         "peak_phase": plan.phase,
         "device_memory_bytes": plan.hardware.memory_bytes,
         "flops_per_step_per_device": plan.flops_per_step_per_device,
@@ -491,7 +516,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 
 def format_plan(plan: Plan) -> str:
     """The plan as a table for the console (and for a config's comment)."""
-    width = max(len(name) for name in plan.memory) + 2
+    width = max(len(name) for name in [*plan.memory, *plan.host_memory]) + 2
     unit, scale = ("GiB", GiB) if plan.peak_bytes >= 4 * GiB else ("MiB", 2**20)
     lines = [*plan.config_summary, "", f"memory per device ({unit})"]
     for name, size in plan.memory.items():
@@ -501,6 +526,12 @@ def format_plan(plan: Plan) -> str:
     lines += [
         f"  {'peak (' + plan.phase + ')':<{width}}{plan.peak_bytes / scale:9.2f}  of {capacity / scale:,.0f}: {verdict}",
         "",
+    ]
+    if plan.host_memory:
+        lines.append(f"host memory per device ({unit})")
+        lines += [f"  {name:<{width}}{size / scale:9.2f}" for name, size in plan.host_memory.items()]
+        lines.append("")
+    lines += [
         f"time per step (estimate: kernels at {plan.efficiency:.0%} of peak, collectives overlapped)",
         f"  model FLOPs per device      {plan.flops_per_step_per_device / 1e12:10.1f} TFLOP",
         f"  compute                     {plan.compute_time_s:10.3f} s",

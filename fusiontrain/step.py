@@ -37,7 +37,9 @@ from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
 from fusiontrain.nonfinite import NonFiniteGuard
 from fusiontrain.parallel import set_gradient_sync
 
-# Phases a ``phase`` hook is told about (the planner labels the memory of each).
+# Phases a ``phase`` hook is told about (the planner labels the memory of each, and runs the host
+# phase outside its fake-tensor mode).
+HOST_PHASE = "host"  # counting on the host copies: no device work
 LOSS_PHASE = "loss"  # the chunked loss of one micro-batch (fp32 logits chunks)
 BACKWARD_PHASE = "backward"  # one micro-batch's backward
 OPTIMIZER_PHASE = "optimizer"  # clipping, the non-finite check, the optimizer step
@@ -90,14 +92,23 @@ class StepResult:
     skipped_step: bool
 
 
-def loss_sum(model: nn.Module, batch: Batch, *, num_output_chunks: int, ignore_index: int, flex_attention: bool) -> torch.Tensor:
+def loss_sum(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    num_output_chunks: int,
+    ignore_index: int,
+    flex_attention: bool,
+    loss_phase: AbstractContextManager | None = None,
+) -> torch.Tensor:
     """Summed cross-entropy over the target tokens of ``batch`` (on the model's device): the model
     (with its output projection skipped) gives ``[b, s, d]``, the chunked loss applies the
-    projection chunk by chunk."""
+    projection chunk by chunk (inside ``loss_phase`` when given)."""
     hidden = model(batch.tokens, **batch.model_inputs(flex=flex_attention))
-    return chunked_cross_entropy_sum(
-        hidden, batch.labels, model.decoder.output, num_chunks=num_output_chunks, ignore_index=ignore_index
-    )
+    with loss_phase or nullcontext():
+        return chunked_cross_entropy_sum(
+            hidden, batch.labels, model.decoder.output, num_chunks=num_output_chunks, ignore_index=ignore_index
+        )
 
 
 def device_transfer(device: torch.device) -> Callable[[Batch], Batch]:
@@ -154,7 +165,11 @@ class TrainStep:
 
     def stage(self, batch: Batch) -> Batch:
         """A host micro-batch ready for an asynchronous copy: in pinned memory on CUDA."""
-        return batch.map(lambda t: t.pin_memory()) if self.device.type == "cuda" else batch
+        return batch.map(self.stage_tensor) if self.device.type == "cuda" else batch
+
+    def stage_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor in pinned memory on CUDA (so that ``non_blocking`` copies are asynchronous)."""
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
 
     def host_counts(self, batches: Sequence[Batch]) -> torch.Tensor:
         """``[targets, real tokens, FLOPs, uncounted micro-batches, *skips per reason]`` of this
@@ -174,9 +189,11 @@ class TrainStep:
 
     def __call__(self, step: int, host_batches: Sequence[Batch]) -> StepResult:
         """Run step ``step`` (0-based) over this rank's ``host_batches``; a collective."""
-        host_batches = [self.stage(batch) for batch in host_batches]
+        with self.phase(HOST_PHASE):
+            host_batches = [self.stage(batch) for batch in host_batches]
+            counts = self.stage_tensor(self.host_counts(host_batches))
         totals = distributed.all_reduce_sum(
-            self.host_counts(host_batches).to(self.device, non_blocking=True), f"token, skip and FLOP counts of step {step}"
+            counts.to(self.device, non_blocking=True), f"token, skip and FLOP counts of step {step}"
         )
         scale = (self.world_size / totals[0].clamp(min=1)).float()  # FSDP averages gradients over ranks
 
@@ -186,14 +203,14 @@ class TrainStep:
         for index, host_batch in enumerate(host_batches):
             set_gradient_sync(self.model, index == last or not settings.defer_gradient_sync)
             batch = self.to_device(host_batch)
-            with self.phase(LOSS_PHASE):
-                batch_loss = loss_sum(
-                    self.model,
-                    batch,
-                    num_output_chunks=settings.num_output_chunks,
-                    ignore_index=settings.ignore_index,
-                    flex_attention=settings.flex_attention,
-                )
+            batch_loss = loss_sum(
+                self.model,
+                batch,
+                num_output_chunks=settings.num_output_chunks,
+                ignore_index=settings.ignore_index,
+                flex_attention=settings.flex_attention,
+                loss_phase=self.phase(LOSS_PHASE),
+            )
             del batch
             batch_loss = self.guard.inject(batch_loss, step)  # a test seam; see nonfinite.py
             with self.phase(BACKWARD_PHASE):

@@ -112,6 +112,9 @@ def bench_mllama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _FIXED = ["data.synthetic_lengths=fixed", "data.synthetic_max_text=63", "batch.seq_len=256", "batch.micro_batch_size=2"]
 MEASURED_CONFIGS = {
     "1 rank, packed, no checkpointing": (1, ["batch.global_batch_size=2"]),
+    # The step holds its 4 host micro-batches and moves one at a time to the device (on a CPU the
+    # same memory), with the unsharded gradients accumulating in between.
+    "1 rank, packed, 4 accumulation micro-batches": (1, ["batch.global_batch_size=8"]),
     "2 ranks, padded": (
         2,
         ["batch.global_batch_size=4", "data.packing=false", "data.max_images_per_row=1", "data.synthetic_max_text=255"],
