@@ -154,6 +154,13 @@ class ParallelConfig:
         "but every rank holds the unsharded fp32 gradients of all trainable parameters until then; see `plan`).",
     )
     compile: bool = _field(False, "torch.compile each layer (the GPU path).")
+    activation_offloading: Literal["none", "checkpointed", "all"] = _field(
+        "none",
+        "Move saved activations to (pinned) host memory during forward and back for backward: 'checkpointed' "
+        "those of the activation-checkpointed blocks (their inputs), 'all' everything every block saves; "
+        "parameters and tensors under 1 MiB stay. Copies run on a side stream on CUDA. `plan` shows the "
+        "device memory it frees and the host memory it takes.",
+    )
 
 
 @dataclass
@@ -389,6 +396,11 @@ def validate(config: TrainConfig) -> None:
     if ac not in ("none", "full") and not (ac.isascii() and ac.isdecimal() and int(ac) >= 1):
         raise ConfigError(
             f"config key 'parallel.activation_checkpointing' must be 'none', 'full' or a positive integer k; got {ac!r}"
+        )
+    if config.parallel.activation_offloading == "checkpointed" and ac == "none":
+        raise ConfigError(
+            "config key 'parallel.activation_offloading' is 'checkpointed' but no block is checkpointed; "
+            "set parallel.activation_checkpointing (e.g. full), or activation_offloading=all"
         )
     positive = {
         "max_steps": config.max_steps,

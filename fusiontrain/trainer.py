@@ -173,6 +173,7 @@ class Trainer:
             mixed_precision=parallel.mixed_precision,
             fusion_layer_sharding=parallel.fusion_layer_sharding,
             compile=parallel.compile,
+            activation_offloading=parallel.activation_offloading,
         )
         materialize(model, self.device)
         pretrained.load(canonical_parameters(model))

@@ -102,6 +102,8 @@ def _new_value(key: str, current: Any, folder: Path) -> tuple[Any, list[str]]:
         target = folder / key.rpartition(".")[2]
         target.mkdir(exist_ok=True)
         return str(target), ["model.hf_mllama=null", f"{sibling}={folder}"]
+    if key == "parallel.activation_offloading":  # 'checkpointed' needs checkpointed blocks
+        return "all", []
     if key == "parallel.activation_checkpointing":
         return ("2" if current != "2" else "full"), []
     if key == "model.fusiontrain_export":  # the only model source, and an existing folder
@@ -248,6 +250,7 @@ def test_every_key_override_is_applied_with_validation_on(key: str, folder: Path
         ("data.format=caption", ["data.train.path=null"], "'data.train.path'"),
         ("data.format=chat", ["data.train.path=null"], "'data.train.path'"),
         # the global batch must split into whole micro-batches over the data-parallel ranks
+        ("parallel.activation_offloading=checkpointed", [], "'parallel.activation_offloading'"),
         ("batch.global_batch_size=7", [], "batch.global_batch_size=7"),
         ("batch.global_batch_size=8", ["parallel.dp_shard=3"], "data-parallel ranks (3)"),
         ("batch.global_batch_size=8", ["parallel.dp_replicate=8"], "data-parallel ranks (8)"),
