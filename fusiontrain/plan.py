@@ -57,6 +57,7 @@ from fusiontrain.flop_probe import ValueKeepingFakeMode
 from fusiontrain.flops import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
 from fusiontrain.memory_tracker import TensorMemoryTracker
 from fusiontrain.nonfinite import NonFiniteGuard
+from fusiontrain.offload import ActivationOffloader
 from fusiontrain.parallel import checkpoint_every, mixed_precision_policy, parallelize
 from fusiontrain.step import BACKWARD_PHASE, HOST_PHASE, LOSS_PHASE, OPTIMIZER_PHASE, StepSettings, TrainStep
 
@@ -286,6 +287,7 @@ class PlanningFakeMode(ValueKeepingFakeMode):
         return super().dispatch(func, types, args, kwargs)
 
 
+OFFLOADED = "offloaded activations"  # parallel.activation_offloading's host copies
 _TRACKER_LABELS = {LOSS_PHASE: "loss chunk", BACKWARD_PHASE: "backward working set", OPTIMIZER_PHASE: "optimizer step temporaries"}
 
 
@@ -305,6 +307,12 @@ def simulate_step(config: TrainConfig, *, gpus: int, hardware: Hardware, micro_b
         context = DistributedContext(rank=0, world_size=gpus, local_rank=0, device=torch.device("cpu"), backend="fake")
         mesh = build_mesh(context, parallel.dp_replicate, parallel.dp_shard)
         model = build_meta_model(config.model).to(stored_dtype)
+        tracking: list[TensorMemoryTracker] = []  # the tracker, once the tracked step starts
+        # Offloaded activations are labelled as such; on a GPU they live in host memory.
+        offloader = ActivationOffloader(
+            torch.device("cpu"),  # where the fake tensors live
+            host_allocation=lambda: tracking[0].label(OFFLOADED) if tracking else nullcontext(),
+        )
         parallelize(
             model,
             mesh,
@@ -312,6 +320,8 @@ def simulate_step(config: TrainConfig, *, gpus: int, hardware: Hardware, micro_b
             activation_checkpointing=parallel.activation_checkpointing,
             mixed_precision=parallel.mixed_precision,
             fusion_layer_sharding=parallel.fusion_layer_sharding,
+            activation_offloading=parallel.activation_offloading,
+            offloader=offloader,
         )
         image_format = configured_image_format(config.model, model)
         batch = worst_case_batch(
@@ -328,7 +338,6 @@ def simulate_step(config: TrainConfig, *, gpus: int, hardware: Hardware, micro_b
             optimizer = build_optimizer(model, config.optim, device)
             scheduler = build_lr_scheduler(optimizer, config.optim, config.max_steps)
             trainable = [p for p in model.parameters() if p.requires_grad]
-            tracking: list[TensorMemoryTracker] = []  # the tracker, once the tracked step starts
 
             def label(phase: str) -> AbstractContextManager:
                 if phase == HOST_PHASE:  # the step's counts on the host copies are real work
@@ -369,6 +378,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, hardware: Hardware, micro_b
                     "FSDP gradient-reduction buffers": unsharded.reduce_buffers(),
                     "gradients (trainable shards)": [_local(p.grad) for p in trainable if p.grad is not None],
                 },
+                host_labels={OFFLOADED} if hardware.device_type == "cuda" else (),
             )
             tracking.append(tracker)
             model.encoder.register_forward_pre_hook(lambda *_: tracker.push("encoder"))
@@ -429,6 +439,8 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         memory["inputs"] = memory.get("inputs", 0) + host_batches
     else:
         host_memory["micro-batches of one step (pinned)"] = host_batches
+        if tracker.host_peak:  # on a CPU they are in the device memory above
+            host_memory[f"{OFFLOADED} (at their peak)"] = tracker.host_peak
     if hardware.device_type == "cpu" and gpus > 1:
         notes.append("CPU: the time estimate gives each rank the measured matmul peak, though ranks share this machine's cores")
     phase = "optimizer step" if tracker.peak_label == "optimizer step temporaries" else "forward/backward"

@@ -188,3 +188,26 @@ def test_dry_run_reports_a_missing_model_config(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "fusiontrain", "train", "--config", str(TINY_CONFIG), "--dry-run"]
     with pytest.raises(AssertionError, match=r"model.hf_mllama.*config.json is missing"):
         run_command([*command, f"model.hf_mllama={folder}"], timeout=120)
+
+
+# -- activation offloading ----------------------------------------------------------------------------
+
+
+def test_offloading_moves_the_offloaded_bytes_from_device_to_host_memory(bench_mllama_dir: Path) -> None:
+    """The plan with parallel.activation_offloading=checkpointed against the same without: the
+    device peak falls by what the host gains (the checkpointed blocks' inputs, at their peak all
+    on the host). Rows of 512 tokens make each block input [2, 512, 512] bf16 = 1 MiB, the
+    smallest tensor that is offloaded."""
+    from fusiontrain.plan import GPUS, plan_run
+
+    overrides = [f"model.hf_mllama={bench_mllama_dir}", *_FIXED, "batch.seq_len=512", "batch.global_batch_size=2",
+                 "parallel.activation_checkpointing=full"]
+    plans = {
+        mode: plan_run(load_config(TINY_CONFIG, [*overrides, f"parallel.activation_offloading={mode}"]), gpus=1, hardware=GPUS["h100"])
+        for mode in ("none", "checkpointed")
+    }
+    offloaded = plans["checkpointed"].host_memory["offloaded activations (at their peak)"]
+    assert "offloaded activations (at their peak)" not in plans["none"].host_memory
+    assert offloaded >= 4 * 2**20  # a block input of each of the decoder's checkpointed blocks, at least
+    assert plans["none"].peak_bytes - plans["checkpointed"].peak_bytes == offloaded
+    assert plans["none"].memory["decoder activations"] - plans["checkpointed"].memory["decoder activations"] == offloaded
