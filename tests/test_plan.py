@@ -17,7 +17,7 @@ from fusiontrain.families import model_family_of
 from fusiontrain.config import load_config
 from fusiontrain.loss import chunked_cross_entropy_sum
 from fusiontrain.memory_tracker import TensorMemoryTracker
-from fusiontrain.plan import worst_case_batch
+from fusiontrain.plan_trace import worst_case_batch
 from tests.helpers.launch import REPO_ROOT, run_command, run_commands
 
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
