@@ -1,7 +1,8 @@
 """fusiontrain against Hugging Face transformers, same weights, same data: ``python benchmarks/vs_hf.py``.
 
-One process, on the CPU, trains the benchmark Mllama (``fusiontrain.tiny.bench_mllama_config``,
-written once to ``benchmarks/out/bench_mllama``) fusion-only, in fp32, three ways:
+One process, on the CPU (or one GPU with ``--device cuda``), trains the benchmark Mllama
+(``fusiontrain.tiny.bench_mllama_config``, written once to ``benchmarks/out/bench_mllama``)
+fusion-only, in fp32 (or bf16 mixed precision with ``--precision bf16``), three ways:
 
 (a) **HF transformers** as TRL / accelerate users run it: ``MllamaForConditionalGeneration
     .from_pretrained`` (fp32, ``attn_implementation="sdpa"``, which trains on the CPU), every
@@ -9,7 +10,7 @@ written once to ``benchmarks/out/bench_mllama``) fusion-only, in fp32, three way
     collator (each batch padded to its longest sample, labels -100 on padding and on positions
     without a target), and a plain loop: forward with labels (full ``[b, s, v]`` logits, HF's own
     loss), backward, grad-norm clipping at 1.0 (as fusiontrain and HF's Trainer do by default),
-    ``AdamW(foreach=True)`` step, ``zero_grad``.
+    ``AdamW(foreach=True)`` step (``fused=True`` on a GPU), ``zero_grad``.
 (b) **fusiontrain, padded**: ``fusiontrain.trainer.Trainer`` (FSDP2 over a world of one, gloo)
     with ``data.packing=false``: one sample per row, padded to the batch's longest sample.
 (c) **fusiontrain, packed**: the same Trainer with ``data.packing=true``: rows of 1024 tokens,
@@ -46,14 +47,25 @@ on HF's loss with those text-only samples' logits taken from an image-free forwa
 the cross-attention layers, which is the reference behaviour); HF's own loss on the mixed batch is
 printed next to it, and the difference is the #39379 leak.
 
+On a GPU (``--device cuda``) the same three variants run on ``cuda:0``: the Trainer over a
+world of one on nccl (packed rows attend through a compiled flex_attention ``BlockMask``), HF
+with SDPA. The memory column is then the CUDA allocator's peak (weights included), and step
+times are taken after a device synchronisation. ``--precision bf16`` trains HF under
+``torch.autocast(bfloat16)`` with fp32 weights (what HF's Trainer does with ``bf16=True``) and
+fusiontrain with ``parallel.mixed_precision=bf16`` (bf16 compute, fp32 weights and gradient
+reduction); the step-0 agreement is then checked to ``BF16_AGREEMENT_RTOL``. fp32 on a GPU runs
+with TF32 off (PyTorch's default for matmuls).
+
 Flags: ``--steps`` (default 8), ``--threads`` (torch threads, default ``os.cpu_count()``),
-``--json PATH`` (the numbers, for a results writer), ``--profile`` (torch.profiler over 2 more
-steps of (c), top 10 ops by self CPU time).
+``--device`` (cpu or cuda), ``--precision`` (fp32 or bf16; bf16 needs cuda), ``--json PATH``
+(the numbers, for a results writer), ``--profile`` (torch.profiler over 2 more steps of (c), top
+10 ops by self time).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -95,6 +107,8 @@ from fusiontrain.models import encoder_mask_from_cross_attention_mask  # noqa: E
 from fusiontrain.trainer import Trainer  # noqa: E402
 
 CPU = torch.device("cpu")
+DEVICE = CPU  # set by main(): cpu, or cuda:0 with --device cuda
+PRECISION = "fp32"  # set by main(): fp32, or bf16 with --precision bf16
 SEQ_LEN = 1024
 ROWS = 4  # samples per step for (a) and (b); packed rows per step for (c)
 OPEN_ROWS = 8
@@ -103,6 +117,7 @@ NUM_SAMPLES = 4096  # far more than 8 steps of (c) read: no epoch wraps around
 LOSS_CHUNKS = 8
 LR, BETAS, EPS, MAX_GRAD_NORM = 1e-4, (0.9, 0.95), 1e-8, 1.0
 AGREEMENT_RTOL = 1e-4
+BF16_AGREEMENT_RTOL = 2e-2  # bf16 has 8 mantissa bits: a loss over ~400 tokens moves by ~1e-3 relative
 IGNORE = -100
 
 VARIANTS = {
@@ -140,7 +155,7 @@ def train_config(folder: Path, output_dir: Path, *, packing: bool, steps: int) -
         "optim.schedule=constant",
         "optim.warmup_steps=0",
         f"optim.max_grad_norm={MAX_GRAD_NORM}",
-        "parallel.mixed_precision=fp32",
+        f"parallel.mixed_precision={PRECISION}",
         "parallel.activation_checkpointing=none",
         f"loss.num_output_chunks={LOSS_CHUNKS}",
         "eval.every_n_steps=0",
@@ -270,9 +285,25 @@ class Run:
 
 
 def start_memory_window() -> int:
-    """Free what the previous variant left, and return the RSS to measure the next one above."""
+    """Free what the previous variant left, and return the RSS to measure the next one above (on
+    a GPU the allocator's peak counts every live tensor, so the baseline is only reported)."""
     gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
     return host_rss_bytes()
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work (no-op on the CPU), so host clocks time the step."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def autocast() -> contextlib.AbstractContextManager:
+    """bf16 autocast for HF's forward under ``--precision bf16``; a no-op context for fp32."""
+    if PRECISION == "bf16":
+        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 class Recording:
@@ -319,7 +350,7 @@ def hf_trainable(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], int]
         if param.requires_grad:
             trainable.append(param)
     embedding = model.get_input_embeddings().weight
-    frozen_rows = torch.arange(embedding.shape[0]).unsqueeze(-1) < text.vocab_size
+    frozen_rows = torch.arange(embedding.shape[0], device=embedding.device).unsqueeze(-1) < text.vocab_size
     embedding.register_hook(lambda grad: grad.masked_fill(frozen_rows, 0.0))
     effective = sum(p.numel() for p in trainable) - text.vocab_size * embedding.shape[1]
     return trainable, effective
@@ -329,8 +360,11 @@ def hf_trainable(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], int]
 def hf_loss_without_39379(model: torch.nn.Module, batch: Batch, spec: ImageFormat) -> float:
     """HF's mean loss on ``batch`` with the logits of text-only samples taken from an image-free
     forward (see the module docstring): the loss fusiontrain and Meta's reference compute."""
-    inputs = {k: v for k, v in hf_inputs(batch, spec, check=True).items() if k != "labels"}
-    logits = model(**inputs).logits
+    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in hf_inputs(batch, spec, check=True).items()}
+    labels = inputs.pop("labels")
+    del labels  # the loss below is taken from our (already shifted) labels
+    with autocast():
+        logits = model(**inputs).logits.float()
     if batch.encoder_mask is not None:
         sees = batch.encoder_mask.any(-1)
         blind_rows = [r for r in range(len(sees)) if not sees[r][batch.is_real[r]].any()]
@@ -339,9 +373,12 @@ def hf_loss_without_39379(model: torch.nn.Module, batch: Batch, spec: ImageForma
             raise AssertionError(f"rows {partly} have text before their first image (SyntheticImageText opens samples with it)")
         if blind_rows:
             rows = torch.tensor(blind_rows)
-            text_only = model(input_ids=batch.tokens[rows], attention_mask=batch.is_real[rows].long(), use_cache=False).logits
-            logits[rows] = text_only
-    loss_sum = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+            with autocast():
+                text_only = model(
+                    input_ids=batch.tokens[rows].to(DEVICE), attention_mask=batch.is_real[rows].long().to(DEVICE), use_cache=False
+                ).logits
+            logits[rows.to(DEVICE)] = text_only.float()
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten().to(DEVICE), ignore_index=IGNORE, reduction="sum")
     return (loss_sum / count_targets(batch.labels, IGNORE)).item()
 
 
@@ -354,20 +391,24 @@ def run_hf(folder: Path, config: TrainConfig, steps: int, first: Batch) -> tuple
     model = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     if model.config._attn_implementation != "sdpa":
         raise AssertionError(f"HF picked {model.config._attn_implementation!r} attention, not sdpa")
-    model.train()
+    model.to(DEVICE).train()
     params, run.params_trainable = hf_trainable(model)
     run.params_total = sum(p.numel() for p in model.parameters())
     run.params_requires_grad = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, foreach=True)
+    # fused on a GPU, as HF's Trainer defaults to (adamw_torch_fused) and fusiontrain does
+    fast = {"fused": True} if DEVICE.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, **fast)
 
     batches, spec = padded_stream(config)
     reference_loss = hf_loss_without_39379(model, first, spec)
     gc.collect()
-    reset_peak_memory(CPU)
+    reset_peak_memory(DEVICE)
 
     def step() -> tuple[Batch, float]:
         batch = next(batches)  # sample generation and collation happen in the loop, as in (b)
-        loss = model(**hf_inputs(batch, spec)).loss
+        inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in hf_inputs(batch, spec).items()}
+        with autocast():
+            loss = model(**inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
@@ -375,12 +416,14 @@ def run_hf(folder: Path, config: TrainConfig, steps: int, first: Batch) -> tuple
         return batch, loss.item()
 
     for _ in range(steps):
+        synchronize()
         started, cpu_started = time.perf_counter(), time.process_time()
         batch, loss = step()
+        synchronize()
         run.record(batch, time.perf_counter() - started, time.process_time() - cpu_started, loss)
         if not (batch.labels[:, -1] == IGNORE).all():  # else HF's label shift would drop a target
             raise AssertionError("the last position of a padded row has a target")
-    run.peak_rss = peak_memory_bytes(CPU, baseline)
+    run.peak_rss = peak_memory_bytes(DEVICE, baseline)
     run.step0_loss = run.losses[0]
     return run, reference_loss  # the model and optimizer go with this frame
 
@@ -402,35 +445,41 @@ def run_fusiontrain(
     run.params_trainable = run.params_requires_grad = sum(p.numel() for p in params if p.requires_grad)
 
     with torch.no_grad():
-        loss_sum = trainer._loss_sum(first)
+        loss_sum = trainer._loss_sum(trainer._on_device(first))
     run.step0_loss = (loss_sum / count_targets(first.labels, IGNORE)).item()
     gc.collect()
-    reset_peak_memory(CPU)
+    reset_peak_memory(DEVICE)
 
     recording = Recording(trainer._train_batches)
     trainer._train_batches = recording
     for index in range(steps):
+        synchronize()
         started, cpu_started = time.perf_counter(), time.process_time()
         metrics = trainer.train_step(index)
+        synchronize()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         run.record(recording.last, seconds, cpu_seconds, metrics["loss"])
         if metrics["real_tokens"] != run.real_tokens[-1]:
             raise AssertionError("the Trainer counted other real tokens than the batch holds")
         recording.last = None
-    run.peak_rss = peak_memory_bytes(CPU, baseline)
+    run.peak_rss = peak_memory_bytes(DEVICE, baseline)
 
     profile_table = profile_steps(trainer, steps) if profile else None
     return run, profile_table  # the Trainer goes with this frame
 
 
 def profile_steps(trainer: Trainer, first_step: int, num_steps: int = 2) -> str:
-    """torch.profiler over ``num_steps`` more training steps: the top 10 ops by self CPU time."""
+    """torch.profiler over ``num_steps`` more training steps: the top 10 ops by self time (CUDA
+    time on a GPU, CPU time on a CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         for index in range(first_step, first_step + num_steps):
             trainer.train_step(index)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
+        synchronize()
+    sort_by = "self_cuda_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=10)
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -451,6 +500,7 @@ def describe_model(folder: Path) -> str:
 
 def check_step0(runs: dict[str, Run], hf_reference: float) -> tuple[bool, list[str]]:
     """Do (a) (#39379-free), (b) and (c) agree on the first padded batch?"""
+    rtol = agreement_rtol()
     base = runs["b"].step0_loss
     checks = {
         "(a) HF, text-only samples without #39379 leak": hf_reference,
@@ -459,17 +509,22 @@ def check_step0(runs: dict[str, Run], hf_reference: float) -> tuple[bool, list[s
     lines, ok = [], True
     for label, value in checks.items():
         relative = abs(value - base) / abs(base)
-        ok &= relative <= AGREEMENT_RTOL
+        ok &= relative <= rtol
         lines.append(f"  {label}: {value:.6f} (vs (b) {base:.6f}: relative {relative:.1e})")
     leak = abs(runs["a"].step0_loss - hf_reference) / abs(hf_reference)
     lines.append(f"  (a) HF's own loss on the mixed batch: {runs['a'].step0_loss:.6f} (#39379 leak moves it by {leak:.1e} relative)")
-    lines.append(f"  agreement within {AGREEMENT_RTOL:.0e} relative: {'OK' if ok else 'FAILED'}")
+    lines.append(f"  agreement within {rtol:.0e} relative: {'OK' if ok else 'FAILED'}")
     return ok, lines
+
+
+def agreement_rtol() -> float:
+    return BF16_AGREEMENT_RTOL if PRECISION == "bf16" else AGREEMENT_RTOL
 
 
 def results_table(summaries: dict[str, dict[str, Any]]) -> str:
     base = summaries["a"]
     rows = []
+    memory = "peak CUDA alloc (MiB)" if DEVICE.type == "cuda" else "peak RSS (MiB)"
     for key, s in summaries.items():
         rows.append([
             s["name"],
@@ -485,7 +540,7 @@ def results_table(summaries: dict[str, dict[str, Any]]) -> str:
         ])
     return table(
         "Training throughput, same weights and samples (timed steps exclude the first)",
-        ["variant", "real tok/s", "vs (a)", "real-token share", "samples/step", "median step (s)", "CPU use", "peak RSS (MiB)", "vs (a)",
+        ["variant", "real tok/s", "vs (a)", "real-token share", "samples/step", "median step (s)", "CPU use", memory, "vs (a)",
          "step-0 loss"],
         rows,
     )
@@ -495,11 +550,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8, help="steps per variant; the first is warm-up")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads for all variants")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train on the CPU or on cuda:0")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision (needs cuda)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--profile", action="store_true", help="profile 2 more steps of (c)")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step is warm-up)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    if args.precision == "bf16" and args.device != "cuda":
+        parser.error("--precision bf16 needs --device cuda (this CPU has no fast bf16; fusiontrain's 'auto' is fp32 here)")
+    if args.device == "cpu" and torch.cuda.is_available():
+        parser.error("--device cpu with a GPU visible: the Trainer would pick the GPU; run with CUDA_VISIBLE_DEVICES=''")
+    global DEVICE, PRECISION
+    DEVICE = torch.device("cuda", 0) if args.device == "cuda" else CPU
+    PRECISION = args.precision
 
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -518,14 +584,18 @@ def main() -> None:
     first, _ = padded_stream(configs["b"])
     first = next(first)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch.set_num_threads({args.threads}); "
-          f"torch {torch.__version__}, transformers {transformers_version}; fp32; MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}")
+    gpu = f", {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch.set_num_threads({args.threads}); "
+          f"torch {torch.__version__}, transformers {transformers_version}; {PRECISION} on {DEVICE}; "
+          f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}")
     print(f"model: {folder}: {describe_model(folder)}")
     print(f"data: SyntheticImageText long_tail: 0-2 images per sample, text Pareto(alpha 1.1, scale 24) capped at {SEQ_LEN}; "
           f"{ROWS} samples per step for (a)/(b) (padded to the longest, rounded up to 8), {ROWS} packed rows of {SEQ_LEN} for (c) "
           f"(first-fit, {OPEN_ROWS} open rows, <= {MAX_IMAGES_PER_ROW} images per row)")
-    print(f"training: fusion-only, AdamW(lr {LR}, betas {BETAS}, wd 0, foreach), grad-norm clip {MAX_GRAD_NORM}; "
-          f"HF: sdpa attention, full logits + HF's loss; fusiontrain: FSDP2 world of 1 (gloo), chunked loss ({LOSS_CHUNKS} chunks); "
+    print(f"training: fusion-only, AdamW(lr {LR}, betas {BETAS}, wd 0, {'fused' if DEVICE.type == 'cuda' else 'foreach'}), "
+          f"grad-norm clip {MAX_GRAD_NORM}; "
+          f"HF: sdpa attention, full logits + HF's loss; fusiontrain: FSDP2 world of 1 ({'nccl' if DEVICE.type == 'cuda' else 'gloo'}), "
+          f"chunked loss ({LOSS_CHUNKS} chunks); "
           f"{args.steps} steps each, first is warm-up", flush=True)
 
     runs: dict[str, Run] = {}
@@ -560,18 +630,19 @@ def main() -> None:
     print("\n".join(lines))
     print("per-step losses: " + "; ".join(f"{key}: " + ", ".join(f"{x:.3f}" for x in run.losses) for key, run in runs.items()))
     if profile_table is not None:
-        print(f"\ntorch.profiler, 2 steps of {runs['c'].name}, top 10 by self CPU time:\n{profile_table}")
+        print(f"\ntorch.profiler, 2 steps of {runs['c'].name}, top 10 by self {'CUDA' if DEVICE.type == 'cuda' else 'CPU'} time:\n{profile_table}")
     wall = time.perf_counter() - started
     print(f"total wall time {wall:.0f} s")
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "transformers": transformers_version},
+            "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "transformers": transformers_version,
+                        "device": str(DEVICE), "precision": PRECISION},
             "model": describe_model(folder),
             "steps": args.steps,
             "variants": summaries,
-            "step0": {"hf_without_39379": hf_reference, "agree": ok, "rtol": AGREEMENT_RTOL},
+            "step0": {"hf_without_39379": hf_reference, "agree": ok, "rtol": agreement_rtol()},
             "wall_s": wall,
         }, indent=2))
     if not ok:

@@ -22,6 +22,8 @@ from fusiontrain.data.formats import RecordDataset, SampleBuilder
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.loader import StreamConfig
 from fusiontrain.data.sources import load_records
+from fusiontrain.data.stream_sources import open_stream
+from fusiontrain.data.streaming import StreamingSampleStream
 from fusiontrain.families import (
     EXPORT_ROLE,
     InputFolders,
@@ -153,7 +155,12 @@ def build_dataset(
     source = data.train if split == "train" else data.eval
     if source.path is None:
         return None
-    builder = SampleBuilder(
+    return RecordDataset(load_records(source.path, split=source.split), _sample_builder(config, image_format, inputs))
+
+
+def _sample_builder(config: TrainConfig, image_format: ImageFormat, inputs: InputFolders) -> SampleBuilder:
+    data = config.data
+    return SampleBuilder(
         inputs.text_dir,
         image_format,
         image_dir=inputs.image_dir,
@@ -163,7 +170,26 @@ def build_dataset(
         too_long=data.too_long,
         image_token_id=inputs.image_token_id,
     )
-    return RecordDataset(load_records(source.path, split=source.split), builder)
+
+
+def build_streaming_train_stream(
+    config: TrainConfig, image_format: ImageFormat, inputs: InputFolders, stream_config: StreamConfig, *, rank: int, world: int
+) -> StreamingSampleStream:
+    """This rank's stream of micro-batches from the streamed ``data.train`` (``data.streaming``):
+    its shards split over ranks (``data.stream_split``) and ``data.num_workers`` workers."""
+    data = config.data
+    return StreamingSampleStream(
+        open_stream(data.train.path, split=data.train.split),
+        _sample_builder(config, image_format, inputs),
+        image_format,
+        stream_config,
+        rank=rank,
+        world=world,
+        num_workers=data.num_workers,
+        seed=config.seed,
+        stream_split=data.stream_split,
+        name=data_description(data, "train"),
+    )
 
 
 def data_description(config: DataConfig, split: str) -> str:

@@ -69,7 +69,11 @@ class ModelConfig:
 
 @dataclass
 class DataSplitConfig:
-    path: str | None = _field(None, "Dataset file or folder (json/jsonl/parquet/imagefolder) or hub name.")
+    path: str | None = _field(
+        None,
+        "Dataset file or folder (json/jsonl/parquet/imagefolder) or hub name; with data.streaming (train only) also "
+        "webdataset .tar shards, a file or glob like /data/shards/*.tar.",
+    )
     split: str = _field("train", "Split to read from a hub dataset (local files have only 'train').")
 
 
@@ -97,6 +101,18 @@ class DataConfig:
         "null = max_images_per_row x the most tokens one image yields.",
     )
     strict: bool = _field(False, "Stop at the first bad sample instead of skipping (and counting) it.")
+    streaming: bool = _field(
+        False,
+        "Read data.train.path as a stream (datasets streaming=True; .tar globs are webdataset shards) instead of a "
+        "map-style table: shards are split over ranks and workers, and the position resumes exactly at the same "
+        "world size and data.num_workers only (README: Streaming data). data.eval stays map-style.",
+    )
+    stream_split: Literal["shards", "examples"] = _field(
+        "shards",
+        "With data.streaming, how ranks divide the data: 'shards' (each rank reads its own shards; needs "
+        "world x max(1, num_workers) shards at least) or 'examples' (every rank reads every shard and keeps every "
+        "world-th record: even shares for any shard count, at world times the reading).",
+    )
     num_workers: int = _field(1, "Dataloader worker processes per rank: samples and images are built there, off the training loop (0 = in the loop).")
     synthetic_samples: int = _field(512, "Number of samples in the synthetic training set.")
     synthetic_max_text: int = _field(24, "Longest synthetic text, in tokens.")
@@ -392,6 +408,7 @@ def validate(config: TrainConfig) -> None:
         )
     if config.data.format != "synthetic" and config.data.train.path is None:
         raise ConfigError(f"config key 'data.train.path' is required for data.format={config.data.format!r}")
+    _validate_streaming(config.data)
     ac = config.parallel.activation_checkpointing
     if ac not in ("none", "full") and not (ac.isascii() and ac.isdecimal() and int(ac) >= 1):
         raise ConfigError(
@@ -445,6 +462,19 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"config key 'distributed.timeout_s' must be a finite number of seconds > 0; got {timeout_s}")
     if config.loss.num_output_chunks < 0:
         raise ConfigError(f"config key 'loss.num_output_chunks' must be >= 0; got {config.loss.num_output_chunks}")
+
+
+def _validate_streaming(data: DataConfig) -> None:
+    """Streaming needs real (not synthetic) train data; .tar shards are read only as a stream."""
+    if data.streaming and data.format == "synthetic":
+        raise ConfigError("config key 'data.streaming' needs real data: set data.format (caption or chat) and data.train.path")
+    if not data.streaming and str(data.train.path).lower().endswith(".tar"):
+        raise ConfigError(f"config key 'data.train.path'={data.train.path} names .tar shards: set data.streaming=true to read them")
+    if str(data.eval.path).lower().endswith(".tar"):
+        raise ConfigError(
+            f"config key 'data.eval.path'={data.eval.path} names .tar shards, but eval data is read map-style: give it a "
+            "json/jsonl/parquet file, an imagefolder or a hub name"
+        )
 
 
 # -- writing and describing -----------------------------------------------------------------------

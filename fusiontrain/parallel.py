@@ -167,6 +167,21 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
+            _forget_pending_forward(module)
+
+
+def _forget_pending_forward(module: FSDPModule) -> None:
+    """Let a unit of several modules start its next forward afresh. torch <= 2.12 completes such a
+    unit's forward only once every member has run, so after an eval in which the output
+    projection never ran as a module (the chunked loss reads its weight) the unit still waits for
+    it, and would skip its next unshard (seen on torch 2.11 + CUDA: the next training step fails
+    with "mixed torch.Tensor and DTensor"). torch >= 2.13 completes such units at the end of the
+    root's forward, and then this finds nothing pending. FSDP2 has no public call for it before
+    2.13 (``reset_iter_state``), so this reads the private set, and only if it exists."""
+    state = module._get_fsdp_state()
+    pending = getattr(state, "_modules_to_run_forward", None)
+    if pending:
+        pending.clear()
 
 
 def apply_activation_offloading(model: nn.Module, mode: str, offloader: ActivationOffloader) -> int:

@@ -282,3 +282,4 @@ def format_plan(plan: Plan) -> str:
     ]
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
+

@@ -117,7 +117,7 @@ class _UnshardedParameters:
         its backward ends so that the allocator cannot reuse the block while the collective runs."""
         held = []
         if self._groups:
-            held += [state.reduce_scatter_input for state in self._groups[0].comm_ctx.reduce_scatter_states]
+            held += [state.reduce_scatter_input for state in _retained_reduce_scatter_states(self._groups[0].comm_ctx)]
         for group in self._groups:
             state = getattr(group, "_all_reduce_state", None)
             if state is not None:
@@ -287,3 +287,13 @@ def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker
             for key, value in batch.encoder_input.items()
         }
     return fake
+
+
+def _retained_reduce_scatter_states(comm_ctx: Any) -> list[Any]:
+    """The reduce-scatter states FSDP2 retains: a list from torch 2.12 on
+    (``reduce_scatter_states``), one state or None before (``reduce_scatter_state``)."""
+    states = getattr(comm_ctx, "reduce_scatter_states", None)
+    if states is not None:
+        return list(states)
+    state = getattr(comm_ctx, "reduce_scatter_state", None)
+    return [] if state is None else [state]

@@ -24,6 +24,7 @@ from fusiontrain.builders import (
     build_lr_scheduler,
     build_optimizer,
     build_stream_config,
+    build_streaming_train_stream,
     configured_family,
     data_description,
     build_batch_layout,
@@ -38,6 +39,7 @@ from fusiontrain.data import Batch, collate_padded
 from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS, SampleStream, build_loader
+from fusiontrain.data.streaming import build_streaming_loader
 from fusiontrain.flops import device_peak_flops, mfu
 from fusiontrain.loss import count_targets
 from fusiontrain.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
@@ -93,24 +95,31 @@ class Trainer:
         family, folders = configured_family(config.model)
         self.image_format = family.image_format(self.model)
         inputs = family.input_folders(folders, self.model)
-        self.train_data = build_dataset(config, self.image_format, inputs, self.model, split="train")
+        streaming = config.data.streaming  # streamed train data has no table: the stream reads it (data/streaming.py)
+        self.train_data = None if streaming else build_dataset(config, self.image_format, inputs, self.model, split="train")
         self.eval_data = build_dataset(config, self.image_format, inputs, self.model, split="eval")
         dp_rank, dp_size = self.context.rank, self.context.world_size
         self.grad_accum_steps = self.layout.grad_accum_steps
         stream_config = build_stream_config(
             config.data, config.batch, self.image_format, ignore_index=config.loss.ignore_index
         )
-        stream = SampleStream(
-            len(self.train_data),
-            self.train_data.__getitem__,
-            self.image_format,
-            stream_config,
-            rank=dp_rank,
-            world=dp_size,
-            seed=config.seed,
-            name=data_description(config.data, "train"),
-        )
-        self.train_loader = build_loader(stream, num_workers=config.data.num_workers)
+        if streaming:
+            streamed = build_streaming_train_stream(
+                config, self.image_format, inputs, stream_config, rank=dp_rank, world=dp_size
+            )
+            self.train_loader = build_streaming_loader(streamed)
+        else:
+            stream = SampleStream(
+                len(self.train_data),
+                self.train_data.__getitem__,
+                self.image_format,
+                stream_config,
+                rank=dp_rank,
+                world=dp_size,
+                seed=config.seed,
+                name=data_description(config.data, "train"),
+            )
+            self.train_loader = build_loader(stream, num_workers=config.data.num_workers)
         self.skipped_total = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
         self.nonfinite = NonFiniteGuard(
             config.loss.nonfinite, config.loss.max_consecutive_nonfinite, injection=injection_from_env()

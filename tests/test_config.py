@@ -121,6 +121,8 @@ def _new_value(key: str, current: Any, folder: Path) -> tuple[Any, list[str]]:
     if key == "data.format":  # formats other than synthetic read a training file
         value = "caption" if current != "caption" else "chat"
         return value, [f"data.train.path={folder / 'train.jsonl'}"]
+    if key == "data.streaming":  # streams real data only
+        return (not current), ["data.format=caption", f"data.train.path={folder / 'shards' / '*.tar'}"]
     kind = _strip_optional(_field_type(key))
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin is Literal:
@@ -249,8 +251,11 @@ def test_every_key_override_is_applied_with_validation_on(key: str, folder: Path
         ("model.fusion_init={folder}/absent", [], "'model.fusion_init'"),
         ("data.format=caption", ["data.train.path=null"], "'data.train.path'"),
         ("data.format=chat", ["data.train.path=null"], "'data.train.path'"),
-        # the global batch must split into whole micro-batches over the data-parallel ranks
+        ("data.streaming=true", [], "'data.streaming'"),  # the synthetic data is not streamed
+        ("data.train.path={folder}/s-*.tar", ["data.format=caption"], "set data.streaming=true"),
+        ("data.eval.path={folder}/s-*.tar", ["data.format=caption", "data.train.path=t.jsonl"], "'data.eval.path'"),
         ("parallel.activation_offloading=checkpointed", [], "'parallel.activation_offloading'"),
+        # the global batch must split into whole micro-batches over the data-parallel ranks
         ("batch.global_batch_size=7", [], "batch.global_batch_size=7"),
         ("batch.global_batch_size=8", ["parallel.dp_shard=3"], "data-parallel ranks (3)"),
         ("batch.global_batch_size=8", ["parallel.dp_replicate=8"], "data-parallel ranks (8)"),

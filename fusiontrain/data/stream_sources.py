@@ -1,0 +1,213 @@
+"""Reading records as a stream, through Hugging Face ``datasets`` streaming: local webdataset
+``.tar`` shards, or a hub (or local file) dataset opened with ``load_dataset(..., streaming=True)``.
+
+:func:`open_stream` gives a :class:`StreamSource`: a ``datasets.IterableDataset`` of raw examples
+(split into shards, which is what ranks and dataloader workers divide) plus :meth:`StreamSource.record`,
+which turns one example into a :class:`~fusiontrain.data.sources.Record` for
+:class:`~fusiontrain.data.formats.SampleBuilder`. Nothing is decoded while reading: a bad example
+becomes a Record that carries its :class:`~fusiontrain.data.errors.BadSample`, and the stream skips
+and counts it like any other bad sample.
+
+Webdataset shards (``data.train.path`` a ``.tar`` file or glob, e.g. ``/data/shards/*.tar``) are
+read by our own tar reader (:func:`read_tar_shards`) wrapped in ``IterableDataset.from_generator``,
+not by the packaged ``webdataset`` builder: that builder decodes ``.json`` members inside its
+generator, so one malformed member ends the whole stream (and cannot be skipped on resume, since
+the generator fails again at the same place); it also infers one schema from the first five
+examples and silently drops fields the later examples add, and it would ``torch.load`` ``.pth``
+members. Ours groups members by key (``000.jpg`` + ``000.json`` -> sample ``000``) and keeps every
+member's bytes; :meth:`StreamSource.record` then builds the record:
+
+- the ``.json`` member's object is the record (``{"text": ...}`` for ``data.format=caption``,
+  ``{"messages": [...]}`` for ``chat``); a ``.txt`` member is the caption ``text`` when there is
+  no ``.json`` member;
+- the image members (``jpg``, ``png``, ``webp``, ...; several per sample as ``000.0.jpg``,
+  ``000.1.jpg``) become ``images`` in member-name order, and ``image`` when there is exactly one;
+  a ``.json`` that has its own ``image`` / ``images`` key as well is a ``bad_record``;
+- the record's origin is ``<shard path>:<key>``.
+
+Any other path goes to ``datasets.load_dataset(path, split=split, streaming=True)`` (a hub name,
+or a local ``.jsonl`` / ``.json`` / ``.parquet`` file or glob, read with the ``text`` / ``json`` /
+``parquet`` builders; JSON Lines through ``text`` so that a malformed line is one bad record;
+relative image paths are relative to the folder of the path or glob).
+There an example ``datasets`` itself cannot decode ends the stream with datasets' error.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fusiontrain.data.errors import BadSample
+from fusiontrain.data.sources import Record, _no_decode, _parse_json_line
+
+StreamKind = Literal["tar", "jsonl", "json", "parquet", "hub"]
+
+# Image member extensions (lower case) of a webdataset sample.
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"})
+_FILE_BUILDERS = {".jsonl": ("jsonl", "text"), ".json": ("json", "json"), ".parquet": ("parquet", "parquet")}
+
+
+def is_tar_shards(path: str) -> bool:
+    """Whether ``path`` names webdataset shards (a ``.tar`` file or glob)."""
+    return str(path).lower().endswith(".tar")
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """The files ``pattern`` (a path or glob) matches, sorted; raises ValueError when none."""
+    files = sorted(glob.glob(pattern))
+    if not files:
+        raise ValueError(f"data.train.path={pattern} matches no file; point it at the data's files (a glob like /data/*.tar)")
+    return files
+
+
+@dataclass
+class StreamSource:
+    """A streamed data source.
+
+    Attributes:
+        dataset: the ``datasets.IterableDataset`` of raw examples (not split, not shuffled).
+        name: the configured path or hub name.
+        kind: which reader produced it.
+        num_shards: how many shards it has (what ranks and workers divide).
+        base_dir: the folder relative image paths are relative to (local files: the folder of
+            the path or glob); None for tar shards and hub datasets.
+    """
+
+    dataset: Any
+    name: str
+    kind: StreamKind
+    num_shards: int
+    base_dir: Path | None = None
+
+    def record(self, example: dict[str, Any], where: str) -> Record:
+        """The :class:`Record` of one raw ``example``; ``where`` locates it for messages when the
+        example does not (non-tar sources: the pass, rank, worker and index in the stream)."""
+        if self.kind == "tar":
+            return tar_record(example)
+        origin = f"{self.name} ({where})"
+        if self.kind == "jsonl":
+            data, error = _parse_json_line(example["text"])
+            error = None if error is None else error.at(origin)
+            return Record(data=data, origin=origin, base_dir=self.base_dir, error=error)
+        return Record(data=example, origin=origin, base_dir=self.base_dir)
+
+
+def open_stream(path: str, *, split: str = "train") -> StreamSource:
+    """The stream of records at ``path`` (see the module docstring).
+
+    Args:
+        path: ``.tar`` shards (a file or glob), a local ``.jsonl`` / ``.json`` / ``.parquet`` file
+            or glob, or a hub dataset name.
+        split: the split of a hub dataset (local files have only ``"train"``).
+    """
+    import datasets
+
+    if is_tar_shards(path):
+        shards = expand_shards(path)
+        dataset = datasets.IterableDataset.from_generator(read_tar_shards, gen_kwargs={"shards": shards})
+        return StreamSource(dataset, str(path), "tar", len(shards))
+    suffix = Path(path).suffix.lower()
+    if Path(path).is_dir():
+        raise ValueError(
+            f"data.train.path={path} is a folder: streaming reads .tar shards, .jsonl/.json/.parquet files or globs, "
+            "or a hub dataset; read an imagefolder with data.streaming=false"
+        )
+    if suffix in _FILE_BUILDERS:
+        kind, builder = _FILE_BUILDERS[suffix]
+        files = expand_shards(path)
+        dataset = _without_image_decoding(datasets.load_dataset(builder, data_files=files, split="train", streaming=True))
+        return StreamSource(dataset, str(path), kind, dataset.num_shards, base_dir=Path(path).parent)
+    dataset = _without_image_decoding(datasets.load_dataset(str(path), split=split, streaming=True))
+    return StreamSource(dataset, str(path), "hub", dataset.num_shards)
+
+
+def _without_image_decoding(dataset: Any) -> Any:
+    """``dataset`` with its ``Image`` features (if it knows its features) left undecoded: rows hold
+    ``{"bytes", "path"}``, which :func:`~fusiontrain.data.sources.open_image` decodes in the stream,
+    so that a corrupt image is one bad record rather than an error inside ``datasets``."""
+    for column, feature in (dataset.features or {}).items():
+        plain = _no_decode(feature)
+        if plain != feature:
+            dataset = dataset.cast_column(column, plain)
+    return dataset
+
+
+# -- webdataset shards ------------------------------------------------------------------------------
+
+
+def read_tar_shards(shards: list[str]) -> Iterator[dict[str, Any]]:
+    """The webdataset samples of ``shards``, in order: per sample, ``{"shard": path, "key": key,
+    "members": {extension: bytes}}`` (members grouped by the key before the first dot of their
+    file name) and ``"error"`` (empty, or what is wrong: a member extension given twice). A shard
+    that cannot be read further (not a tar, truncated) yields, for the sample being read, one
+    example with ``"error"`` set and no members, and ends there; its earlier samples stand."""
+    for shard in shards:
+        sample: dict[str, Any] | None = None
+        try:
+            with tarfile.open(shard, mode="r:*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, name = member.name.rpartition("/")
+                    stem, dot, extension = name.partition(".")
+                    if not dot or not stem:
+                        continue  # not a sample member (no extension), as in the webdataset format
+                    key = f"{folder}/{stem}" if folder else stem
+                    if sample is not None and sample["key"] != key:
+                        yield sample
+                        sample = None
+                    if sample is None:
+                        sample = {"shard": shard, "key": key, "members": {}, "error": ""}
+                    if extension in sample["members"]:
+                        sample["error"] = f"two members with the extension {extension!r}"
+                    sample["members"][extension] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as error:
+            # The sample being read may miss members: it is reported bad with the error, not used.
+            key = "" if sample is None else sample["key"]
+            yield {"shard": shard, "key": key, "members": {}, "error": f"cannot read the tar shard further: {error}"}
+            continue
+        if sample is not None:
+            yield sample
+
+
+def tar_record(example: dict[str, Any]) -> Record:
+    """The record of one webdataset sample (see the module docstring); bad samples carry their
+    BadSample (``malformed_json``, ``bad_record``)."""
+    origin = f"{example['shard']}:{example['key']}"
+    members: dict[str, bytes] = example["members"]
+
+    def bad(reason: str, detail: str) -> Record:
+        return Record(data=None, origin=origin, base_dir=None, error=BadSample(reason, detail, origin=origin))
+
+    if example["error"]:
+        return bad("bad_record", example["error"])
+    if "json" in members:
+        try:
+            data = json.loads(members["json"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return bad("malformed_json", f"the .json member is not JSON: {error}")
+        if not isinstance(data, dict):
+            return bad("malformed_json", f"the .json member holds a {type(data).__name__}, not an object")
+    elif "txt" in members:
+        try:
+            data = {"text": members["txt"].decode("utf-8")}
+        except UnicodeDecodeError as error:
+            return bad("bad_record", f"the .txt member is not UTF-8: {error}")
+    else:
+        return bad("bad_record", f"no .json or .txt member (members: {sorted(members)})")
+
+    images = [
+        {"bytes": data_, "path": f"{origin}.{extension}"}
+        for extension, data_ in sorted(members.items())
+        if extension.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
+    ]
+    if images:
+        if "image" in data or "images" in data:
+            return bad("bad_record", "the .json member has an 'image'/'images' key and the sample has image members too")
+        data = {**data, "images": images, **({"image": images[0]} if len(images) == 1 else {})}
+    return Record(data=data, origin=origin, base_dir=None)
