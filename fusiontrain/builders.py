@@ -1,6 +1,7 @@
 """Builders from config sections: the model (with or without its weights) through its family
 (:mod:`fusiontrain.families`), its pretrained folders, the image format its encoder takes, the
-optimizer, and the per-rank batching.
+optimizer, and the per-rank batching
+(the global-batch arithmetic itself is :mod:`fusiontrain.batch_layout`).
 
 ``prepare_model`` is what training uses: the model on the meta device plus the safetensors that
 fill it. ``build_meta_model`` reads only ``config.json`` files, so a plan or a dry run works from
@@ -14,7 +15,8 @@ import math
 import torch
 from torch import nn
 
-from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig
+from fusiontrain.batch_layout import BatchLayout, batch_layout
+from fusiontrain.config import BatchConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from fusiontrain.data import SyntheticImageText
 from fusiontrain.data.formats import RecordDataset, SampleBuilder
 from fusiontrain.data.image_format import ImageFormat
@@ -199,24 +201,17 @@ def build_lr_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config, max_steps))
 
 
-def resolve_global_batch(config: BatchConfig, dp_size: int) -> int:
-    """Rows per optimizer step: ``global_batch_size`` when set, else micro x accum x ranks."""
-    if config.global_batch_size is not None:
-        return config.global_batch_size
-    return config.micro_batch_size * config.grad_accum_steps * dp_size
-
-
-def rows_per_rank_per_step(config: BatchConfig, dp_size: int) -> int:
-    """Rows each data-parallel rank processes per optimizer step (a multiple of the micro-batch).
+def build_batch_layout(batch: BatchConfig, parallel: ParallelConfig, world_size: int) -> BatchLayout:
+    """How ``world_size`` ranks split each optimizer step (see :mod:`fusiontrain.batch_layout`).
 
     Raises:
-        ValueError: the global batch does not split into whole micro-batches on every rank.
+        ValueError: the mesh does not fit the world, or the global batch does not split evenly.
     """
-    rows = resolve_global_batch(config, dp_size)
-    per_rank, remainder = divmod(rows, dp_size * config.micro_batch_size)
-    if remainder or not per_rank:
-        raise ValueError(
-            f"batch.global_batch_size={rows} must be a multiple of batch.micro_batch_size "
-            f"({config.micro_batch_size}) x data-parallel ranks ({dp_size})"
-        )
-    return per_rank * config.micro_batch_size
+    return batch_layout(
+        world_size=world_size,
+        dp_replicate=parallel.dp_replicate,
+        dp_shard=parallel.dp_shard,
+        micro_batch_size=batch.micro_batch_size,
+        grad_accum_steps=batch.grad_accum_steps,
+        global_batch_size=batch.global_batch_size,
+    )

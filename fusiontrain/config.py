@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from fusiontrain.batch_layout import check_global_batch_without_world
+
 
 class ConfigError(ValueError):
     """A configuration problem, described in one line that names the key and the fix."""
@@ -177,6 +179,13 @@ class ParallelConfig:
         "but every rank holds the unsharded fp32 gradients of all trainable parameters until then; see `plan`).",
     )
     compile: bool = _field(False, "torch.compile each layer (the GPU path).")
+    activation_offloading: Literal["none", "checkpointed", "all"] = _field(
+        "none",
+        "Move saved activations to (pinned) host memory during forward and back for backward: 'checkpointed' "
+        "those of the activation-checkpointed blocks (their inputs), 'all' everything every block saves; "
+        "parameters and tensors under 1 MiB stay. Copies run on a side stream on CUDA. `plan` shows the "
+        "device memory it frees and the host memory it takes.",
+    )
 
 
 @dataclass
@@ -414,6 +423,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"config key 'parallel.activation_checkpointing' must be 'none', 'full' or a positive integer k; got {ac!r}"
         )
+    if config.parallel.activation_offloading == "checkpointed" and ac == "none":
+        raise ConfigError(
+            "config key 'parallel.activation_offloading' is 'checkpointed' but no block is checkpointed; "
+            "set parallel.activation_checkpointing (e.g. full), or activation_offloading=all"
+        )
     positive = {
         "max_steps": config.max_steps,
         "batch.micro_batch_size": config.batch.micro_batch_size,
@@ -426,6 +440,15 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"config key '{key}' must be >= 1; got {value}")
     if config.parallel.dp_shard == 0 or config.parallel.dp_shard < -1:
         raise ConfigError(f"config key 'parallel.dp_shard' must be -1 or >= 1; got {config.parallel.dp_shard}")
+    try:
+        check_global_batch_without_world(
+            dp_replicate=config.parallel.dp_replicate,
+            dp_shard=config.parallel.dp_shard,
+            micro_batch_size=config.batch.micro_batch_size,
+            global_batch_size=config.batch.global_batch_size,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if config.checkpoint.every_n_steps < 0 or config.checkpoint.keep_last_n < 0:
         raise ConfigError("config keys 'checkpoint.every_n_steps' and 'checkpoint.keep_last_n' must be >= 0")
     optim = config.optim

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from fusiontrain.builders import (
+    build_batch_layout,
     build_dataset,
     build_meta_model,
     build_stream_config,
     configured_family,
     data_description,
-    resolve_global_batch,
     sample_builder,
 )
 from fusiontrain.config import TrainConfig
@@ -195,7 +195,8 @@ def build_train_loader(
     name = data_description(config.data, "train")
     plan = RowPlan(sizes, limits, config.seed, name=name, strict=config.data.strict)
     plan.epoch(0)  # fails early (on every rank alike) when no sample is usable
-    dealing = Dealing(resolve_global_batch(config.batch, world), rank, world, config.batch.micro_batch_size)
+    layout = build_batch_layout(config.batch, config.parallel, world)  # the one place of the global-batch arithmetic
+    dealing = Dealing(layout.global_batch_size, rank, world, config.batch.micro_batch_size)
     identity = {
         "seed": config.seed,
         "data_fingerprint": key,

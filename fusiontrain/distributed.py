@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from fusiontrain.batch_layout import mesh_shape
+
 
 # Default for ``distributed.timeout_s``: torch's own default for gloo (NCCL's is 10 minutes). A
 # healthy job's ranks can wait on each other for long stretches: rank-local work between two
@@ -131,17 +133,7 @@ def build_mesh(context: DistributedContext, dp_replicate: int, dp_shard: int) ->
 
     ``dp_shard=-1`` takes all the ranks that ``dp_replicate`` leaves.
     """
-    if dp_shard == -1:
-        if context.world_size % dp_replicate:
-            raise ValueError(
-                f"parallel.dp_replicate={dp_replicate} does not divide the world of {context.world_size} ranks"
-            )
-        dp_shard = context.world_size // dp_replicate
-    if dp_replicate * dp_shard != context.world_size:
-        raise ValueError(
-            f"parallel.dp_replicate ({dp_replicate}) x parallel.dp_shard ({dp_shard}) must equal the "
-            f"world size ({context.world_size}); set dp_shard=-1 to fill it"
-        )
+    dp_replicate, dp_shard = mesh_shape(dp_replicate, dp_shard, context.world_size)
     device_type = context.device.type
     if dp_replicate == 1:  # the default process group serves it, with its timeout
         return init_device_mesh(device_type, (dp_shard,), mesh_dim_names=("dp_shard",))

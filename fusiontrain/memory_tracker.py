@@ -18,13 +18,16 @@ Two hooks cover memory the dispatcher does not see or labels by phase only:
   and frees its unsharded parameters by resizing storages in place, which no op reports);
 - ``regroup``: called at each new peak, ``{label: tensors}``: those tensors' bytes are moved to
   ``label`` in the peak's breakdown (gradients made by reduce-scatter ops, say).
+
+Tensors created under one of the ``host_labels`` live in host memory (offloaded activations, say):
+they count towards ``host_current`` / ``host_peak``, not towards the device's total and peak.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -44,12 +47,15 @@ class TensorMemoryTracker(TorchDispatchMode):
         untracked: bytes held outside the dispatcher, by label, polled after each op.
         op_label: ``op_label(func)`` -> a label for that op's outputs, or None for the active one.
         regroup: at a new peak, tensors whose bytes belong to another label (see module doc).
+        host_labels: labels of tensors in host memory, counted apart (see module doc).
 
     Attributes:
         current: bytes alive now (tracked and untracked).
         peak: the highest ``current`` seen.
         at_peak: bytes per label when ``peak`` was reached.
         peak_label: the label active when ``peak`` was reached.
+        host_current: bytes alive now under ``host_labels``.
+        host_peak: the highest ``host_current`` seen.
     """
 
     def __init__(
@@ -59,6 +65,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         untracked: dict[str, Callable[[], int]] | None = None,
         op_label: Callable[[Any], str | None] | None = None,
         regroup: Callable[[], dict[str, list[torch.Tensor]]] | None = None,
+        host_labels: Collection[str] = (),
     ) -> None:
         super().__init__()
         self._labels = [default_label]
@@ -66,6 +73,9 @@ class TensorMemoryTracker(TorchDispatchMode):
         self._untracked = untracked or {}
         self._op_label = op_label
         self._regroup = regroup
+        self._host_labels = frozenset(host_labels)
+        self.host_current = 0
+        self.host_peak = 0
         self.by_label: dict[str, int] = defaultdict(int)
         self.tracked = 0
         self.current = 0
@@ -100,13 +110,20 @@ class TensorMemoryTracker(TorchDispatchMode):
             return
         record = [label, storage.nbytes()]
         self._storages[storage] = record
-        self.by_label[label] += record[1]
-        self.tracked += record[1]
+        if label in self._host_labels:
+            self.host_current += record[1]
+            self.host_peak = max(self.host_peak, self.host_current)
+        else:
+            self.by_label[label] += record[1]
+            self.tracked += record[1]
         weakref.finalize(storage, self._release, record)
 
     def _release(self, record: list[Any]) -> None:
-        self.by_label[record[0]] -= record[1]
-        self.tracked -= record[1]
+        if record[0] in self._host_labels:
+            self.host_current -= record[1]
+        else:
+            self.by_label[record[0]] -= record[1]
+            self.tracked -= record[1]
 
     def _update_peak(self) -> None:
         untracked = {name: poll() for name, poll in self._untracked.items()}

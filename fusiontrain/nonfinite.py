@@ -216,25 +216,31 @@ class NonFiniteGuard:
         step: int,
         loss_sum: torch.Tensor,
         targets: int,
-        grad_norm: float,
+        grad_norm: torch.Tensor | float,
         local_grads: Callable[[], Iterable[torch.Tensor]],
-    ) -> tuple[float, bool]:
+    ) -> tuple[float, float, bool]:
         """All-reduce this rank's ``loss_sum`` with its non-finite flag and decide on the step.
 
-        Returns ``(global loss sum, skip)``; raises :class:`NonFiniteError` when the run must stop.
-        ``local_grads`` (this rank's gradient shards) is only called when the grad norm is
-        non-finite and every loss finite, to say where the bad gradients are.
+        The flag is computed on the device and read back together with the sums and the (already
+        global) ``grad_norm``: one all-reduce and one device-to-host read per step.
+
+        Returns ``(global loss sum, grad norm, skip)``; raises :class:`NonFiniteError` when the run
+        must stop. ``local_grads`` (this rank's gradient shards) is only called when the grad norm
+        is non-finite and every loss finite, to say where the bad gradients are.
         """
         rank, world = _rank_world()
-        packed = torch.zeros(1 + world, dtype=torch.float32, device=loss_sum.device)
+        device = loss_sum.device
+        packed = torch.zeros(1 + world, dtype=torch.float32, device=device)
         packed[0] = loss_sum.detach().float()
-        packed[1 + rank] = float(not bool(torch.isfinite(loss_sum)))
+        packed[1 + rank] = (~torch.isfinite(loss_sum.detach())).float()
         distributed.all_reduce_sum(packed)
-        values = packed.tolist()
+        norm = grad_norm.detach().float().reshape(1) if isinstance(grad_norm, torch.Tensor) else torch.tensor([float(grad_norm)])
+        values = torch.cat([packed, norm.to(device)]).tolist()
+        grad_norm = values[-1]
         loss_ranks = tuple(r for r in range(world) if values[1 + r] > 0)
         grad_ranks: tuple[int, ...] = ()
         if not loss_ranks and not math.isfinite(grad_norm):  # grad_norm is global: every rank is here
-            grad_ranks = _ranks_flagged(not _all_finite(local_grads()), loss_sum.device)
+            grad_ranks = _ranks_flagged(not _all_finite(local_grads()), device)
         report = StepReport(step, values[0] / max(targets, 1), grad_norm, loss_ranks, grad_ranks)
         decision = decide(report, mode=self.mode, max_consecutive=self.max_consecutive, consecutive=self.consecutive)
         self.consecutive = decision.consecutive
@@ -249,7 +255,7 @@ class NonFiniteGuard:
                     self.consecutive,
                     self.skipped,
                 )
-        return values[0], decision.skip
+        return values[0], grad_norm, decision.skip
 
     def check_before_save(
         self,

@@ -1,8 +1,10 @@
-"""Parallelize a model: activation checkpointing, optional torch.compile, FSDP2 sharding.
+"""Parallelize a model: activation checkpointing, optional torch.compile, FSDP2 sharding, and
+activation offloading.
 
 Applied to a model built on the meta device, before its weights are loaded, in torchtitan's
-order: activation checkpointing, then compile, then ``fully_shard`` per block and at the root.
-Model code never imports this module.
+order: activation checkpointing, then compile, then ``fully_shard`` per block and at the root;
+then the offloading hooks on the blocks (:mod:`fusiontrain.offload`). Model code never imports
+this module.
 
 Blocks are what each module says they are: every ``nn.ModuleList`` a module returns from its
 ``block_lists()`` method (an encoder family's module names its tower's stacks that way, whatever
@@ -14,6 +16,7 @@ refused, rather than sharded whole into the root unit.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -26,6 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fusiontrain.modules import FusionLayer
+from fusiontrain.offload import MIN_OFFLOAD_BYTES, ActivationOffloader
 
 
 def block_stacks(model: nn.Module) -> Iterator[tuple[str, nn.ModuleList]]:
@@ -180,6 +184,43 @@ def _forget_pending_forward(module: FSDPModule) -> None:
         pending.clear()
 
 
+def apply_activation_offloading(model: nn.Module, mode: str, offloader: ActivationOffloader) -> int:
+    """Make blocks save their activations through ``offloader`` (to host memory): with ``mode``
+    "checkpointed" the activation-checkpointed blocks (which save only their inputs), with "all"
+    every block (all it saves; a checkpointed one still saves only its inputs); "none" does
+    nothing. Returns how many blocks offload.
+
+    The hooks sit on the block as the stack holds it (the checkpoint wrapper, when there is one):
+    a checkpoint's recompute in backward calls the wrapped module and does not offload again.
+    """
+    if mode not in ("none", "checkpointed", "all"):
+        raise ValueError(f"parallel.activation_offloading must be 'none', 'checkpointed' or 'all'; got {mode!r}")
+    if mode == "none":
+        return 0
+    blocks = [block for _, stack in block_stacks(model) for block in stack]
+    if mode == "checkpointed":
+        blocks = [block for block in blocks if block is not _unwrapped(block)]
+        if not blocks:
+            raise ValueError(
+                "parallel.activation_offloading=checkpointed offloads the inputs of checkpointed blocks, and no block "
+                "is checkpointed: set parallel.activation_checkpointing, or activation_offloading=all"
+            )
+    entered: list[AbstractContextManager] = []
+
+    def enter(*_: object) -> None:
+        context = offloader.saved_tensors_hooks()
+        context.__enter__()
+        entered.append(context)
+
+    def leave(*_: object) -> None:
+        entered.pop().__exit__(None, None, None)
+
+    for block in blocks:
+        block.register_forward_pre_hook(enter)
+        block.register_forward_hook(leave, always_call=True)
+    return len(blocks)
+
+
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     """Turn FSDP's gradient reduce-scatter on or off (off on non-final accumulation micro-steps)."""
     if isinstance(model, FSDPModule):
@@ -195,14 +236,22 @@ def parallelize(
     mixed_precision: str = "auto",
     fusion_layer_sharding: str = "unit",
     compile: bool = False,
+    activation_offloading: str = "none",
+    offloader: ActivationOffloader | None = None,
 ) -> list[str]:
-    """Apply activation checkpointing, compile and FSDP2 (in that order); returns the FSDP units."""
+    """Apply activation checkpointing, compile, FSDP2 and activation offloading (in that order);
+    returns the FSDP units. ``offloader`` (default: a new one for ``device``, offloading saved
+    tensors of at least 1 MiB) is what ``activation_offloading`` other than "none" uses."""
     apply_activation_checkpointing(model, checkpoint_every(activation_checkpointing))
     if compile:
         apply_compile(model)
-    return shard_model(
+    units = shard_model(
         model,
         mesh,
         mp_policy=mixed_precision_policy(mixed_precision, device),
         split_fusion_layers=fusion_layer_sharding == "split",
     )
+    if activation_offloading != "none":
+        offloader = offloader or ActivationOffloader(device, min_bytes=MIN_OFFLOAD_BYTES)
+        apply_activation_offloading(model, activation_offloading, offloader)
+    return units

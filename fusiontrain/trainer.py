@@ -24,9 +24,9 @@ from fusiontrain.builders import (
     build_lr_scheduler,
     build_optimizer,
     configured_family,
+    build_batch_layout,
     model_settings,
     prepare_model,
-    rows_per_rank_per_step,
 )
 from fusiontrain.checkpoint.fingerprint import fingerprint
 from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState
@@ -37,14 +37,15 @@ from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data_builders import build_streaming_train_loader, build_train_loader
-from fusiontrain.flops import device_peak_flops, mfu, micro_batch_flops_or_none
-from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
+from fusiontrain.flops import device_peak_flops, mfu
+from fusiontrain.loss import count_targets
 from fusiontrain.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
 from fusiontrain.models.hf_checkpoint import materialize
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.nonfinite import NonFiniteGuard, injection_from_env
-from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, reshard, set_gradient_sync
+from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, reshard
 from fusiontrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
+from fusiontrain.step import StepSettings, TrainStep, loss_sum
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PLACEHOLDER = Sample(tokens=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), -100), origin="placeholder")
@@ -70,6 +71,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
 
+        # Checked before anything is built: a global batch that does not split fails at once.
+        self.layout = build_batch_layout(config.batch, config.parallel, self.context.world_size)
         self.mesh = distributed.build_mesh(self.context, config.parallel.dp_replicate, config.parallel.dp_shard)
         try:
             self.peak_flops: float | None = device_peak_flops(self.device)
@@ -93,7 +96,7 @@ class Trainer:
         self.train_data = None if streaming else build_dataset(config, self.image_format, inputs, self.model, split="train")
         self.eval_data = build_dataset(config, self.image_format, inputs, self.model, split="eval")
         dp_rank, dp_size = self.context.rank, self.context.world_size
-        self.grad_accum_steps = rows_per_rank_per_step(config.batch, dp_size) // config.batch.micro_batch_size
+        self.grad_accum_steps = self.layout.grad_accum_steps
         if streaming:
             self.train_loader = build_streaming_train_loader(
                 config, self.image_format, inputs, rank=dp_rank, world=dp_size, ignore_index=config.loss.ignore_index
@@ -112,6 +115,16 @@ class Trainer:
         self.skipped_total = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=self.device)
         self.nonfinite = NonFiniteGuard(
             config.loss.nonfinite, config.loss.max_consecutive_nonfinite, injection=injection_from_env()
+        )
+        self.step = TrainStep(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.nonfinite,
+            self._step_settings(),
+            device=self.device,
+            world_size=self.context.world_size,
+            skip_reasons=SKIP_REASONS,
         )
         self.start_step = 0
         self.tokens_seen = 0
@@ -161,6 +174,7 @@ class Trainer:
             mixed_precision=parallel.mixed_precision,
             fusion_layer_sharding=parallel.fusion_layer_sharding,
             compile=parallel.compile,
+            activation_offloading=parallel.activation_offloading,
         )
         materialize(model, self.device)
         pretrained.load(canonical_parameters(model))
@@ -322,75 +336,42 @@ class Trainer:
         else:
             self.train_loader.load_state_dict(rank_state["data"])
 
+    def _step_settings(self) -> StepSettings:
+        config = self.config
+        return StepSettings(
+            ignore_index=config.loss.ignore_index,
+            num_output_chunks=config.loss.num_output_chunks,
+            max_grad_norm=config.optim.max_grad_norm,
+            defer_gradient_sync=config.parallel.defer_gradient_sync,
+            flex_attention=self.device.type == "cuda",
+        )
+
     def train_step(self, step: int) -> dict[str, Any]:
-        """One optimizer step over this rank's micro-batches of the global batch ``step``."""
+        """One optimizer step over this rank's micro-batches of the global batch ``step``
+        (:class:`~fusiontrain.step.TrainStep`); returns its ``metrics.jsonl`` row."""
         started = time.perf_counter()
         host_batches = [self._complete(next(self._train_batches)) for _ in range(self.grad_accum_steps)]
-        # Counted from the host copies (no device syncs); None when the counter cannot count the model.
-        counts = [micro_batch_flops_or_none(self.model, batch) for batch in host_batches]
-        flops, uncounted = sum(c.total for c in counts if c is not None), sum(c is None for c in counts)
-        batches = [batch.to(self.device) for batch in host_batches]
-        ignore = self.config.loss.ignore_index
-        local_targets = sum(count_targets(batch.labels, ignore) for batch in batches)
-        global_targets = distributed.all_reduce_sum(local_targets.clone(), f"target token count of step {step}").item()
-        scale = self.context.world_size / max(global_targets, 1)  # FSDP averages gradients over ranks
-
-        loss_sum = torch.zeros((), device=self.device)
-        for index, batch in enumerate(batches):
-            set_gradient_sync(self.model, index == len(batches) - 1 or not self.config.parallel.defer_gradient_sync)
-            batch_loss = self.nonfinite.inject(self._loss_sum(batch), step)  # a test seam; see nonfinite.py
-            (batch_loss * scale).backward()
-            loss_sum += batch_loss.detach()
-
-        grad_norm = self._clip_gradients()
-        # Every rank takes the same decision (see fusiontrain/nonfinite.py); raises to stop the run.
-        global_loss_sum, skip = self.nonfinite.check_step(
-            step, loss_sum, int(global_targets), grad_norm, self._local_grads
-        )
-        lr = self.scheduler.get_last_lr()[0]
-        if not skip:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()  # a skipped step still counts: the schedule follows the step index
-
-        loss = global_loss_sum / max(global_targets, 1)
-        real_tokens = distributed.all_reduce_sum(sum(b.is_real.sum() for b in batches).clone(), f"real tokens of step {step}").item()
-        slots = sum(b.is_real.numel() for b in batches) * self.context.world_size
-        self.skipped_total += distributed.all_reduce_sum(self._skipped_in(batches).to(self.device), f"skip counts of step {step}")
+        result = self.step(step, host_batches)
         elapsed = time.perf_counter() - started
-        totals = torch.tensor([float(flops), float(uncounted)], dtype=torch.float64, device=self.device)
-        step_flops, uncounted = distributed.all_reduce_sum(totals, f"FLOP counts of step {step}").tolist()
+        self.skipped_total += torch.tensor(result.skipped, dtype=torch.long, device=self.device)
         world = self.context.world_size
-        counted = uncounted == 0
+        flops = result.flops
         return {
-            "mfu": mfu(step_flops, elapsed, self.peak_flops, world) if self.peak_flops and counted else None,
-            "tflops_per_device": step_flops / elapsed / world / 1e12 if counted else None,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": int(global_targets),
-            "real_tokens": int(real_tokens),
-            "real_token_share": real_tokens / slots,
-            "tokens_per_s": real_tokens / elapsed,
+            "mfu": mfu(flops, elapsed, self.peak_flops, world) if self.peak_flops and flops is not None else None,
+            "tflops_per_device": flops / elapsed / world / 1e12 if flops is not None else None,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens": result.targets,
+            "real_tokens": result.real_tokens,
+            "real_token_share": result.real_tokens / result.slots,
+            "tokens_per_s": result.real_tokens / elapsed,
             "step_time_s": elapsed,
             "peak_memory_bytes": peak_memory_bytes(self.device, self.host_baseline),
             "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, self.skipped_total) if n},
-            "skipped_step": skip,
+            "skipped_step": result.skipped_step,
             "nonfinite_skipped": self.nonfinite.skipped,
         }
-
-    def _local_grads(self) -> list[torch.Tensor]:
-        """This rank's gradient shards of the trainable parameters."""
-        return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in self.model.parameters() if p.grad is not None]
-
-    @staticmethod
-    def _skipped_in(batches: list[Batch]) -> torch.Tensor:
-        """Bad samples skipped while producing ``batches``, per reason in SKIP_REASONS order."""
-        counts = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
-        for batch in batches:
-            for reason, n in batch.skipped.items():
-                counts[SKIP_REASONS.index(reason)] += n
-        return counts
 
     def _complete(self, batch: Batch) -> Batch:
         """``batch`` as every rank must run it: with several ranks, never without an image slot
@@ -412,23 +393,14 @@ class Trainer:
             return _PLACEHOLDER
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        hidden = self.model(batch.tokens, **batch.model_inputs(flex=self.device.type == "cuda"))
-        return chunked_cross_entropy_sum(
-            hidden,
-            batch.labels,
-            self.model.decoder.output,
-            num_chunks=self.config.loss.num_output_chunks,
-            ignore_index=self.config.loss.ignore_index,
+        settings = self.step.settings
+        return loss_sum(
+            self.model,
+            batch,
+            num_output_chunks=settings.num_output_chunks,
+            ignore_index=settings.ignore_index,
+            flex_attention=settings.flex_attention,
         )
-
-    def _clip_gradients(self) -> float:
-        """Global grad norm over all trainable (sharded) parameters, clipped when configured."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.config.optim.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
 
     @torch.no_grad()
     def evaluate(self) -> float:

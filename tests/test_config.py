@@ -102,6 +102,8 @@ def _new_value(key: str, current: Any, folder: Path) -> tuple[Any, list[str]]:
         target = folder / key.rpartition(".")[2]
         target.mkdir(exist_ok=True)
         return str(target), ["model.hf_mllama=null", f"{sibling}={folder}"]
+    if key == "parallel.activation_offloading":  # 'checkpointed' needs checkpointed blocks
+        return "all", []
     if key == "parallel.activation_checkpointing":
         return ("2" if current != "2" else "full"), []
     if key == "model.fusiontrain_export":  # the only model source, and an existing folder
@@ -112,6 +114,10 @@ def _new_value(key: str, current: Any, folder: Path) -> tuple[Any, list[str]]:
         target = folder / "checkpoints" / "step_5"
         target.mkdir(parents=True, exist_ok=True)
         return str(target), []
+    if key == "batch.micro_batch_size":  # the global batch must stay a multiple of the micro-batch
+        return current + 3, [f"batch.global_batch_size={2 * (current + 3)}"]
+    if key == "batch.global_batch_size":
+        return (current or 0) + 4, []
     if key == "data.format":  # formats other than synthetic read a training file
         value = "caption" if current != "caption" else "chat"
         return value, [f"data.train.path={folder / 'train.jsonl'}"]
@@ -248,6 +254,11 @@ def test_every_key_override_is_applied_with_validation_on(key: str, folder: Path
         ("data.streaming=true", [], "'data.streaming'"),  # the synthetic data is not streamed
         ("data.train.path={folder}/s-*.tar", ["data.format=caption"], "set data.streaming=true"),
         ("data.eval.path={folder}/s-*.tar", ["data.format=caption", "data.train.path=t.jsonl"], "'data.eval.path'"),
+        ("parallel.activation_offloading=checkpointed", [], "'parallel.activation_offloading'"),
+        # the global batch must split into whole micro-batches over the data-parallel ranks
+        ("batch.global_batch_size=7", [], "batch.global_batch_size=7"),
+        ("batch.global_batch_size=8", ["parallel.dp_shard=3"], "data-parallel ranks (3)"),
+        ("batch.global_batch_size=8", ["parallel.dp_replicate=8"], "data-parallel ranks (8)"),
     ],
 )
 def test_override_without_what_it_needs_is_rejected_by_name(

@@ -578,7 +578,7 @@ def test_generic_count_of_fsdp_sharded_meta_encoder() -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from fusiontrain import flop_probe
-    from fusiontrain.plan import fake_process_group
+    from fusiontrain.plan_trace import fake_process_group
 
     encoder_input = _toy_inputs()["encoder_input"]
     plain = ToyEncoder()

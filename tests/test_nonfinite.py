@@ -85,11 +85,11 @@ def test_messages_name_the_step_and_the_ranks() -> None:
 def test_guard_counts_skips_and_restores_its_counts() -> None:
     """Single process (no process group): the all-reduces are the identity."""
     guard = NonFiniteGuard("skip", 2)
-    assert guard.check_step(0, torch.tensor(8.0), 4, 1.0, list) == (8.0, False)
-    assert guard.check_step(1, torch.tensor(NAN), 4, NAN, list)[1] is True
-    assert guard.check_step(2, torch.tensor(6.0), 4, 0.5, list)[1] is False  # the count in a row resets
+    assert guard.check_step(0, torch.tensor(8.0), 4, 1.0, list) == (8.0, 1.0, False)
+    assert guard.check_step(1, torch.tensor(NAN), 4, NAN, list)[2] is True
+    assert guard.check_step(2, torch.tensor(6.0), 4, 0.5, list)[2] is False  # the count in a row resets
     inf_grads = [torch.tensor([1.0, math.inf])]
-    assert guard.check_step(3, torch.tensor(6.0), 4, math.inf, lambda: inf_grads)[1] is True
+    assert guard.check_step(3, torch.tensor(6.0), 4, math.inf, lambda: inf_grads)[2] is True
     assert guard.state_dict() == {"skipped": 2, "consecutive": 1}
     resumed = NonFiniteGuard("skip", 2)
     resumed.load_state_dict(guard.state_dict())

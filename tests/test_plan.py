@@ -17,7 +17,7 @@ from fusiontrain.families import model_family_of
 from fusiontrain.config import load_config
 from fusiontrain.loss import chunked_cross_entropy_sum
 from fusiontrain.memory_tracker import TensorMemoryTracker
-from fusiontrain.plan import worst_case_batch
+from fusiontrain.plan_trace import worst_case_batch
 from tests.helpers.launch import REPO_ROOT, run_command, run_commands
 
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -112,6 +112,9 @@ def bench_mllama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _FIXED = ["data.synthetic_lengths=fixed", "data.synthetic_max_text=63", "batch.seq_len=256", "batch.micro_batch_size=2"]
 MEASURED_CONFIGS = {
     "1 rank, packed, no checkpointing": (1, ["batch.global_batch_size=2"]),
+    # The step holds its 4 host micro-batches and moves one at a time to the device (on a CPU the
+    # same memory), with the unsharded gradients accumulating in between.
+    "1 rank, packed, 4 accumulation micro-batches": (1, ["batch.global_batch_size=8"]),
     "2 ranks, padded": (
         2,
         ["batch.global_batch_size=4", "data.packing=false", "data.max_images_per_row=1", "data.synthetic_max_text=255"],
@@ -185,3 +188,26 @@ def test_dry_run_reports_a_missing_model_config(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "fusiontrain", "train", "--config", str(TINY_CONFIG), "--dry-run"]
     with pytest.raises(AssertionError, match=r"model.hf_mllama.*config.json is missing"):
         run_command([*command, f"model.hf_mllama={folder}"], timeout=120)
+
+
+# -- activation offloading ----------------------------------------------------------------------------
+
+
+def test_offloading_moves_the_offloaded_bytes_from_device_to_host_memory(bench_mllama_dir: Path) -> None:
+    """The plan with parallel.activation_offloading=checkpointed against the same without: the
+    device peak falls by what the host gains (the checkpointed blocks' inputs, at their peak all
+    on the host). Rows of 512 tokens make each block input [2, 512, 512] bf16 = 1 MiB, the
+    smallest tensor that is offloaded."""
+    from fusiontrain.plan import GPUS, plan_run
+
+    overrides = [f"model.hf_mllama={bench_mllama_dir}", *_FIXED, "batch.seq_len=512", "batch.global_batch_size=2",
+                 "parallel.activation_checkpointing=full"]
+    plans = {
+        mode: plan_run(load_config(TINY_CONFIG, [*overrides, f"parallel.activation_offloading={mode}"]), gpus=1, hardware=GPUS["h100"])
+        for mode in ("none", "checkpointed")
+    }
+    offloaded = plans["checkpointed"].host_memory["offloaded activations (at their peak)"]
+    assert "offloaded activations (at their peak)" not in plans["none"].host_memory
+    assert offloaded >= 4 * 2**20  # a block input of each of the decoder's checkpointed blocks, at least
+    assert plans["none"].peak_bytes - plans["checkpointed"].peak_bytes == offloaded
+    assert plans["none"].memory["decoder activations"] - plans["checkpointed"].memory["decoder activations"] == offloaded

@@ -1,0 +1,299 @@
+"""The planner's traced step: the trainer's own training step (:class:`~fusiontrain.step.TrainStep`)
+run as rank 0 of N on fake tensors (``FakeTensorMode``: shapes only, nothing allocated) over a
+fake process group, with the real FSDP2 sharding, activation checkpointing and offloading, under
+a :class:`~fusiontrain.memory_tracker.TensorMemoryTracker`.
+
+What the tracker cannot see is added by polling: FSDP2's unsharded parameters (storages resized
+in place) and AdamW's state (a constant after the first step). Gradients, FSDP's unsharded
+gradients and its gradient-reduction buffers are regrouped at the peak; offloaded activations
+are labelled as host memory on a GPU. :mod:`fusiontrain.plan` turns the trace into a plan.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from fusiontrain.builders import build_lr_scheduler, build_meta_model, build_optimizer
+from fusiontrain.builders import image_format as configured_image_format
+from fusiontrain.config import TrainConfig
+from fusiontrain.data import Batch, ImageFormat, collate_padded
+from fusiontrain.data.batch import Sample
+from fusiontrain.data.loader import SKIP_REASONS
+from fusiontrain.data.packing import PackedRow, collate_rows
+from fusiontrain.distributed import DistributedContext, build_mesh
+from fusiontrain.flop_probe import ValueKeepingFakeMode
+from fusiontrain.memory_tracker import TensorMemoryTracker
+from fusiontrain.nonfinite import NonFiniteGuard
+from fusiontrain.offload import ActivationOffloader
+from fusiontrain.parallel import parallelize
+from fusiontrain.step import BACKWARD_PHASE, HOST_PHASE, LOSS_PHASE, OPTIMIZER_PHASE, StepSettings, TrainStep
+
+
+def worst_case_batch(
+    image_format: ImageFormat, *, rows: int, seq_len: int, images_per_row: int, packing: bool
+) -> Batch:
+    """The largest micro-batch the loader can produce: every row full, every image slot holding the
+    encoder's most expensive image (:meth:`ImageFormat.worst_case`: all tiles, all patches; packed:
+    one image per sample, ``images_per_row`` samples a row)."""
+
+    def image() -> dict[str, torch.Tensor]:
+        return image_format.worst_case()
+
+    def sample(length: int, num_images: int) -> Sample:
+        tokens = torch.zeros(length, dtype=torch.long)
+        spans = [(0, length)] * num_images
+        return Sample(tokens=tokens, labels=tokens.clone(), images=[image() for _ in range(num_images)], image_spans=spans)
+
+    if not packing:
+        return collate_padded([sample(seq_len, images_per_row) for _ in range(rows)], seq_len, image_format)
+    packed = []
+    for _ in range(rows):
+        row = PackedRow()
+        per_row = max(1, images_per_row)
+        lengths = [seq_len // per_row] * per_row
+        lengths[-1] += seq_len - sum(lengths)
+        for index, length in enumerate(lengths):
+            row.add(index, sample(length, 1 if images_per_row else 0))
+        packed.append(row)
+    return collate_rows(packed, seq_len, image_format)
+
+
+@contextmanager
+def fake_process_group(world_size: int) -> Iterator[None]:
+    """A process group of ``world_size`` ranks, of which this process is rank 0, whose collectives
+    do nothing (``torch.testing._internal.distributed.fake_pg``, as torchtitan's estimator uses)."""
+    if dist.is_initialized():
+        raise RuntimeError("the planner needs a process without a process group: run it without torchrun")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class _UnshardedParameters:
+    """Bytes of the FSDP units whose parameters are unsharded now. FSDP2 allocates and frees them
+    by resizing storages in place, which no op reports, so the tracker polls this."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._groups = []
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                group = module._get_fsdp_state()._fsdp_param_group
+                if group is not None:
+                    self._groups.append(group)
+        self._sizes: dict[int, int] = {}
+
+    def _size(self, group: Any) -> int:
+        size = self._sizes.get(id(group))
+        if size is None:
+            sharded = {p._sharded_param_data.untyped_storage()._cdata for p in group.fsdp_params}
+            storages = {}
+            for fsdp_param in group.fsdp_params:
+                storage = fsdp_param._unsharded_param.untyped_storage()
+                if storage._cdata not in sharded:  # one rank, same dtype: no copy is made
+                    storages[storage._cdata] = storage.nbytes()
+            size = self._sizes[id(group)] = sum(storages.values())
+        return size
+
+    def __call__(self) -> int:
+        return sum(self._size(group) for group in self._groups if group.is_unsharded)
+
+    def reduce_buffers(self) -> list[torch.Tensor]:
+        """Gradient-reduction buffers FSDP2 holds on to: the reduce-scatter inputs it retains
+        (unsharded, in the reduce dtype) and, with HSDP, each unit's all-reduce buffer, kept until
+        its backward ends so that the allocator cannot reuse the block while the collective runs."""
+        held = []
+        if self._groups:
+            held += [state.reduce_scatter_input for state in _retained_reduce_scatter_states(self._groups[0].comm_ctx)]
+        for group in self._groups:
+            state = getattr(group, "_all_reduce_state", None)
+            if state is not None:
+                held.append(state.all_reduce_input)
+            if getattr(group, "_partial_reduce_output", None) is not None:
+                held.append(group._partial_reduce_output)
+        return held
+
+    def gradients(self) -> list[torch.Tensor]:
+        """Unsharded gradients not yet reduce-scattered (they accumulate, in the reduce dtype,
+        while gradient sync is off)."""
+        grads = []
+        for group in self._groups:
+            for fsdp_param in group.fsdp_params:
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)  # absent until first unsharded
+                for grad in (getattr(unsharded, "grad", None), fsdp_param.unsharded_accumulated_grad):
+                    if grad is not None:
+                        grads.append(grad)
+        return grads
+
+
+def _collective_label(func: Any) -> str | None:
+    namespace = getattr(func, "namespace", "")
+    return "FSDP all-gather / reduce-scatter buffers" if namespace in ("fsdp", "c10d", "_c10d_functional") else None
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+@dataclass
+class StepTrace:
+    """What :func:`simulate_step` found, for rank 0 (the rank with the largest shards)."""
+
+    parameters: int  # bytes of this rank's parameter shards
+    tracker: TensorMemoryTracker
+    batch: Batch  # the worst-case micro-batch (real, CPU)
+    model: nn.Module  # the sharded model, on fake tensors
+
+
+class PlanningFakeMode(ValueKeepingFakeMode):
+    """The planner's fake-tensor mode: a value read back to the host from a fake tensor
+    (``.item()``, ``.tolist()``, ``float()``) is zero, where a plain ``FakeTensorMode`` raises.
+
+    A shape-only trace has no values; the training step reads a few back (its token counts, the
+    global loss and grad norm for the non-finite check). With zeros they describe a finite step,
+    so the traced step takes the path that updates the weights, the one that needs memory."""
+
+    def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            return False if args[0].dtype == torch.bool else 0
+        return super().dispatch(func, types, args, kwargs)
+
+
+OFFLOADED = "offloaded activations"  # parallel.activation_offloading's host copies
+_TRACKER_LABELS = {LOSS_PHASE: "loss chunk", BACKWARD_PHASE: "backward working set", OPTIMIZER_PHASE: "optimizer step temporaries"}
+
+
+def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_batches: int) -> StepTrace:
+    """Run the trainer's step (:class:`~fusiontrain.step.TrainStep`) of ``config`` as rank 0 of
+    ``gpus``: the real model sharded with FSDP2 and checkpointed as configured, on fake tensors and
+    a fake process group, under a :class:`TensorMemoryTracker`, after one untracked step (lazy
+    initialisation, optimizer state). ``micro_batches`` (at most 2 are needed: gradients
+    accumulate in place, and each micro-batch leaves the device before the next arrives) are
+    accumulated, with gradient sync as the trainer does it (``parallel.defer_gradient_sync``)."""
+    device = torch.device(device_type)  # sets 'auto' precision and the optimizer
+    stored_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+    parallel = config.parallel
+    with fake_process_group(gpus), warnings.catch_warnings():
+        # The projection head returns a view (FSDP2 warns once per run; nothing modifies it in place).
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+        context = DistributedContext(rank=0, world_size=gpus, local_rank=0, device=torch.device("cpu"), backend="fake")
+        mesh = build_mesh(context, parallel.dp_replicate, parallel.dp_shard)
+        model = build_meta_model(config.model).to(stored_dtype)
+        tracking: list[TensorMemoryTracker] = []  # the tracker, once the tracked step starts
+        # Offloaded activations are labelled as such; on a GPU they live in host memory.
+        offloader = ActivationOffloader(
+            torch.device("cpu"),  # where the fake tensors live
+            host_allocation=lambda: tracking[0].label(OFFLOADED) if tracking else nullcontext(),
+        )
+        parallelize(
+            model,
+            mesh,
+            device,
+            activation_checkpointing=parallel.activation_checkpointing,
+            mixed_precision=parallel.mixed_precision,
+            fusion_layer_sharding=parallel.fusion_layer_sharding,
+            activation_offloading=parallel.activation_offloading,
+            offloader=offloader,
+        )
+        image_format = configured_image_format(config.model, model)
+        batch = worst_case_batch(
+            image_format,
+            rows=config.batch.micro_batch_size,
+            seq_len=config.batch.seq_len,
+            images_per_row=config.data.max_images_per_row,
+            packing=config.data.packing,
+        )
+        with PlanningFakeMode(allow_non_fake_inputs=True) as mode:
+            model.to_empty(device="cpu")
+            model.set_skip_output_projection(True)
+            storages = {_local(p).untyped_storage()._cdata: _local(p).untyped_storage().nbytes() for p in model.parameters()}
+            optimizer = build_optimizer(model, config.optim, device)
+            scheduler = build_lr_scheduler(optimizer, config.optim, config.max_steps)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+
+            def label(phase: str) -> AbstractContextManager:
+                if phase == HOST_PHASE:  # the step's counts on the host copies are real work
+                    return unset_fake_temporarily()
+                return tracking[0].label(_TRACKER_LABELS[phase]) if tracking else nullcontext()
+
+            train_step = TrainStep(
+                model,
+                optimizer,
+                scheduler,
+                NonFiniteGuard("stop", 1),  # the trace reads zeros: a finite step, never skipped
+                StepSettings(
+                    ignore_index=config.loss.ignore_index,
+                    num_output_chunks=config.loss.num_output_chunks,
+                    max_grad_norm=config.optim.max_grad_norm,
+                    defer_gradient_sync=parallel.defer_gradient_sync,
+                    flex_attention=False,  # plan_run takes the dense mask out on CUDA
+                ),
+                device=torch.device("cpu"),  # where the fake tensors live
+                world_size=gpus,
+                skip_reasons=SKIP_REASONS,
+                to_device=lambda host: _fake_batch(host, mode, tracking[0] if tracking else None),
+                phase=label,
+            )
+            # A first step outside the tracker: FSDP's lazy init allocates its unsharded-parameter
+            # storages (then polled, not tracked) and AdamW its state (then a constant).
+            train_step(0, [batch])
+            state = [_local(v) for values in optimizer.state.values() for v in values.values() if isinstance(v, torch.Tensor)]
+            state_bytes = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in state}.values())
+
+            unsharded = _UnshardedParameters(model)
+            tracker = TensorMemoryTracker(
+                "decoder activations",
+                untracked={"FSDP unsharded parameters": unsharded, "optimizer state (AdamW)": lambda: state_bytes},
+                op_label=_collective_label,
+                regroup=lambda: {
+                    "FSDP unsharded gradients": unsharded.gradients(),
+                    "FSDP gradient-reduction buffers": unsharded.reduce_buffers(),
+                    "gradients (trainable shards)": [_local(p.grad) for p in trainable if p.grad is not None],
+                },
+                host_labels={OFFLOADED} if device_type == "cuda" else (),
+            )
+            tracking.append(tracker)
+            model.encoder.register_forward_pre_hook(lambda *_: tracker.push("encoder"))
+            model.encoder.register_forward_hook(lambda *_: tracker.pop())
+            with tracker:
+                train_step(1, [batch] * micro_batches)
+    return StepTrace(parameters=sum(storages.values()), tracker=tracker, batch=batch, model=model)
+
+
+def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker | None) -> Batch:
+    """``batch`` as fake tensors, each a fresh (tracked) allocation: inputs live on the device.
+
+    The encoder's integer inputs stay real (CPU copies): an encoder may read their values (SigLIP2
+    NaFlex sizes its position embeddings from ``spatial_shapes``), which fake tensors cannot give.
+    They are a few bytes per image, and are left out of the count."""
+    with tracker.label("inputs") if tracker is not None else nullcontext():
+        fake = batch.map(lambda t: mode.from_tensor(t).clone())
+    if batch.encoder_input is not None:
+        fake.encoder_input = {
+            key: value.clone() if not value.is_floating_point() else fake.encoder_input[key]
+            for key, value in batch.encoder_input.items()
+        }
+    return fake
+
+
+def _retained_reduce_scatter_states(comm_ctx: Any) -> list[Any]:
+    """The reduce-scatter states FSDP2 retains: a list from torch 2.12 on
+    (``reduce_scatter_states``), one state or None before (``reduce_scatter_state``)."""
+    states = getattr(comm_ctx, "reduce_scatter_states", None)
+    if states is not None:
+        return list(states)
+    state = getattr(comm_ctx, "reduce_scatter_state", None)
+    return [] if state is None else [state]

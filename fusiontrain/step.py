@@ -1,0 +1,256 @@
+"""One training step, the same code for the trainer and the planner.
+
+:class:`TrainStep` turns one global-batch step's micro-batches, as they come from the loader (host
+copies), into one optimizer update:
+
+1. Counts from the host copies, with no device work: target tokens, real tokens, bad samples
+   skipped per reason and model FLOPs (:func:`~fusiontrain.flops.micro_batch_flops_or_none`).
+   They travel in ONE all-reduce, issued before the first forward; the loss scale (world size /
+   global target tokens, since FSDP averages gradients over ranks) is taken from its result on
+   the device, so nothing waits for it before the first backward.
+2. Each micro-batch goes to the device on its own (pinned host memory and ``non_blocking`` copies
+   on CUDA; on a CPU the host copy is the device copy), runs forward, the chunked loss and
+   backward, and is dropped before the next one comes. FSDP reduce-scatters gradients on the last
+   micro-batch only (``parallel.defer_gradient_sync``; every micro-batch otherwise).
+3. Gradient clipping (global norm, kept on the device), then the non-finite check of
+   :mod:`fusiontrain.nonfinite` (its own all-reduce of the loss sum and per-rank flags, and the one
+   device-to-host read of the step), then the optimizer and LR-scheduler steps.
+
+The planner (:mod:`fusiontrain.plan`) runs this class on fake tensors: it passes its own
+``to_device`` (a fake, tracked copy) and ``phase`` (the labels of its memory tracker), so that
+what it counts is what the trainer runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fusiontrain import distributed
+from fusiontrain.data import Batch
+from fusiontrain.flops import micro_batch_flops_or_none
+from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
+from fusiontrain.nonfinite import NonFiniteGuard
+from fusiontrain.parallel import set_gradient_sync
+
+# Phases a ``phase`` hook is told about (the planner labels the memory of each, and runs the host
+# phase outside its fake-tensor mode).
+HOST_PHASE = "host"  # counting on the host copies: no device work
+LOSS_PHASE = "loss"  # the chunked loss of one micro-batch (fp32 logits chunks)
+BACKWARD_PHASE = "backward"  # one micro-batch's backward
+OPTIMIZER_PHASE = "optimizer"  # clipping, the non-finite check, the optimizer step
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What the step needs from the config.
+
+    Attributes:
+        ignore_index: label value with no loss (``loss.ignore_index``).
+        num_output_chunks: chunks of the output projection (``loss.num_output_chunks``).
+        max_grad_norm: clip the global grad norm to this; None = no clipping (``optim.max_grad_norm``).
+        defer_gradient_sync: reduce-scatter on the last micro-batch only (``parallel.defer_gradient_sync``).
+        flex_attention: packed rows attend through a flex_attention BlockMask (CUDA) rather than
+            a dense ``[b, s, s]`` mask.
+    """
+
+    ignore_index: int
+    num_output_chunks: int
+    max_grad_norm: float | None
+    defer_gradient_sync: bool
+    flex_attention: bool
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did, the same on every rank.
+
+    Attributes:
+        loss: global per-target-token loss (NaN / inf on a skipped non-finite step).
+        grad_norm: global grad norm before clipping.
+        lr: learning rate the step used.
+        targets: target tokens of the global batch.
+        real_tokens: non-padding tokens of the global batch.
+        slots: token slots of the global batch (rows x seq_len over every rank).
+        skipped: bad samples skipped while the global batch was produced, per skip reason.
+        flops: model FLOPs of the global batch, or None when some rank could not count them.
+        skipped_step: the optimizer update was skipped (non-finite loss or grad norm).
+    """
+
+    loss: float
+    grad_norm: float
+    lr: float
+    targets: int
+    real_tokens: int
+    slots: int
+    skipped: tuple[int, ...]
+    flops: float | None
+    skipped_step: bool
+
+
+def loss_sum(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    num_output_chunks: int,
+    ignore_index: int,
+    flex_attention: bool,
+    loss_phase: AbstractContextManager | None = None,
+) -> torch.Tensor:
+    """Summed cross-entropy over the target tokens of ``batch`` (on the model's device): the model
+    (with its output projection skipped) gives ``[b, s, d]``, the chunked loss applies the
+    projection chunk by chunk (inside ``loss_phase`` when given)."""
+    hidden = model(batch.tokens, **batch.model_inputs(flex=flex_attention))
+    with loss_phase or nullcontext():
+        return chunked_cross_entropy_sum(
+            hidden, batch.labels, model.decoder.output, num_chunks=num_output_chunks, ignore_index=ignore_index
+        )
+
+
+def device_transfer(device: torch.device) -> Callable[[Batch], Batch]:
+    """Host micro-batch -> the same on ``device``: ``non_blocking`` copies (from pinned memory,
+    see :meth:`TrainStep.stage`) on CUDA; on a CPU the tensors themselves."""
+    return lambda batch: batch.to(device)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class TrainStep:
+    """One optimizer step over this rank's micro-batches of a global batch (see the module doc).
+
+    Args:
+        model: the parallelized model, output projection skipped (the loss applies it).
+        optimizer: over the trainable parameters.
+        scheduler: stepped once per step, skipped or not (the schedule follows the step index).
+        guard: the non-finite policy (``loss.nonfinite``).
+        settings: the config values the step reads.
+        device: this rank's device.
+        world_size: data-parallel ranks.
+        skip_reasons: the order of the per-reason skip counts.
+        to_device: host micro-batch -> device micro-batch (default :func:`device_transfer`).
+        phase: ``phase(name)`` -> a context manager entered around each phase (``*_PHASE``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        guard: NonFiniteGuard,
+        settings: StepSettings,
+        *,
+        device: torch.device,
+        world_size: int,
+        skip_reasons: Sequence[str],
+        to_device: Callable[[Batch], Batch] | None = None,
+        phase: Callable[[str], AbstractContextManager] | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.guard = guard
+        self.settings = settings
+        self.device = device
+        self.world_size = world_size
+        self.skip_reasons = tuple(skip_reasons)
+        self.to_device = to_device or device_transfer(device)
+        self.phase = phase or (lambda _name: nullcontext())
+
+    def stage(self, batch: Batch) -> Batch:
+        """A host micro-batch ready for an asynchronous copy: in pinned memory on CUDA."""
+        return batch.map(self.stage_tensor) if self.device.type == "cuda" else batch
+
+    def stage_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A host tensor in pinned memory on CUDA (so that ``non_blocking`` copies are asynchronous)."""
+        return tensor.pin_memory() if self.device.type == "cuda" else tensor
+
+    def host_counts(self, batches: Sequence[Batch]) -> torch.Tensor:
+        """``[targets, real tokens, FLOPs, uncounted micro-batches, *skips per reason]`` of this
+        rank's host micro-batches (float64 on the host: exact up to 2**53)."""
+        counts = torch.zeros(4 + len(self.skip_reasons), dtype=torch.float64)
+        for batch in batches:
+            counts[0] += int(count_targets(batch.labels, self.settings.ignore_index))
+            counts[1] += int(batch.is_real.sum())
+            flops = micro_batch_flops_or_none(self.model, batch)  # host copies: no device syncs
+            if flops is None:
+                counts[3] += 1
+            else:
+                counts[2] += flops.total
+            for reason, n in batch.skipped.items():
+                counts[4 + self.skip_reasons.index(reason)] += n
+        return counts
+
+    def __call__(self, step: int, host_batches: Sequence[Batch]) -> StepResult:
+        """Run step ``step`` (0-based) over this rank's ``host_batches``; a collective."""
+        with self.phase(HOST_PHASE):
+            host_batches = [self.stage(batch) for batch in host_batches]
+            counts = self.stage_tensor(self.host_counts(host_batches))
+        totals = distributed.all_reduce_sum(
+            counts.to(self.device, non_blocking=True), f"token, skip and FLOP counts of step {step}"
+        )
+        scale = (self.world_size / totals[0].clamp(min=1)).float()  # FSDP averages gradients over ranks
+
+        settings = self.settings
+        local_loss = torch.zeros((), device=self.device)
+        last = len(host_batches) - 1
+        for index, host_batch in enumerate(host_batches):
+            set_gradient_sync(self.model, index == last or not settings.defer_gradient_sync)
+            batch = self.to_device(host_batch)
+            batch_loss = loss_sum(
+                self.model,
+                batch,
+                num_output_chunks=settings.num_output_chunks,
+                ignore_index=settings.ignore_index,
+                flex_attention=settings.flex_attention,
+                loss_phase=self.phase(LOSS_PHASE),
+            )
+            del batch
+            batch_loss = self.guard.inject(batch_loss, step)  # a test seam; see nonfinite.py
+            with self.phase(BACKWARD_PHASE):
+                (batch_loss * scale).backward()
+            local_loss += batch_loss.detach()
+            del batch_loss
+
+        with self.phase(OPTIMIZER_PHASE):
+            norm = self._clip_gradients()
+            counts = totals.tolist()
+            targets = int(counts[0])
+            # Every rank takes the same decision (see fusiontrain/nonfinite.py); raises to stop the run.
+            global_loss, grad_norm, skip = self.guard.check_step(step, local_loss, targets, norm, self._local_grads)
+            lr = self.scheduler.get_last_lr()[0]
+            if not skip:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()  # a skipped step still counts: the schedule follows the step index
+
+        slots = sum(batch.is_real.numel() for batch in host_batches) * self.world_size
+        return StepResult(
+            loss=global_loss / max(targets, 1),
+            grad_norm=grad_norm,
+            lr=lr,
+            targets=targets,
+            real_tokens=int(counts[1]),
+            slots=slots,
+            skipped=tuple(int(n) for n in counts[4:]),
+            flops=counts[2] if counts[3] == 0 else None,
+            skipped_step=skip,
+        )
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Global grad norm over all trainable (sharded) parameters, clipped when configured; stays
+        on the device."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.settings.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _local_grads(self) -> list[torch.Tensor]:
+        """This rank's gradient shards of the trainable parameters."""
+        return [local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None]
