@@ -56,6 +56,9 @@ class Hardware:
         intra_node_bandwidth: collective bus bandwidth per device within a node, bytes/s.
         inter_node_bandwidth: the same across nodes.
         devices_per_node: devices that share the fast link.
+        library_workspace_bytes: what the math libraries take from the caching allocator at their
+            first call and keep (cuBLAS's workspace per stream, cuBLASLt's), counted in
+            ``torch.cuda.max_memory_allocated`` like any tensor.
     """
 
     name: str
@@ -65,16 +68,25 @@ class Hardware:
     intra_node_bandwidth: float
     inter_node_bandwidth: float
     devices_per_node: int = 8
+    library_workspace_bytes: int = 0
+
+
+MiB = 2**20
+# cuBLAS's workspace on the compute stream plus cuBLASLt's: 32 MiB + 1 MiB measured on an H200
+# (torch 2.11; benchmarks/RESULTS.md, "On a GPU"), the size PyTorch picks for sm_90 and later; on
+# an A100, PyTorch's pre-Hopper default (2 x 4 MiB + 8 x 16 KiB), not measured here.
+HOPPER_WORKSPACES = 33 * MiB
+AMPERE_WORKSPACES = 8 * MiB + 128 * 2**10 + MiB
 
 
 # Bandwidths are the bus bandwidths NCCL's all-gather / reduce-scatter reach in practice, below the
 # links' nominal per-direction rates: NVLink 4 (H100/H200) 450 GB/s, NVLink 3 (A100) 300 GB/s,
 # NVLink 5 (B200) 900 GB/s; one 400 Gb/s (A100: 200 Gb/s) InfiniBand NIC per GPU across nodes.
 GPUS: dict[str, Hardware] = {
-    "h100": Hardware("H100 SXM 80GB", "cuda", 80 * GiB, PEAK_FLOPS["H100 SXM"], 360e9, 40e9),
-    "h200": Hardware("H200 141GB", "cuda", 141 * 10**9, PEAK_FLOPS["H200"], 360e9, 40e9),
-    "a100": Hardware("A100 SXM 80GB", "cuda", 80 * GiB, PEAK_FLOPS["A100"], 230e9, 20e9),
-    "b200": Hardware("B200 180GB", "cuda", 180 * 10**9, PEAK_FLOPS["B200"], 720e9, 40e9),
+    "h100": Hardware("H100 SXM 80GB", "cuda", 80 * GiB, PEAK_FLOPS["H100 SXM"], 360e9, 40e9, library_workspace_bytes=HOPPER_WORKSPACES),
+    "h200": Hardware("H200 141GB", "cuda", 141 * 10**9, PEAK_FLOPS["H200"], 360e9, 40e9, library_workspace_bytes=HOPPER_WORKSPACES),
+    "a100": Hardware("A100 SXM 80GB", "cuda", 80 * GiB, PEAK_FLOPS["A100"], 230e9, 20e9, library_workspace_bytes=AMPERE_WORKSPACES),
+    "b200": Hardware("B200 180GB", "cuda", 180 * 10**9, PEAK_FLOPS["B200"], 720e9, 40e9, library_workspace_bytes=HOPPER_WORKSPACES),
 }
 
 
@@ -170,6 +182,8 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         host_memory["micro-batches of one step (pinned)"] = host_batches
         if tracker.host_peak:  # on a CPU they are in the device memory above
             host_memory[f"{OFFLOADED} (at their peak)"] = tracker.host_peak
+    if hardware.library_workspace_bytes:
+        memory["cuBLAS / cuBLASLt workspaces"] = hardware.library_workspace_bytes
     if hardware.device_type == "cpu" and gpus > 1:
         notes.append("CPU: the time estimate gives each rank the measured matmul peak, though ranks share this machine's cores")
     phase = "optimizer step" if tracker.peak_label == "optimizer step temporaries" else "forward/backward"

@@ -206,7 +206,7 @@ def test_only_rank_1_fails_and_rank_0_fails_in_its_all_reduce(tmp_path, tiny_mll
     assert results[1].returncode != 0 and results[0].returncode != 0, out0 + out1
     assert re.search(rf"BadSample: {re.escape(str(data))}:\d+: image file .*nowhere_\d+.png does not exist", out1), out1
     assert "BadSample" not in out0, out0
-    assert "CollectiveError: rank 0: all_reduce (target token count of step 0) failed after" in out0, out0
+    assert "CollectiveError: rank 0: all_reduce (token, skip and FLOP counts of step 0) failed after" in out0, out0
     assert "another rank is stuck or died; see its log" in out0
     assert elapsed < 150  # well under rank 0's 60 s timeout on top of the run itself
 
@@ -232,7 +232,7 @@ def test_a_stuck_rank_makes_the_other_time_out_naming_rank_and_operation(tmp_pat
     elapsed = time.monotonic() - started
     out = result.stdout[-8000:]
     assert result.returncode != 0, out
-    assert "CollectiveError: rank 0: timed out after 8 s in all_reduce (target token count of step 0)" in out, out
+    assert "CollectiveError: rank 0: timed out after 8 s in all_reduce (token, skip and FLOP counts of step 0)" in out, out
     assert "another rank is stuck or died; see its log" in out
     assert elapsed < 170, elapsed
     print(f"stuck-rank run took {elapsed:.0f} s", file=sys.stderr)

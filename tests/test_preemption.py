@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -207,7 +208,9 @@ def test_sigterm_to_torchrun_checkpoints_the_current_step_and_resumes_bitwise(tm
 
 def test_sigusr1_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, tiny_mllama_dir, uninterrupted) -> None:
     """SIGUSR1 to rank 1's process only: the per-step all-reduce stops rank 0 at the same step;
-    both exit 75, which torchrun reports for each rank (and then exits 1)."""
+    both write the checkpoint and exit 75. torchrun then exits 1 and reports the exit codes it saw:
+    75 for each rank, or, when rank 0 was still leaving as torchrun saw rank 1 end, 75 for rank 1
+    only (torchrun SIGTERMs the rest then; seen under heavy load). Never another code."""
     code, output, took = _interrupted_run(
         tmp_path, tiny_mllama_dir, lambda pid: os.kill(_worker(pid, 1), signal.SIGUSR1), "checkpoint.every_n_steps=3"
     )
@@ -216,7 +219,8 @@ def test_sigusr1_to_one_worker_stops_every_rank_at_the_same_step(tmp_path, tiny_
     step = _preempted_step(tmp_path / "run", output)
     assert f"rank 1: preempted (SIGUSR1) after step {step}" in output
     assert f"rank 0: preempted (SIGUSR1 on another rank) after step {step}" in output
-    assert output.count(f"exitcode  : {PREEMPTED_EXIT_CODE} ") == 2, output[-3000:]
+    reported = re.findall(r"exitcode  : (-?\d+) ", output)
+    assert reported and set(reported) == {str(PREEMPTED_EXIT_CODE)}, output[-3000:]
     _resume_and_compare(tmp_path, tiny_mllama_dir, uninterrupted, step)
 
 
