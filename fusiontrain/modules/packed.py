@@ -16,8 +16,9 @@ queries / keys into ``[count, n_h, length, h_d]``, padded at the end to the grou
 runs one ``F.scaled_dot_product_attention`` call; the outputs are gathered back into the tokens'
 order. End padding needs no mask: in a causal segment, padded keys come after every real query,
 so causality already hides them; padded queries attend to real keys (finite) and their outputs are
-never read, so their gradient is exactly zero. Lengths are rounded up to a multiple of 32 (of
-1/8 of their power of two above 256: at most 12.5% longer), which keeps the number of calls small
+never read, so their gradient is exactly zero. Lengths are rounded up to a multiple of 32 (from
+256 on, of 1/8 of the power of two at or below them: at most 12.5% longer), which keeps the number
+of calls small
 (on a 2-core CPU, 10 calls over 32-multiples beat both one call per exact length and power-of-two
 buckets; see ``benchmarks/attention.py``).
 
@@ -28,7 +29,7 @@ width; "flat" means rows and tokens flattened into one axis (``b * s``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -46,38 +47,35 @@ class AttentionGroup:
         count: problems in the group.
         query_len: padded queries per problem.
         key_len: keys per problem (equal to ``query_len`` for causal self-attention).
-        query_index: ``[count * query_len]`` flat query positions; a padding slot repeats its
-            problem's first query.
-        key_index: ``[count * key_len]`` flat key positions.
     """
 
     count: int
     query_len: int
     key_len: int
-    query_index: torch.Tensor
-    key_index: torch.Tensor
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> AttentionGroup:
-        """A copy with ``fn`` applied to both index tensors (one call when they are shared)."""
-        query_index = fn(self.query_index)
-        key_index = query_index if self.key_index is self.query_index else fn(self.key_index)
-        return AttentionGroup(self.count, self.query_len, self.key_len, query_index, key_index)
 
 
 @dataclass(frozen=True)
 class PackedLayout:
     """Which queries attend which keys, as groups of equal-shaped dense problems.
 
+    The groups' query slots are laid end to end (group after group, problem after problem), and so
+    are their key slots: each of q, k and v is gathered once, then split into the groups.
+
     Attributes:
         groups: the problems, grouped by shape.
-        output_index: ``[num_queries]`` for each flat query, its slot in the groups' outputs
-            (concatenated in group order, each ``[count * query_len]``).
+        query_index: ``[sum count * query_len]`` flat query position of each query slot; a
+            padding slot repeats its problem's first query.
+        key_index: ``[sum count * key_len]`` flat key position of each key slot (the same tensor
+            as ``query_index`` for causal self-attention).
+        output_index: ``[num_queries]`` for each flat query, its (real) query slot.
         num_queries: flat queries the layout was built for (``b * s``, or the gathered tokens).
         num_keys: flat keys (``b * s`` for self-attention, ``b * s_e`` for cross-attention).
         causal: each problem is causal (self-attention over a segment) or not (cross-attention).
     """
 
     groups: tuple[AttentionGroup, ...]
+    query_index: torch.Tensor
+    key_index: torch.Tensor
     output_index: torch.Tensor
     num_queries: int
     num_keys: int
@@ -85,8 +83,9 @@ class PackedLayout:
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedLayout:
         """A copy with ``fn`` applied to every index tensor (e.g. a move to a device)."""
-        groups = tuple(group.map(fn) for group in self.groups)
-        return PackedLayout(groups, fn(self.output_index), self.num_queries, self.num_keys, self.causal)
+        query_index = fn(self.query_index)
+        key_index = query_index if self.key_index is self.query_index else fn(self.key_index)
+        return replace(self, query_index=query_index, key_index=key_index, output_index=fn(self.output_index))
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,7 @@ class CrossAttentionLayout:
 def padded_length(lengths: np.ndarray) -> np.ndarray:
     """Each length rounded up to its group length (see the module docstring)."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    octave = np.left_shift(1, np.maximum(np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64), 0))
+    octave = np.left_shift(1, np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64))  # power of two <= n
     step = np.maximum(_ROUND_TO, octave // _STEPS_PER_OCTAVE)
     return -(-lengths // step) * step
 
@@ -197,10 +196,9 @@ def _build(
     query_lens = padded_length(lengths)
     key_lens = query_lens if keys is None else np.array([len(k) for k in keys], dtype=np.int64)
     output_index = np.zeros(num_queries, dtype=np.int64)
-    groups = []
+    groups, query_slots, key_slots = [], [], []
     offset = 0
-    shapes = sorted(set(zip(query_lens.tolist(), key_lens.tolist())))
-    for query_len, key_len in shapes:
+    for query_len, key_len in sorted(set(zip(query_lens.tolist(), key_lens.tolist()))):
         members = np.flatnonzero((query_lens == query_len) & (key_lens == key_len))
         count = len(members)
         slot = np.arange(query_len)
@@ -208,14 +206,16 @@ def _build(
         query_index = np.where(real, starts[members, None] + slot[None, :], starts[members, None])
         slots = offset + np.arange(count * query_len).reshape(count, query_len)
         output_index[query_index[real]] = slots[real]
-        query_index_t = torch.from_numpy(np.ascontiguousarray(query_index.reshape(-1)))
-        if keys is None:
-            key_index_t = query_index_t
-        else:
-            key_index_t = torch.from_numpy(np.concatenate([keys[m] for m in members]).astype(np.int64))
-        groups.append(AttentionGroup(count, query_len, key_len, query_index_t, key_index_t))
+        query_slots.append(query_index.reshape(-1))
+        if keys is not None:
+            key_slots += [keys[m] for m in members]
+        groups.append(AttentionGroup(count, query_len, key_len))
         offset += count * query_len
-    return PackedLayout(tuple(groups), torch.from_numpy(output_index), num_queries, num_keys, causal)
+    query_index_t = torch.from_numpy(np.concatenate(query_slots).astype(np.int64))
+    key_index_t = query_index_t if keys is None else torch.from_numpy(np.concatenate(key_slots).astype(np.int64))
+    return PackedLayout(
+        tuple(groups), query_index_t, key_index_t, torch.from_numpy(output_index), num_queries, num_keys, causal
+    )
 
 
 # -- running a layout -------------------------------------------------------------------------
@@ -244,18 +244,21 @@ def attend_packed(
             f"packed layout for {layout.num_queries} queries and {layout.num_keys} keys, given "
             f"{b} x {s} queries and {b_k} x {s_k} keys: build the layout from this micro-batch"
         )
-    queries = q.transpose(1, 2).reshape(b * s, n_h, h_d)
-    keys = k.transpose(1, 2).reshape(b_k * s_k, n_kv, h_d)
-    values = v.transpose(1, 2).reshape(b_k * s_k, n_kv, h_d)
+    # One gather per tensor, then a split into the groups: the backward then adds into one
+    # zero-filled gradient per tensor, not one per group.
+    queries = q.transpose(1, 2).reshape(b * s, n_h, h_d).index_select(0, layout.query_index)
+    keys = k.transpose(1, 2).reshape(b_k * s_k, n_kv, h_d).index_select(0, layout.key_index)
+    values = v.transpose(1, 2).reshape(b_k * s_k, n_kv, h_d).index_select(0, layout.key_index)
+    query_sizes = [g.count * g.query_len for g in layout.groups]
+    key_sizes = [g.count * g.key_len for g in layout.groups]
     outputs = []
-    for group in layout.groups:
-        q_g = queries.index_select(0, group.query_index).view(group.count, group.query_len, n_h, h_d)
-        k_g = keys.index_select(0, group.key_index).view(group.count, group.key_len, n_kv, h_d)
-        v_g = values.index_select(0, group.key_index).view(group.count, group.key_len, n_kv, h_d)
+    for group, q_g, k_g, v_g in zip(
+        layout.groups, queries.split(query_sizes), keys.split(key_sizes), values.split(key_sizes)
+    ):
         out = F.scaled_dot_product_attention(
-            q_g.transpose(1, 2),
-            k_g.transpose(1, 2),
-            v_g.transpose(1, 2),
+            q_g.view(group.count, group.query_len, n_h, h_d).transpose(1, 2),
+            k_g.view(group.count, group.key_len, n_kv, h_d).transpose(1, 2),
+            v_g.view(group.count, group.key_len, n_kv, h_d).transpose(1, 2),
             is_causal=layout.causal,
             dropout_p=dropout_p,
             enable_gqa=n_h != n_kv,
