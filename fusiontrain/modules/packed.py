@@ -221,10 +221,14 @@ def _build(
 # -- running a layout -------------------------------------------------------------------------
 
 
+@torch.compiler.disable
 def attend_packed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, *, dropout_p: float = 0.0
 ) -> torch.Tensor:
     """Attention under ``layout``: the same result as SDPA under the dense mask it stands for.
+
+    Opaque to ``torch.compile`` (a graph break): the group structure changes from batch to batch,
+    and traced, it would recompile a compiled block for every new one.
 
     Args:
         q: ``[b, n_h, s, h_d]``, with ``b * s == layout.num_queries``.
