@@ -141,7 +141,8 @@ def test_batch_builds_layouts_on_the_host_and_carries_them() -> None:
         input_pos=torch.zeros(2, 16, dtype=torch.long), is_real=torch.ones(2, 16, dtype=torch.bool),
         segment_ids=ids, encoder_input={"pixel_values": torch.zeros(2, 1, 3)}, encoder_mask=mask,
     )  # fmt: skip
-    moved = batch.map(lambda t: t.clone())
+    moved = batch.to("cpu")  # builds the layouts on the host, then copies them along
+    assert batch.layouts is not None and moved.layouts is not None and moved.layouts.belongs_to(moved)
     inputs = moved.model_inputs()
     assert inputs["mask"] is moved.layouts.self_attention
     assert isinstance(inputs["encoder_mask"], CrossAttentionLayout)
@@ -151,3 +152,7 @@ def test_batch_builds_layouts_on_the_host_and_carries_them() -> None:
     assert moved.model_inputs()["encoder_mask"].token_index.numel() == 0
     text_only = Batch(tokens=batch.tokens, labels=batch.labels, input_pos=batch.input_pos, is_real=batch.is_real)
     assert text_only.model_inputs()["encoder_mask"] is None
+    # Layouts need values: a batch mapped to meta tensors before they were built says so.
+    fresh = Batch(tokens=batch.tokens, labels=batch.labels, input_pos=batch.input_pos, is_real=batch.is_real, segment_ids=ids)
+    with pytest.raises(ValueError, match="real host values"):
+        fresh.map(lambda t: t.to("meta")).model_inputs()

@@ -69,9 +69,9 @@ class Batch:
         encoder_input: the encoder's keyword arguments, or None (no image in the batch).
         encoder_mask: ``[b, s, s_e]`` bool, or None.
         skipped: bad samples skipped while producing this batch, by reason.
-        layouts: the packed attention layouts, built from the host tensors by
-            :meth:`packed_layouts` (at the latest when the batch is copied to its device) and
-            carried along by :meth:`map`.
+        layouts: the packed attention layouts (the CPU path), built from the host tensors by
+            :meth:`packed_layouts` (:meth:`to` a CPU device builds them) and carried along by
+            :meth:`map`.
     """
 
     tokens: torch.Tensor
@@ -93,9 +93,20 @@ class Batch:
 
     def packed_layouts(self) -> PackedLayouts:
         """The packed attention layouts of this batch, built on first use from its tensors, which
-        should still be on the host (on a device this costs a copy back; :meth:`to` builds them
-        before the copy). Rebuilt when ``segment_ids`` or ``encoder_mask`` is replaced."""
+        should be on the host (from a GPU this costs a copy back). Rebuilt when ``segment_ids`` or
+        ``encoder_mask`` is replaced.
+
+        Raises:
+            ValueError: the tensors hold no values (fake or meta): build the layouts on the host
+                batch first, then map it (as the planner does).
+        """
         if self.layouts is None or not self.layouts.belongs_to(self):
+            sources = [t for t in (self.segment_ids, self.encoder_mask) if t is not None]
+            if any(type(t) is not torch.Tensor or t.is_meta for t in sources):
+                raise ValueError(
+                    "packed layouts are built from real host values; call packed_layouts() on the host batch "
+                    "before mapping it to fake or meta tensors"
+                )
             self.layouts = PackedLayouts(
                 self.segment_ids,
                 self.encoder_mask,
@@ -125,15 +136,18 @@ class Batch:
             "input_pos": self.input_pos,
         }
 
-    def to(self, device: torch.device) -> Batch:
-        """A copy on ``device`` (the packed layouts built first, on the host)."""
+    def to(self, device: torch.device | str) -> Batch:
+        """A copy on ``device``. For a CPU device the packed layouts are built first; CUDA steps
+        attend through block masks built on the device instead (see :meth:`model_inputs`)."""
+        if torch.device(device).type == "cpu":
+            self.packed_layouts()
         return self.map(lambda t: t.to(device, non_blocking=True))
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        """A copy with ``fn`` applied to every tensor (the encoder's inputs and the packed
-        layouts' indices included; the layouts are built first from this batch's tensors)."""
+        """A copy with ``fn`` applied to every tensor (the encoder's inputs and, once built, the
+        packed layouts' indices included)."""
         apply = lambda t: None if t is None else fn(t)  # noqa: E731
-        layouts = self.packed_layouts()
+        layouts = self.layouts if self.layouts is not None and self.layouts.belongs_to(self) else None
         encoder_input = None if self.encoder_input is None else {k: apply(v) for k, v in self.encoder_input.items()}
         segment_ids, encoder_mask = apply(self.segment_ids), apply(self.encoder_mask)
         return replace(
@@ -145,7 +159,9 @@ class Batch:
             segment_ids=segment_ids,
             encoder_input=encoder_input,
             encoder_mask=encoder_mask,
-            layouts=PackedLayouts(
+            layouts=None
+            if layouts is None
+            else PackedLayouts(
                 segment_ids,
                 encoder_mask,
                 None if layouts.self_attention is None else layouts.self_attention.map(fn),
