@@ -299,16 +299,17 @@ class TransformerDecoder(nn.Module):
         *,
         mask: AttentionMask | None = None,
         encoder_input: torch.Tensor | None = None,
-        encoder_mask: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | CrossAttentionLayout | EncoderBlockMask | None = None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Args:
             tokens: ``[b, s]`` token ids.
             mask: ``[b, s, s]`` bool self-attention mask (True = attend; ``[b, s, m_s]`` over the
-                cache slots when caches are enabled) or a flex_attention ``BlockMask``; None
-                means causal.
+                cache slots when caches are enabled), a ``PackedLayout`` or a flex_attention
+                ``BlockMask``; None means causal.
             encoder_input: encoder embeddings ``[b, s_e, d]`` for cross-attention layers.
-            encoder_mask: ``[b, s, s_e]`` bool, True where token i may attend embedding j.
+            encoder_mask: ``[b, s, s_e]`` bool, True where token i may attend embedding j; or a
+                ``CrossAttentionLayout`` / ``EncoderBlockMask`` standing for it.
             input_pos: ``[b, s]`` positions; restart at 0 per packed sample. Required with
                 caches.
 
