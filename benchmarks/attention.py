@@ -22,7 +22,8 @@ The variants' timed runs are interleaved (dense self, packed self, dense cross, 
 then again; each run covers every micro-batch) over ``--rounds`` rounds, so that noise on this shared machine hits them alike; the
 table gives each variant's median and spread (min-max) and the median of the per-round ratios. The
 host-side cost of building the mask or the layout (once per micro-batch, shared by every layer) is
-reported apart. Outputs and the gradients of every input and parameter are compared between the
+reported apart, and so is each variant's CPU use (process CPU time over wall time x threads), with
+the machine's load average: on a shared 2-core machine, other processes' work shows there. Outputs and the gradients of every input and parameter are compared between the
 two paths: the largest absolute difference, and the largest relative to the reference's largest
 magnitude.
 """
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
 
     batches, too_long = long_tail_batches(args.batches, args.rows, args.seed)
     describe(batches, too_long)
@@ -209,12 +211,14 @@ def main() -> None:
 
     results = [{name: run[name]() for name in names} for run in runs]  # warm-up, and the values compared
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, float] = {name: 0.0 for name in names}
     for _ in range(args.rounds):
         for name in names:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for run in runs:
                 run[name]()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name] += time.process_time() - cpu_start
 
     def build_ms(build: Callable[[Batch], object]) -> float:
         return median_ms(lambda: [build(batch) for batch in batches])
@@ -227,9 +231,9 @@ def main() -> None:
     builds["cross layer, gathered"] = builds["cross, gathered"]
     print(
         "| variant | fwd+bwd median (ms) | spread (ms) | packed / dense: median of rounds (spread) | "
-        "mask or layout build (ms) | max abs diff | max rel diff |"
+        "mask or layout build (ms) | max abs diff | max rel diff | CPU use |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for dense_name, packed_name in PAIRS:
         ratios = [p / r for p, r in zip(times[packed_name], times[dense_name])]
         absolute, relative = 0.0, 0.0
@@ -242,7 +246,11 @@ def main() -> None:
             ratio = f"**{statistics.median(ratios):.2f}x** ({min(ratios):.2f}-{max(ratios):.2f})" if name == packed_name else ""
             diff = (f"{absolute:.1e}", f"{relative:.1e}") if name == packed_name else ("", "")
             build = f"{builds[name]:.1f}" if name in builds else "-"
-            print(f"| {name} | {statistics.median(ms):.0f} | {min(ms):.0f}-{max(ms):.0f} | {ratio} | {build} | {diff[0]} | {diff[1]} |")
+            cpu_use = cpu_times[name] / (sum(times[name]) * args.threads)
+            print(
+                f"| {name} | {statistics.median(ms):.0f} | {min(ms):.0f}-{max(ms):.0f} | {ratio} | {build} | "
+                f"{diff[0]} | {diff[1]} | {cpu_use:.0%} |"
+            )
     total_dense = [a + c for a, c in zip(times["self, dense mask"], times["cross, dense mask"])]
     total_packed = [a + c for a, c in zip(times["self, packed"], times["cross, gathered"])]
     ratios = [p / r for p, r in zip(total_packed, total_dense)]
@@ -255,6 +263,10 @@ def main() -> None:
         "layer parameter (layer rows), largest over the micro-batches; relative to the reference's largest magnitude"
     )
     print("build: host time to build the dense mask or the layout for all micro-batches, once per micro-batch in training")
+    print(
+        f"CPU use: process CPU time over wall time x threads (well under 100%: other processes took the cores); "
+        f"load average before / after: {load_before} / {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+    )
 
 
 if __name__ == "__main__":
