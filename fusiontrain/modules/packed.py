@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -221,6 +222,28 @@ def _build(
 # -- running a layout -------------------------------------------------------------------------
 
 
+class _GatherSlots(torch.autograd.Function):
+    """``rows.index_select(0, slot_rows)`` ``[slots, ...]`` from ``rows`` ``[n, ...]``, where each
+    row has one real slot (``real_slot[row]``) and every other slot that repeats it is padding.
+
+    The backward reads each row's gradient from its real slot: one gather, where index_select's
+    backward zero-fills ``[n, ...]`` and scatter-adds every slot. Exact because a padding slot's
+    gradient is exactly zero: padded queries' outputs are never read (so their output gradient
+    is 0, hence their query gradient and their attention-score gradients are 0), and padded keys
+    / values follow every real query of their causal segment, which gives them weight exactly 0.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, slot_rows: torch.Tensor, real_slot: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(real_slot)
+        return rows.index_select(0, slot_rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (real_slot,) = ctx.saved_tensors
+        return grad.index_select(0, real_slot), None, None
+
+
 @torch.compiler.disable
 def attend_packed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout, *, dropout_p: float = 0.0
@@ -248,11 +271,17 @@ def attend_packed(
             f"packed layout for {layout.num_queries} queries and {layout.num_keys} keys, given "
             f"{b} x {s} queries and {b_k} x {s_k} keys: build the layout from this micro-batch"
         )
-    # One gather per tensor, then a split into the groups: the backward then adds into one
-    # zero-filled gradient per tensor, not one per group.
-    queries = q.transpose(1, 2).reshape(b * s, n_h, h_d).index_select(0, layout.query_index)
-    keys = k.transpose(1, 2).reshape(b_k * s_k, n_kv, h_d).index_select(0, layout.key_index)
-    values = v.transpose(1, 2).reshape(b_k * s_k, n_kv, h_d).index_select(0, layout.key_index)
+    # One gather per tensor, then a split into the groups. Queries (and causal keys / values)
+    # have one real slot each, so their gradient is read back from it (_GatherSlots); cross-
+    # attention keys may serve several problems, so theirs is summed (index_select's backward).
+    queries = _GatherSlots.apply(q.transpose(1, 2).reshape(b * s, n_h, h_d), layout.query_index, layout.output_index)
+    keys = k.transpose(1, 2).reshape(b_k * s_k, n_kv, h_d)
+    values = v.transpose(1, 2).reshape(b_k * s_k, n_kv, h_d)
+    if layout.causal:
+        keys = _GatherSlots.apply(keys, layout.key_index, layout.output_index)
+        values = _GatherSlots.apply(values, layout.key_index, layout.output_index)
+    else:
+        keys, values = keys.index_select(0, layout.key_index), values.index_select(0, layout.key_index)
     query_sizes = [g.count * g.query_len for g in layout.groups]
     key_sizes = [g.count * g.key_len for g in layout.groups]
     outputs = []
