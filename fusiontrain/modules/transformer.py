@@ -193,12 +193,13 @@ class TransformerCrossAttentionLayer(_AttentionBlock):
         if encoder_input is None:
             raise ValueError("a CrossAttentionLayout needs the encoder embeddings (it does not read KV caches)")
         b, s, d = x.shape
-        flat = x.reshape(b * s, d)
-        picked = flat.index_select(0, layout.token_index).unsqueeze(0)
+        picked = x.reshape(b * s, d).index_select(0, layout.token_index).unsqueeze(0)
         attn_out = self.attn(self.ca_norm(picked), encoder_input, mask=layout.attention)
         h = picked + self.ca_scale(attn_out)
         out = h + self.mlp_scale(self.mlp(self.mlp_norm(h)))
-        return flat.index_copy(0, layout.token_index, out.squeeze(0)).view(b, s, d)
+        # A new [b, s, d] tensor, not a view (FSDP2 warns about views returned by a unit).
+        where = (layout.token_index // s, layout.token_index % s)
+        return x.index_put(where, out.squeeze(0))
 
 
 class TransformerDecoder(nn.Module):
