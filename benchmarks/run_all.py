@@ -30,6 +30,13 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
         "(c)'s top operators.",
     ),
     (
+        "Packed attention against the dense-mask path (attention.py)",
+        ["benchmarks/attention.py"],
+        "Self-attention, cross-attention and a whole cross-attention layer on one packed micro-batch of the "
+        "long-tailed mix, forward and backward in fp32: per-sample SDPA and gathered cross-attention against "
+        "SDPA under the dense masks; interleaved rounds; outputs and gradients compared.",
+    ),
+    (
         "Packed against padded batches (packing.py)",
         ["benchmarks/packing.py"],
         "Real-token share and real tokens/s of padded, greedy-packed and first-fit-packed batches.",

@@ -167,11 +167,11 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
     tracker, model, batch = trace.tracker, trace.model, trace.batch
     memory = {f"parameters (shards, {config.model.dtype})": trace.parameters, **tracker.at_peak}
     notes = []
-    if hardware.device_type == "cuda" and batch.segment_ids is not None and "inputs" in memory:
-        # On CUDA packed rows use a flex_attention BlockMask (a few KB) instead of the dense
-        # [b, s, s] bool mask that the traced CPU path builds.
-        memory["inputs"] -= batch.tokens.shape[0] * batch.tokens.shape[1] ** 2
-        notes.append("packed rows attend through a flex_attention BlockMask on CUDA (the dense mask is left out)")
+    if hardware.device_type == "cuda" and batch.segment_ids is not None:
+        # The traced step runs Batch.model_inputs() as the trainer does on a CPU: packed layouts
+        # (a few index tensors, in "inputs"), no dense [b, s, s] mask. On CUDA the trainer's
+        # flex_attention BlockMasks are as small; its attention saves about what SDPA saves.
+        notes.append("packed rows attend through flex_attention BlockMasks on CUDA (traced through the CPU's packed layouts)")
     # The step's micro-batches stay on the host for the whole step (pinned on CUDA); each goes to
     # the device only for its own forward and backward (fusiontrain/step.py).
     host_batches = accum * _batch_bytes(batch)

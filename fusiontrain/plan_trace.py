@@ -279,6 +279,7 @@ def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker
     The encoder's integer inputs stay real (CPU copies): an encoder may read their values (SigLIP2
     NaFlex sizes its position embeddings from ``spatial_shapes``), which fake tensors cannot give.
     They are a few bytes per image, and are left out of the count."""
+    batch.packed_layouts()  # from the host values, as Batch.to does: the traced step attends through them
     with tracker.label("inputs") if tracker is not None else nullcontext():
         fake = batch.map(lambda t: mode.from_tensor(t).clone())
     if batch.encoder_input is not None:

@@ -11,8 +11,9 @@ proves it in about five minutes on one GPU and prints one table, a row per check
   against ``scaled_dot_product_attention`` with the dense boolean mask; both are measured against
   a float64 SDPA reference, and flex must be as close to it as SDPA is (times 2, plus a floor).
 - ``model_flex_vs_dense``: the whole benchmark Mllama (63M parameters, FSDP2 over nccl, fp32):
-  loss and every trainable gradient of one packed micro-batch through the flex ``BlockMask``
-  against the dense mask (relative 1e-4; TF32 is off, as by default).
+  loss and every trainable gradient of one packed micro-batch through the flex ``BlockMask``s
+  (self- and cross-attention) against the packed layouts (SDPA per segment, cross-attention on
+  the gathered tokens: the CPU path; relative 1e-4; TF32 is off, as by default).
 - ``fused_adamw``: the Trainer's AdamW is ``fused``, and 10 fused steps equal 10 single-tensor
   steps on the same parameters and gradients (relative 1e-5).
 - ``train_bf16_vs_fp32``: the tiny Mllama trained 20 steps through the CLI and torchrun on the GPU

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
-from fusiontrain.modules.masks import block_causal_block_mask, block_causal_mask
+from fusiontrain.modules.masks import block_causal_block_mask, block_causal_mask, encoder_block_mask
+from fusiontrain.modules.packed import CrossAttentionLayout, PackedLayout, cross_attention_layout, self_attention_layout
 
 
 @dataclass
@@ -40,6 +41,20 @@ class Sample:
         return len(self.tokens)
 
 
+@dataclass(frozen=True)
+class PackedLayouts:
+    """A micro-batch's packed attention layouts (:mod:`fusiontrain.modules.packed`) and the
+    tensors they were built from: a layout belongs to those tensors only."""
+
+    segment_ids: torch.Tensor | None
+    encoder_mask: torch.Tensor | None
+    self_attention: PackedLayout | None
+    cross_attention: CrossAttentionLayout | None
+
+    def belongs_to(self, batch: Batch) -> bool:
+        return self.segment_ids is batch.segment_ids and self.encoder_mask is batch.encoder_mask
+
+
 @dataclass
 class Batch:
     """Model inputs and targets for one micro-batch.
@@ -54,6 +69,9 @@ class Batch:
         encoder_input: the encoder's keyword arguments, or None (no image in the batch).
         encoder_mask: ``[b, s, s_e]`` bool, or None.
         skipped: bad samples skipped while producing this batch, by reason.
+        layouts: the packed attention layouts (the CPU path), built from the host tensors by
+            :meth:`packed_layouts` (:meth:`to` a CPU device builds them) and carried along by
+            :meth:`map`.
     """
 
     tokens: torch.Tensor
@@ -64,6 +82,7 @@ class Batch:
     encoder_input: dict[str, torch.Tensor] | None = None
     encoder_mask: torch.Tensor | None = None
     skipped: dict[str, int] = field(default_factory=dict)
+    layouts: PackedLayouts | None = field(default=None, repr=False, compare=False)
 
     def self_attention_mask(self, *, flex: bool = False) -> Any:
         """None (causal) for unpacked rows; for packed rows the block-diagonal causal mask, dense
@@ -72,33 +91,82 @@ class Batch:
             return None
         return block_causal_block_mask(self.segment_ids) if flex else block_causal_mask(self.segment_ids)
 
+    def packed_layouts(self) -> PackedLayouts:
+        """The packed attention layouts of this batch, built on first use from its tensors, which
+        should be on the host (from a GPU this costs a copy back). Rebuilt when ``segment_ids`` or
+        ``encoder_mask`` is replaced.
+
+        Raises:
+            ValueError: the tensors hold no values (fake or meta): build the layouts on the host
+                batch first, then map it (as the planner does).
+        """
+        if self.layouts is None or not self.layouts.belongs_to(self):
+            sources = [t for t in (self.segment_ids, self.encoder_mask) if t is not None]
+            if any(type(t) is not torch.Tensor or t.is_meta for t in sources):
+                raise ValueError(
+                    "packed layouts are built from real host values; call packed_layouts() on the host batch "
+                    "before mapping it to fake or meta tensors"
+                )
+            self.layouts = PackedLayouts(
+                self.segment_ids,
+                self.encoder_mask,
+                None if self.segment_ids is None else self_attention_layout(self.segment_ids),
+                None if self.encoder_mask is None else cross_attention_layout(self.encoder_mask),
+            )
+        return self.layouts
+
     def model_inputs(self, *, flex: bool = False) -> dict[str, Any]:
-        """The keyword arguments of ``DeepFusionModel.forward`` besides ``tokens``: the
-        self-attention mask (see :meth:`self_attention_mask`), encoder inputs and mask, positions."""
+        """The keyword arguments of ``DeepFusionModel.forward`` besides ``tokens``.
+
+        Without ``flex`` (CPU), attention runs per sample through the packed layouts (see
+        :meth:`packed_layouts`): self-attention over each packed segment (None, plain causal, for
+        unpacked rows) and cross-attention over the tokens that see an image, each to its own
+        images. With ``flex`` (CUDA), flex_attention ``BlockMask``s built on the device from
+        ``segment_ids`` and ``encoder_mask``. Then encoder inputs and positions."""
+        if flex:
+            mask = self.self_attention_mask(flex=True)
+            encoder_mask = None if self.encoder_mask is None else encoder_block_mask(self.encoder_mask)
+        else:
+            layouts = self.packed_layouts()
+            mask, encoder_mask = layouts.self_attention, layouts.cross_attention
         return {
-            "mask": self.self_attention_mask(flex=flex),
+            "mask": mask,
             "encoder_input": self.encoder_input,
-            "encoder_mask": self.encoder_mask,
+            "encoder_mask": encoder_mask,
             "input_pos": self.input_pos,
         }
 
-    def to(self, device: torch.device) -> Batch:
-        """A copy on ``device``."""
+    def to(self, device: torch.device | str) -> Batch:
+        """A copy on ``device``. For a CPU device the packed layouts are built first; CUDA steps
+        attend through block masks built on the device instead (see :meth:`model_inputs`)."""
+        if torch.device(device).type == "cpu":
+            self.packed_layouts()
         return self.map(lambda t: t.to(device, non_blocking=True))
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
-        """A copy with ``fn`` applied to every tensor (the encoder's inputs included)."""
+        """A copy with ``fn`` applied to every tensor (the encoder's inputs and, once built, the
+        packed layouts' indices included)."""
         apply = lambda t: None if t is None else fn(t)  # noqa: E731
+        layouts = self.layouts if self.layouts is not None and self.layouts.belongs_to(self) else None
         encoder_input = None if self.encoder_input is None else {k: apply(v) for k, v in self.encoder_input.items()}
+        segment_ids, encoder_mask = apply(self.segment_ids), apply(self.encoder_mask)
         return replace(
             self,
             tokens=apply(self.tokens),
             labels=apply(self.labels),
             input_pos=apply(self.input_pos),
             is_real=apply(self.is_real),
-            segment_ids=apply(self.segment_ids),
+            segment_ids=segment_ids,
             encoder_input=encoder_input,
-            encoder_mask=apply(self.encoder_mask),
+            encoder_mask=encoder_mask,
+            layouts=None
+            if layouts is None
+            else PackedLayouts(
+                segment_ids,
+                encoder_mask,
+                None if layouts.self_attention is None else layouts.self_attention.map(fn),
+                None if layouts.cross_attention is None else layouts.cross_attention.map(fn),
+            ),
         )
 
 

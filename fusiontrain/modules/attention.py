@@ -1,8 +1,13 @@
 """Multi-head attention with grouped-query heads, optional RoPE, q/k norms and a KV cache.
 
 All attention math goes through :func:`attend`, the single seam between the model and the
-kernels: a boolean mask (or none) runs ``F.scaled_dot_product_attention``; a flex_attention
-``BlockMask`` runs ``flex_attention`` (the GPU path for packed sequences).
+kernels. It dispatches on the mask's type:
+
+- a boolean mask (or none) runs ``F.scaled_dot_product_attention`` over the whole rows;
+- a :class:`~fusiontrain.modules.packed.PackedLayout` runs SDPA per packed segment, grouped by
+  length (the CPU path for packed rows: it costs the sum of the segments' ``s_i^2``, not ``s^2``);
+- a flex_attention ``BlockMask`` runs ``flex_attention`` (the GPU path for packed rows: it skips
+  the blocks with no attended pair).
 
 Mask convention everywhere: boolean, ``True`` means "may attend".
 """
@@ -19,13 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusiontrain.modules.kv_cache import KVCache
+from fusiontrain.modules.packed import PackedLayout, attend_packed
 
 try:  # flex_attention is optional: present on recent torch, used only with a BlockMask.
     from torch.nn.attention.flex_attention import BlockMask
 except ImportError:  # pragma: no cover - older torch
     BlockMask = None  # type: ignore[assignment,misc]
 
-AttentionMask = Union[torch.Tensor, Any]  # a bool tensor or a flex_attention BlockMask
+AttentionMask = Union[torch.Tensor, PackedLayout, Any]  # a bool tensor, a packed layout or a BlockMask
 
 
 def is_block_mask(mask: object) -> bool:
@@ -57,7 +63,8 @@ def attend(
         q: queries ``[b, n_h, s, h_d]``.
         k: keys ``[b, n_kv, s_k, h_d]``; ``n_h`` must be a multiple of ``n_kv`` (GQA).
         v: values ``[b, n_kv, s_k, h_d]``.
-        mask: ``[b, s, s_k]`` bool (True = attend), a flex_attention ``BlockMask``, or None.
+        mask: ``[b, s, s_k]`` bool (True = attend), a ``PackedLayout``, a flex_attention
+            ``BlockMask``, or None.
         is_causal: with ``mask=None``, apply a causal mask (requires ``s == s_k``).
         dropout_p: attention dropout probability.
 
@@ -65,6 +72,8 @@ def attend(
         ``[b, n_h, s, h_d]``.
     """
     grouped = q.shape[1] != k.shape[1]
+    if isinstance(mask, PackedLayout):
+        return attend_packed(q, k, v, mask, dropout_p=dropout_p)
     if is_block_mask(mask):
         return _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=grouped)
     if mask is not None:
@@ -172,7 +181,8 @@ class MultiHeadAttention(nn.Module):
             x: queries' input ``[b, s, d]``.
             y: keys'/values' input ``[b, s_y, d]``; None reads the cached keys/values
                 (cross-attention decoding).
-            mask: ``[b, s, s_y]`` bool (True = attend) or a ``BlockMask``. With an enabled
+            mask: ``[b, s, s_y]`` bool (True = attend), a ``PackedLayout`` or a ``BlockMask``
+                (neither with an enabled cache: they serve training and evaluation). With an enabled
                 self-attention cache, keys are the cache slots, so the mask is ``[b, s, m_s]``
                 (wider masks are cut to the filled slots); None there means causal over the
                 slots (pass a mask for left-padded rows).
@@ -191,6 +201,8 @@ class MultiHeadAttention(nn.Module):
         q = q.transpose(1, 2)  # [b, n_h, s, h_d]
 
         use_cache = self.cache_enabled and self.kv_cache is not None
+        if use_cache and isinstance(mask, PackedLayout):
+            raise ValueError("a packed layout serves training and evaluation; decode with KV caches under bool masks")
         if y is None:
             if not use_cache or self.kv_cache.size == 0:
                 raise ValueError("no key/value input and no cached keys/values to attend to")
@@ -208,7 +220,7 @@ class MultiHeadAttention(nn.Module):
                     if mask is None:
                         mask = self._causal_mask_over_cache(first_slot, b, s, k.shape[2], x.device)
 
-        if mask is not None and not is_block_mask(mask) and mask.shape[-1] > k.shape[2]:
+        if isinstance(mask, torch.Tensor) and mask.shape[-1] > k.shape[2]:
             mask = mask[..., : k.shape[2]]
         out = attend(
             q,

@@ -275,16 +275,17 @@ class DeepFusionModel(nn.Module):
         *,
         mask: AttentionMask | None = None,
         encoder_input: dict[str, Any] | None = None,
-        encoder_mask: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | Any | None = None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Args:
             tokens: ``[b, s]`` token ids.
-            mask: ``[b, s, s]`` bool self-attention mask (True = attend) or a ``BlockMask``;
-                None means causal.
+            mask: ``[b, s, s]`` bool self-attention mask (True = attend), a ``PackedLayout`` or
+                a ``BlockMask`` (see ``Batch.model_inputs``); None means causal.
             encoder_input: keyword arguments for the encoder, or None (text only, or decoding
                 from cached encoder keys/values).
-            encoder_mask: ``[b, s, s_e]`` bool, True where token i may attend embedding j.
+            encoder_mask: ``[b, s, s_e]`` bool, True where token i may attend embedding j; or a
+                ``CrossAttentionLayout`` / ``EncoderBlockMask`` standing for it.
             input_pos: ``[b, s]`` positions, restarting per packed sample.
 
         Returns:

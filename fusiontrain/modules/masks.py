@@ -1,12 +1,16 @@
-"""Self-attention masks of packed rows, built from segment ids (which sample each token is in).
+"""Attention masks of packed rows: dense bool masks and flex_attention ``BlockMask``s.
 
-Boolean, True meaning "may attend", as everywhere in :mod:`fusiontrain.modules.attention`.
+Self-attention masks come from segment ids (which sample each token is in); the cross-attention
+block mask from the dense encoder mask. Boolean, True meaning "may attend", as everywhere in
+:mod:`fusiontrain.modules.attention`. The CPU path for packed rows does not use the dense masks:
+see :mod:`fusiontrain.modules.packed`.
 
-Shapes: b rows, s tokens per row.
+Shapes: b rows, s tokens per row, s_e encoder tokens per row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,3 +35,30 @@ def block_causal_block_mask(segment_ids: torch.Tensor) -> Any:
 
     b, s = segment_ids.shape
     return create_block_mask(same_sample_causal, b, None, s, s, device=segment_ids.device)
+
+
+@dataclass(frozen=True)
+class EncoderBlockMask:
+    """The encoder mask for the flex_attention (CUDA) path of cross-attention.
+
+    Attributes:
+        dense: ``[b, s, s_e]`` bool, True where token i may attend encoder token j (the layer
+            reads which tokens see nothing from it).
+        block_mask: the same pattern as a ``BlockMask``: blocks no token attends are skipped,
+            and a fully masked row (a token that sees no image) gets 0.
+    """
+
+    dense: torch.Tensor
+    block_mask: Any
+
+
+def encoder_block_mask(encoder_mask: torch.Tensor) -> EncoderBlockMask:
+    """``encoder_mask`` ``[b, s, s_e]`` bool with its flex_attention ``BlockMask``, built on the
+    mask's device."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sees(b, h, q, kv):  # noqa: ANN001 - flex_attention's mask_mod signature
+        return encoder_mask[b, q, kv]
+
+    b, s, s_e = encoder_mask.shape
+    return EncoderBlockMask(encoder_mask, create_block_mask(sees, b, None, s, s_e, device=encoder_mask.device))

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from fusiontrain.modules.attention import AttentionMask, MultiHeadAttention
+from fusiontrain.modules.masks import EncoderBlockMask
+from fusiontrain.modules.packed import CrossAttentionLayout
 
 
 class _AttentionBlock(nn.Module):
@@ -92,6 +94,13 @@ class TransformerCrossAttentionLayer(_AttentionBlock):
     image) gets exactly zero from both branches, and no NaN: its attention row is opened to keep
     the softmax finite, and both branch outputs are then zeroed for that row.
 
+    ``encoder_mask`` may also come as a :class:`~fusiontrain.modules.packed.CrossAttentionLayout`
+    (the CPU training path, from ``Batch.model_inputs``): then only the tokens that see an image
+    are gathered and computed, each attending only to its own images' encoder tokens, and the
+    others pass through unchanged (the same exact zero from both branches, for no work). As an
+    :class:`~fusiontrain.modules.masks.EncoderBlockMask` (the CUDA path), attention runs through
+    its flex_attention ``BlockMask``, which skips the blocks no token attends.
+
     The layer is skipped (returns ``x``) when there is no encoder input and no cached encoder
     keys/values.
 
@@ -137,13 +146,14 @@ class TransformerCrossAttentionLayer(_AttentionBlock):
         x: torch.Tensor,
         *,
         encoder_input: torch.Tensor | None = None,
-        encoder_mask: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | CrossAttentionLayout | EncoderBlockMask | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Args:
             x: tokens ``[b, s, d]``.
             encoder_input: encoder embeddings ``[b, s_e, d]``, or None to use the cache.
-            encoder_mask: ``[b, s, s_e]`` bool, True where token i may attend embedding j.
+            encoder_mask: ``[b, s, s_e]`` bool, True where token i may attend embedding j; or its
+                ``CrossAttentionLayout`` or ``EncoderBlockMask`` (see the class docstring).
 
         Returns:
             ``[b, s, d]``.
@@ -151,13 +161,19 @@ class TransformerCrossAttentionLayer(_AttentionBlock):
         cached = self.attn.cache_enabled and not self.attn.cache_is_empty
         if encoder_input is None and not cached:
             return x
+        if isinstance(encoder_mask, CrossAttentionLayout):
+            return self._forward_gathered(x, encoder_input, encoder_mask)
 
         sees_nothing = None  # [b, s, 1], True for rows that see no encoder embedding
-        if encoder_mask is not None:
+        attention_mask: AttentionMask | None = encoder_mask
+        if isinstance(encoder_mask, EncoderBlockMask):  # flex_attention gives fully masked rows 0
+            sees_nothing = ~encoder_mask.dense.any(dim=-1, keepdim=True)
+            attention_mask = encoder_mask.block_mask
+        elif encoder_mask is not None:
             sees_nothing = ~encoder_mask.any(dim=-1, keepdim=True)
-            encoder_mask = encoder_mask | sees_nothing
+            attention_mask = encoder_mask | sees_nothing
 
-        attn_out = self.attn(self.ca_norm(x), encoder_input, mask=encoder_mask)
+        attn_out = self.attn(self.ca_norm(x), encoder_input, mask=attention_mask)
         if sees_nothing is not None:
             attn_out = attn_out.masked_fill(sees_nothing, 0.0)
         h = x + self.ca_scale(attn_out)
@@ -166,6 +182,24 @@ class TransformerCrossAttentionLayer(_AttentionBlock):
         if sees_nothing is not None:
             mlp_out = mlp_out.masked_fill(sees_nothing, 0.0)
         return h + self.mlp_scale(mlp_out)
+
+    def _forward_gathered(
+        self, x: torch.Tensor, encoder_input: torch.Tensor | None, layout: CrossAttentionLayout
+    ) -> torch.Tensor:
+        """Both branches on the ``n`` tokens that see an image only: gather them (``[1, n, d]``),
+        compute, and write them back into ``x`` ``[b, s, d]``; the rest of ``x`` is returned as
+        is. With no such token the branches still run on an empty selection, so that every
+        parameter gets its (zero) gradient on every rank."""
+        if encoder_input is None:
+            raise ValueError("a CrossAttentionLayout needs the encoder embeddings (it does not read KV caches)")
+        b, s, d = x.shape
+        picked = x.reshape(b * s, d).index_select(0, layout.token_index).unsqueeze(0)
+        attn_out = self.attn(self.ca_norm(picked), encoder_input, mask=layout.attention)
+        h = picked + self.ca_scale(attn_out)
+        out = h + self.mlp_scale(self.mlp(self.mlp_norm(h)))
+        # A new [b, s, d] tensor, not a view (FSDP2 warns about views returned by a unit).
+        where = (layout.token_index // s, layout.token_index % s)
+        return x.index_put(where, out.squeeze(0))
 
 
 class TransformerDecoder(nn.Module):
@@ -266,16 +300,17 @@ class TransformerDecoder(nn.Module):
         *,
         mask: AttentionMask | None = None,
         encoder_input: torch.Tensor | None = None,
-        encoder_mask: torch.Tensor | None = None,
+        encoder_mask: torch.Tensor | CrossAttentionLayout | EncoderBlockMask | None = None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Args:
             tokens: ``[b, s]`` token ids.
             mask: ``[b, s, s]`` bool self-attention mask (True = attend; ``[b, s, m_s]`` over the
-                cache slots when caches are enabled) or a flex_attention ``BlockMask``; None
-                means causal.
+                cache slots when caches are enabled), a ``PackedLayout`` or a flex_attention
+                ``BlockMask``; None means causal.
             encoder_input: encoder embeddings ``[b, s_e, d]`` for cross-attention layers.
-            encoder_mask: ``[b, s, s_e]`` bool, True where token i may attend embedding j.
+            encoder_mask: ``[b, s, s_e]`` bool, True where token i may attend embedding j; or a
+                ``CrossAttentionLayout`` / ``EncoderBlockMask`` standing for it.
             input_pos: ``[b, s]`` positions; restart at 0 per packed sample. Required with
                 caches.
 
