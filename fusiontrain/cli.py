@@ -155,7 +155,9 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         choices=EXPORT_FORMATS,
         default=None,
         help="hf: what transformers' MllamaForConditionalGeneration loads (Mllama only; its default); "
-        "fusiontrain: our own layout, read by load_fusiontrain_export (the default for composed models)",
+        "fusiontrain: our own layout, read by load_fusiontrain_export (the default for composed models); "
+        "peft: a LoRA checkpoint's PEFT adapter folder for the transformers base, fusion weights as modules_to_save "
+        "(Mllama; needs the [peft] extra). hf and fusiontrain merge LoRA into the base weights",
     )
     parser.add_argument(
         "--dtype",
@@ -200,7 +202,7 @@ def _run_export(args: argparse.Namespace) -> int:
             verify_base=args.verify_base,
             allow_base_mismatch=args.allow_base_mismatch,
         )
-    except (CheckpointError, ExportError) as error:
+    except (CheckpointError, ExportError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} to {out}")

@@ -63,6 +63,7 @@ from fusiontrain.checkpoint.layout import (
     TMP_PREFIX,
 )
 from fusiontrain.checkpoint.parts import CheckpointPart, PartMismatch, load_tensors, read_part_metadata, save_tensors
+from fusiontrain.models.lora import LoraSettings
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,7 @@ class CheckpointManager:
         fingerprint: the base files' fingerprint (see :mod:`fusiontrain.checkpoint.fingerprint`).
         keep_last_n: complete checkpoints to keep (0 keeps all).
         async_save: write with ``dcp.async_save``.
+        lora: the model's LoRA, recorded in each manifest under ``lora`` (None: no LoRA).
     """
 
     def __init__(
@@ -193,8 +195,10 @@ class CheckpointManager:
         fingerprint: dict[str, Any],
         keep_last_n: int = 3,
         async_save: bool = False,
+        lora: LoraSettings | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.lora = lora
         self.base = base
         self.fingerprint = fingerprint
         self.keep_last_n = keep_last_n
@@ -241,6 +245,7 @@ class CheckpointManager:
             fingerprint=self.fingerprint,
             world_size=world,
             state=global_state,
+            **({} if self.lora is None else {"lora": self.lora.to_dict()}),
         )
         pending = _Pending(step, [r for r in results if isinstance(r, Future)], manifest)
         if self.async_save:
@@ -391,6 +396,8 @@ class CheckpointManager:
                 f"{manifest['world_size']} ranks (per-rank data positions cannot be re-split exactly)"
             )
         rank_file = path / TRAIN_STATE / f"rank_{rank}.json"
+        if "lora" in model_parts and "lora" not in manifest["parts"]:
+            raise CheckpointError(f"checkpoint {path} holds no LoRA and this model has LoRA (model.lora): resume without it")
         for part in manifest["parts"]:
             if part not in model_parts:
                 raise CheckpointError(f"checkpoint {path} holds part {part!r}, which this model does not have")
