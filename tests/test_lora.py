@@ -25,6 +25,7 @@ from fusiontrain.data.image_format import encoder_mask_rows
 from fusiontrain.families import model_family_of
 from fusiontrain.inference import load_for_inference
 from fusiontrain.models import compose_from_hf, encoder_mask_from_cross_attention_mask, load_hf_mllama
+from fusiontrain.models.mllama import legacy_mllama_key, mllama_args_from_config, mllama_weight_map
 from fusiontrain.models.lora import LoraSettings, add_lora, init_lora_params, lora_settings_of
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.modules.lora import LoRALinear, is_lora_parameter, select_lora_targets
@@ -134,3 +135,108 @@ def test_zero_b_is_the_base_and_a_trained_adapter_equals_merged_weights(family_c
     merge_by_hand(base, model)
     torch.testing.assert_close(_logits(base), adapted, atol=1e-5, rtol=0)
     assert lora_settings_of(model) == LoraSettings(4, 8.0, 0.0, tuple(names))
+
+
+# -- checkpoint, exports, PEFT in and out ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tiny_mllama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(our "trained" Mllama with LoRA on the decoder and the ViT, its checkpoint folder): the
+    adapters and every fusion parameter moved, written as a training checkpoint is."""
+    model = load_hf_mllama(tiny_mllama_dir).eval()
+    names = select_lora_targets(model, sides=("decoder", "encoder"), targets=MLLAMA_TARGETS)
+    settings = LoraSettings(4, 8.0, 0.0, tuple(names))
+    add_lora(model, settings)
+    init_lora_params(model, seed=0)
+    randomize_lora(model, seed=1)
+    fusion = get_fusion_params(model)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in fusion.values():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    params = dict(model.named_parameters())
+    parts = {"fusion": fusion, "lora": {n: p for n, p in params.items() if is_lora_parameter(n)}}
+    folder = layout.checkpoint_dir(tmp_path_factory.mktemp("run"), 5)
+    folder.mkdir(parents=True)
+    for part, tensors in parts.items():
+        save_tensors({n: t.detach().clone() for n, t in tensors.items()}, layout.part_dir(folder, part))
+    base = {"family": "mllama", "folders": {"hf_mllama": str(tiny_mllama_dir)}}
+    layout.write_manifest(folder, layout.new_manifest(5, sorted(parts), base, lora=settings.to_dict()))
+    return model, folder
+
+
+def _hf_mllama(folder: Path):
+    from transformers import MllamaForConditionalGeneration
+
+    return MllamaForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def _hf_logits(model, batch) -> torch.Tensor:
+    tokens, pixels, cross = batch
+    with torch.no_grad():
+        return model(input_ids=tokens, **pixels, cross_attention_mask=cross).logits
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as file:
+            out.update({key: file.get_tensor(key) for key in file.keys()})
+    return out
+
+
+def test_merged_export_equals_the_unmerged_model(lora_checkpoint, tiny_mllama_dir: Path, tmp_path: Path) -> None:
+    model, checkpoint = lora_checkpoint
+    out = export_checkpoint(checkpoint, tmp_path / "hf", dtype="fp32")
+    batch = mllama_batch()
+    torch.testing.assert_close(_hf_logits(_hf_mllama(out), batch), our_mllama_logits(model, batch), atol=1e-5, rtol=0)
+    # The frozen base tensors are the base's, bit for bit, except where LoRA merged or fusion trained.
+    base, merged = _tensors(tiny_mllama_dir), _tensors(out)
+    assert set(base) == set(merged)
+    changed = {key for key in base if not torch.equal(base[key], merged[key])}
+    routes = {route.our_key: legacy_mllama_key(route.hf_key) for route in mllama_weight_map(mllama_args_from_config(tiny.tiny_mllama_config().to_dict()))}
+    adapted = {routes[f"{module}.weight"] for module in lora_settings_of(model).modules}
+    trained = {routes[name] for name in get_fusion_params(model)}
+    assert adapted.isdisjoint(trained) and changed == adapted | trained
+
+
+def test_peft_export_loads_in_peft_and_generate_and_init_from_read_it(
+    lora_checkpoint, tiny_mllama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, checkpoint = lora_checkpoint
+    adapter = export_checkpoint(checkpoint, tmp_path / "adapter", format="peft", dtype="fp32")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
+    keys = set(_tensors(adapter))
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.vision_model.transformer.layers.0.mlp.fc1.lora_B.weight" in keys
+    assert "base_model.model.model.language_model.layers.1.cross_attn_attn_gate" in keys  # modules_to_save
+    assert not any("lora" in key and ".cross_attn." in key for key in keys)
+
+    # peft 0.21.2 refuses torchao < 0.16, which the test-only torchtune reference pins to 0.15: hide
+    # it from peft (LoRA on nn.Linear never uses torchao).
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    from peft import PeftModel
+
+    batch = mllama_batch()
+    want = our_mllama_logits(model, batch)
+    peft_model = PeftModel.from_pretrained(_hf_mllama(tiny_mllama_dir), str(adapter)).eval()
+    torch.testing.assert_close(_hf_logits(peft_model, batch), want, atol=1e-5, rtol=0)
+
+    # generate's loaders: base + adapter, and the checkpoint itself, give the trained model.
+    for loaded in (load_for_inference(tiny_mllama_dir, adapter=adapter), load_for_inference(checkpoint)):
+        torch.testing.assert_close(our_mllama_logits(loaded.model, batch), want, atol=1e-5, rtol=0)
+
+    # model.lora.init_from starts a run from the adapter: same LoRA and fusion weights.
+    from fusiontrain.builders import prepare_model
+    from fusiontrain.models.hf_checkpoint import materialize
+
+    run = load_config(None, [f"model.hf_mllama={tiny_mllama_dir}", f"model.lora.init_from={adapter}"])
+    pretrained = prepare_model(run.model, seed=0)
+    materialize(pretrained.model, "cpu")
+    pretrained.load()
+    started = dict(pretrained.model.named_parameters())
+    for name, param in model.named_parameters():
+        assert torch.equal(started[name], param), name
+    assert started.keys() == dict(model.named_parameters()).keys()

@@ -227,7 +227,7 @@ class _Parameters:
         else:
             checkpoint, route = self._routes[name]
             tensor = checkpoint.read(route.hf_key, route.rows)
-        shape = self._shapes[name]
+        shape = self._shapes.get(name, tuple(tensor.shape))  # a LoRA matrix: its part checked its shape
         if tuple(tensor.shape) != shape:
             if tensor.numel() != torch.Size(shape).numel():
                 raise ExportError(f"{name}: read shape {tuple(tensor.shape)}, the model's {shape}")
