@@ -29,7 +29,7 @@ from fusiontrain.models.mllama import legacy_mllama_key, mllama_args_from_config
 from fusiontrain.models.lora import LoraSettings, add_lora, init_lora_params, lora_settings_of
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.modules.lora import LoRALinear, is_lora_parameter, select_lora_targets
-from tests.helpers.launch import REPO_ROOT, launch_env
+from tests.helpers.launch import REPO_ROOT, launch_env, run_torchrun
 from tests.helpers.tiny_models import open_gates
 
 TOKENS_PER_TILE = 5  # (28 // 14) ** 2 + 1
@@ -240,3 +240,74 @@ def test_peft_export_loads_in_peft_and_generate_and_init_from_read_it(
     for name, param in model.named_parameters():
         assert torch.equal(started[name], param), name
     assert started.keys() == dict(model.named_parameters()).keys()
+
+
+# -- training through the CLI on 2 ranks, and resume ----------------------------------------------------
+
+TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
+CLI_RUN = [
+    "max_steps=4", "checkpoint.every_n_steps=2", "data.packing=true", "data.num_workers=0", "batch.micro_batch_size=1",
+    "batch.global_batch_size=4", "parallel.activation_checkpointing=full", "optim.lr=3e-2", "optim.schedule=constant",
+    "optim.warmup_steps=0",
+    "eval.every_n_steps=0", "logging.every_n_steps=0", "model.lora.rank=4", "model.lora.alpha=8",
+    "model.lora.sides=[decoder]",
+]
+
+
+def _train(tiny_mllama_dir: Path, output_dir: Path, *overrides: str) -> list[dict]:
+    run_torchrun(
+        ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={output_dir}", *CLI_RUN, *overrides],
+        nproc=2,
+        timeout=240,
+    )
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_mllama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
+    """A 4-step 2-rank CLI run of the tiny Mllama with LoRA on the decoder (packing, full
+    activation checkpointing, 2 micro-batches per step and rank), checkpointed at 2 and 4."""
+    out = tmp_path_factory.mktemp("lora_run") / "run"
+    return _train(tiny_mllama_dir, out), out
+
+
+def test_two_rank_cli_run_trains_lora_and_exports_merged_and_peft(
+    lora_run, tiny_mllama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows, out = lora_run
+    losses = [row["loss"] for row in rows]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.05, losses
+    checkpoint = out / "checkpoints" / "step_4"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["parts"] == ["fusion", "lora"] and manifest["lora"]["rank"] == 4
+    assert all(module.startswith("decoder.") for module in manifest["lora"]["modules"])
+
+    trained = load_for_inference(checkpoint).model
+    batch = mllama_batch()
+    want = our_mllama_logits(trained, batch)
+    lora_b = [p for n, p in trained.named_parameters() if n.endswith("lora_B.weight")]
+    assert all(b.abs().max() > 0 for b in lora_b)  # every adapter trained
+
+    merged = export_checkpoint(checkpoint, tmp_path / "merged", dtype="fp32")
+    torch.testing.assert_close(_hf_logits(_hf_mllama(merged), batch), want, atol=1e-5, rtol=0)
+    base, exported = _tensors(tiny_mllama_dir), _tensors(merged)
+    routes = {route.our_key: legacy_mllama_key(route.hf_key) for route in mllama_weight_map(mllama_args_from_config(tiny.tiny_mllama_config().to_dict()))}
+    expected = {routes[f"{m}.weight"] for m in manifest["lora"]["modules"]} | {routes[n] for n in get_fusion_params(trained)}
+    assert {key for key in base if not torch.equal(base[key], exported[key])} <= expected  # frozen tensors untouched
+
+    adapter = export_checkpoint(checkpoint, tmp_path / "adapter", format="peft", dtype="fp32")
+    monkeypatch.setitem(sys.modules, "torchao", None)  # see test_peft_export_loads_in_peft...
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(_hf_mllama(tiny_mllama_dir), str(adapter)).eval()
+    torch.testing.assert_close(_hf_logits(peft_model, batch), want, atol=1e-5, rtol=0)
+
+
+def test_resume_with_lora_is_bitwise_exact(lora_run, tiny_mllama_dir: Path, tmp_path: Path) -> None:
+    rows, out = lora_run
+    resumed = _train(tiny_mllama_dir, tmp_path / "resumed", f"checkpoint.resume={out / 'checkpoints' / 'step_2'}")
+    assert [row["step"] for row in resumed] == [2, 3]
+    assert [row["loss"] for row in resumed] == [row["loss"] for row in rows[2:]]
+    for part in ("fusion", "lora"):
+        want, got = _tensors(out / "checkpoints" / "step_4" / part), _tensors(tmp_path / "resumed" / "checkpoints" / "step_4" / part)
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), part
