@@ -311,3 +311,88 @@ def test_resume_with_lora_is_bitwise_exact(lora_run, tiny_mllama_dir: Path, tmp_
     for part in ("fusion", "lora"):
         want, got = _tensors(out / "checkpoints" / "step_4" / part), _tensors(tmp_path / "resumed" / "checkpoints" / "step_4" / part)
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), part
+
+
+# -- FLOPs and the planner ------------------------------------------------------------------------------
+
+
+def test_flops_count_the_lora_matmuls_exactly() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fusiontrain import flops
+    from fusiontrain.loss import chunked_cross_entropy_sum
+    from tests.helpers.tiny_models import random_mllama, random_pixels
+
+    model = random_mllama().train()
+    add_lora(model, LoraSettings(3, 6.0, 0.0, tuple(select_lora_targets(model, sides=("decoder", "encoder"), targets=MLLAMA_TARGETS))))
+    init_lora_params(model, seed=0)
+    model.set_skip_output_projection(True)
+    generator = torch.Generator().manual_seed(0)
+    b, s = 2, 16
+    tokens = torch.randint(0, 128, (b, s), generator=generator)
+    pixels = random_pixels([[1, 2], [3]])
+    encoder_mask = torch.rand(b, s, pixels["pixel_values"].shape[1] * 2 * 5, generator=generator) > 0.3
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        hidden = model(tokens, encoder_input=pixels, encoder_mask=encoder_mask)
+        loss = chunked_cross_entropy_sum(hidden, tokens, model.decoder.output, num_chunks=1)
+        forward = counter.get_total_flops()
+        loss.backward()
+        backward = counter.get_total_flops() - forward
+    count = flops.step_flops(model, num_rows=b, seq_len=s, images=b * pixels["pixel_values"].shape[1], attention_pairs=b * s * s)
+    assert (count.forward, count.backward) == (forward, backward)
+
+
+def test_the_planner_counts_lora_parameters_and_optimizer_state(tiny_mllama_dir: Path) -> None:
+    from fusiontrain.plan import hardware_for, plan_run
+
+    plans = []
+    for extra in ([], ["model.lora.rank=4"]):
+        small = ["batch.seq_len=16", "batch.micro_batch_size=1", "batch.global_batch_size=1"]
+        config = load_config(TINY_CONFIG, [f"model.hf_mllama={tiny_mllama_dir}", *small, *extra])
+        plans.append(plan_run(config, gpus=1, hardware=hardware_for("h100")))
+    model = load_hf_mllama(tiny_mllama_dir)
+    modules = select_lora_targets(model, sides=("decoder",), targets=MLLAMA_TARGETS)
+    lora = sum(4 * (model.get_submodule(m).in_features + model.get_submodule(m).out_features) for m in modules)
+    (without, with_lora) = (plan.memory for plan in plans)
+    assert with_lora["parameters (shards, float32)"] - without["parameters (shards, float32)"] == 4 * lora
+    extra_state = with_lora["optimizer state (AdamW)"] - without["optimizer state (AdamW)"]
+    assert 8 * lora <= extra_state <= 8 * lora + 8 * 2 * len(modules)  # exp_avg + exp_avg_sq (+ step counters)
+    assert plans[1].flops_per_step_per_device > plans[0].flops_per_step_per_device
+
+
+# -- config and the optional extra ----------------------------------------------------------------------
+
+
+def test_lora_config_errors_name_the_key(tiny_mllama_dir: Path, tmp_path: Path) -> None:
+    base = [f"model.hf_mllama={tiny_mllama_dir}", "model.lora.rank=4"]
+    for override, key in [
+        ("model.lora.rank=-1", "model.lora.rank"),
+        ("model.lora.dropout=1.5", "model.lora.dropout"),
+        ("model.lora.sides=[text]", "model.lora.sides"),
+        ("model.decoder_trainable=true", "model.decoder_trainable"),
+        (f"model.lora.init_from={tmp_path / 'missing'}", "model.lora.init_from"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(TINY_CONFIG, [*base, override])
+    model = load_hf_mllama(tiny_mllama_dir)
+    with pytest.raises(ValueError, match="match no linear.*end in"):
+        select_lora_targets(model, sides=("decoder",), targets=("o_proj",))  # HF's name; ours is output_proj
+
+
+def test_the_library_imports_without_peft_and_names_the_extra(lora_checkpoint, tmp_path: Path) -> None:
+    _, checkpoint = lora_checkpoint
+    script = (
+        "import sys; sys.modules['peft'] = None\n"  # as if peft were not installed
+        "import fusiontrain.trainer, fusiontrain.cli, fusiontrain.inference\n"
+        "from fusiontrain.checkpoint.export import export_checkpoint\n"
+        f"export_checkpoint({str(checkpoint)!r}, {str(tmp_path / 'merged')!r})\n"  # merged: no peft needed
+        "try:\n"
+        f"    export_checkpoint({str(checkpoint)!r}, {str(tmp_path / 'adapter')!r}, format='peft')\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pip install 'fusiontrain[peft]'" in done.stdout
+    assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "adapter").exists()
