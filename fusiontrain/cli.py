@@ -117,7 +117,7 @@ def _add_plan_arguments(parser: argparse.ArgumentParser, *, gpus_default: int | 
 
 # The exporter's choices, spelled out so that ``--help`` needs no torch (a test holds them equal to
 # fusiontrain.checkpoint.export.FORMATS and DTYPES).
-EXPORT_FORMATS = ("hf", "fusiontrain")
+EXPORT_FORMATS = ("hf", "fusiontrain", "peft")
 EXPORT_DTYPES = ("bf16", "fp32")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)

@@ -90,14 +90,50 @@ def _composed(decoder: Path, encoder: Path):
     return build
 
 
-@pytest.fixture(params=["mllama", "llama+clip", "qwen3+siglip2"])
+def _save_hf(folder: Path, config_class: str, model_class: str, **kwargs) -> Path:
+    """A tiny transformers model (random biases, so a dropped one shows) saved to ``folder``."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(std=0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qwen2_and_mistral_and_dinov2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The families the session fixtures do not cover: Qwen2 (q/k/v biases), Mistral, DINOv2."""
+    root = tmp_path_factory.mktemp("families")
+    text = {**tiny._tiny_text_kwargs(), "rope_theta": 10_000.0}
+    tower = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+    return {
+        "qwen2": _save_hf(root / "qwen2", "Qwen2Config", "Qwen2ForCausalLM", **text),
+        "mistral": _save_hf(root / "mistral", "MistralConfig", "MistralForCausalLM", sliding_window=None, **text),
+        "dinov2": _save_hf(root / "dinov2", "Dinov2Config", "Dinov2Model", image_size=tiny.IMAGE_SIZE, patch_size=14, **tower),
+    }
+
+
+@pytest.fixture(params=["mllama", "llama+clip", "qwen3+siglip2", "qwen2+dinov2", "mistral+siglip"])
 def family_case(request):
-    """(build a base model, LoRA targets on decoder + encoder, encoder inputs and mask)."""
+    """(build a base model, LoRA targets on its decoder and encoder): every decoder and encoder family."""
     if request.param == "mllama":
-        return _mllama(request.getfixturevalue("tiny_mllama_dir")), MLLAMA_TARGETS, None
-    decoder = request.getfixturevalue("tiny_llama_dir" if request.param == "llama+clip" else "tiny_qwen3_dir")
-    encoder = request.getfixturevalue("tiny_clip_dir" if request.param == "llama+clip" else "tiny_siglip2_naflex_dir")
-    return _composed(decoder, encoder), ("q_proj", "v_proj", "w2", *HF_TOWER_TARGETS), None
+        return _mllama(request.getfixturevalue("tiny_mllama_dir")), MLLAMA_TARGETS
+    decoder_name, encoder_name = request.param.split("+")
+    folders = {
+        "llama": "tiny_llama_dir", "qwen3": "tiny_qwen3_dir", "clip": "tiny_clip_dir", "siglip": "tiny_siglip_dir",
+        "siglip2": "tiny_siglip2_naflex_dir",
+    }
+    def folder(name: str) -> Path:
+        if name in folders:
+            return request.getfixturevalue(folders[name])
+        return request.getfixturevalue("qwen2_and_mistral_and_dinov2")[name]
+
+    tower_targets = ("q_proj", "o_proj", "fc2") if encoder_name == "dinov2" else HF_TOWER_TARGETS
+    return _composed(folder(decoder_name), folder(encoder_name)), ("q_proj", "v_proj", "w2", *tower_targets)
 
 
 def _logits(model) -> torch.Tensor:
@@ -115,7 +151,7 @@ def _logits(model) -> torch.Tensor:
 
 
 def test_zero_b_is_the_base_and_a_trained_adapter_equals_merged_weights(family_case) -> None:
-    build, targets, _ = family_case
+    build, targets = family_case
     base = build()
     want_base = _logits(base)
     model = build()
@@ -346,19 +382,18 @@ def test_flops_count_the_lora_matmuls_exactly() -> None:
 def test_the_planner_counts_lora_parameters_and_optimizer_state(tiny_mllama_dir: Path) -> None:
     from fusiontrain.plan import hardware_for, plan_run
 
-    plans = []
-    for extra in ([], ["model.lora.rank=4"]):
-        small = ["batch.seq_len=16", "batch.micro_batch_size=1", "batch.global_batch_size=1"]
-        config = load_config(TINY_CONFIG, [f"model.hf_mllama={tiny_mllama_dir}", *small, *extra])
-        plans.append(plan_run(config, gpus=1, hardware=hardware_for("h100")))
+    small = ["batch.seq_len=16", "batch.micro_batch_size=1", "batch.global_batch_size=1"]
+    config = load_config(TINY_CONFIG, [f"model.hf_mllama={tiny_mllama_dir}", *small, "model.lora.rank=4"])
+    memory = plan_run(config, gpus=1, hardware=hardware_for("h100")).memory
+    # By hand, from the base model: its parameters plus r x (in + out) per adapted linear.
     model = load_hf_mllama(tiny_mllama_dir)
     modules = select_lora_targets(model, sides=("decoder",), targets=MLLAMA_TARGETS)
     lora = sum(4 * (model.get_submodule(m).in_features + model.get_submodule(m).out_features) for m in modules)
-    (without, with_lora) = (plan.memory for plan in plans)
-    assert with_lora["parameters (shards, float32)"] - without["parameters (shards, float32)"] == 4 * lora
-    extra_state = with_lora["optimizer state (AdamW)"] - without["optimizer state (AdamW)"]
-    assert 8 * lora <= extra_state <= 8 * lora + 8 * 2 * len(modules)  # exp_avg + exp_avg_sq (+ step counters)
-    assert plans[1].flops_per_step_per_device > plans[0].flops_per_step_per_device
+    fusion = get_fusion_params(model)
+    assert memory["parameters (shards, float32)"] == 4 * (sum(p.numel() for p in model.parameters()) + lora)
+    trainable_numel, trainable_tensors = sum(p.numel() for p in fusion.values()) + lora, len(fusion) + 2 * len(modules)
+    # AdamW: exp_avg and exp_avg_sq per element, and a float32 step counter per tensor
+    assert memory["optimizer state (AdamW)"] == 8 * trainable_numel + 4 * trainable_tensors
 
 
 # -- config and the optional extra ----------------------------------------------------------------------
