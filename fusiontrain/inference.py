@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from fusiontrain.checkpoint import layout
 from fusiontrain.checkpoint.layout import CheckpointError
@@ -257,7 +258,12 @@ def _load_base(
         lora = adapter_settings(adapter, layout)
         attach_lora(pretrained, lora, seed=0)
         initialise, load = pretrained.init_fresh, adapted_model_loader(adapter, layout, lora)
-        pretrained.init_fresh = lambda model: (initialise(model), load(model))
+
+        def init_then_load(model: nn.Module) -> None:
+            initialise(model)
+            load(model)
+
+        pretrained.init_fresh = init_then_load
     elif lora is not None:
         attach_lora(pretrained, lora, seed=0)
     materialize(pretrained.model.to(dtype), device)

@@ -23,6 +23,15 @@ rest comes from. :func:`export_checkpoint` joins the two into one folder in eith
     the tokenizer files (from the decoder folder) and image processor files (from the encoder
     folder).
 
+``peft`` (a checkpoint with LoRA, Mllama only)
+    A PEFT LoRA adapter folder for the base's transformers model (``adapter_config.json`` +
+    ``adapter_model.safetensors``, the fusion weights as ``modules_to_save``); written by
+    :mod:`fusiontrain.checkpoint.peft`. The base folder is not copied.
+
+A checkpoint with LoRA (a ``lora`` part and the manifest's ``lora``) exports merged in ``hf`` and
+``fusiontrain``: each adapted linear's weight becomes ``W + alpha/r * B @ A`` (fp32, then cast as
+below).
+
 Dtypes. By default (``dtype=None``) every tensor keeps the dtype the base stores it in, so the
 frozen tensors come out bit-identical to the base: a tensor read from a base folder is written as
 read (a base with mixed dtypes keeps each tensor's own); a trained tensor (from a DCP part, usually

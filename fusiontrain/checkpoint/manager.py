@@ -3,8 +3,8 @@ safetensors and JSON only.
 
 A checkpoint (layout in :mod:`fusiontrain.checkpoint.layout`) holds:
 
-- one safetensors DCP folder per model part (``fusion``, and ``decoder`` / ``encoder`` when they
-  train or when everything is saved), keyed by canonical parameter names, so each part loads alone
+- one safetensors DCP folder per model part (``fusion``, ``lora`` with LoRA, and ``decoder`` /
+  ``encoder`` when they train or when everything is saved), keyed by canonical parameter names, so each part loads alone
   and DCP reshards it onto any number of ranks (:func:`~fusiontrain.checkpoint.parts.save_tensors`);
 - ``train_state/optimizer/``: the optimizer state's tensors the same way, and its non-tensor rest
   (param groups, hyper-parameters) as ``optimizer.json``, with each tensor's place marked

@@ -35,6 +35,7 @@ from fusiontrain.models.lora import LoraSettings
 from fusiontrain.models.pretrained import PretrainedModel
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.modules.lora import LORA_A, LORA_B, lora_candidates
+from fusiontrain.parallel import canonical_parameters
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -195,13 +196,19 @@ def adapter_settings(folder: str | Path, layout: PeftLayout) -> LoraSettings:
             fusiontrain does not compute, or a module this model does not have).
     """
     folder = Path(folder)
-    peft = require_peft("model.lora.init_from (reading a PEFT adapter)")
-    config = peft.LoraConfig.from_pretrained(str(folder))
-    if str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type) != "LORA":
-        raise ValueError(f"PEFT adapter {folder} is a {config.peft_type} adapter; only LoRA is read")
+    peft = require_peft("reading a PEFT adapter (model.lora.init_from, generate --adapter)")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{folder} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}")
+    try:
+        config = peft.LoraConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"PEFT adapter {folder}: {ADAPTER_CONFIG} is not a LoRA config ({error})") from None
+    peft_type = getattr(config.peft_type, "value", config.peft_type)
+    if peft_type != "LORA":
+        raise ValueError(f"PEFT adapter {folder} is a {peft_type} adapter; only LoRA is read")
     for option, default in _UNSUPPORTED.items():
         value = getattr(config, option, default)
-        if value not in (default, None) and not (default == {} and not value):
+        if value != default and value not in (None, {}, []):
             raise ValueError(f"PEFT adapter {folder}: {option}={value!r} is not supported (only {default!r})")
     by_path = {path: ours for ours, path in layout.linears.items()}
     modules = []
@@ -265,7 +272,6 @@ def adapted_model_loader(folder: str | Path, layout: PeftLayout, settings: LoraS
     """``load(model)``: :func:`load_adapter` into ``model``'s canonical parameters."""
 
     def load(model: nn.Module) -> None:
-        params = {name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p for name, p in model.named_parameters()}
-        load_adapter(folder, layout, settings, params)
+        load_adapter(folder, layout, settings, canonical_parameters(model))
 
     return load

@@ -1,0 +1,209 @@
+"""LoRA + fusion training: fusiontrain against ``peft`` on transformers: ``python benchmarks/lora.py``.
+
+One process, fp32, on the CPU. The benchmark Mllama (``fusiontrain.tiny.bench_mllama_config``,
+written to a temporary folder) trains LoRA on every self-attention and MLP linear of the decoder
+(rank ``--rank``, alpha twice the rank) while its fusion parameters train in full, two ways on the
+same batches:
+
+(a) **peft on transformers**: ``MllamaForConditionalGeneration`` (SDPA) wrapped by
+    ``peft.get_peft_model(LoraConfig(target_modules=..., modules_to_save=...))``, the targets and
+    ``modules_to_save`` being exactly what fusiontrain's PEFT export names for this model (the
+    cross-attention layers, the global vision layers, the projector and ``embed_tokens`` for its
+    new rows); HF's own loss on full ``[b, s, v]`` logits.
+(b) **fusiontrain**: the model built from the same folder, ``model.lora`` applied to the same
+    linears, and the trainer's chunked loss (8 chunks; the output projection is frozen, so each
+    chunk's gradient is taken in forward). The model is used as the Trainer builds it, without the
+    process group (FSDP over a world of one adds no communication).
+
+Both run the same loop: forward, backward, grad-norm clipping at 1.0, ``AdamW(foreach=True)``,
+``zero_grad``. Every row holds one image (one tile) followed by text, so no row meets
+transformers#39379. The step-0 losses must agree (the adapters start with B = 0).
+
+Reported per variant: trainable parameters, AdamW state bytes, the checkpoint a run writes of its
+trained state (fusiontrain: the ``fusion`` + ``lora`` DCP parts; peft: ``adapter_model.safetensors``),
+tokens/s (median step time after one warm-up step) and the step-0 loss.
+
+Flags: ``--steps`` (default 6), ``--rank`` (default 16), ``--batch`` (default 4), ``--seq`` (default
+256), ``--threads`` (default ``os.cpu_count()``), ``--json PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fusiontrain import tiny  # noqa: E402
+from fusiontrain.checkpoint.parts import save_tensors  # noqa: E402
+from fusiontrain.checkpoint.peft import peft_layout  # noqa: E402
+from fusiontrain.loss import chunked_cross_entropy_sum, count_targets  # noqa: E402
+from fusiontrain.models.lora import LoraSettings, add_lora, init_lora_params  # noqa: E402
+from fusiontrain.models.mllama import encoder_mask_from_cross_attention_mask, prepare_mllama  # noqa: E402
+from fusiontrain.modules import get_fusion_params  # noqa: E402
+from fusiontrain.modules.lora import is_lora_parameter, select_lora_targets  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
+NUM_CHUNKS = 8
+
+
+def batches(config, *, steps: int, batch: int, seq: int) -> list[dict[str, torch.Tensor]]:
+    """``steps + 1`` batches: every row one 1-tile image, its token first, then text."""
+    vision = config.vision_config
+    tokens_per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
+    out = []
+    for step in range(steps + 1):
+        generator = torch.Generator().manual_seed(step)
+        tokens = torch.randint(4, config.text_config.vocab_size, (batch, seq), generator=generator)
+        tokens[:, 0] = config.image_token_index
+        pixels = tiny.tiny_pixel_inputs(config, batch_images=[[1]] * batch, seed=step)
+        cross = torch.zeros(batch, seq, 1, vision.max_num_tiles, dtype=torch.long)
+        cross[:, :, 0, 0] = 1
+        labels = torch.cat([tokens[:, 1:], torch.full((batch, 1), -100)], dim=1)  # position i predicts token i + 1
+        encoder_mask = encoder_mask_from_cross_attention_mask(cross, tokens_per_tile)
+        out.append({"tokens": tokens, "labels": labels, "cross": cross, "encoder_mask": encoder_mask, **pixels})
+    return out
+
+
+def train(step_fn, params: list[torch.nn.Parameter], data: list[dict]) -> tuple[list[float], list[float], torch.optim.Optimizer]:
+    """The shared loop; returns (losses, step times, optimizer)."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    losses, times = [], []
+    for batch in data:
+        start = time.perf_counter()
+        loss = step_fn(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    return losses, times, optimizer
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def run_fusiontrain(folder: Path, rank: int, data: list[dict], out: Path) -> dict:
+    from fusiontrain.models.hf_checkpoint import materialize
+
+    pretrained = prepare_mllama(folder)
+    model = pretrained.model
+    modules = select_lora_targets(model, sides=("decoder",), targets=TARGETS)
+    add_lora(model, LoraSettings(rank, 2.0 * rank, 0.0, tuple(modules)))
+    pretrained.fresh_parameters = {n for n, _ in model.named_parameters() if is_lora_parameter(n)}
+    pretrained.init_fresh = lambda m: init_lora_params(m, seed=0)
+    materialize(model, "cpu")
+    pretrained.load()
+    model.train().set_skip_output_projection(True)
+
+    def step(batch: dict) -> torch.Tensor:
+        pixels = {k: batch[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        hidden = model(batch["tokens"], encoder_input=pixels, encoder_mask=batch["encoder_mask"])
+        total = chunked_cross_entropy_sum(hidden, batch["labels"], model.decoder.output, num_chunks=NUM_CHUNKS)
+        return total / count_targets(batch["labels"])
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses, times, optimizer = train(step, params, data)
+    trained = dict(model.named_parameters())
+    parts = {"fusion": get_fusion_params(model), "lora": {n: p for n, p in trained.items() if is_lora_parameter(n)}}
+    for part, tensors in parts.items():
+        save_tensors({n: t.detach() for n, t in tensors.items()}, out / part)
+    return {
+        "trainable": sum(p.numel() for p in params),
+        "optimizer_bytes": optimizer_bytes(optimizer),
+        "checkpoint_bytes": folder_bytes(out),
+        "losses": losses,
+        "times": times,
+        "modules": modules,
+    }
+
+
+def run_peft(folder: Path, rank: int, data: list[dict], out: Path, targets: list[str], to_save: list[str]) -> dict:
+    sys.modules["torchao"] = None  # peft 0.21.2 refuses the torchao 0.15 of the [reference] extra
+    from peft import LoraConfig, get_peft_model
+    from transformers import MllamaForConditionalGeneration
+
+    base = MllamaForConditionalGeneration.from_pretrained(folder, attn_implementation="sdpa")
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, modules_to_save=to_save))
+    model.train()
+
+    def step(batch: dict) -> torch.Tensor:
+        pixels = {k: batch[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        return model(input_ids=batch["tokens"], **pixels, cross_attention_mask=batch["cross"], labels=batch["tokens"]).loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses, times, optimizer = train(step, params, data)
+    model.save_pretrained(str(out))
+    return {
+        "trainable": sum(p.numel() for p in params),
+        "optimizer_bytes": optimizer_bytes(optimizer),
+        "checkpoint_bytes": (out / "adapter_model.safetensors").stat().st_size,
+        "losses": losses,
+        "times": times,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config = tiny.bench_mllama_config()
+        folder, _ = tiny.save_tiny_mllama(root / "bench_mllama", config=config, save_tokenizer=False)
+        data = batches(config, steps=args.steps, batch=args.batch, seq=args.seq)
+        ours = run_fusiontrain(folder, args.rank, data, root / "ours")
+        layout = peft_layout(prepare_mllama(folder), hf_export=True, family_name="mllama")
+        targets = [layout.linears[module] for module in ours["modules"]]
+        theirs = run_peft(folder, args.rank, data, root / "peft", targets, layout.modules_to_save)
+        base_bytes = folder_bytes(folder)
+
+    tokens = args.batch * args.seq
+    rows = []
+    for name, result in (("(a) peft on transformers", theirs), ("(b) fusiontrain", ours)):
+        median = statistics.median(result["times"][1:])
+        result["tokens_per_s"] = tokens / median
+        rows.append((name, result))
+    print(f"benchmark Mllama, LoRA rank {args.rank} (alpha {2 * args.rank}) on {len(ours['modules'])} decoder linears + "
+          f"fusion in full; {args.batch} rows x {args.seq} tokens, fp32, {args.threads} threads, {args.steps} timed steps")
+    print()
+    print("| variant | trainable params | AdamW state | checkpoint of the trained state | tokens/s | step-0 loss |")
+    print("|---|---|---|---|---|---|")
+    for name, result in rows:
+        speed = result["tokens_per_s"] / theirs["tokens_per_s"]
+        print(
+            f"| {name} | {result['trainable'] / 1e6:.2f} M | {result['optimizer_bytes'] / 2**20:.1f} MiB | "
+            f"{result['checkpoint_bytes'] / 2**20:.1f} MiB | {result['tokens_per_s']:.0f} ({speed:.2f}x) | {result['losses'][0]:.6f} |"
+        )
+    print()
+    print(f"the base model's safetensors: {base_bytes / 2**20:.1f} MiB (what a merged export writes)")
+    agreement = abs(ours["losses"][0] - theirs["losses"][0]) / abs(theirs["losses"][0])
+    print(f"step-0 losses agree to {agreement:.1e} (relative)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"peft": theirs, "fusiontrain": ours, "base_bytes": base_bytes}, indent=2))
+    return 0 if agreement < 1e-4 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
