@@ -431,3 +431,31 @@ def test_the_library_imports_without_peft_and_names_the_extra(lora_checkpoint, t
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pip install 'fusiontrain[peft]'" in done.stdout
     assert (tmp_path / "merged" / "config.json").is_file() and not (tmp_path / "adapter").exists()
+
+
+def test_composed_lora_checkpoint_exports_merged_and_refuses_peft(tiny_llama_dir: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
+    from fusiontrain.checkpoint.export import ExportError
+    from fusiontrain.models.export_reader import load_fusiontrain_export
+
+    model = _composed(tiny_llama_dir, tiny_clip_dir)()
+    modules = select_lora_targets(model, sides=("decoder", "encoder"), targets=("q_proj", "w2", "fc1"))
+    settings = LoraSettings(2, 4.0, 0.0, tuple(modules))
+    add_lora(model, settings)
+    init_lora_params(model, seed=0)
+    randomize_lora(model, seed=3)
+    params = dict(model.named_parameters())
+    parts = {"fusion": get_fusion_params(model), "lora": {n: p for n, p in params.items() if is_lora_parameter(n)}}
+    checkpoint = layout.checkpoint_dir(tmp_path / "run", 1)
+    checkpoint.mkdir(parents=True)
+    for part, tensors in parts.items():
+        save_tensors({n: t.detach().clone() for n, t in tensors.items()}, layout.part_dir(checkpoint, part))
+    base = {"family": "composed", "folders": {"decoder": str(tiny_llama_dir), "encoder": str(tiny_clip_dir)},
+            "fusion_interval": 2, "fusion_vocab_size": model.decoder.tok_embeddings.fusion_vocab_size}
+    layout.write_manifest(checkpoint, layout.new_manifest(1, sorted(parts), base, lora=settings.to_dict()))
+
+    want = _logits(model)
+    exported = load_fusiontrain_export(export_checkpoint(checkpoint, tmp_path / "merged", dtype="fp32")).eval()
+    torch.testing.assert_close(_logits(exported), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(load_for_inference(checkpoint).model), want, atol=1e-5, rtol=0)
+    with pytest.raises(ExportError, match="no transformers class"):
+        export_checkpoint(checkpoint, tmp_path / "adapter", format="peft")
