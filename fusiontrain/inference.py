@@ -314,7 +314,7 @@ def _load_checkpoint(
     from fusiontrain.checkpoint.parts import PartMismatch, load_parts_into_model
     from fusiontrain.families import EXPORT_ROLE, model_family
     from fusiontrain.models.export_reader import load_fusiontrain_export, read_export_config
-    from fusiontrain.models.lora import LoraSettings
+    from fusiontrain.models.lora import LoraSettings, add_lora
 
     manifest = layout.verify_checkpoint(folder, checksums=False)  # sizes; refuses unsafe files unread
     base = manifest["base"]
@@ -324,8 +324,6 @@ def _load_checkpoint(
         check_base_unchanged(manifest, paths, folder, error=InferenceError)
     lora = LoraSettings.from_dict(manifest["lora"], f"checkpoint {folder}") if "lora" in manifest else None
     if EXPORT_ROLE in paths:
-        if lora is not None:
-            raise InferenceError(f"checkpoint {folder}: LoRA over a fusiontrain export base is not supported")
         exported = read_export_config(paths[EXPORT_ROLE])["family"]
         if exported != family.name:
             raise CheckpointError(
@@ -333,6 +331,9 @@ def _load_checkpoint(
                 f"{paths[EXPORT_ROLE]} holds a {exported!r} model"
             )
         model = load_fusiontrain_export(paths[EXPORT_ROLE], dtype=dtype, device=device, fusion_trainable=False)
+        if lora is not None:  # its matrices come from the checkpoint's lora part below
+            add_lora(model, lora)
+            model.requires_grad_(False)
     else:
         settings = {key: value for key, value in base.items() if key not in ("family", "folders")}
         model = _load_base(family, paths, settings, dtype=dtype, device=device, lora=lora)

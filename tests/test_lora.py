@@ -459,3 +459,17 @@ def test_composed_lora_checkpoint_exports_merged_and_refuses_peft(tiny_llama_dir
     torch.testing.assert_close(_logits(load_for_inference(checkpoint).model), want, atol=1e-5, rtol=0)
     with pytest.raises(ExportError, match="no transformers class"):
         export_checkpoint(checkpoint, tmp_path / "adapter", format="peft")
+
+    # A run whose base is that export (model.fusiontrain_export) with LoRA again: generate loads it.
+    again = layout.checkpoint_dir(tmp_path / "run2", 1)
+    again.mkdir(parents=True)
+    for part, tensors in parts.items():
+        save_tensors({n: t.detach().clone() for n, t in tensors.items()}, layout.part_dir(again, part))
+    on_export = {**base, "folders": {"fusiontrain_export": str(tmp_path / "merged")}}
+    layout.write_manifest(again, layout.new_manifest(1, sorted(parts), on_export, lora=settings.to_dict()))
+    add_lora(exported, settings)
+    with torch.no_grad():
+        for name, param in exported.named_parameters():
+            if is_lora_parameter(name):
+                param.copy_(params[name])
+    torch.testing.assert_close(_logits(load_for_inference(again).model), _logits(exported), atol=1e-6, rtol=0)
