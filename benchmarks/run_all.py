@@ -57,6 +57,14 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
         ["benchmarks/plan_accuracy.py"],
         "`python -m fusiontrain plan` against the measured peak of real training runs.",
     ),
+    (
+        "LoRA + fusion against peft on transformers (lora.py)",
+        ["benchmarks/lora.py"],
+        "LoRA on every decoder self-attention and MLP linear plus the fusion parameters in full, same batches, one "
+        "process: (a) peft's get_peft_model on MllamaForConditionalGeneration with the same targets and the fusion "
+        "modules as modules_to_save, (b) fusiontrain's model.lora. Trainable parameters, AdamW state, the checkpoint "
+        "of the trained state, tokens/s.",
+    ),
 ]
 
 

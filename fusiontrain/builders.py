@@ -32,7 +32,9 @@ from fusiontrain.families import (
 )
 from fusiontrain.families.model import read_config_json
 from fusiontrain.models.export_reader import prepare_fusiontrain_export, read_export_config
+from fusiontrain.models.lora import add_lora, attach_lora, lora_settings_from_config
 from fusiontrain.models.pretrained import PretrainedModel
+from fusiontrain.checkpoint.peft import adapted_model_loader, adapter_settings, peft_layout
 
 
 def _trainable_flags(config: ModelConfig) -> TrainableFlags:
@@ -59,11 +61,37 @@ def model_settings(config: ModelConfig) -> dict:
 
 
 def prepare_model(config: ModelConfig, *, seed: int) -> PretrainedModel:
-    """The configured model, on the meta device, with its weight sources."""
+    """The configured model, on the meta device, with its weight sources (and LoRA, when
+    ``model.lora`` asks for it)."""
     family, folders = configured_family(config)
     if EXPORT_ROLE in folders:
-        return prepare_fusiontrain_export(folders[EXPORT_ROLE], **_trainable_flags(config).as_kwargs())
-    return family.prepare(folders, family.settings_from_config(config), _trainable_flags(config), seed=seed)
+        pretrained = prepare_fusiontrain_export(folders[EXPORT_ROLE], **_trainable_flags(config).as_kwargs())
+    else:
+        pretrained = family.prepare(folders, family.settings_from_config(config), _trainable_flags(config), seed=seed)
+    _add_lora(config, family, pretrained, from_export=EXPORT_ROLE in folders, seed=seed)
+    return pretrained
+
+
+def _add_lora(config: ModelConfig, family: ModelFamily, pretrained: PretrainedModel, *, from_export: bool, seed: int) -> None:
+    """Attach ``model.lora``'s adapters: fresh ones, or a PEFT adapter folder's (``init_from``,
+    loaded with its fusion weights right after the model is filled)."""
+    lora = config.lora
+    if lora.init_from is None:
+        settings = lora_settings_from_config(pretrained.model, lora)
+        if settings is not None:
+            attach_lora(pretrained, settings, seed=seed)
+        return
+    layout = peft_layout(pretrained, hf_export=family.hf_export and not from_export, family_name=family.name)
+    settings = adapter_settings(lora.init_from, layout)
+    attach_lora(pretrained, settings, seed=seed)
+    initialise = pretrained.init_fresh
+    load = adapted_model_loader(lora.init_from, layout, settings)
+
+    def init_then_load(model: nn.Module) -> None:
+        initialise(model)
+        load(model)
+
+    pretrained.init_fresh = init_then_load
 
 
 def build_meta_model(config: ModelConfig) -> nn.Module:
@@ -71,11 +99,21 @@ def build_meta_model(config: ModelConfig) -> nn.Module:
     weights are read or needed); trainability set as configured."""
     family, folders = configured_family(config)
     if EXPORT_ROLE in folders:
-        return prepare_fusiontrain_export(folders[EXPORT_ROLE], **_trainable_flags(config).as_kwargs()).model
-    configs = {
-        role: read_config_json(folder, f"config key '{family.config_keys[role]}'") for role, folder in folders.items()
-    }
-    return family.build_meta(configs, family.settings_from_config(config), _trainable_flags(config))
+        model = prepare_fusiontrain_export(folders[EXPORT_ROLE], **_trainable_flags(config).as_kwargs()).model
+    else:
+        configs = {
+            role: read_config_json(folder, f"config key '{family.config_keys[role]}'") for role, folder in folders.items()
+        }
+        model = family.build_meta(configs, family.settings_from_config(config), _trainable_flags(config))
+    if config.lora.init_from is not None:
+        raise ValueError(
+            "a model built from config.json alone (plan, --dry-run) cannot read model.lora.init_from's adapter against "
+            "weights; plan with model.lora.rank / targets set to the adapter's and without init_from"
+        )
+    settings = lora_settings_from_config(model, config.lora)
+    if settings is not None:
+        add_lora(model, settings)
+    return model
 
 
 def model_folders(config: ModelConfig) -> dict[str, str]:

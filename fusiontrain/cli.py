@@ -131,7 +131,7 @@ def _add_plan_arguments(parser: argparse.ArgumentParser, *, gpus_default: int | 
 
 # The exporter's choices, spelled out so that ``--help`` needs no torch (a test holds them equal to
 # fusiontrain.checkpoint.export.FORMATS and DTYPES).
-EXPORT_FORMATS = ("hf", "fusiontrain")
+EXPORT_FORMATS = ("hf", "fusiontrain", "peft")
 EXPORT_DTYPES = ("bf16", "fp32")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
@@ -169,7 +169,9 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         choices=EXPORT_FORMATS,
         default=None,
         help="hf: what transformers' MllamaForConditionalGeneration loads (Mllama only; its default); "
-        "fusiontrain: our own layout, read by load_fusiontrain_export (the default for composed models)",
+        "fusiontrain: our own layout, read by load_fusiontrain_export (the default for composed models); "
+        "peft: a LoRA checkpoint's PEFT adapter folder for the transformers base, fusion weights as modules_to_save "
+        "(Mllama; needs the [peft] extra). hf and fusiontrain merge LoRA into the base weights",
     )
     parser.add_argument(
         "--dtype",
@@ -214,7 +216,7 @@ def _run_export(args: argparse.Namespace) -> int:
             verify_base=args.verify_base,
             allow_base_mismatch=args.allow_base_mismatch,
         )
-    except (CheckpointError, ExportError) as error:
+    except (CheckpointError, ExportError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} to {out}")

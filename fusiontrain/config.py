@@ -48,6 +48,28 @@ class ComposeConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = _field(0, "LoRA rank r of every adapted linear; 0 turns LoRA off (README: LoRA).")
+    alpha: float = _field(16.0, "LoRA alpha: the update is scaled by alpha / rank.")
+    dropout: float = _field(0.0, "Dropout on the LoRA branch's input, in [0, 1).")
+    sides: tuple[str, ...] = _field(
+        ("decoder",), "Which pretrained side(s) get LoRA: a list of 'decoder' and/or 'encoder' (fusion layers never do)."
+    )
+    targets: tuple[str, ...] = _field(
+        ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"),
+        "Linears to adapt, by module name or name suffix (PEFT's rule): ours for the decoder and the Mllama ViT "
+        "(q_proj k_proj v_proj output_proj w1 w2 w3), the HF tower's for a composed encoder (e.g. q_proj out_proj "
+        "fc1 fc2). Every target must match a linear of model.lora.sides.",
+    )
+    init_from: str | None = _field(
+        None,
+        "A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for the same base to start from: "
+        "its rank, alpha and targets replace the ones above, its weights (and its modules_to_save fusion weights) "
+        "the fresh ones. Needs the [peft] extra.",
+    )
+
+
+@dataclass
 class ModelConfig:
     hf_mllama: str | None = _field(None, "HF MllamaForConditionalGeneration folder (Llama 3.2 Vision).")
     compose: ComposeConfig = _field(ComposeConfig, "Build from a separate LLM and vision tower instead.")
@@ -65,6 +87,7 @@ class ModelConfig:
     decoder_trainable: bool = _field(False, "Train the pretrained decoder's parameters too.")
     encoder_trainable: bool = _field(False, "Train the pretrained encoder's parameters too.")
     fusion_trainable: bool = _field(True, "Train the fusion parameters (cross-attention, projection head, new rows).")
+    lora: LoraConfig = _field(LoraConfig, "LoRA adapters on the frozen pretrained linears, beside the fusion parameters.")
 
 
 @dataclass
@@ -352,6 +375,10 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, args))}; got {value!r}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, e.g. [q_proj, v_proj]; got {value!r}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"config key '{key}' must be a list of {len(args)} values, e.g. [0.9, 0.95]; got {value!r}")
@@ -415,6 +442,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"config key 'model.fusion_init': folder {model.fusion_init} does not exist; point it at a checkpoint folder"
         )
+    _validate_lora(model)
     if config.data.format != "synthetic" and config.data.train.path is None:
         raise ConfigError(f"config key 'data.train.path' is required for data.format={config.data.format!r}")
     _validate_streaming(config.data)
@@ -471,6 +499,31 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"config key 'distributed.timeout_s' must be a finite number of seconds > 0; got {timeout_s}")
     if config.loss.num_output_chunks < 0:
         raise ConfigError(f"config key 'loss.num_output_chunks' must be >= 0; got {config.loss.num_output_chunks}")
+
+
+def _validate_lora(model: ModelConfig) -> None:
+    """LoRA's numbers, sides and folder; LoRA beside full training of the same side is refused."""
+    lora = model.lora
+    if lora.init_from is not None and not Path(lora.init_from).is_dir():
+        raise ConfigError(f"config key 'model.lora.init_from': folder {lora.init_from} does not exist; point it at a PEFT adapter folder")
+    if lora.rank == 0 and lora.init_from is None:
+        return
+    if lora.rank < 0:
+        raise ConfigError(f"config key 'model.lora.rank' must be >= 0 (0 = no LoRA); got {lora.rank}")
+    if not (math.isfinite(lora.alpha) and lora.alpha > 0):
+        raise ConfigError(f"config key 'model.lora.alpha' must be a number > 0; got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"config key 'model.lora.dropout' must be in [0, 1); got {lora.dropout}")
+    if not lora.sides or any(side not in ("decoder", "encoder") for side in lora.sides):
+        raise ConfigError(f"config key 'model.lora.sides' must list 'decoder' and/or 'encoder'; got {list(lora.sides)}")
+    if not lora.targets:
+        raise ConfigError("config key 'model.lora.targets' must name at least one linear (e.g. [q_proj, v_proj])")
+    for side in lora.sides:
+        if getattr(model, f"{side}_trainable"):
+            raise ConfigError(
+                f"config keys 'model.lora.sides' and 'model.{side}_trainable' both train the {side}: LoRA adapts a frozen "
+                f"side; set model.{side}_trainable=false or drop {side!r} from model.lora.sides"
+            )
 
 
 def _validate_streaming(data: DataConfig) -> None:

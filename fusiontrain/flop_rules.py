@@ -17,6 +17,7 @@ from torch import nn
 
 from fusiontrain.modules.attention import MultiHeadAttention
 from fusiontrain.modules.layers import FeedForward
+from fusiontrain.modules.lora import LoRALinear
 from fusiontrain.modules.transformer import TransformerSelfAttentionLayer
 
 
@@ -110,7 +111,13 @@ def count_linear(tally: Tally, part: str, linear: nn.Module, tokens: int, x_grad
         raise TypeError(f"expected an nn.Linear projection, got {type(linear).__name__}")
     weight_grad = linear.weight.requires_grad
     tally.add(part, 2 * tokens * linear.in_features * linear.out_features, int(x_grad) + int(weight_grad))
-    return x_grad or weight_grad or (linear.bias is not None and linear.bias.requires_grad)
+    out_grad = x_grad or weight_grad or (linear.bias is not None and linear.bias.requires_grad)
+    if isinstance(linear, LoRALinear):  # x A^T then (.) B^T: two thin matmuls beside the base one
+        a_grad, b_grad = linear.lora_A.weight.requires_grad, linear.lora_B.weight.requires_grad
+        tally.add(part, 2 * tokens * linear.in_features * linear.rank, int(x_grad) + int(a_grad))
+        tally.add(part, 2 * tokens * linear.rank * linear.out_features, int(x_grad or a_grad) + int(b_grad))
+        out_grad = out_grad or a_grad or b_grad
+    return out_grad
 
 
 def count_attention_core(tally: Tally, part: str, width: int, pairs: int, q: bool, k: bool, v: bool) -> bool:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from fusiontrain.checkpoint import layout
 from fusiontrain.checkpoint.layout import CheckpointError
@@ -175,6 +176,7 @@ def load_for_inference(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     allow_base_mismatch: bool = False,
+    adapter: str | Path | None = None,
 ) -> LoadedModel:
     """Load the model in ``path`` (see :func:`folder_kind`) for generation.
 
@@ -185,6 +187,8 @@ def load_for_inference(
         device: where the parameters live.
         allow_base_mismatch: for a checkpoint, go ahead even when the base folders' weight files
             differ in size from those it was trained on (as recorded in its manifest).
+        adapter: a PEFT LoRA adapter folder to apply on a HF base folder ``path`` (its LoRA, and
+            its ``modules_to_save`` fusion weights; needs the ``[peft]`` extra).
 
     Raises:
         InferenceError: the folder is missing, of no known kind, or cannot be loaded.
@@ -194,12 +198,14 @@ def load_for_inference(
     from fusiontrain.models.export_reader import load_fusiontrain_export, read_export_config
 
     kind, folder = folder_kind(path)
+    if adapter is not None and kind != "hf":
+        raise InferenceError(f"--adapter applies to a HF base folder; {folder} is a {kind}")
     frozen = {"fusion_trainable": False}
     try:
         if kind == "hf":
             family = _hf_family(folder)
             folders: dict[str, Path] = {family.roles[0]: folder}
-            model = _load_base(family, folders, {}, dtype=dtype, device=device)
+            model = _load_base(family, folders, {}, dtype=dtype, device=device, adapter=adapter)
         elif kind == "export":
             family = model_family(read_export_config(folder)["family"])
             folders = {EXPORT_ROLE: folder}
@@ -210,7 +216,7 @@ def load_for_inference(
             )
     except (InferenceError, CheckpointError):
         raise
-    except (FileNotFoundError, ValueError, KeyError, OSError) as error:
+    except (FileNotFoundError, ValueError, KeyError, OSError, ImportError) as error:
         raise InferenceError(f"cannot load the model in {folder}: {error}") from error
     model.eval()
     return _with_inputs(model, family=family, kind=kind, path=folder, folders=folders)
@@ -228,15 +234,42 @@ def _hf_family(folder: Path) -> ModelFamily:
 
 
 def _load_base(
-    family: ModelFamily, folders: dict[str, Path], settings: dict[str, Any], *, dtype: torch.dtype, device: Any
+    family: ModelFamily,
+    folders: dict[str, Path],
+    settings: dict[str, Any],
+    *,
+    dtype: torch.dtype,
+    device: Any,
+    lora: Any = None,
+    adapter: str | Path | None = None,
 ) -> DeepFusionModel:
-    """The family's model from its pretrained folders, allocated and filled, nothing trainable."""
+    """The family's model from its pretrained folders, allocated and filled, nothing trainable;
+    with ``lora`` (:class:`~fusiontrain.models.lora.LoraSettings`) its adapters added (fresh: a
+    checkpoint's part fills them), or with ``adapter`` a PEFT adapter folder's applied."""
     from fusiontrain.families import TrainableFlags
     from fusiontrain.models.hf_checkpoint import materialize
+    from fusiontrain.models.lora import attach_lora
 
     pretrained = family.prepare(folders, settings, TrainableFlags(fusion_trainable=False), seed=0)
+    if adapter is not None:
+        from fusiontrain.checkpoint.peft import adapted_model_loader, adapter_settings, peft_layout
+
+        layout = peft_layout(pretrained, hf_export=family.hf_export, family_name=family.name)
+        lora = adapter_settings(adapter, layout)
+        attach_lora(pretrained, lora, seed=0)
+        initialise, load = pretrained.init_fresh, adapted_model_loader(adapter, layout, lora)
+
+        def init_then_load(model: nn.Module) -> None:
+            initialise(model)
+            load(model)
+
+        pretrained.init_fresh = init_then_load
+    elif lora is not None:
+        attach_lora(pretrained, lora, seed=0)
     materialize(pretrained.model.to(dtype), device)
     pretrained.load()
+    for param in pretrained.model.parameters():
+        param.requires_grad_(False)
     return pretrained.model  # type: ignore[return-value]
 
 
@@ -281,6 +314,7 @@ def _load_checkpoint(
     from fusiontrain.checkpoint.parts import PartMismatch, load_parts_into_model
     from fusiontrain.families import EXPORT_ROLE, model_family
     from fusiontrain.models.export_reader import load_fusiontrain_export, read_export_config
+    from fusiontrain.models.lora import LoraSettings, add_lora
 
     manifest = layout.verify_checkpoint(folder, checksums=False)  # sizes; refuses unsafe files unread
     base = manifest["base"]
@@ -288,6 +322,7 @@ def _load_checkpoint(
     paths = layout.base_folders(manifest, folder)
     if not allow_base_mismatch:
         check_base_unchanged(manifest, paths, folder, error=InferenceError)
+    lora = LoraSettings.from_dict(manifest["lora"], f"checkpoint {folder}") if "lora" in manifest else None
     if EXPORT_ROLE in paths:
         exported = read_export_config(paths[EXPORT_ROLE])["family"]
         if exported != family.name:
@@ -296,9 +331,12 @@ def _load_checkpoint(
                 f"{paths[EXPORT_ROLE]} holds a {exported!r} model"
             )
         model = load_fusiontrain_export(paths[EXPORT_ROLE], dtype=dtype, device=device, fusion_trainable=False)
+        if lora is not None:  # its matrices come from the checkpoint's lora part below
+            add_lora(model, lora)
+            model.requires_grad_(False)
     else:
         settings = {key: value for key, value in base.items() if key not in ("family", "folders")}
-        model = _load_base(family, paths, settings, dtype=dtype, device=device)
+        model = _load_base(family, paths, settings, dtype=dtype, device=device, lora=lora)
         if "fusion" not in manifest["parts"]:
             raise CheckpointError(
                 f"checkpoint folder {folder} has no 'fusion' part: its model's fusion parameters exist only there"
@@ -398,6 +436,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "output_dir (its latest checkpoint)",
     )
     parser.add_argument(
+        "--adapter",
+        default=None,
+        help="a PEFT LoRA adapter folder (python -m fusiontrain export --format peft) to apply on the HF base --model",
+    )
+    parser.add_argument(
         "--image", action="append", default=[], metavar="PATH", help="an image file; repeat for several images"
     )
     parser.add_argument("--prompt", required=True, help="the user's text, after the images")
@@ -454,7 +497,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         pictures = open_images(args.image)  # before the (slow) model load
         loaded = load_for_inference(
-            args.model, dtype=dtype, device=device, allow_base_mismatch=args.allow_base_mismatch
+            args.model, dtype=dtype, device=device, allow_base_mismatch=args.allow_base_mismatch, adapter=args.adapter
         )
         tokens, encoder_input, encoder_mask = build_prompt_inputs(loaded, pictures, args.prompt)
         if tokens.shape[1] + args.max_new_tokens > loaded.max_seq_len:

@@ -41,7 +41,9 @@ from fusiontrain.flops import device_peak_flops, mfu
 from fusiontrain.loss import count_targets
 from fusiontrain.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
 from fusiontrain.models.hf_checkpoint import materialize
+from fusiontrain.models.lora import lora_settings_of
 from fusiontrain.modules import get_fusion_params
+from fusiontrain.modules.lora import is_lora_parameter
 from fusiontrain.nonfinite import NonFiniteGuard, injection_from_env
 from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, reshard
 from fusiontrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
@@ -138,6 +140,7 @@ class Trainer:
             fingerprint=fingerprint(folders, self.output_dir / ".base_fingerprint_cache.json"),
             keep_last_n=config.checkpoint.keep_last_n,
             async_save=config.checkpoint.async_save,
+            lora=lora_settings_of(self.model),
         )
         self.wandb_run_id: str | None = None  # the wandb run to continue, from a checkpoint
         resume_from = self.checkpointer.resolve(config.checkpoint.resume)
@@ -240,13 +243,16 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def model_parts(self) -> dict[str, dict[str, torch.Tensor]]:
-        """What a checkpoint holds of the model: every fusion parameter, plus the encoder's and
-        decoder's trainable parameters (all of them with ``checkpoint.save_frozen``)."""
+        """What a checkpoint holds of the model: every fusion parameter, every LoRA parameter (part
+        ``lora``), plus the encoder's and decoder's trainable parameters (all of them with
+        ``checkpoint.save_frozen``)."""
         fusion = {canonical_name(name) for name in get_fusion_params(self.model)}
         parts: dict[str, dict[str, torch.Tensor]] = {"fusion": {}}
         for name, param in canonical_parameters(self.model).items():
             if name in fusion:
                 parts["fusion"][name] = param.detach()
+            elif is_lora_parameter(name):
+                parts.setdefault("lora", {})[name] = param.detach()
             elif param.requires_grad or self.config.checkpoint.save_frozen:
                 parts.setdefault(name.partition(".")[0], {})[name] = param.detach()
         return parts

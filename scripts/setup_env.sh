@@ -33,8 +33,8 @@ echo "[setup_env] upgrading pip"
 "${PIP[@]}" install --quiet --upgrade pip
 echo "[setup_env] installing $TORCH_PIN (own pip call, before anything else)"
 "${PIP[@]}" install --quiet "$TORCH_PIN"
-echo "[setup_env] installing fusiontrain in editable mode with [dev,reference] extras"
-"${PIP[@]}" install --quiet -e ".[dev,reference]"
+echo "[setup_env] installing fusiontrain in editable mode with [dev,reference,peft] extras ($TORCH_PIN held)"
+"${PIP[@]}" install --quiet -e ".[dev,reference,peft]" "$TORCH_PIN"
 "$VENV/bin/python" -c 'import torch; print("[setup_env] torch", torch.__version__)'
 touch "$STAMP"
 echo "[setup_env] done"

@@ -118,6 +118,14 @@ def _new_value(key: str, current: Any, folder: Path) -> tuple[Any, list[str]]:
         return current + 3, [f"batch.global_batch_size={2 * (current + 3)}"]
     if key == "batch.global_batch_size":
         return (current or 0) + 4, []
+    if key == "model.lora.init_from":  # an existing adapter folder
+        target = folder / "adapter"
+        target.mkdir(exist_ok=True)
+        return str(target), []
+    if key == "model.lora.sides":
+        return ("decoder", "encoder"), []
+    if key == "model.lora.targets":
+        return ("q_proj", "fc1"), []
     if key == "data.format":  # formats other than synthetic read a training file
         value = "caption" if current != "caption" else "chat"
         return value, [f"data.train.path={folder / 'train.jsonl'}"]

@@ -23,6 +23,15 @@ rest comes from. :func:`export_checkpoint` joins the two into one folder in eith
     the tokenizer files (from the decoder folder) and image processor files (from the encoder
     folder).
 
+``peft`` (a checkpoint with LoRA, Mllama only)
+    A PEFT LoRA adapter folder for the base's transformers model (``adapter_config.json`` +
+    ``adapter_model.safetensors``, the fusion weights as ``modules_to_save``); written by
+    :mod:`fusiontrain.checkpoint.peft`. The base folder is not copied.
+
+A checkpoint with LoRA (a ``lora`` part and the manifest's ``lora``) exports merged in ``hf`` and
+``fusiontrain``: each adapted linear's weight becomes ``W + alpha/r * B @ A`` (fp32, then cast as
+below).
+
 Dtypes. By default (``dtype=None``) every tensor keeps the dtype the base stores it in, so the
 frozen tensors come out bit-identical to the base: a tensor read from a base folder is written as
 read (a base with mixed dtypes keeps each tensor's own); a trained tensor (from a DCP part, usually
@@ -73,9 +82,12 @@ from fusiontrain.models.export_reader import (
 )
 from fusiontrain.models.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint, TensorRoute
 from fusiontrain.models.pretrained import PretrainedModel
+from fusiontrain.checkpoint.peft import peft_layout, write_adapter
+from fusiontrain.models.lora import LoraSettings, lora_shapes
 from fusiontrain.modules import DeepFusionModel, get_fusion_params
+from fusiontrain.modules.lora import is_lora_parameter, merged_weight
 
-FORMATS = ("hf", "fusiontrain")
+FORMATS = ("hf", "fusiontrain", "peft")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
@@ -159,15 +171,24 @@ def _open_base(manifest: dict, checkpoint: Path) -> _Base:
 def _part_of(name: str, fusion: set[str]) -> str:
     if name in fusion:
         return "fusion"
+    if is_lora_parameter(name):
+        return "lora"
     return "decoder" if name.startswith("decoder.") else "encoder"
 
 
-def _open_trained(checkpoint: Path, parts: Sequence[str], model: DeepFusionModel) -> dict[str, CheckpointPart]:
+def _open_trained(
+    checkpoint: Path, parts: Sequence[str], model: DeepFusionModel, lora: LoraSettings | None
+) -> dict[str, CheckpointPart]:
     """The checkpoint's DCP parts, each checked to hold exactly the base model's parameters of
-    that part (``fusion``: the fusion parameters; ``decoder`` / ``encoder``: the others)."""
+    that part (``fusion``: the fusion parameters; ``decoder`` / ``encoder``: the others; ``lora``:
+    the LoRA matrices of the manifest's ``lora``)."""
     shapes = {name: param.shape for name, param in model.named_parameters()}
+    if lora is not None:
+        shapes.update(lora_shapes(model, lora))
     fusion = set(get_fusion_params(model))
     opened = open_parts(checkpoint, parts)
+    if (lora is None) != ("lora" not in opened):
+        raise ExportError(f"checkpoint {checkpoint}: its manifest's 'lora' and its parts {list(parts)} disagree")
     for part in opened.values():
         expected = {name: shape for name, shape in shapes.items() if _part_of(name, fusion) == part.name}
         try:
@@ -181,9 +202,11 @@ class _Parameters:
     """Every parameter of the merged model, full and one at a time: trained ones from the DCP parts,
     the others from the base folders."""
 
-    def __init__(self, base: _Base, parts: dict[str, CheckpointPart]) -> None:
+    def __init__(self, base: _Base, parts: dict[str, CheckpointPart], lora: LoraSettings | None = None) -> None:
         self._shapes = {name: tuple(param.shape) for name, param in base.model.named_parameters()}
         self._trained = {name: part for part in parts.values() for name in part.names()}
+        self._lora = lora
+        self._merged = set() if lora is None else {f"{module}.weight" for module in lora.modules}
         self._routes = base.routes()
         orphans = sorted(name for name in self._shapes if name not in self._trained and name not in self._routes)
         if orphans:
@@ -196,12 +219,24 @@ class _Parameters:
         return list(self._shapes)
 
     def read(self, name: str) -> torch.Tensor:
+        """Parameter ``name``, full; an adapted linear's weight with its LoRA merged (fp32)."""
+        tensor = self.read_unmerged(name)
+        if name in self._merged:
+            module = name.removesuffix(".weight")
+            lora_a, lora_b = self._trained[f"{module}.lora_A.weight"], self._trained[f"{module}.lora_B.weight"]
+            tensor = merged_weight(
+                tensor, lora_a.read(f"{module}.lora_A.weight"), lora_b.read(f"{module}.lora_B.weight"), self._lora.scaling
+            )
+        return tensor
+
+    def read_unmerged(self, name: str) -> torch.Tensor:
+        """Parameter (or LoRA matrix) ``name``, full, as trained or as the base stores it."""
         if name in self._trained:
             tensor = self._trained[name].read(name)
         else:
             checkpoint, route = self._routes[name]
             tensor = checkpoint.read(route.hf_key, route.rows)
-        shape = self._shapes[name]
+        shape = self._shapes.get(name, tuple(tensor.shape))  # a LoRA matrix: its part checked its shape
         if tuple(tensor.shape) != shape:
             if tensor.numel() != torch.Size(shape).numel():
                 raise ExportError(f"{name}: read shape {tuple(tensor.shape)}, the model's {shape}")
@@ -422,6 +457,24 @@ def _write_fusiontrain(
     writer.finish()
 
 
+def _write_peft(base: _Base, params: _Parameters, folder: Path, dtypes: _OutputDtypes, lora: LoraSettings) -> None:
+    """A PEFT adapter folder (see :mod:`fusiontrain.checkpoint.peft`) for the base's transformers
+    model: the LoRA matrices (in the base's dominant dtype unless forced) and the fusion weights."""
+    try:
+        layout = peft_layout(base.pretrained, hf_export=base.family.hf_export and EXPORT_ROLE not in base.folders, family_name=base.family.name)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    (role,) = base.family.roles
+    write_adapter(
+        folder,
+        layout,
+        lora,
+        params.read_unmerged,
+        lambda name: dtypes.of_parameter(name.rsplit(".", 2)[0] + ".weight") if is_lora_parameter(name) else dtypes.of_parameter(name),
+        base_model_name_or_path=str(base.folders[role]),
+    )
+
+
 # -- the output folder ----------------------------------------------------------------------------
 
 
@@ -536,10 +589,13 @@ def export_checkpoint(
     if max_shard_bytes < 1:
         raise ExportError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
 
+    lora = LoraSettings.from_dict(manifest["lora"], f"checkpoint {checkpoint}") if "lora" in manifest else None
+    if format == "peft" and lora is None:
+        raise ExportError(f"checkpoint {checkpoint} has no LoRA (model.lora): export it as hf or fusiontrain")
     base = _open_base(manifest, checkpoint)
     if not allow_base_mismatch:
         check_base_unchanged(manifest, base.folders, checkpoint, verify_hashes=verify_base, error=ExportError)
-    params = _Parameters(base, _open_trained(checkpoint, manifest["parts"], base.model))
+    params = _Parameters(base, _open_trained(checkpoint, manifest["parts"], base.model, lora), lora)
     dtypes = _OutputDtypes(base, None if dtype is None else DTYPES[dtype])
     _check_out(out, force, [checkpoint, *base.folders.values()])
 
@@ -547,6 +603,8 @@ def export_checkpoint(
     try:
         if format == "hf":
             _write_hf(base, params, tmp, dtypes, max_shard_bytes, hf_naming)
+        elif format == "peft":
+            _write_peft(base, params, tmp, dtypes, lora)
         else:
             provenance = {
                 "checkpoint": str(checkpoint.resolve()),

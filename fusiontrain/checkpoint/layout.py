@@ -10,6 +10,8 @@ exporter, inference and ``python -m fusiontrain verify``.
         fusion/          safetensors shards (one per rank) of {canonical parameter name: tensor}
         decoder/         optional: the same for the non-fusion decoder / encoder parameters
         encoder/
+        lora/            with LoRA: the LoRA matrices (``...lora_A.weight``, ``...lora_B.weight``); the
+                         manifest's ``lora`` records rank, alpha, dropout and the adapted linears
         train_state/     optimizer/ (safetensors shards + optimizer.json), rank_<r>.json
 
 ``base`` says which pretrained folders the parameters that no part holds come from::
@@ -45,7 +47,7 @@ FORMAT = "fusiontrain-checkpoint"
 VERSION = 2  # 2: safetensors + JSON only, with a file list; 1 (refused): DCP's pickled .metadata
 MANIFEST = "manifest.json"
 CHECKPOINTS = "checkpoints"  # sub-folder of the run's output_dir
-PARTS = ("encoder", "decoder", "fusion")
+PARTS = ("encoder", "decoder", "fusion", "lora")
 TMP_PREFIX = ".tmp-"
 SAFE_SUFFIXES = (".json", ".safetensors")  # the only files a checkpoint may hold
 CHUNK = 8 * 2**20

@@ -3,8 +3,8 @@ safetensors and JSON only.
 
 A checkpoint (layout in :mod:`fusiontrain.checkpoint.layout`) holds:
 
-- one safetensors DCP folder per model part (``fusion``, and ``decoder`` / ``encoder`` when they
-  train or when everything is saved), keyed by canonical parameter names, so each part loads alone
+- one safetensors DCP folder per model part (``fusion``, ``lora`` with LoRA, and ``decoder`` /
+  ``encoder`` when they train or when everything is saved), keyed by canonical parameter names, so each part loads alone
   and DCP reshards it onto any number of ranks (:func:`~fusiontrain.checkpoint.parts.save_tensors`);
 - ``train_state/optimizer/``: the optimizer state's tensors the same way, and its non-tensor rest
   (param groups, hyper-parameters) as ``optimizer.json``, with each tensor's place marked
@@ -64,6 +64,7 @@ from fusiontrain.checkpoint.layout import (
     TMP_PREFIX,
 )
 from fusiontrain.checkpoint.parts import CheckpointPart, PartMismatch, load_tensors, read_part_metadata, save_tensors
+from fusiontrain.models.lora import LoraSettings
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class CheckpointManager:
         fingerprint: the base files' fingerprint (see :mod:`fusiontrain.checkpoint.fingerprint`).
         keep_last_n: complete checkpoints to keep (0 keeps all).
         async_save: write with ``dcp.async_save``.
+        lora: the model's LoRA, recorded in each manifest under ``lora`` (None: no LoRA).
     """
 
     def __init__(
@@ -194,8 +196,10 @@ class CheckpointManager:
         fingerprint: dict[str, Any],
         keep_last_n: int = 3,
         async_save: bool = False,
+        lora: LoraSettings | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.lora = lora
         self.base = base
         self.fingerprint = fingerprint
         self.keep_last_n = keep_last_n
@@ -242,6 +246,7 @@ class CheckpointManager:
             fingerprint=self.fingerprint,
             world_size=world,
             state=global_state,
+            **({} if self.lora is None else {"lora": self.lora.to_dict()}),
         )
         pending = _Pending(step, [r for r in results if isinstance(r, Future)], manifest)
         if self.async_save:
@@ -385,8 +390,11 @@ class CheckpointManager:
                 "checkpoint.allow_base_mismatch=true to go ahead"
             )
         rank, world = _rank_world()
-        # DCP reshards the weights and the optimizer onto any number of ranks, and the data
-        # position is global state; only the per-rank state (RNG) belongs to the saving world size.
+        if "lora" in model_parts and "lora" not in manifest["parts"]:
+            raise CheckpointError(f"checkpoint {path} holds no LoRA and this model has LoRA (model.lora): resume without it")
+        # DCP reshards the weights and the optimizer onto any number of ranks, and the row plan's
+        # data position is global state; only the per-rank state (RNG, a stream's position) belongs
+        # to the saving world size.
         rank_file = path / TRAIN_STATE / f"rank_{rank}.json"
         rank_state = json.loads(rank_file.read_text()) if manifest["world_size"] == world else None
         for part in manifest["parts"]:
