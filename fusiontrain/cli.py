@@ -50,19 +50,20 @@ def _run_train(args: argparse.Namespace) -> int:
     except BaseException:
         distributed.leave_after_failure()
         raise
+    code = 0
     try:
         trainer.run()
     except Preempted:
-        return PREEMPTED_EXIT_CODE  # checkpointed on every rank; `checkpoint.resume=auto` continues
+        code = PREEMPTED_EXIT_CODE  # checkpointed on every rank; `checkpoint.resume=auto` continues
     except BaseException:
         # No closing barrier after an error: the other ranks may be stuck or in another collective
         # (a barrier would only wait out distributed.timeout_s); leaving lets them fail at once.
         # (Trainer.run has already ended the dataloader workers.)
         distributed.leave_after_failure()
-        raise
-    finally:
         trainer.close()
-    return 0
+        raise
+    trainer.close()  # the closing barrier, then the group is destroyed
+    distributed.exit_promptly(code)  # no interpreter teardown: see its docstring
 
 
 def _print_plan(config: object, *, gpus: int, gpu: str | None, efficiency: float, title: str, as_json: bool = False) -> int:

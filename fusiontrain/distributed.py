@@ -14,13 +14,15 @@ by the NCCL watchdog instead, which logs the rank, the operation and its sequenc
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -211,6 +213,24 @@ def shutdown() -> None:
     if dist.is_initialized():
         collective("barrier", "the end of the run", dist.barrier)
         dist.destroy_process_group()
+
+
+def exit_promptly(code: int) -> NoReturn:
+    """End a launched worker right after :func:`shutdown`, skipping the interpreter's teardown.
+
+    With the group destroyed and everything written, what is left to run at exit is finalizers
+    and C++ static destructors; one of them, now and then, destroys a thread still joinable and
+    the worker aborts ("terminate called without an active exception", exit -6) after a run that
+    succeeded (/work/shared/NOTES.md; seen again with 2 gloo ranks in this suite). Logs and the
+    standard streams are flushed first; nothing else is pending by then (metrics, wandb and
+    checkpoints are closed by the trainer)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 def leave_after_failure() -> None:
