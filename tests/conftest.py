@@ -1,12 +1,17 @@
-"""Shared pytest fixtures: tiny Hugging Face checkpoints saved once per test session."""
+"""Shared pytest fixtures: tiny Hugging Face checkpoints saved once per test session, and a one-rank
+process group with its device mesh."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from fusiontrain import tiny
+from fusiontrain.distributed import free_port
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +54,19 @@ def tiny_siglip2_naflex_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with a tiny SigLIP2 NaFlex vision tower (4 px patches, at most 16) and its PIL processor."""
     path, _ = tiny.save_tiny_siglip2_naflex(tmp_path_factory.mktemp("tiny_siglip2_naflex"))
     return path
+
+
+@pytest.fixture
+def mesh() -> Iterator[DeviceMesh]:
+    """A one-rank gloo process group in this process and its 1-D ``dp_shard`` mesh, torn down after
+    the test (for single-process FSDP2 tests)."""
+    assert not dist.is_initialized(), (
+        "a process group is already initialized in the pytest process: a previous test leaked it (tests that "
+        "need several ranks must start them with torchrun, see tests/helpers/launch.py)"
+    )
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()

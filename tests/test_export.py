@@ -28,6 +28,7 @@ from fusiontrain.models.compose import image_token_layout
 from fusiontrain.models.hf_checkpoint import HFCheckpoint
 from fusiontrain.models.mllama import canonical_mllama_key, mllama_args_from_config, mllama_weight_map
 from fusiontrain.modules import get_fusion_params
+from tests.helpers.tiny_models import mllama_batch_where_every_row_sees_an_image
 
 TOKENS_PER_TILE = 5  # (28 // 14) ** 2 + 1
 STEP = 7
@@ -88,20 +89,6 @@ def hf_fp32_export(trained_mllama, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-def _mllama_batch() -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Every text row sees an image (transformers#39379 differs from us on rows that see none):
-    sample 0 one 1x2 image, sample 1 a 1x1 image and, from token 6, a 2x1 image too."""
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(4, 100, (2, 12), generator=generator)
-    tokens[0, 0] = tokens[1, 0] = tokens[1, 6] = tiny.IMAGE_TOKEN_ID
-    pixels = tiny.tiny_pixel_inputs(tiny.tiny_mllama_config(), batch_images=[[2], [1, 3]])
-    cross = torch.zeros(2, 12, 2, 2, dtype=torch.long)
-    cross[0, :, 0, :2] = 1
-    cross[1, :, 0, :1] = 1
-    cross[1, 6:, 1, :2] = 1
-    return tokens, pixels, cross
-
-
 def _hf_mllama(folder: Path):
     from transformers import MllamaForConditionalGeneration
 
@@ -129,7 +116,7 @@ def _our_logits(model, tokens, pixels, cross) -> torch.Tensor:
 def test_hf_export_logits_match_the_trained_model(trained_mllama, hf_fp32_export: Path, tiny_mllama_dir: Path) -> None:
     model, _ = trained_mllama
     exported = _hf_mllama(hf_fp32_export)
-    tokens, pixels, cross = _mllama_batch()
+    tokens, pixels, cross = mllama_batch_where_every_row_sees_an_image()
     want = _our_logits(model, tokens, pixels, cross)
     got = _hf_logits(exported, tokens, pixels, cross)
     difference = (got - want).abs().max().item()
@@ -200,7 +187,7 @@ def test_hf_export_in_current_naming_loads_too(trained_mllama, tmp_path: Path) -
     model, checkpoint = trained_mllama
     out = export_checkpoint(checkpoint, tmp_path / "current", dtype="fp32", hf_naming="current")
     assert "model.language_model.embed_tokens.weight" in HFCheckpoint(out).keys()
-    tokens, pixels, cross = _mllama_batch()
+    tokens, pixels, cross = mllama_batch_where_every_row_sees_an_image()
     got = _hf_logits(_hf_mllama(out), tokens, pixels, cross)
     torch.testing.assert_close(got, _our_logits(model, tokens, pixels, cross), atol=1e-5, rtol=0)
 

@@ -30,24 +30,11 @@ from fusiontrain.models.lora import LoraSettings, add_lora, init_lora_params, lo
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.modules.lora import LoRALinear, is_lora_parameter, select_lora_targets
 from tests.helpers.launch import REPO_ROOT, launch_env, run_torchrun
-from tests.helpers.tiny_models import open_gates
+from tests.helpers.tiny_models import mllama_batch_where_every_row_sees_an_image, open_gates
 
 TOKENS_PER_TILE = 5  # (28 // 14) ** 2 + 1
 MLLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
 HF_TOWER_TARGETS = ("q_proj", "v_proj", "fc1")
-
-
-def mllama_batch() -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Every text row sees an image (transformers#39379 differs from us on rows that see none)."""
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(4, 100, (2, 12), generator=generator)
-    tokens[0, 0] = tokens[1, 0] = tokens[1, 6] = tiny.IMAGE_TOKEN_ID
-    pixels = tiny.tiny_pixel_inputs(tiny.tiny_mllama_config(), batch_images=[[2], [1, 3]])
-    cross = torch.zeros(2, 12, 2, 2, dtype=torch.long)
-    cross[0, :, 0, :2] = 1
-    cross[1, :, 0, :1] = 1
-    cross[1, 6:, 1, :2] = 1
-    return tokens, pixels, cross
 
 
 def our_mllama_logits(model, batch) -> torch.Tensor:
@@ -139,7 +126,7 @@ def family_case(request):
 def _logits(model) -> torch.Tensor:
     """Logits of one text + image batch for any family (its image format's synthetic image)."""
     if isinstance(getattr(model.encoder, "vision", None), torch.nn.Module):
-        return our_mllama_logits(model, mllama_batch())
+        return our_mllama_logits(model, mllama_batch_where_every_row_sees_an_image())
     fmt = model_family_of(model).image_format(model)
     generator = torch.Generator().manual_seed(1)
     s, start = 10, 3
@@ -225,7 +212,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 def test_merged_export_equals_the_unmerged_model(lora_checkpoint, tiny_mllama_dir: Path, tmp_path: Path) -> None:
     model, checkpoint = lora_checkpoint
     out = export_checkpoint(checkpoint, tmp_path / "hf", dtype="fp32")
-    batch = mllama_batch()
+    batch = mllama_batch_where_every_row_sees_an_image()
     torch.testing.assert_close(_hf_logits(_hf_mllama(out), batch), our_mllama_logits(model, batch), atol=1e-5, rtol=0)
     # The frozen base tensors are the base's, bit for bit, except where LoRA merged or fusion trained.
     base, merged = _tensors(tiny_mllama_dir), _tensors(out)
@@ -255,7 +242,7 @@ def test_peft_export_loads_in_peft_and_generate_and_init_from_read_it(
     monkeypatch.setitem(sys.modules, "torchao", None)
     from peft import PeftModel
 
-    batch = mllama_batch()
+    batch = mllama_batch_where_every_row_sees_an_image()
     want = our_mllama_logits(model, batch)
     peft_model = PeftModel.from_pretrained(_hf_mllama(tiny_mllama_dir), str(adapter)).eval()
     torch.testing.assert_close(_hf_logits(peft_model, batch), want, atol=1e-5, rtol=0)
@@ -319,7 +306,7 @@ def test_two_rank_cli_run_trains_lora_and_exports_merged_and_peft(
     assert all(module.startswith("decoder.") for module in manifest["lora"]["modules"])
 
     trained = load_for_inference(checkpoint).model
-    batch = mllama_batch()
+    batch = mllama_batch_where_every_row_sees_an_image()
     want = our_mllama_logits(trained, batch)
     lora_b = [p for n, p in trained.named_parameters() if n.endswith("lora_B.weight")]
     assert all(b.abs().max() > 0 for b in lora_b)  # every adapter trained

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from fusiontrain.models import build_mllama, encoder_mask_from_cross_attention_mask, load_hf_mllama
 from fusiontrain.models.mllama import mllama_args_from_config
 from fusiontrain import tiny
+from tests.helpers.tiny_models import mllama_batch_where_every_row_sees_an_image
 
 TOKENS_PER_TILE = 5  # (28 // 14) ** 2 + 1
 
@@ -33,21 +34,6 @@ def hf_model(tiny_mllama_dir: Path):
 @pytest.fixture(scope="module")
 def our_model(tiny_mllama_dir: Path):
     return load_hf_mllama(tiny_mllama_dir).eval()
-
-
-def _batch_where_every_row_sees_an_image() -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Sample 0: one 1x2 image at token 0. Sample 1: a 1x1 image at token 0 and a 2x1 image at
-    token 6; tokens 0-5 see the first image, tokens 6+ both (the Llama 3.2 rule keeps earlier
-    images visible). Returns tokens, encoder_input and HF's cross_attention_mask."""
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(4, 100, (2, 12), generator=generator)
-    tokens[0, 0] = tokens[1, 0] = tokens[1, 6] = tiny.IMAGE_TOKEN_ID
-    pixels = tiny.tiny_pixel_inputs(tiny.tiny_mllama_config(), batch_images=[[2], [1, 3]])
-    cross = torch.zeros(2, 12, 2, 2, dtype=torch.long)
-    cross[0, :, 0, :2] = 1
-    cross[1, :, 0, :1] = 1
-    cross[1, 6:, 1, :2] = 1
-    return tokens, pixels, cross
 
 
 def _hf_logits(hf_model, tokens, pixels=None, cross=None) -> torch.Tensor:
@@ -66,7 +52,7 @@ def _our_logits(model, tokens, pixels=None, cross=None) -> torch.Tensor:
 
 
 def test_logits_match_transformers(hf_model, our_model) -> None:
-    tokens, pixels, cross = _batch_where_every_row_sees_an_image()
+    tokens, pixels, cross = mllama_batch_where_every_row_sees_an_image()
     want = _hf_logits(hf_model, tokens, pixels, cross)
     got = _our_logits(our_model, tokens, pixels, cross)
     assert got.shape == want.shape == (2, 12, tiny.TEXT_VOCAB_SIZE)
@@ -84,7 +70,7 @@ def test_text_only_logits_match_transformers(hf_model, our_model) -> None:
 
 def test_images_change_the_logits(hf_model, our_model) -> None:
     """The parity tests above could fail: each image, and its aspect ratio, moves the logits."""
-    tokens, pixels, cross = _batch_where_every_row_sees_an_image()
+    tokens, pixels, cross = mllama_batch_where_every_row_sees_an_image()
     base = _our_logits(our_model, tokens, pixels, cross)
     other_pixels = dict(pixels, pixel_values=pixels["pixel_values"].flip(-1))
     assert (_our_logits(our_model, tokens, other_pixels, cross) - base).abs().max() > 1e-3
@@ -132,7 +118,7 @@ def test_both_key_layouts_load_the_same(layout: str, tmp_path: Path, tiny_mllama
 
 def test_text_before_the_first_image_gets_no_image_signal(our_model) -> None:
     """Tokens 0-4 precede sample 0's image: their logits equal a forward with no image at all."""
-    tokens, pixels, cross = _batch_where_every_row_sees_an_image()
+    tokens, pixels, cross = mllama_batch_where_every_row_sees_an_image()
     tokens[0, 0], tokens[0, 5] = 7, tiny.IMAGE_TOKEN_ID
     cross[0, :5] = 0
     with_image = _our_logits(our_model, tokens, pixels, cross)
@@ -146,7 +132,7 @@ def test_transformers_leaks_image_signal_into_text_before_the_image(hf_model, ou
     """Records transformers#39379: HF 5.23 zeroes only the MLP branch of a row that sees no image;
     its attention still spreads over every image token. Meta's reference, torchtune and we zero
     both, so on such rows HF differs from us (and from its own text-only forward)."""
-    tokens, pixels, cross = _batch_where_every_row_sees_an_image()
+    tokens, pixels, cross = mllama_batch_where_every_row_sees_an_image()
     tokens[0, 0], tokens[0, 5] = 7, tiny.IMAGE_TOKEN_ID
     cross[0, :5] = 0
     hf_with_image = _hf_logits(hf_model, tokens, pixels, cross)
@@ -191,7 +177,7 @@ def test_processor_output_passes_straight_in(tiny_mllama_dir: Path, hf_model, ou
 def test_bf16_load_tracks_fp32(tiny_mllama_dir: Path, our_model) -> None:
     model = load_hf_mllama(tiny_mllama_dir, dtype=torch.bfloat16).eval()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    tokens, pixels, cross = _batch_where_every_row_sees_an_image()
+    tokens, pixels, cross = mllama_batch_where_every_row_sees_an_image()
     got = _our_logits(model, tokens, pixels, cross)
     want = _our_logits(our_model, tokens, pixels, cross)
     assert got.dtype == torch.float32

@@ -6,27 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from fusiontrain.distributed import free_port
 from fusiontrain.offload import ActivationOffloader
 from fusiontrain.parallel import apply_activation_offloading, canonical_parameters, parallelize
 from tests.helpers.tiny_models import random_mllama
 from tests.test_parallel import _batch, _fill_from, _loss_and_grads, _meta_twin
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 class _RecordingOffloader(ActivationOffloader):

@@ -11,7 +11,6 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointImpl,
@@ -21,7 +20,6 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from fusiontrain.distributed import free_port
 from fusiontrain.loss import chunked_cross_entropy_sum
 from fusiontrain.models.hf_checkpoint import copy_rows_into
 from fusiontrain.models.mllama import build_mllama
@@ -180,20 +178,6 @@ def test_mixed_precision_policy() -> None:
 
 
 # -- FSDP2 in a world of one ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _meta_twin() -> nn.Module:

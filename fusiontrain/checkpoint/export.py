@@ -55,10 +55,6 @@ The command line (``python -m fusiontrain export``) lives in :mod:`fusiontrain.c
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -80,8 +76,18 @@ from fusiontrain.models.export_reader import (
     prepare_fusiontrain_export,
     read_export_config,
 )
-from fusiontrain.models.hf_checkpoint import INDEX_FILE, SINGLE_FILE, HFCheckpoint, TensorRoute
+from fusiontrain.models.hf_checkpoint import HFCheckpoint, TensorRoute
 from fusiontrain.models.pretrained import PretrainedModel
+from fusiontrain.checkpoint.export_files import (
+    ExportError,
+    ShardWriter,
+    check_out,
+    commit,
+    copy_files,
+    remove,
+    start_tmp,
+    write_json,
+)
 from fusiontrain.checkpoint.peft import peft_layout, write_adapter
 from fusiontrain.models.lora import LoraSettings, lora_shapes
 from fusiontrain.modules import DeepFusionModel, get_fusion_params
@@ -107,14 +113,8 @@ TOKENIZER_FOLDERS = ("additional_chat_templates",)
 # Image processor side (an Mllama folder's processor_config.json embeds its image processor):
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 GENERATION_CONFIG = "generation_config.json"
-_IN_PROGRESS = ".fusiontrain-export-in-progress"  # marks <out>.tmp as ours while it is written
 
 HF_NAMINGS = ("base", "legacy", "current")  # see ModelFamily.hf_stored_name
-
-
-class ExportError(ValueError):
-    """The export cannot be made as asked (wrong format for the family, output exists, the
-    checkpoint does not match its base, ...). The message says what to change."""
 
 
 # -- the checkpoint and its base ------------------------------------------------------------------
@@ -294,88 +294,6 @@ class _OutputDtypes:
 # -- writing ----------------------------------------------------------------------------------------
 
 
-class ShardWriter:
-    """Collects tensors into safetensors files of at most ``max_shard_bytes`` each (a larger tensor
-    gets a file of its own), writing each file as soon as it is full.
-
-    :meth:`finish` names a single file ``model.safetensors`` (no index), and several
-    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``, as
-    ``save_pretrained`` does.
-    """
-
-    def __init__(self, folder: Path, max_shard_bytes: int) -> None:
-        if max_shard_bytes < 1:
-            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-        self.folder = folder
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._files: list[tuple[Path, list[str]]] = []
-        self._names: set[str] = set()
-        self.total_bytes = 0
-        self.total_parameters = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._names:
-            raise ValueError(f"tensor {name!r} written twice")
-        self._names.add(name)
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
-        self.total_parameters += tensor.numel()
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.folder / f".shard-{len(self._files) + 1:05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._files.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
-
-    def finish(self) -> list[Path]:
-        """Write the last file, give every file its final name, write the index; returns the files."""
-        if self._pending or not self._files:
-            self._flush()
-        count = len(self._files)
-        if count == 1:
-            final = self.folder / SINGLE_FILE
-            os.replace(self._files[0][0], final)
-            return [final]
-        weight_map: dict[str, str] = {}
-        finals = []
-        for number, (path, names) in enumerate(self._files, start=1):
-            final = self.folder / f"model-{number:05d}-of-{count:05d}.safetensors"
-            os.replace(path, final)
-            finals.append(final)
-            weight_map.update({name: final.name for name in names})
-        index = {
-            "metadata": {"total_size": self.total_bytes, "total_parameters": self.total_parameters},
-            "weight_map": weight_map,
-        }
-        _write_json(self.folder / INDEX_FILE, index)
-        return finals
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _copy_files(source: Path, target: Path, names: Sequence[str], folders: Sequence[str] = ()) -> list[str]:
-    copied = []
-    for name in names:
-        if (source / name).is_file() and not (target / name).exists():
-            shutil.copy2(source / name, target / name)
-            copied.append(name)
-    for name in folders:
-        if (source / name).is_dir() and not (target / name).exists():
-            shutil.copytree(source / name, target / name)
-            copied.append(name)
-    return copied
-
-
 def _hf_tensors(base: _Base, params: _Parameters) -> Iterator[tuple[str, torch.Tensor]]:
     """``(current HF name, full tensor)`` of every tensor of the base, in weight-map order, each
     assembled from the parameters its routes fill (Mllama's ``embed_tokens`` from two row ranges)."""
@@ -415,10 +333,10 @@ def _write_hf(
     config = dict(base.configs[role])
     config["dtype"] = dtypes.label
     config["torch_dtype"] = dtypes.label  # what transformers 4.x and other readers look at
-    _write_json(folder / "config.json", config)
-    if not _copy_files(hf_folder, folder, [GENERATION_CONFIG]):
-        _write_json(folder / GENERATION_CONFIG, _generation_config_from(config))
-    _copy_files(hf_folder, folder, TOKENIZER_FILES + PROCESSOR_FILES, TOKENIZER_FOLDERS)
+    write_json(folder / "config.json", config)
+    if not copy_files(hf_folder, folder, [GENERATION_CONFIG]):
+        write_json(folder / GENERATION_CONFIG, _generation_config_from(config))
+    copy_files(hf_folder, folder, TOKENIZER_FILES + PROCESSOR_FILES, TOKENIZER_FOLDERS)
 
     legacy = base.family.hf_uses_legacy_names(hf_folder) if naming == "base" else naming == "legacy"
     checkpoint = base.pretrained.sources[0].checkpoint
@@ -444,12 +362,12 @@ def _write_fusiontrain(
         **base.family.export_config(base.configs),
         "source": provenance,
     }
-    _write_json(folder / EXPORT_CONFIG, export_config)
+    write_json(folder / EXPORT_CONFIG, export_config)
     for role, file in files.items():
-        _write_json(folder / file, base.configs[role])
+        write_json(folder / file, base.configs[role])
     inputs = base.family.input_folders(base.folders, base.model)
-    _copy_files(inputs.text_dir, folder, TOKENIZER_FILES + (GENERATION_CONFIG,), TOKENIZER_FOLDERS)
-    _copy_files(inputs.image_dir or inputs.text_dir, folder, PROCESSOR_FILES)
+    copy_files(inputs.text_dir, folder, TOKENIZER_FILES + (GENERATION_CONFIG,), TOKENIZER_FOLDERS)
+    copy_files(inputs.image_dir or inputs.text_dir, folder, PROCESSOR_FILES)
 
     writer = ShardWriter(folder, max_shard_bytes)
     for name in params.names():
@@ -473,58 +391,6 @@ def _write_peft(base: _Base, params: _Parameters, folder: Path, dtypes: _OutputD
         lambda name: dtypes.of_parameter(name.rsplit(".", 2)[0] + ".weight") if is_lora_parameter(name) else dtypes.of_parameter(name),
         base_model_name_or_path=str(base.folders[role]),
     )
-
-
-# -- the output folder ----------------------------------------------------------------------------
-
-
-def _tmp_out(out: Path) -> Path:
-    return out.with_name(out.name + ".tmp")
-
-
-def _check_out(out: Path, force: bool, protected: list[Path]) -> None:
-    resolved = out.resolve()
-    for path in protected:
-        path = path.resolve()
-        if resolved == path or path.is_relative_to(resolved):
-            raise ExportError(f"--out {out} would overwrite {path}, which the export reads; choose another folder")
-    if out.exists() and not out.is_dir():
-        if not force:
-            raise ExportError(f"--out {out} exists and is not a folder; pass --force to replace it")
-    elif out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"--out {out} exists and is not empty; pass --force to overwrite it")
-
-
-def _start_tmp(out: Path) -> Path:
-    """Create ``<out>.tmp`` (with an in-progress marker), first removing one a crashed export left."""
-    tmp = _tmp_out(out)
-    if tmp.exists() or tmp.is_symlink():
-        if not (tmp / _IN_PROGRESS).is_file():
-            raise ExportError(f"{tmp} exists and is not a partial export; move it away first")
-        _remove(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / _IN_PROGRESS).touch()
-    return tmp
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; what ``out`` held is moved aside first and deleted
-    only once ``tmp`` is in place."""
-    (tmp / _IN_PROGRESS).unlink()
-    aside = None
-    if out.exists() or out.is_symlink():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-        os.replace(out, aside / out.name)
-    os.replace(tmp, out)
-    if aside is not None:
-        shutil.rmtree(aside)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 # -- API --------------------------------------------------------------------------------------------
@@ -597,9 +463,9 @@ def export_checkpoint(
         check_base_unchanged(manifest, base.folders, checkpoint, verify_hashes=verify_base, error=ExportError)
     params = _Parameters(base, _open_trained(checkpoint, manifest["parts"], base.model, lora), lora)
     dtypes = _OutputDtypes(base, None if dtype is None else DTYPES[dtype])
-    _check_out(out, force, [checkpoint, *base.folders.values()])
+    check_out(out, force, [checkpoint, *base.folders.values()])
 
-    tmp = _start_tmp(out)
+    tmp = start_tmp(out)
     try:
         if format == "hf":
             _write_hf(base, params, tmp, dtypes, max_shard_bytes, hf_naming)
@@ -614,7 +480,7 @@ def export_checkpoint(
             }
             _write_fusiontrain(base, params, tmp, dtypes, max_shard_bytes, provenance)
     except BaseException:
-        _remove(tmp)
+        remove(tmp)
         raise
-    _commit(tmp, out)
+    commit(tmp, out)
     return out

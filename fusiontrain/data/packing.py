@@ -31,6 +31,19 @@ from fusiontrain.data.batch import Batch, Sample
 from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
 
 
+def misfit_reason(
+    num_tokens: int, num_images: int, encoder_tokens: int, *, seq_len: int, max_images: int, max_encoder_tokens: int | None
+) -> str | None:
+    """Why a sample of these sizes cannot fit even an empty row (a skip reason of
+    :mod:`fusiontrain.data.errors`: ``"too_long"`` or ``"too_many_images"``, the latter also for
+    too many encoder tokens), or None when it fits."""
+    if num_tokens > seq_len:
+        return "too_long"
+    if num_images > max_images or (max_encoder_tokens is not None and encoder_tokens > max_encoder_tokens):
+        return "too_many_images"
+    return None
+
+
 @dataclass
 class PackedRow:
     """Samples packed into one row, in order, with the ids that recreate them after a restart.

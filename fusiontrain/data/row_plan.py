@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fusiontrain.data.errors import BadSample
-from fusiontrain.data.packing import FirstFitPacker
+from fusiontrain.data.packing import FirstFitPacker, misfit_reason
 from fusiontrain.data.sizes import SKIP_REASONS, SampleSizes
 
 # What to change when every sample is skipped for one reason.
@@ -150,7 +150,10 @@ class RowPlan:
         rows: list[tuple[int, ...]] = []
         for index in self.order(epoch):
             tokens, images, encoder_tokens, code = table[index]
-            reason = (SKIP_REASONS[code - 1] if code else None) or self._misfit(tokens, images, encoder_tokens)
+            reason = (SKIP_REASONS[code - 1] if code else None) or misfit_reason(
+                tokens, images, encoder_tokens, seq_len=limits.seq_len, max_images=limits.max_images,
+                max_encoder_tokens=limits.max_encoder_tokens,
+            )
             if reason is not None:
                 if self.strict:
                     raise BadSample(reason, f"sample {index} of {self.name} cannot be used (data.strict=true)")
@@ -164,15 +167,6 @@ class RowPlan:
         if not rows:
             raise NoUsableSampleError(self._no_usable_sample(epoch, skipped))
         return EpochRows(rows, dict(skipped))
-
-    def _misfit(self, tokens: int, images: int, encoder_tokens: int) -> str | None:
-        limits = self.limits
-        if tokens > limits.seq_len:
-            return "too_long"
-        too_many_encoder_tokens = limits.max_encoder_tokens is not None and encoder_tokens > limits.max_encoder_tokens
-        if images > limits.max_images or too_many_encoder_tokens:
-            return "too_many_images"
-        return None
 
     def _no_usable_sample(self, epoch: int, skipped: Counter) -> str:
         counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))

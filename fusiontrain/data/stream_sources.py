@@ -45,7 +45,7 @@ from typing import Any, Literal
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.sources import Record, _no_decode, _parse_json_line
 
-StreamKind = Literal["tar", "jsonl", "json", "parquet", "hub"]
+StreamReader = Literal["tar", "jsonl", "json", "parquet", "hub"]
 
 # Image member extensions (lower case) of a webdataset sample.
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"})
@@ -72,7 +72,7 @@ class StreamSource:
     Attributes:
         dataset: the ``datasets.IterableDataset`` of raw examples (not split, not shuffled).
         name: the configured path or hub name.
-        kind: which reader produced it.
+        reader: which reader turns its examples into records.
         num_shards: how many shards it has (what ranks and workers divide).
         base_dir: the folder relative image paths are relative to (local files: the folder of
             the path or glob); None for tar shards and hub datasets.
@@ -80,17 +80,17 @@ class StreamSource:
 
     dataset: Any
     name: str
-    kind: StreamKind
+    reader: StreamReader
     num_shards: int
     base_dir: Path | None = None
 
     def record(self, example: dict[str, Any], where: str) -> Record:
         """The :class:`Record` of one raw ``example``; ``where`` locates it for messages when the
         example does not (non-tar sources: the pass, rank, worker and index in the stream)."""
-        if self.kind == "tar":
+        if self.reader == "tar":
             return tar_record(example)
         origin = f"{self.name} ({where})"
-        if self.kind == "jsonl":
+        if self.reader == "jsonl":
             data, error = _parse_json_line(example["text"])
             error = None if error is None else error.at(origin)
             return Record(data=data, origin=origin, base_dir=self.base_dir, error=error)
@@ -118,10 +118,10 @@ def open_stream(path: str, *, split: str = "train") -> StreamSource:
             "or a hub dataset; read an imagefolder with data.streaming=false"
         )
     if suffix in _FILE_BUILDERS:
-        kind, builder = _FILE_BUILDERS[suffix]
+        reader, builder = _FILE_BUILDERS[suffix]
         files = expand_shards(path)
         dataset = _without_image_decoding(datasets.load_dataset(builder, data_files=files, split="train", streaming=True))
-        return StreamSource(dataset, str(path), kind, dataset.num_shards, base_dir=Path(path).parent)
+        return StreamSource(dataset, str(path), reader, dataset.num_shards, base_dir=Path(path).parent)
     dataset = _without_image_decoding(datasets.load_dataset(str(path), split=split, streaming=True))
     return StreamSource(dataset, str(path), "hub", dataset.num_shards)
 

@@ -56,7 +56,7 @@ from fusiontrain.data.batch import Batch, Sample, collate_padded
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.loader import ClosableLoader, NoUsableSampleError, StreamConfig
-from fusiontrain.data.packing import FirstFitPacker, PackedRow, collate_rows
+from fusiontrain.data.packing import FirstFitPacker, PackedRow, collate_rows, misfit_reason
 from fusiontrain.data.sources import Record
 from fusiontrain.data.stream_sources import StreamSource
 
@@ -346,10 +346,13 @@ class StreamingSampleStream(IterableDataset):
         try:
             sample = self.build(record)
             encoder_tokens = sum(self.image_format.num_tokens(image) for image in sample.images)
-            over_tokens = config.max_encoder_tokens is not None and encoder_tokens > config.max_encoder_tokens
-            if len(sample) > config.seq_len or len(sample.images) > config.max_images or over_tokens:
+            reason = misfit_reason(
+                len(sample), len(sample.images), encoder_tokens, seq_len=config.seq_len,
+                max_images=config.max_images, max_encoder_tokens=config.max_encoder_tokens,
+            )
+            if reason is not None:
                 raise BadSample(
-                    "too_long" if len(sample) > config.seq_len else "too_many_images",
+                    reason,
                     f"{len(sample)} tokens, {len(sample.images)} images and {encoder_tokens} encoder tokens do not "
                     f"fit a row of {config.seq_len} tokens, {config.max_images} images and {config.max_encoder_tokens} "
                     "encoder tokens (data.max_encoder_tokens_per_row)",

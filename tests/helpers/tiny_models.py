@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from fusiontrain import tiny
 from fusiontrain.models.llama import LlamaDecoderArgs
 from fusiontrain.models.mllama import MllamaArgs, build_mllama
 from fusiontrain.modules import DeepFusionModel, Llama3RopeScaling, TanhGate
@@ -81,3 +82,24 @@ def random_pixels(batch_images: list[list[int]], seed: int = 0, max_tiles: int =
             ratio_ids[k, j] = ratio
             tile_mask[k, j, :n_tiles] = 1
     return {"pixel_values": pixels, "aspect_ratio_ids": ratio_ids, "aspect_ratio_mask": tile_mask}
+
+
+def mllama_batch_where_every_row_sees_an_image() -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """An HF-style tiny Mllama batch in which every text row sees an image (transformers#39379
+    differs from us on rows that see none). Sample 0: one 1x2 image at token 0. Sample 1: a 1x1
+    image at token 0 and a 2x1 image at token 6; tokens 0-5 see the first image, tokens 6+ both
+    (the Llama 3.2 rule keeps earlier images visible).
+
+    Returns:
+        tokens ``[2, 12]``, the processor's encoder input (``tiny.tiny_pixel_inputs``) and HF's
+        ``cross_attention_mask`` ``[2, 12, 2 images, 2 tiles]``.
+    """
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, 100, (2, 12), generator=generator)
+    tokens[0, 0] = tokens[1, 0] = tokens[1, 6] = tiny.IMAGE_TOKEN_ID
+    pixels = tiny.tiny_pixel_inputs(tiny.tiny_mllama_config(), batch_images=[[2], [1, 3]])
+    cross = torch.zeros(2, 12, 2, 2, dtype=torch.long)
+    cross[0, :, 0, :2] = 1
+    cross[1, :, 0, :1] = 1
+    cross[1, 6:, 1, :2] = 1
+    return tokens, pixels, cross
