@@ -39,7 +39,8 @@ from fusiontrain.config import TrainConfig
 from fusiontrain.data import Batch
 from fusiontrain.flops import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
 from fusiontrain.parallel import checkpoint_every, mixed_precision_policy
-from fusiontrain.plan_trace import OFFLOADED, simulate_step
+from fusiontrain.plan_trace import OFFLOADED, StepTrace, simulate_step
+from fusiontrain.precision import dtype_name
 
 GiB = 2**30
 
@@ -165,7 +166,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
 
     trace = simulate_step(config, gpus=gpus, device_type=hardware.device_type, micro_batches=min(accum, 2))
     tracker, model, batch = trace.tracker, trace.model, trace.batch
-    memory = {f"parameters (shards, {trace.dtypes.describe()})": trace.parameters, **tracker.at_peak}
+    memory = {**_parameter_lines(trace), **tracker.at_peak}
     notes = []
     if hardware.device_type == "cuda" and batch.segment_ids is not None:
         # The traced step runs Batch.model_inputs() as the trainer does on a CPU: packed layouts
@@ -215,7 +216,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         + (f", {parallel.dp_replicate} replicas (HSDP)" if parallel.dp_replicate > 1 else ""),
         f"model: {sum(p.numel() for p in params) / 1e9:.2f} B parameters, "
         f"{sum(p.numel() for p in trainable) / 1e9:.3f} B trainable; stored {trace.dtypes.describe()}, compute "
-        f"{str(compute_dtype).removeprefix('torch.')}; activation checkpointing {parallel.activation_checkpointing}; "
+        f"{dtype_name(compute_dtype)}; activation checkpointing {parallel.activation_checkpointing}; "
         f"{config.loss.num_output_chunks} loss chunks",
         f"micro-batch per device (worst case): {batch_config.micro_batch_size} row{'s' if batch_config.micro_batch_size > 1 else ''} "
         f"x {batch_config.seq_len} tokens "
@@ -236,6 +237,18 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         efficiency=efficiency,
         notes=notes,
     )
+
+
+def _parameter_lines(trace: StepTrace) -> dict[str, int]:
+    """The parameter shards' line, or a line each for trained and frozen ones when
+    ``model.frozen_dtype`` stores them in different dtypes."""
+    dtypes = trace.dtypes
+    if dtypes.frozen == dtypes.trainable:
+        return {f"parameters (shards, {dtype_name(dtypes.trainable)})": trace.parameters}
+    return {
+        f"trained parameters (shards, {dtype_name(dtypes.trainable)})": trace.parameters - trace.frozen_parameters,
+        f"frozen parameters (shards, {dtype_name(dtypes.frozen)})": trace.frozen_parameters,
+    }
 
 
 def _batch_bytes(batch: Batch) -> int:

@@ -154,6 +154,7 @@ class StepTrace:
     """What :func:`simulate_step` found, for rank 0 (the rank with the largest shards)."""
 
     parameters: int  # bytes of this rank's parameter shards
+    frozen_parameters: int  # the part of them that is frozen (requires_grad False)
     dtypes: StorageDtypes  # what the trained and the frozen parameters are stored in
     tracker: TensorMemoryTracker
     batch: Batch  # the worst-case micro-batch (real, CPU)
@@ -224,6 +225,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
             model.to_empty(device="cpu")
             model.set_skip_output_projection(True)
             storages = {_local(p).untyped_storage()._cdata: _local(p).untyped_storage().nbytes() for p in model.parameters()}
+            frozen = {_local(p).untyped_storage()._cdata for p in model.parameters() if not p.requires_grad}
             optimizer = build_optimizer(model, config.optim, device)
             scheduler = build_lr_scheduler(optimizer, config.optim, config.max_steps)
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -274,7 +276,14 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
             model.encoder.register_forward_hook(lambda *_: tracker.pop())
             with tracker:
                 train_step(1, [batch] * micro_batches)
-    return StepTrace(parameters=sum(storages.values()), dtypes=dtypes, tracker=tracker, batch=batch, model=model)
+    return StepTrace(
+        parameters=sum(storages.values()),
+        frozen_parameters=sum(storages[storage] for storage in frozen),
+        dtypes=dtypes,
+        tracker=tracker,
+        batch=batch,
+        model=model,
+    )
 
 
 def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker | None) -> Batch:

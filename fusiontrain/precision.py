@@ -25,6 +25,11 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the config's spelling)."""
+    return str(dtype).removeprefix("torch.")
+
+
 def computes_in_bf16(mixed_precision: str, device_type: str) -> bool:
     """Whether ``parallel.mixed_precision`` gives bf16 compute on a ``device_type`` device: 'bf16',
     or 'auto' on CUDA."""
@@ -40,11 +45,10 @@ class StorageDtypes:
     frozen: torch.dtype
 
     def describe(self) -> str:
-        """``float32``, or ``float32 trained / bfloat16 frozen`` when the two differ."""
-        name = {dtype: text for text, dtype in DTYPES.items()}
+        """``float32``, or ``float32, frozen bfloat16`` when the two differ."""
         if self.trainable == self.frozen:
-            return name[self.trainable]
-        return f"{name[self.trainable]} trained / {name[self.frozen]} frozen"
+            return dtype_name(self.trainable)
+        return f"{dtype_name(self.trainable)}, frozen {dtype_name(self.frozen)}"
 
 
 def storage_dtypes(model_dtype: str, frozen_dtype: str | None, *, mixed_precision: str, device_type: str) -> StorageDtypes:

@@ -63,7 +63,7 @@ def test_store_parameters_casts_by_trainability_and_keeps_ties() -> None:
 
 def test_describe() -> None:
     assert StorageDtypes(F32, F32).describe() == "float32"
-    assert StorageDtypes(F32, BF16).describe() == "float32 trained / bfloat16 frozen"
+    assert StorageDtypes(F32, BF16).describe() == "float32, frozen bfloat16"
 
 
 # -- a whole run -------------------------------------------------------------------------------------
