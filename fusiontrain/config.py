@@ -85,7 +85,7 @@ class ModelConfig:
         "trained ones (fusion parameters, LoRA adapters, a *_trainable side) keep model.dtype. null = model.dtype; "
         "'auto' = the compute dtype (bfloat16 under bf16 mixed precision, else model.dtype). bfloat16 halves the "
         "frozen shards; with bf16 compute the losses equal fp32 storage bitwise, with fp32 compute the frozen "
-        "weights are rounded to bf16 once and cast up before each all-gather (README: Precision and memory).",
+        "weights are rounded to bf16 once and cast up before each all-gather; model.dtype=bfloat16 with frozen_dtype=float32 is refused (README: Frozen weights in bf16).",
     )
     fusion_init: str | None = _field(
         None,

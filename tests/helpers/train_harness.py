@@ -5,8 +5,8 @@ Usage: ``python tests/helpers/train_harness.py OUT_DIR --config X.yaml [key=valu
 Rank 0 writes ``OUT_DIR/trainable.safetensors`` (full trainable weights after training),
 ``OUT_DIR/initial.safetensors`` (the same before the first step) and
 ``OUT_DIR/report.json``: per-step losses and grad norms, whether every frozen parameter's local
-shard is bitwise unchanged on every rank, each FSDP unit's stored dtypes (trained and frozen), which parameters have optimizer state, and which
-trainable parameters moved. With ``--dump-every-step``, rank 0 also writes
+shard is bitwise unchanged on every rank, each FSDP unit's stored dtypes (trained and frozen),
+which parameters have optimizer state, and which trainable parameters moved. With ``--dump-every-step``, rank 0 also writes
 ``OUT_DIR/steps/after_<s>.safetensors``: the full trainable weights after each step ``s`` (0-based).
 """
 
