@@ -1,6 +1,6 @@
 """Memory of a fusion-only run, side by side: ``python benchmarks/memory.py [--model bench|tiny]``.
 
-Prints four tables, each measured in this run (nothing is taken from elsewhere):
+Prints five tables, each measured in this run (nothing is taken from elsewhere):
 
 1. Per-rank bytes of parameters, gradients and optimizer state after one step on 1, 2 and 4 gloo
    ranks (summed over each rank's local shards), with each rank's peak host memory while the
@@ -12,6 +12,10 @@ Prints four tables, each measured in this run (nothing is taken from elsewhere):
    with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the RSS.
 4. A FusionLayer sharded as one FSDP unit against its two halves as separate units, on 2 ranks:
    step time and peak RSS.
+5. Frozen weights stored in bf16 (``model.frozen_dtype: bfloat16``) against fp32 storage, both with
+   bf16 compute (``parallel.mixed_precision: bf16``), on 2 ranks: per-rank parameter bytes and the
+   losses of the same 3 steps (the tolerance is zero: bf16 compute casts every fp32 frozen shard
+   to bf16 before its all-gather, the same cast bf16 storage does once at load).
 
 The ``--worker`` modes run inside the processes this script launches.
 """
@@ -97,10 +101,10 @@ def worker_shards(args: argparse.Namespace) -> None:
     overrides = train_overrides(Path(args.folder), args.seq_len) + [f"output_dir={args.out}.run", *args.extra]
     trainer = Trainer(load_config(TINY_CONFIG, overrides))
     load_peak = peak_rss() - before
-    step_times = []
+    step_times, losses = [], []
     for step in range(args.steps):
         started = time.perf_counter()
-        trainer.train_step(step)
+        losses.append(trainer.train_step(step)["loss"])
         step_times.append(time.perf_counter() - started)
 
     def local(t: torch.Tensor) -> torch.Tensor:
@@ -128,6 +132,8 @@ def worker_shards(args: argparse.Namespace) -> None:
         "load_peak": load_peak,
         "step_peak": peak_rss() - before,
         "step_time": statistics.median(step_times[1:] or step_times),
+        "frozen_params": sum(local(p).numel() * local(p).element_size() for p in params if not p.requires_grad),
+        "losses": losses,
     }
     Path(f"{args.out}.rank{trainer.context.rank}.json").write_text(json.dumps(report))
     trainer.close()
@@ -281,6 +287,31 @@ def main() -> None:
     print(table(
         "4. FusionLayer sharding on 2 ranks: one FSDP unit vs its two halves",
         ["FusionLayer units", "median step time (s)", "peak RSS / rank (MiB)"],
+        rows,
+    ))
+
+    reports = {}
+    for frozen in ("float32", "bfloat16"):
+        out = tmp / f"frozen_{frozen}"
+        _launch(2, ["--worker", "shards", "--folder", str(folder), "--out", str(out), "--seq-len", str(args.seq_len), "--steps", "3",
+                    "parallel.mixed_precision=bf16", f"model.frozen_dtype={frozen}", "batch.global_batch_size=4"])
+        reports[frozen] = max((json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)), key=lambda r: r["params"])
+    fp32 = reports["float32"]
+    rows = [
+        [
+            f"frozen {frozen}",
+            mib(report["params"]),
+            mib(report["frozen_params"]),
+            f"{report['params'] / fp32['params']:.2f}x",
+            " ".join(f"{loss:.6f}" for loss in report["losses"]),
+            f"{max(abs(a - b) for a, b in zip(report['losses'], fp32['losses'])):.1e}",
+        ]
+        for frozen, report in reports.items()
+    ]
+    print(table(
+        "5. Frozen weights stored bf16 (model.frozen_dtype) on 2 ranks, bf16 compute, global batch 4: per-rank parameter "
+        "bytes and the losses of 3 steps (tolerance: 0, bitwise)",
+        ["storage", "params / rank (MiB)", "of which frozen", "vs fp32 storage", "losses", "max |loss diff|"],
         rows,
     ))
 

@@ -45,7 +45,8 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
         "Memory (memory.py)",
         ["benchmarks/memory.py"],
         "Per-rank parameters, gradients and optimizer state on 1, 2 and 4 ranks; activations under "
-        "checkpointing; the chunked loss; FusionLayer sharding.",
+        "checkpointing; the chunked loss; FusionLayer sharding; frozen weights stored in bf16 (model.frozen_dtype) "
+        "against fp32 storage under bf16 compute, with the loss difference.",
     ),
     (
         "Scaling over gloo ranks (scaling.py)",

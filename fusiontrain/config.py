@@ -79,6 +79,14 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = _field(
         "float32", "Dtype of the stored (master) parameters; compute dtype is parallel.mixed_precision."
     )
+    frozen_dtype: Literal["float32", "bfloat16", "auto"] | None = _field(
+        None,
+        "Dtype of the stored frozen parameters (requires_grad false: the pretrained weights of a fusion-only run); "
+        "trained ones (fusion parameters, LoRA adapters, a *_trainable side) keep model.dtype. null = model.dtype; "
+        "'auto' = the compute dtype (bfloat16 under bf16 mixed precision, else model.dtype). bfloat16 halves the "
+        "frozen shards; with bf16 compute the losses equal fp32 storage bitwise, with fp32 compute the frozen "
+        "weights are rounded to bf16 once and cast up before each all-gather; model.dtype=bfloat16 with frozen_dtype=float32 is refused (README: Frozen weights in bf16).",
+    )
     fusion_init: str | None = _field(
         None,
         "A checkpoint folder (.../checkpoints/step_N) of another run whose fusion weights replace the fresh "
@@ -443,6 +451,12 @@ def validate(config: TrainConfig) -> None:
             f"config key 'model.fusion_init': folder {model.fusion_init} does not exist; point it at a checkpoint folder"
         )
     _validate_lora(model)
+    if model.frozen_dtype == "float32" and model.dtype == "bfloat16":
+        raise ConfigError(
+            "config keys 'model.frozen_dtype'=float32 and 'model.dtype'=bfloat16 store frozen weights wider than trained "
+            "ones; drop model.frozen_dtype (it follows model.dtype), or set model.dtype=float32 with "
+            "model.frozen_dtype=bfloat16"
+        )
     if config.data.format != "synthetic" and config.data.train.path is None:
         raise ConfigError(f"config key 'data.train.path' is required for data.format={config.data.format!r}")
     _validate_streaming(config.data)

@@ -15,7 +15,7 @@ refused, rather than sharded whole into the root unit.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 
 import torch
@@ -30,6 +30,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fusiontrain.modules import FusionLayer
 from fusiontrain.offload import MIN_OFFLOAD_BYTES, ActivationOffloader
+from fusiontrain.precision import computes_in_bf16
 
 
 def block_stacks(model: nn.Module) -> Iterator[tuple[str, nn.ModuleList]]:
@@ -105,10 +106,18 @@ def apply_compile(model: nn.Module) -> None:
             block.compile()
 
 
-def mixed_precision_policy(mode: str, device: torch.device) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 gradient reduction on CUDA ('auto' or 'bf16'); fp32 otherwise."""
-    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+def mixed_precision_policy(
+    mode: str, device: torch.device, stored_dtypes: Collection[torch.dtype] = ()
+) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction ('bf16', or 'auto' on CUDA). Otherwise every
+    parameter computes in the dtype it is stored in, except that a model storing its parameters in
+    several floating dtypes (``stored_dtypes``: ``model.frozen_dtype`` below ``model.dtype``)
+    computes in the widest of them: FSDP casts the narrower shards up before the all-gather."""
+    if computes_in_bf16(mode, device.type):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    floating = {dtype for dtype in stored_dtypes if dtype.is_floating_point}
+    if len(floating) > 1:
+        return MixedPrecisionPolicy(param_dtype=max(floating, key=lambda dtype: dtype.itemsize))
     return MixedPrecisionPolicy()
 
 
@@ -248,7 +257,7 @@ def parallelize(
     units = shard_model(
         model,
         mesh,
-        mp_policy=mixed_precision_policy(mixed_precision, device),
+        mp_policy=mixed_precision_policy(mixed_precision, device, {param.dtype for param in model.parameters()}),
         split_fusion_layers=fusion_layer_sharding == "split",
     )
     if activation_offloading != "none":

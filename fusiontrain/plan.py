@@ -39,7 +39,8 @@ from fusiontrain.config import TrainConfig
 from fusiontrain.data import Batch
 from fusiontrain.flops import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
 from fusiontrain.parallel import checkpoint_every, mixed_precision_policy
-from fusiontrain.plan_trace import OFFLOADED, simulate_step
+from fusiontrain.plan_trace import OFFLOADED, StepTrace, simulate_step
+from fusiontrain.precision import dtype_name
 
 GiB = 2**30
 
@@ -165,7 +166,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
 
     trace = simulate_step(config, gpus=gpus, device_type=hardware.device_type, micro_batches=min(accum, 2))
     tracker, model, batch = trace.tracker, trace.model, trace.batch
-    memory = {f"parameters (shards, {config.model.dtype})": trace.parameters, **tracker.at_peak}
+    memory = {**_parameter_lines(trace), **tracker.at_peak}
     notes = []
     if hardware.device_type == "cuda" and batch.segment_ids is not None:
         # The traced step runs Batch.model_inputs() as the trainer does on a CPU: packed layouts
@@ -193,13 +194,15 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
     every = checkpoint_every(parallel.activation_checkpointing)
     recompute = flops.forward / every if every else 0
     compute_time = (flops.total + recompute) * accum / (hardware.peak_flops * efficiency)
-    policy = mixed_precision_policy(parallel.mixed_precision, torch.device(hardware.device_type))
-    compute_bytes = (policy.param_dtype or torch.float32).itemsize
     params = list(model.parameters())
+    policy = mixed_precision_policy(parallel.mixed_precision, torch.device(hardware.device_type), {p.dtype for p in params})
+    compute_dtype = policy.param_dtype or trace.dtypes.trainable
     trainable = [p for p in params if p.requires_grad]
     bandwidth = hardware.intra_node_bandwidth if shards <= hardware.devices_per_node else hardware.inter_node_bandwidth
     ring = (shards - 1) / shards
-    gathered = sum(p.numel() for p in params) * compute_bytes * ring  # forward and again in backward
+    # Each shard is all-gathered in the policy's dtype when it has one, else as stored; forward and
+    # again in backward.
+    gathered = sum(p.numel() * (policy.param_dtype or p.dtype).itemsize for p in params) * ring
     reduced = sum(p.numel() for p in trainable) * 4 * ring  # fp32 gradient reduce-scatter
     communication = (2 * gathered * accum + reduced) / bandwidth
     if parallel.dp_replicate > 1:  # HSDP: all-reduce the reduced shards across replicas
@@ -212,8 +215,8 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         f"devices: {gpus} x {hardware.name}; FSDP over {shards}"
         + (f", {parallel.dp_replicate} replicas (HSDP)" if parallel.dp_replicate > 1 else ""),
         f"model: {sum(p.numel() for p in params) / 1e9:.2f} B parameters, "
-        f"{sum(p.numel() for p in trainable) / 1e9:.3f} B trainable; stored {config.model.dtype}, compute "
-        f"{'bfloat16' if compute_bytes == 2 else 'float32'}; activation checkpointing {parallel.activation_checkpointing}; "
+        f"{sum(p.numel() for p in trainable) / 1e9:.3f} B trainable; stored {trace.dtypes.describe()}, compute "
+        f"{dtype_name(compute_dtype)}; activation checkpointing {parallel.activation_checkpointing}; "
         f"{config.loss.num_output_chunks} loss chunks",
         f"micro-batch per device (worst case): {batch_config.micro_batch_size} row{'s' if batch_config.micro_batch_size > 1 else ''} "
         f"x {batch_config.seq_len} tokens "
@@ -234,6 +237,18 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         efficiency=efficiency,
         notes=notes,
     )
+
+
+def _parameter_lines(trace: StepTrace) -> dict[str, int]:
+    """The parameter shards' line, or a line each for trained and frozen ones when
+    ``model.frozen_dtype`` stores them in different dtypes."""
+    dtypes = trace.dtypes
+    if dtypes.frozen == dtypes.trainable:
+        return {f"parameters (shards, {dtype_name(dtypes.trainable)})": trace.parameters}
+    return {
+        f"trained parameters (shards, {dtype_name(dtypes.trainable)})": trace.parameters - trace.frozen_parameters,
+        f"frozen parameters (shards, {dtype_name(dtypes.frozen)})": trace.frozen_parameters,
+    }
 
 
 def _batch_bytes(batch: Batch) -> int:

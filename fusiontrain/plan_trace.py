@@ -38,6 +38,7 @@ from fusiontrain.memory_tracker import TensorMemoryTracker
 from fusiontrain.nonfinite import NonFiniteGuard
 from fusiontrain.offload import ActivationOffloader
 from fusiontrain.parallel import parallelize
+from fusiontrain.precision import StorageDtypes, storage_dtypes, store_parameters
 from fusiontrain.step import BACKWARD_PHASE, HOST_PHASE, LOSS_PHASE, OPTIMIZER_PHASE, StepSettings, TrainStep
 
 
@@ -153,6 +154,8 @@ class StepTrace:
     """What :func:`simulate_step` found, for rank 0 (the rank with the largest shards)."""
 
     parameters: int  # bytes of this rank's parameter shards
+    frozen_parameters: int  # the part of them that is frozen (requires_grad False)
+    dtypes: StorageDtypes  # what the trained and the frozen parameters are stored in
     tracker: TensorMemoryTracker
     batch: Batch  # the worst-case micro-batch (real, CPU)
     model: nn.Module  # the sharded model, on fake tensors
@@ -184,14 +187,16 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
     accumulate in place, and each micro-batch leaves the device before the next arrives) are
     accumulated, with gradient sync as the trainer does it (``parallel.defer_gradient_sync``)."""
     device = torch.device(device_type)  # sets 'auto' precision and the optimizer
-    stored_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
     parallel = config.parallel
+    dtypes = storage_dtypes(
+        config.model.dtype, config.model.frozen_dtype, mixed_precision=parallel.mixed_precision, device_type=device_type
+    )
     with fake_process_group(gpus), warnings.catch_warnings():
         # The projection head returns a view (FSDP2 warns once per run; nothing modifies it in place).
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
         context = DistributedContext(rank=0, world_size=gpus, local_rank=0, device=torch.device("cpu"), backend="fake")
         mesh = build_mesh(context, parallel.dp_replicate, parallel.dp_shard)
-        model = build_meta_model(config.model).to(stored_dtype)
+        model = store_parameters(build_meta_model(config.model), dtypes)
         tracking: list[TensorMemoryTracker] = []  # the tracker, once the tracked step starts
         # Offloaded activations are labelled as such; on a GPU they live in host memory.
         offloader = ActivationOffloader(
@@ -220,6 +225,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
             model.to_empty(device="cpu")
             model.set_skip_output_projection(True)
             storages = {_local(p).untyped_storage()._cdata: _local(p).untyped_storage().nbytes() for p in model.parameters()}
+            frozen = {_local(p).untyped_storage()._cdata for p in model.parameters() if not p.requires_grad}
             optimizer = build_optimizer(model, config.optim, device)
             scheduler = build_lr_scheduler(optimizer, config.optim, config.max_steps)
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -270,7 +276,14 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
             model.encoder.register_forward_hook(lambda *_: tracker.pop())
             with tracker:
                 train_step(1, [batch] * micro_batches)
-    return StepTrace(parameters=sum(storages.values()), tracker=tracker, batch=batch, model=model)
+    return StepTrace(
+        parameters=sum(storages.values()),
+        frozen_parameters=sum(storages[storage] for storage in frozen),
+        dtypes=dtypes,
+        tracker=tracker,
+        batch=batch,
+        model=model,
+    )
 
 
 def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker | None) -> Batch:

@@ -46,10 +46,10 @@ from fusiontrain.modules import get_fusion_params
 from fusiontrain.modules.lora import is_lora_parameter
 from fusiontrain.nonfinite import NonFiniteGuard, injection_from_env
 from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, reshard
+from fusiontrain.precision import storage_dtypes, store_parameters
 from fusiontrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
 from fusiontrain.step import StepSettings, TrainStep, loss_sum
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PLACEHOLDER = Sample(tokens=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), -100), origin="placeholder")
 logger = logging.getLogger("fusiontrain.trainer")
 
@@ -167,8 +167,14 @@ class Trainer:
         """Meta build -> parallelize -> allocate shards -> fill from the pretrained files."""
         config = self.config
         pretrained = prepare_model(config.model, seed=config.seed)
-        model = pretrained.model.to(_DTYPES[config.model.dtype])
         parallel = config.parallel
+        dtypes = storage_dtypes(
+            config.model.dtype,
+            config.model.frozen_dtype,
+            mixed_precision=parallel.mixed_precision,
+            device_type=self.device.type,
+        )
+        model = store_parameters(pretrained.model, dtypes)  # on the meta device, before sharding
         parallelize(
             model,
             self.mesh,

@@ -263,6 +263,8 @@ def test_every_key_override_is_applied_with_validation_on(key: str, folder: Path
         ("data.train.path={folder}/s-*.tar", ["data.format=caption"], "set data.streaming=true"),
         ("data.eval.path={folder}/s-*.tar", ["data.format=caption", "data.train.path=t.jsonl"], "'data.eval.path'"),
         ("parallel.activation_offloading=checkpointed", [], "'parallel.activation_offloading'"),
+        # frozen weights never wider than trained ones
+        ("model.frozen_dtype=float32", ["model.dtype=bfloat16"], "'model.frozen_dtype'=float32 and 'model.dtype'=bfloat16"),
         # the global batch must split into whole micro-batches over the data-parallel ranks
         ("batch.global_batch_size=7", [], "batch.global_batch_size=7"),
         ("batch.global_batch_size=8", ["parallel.dp_shard=3"], "data-parallel ranks (3)"),
@@ -326,6 +328,7 @@ def _error(path: Any, overrides: list[str]) -> str:
         ("data.packing=1", "data.packing", "true or false"),
         ("optim.schedule=step", "optim.schedule", "'constant', 'linear', 'cosine'"),
         ("model.dtype=fp16", "model.dtype", "'float32', 'bfloat16'"),
+        ("model.frozen_dtype=float16", "model.frozen_dtype", "'float32', 'bfloat16', 'auto'"),
         ("optim.betas=0.9", "optim.betas", "list of 2"),
         ("optim.betas=[0.9]", "optim.betas", "list of 2"),
         ("optim.betas=[0.9, x]", "optim.betas[1]", "number"),

@@ -7,6 +7,7 @@ compare logits and gradients with that reference.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -22,9 +23,11 @@ from torch.distributed.tensor import DTensor
 
 from fusiontrain.loss import chunked_cross_entropy_sum
 from fusiontrain.models.hf_checkpoint import copy_rows_into
+from fusiontrain.models.lora import LoraSettings, add_lora
 from fusiontrain.models.mllama import build_mllama
 from fusiontrain.modules import FusionLayer
 from fusiontrain.modules.fusion import get_fusion_params
+from fusiontrain.modules.lora import is_lora_parameter, select_lora_targets
 from fusiontrain.parallel import (
     apply_activation_checkpointing,
     block_stacks,
@@ -34,6 +37,7 @@ from fusiontrain.parallel import (
     parallelize,
     shard_model,
 )
+from fusiontrain.precision import StorageDtypes, store_parameters
 from tests.helpers.tiny_models import IMAGE_TOKEN, VOCAB, random_mllama, random_pixels, tiny_mllama_args
 
 STACKS = {"decoder.layers": 4, "encoder.vision.layers": 4, "encoder.projection.layers": 2}
@@ -175,6 +179,12 @@ def test_mixed_precision_policy() -> None:
         policy = mixed_precision_policy(mode, device)
         assert policy.param_dtype == torch.bfloat16, (mode, device)
         assert policy.reduce_dtype == torch.float32, (mode, device)
+    # model.frozen_dtype below model.dtype: fp32 compute casts the bf16 shards up; bf16 compute as before
+    mixed = {torch.float32, torch.bfloat16}
+    assert mixed_precision_policy("auto", cpu, mixed).param_dtype == torch.float32
+    assert mixed_precision_policy("fp32", cuda, mixed | {torch.int64}).param_dtype == torch.float32
+    assert mixed_precision_policy("bf16", cpu, mixed).param_dtype == torch.bfloat16
+    assert mixed_precision_policy("fp32", cpu, {torch.bfloat16}).param_dtype is None  # model.dtype: bfloat16
 
 
 # -- FSDP2 in a world of one ----------------------------------------------------------------------
@@ -259,3 +269,101 @@ def test_parallelize_with_checkpointing_matches_reference_grads(mesh) -> None:
         if want[name] is not None:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
     assert all(got[name] is not None for name in get_fusion_params(reference))
+
+
+# -- frozen weights stored in bf16 (model.frozen_dtype) --------------------------------------------------
+
+
+def _with_lora(model: nn.Module) -> nn.Module:
+    """``model`` with rank-2 LoRA on the decoder's q/v projections (trainable, inside frozen blocks)."""
+    modules = select_lora_targets(model, sides=("decoder",), targets=("q_proj", "v_proj"))
+    add_lora(model, LoraSettings(2, 4.0, 0.0, tuple(modules)))
+    return model
+
+
+def _frozen_bf16_twin(lora: bool, sharding: str, mixed_precision: str, mesh) -> nn.Module:
+    """A meta twin with frozen parameters stored in bf16, parallelized as the trainer does it."""
+    model = _with_lora(_meta_twin()) if lora else _meta_twin()
+    store_parameters(model, StorageDtypes(trainable=torch.float32, frozen=torch.bfloat16))
+    parallelize(model, mesh, torch.device("cpu"), mixed_precision=mixed_precision, fusion_layer_sharding=sharding)
+    return model
+
+
+def _unit_dtypes(model: nn.Module) -> dict[str, set[tuple[torch.dtype, bool]]]:
+    """Each FSDP unit (by the path of its first module) -> {(stored dtype, requires_grad)} of the
+    shards it manages."""
+    units: dict[int, tuple[str, set]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None and id(group) not in units:
+                units[id(group)] = (name or "<root>", {(p.sharded_param.dtype, p.sharded_param.requires_grad) for p in group.fsdp_params})
+    return dict(units.values())
+
+
+def _check_unit_dtypes(model: nn.Module) -> set[str]:
+    """Every FSDP unit stores its frozen shards bf16 and its trained ones fp32; returns the units
+    that hold both."""
+    units = _unit_dtypes(model)
+    assert all(dtype == (torch.float32 if trains else torch.bfloat16) for unit in units.values() for dtype, trains in unit)
+    return {name for name, unit in units.items() if len({dtype for dtype, _ in unit}) == 2}
+
+
+def test_frozen_bf16_storage_with_lora_in_whole_units_computes_fp32_on_rounded_weights(mesh) -> None:
+    """Frozen shards stored bf16 beside trained fp32 ones in the same unit (a whole FusionLayer,
+    LoRA inside a frozen block, the embeddings with their new rows; FSDP2 asks one dtype of the
+    trained parameters of a unit only). With fp32 compute the bf16 shards are cast up, so loss and
+    gradients are those of an fp32 model whose frozen weights were rounded to bf16."""
+    reference = _with_lora(random_mllama(seed=0))
+    with torch.no_grad():
+        for name, param in reference.named_parameters():
+            if is_lora_parameter(name):
+                param.normal_(std=0.2)
+    rounded = copy.deepcopy(reference)
+    with torch.no_grad():
+        for param in rounded.parameters():
+            if not param.requires_grad:
+                param.copy_(param.to(torch.bfloat16).float())
+    model = _frozen_bf16_twin(True, "unit", "auto", mesh)
+    mixed = _check_unit_dtypes(model)
+    assert {"decoder.tok_embeddings", "decoder.layers.0", "decoder.layers.1"} <= mixed  # rows; LoRA; FusionLayer
+
+    _fill_from(model, reference)
+    model.eval()
+    batch = _batch()
+    want_loss, want = _loss_and_grads(rounded, batch)
+    got_loss, got = _loss_and_grads(model, batch)
+    reference.set_skip_output_projection(True)
+    with torch.no_grad():
+        hidden = reference(batch["tokens"], encoder_input=batch["encoder_input"], encoder_mask=batch["encoder_mask"])
+        unrounded_loss = chunked_cross_entropy_sum(hidden, batch["labels"], reference.decoder.output, num_chunks=3)
+    assert (unrounded_loss - want_loss).abs() > 4e-6 * want_loss  # 4x the tolerance below: the rounding shows
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=0)
+    trained = [name for name, grad in want.items() if grad is not None]
+    assert [name for name, grad in got.items() if grad is not None] == trained
+    assert any(is_lora_parameter(name) for name in trained)
+    for name in trained:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_frozen_bf16_storage_under_bf16_compute_equals_fp32_storage_bitwise(mesh) -> None:
+    """bf16 compute casts fp32 frozen shards to bf16 before every all-gather; storing them in bf16
+    does that cast once, at load: the same loss and gradients, bit for bit."""
+    reference = random_mllama(seed=0)
+    fp32_stored = _meta_twin()
+    parallelize(fp32_stored, mesh, torch.device("cpu"), mixed_precision="bf16", fusion_layer_sharding="split")
+    bf16_stored = _frozen_bf16_twin(False, "split", "bf16", mesh)
+    assert _check_unit_dtypes(bf16_stored) == {"decoder.tok_embeddings"}  # split: each FusionLayer half is uniform
+    results = []
+    for model in (fp32_stored, bf16_stored):
+        _fill_from(model, reference)
+        model.eval()
+        results.append(_loss_and_grads(model, _batch()))
+    (want_loss, want), (got_loss, got) = results
+    assert {p.dtype for p in fp32_stored.parameters()} == {torch.float32}
+    assert torch.equal(got_loss, want_loss)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert (got[name] is None) == (want[name] is None), name
+        if want[name] is not None:
+            assert got[name].dtype == torch.float32 and torch.equal(got[name], want[name]), name

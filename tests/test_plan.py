@@ -115,6 +115,8 @@ MEASURED_CONFIGS = {
     # The step holds its 4 host micro-batches and moves one at a time to the device (on a CPU the
     # same memory), with the unsharded gradients accumulating in between.
     "1 rank, packed, 4 accumulation micro-batches": (1, ["batch.global_batch_size=8"]),
+    # Frozen weights stored bf16 (model.frozen_dtype), computed in fp32: FSDP casts them up.
+    "1 rank, packed, frozen weights stored bf16": (1, ["batch.global_batch_size=2", "model.frozen_dtype=bfloat16"]),
     "2 ranks, padded": (
         2,
         ["batch.global_batch_size=4", "data.packing=false", "data.max_images_per_row=1", "data.synthetic_max_text=255"],

@@ -5,8 +5,8 @@ Usage: ``python tests/helpers/train_harness.py OUT_DIR --config X.yaml [key=valu
 Rank 0 writes ``OUT_DIR/trainable.safetensors`` (full trainable weights after training),
 ``OUT_DIR/initial.safetensors`` (the same before the first step) and
 ``OUT_DIR/report.json``: per-step losses and grad norms, whether every frozen parameter's local
-shard is bitwise unchanged on every rank, which parameters have optimizer state, and which
-trainable parameters moved. With ``--dump-every-step``, rank 0 also writes
+shard is bitwise unchanged on every rank, each FSDP unit's stored dtypes (trained and frozen),
+which parameters have optimizer state, and which trainable parameters moved. With ``--dump-every-step``, rank 0 also writes
 ``OUT_DIR/steps/after_<s>.safetensors``: the full trainable weights after each step ``s`` (0-based).
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
 
 from fusiontrain.config import load_config
 from fusiontrain.parallel import canonical_parameters
@@ -27,6 +28,19 @@ from fusiontrain.trainer import Trainer
 
 def _local(param: torch.Tensor) -> torch.Tensor:
     return (param.to_local() if hasattr(param, "to_local") else param).detach().clone()
+
+
+def _unit_dtypes(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Each FSDP unit (by its first module's path) -> the kinds of shards it manages, sorted, as
+    ``"<dtype> trained"`` / ``"<dtype> frozen"``."""
+    units: dict[int, tuple[str, list[str]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            if group is not None and id(group) not in units:
+                kinds = {f"{p.sharded_param.dtype} {'trained' if p.sharded_param.requires_grad else 'frozen'}" for p in group.fsdp_params}
+                units[id(group)] = (name or "<root>", sorted(kinds))
+    return dict(units.values())
 
 
 def main() -> None:
@@ -67,6 +81,7 @@ def main() -> None:
             "grad_norms": [row["grad_norm"] for row in history],
             "eval_losses": [row["eval_loss"] for row in history if "eval_loss" in row],
             "frozen_unchanged": bool(flag.item()),
+            "unit_dtypes": _unit_dtypes(trainer.model),
             "num_frozen": len(frozen_before),
             "optimizer_state_params": with_state,
             "trainable": sorted(trainable_after),
