@@ -1,22 +1,22 @@
 """Cross-entropy over the target positions only, computed chunk by chunk over the output projection.
 
 The decoder returns its final hidden states ``[b, s, d]`` (``set_skip_output_projection``). The
-loss first gathers the rows of the ``n`` target positions (label != ignore index; prompt, image
-token and padding positions are dropped), ``[n, d]``, and projects only those: the projection
-costs ``2 n d v`` rather than ``2 b s d v``. Then it projects one chunk of those rows at a time,
-upcasts that chunk's logits to fp32 and takes its cross-entropy, so at most one chunk of fp32
-logits ``[n / k, v]`` exists at any time, never the whole ``[n, v]``. Two ways, chosen by whether
-the projection trains:
+loss gathers the rows of the ``n`` target positions (label != ignore index; prompt, image-token
+and padding positions are dropped) and projects only those: the projection costs ``2 n d v``
+rather than ``2 b s d v``. It projects one chunk of those rows at a time, upcasts that chunk's
+logits to fp32 and takes its cross-entropy, so at most one chunk of fp32 logits ``[n / k, v]``
+exists at any time, never the whole ``[n, v]``. Two ways, chosen by whether the projection
+trains:
 
-- **frozen projection** (fusion-only training, the default): the gradient with respect to the
-  gathered hidden states is computed in the forward pass, chunk by chunk (``softmax - one_hot``,
-  times the weight), and kept (``[n, d]``); backward only scales it, and the gather's backward
-  scatters it to ``[b, s, d]`` (zeros at non-target positions). No logits are kept and none are
-  recomputed. A weight sharded as a DTensor (FSDP2) is gathered once per call, in the compute
-  dtype of the hidden states.
-- **trainable projection**: each chunk of the gathered rows runs through the ``output`` module
-  under non-reentrant activation checkpointing, so backward recomputes the chunk's logits (one
-  extra projection).
+- **frozen projection** (fusion-only training, the default): each chunk gathers its own rows;
+  the gradient with respect to them is computed in the forward pass (``softmax - one_hot``, times
+  the weight) and kept (``[n, d]``: no gathered copy of all n rows ever exists); backward scales
+  it and scatters it to ``[b, s, d]`` (zeros at non-target positions). No logits are kept and
+  none are recomputed. A weight sharded as a DTensor (FSDP2) is gathered once per call, in the
+  compute dtype of the hidden states.
+- **trainable projection**: the n rows are gathered (``[n, d]``, kept until backward, like an
+  activation), and each chunk of them runs through the ``output`` module under non-reentrant
+  activation checkpointing, so backward recomputes the chunk's logits (one extra projection).
 
 ``num_chunks <= 1`` takes the gathered rows' logits ``[n, v]`` at once, under plain autograd.
 :func:`full_cross_entropy_sum` is the reference: every position projected, no gather, no chunks.
@@ -64,17 +64,25 @@ def _chunk_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, output: nn.Modul
 
 
 class _FrozenProjectionCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``rows @ weight.T`` for a frozen ``weight``, whose gradient with
-    respect to ``rows`` ``[n, d]`` is computed during forward, one chunk of rows at a time."""
+    """Summed cross-entropy of ``flat[index] @ weight.T`` for a frozen ``weight``: the rows of
+    ``index`` ``[n]`` are gathered from ``flat`` ``[b * s, d]`` one chunk at a time, and their
+    gradient ``[n, d]`` is computed during forward; backward scatters it to ``[b * s, d]``."""
 
     @staticmethod
     def forward(  # noqa: ANN205 - autograd.Function protocol
-        ctx: Any, rows: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, num_chunks: int, ignore_index: int
+        ctx: Any,
+        flat: torch.Tensor,
+        targets: torch.Tensor,
+        index: torch.Tensor,
+        weight: torch.Tensor,
+        num_chunks: int,
+        ignore_index: int,
     ) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        grad = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
-        for chunk in _row_chunks(rows.shape[0], num_chunks):
-            logits = (rows[chunk] @ weight.T).float()  # [n / k, v], fp32
+        total = torch.zeros((), dtype=torch.float32, device=flat.device)
+        n = index.shape[0]
+        grad = flat.new_empty(n, flat.shape[1]) if ctx.needs_input_grad[0] else None
+        for chunk in _row_chunks(n, num_chunks):
+            logits = (flat.index_select(0, index[chunk]) @ weight.T).float()  # [n / k, v], fp32
             # an index may hold ignored positions too (a superset of the targets): they count nothing
             valid = targets[chunk] != ignore_index
             target = torch.where(valid, targets[chunk], 0)
@@ -84,15 +92,18 @@ class _FrozenProjectionCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(log_norm[:, None]).exp_()
                 probs[torch.arange(len(target), device=probs.device), target] -= 1.0
                 probs *= valid[:, None]
-                grad[chunk] = probs.to(rows.dtype) @ weight
-        ctx.save_for_backward(grad)
+                grad[chunk] = probs.to(flat.dtype) @ weight
+        ctx.save_for_backward(grad, index)
+        ctx.flat_shape = flat.shape
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
-        (grad,) = ctx.saved_tensors
-        grad_rows = None if grad is None else grad * grad_total.to(grad.dtype)
-        return grad_rows, None, None, None, None
+        grad, index = ctx.saved_tensors
+        grad_flat = None
+        if grad is not None:  # zeros at every position that is not a target
+            grad_flat = grad.new_zeros(ctx.flat_shape).index_add_(0, index, grad * grad_total.to(grad.dtype))
+        return grad_flat, None, None, None, None, None
 
 
 def _full_weight(output: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -129,14 +140,20 @@ def chunked_cross_entropy_sum(
         A 0-dim fp32 tensor: the sum of per-token losses.
     """
     if target_index is None:
+        if type(labels) is not torch.Tensor or labels.is_meta:
+            raise ValueError(
+                f"the loss cannot count the targets of {type(labels).__name__} labels (their number is data): pass "
+                "target_index, computed from the host labels (Batch.with_target_index, loss.target_positions)"
+            )
         target_index = target_positions(labels, ignore_index)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # [n, d]; backward scatters
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [b * s, d]
     targets = labels.reshape(-1).index_select(0, target_index)  # [n]
+    if num_chunks > 1 and not output.weight.requires_grad and getattr(output, "bias", None) is None:
+        weight = _full_weight(output, hidden.dtype)
+        return _FrozenProjectionCrossEntropy.apply(flat, targets, target_index, weight, num_chunks, ignore_index)
+    rows = flat.index_select(0, target_index)  # [n, d]; its backward scatters the gradient to [b * s, d]
     if num_chunks <= 1:
         return _chunk_loss_sum(rows, targets, output, ignore_index)
-    if not output.weight.requires_grad and getattr(output, "bias", None) is None:
-        weight = _full_weight(output, hidden.dtype)
-        return _FrozenProjectionCrossEntropy.apply(rows, targets, weight, num_chunks, ignore_index)
     total = hidden.new_zeros((), dtype=torch.float32)
     for chunk in _row_chunks(rows.shape[0], num_chunks):
         total = total + checkpoint(_chunk_loss_sum, rows[chunk], targets[chunk], output, ignore_index, use_reentrant=False)

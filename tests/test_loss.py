@@ -326,3 +326,6 @@ def test_batch_carries_the_target_index() -> None:
     assert indexed.map(lambda t: t.to("meta")).target_index.device.type == "meta"
     with pytest.raises(ValueError, match="with_target_index"):
         batch.map(lambda t: t.to("meta")).with_target_index(-100)
+    meta = torch.empty(b, s, 4, device="meta")
+    with pytest.raises(ValueError, match="pass target_index"):  # the loss cannot count them either
+        chunked_cross_entropy_sum(meta, labels.to("meta"), nn.Linear(4, 40, device="meta"), num_chunks=2)
