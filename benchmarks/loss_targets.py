@@ -63,7 +63,9 @@ def batches(count: int, *, packed: bool) -> list[Batch]:
     return out
 
 
-def run(hidden: torch.Tensor, batch: Batch, output: nn.Module, index: torch.Tensor) -> tuple[float, int, float, torch.Tensor]:
+def run(
+    hidden: torch.Tensor, batch: Batch, output: nn.Module, index: torch.Tensor
+) -> tuple[float, int, float, torch.Tensor]:
     """(seconds, peak bytes, loss, hidden gradient) of one loss forward + backward."""
     leaf = hidden.detach().requires_grad_(True)
     output.zero_grad(set_to_none=True)

@@ -15,7 +15,9 @@ What is counted (forward; ``T = b * s`` token slots, ``P`` attended self-attenti
 - MLPs: ``2T`` times the sum of ``in * out`` of their linears (SwiGLU: ``3 d f``);
 - output projection ``2 n d v`` over the ``n`` target positions only (the loss gathers them and
   projects nothing else, :mod:`fusiontrain.loss`; ``n = T`` when no target index is known), so
-  prompt, image-token and padding positions cost nothing there; see "recompute" below;
+  prompt, image-token and padding positions cost nothing there (per-token rules such as PaLM's
+  ``6 N`` count the projection at every token; this count follows the work the step does); see
+  "recompute" below;
 - encoder: the patch convolution, every ViT / tower layer (dense attention over the tokens of an
   image: Mllama's ``t * p_pad`` padded tile tokens, all ``max_num_tiles`` tiles of every image
   slot, padding slots included, because that is what runs), SigLIP's attention-pooling head (it

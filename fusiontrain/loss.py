@@ -156,7 +156,8 @@ def chunked_cross_entropy_sum(
         return _chunk_loss_sum(rows, targets, output, ignore_index)
     total = hidden.new_zeros((), dtype=torch.float32)
     for chunk in _row_chunks(rows.shape[0], num_chunks):
-        total = total + checkpoint(_chunk_loss_sum, rows[chunk], targets[chunk], output, ignore_index, use_reentrant=False)
+        chunk_loss = checkpoint(_chunk_loss_sum, rows[chunk], targets[chunk], output, ignore_index, use_reentrant=False)
+        total = total + chunk_loss
     return total
 
 
