@@ -231,7 +231,11 @@ class DistributedConfig:
 
 @dataclass
 class LossConfig:
-    num_output_chunks: int = _field(8, "Chunks of the output projection for the cross-entropy (0 = none).")
+    num_output_chunks: int = _field(
+        8,
+        "Chunks of the output projection for the cross-entropy, over the target positions only (labels that are "
+        "not ignore_index; 0 or 1 = all targets at once).",
+    )
     ignore_index: int = _field(-100, "Label value excluded from the loss (prompt and padding).")
     nonfinite: Literal["skip", "stop"] = _field(
         "skip",

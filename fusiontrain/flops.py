@@ -13,7 +13,11 @@ What is counted (forward; ``T = b * s`` token slots, ``P`` attended self-attenti
   of every row ``2 (b s_e) 2 d w_kv``, scores and values ``4 w T s_e`` (dense: every token is
   multiplied with every encoder token, whatever the encoder mask says);
 - MLPs: ``2T`` times the sum of ``in * out`` of their linears (SwiGLU: ``3 d f``);
-- output projection ``2T d v`` (the chunked loss applies it; see "recompute" below);
+- output projection ``2 n d v`` over the ``n`` target positions only (the loss gathers them and
+  projects nothing else, :mod:`fusiontrain.loss`; ``n = T`` when no target index is known), so
+  prompt, image-token and padding positions cost nothing there (per-token rules such as PaLM's
+  ``6 N`` count the projection at every token; this count follows the work the step does); see
+  "recompute" below;
 - encoder: the patch convolution, every ViT / tower layer (dense attention over the tokens of an
   image: Mllama's ``t * p_pad`` padded tile tokens, all ``max_num_tiles`` tiles of every image
   slot, padding slots included, because that is what runs), SigLIP's attention-pooling head (it
@@ -142,6 +146,7 @@ def _decoder(
     attention_pairs: int,
     encoder_seq_len: int,
     encoder_grad: bool,
+    targets: int | None,
 ) -> None:
     tokens = num_rows * seq_len
     h = any_trainable(decoder.tok_embeddings)
@@ -173,7 +178,8 @@ def _decoder(
 
     for layer in decoder.layers:
         h = layer_flops(layer, h)
-    count_linear(tally, "decoder.output", decoder.output, tokens, h or any_trainable(decoder.norm))
+    projected = tokens if targets is None else targets
+    count_linear(tally, "decoder.output", decoder.output, projected, h or any_trainable(decoder.norm))
 
 # -- encoders -------------------------------------------------------------------------------------
 
@@ -266,6 +272,7 @@ def step_flops(
     images: int = 0,
     encoder_seq_len: int | None = None,
     encoder_input: Mapping[str, Any] | None = None,
+    targets: int | None = None,
 ) -> FlopCount:
     """Model FLOPs of one forward + backward of ``model`` on one micro-batch.
 
@@ -294,6 +301,7 @@ def step_flops(
             ``pixel_attention_mask``, ``spatial_shapes``). Required by an encoder this module does
             not count analytically: it is run once per input shape on fake tensors
             (:func:`fusiontrain.flop_probe.measure_encoder_flops`). Giving it means the encoder runs.
+        targets: target positions ``n`` the output projection runs on; None: every token slot.
 
     Returns:
         The forward and backward FLOPs.
@@ -336,6 +344,7 @@ def step_flops(
         attention_pairs=attention_pairs,
         encoder_seq_len=encoder_seq_len or 0,
         encoder_grad=encoder_grad,
+        targets=targets,
     )
     return tally.result()
 
@@ -347,9 +356,10 @@ def micro_batch_flops(model: nn.Module, batch: Any, *, attention_pairs: int | No
     input from ``batch.encoder_input`` (analytic encoders: the image slots of its
     ``pixel_values`` ``[b, i, ...]``; any other encoder: run on fake tensors of its shapes, once per
     shape) and ``s_e`` from ``batch.encoder_mask``. ``attention_pairs`` overrides the pairs (e.g.
-    ``b * s * s``). Packed batches cost two small device syncs (the segment counts) when ``batch``
-    is on a GPU, and so does a generic encoder count with integer inputs (copied to the CPU, once
-    per shape); pass the CPU batch to avoid them.
+    ``b * s * s``); the target positions from ``batch.target_index`` (its length: no device read)
+    when set, every token slot otherwise. Packed batches cost two small device syncs (the segment
+    counts) when ``batch`` is on a GPU, and so does a generic encoder count with integer inputs
+    (copied to the CPU, once per shape); pass the CPU batch to avoid them.
 
     Raises:
         What :func:`step_flops` raises; see :func:`micro_batch_flops_or_none`.
@@ -367,6 +377,7 @@ def micro_batch_flops(model: nn.Module, batch: Any, *, attention_pairs: int | No
         attention_pairs=attention_pairs,
         encoder_seq_len=encoder_seq_len,
         encoder_input=batch.encoder_input,
+        targets=None if getattr(batch, "target_index", None) is None else batch.target_index.numel(),
     )
 
 _warned_unavailable = False  # micro_batch_flops_or_none warns once per process

@@ -1,17 +1,32 @@
-"""Cross-entropy computed chunk by chunk over the output projection.
+"""Cross-entropy over the target positions only, computed chunk by chunk over the output projection.
 
-The decoder returns its final hidden states ``[b, s, d]`` (``set_skip_output_projection``); the
-loss projects one chunk of positions at a time, upcasts that chunk's logits to fp32 and takes its
-cross-entropy, so at most one chunk of fp32 logits ``[b * s / k, v]`` exists at any time, never
-the whole ``[b, s, v]``. Two ways, chosen by whether the projection trains:
+The decoder returns its final hidden states ``[b, s, d]`` (``set_skip_output_projection``). The
+loss gathers the rows of the ``n`` target positions (label != ignore index; prompt, image-token
+and padding positions are dropped) and projects only those: the projection costs ``2 n d v``
+rather than ``2 b s d v``. It projects one chunk of those rows at a time, upcasts that chunk's
+logits to fp32 and takes its cross-entropy, so at most one chunk of fp32 logits ``[n / k, v]``
+exists at any time, never the whole ``[n, v]``. Two ways, chosen by whether the projection
+trains:
 
-- **frozen projection** (fusion-only training, the default): the gradient with respect to the
-  hidden states is computed in the forward pass, chunk by chunk (``softmax - one_hot``, times the
-  weight), and kept (``[b, s, d]``, the size of the hidden states); backward only scales it. No
-  logits are kept and none are recomputed. A weight sharded as a DTensor (FSDP2) is gathered once
-  per call, in the compute dtype of the hidden states.
-- **trainable projection**: each chunk runs through the ``output`` module under non-reentrant
+- **frozen projection** (fusion-only training, the default): each chunk gathers its own rows;
+  the gradient with respect to them is computed in the forward pass (``softmax - one_hot``, times
+  the weight) and kept (``[n, d]``: no gathered copy of all n rows ever exists); backward scales
+  it and scatters it to ``[b, s, d]`` (zeros at non-target positions). No logits are kept and
+  none are recomputed. A weight sharded as a DTensor (FSDP2) is gathered once per call, in the
+  compute dtype of the hidden states.
+- **trainable projection**: the n rows are gathered (``[n, d]``, kept until backward, like an
+  activation), and each chunk of them runs through the ``output`` module under non-reentrant
   activation checkpointing, so backward recomputes the chunk's logits (one extra projection).
+
+``num_chunks <= 1`` takes the gathered rows' logits ``[n, v]`` at once, under plain autograd.
+:func:`full_cross_entropy_sum` is the reference: every position projected, no gather, no chunks.
+
+The target positions are a flat int64 index ``[n]`` into the ``b * s`` positions
+(:func:`target_positions`). Its length depends on the label values, so it is computed from the
+host copy of the labels (``Batch.with_target_index``) and travels to the device with the batch:
+the step never waits for the device to count targets, and the planner's fake tensors get the
+index's shape from the host. Without one, the loss computes it from ``labels`` (a device-to-host
+sync on an accelerator; impossible on fake tensors).
 
 Losses are *sums* over target tokens; the caller divides by the global number of target tokens
 (over ranks and accumulation steps), so gradients do not depend on how tokens are split.
@@ -27,6 +42,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def target_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Flat indices ``[n]`` (int64, ascending) into the ``b * s`` positions of ``labels`` ``[b, s]``
+    whose label is not ``ignore_index``. Its length depends on the values: call it on host labels
+    (on an accelerator it waits for the device; on fake tensors it cannot run)."""
+    return torch.nonzero(labels.reshape(-1) != ignore_index).squeeze(1)
+
+
+def _row_chunks(n: int, num_chunks: int) -> list[slice]:
+    """``num_chunks`` (or fewer) consecutive row ranges covering ``n`` rows; at least one (maybe
+    empty), so that a micro-batch without targets still runs the projection once."""
+    size = max(1, -(-n // num_chunks))
+    return [slice(start, start + size) for start in range(0, max(n, 1), size)]
+
+
 def _chunk_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, output: nn.Module, ignore_index: int) -> torch.Tensor:
     # 2-D input: the projection takes the same matmul path in forward and in the checkpoint's
     # recompute, whatever the chunk's strides (3-D inputs may fold into mm once and bmm once).
@@ -35,39 +64,46 @@ def _chunk_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, output: nn.Modul
 
 
 class _FrozenProjectionCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weight.T`` for a frozen ``weight``, whose gradient with
-    respect to ``hidden`` is computed during forward, one chunk of positions at a time."""
+    """Summed cross-entropy of ``flat[index] @ weight.T`` for a frozen ``weight``: the rows of
+    ``index`` ``[n]`` are gathered from ``flat`` ``[b * s, d]`` one chunk at a time, and their
+    gradient ``[n, d]`` is computed during forward; backward scatters it to ``[b * s, d]``."""
 
     @staticmethod
     def forward(  # noqa: ANN205 - autograd.Function protocol
-        ctx: Any, hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, num_chunks: int, ignore_index: int
+        ctx: Any,
+        flat: torch.Tensor,
+        targets: torch.Tensor,
+        index: torch.Tensor,
+        weight: torch.Tensor,
+        num_chunks: int,
+        ignore_index: int,
     ) -> torch.Tensor:
-        shape = hidden.shape
-        flat, targets = hidden.reshape(-1, shape[-1]), labels.reshape(-1)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
-        size = -(-flat.shape[0] // num_chunks)
-        for start in range(0, flat.shape[0], size):
-            rows = slice(start, start + size)
-            logits = (flat[rows] @ weight.T).float()  # [n, v], fp32
-            valid = targets[rows] != ignore_index
-            target = torch.where(valid, targets[rows], 0)
+        total = torch.zeros((), dtype=torch.float32, device=flat.device)
+        n = index.shape[0]
+        grad = flat.new_empty(n, flat.shape[1]) if ctx.needs_input_grad[0] else None
+        for chunk in _row_chunks(n, num_chunks):
+            logits = (flat.index_select(0, index[chunk]) @ weight.T).float()  # [n / k, v], fp32
+            # an index may hold ignored positions too (a superset of the targets): they count nothing
+            valid = targets[chunk] != ignore_index
+            target = torch.where(valid, targets[chunk], 0)
             log_norm = torch.logsumexp(logits, dim=-1)
             total += ((log_norm - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
             if grad is not None:  # d loss / d logits = softmax - one_hot, on valid rows only
                 probs = logits.sub_(log_norm[:, None]).exp_()
                 probs[torch.arange(len(target), device=probs.device), target] -= 1.0
                 probs *= valid[:, None]
-                grad[rows] = probs.to(flat.dtype) @ weight
-        ctx.save_for_backward(grad)
-        ctx.shape = shape
+                grad[chunk] = probs.to(flat.dtype) @ weight
+        ctx.save_for_backward(grad, index)
+        ctx.flat_shape = flat.shape
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # noqa: D102
-        (grad,) = ctx.saved_tensors
-        grad_hidden = None if grad is None else (grad * grad_total.to(grad.dtype)).view(ctx.shape)
-        return grad_hidden, None, None, None, None
+        grad, index = ctx.saved_tensors
+        grad_flat = None
+        if grad is not None:  # zeros at every position that is not a target
+            grad_flat = grad.new_zeros(ctx.flat_shape).index_add_(0, index, grad * grad_total.to(grad.dtype))
+        return grad_flat, None, None, None, None, None
 
 
 def _full_weight(output: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -84,32 +120,53 @@ def chunked_cross_entropy_sum(
     *,
     num_chunks: int,
     ignore_index: int = -100,
+    target_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Summed cross-entropy of ``output(hidden)`` against ``labels``.
+    """Summed cross-entropy of ``output(hidden)`` against ``labels``, projecting the target
+    positions only.
 
     Args:
         hidden: final-normed hidden states ``[b, s, d]``.
         labels: target ids ``[b, s]`` (already shifted: position i predicts ``labels[:, i]``);
             ``ignore_index`` marks prompt and padding positions.
         output: the output projection ``d -> v``.
-        num_chunks: chunks of the ``b * s`` positions (frozen projection) or along s (trainable);
-            0 or 1 computes the full logits at once (the reference).
+        num_chunks: chunks of the ``n`` gathered target rows; 0 or 1 projects them all at once.
         ignore_index: label value that contributes nothing.
+        target_index: ``[n]`` int64, :func:`target_positions` of ``labels`` (computed on the
+            host, on the device of ``hidden``); None computes it here from ``labels``. Positions
+            left out of it count nothing, so it must hold every target.
 
     Returns:
         A 0-dim fp32 tensor: the sum of per-token losses.
     """
-    if num_chunks <= 1:
-        return _chunk_loss_sum(hidden, labels, output, ignore_index)
-    if not output.weight.requires_grad and getattr(output, "bias", None) is None:
+    if target_index is None:
+        if type(labels) is not torch.Tensor or labels.is_meta:
+            raise ValueError(
+                f"the loss cannot count the targets of {type(labels).__name__} labels (their number is data): pass "
+                "target_index, computed from the host labels (Batch.with_target_index, loss.target_positions)"
+            )
+        target_index = target_positions(labels, ignore_index)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # [b * s, d]
+    targets = labels.reshape(-1).index_select(0, target_index)  # [n]
+    if num_chunks > 1 and not output.weight.requires_grad and getattr(output, "bias", None) is None:
         weight = _full_weight(output, hidden.dtype)
-        return _FrozenProjectionCrossEntropy.apply(hidden, labels, weight, num_chunks, ignore_index)
+        return _FrozenProjectionCrossEntropy.apply(flat, targets, target_index, weight, num_chunks, ignore_index)
+    rows = flat.index_select(0, target_index)  # [n, d]; its backward scatters the gradient to [b * s, d]
+    if num_chunks <= 1:
+        return _chunk_loss_sum(rows, targets, output, ignore_index)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for hidden_chunk, label_chunk in zip(hidden.chunk(num_chunks, dim=1), labels.chunk(num_chunks, dim=1)):
-        total = total + checkpoint(
-            _chunk_loss_sum, hidden_chunk, label_chunk, output, ignore_index, use_reentrant=False
-        )
+    for chunk in _row_chunks(rows.shape[0], num_chunks):
+        chunk_loss = checkpoint(_chunk_loss_sum, rows[chunk], targets[chunk], output, ignore_index, use_reentrant=False)
+        total = total + chunk_loss
     return total
+
+
+def full_cross_entropy_sum(
+    hidden: torch.Tensor, labels: torch.Tensor, output: nn.Module, *, ignore_index: int = -100
+) -> torch.Tensor:
+    """The reference: the full fp32 logits ``[b * s, v]`` of every position, summed cross-entropy
+    over the targets (plain autograd; no gather, no chunks). For tests and benchmarks."""
+    return _chunk_loss_sum(hidden, labels, output, ignore_index)
 
 
 def count_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

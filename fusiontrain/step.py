@@ -3,8 +3,10 @@
 :class:`TrainStep` turns one global-batch step's micro-batches, as they come from the loader (host
 copies), into one optimizer update:
 
-1. Counts from the host copies, with no device work: target tokens, real tokens, bad samples
-   skipped per reason and model FLOPs (:func:`~fusiontrain.flops.micro_batch_flops_or_none`).
+1. Counts from the host copies, with no device work: the target positions of each micro-batch
+   (``Batch.with_target_index``: the loss projects only those, and their number is known on the
+   host), target tokens, real tokens, bad samples skipped per reason and model FLOPs
+   (:func:`~fusiontrain.flops.micro_batch_flops_or_none`).
    They travel in ONE all-reduce, issued before the first forward; the loss scale (world size /
    global target tokens, since FSDP averages gradients over ranks) is taken from its result on
    the device, so nothing waits for it before the first backward.
@@ -102,12 +104,19 @@ def loss_sum(
     loss_phase: AbstractContextManager | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy over the target tokens of ``batch`` (on the model's device): the model
-    (with its output projection skipped) gives ``[b, s, d]``, the chunked loss applies the
-    projection chunk by chunk (inside ``loss_phase`` when given)."""
+    (with its output projection skipped) gives ``[b, s, d]``, the chunked loss gathers the target
+    positions (``batch.target_index``, set on the host by ``Batch.with_target_index``; without it
+    the loss finds them from the labels) and applies the projection to them chunk by chunk (inside
+    ``loss_phase`` when given)."""
     hidden = model(batch.tokens, **batch.model_inputs(flex=flex_attention))
     with loss_phase or nullcontext():
         return chunked_cross_entropy_sum(
-            hidden, batch.labels, model.decoder.output, num_chunks=num_output_chunks, ignore_index=ignore_index
+            hidden,
+            batch.labels,
+            model.decoder.output,
+            num_chunks=num_output_chunks,
+            ignore_index=ignore_index,
+            target_index=batch.target_index,
         )
 
 
@@ -190,7 +199,8 @@ class TrainStep:
     def __call__(self, step: int, host_batches: Sequence[Batch]) -> StepResult:
         """Run step ``step`` (0-based) over this rank's ``host_batches``; a collective."""
         with self.phase(HOST_PHASE):
-            host_batches = [self.stage(batch) for batch in host_batches]
+            ignore_index = self.settings.ignore_index
+            host_batches = [self.stage(batch.with_target_index(ignore_index)) for batch in host_batches]
             counts = self.stage_tensor(self.host_counts(host_batches))
         totals = distributed.all_reduce_sum(
             counts.to(self.device, non_blocking=True), f"token, skip and FLOP counts of step {step}"

@@ -393,8 +393,9 @@ class Trainer:
         return batch
 
     def _on_device(self, batch: Batch) -> Batch:
-        """``batch``, completed (:meth:`_complete`), on this rank's device."""
-        return self._complete(batch).to(self.device)
+        """``batch``, completed (:meth:`_complete`), with its target positions taken on the host, on
+        this rank's device."""
+        return self._complete(batch).with_target_index(self.config.loss.ignore_index).to(self.device)
 
     def _eval_sample(self, index: int) -> Sample:
         """Held-out sample ``index``, or a placeholder that trains nothing if it is bad."""

@@ -49,15 +49,19 @@ def _inputs(seq_len: int = S) -> dict:
     return {"tokens": tokens, "encoder_input": pixels, "encoder_mask": encoder_mask}
 
 
-def _measure(model: torch.nn.Module, inputs: dict, *, mask=None, backward: bool = True, num_chunks: int = 1):
-    """(forward, backward) FLOPs that FlopCounterMode sees for one trainer-style step."""
+def _measure(
+    model: torch.nn.Module, inputs: dict, *, mask=None, backward: bool = True, num_chunks: int = 1, labels=None
+):
+    """(forward, backward) FLOPs that FlopCounterMode sees for one trainer-style step (every
+    position a target unless ``labels`` say otherwise)."""
     tokens = inputs["tokens"]
+    labels = tokens if labels is None else labels
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         with torch.set_grad_enabled(backward):
             hidden = model(
                 tokens, mask=mask, encoder_input=inputs.get("encoder_input"), encoder_mask=inputs.get("encoder_mask")
             )
-            loss = chunked_cross_entropy_sum(hidden, tokens, model.decoder.output, num_chunks=num_chunks)
+            loss = chunked_cross_entropy_sum(hidden, labels, model.decoder.output, num_chunks=num_chunks)
         forward = counter.get_total_flops()
         if backward:
             loss.backward()
@@ -186,6 +190,32 @@ def test_chunked_loss_flops_frozen_projection_are_model_flops() -> None:
     assert count.parts["decoder.output"][1] == projection  # input gradient only: the weight is frozen
     assert forward == count.forward + projection
     assert backward == count.backward - projection
+
+
+def test_output_projection_counts_targets_only() -> None:
+    """The loss projects the target positions only: with prompt and padding positions ignored, the
+    counter sees ``2 n d v`` per projection pass, and so does the count of a batch carrying its
+    target index."""
+    model = _training_model()
+    inputs = _inputs()
+    labels = inputs["tokens"].clone()
+    labels[0, :5] = -100
+    labels[1, 9:] = -100
+    n = B * S - 12
+    batch = Batch(
+        tokens=inputs["tokens"],
+        labels=labels,
+        input_pos=torch.zeros_like(labels),
+        is_real=torch.ones_like(labels, dtype=torch.bool),
+        encoder_input=inputs["encoder_input"],
+        encoder_mask=inputs["encoder_mask"],
+    ).with_target_index(-100)
+    count = flops.micro_batch_flops(model, batch, attention_pairs=B * S * S)
+    assert count == _count(model, inputs, targets=n)
+    assert count.parts["decoder.output"][0] == 2 * n * model.decoder.output.in_features * model.decoder.output.out_features
+    assert (count.forward, count.backward) == _measure(model, inputs, labels=labels)
+    everything = _count(model, inputs)
+    assert everything.forward - count.forward == 2 * (B * S - n) * model.decoder.output.weight.numel()
 
 
 def test_recompute_is_not_counted() -> None:

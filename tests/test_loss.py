@@ -1,5 +1,6 @@
-"""fusiontrain.loss: the chunked cross-entropy against a plain full-logits cross-entropy, and the
-memory it saves for backward (counted with saved-tensor hooks, no timing)."""
+"""fusiontrain.loss: the chunked cross-entropy over the gathered target positions against a plain
+full-logits cross-entropy over every position, the target index a Batch carries, and the memory
+the loss saves for backward (counted with saved-tensor hooks, no timing)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
+from fusiontrain.data import Batch
+from fusiontrain.loss import chunked_cross_entropy_sum, count_targets, full_cross_entropy_sum, target_positions
 
 B, S, D, V = 2, 10, 16, 50  # S = 10 is divisible by neither 3 nor 4
 
@@ -153,13 +155,16 @@ def test_chunked_loss_never_saves_the_full_logits() -> None:
     labels = torch.randint(0, v, (b, s), generator=generator)
     labels[:, :16] = -100
     leaves = [hidden, output.weight]
-    full_logits_bytes = b * s * v * 4
-    chunk_logits_bytes = b * (s // k) * v * 4
+    n = b * (s - 16)  # target positions
+    chunk_logits_bytes = -(-n // k) * v * 4
 
+    # the measurement sees the full fp32 logits of every position in the reference...
+    reference = _saved_for_backward(lambda: full_cross_entropy_sum(hidden, labels, output), leaves)
+    assert any(shape == (b * s, v) for shape, _ in reference)
+    # ...and those of the targets only when the gathered loss is not chunked
     unchunked = _saved_for_backward(lambda: chunked_cross_entropy_sum(hidden, labels, output, num_chunks=0), leaves)
-    # the measurement sees the full fp32 logits when nothing is chunked
-    assert max(nbytes for _, nbytes in unchunked) >= full_logits_bytes
-    assert any(shape == (b * s, v) for shape, _ in unchunked)
+    assert max(nbytes for _, nbytes in unchunked) == n * v * 4
+    assert any(shape == (n, v) for shape, _ in unchunked)
 
     chunked = _saved_for_backward(lambda: chunked_cross_entropy_sum(hidden, labels, output, num_chunks=k), leaves)
     largest = max((nbytes for _, nbytes in chunked), default=0)
@@ -214,12 +219,113 @@ def test_frozen_projection_all_ignored_and_no_grad() -> None:
 
 
 def test_frozen_projection_keeps_only_the_hidden_gradient() -> None:
-    """What autograd keeps: one tensor the size of the hidden states, never logits; and nothing is
-    recomputed in backward (the projection runs k times in all, plus k input-gradient matmuls)."""
+    """What autograd keeps: one tensor the size of the gathered target rows ``[n, d]``, never
+    logits, nor anything of the size of the hidden states ``[b * s, d]``; and nothing is recomputed
+    in backward (the projection runs k times in all, plus k input-gradient matmuls)."""
     b, s, d, v, k = 2, 256, 64, 32000, 8
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(b, s, d, generator=generator, requires_grad=True)
     output = nn.Linear(d, v, bias=False).requires_grad_(False)
     labels = torch.randint(0, v, (b, s), generator=generator)
-    saved = _saved_for_backward(lambda: chunked_cross_entropy_sum(hidden, labels, output, num_chunks=k), [hidden])
-    assert saved == [((b * s, d), b * s * d * 4)]
+    labels[0, 40:100] = -100
+    labels[1, :30] = -100
+    index = target_positions(labels)
+    n = b * s - 90
+    assert index.shape == (n,)
+    saved = _saved_for_backward(
+        lambda: chunked_cross_entropy_sum(hidden, labels, output, num_chunks=k, target_index=index), [hidden, index]
+    )
+    assert saved == [((n, d), n * d * 4)]
+
+
+# -- the gather of the target positions -----------------------------------------------------------
+
+
+def _sparse_labels(b: int, s: int, v: int, generator: torch.Generator) -> torch.Tensor:
+    """Targets with ignored positions at the start, in the middle and at the end of rows, and one
+    row with no target at all."""
+    labels = torch.randint(0, v, (b, s), generator=generator)
+    labels[0, :2] = -100
+    labels[0, 4:7] = -100
+    labels[1, :] = -100
+    labels[2, 3] = -100
+    labels[2, -2:] = -100
+    return labels
+
+
+@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("ignore_all", [False, True], ids=["sparse", "all_ignored"])
+def test_gathered_loss_matches_full_projection(k: int, frozen: bool, ignore_all: bool) -> None:
+    """Loss and gradients (hidden states; weight when it trains) over the gathered targets, with
+    the index computed on the host, equal the reference that projects every position."""
+    b, s, d, v = 3, 11, 16, 40
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(b, s, d, generator=generator)
+    output = nn.Linear(d, v, bias=False)
+    with torch.no_grad():
+        output.weight.copy_(torch.randn(v, d, generator=generator) / d**0.5)
+    output.requires_grad_(not frozen)
+    labels = _sparse_labels(b, s, v, generator)
+    if ignore_all:
+        labels.fill_(-100)
+    index = target_positions(labels)
+    assert index.tolist() == [i for i, label in enumerate(labels.flatten().tolist()) if label != -100]
+
+    def run(loss_fn):
+        leaf = hidden.clone().requires_grad_(True)
+        output.zero_grad(set_to_none=True)
+        loss = loss_fn(leaf)
+        loss.backward()
+        return loss.detach(), leaf.grad, None if frozen else output.weight.grad.clone()
+
+    want_loss, want_h, want_w = run(lambda h: full_cross_entropy_sum(h, labels, output))
+    got_loss, got_h, got_w = run(
+        lambda h: chunked_cross_entropy_sum(h, labels, output, num_chunks=k, target_index=index)
+    )
+    assert want_loss.item() == pytest.approx(0.0 if ignore_all else _by_hand_rows(hidden, labels, output.weight), rel=1e-5)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got_h, want_h, rtol=1e-5, atol=1e-6)
+    if not frozen:
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    assert torch.all(got_h[labels == -100] == 0) and torch.all(got_h[labels != -100].abs().sum(-1) > 0)
+
+
+def _by_hand_rows(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> float:
+    """Token by token in float64 over every position of ``labels`` ``[b, s]`` that is a target."""
+    h, w = hidden.double(), weight.detach().double()
+    total = 0.0
+    for (row, col), label in zip(torch.cartesian_prod(*map(torch.arange, labels.shape)).tolist(), labels.flatten().tolist()):
+        if label != -100:
+            logits = w @ h[row, col]
+            total += (torch.logsumexp(logits, 0) - logits[label]).item()
+    return total
+
+
+def test_batch_carries_the_target_index() -> None:
+    """``with_target_index`` takes the target positions from the host labels; ``to`` and ``map``
+    carry the index; labels that are not on the host are refused with a message."""
+    b, s = 3, 8
+    labels = _sparse_labels(b, s, 40, torch.Generator().manual_seed(2))
+    batch = Batch(
+        tokens=torch.zeros(b, s, dtype=torch.long),
+        labels=labels,
+        input_pos=torch.arange(s).expand(b, s).clone(),
+        is_real=torch.ones(b, s, dtype=torch.bool),
+    )
+    assert batch.target_index is None
+    indexed = batch.with_target_index(-100)
+    want = [row * s + col for row in range(b) for col in range(s) if labels[row, col] != -100]
+    assert indexed.target_index.dtype == torch.int64 and indexed.target_index.tolist() == want
+    other = int(labels[0, 2])  # another ignore index: the -100 positions become targets
+    assert indexed.with_target_index(other).target_index.tolist() == [i for i, x in enumerate(labels.flatten()) if x != other]
+    moved = indexed.to("cpu")
+    assert moved.target_index.tolist() == want
+    mapped = indexed.map(lambda t: t + 0)
+    assert mapped.target_index is not indexed.target_index and mapped.target_index.tolist() == want
+    assert indexed.map(lambda t: t.to("meta")).target_index.device.type == "meta"
+    with pytest.raises(ValueError, match="with_target_index"):
+        batch.map(lambda t: t.to("meta")).with_target_index(-100)
+    meta = torch.empty(b, s, 4, device="meta")
+    with pytest.raises(ValueError, match="pass target_index"):  # the loss cannot count them either
+        chunked_cross_entropy_sum(meta, labels.to("meta"), nn.Linear(4, 40, device="meta"), num_chunks=2)

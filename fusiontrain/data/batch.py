@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
+from fusiontrain.loss import target_positions
 from fusiontrain.modules.masks import block_causal_block_mask, block_causal_mask, encoder_block_mask
 from fusiontrain.modules.packed import CrossAttentionLayout, PackedLayout, cross_attention_layout, self_attention_layout
 
@@ -72,6 +73,10 @@ class Batch:
         layouts: the packed attention layouts (the CPU path), built from the host tensors by
             :meth:`packed_layouts` (:meth:`to` a CPU device builds them) and carried along by
             :meth:`map`.
+        target_index: ``[n]`` int64 flat indices into the ``b * s`` positions whose label is not
+            the ignore index (the loss projects only those), or None; set from the host labels by
+            :meth:`with_target_index` and carried by :meth:`map` and :meth:`to`. It belongs to
+            ``labels``: a batch whose labels are replaced needs a new one.
     """
 
     tokens: torch.Tensor
@@ -83,6 +88,7 @@ class Batch:
     encoder_mask: torch.Tensor | None = None
     skipped: dict[str, int] = field(default_factory=dict)
     layouts: PackedLayouts | None = field(default=None, repr=False, compare=False)
+    target_index: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def self_attention_mask(self, *, flex: bool = False) -> Any:
         """None (causal) for unpacked rows; for packed rows the block-diagonal causal mask, dense
@@ -136,6 +142,22 @@ class Batch:
             "input_pos": self.input_pos,
         }
 
+    def with_target_index(self, ignore_index: int) -> Batch:
+        """A copy carrying ``target_index`` for ``ignore_index``, computed from the host labels
+        (so that its length, the number of targets, never has to be read back from a device).
+
+        Raises:
+            ValueError: ``labels`` are not a real CPU tensor (fake, meta or on an accelerator):
+                call this on the host batch, before :meth:`to` or :meth:`map`.
+        """
+        labels = self.labels
+        if type(labels) is not torch.Tensor or labels.device.type != "cpu":
+            raise ValueError(
+                f"the target index is computed from the host labels, and these are a {type(labels).__name__} on "
+                f"{labels.device}; call with_target_index() on the host batch before moving or mapping it"
+            )
+        return replace(self, target_index=target_positions(labels, ignore_index))
+
     def to(self, device: torch.device | str) -> Batch:
         """A copy on ``device``. For a CPU device the packed layouts are built first; CUDA steps
         attend through block masks built on the device instead (see :meth:`model_inputs`)."""
@@ -159,6 +181,7 @@ class Batch:
             segment_ids=segment_ids,
             encoder_input=encoder_input,
             encoder_mask=encoder_mask,
+            target_index=apply(self.target_index),
             layouts=None
             if layouts is None
             else PackedLayouts(
