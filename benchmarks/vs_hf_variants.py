@@ -95,6 +95,7 @@ class Variant:
     params_trainable: int = 0  # parameters the optimizer updates
     params_requires_grad: int = 0  # parameters with requires_grad (HF's whole embedding matrix)
     step0_loss: float = float("nan")
+    steps_done: int = 0
 
     def step(self) -> tuple[Batch, float]:
         """Train one step; the host batch it read and its mean loss per target token."""
@@ -200,8 +201,9 @@ class HFVariant(Variant):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
-        if self.step0_loss != self.step0_loss:  # NaN: this was the first step
+        if self.steps_done == 0:
             self.step0_loss = loss_value
+        self.steps_done += 1
         return batch, loss_value
 
 
@@ -231,7 +233,6 @@ class FusiontrainVariant(Variant):
                 flex_attention=settings.flex_attention,
             )
         self.step0_loss = (total / count_targets(first.labels, IGNORE)).item()
-        self.steps_done = 0
         gc.collect()
         reset_peak_memory(setup.device)
 
