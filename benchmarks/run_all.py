@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -18,16 +19,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 
 # (title, script and arguments, what it shows)
 BENCHMARKS: list[tuple[str, list[str], str]] = [
     (
-        "fusiontrain against HF transformers (vs_hf.py)",
-        ["benchmarks/vs_hf.py", "--profile"],
-        "Same weights, same data, one process: (a) HF MllamaForConditionalGeneration with a padding collator "
-        "and frozen parameters set by hand, (b) fusiontrain padded, (c) fusiontrain packed. The profile is "
-        "(c)'s top operators.",
+        "fusiontrain against HF transformers and torchtune (vs_hf.py)",
+        ["benchmarks/vs_hf.py", "--profile", "--json", "benchmarks/out/vs_hf.json"],
+        "Same weights, same data, one process, the four models alive side by side and their timed steps "
+        "interleaved: (a) HF MllamaForConditionalGeneration with a padding collator and frozen parameters set "
+        "by hand, (b) fusiontrain padded, (c) fusiontrain packed, (d) torchtune 0.6.1 padded (its modules, "
+        "converter, chunked loss and recipe step). Ratios to (a) are taken round by round (median and min-max "
+        "over rounds); model FLOP/s count the samples' work only, as a share of a measured matmul peak. The "
+        "profile is (c)'s top operators.",
     ),
     (
         "Packed attention against the dense-mask path (attention.py)",
@@ -67,6 +72,17 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
         "of the trained state, tokens/s.",
     ),
 ]
+
+
+def vs_hf_table() -> str:
+    """vs_hf.py's results (its ``--json``) as a Markdown table."""
+    from benchmarks.vs_hf_report import markdown_table
+
+    return markdown_table(json.loads((REPO / "benchmarks" / "out" / "vs_hf.json").read_text()))
+
+
+# Benchmarks whose numbers are also rendered as a Markdown table above their console output.
+TABLES = {"benchmarks/vs_hf.py": vs_hf_table}
 
 
 def git_commit() -> str:
@@ -122,8 +138,9 @@ def main() -> None:
     for title, script, what in BENCHMARKS:
         print(f"running {' '.join(script)} ...", flush=True)
         output, seconds = run(script)
+        rendered = TABLES[script[0]]() + "\n\n" if script[0] in TABLES else ""
         sections.append(
-            f"## {title}\n\n{what}\n\n`python {' '.join(script)}` ({seconds:.0f} s):\n\n```\n{output}\n```\n"
+            f"## {title}\n\n{what}\n\n{rendered}`python {' '.join(script)}` ({seconds:.0f} s):\n\n```\n{output}\n```\n"
         )
     header = (
         "# Benchmark results\n\n"

@@ -1,83 +1,88 @@
-"""fusiontrain against Hugging Face transformers, same weights, same data: ``python benchmarks/vs_hf.py``.
+"""fusiontrain against HF transformers and torchtune, same weights, same data: ``python benchmarks/vs_hf.py``.
 
 One process, on the CPU (or one GPU with ``--device cuda``), trains the benchmark Mllama
 (``fusiontrain.tiny.bench_mllama_config``, written once to ``benchmarks/out/bench_mllama``)
-fusion-only, in fp32 (or bf16 mixed precision with ``--precision bf16``), three ways:
+fusion-only (the cross-attention layers, the projection head and the 8 extra token rows), in fp32
+(or bf16 with ``--precision bf16``), four ways:
 
 (a) **HF transformers** as TRL / accelerate users run it: ``MllamaForConditionalGeneration
-    .from_pretrained`` (fp32, ``attn_implementation="sdpa"``, which trains on the CPU), every
-    parameter frozen by hand except the ones fusiontrain trains (see ``hf_trainable``), a padding
-    collator (each batch padded to its longest sample, labels -100 on padding and on positions
-    without a target), and a plain loop: forward with labels (full ``[b, s, v]`` logits, HF's own
-    loss), backward, grad-norm clipping at 1.0 (as fusiontrain and HF's Trainer do by default),
-    ``AdamW(foreach=True)`` step (``fused=True`` on a GPU), ``zero_grad``.
+    .from_pretrained`` (sdpa attention), every parameter frozen by hand except the ones
+    fusiontrain trains, padded batches, a plain loop: forward with labels (full ``[b, s, v]``
+    logits, HF's own loss), backward, grad-norm clipping at 1.0, ``AdamW`` step, ``zero_grad``
+    (``benchmarks/vs_hf_variants.py``).
 (b) **fusiontrain, padded**: ``fusiontrain.trainer.Trainer`` (FSDP2 over a world of one, gloo)
-    with ``data.packing=false``: one sample per row, padded to the batch's longest sample.
+    with ``data.packing=false``: one sample per row, padded to the batch's longest sample; its
+    default chunked loss (8 chunks; the output projection is frozen, so each chunk's gradient is
+    taken in forward and nothing is recomputed).
 (c) **fusiontrain, packed**: the same Trainer with ``data.packing=true``: rows of 1024 tokens,
-    bounded first-fit packing with 8 open rows and up to 16 images per row.
+    first-fit packing with 8 open rows and up to 16 images per row.
+(d) **torchtune 0.6.1, padded** (it cannot pack images): torchtune's own modules and its
+    ``DeepFusionModel`` built from the same HF checkpoint by its own converter, trained as its
+    single-device recipe does, with ``CEWithChunkedOutputLoss`` (8 chunks of full logits)
+    (``benchmarks/vs_hf_torchtune.py``).
 
-(b) and (c) use fusiontrain's default chunked loss (8 chunks of the output projection; the
-projection is frozen, so each chunk's gradient is taken in forward and nothing is recomputed).
+All use AdamW (lr 1e-4, betas (0.9, 0.95), weight decay 0; foreach on the CPU, fused on a GPU)
+and grad-norm clipping at 1.0.
 
 Data: ``SyntheticImageText(lengths="long_tail", max_text=1024)``: 0, 1 or 2 images per sample
 (each image's token opens the text that sees it), text lengths from a Pareto law (alpha 1.1,
-scale 24 tokens, capped at 1024; mean about 100). All three read the same sample sequence: the
-Trainer's own row plan (seed 0, ``fusiontrain.data.row_plan``). (a) iterates an identical stream built here, and
-the script asserts that every padded batch (a) trained on is bit-identical to the one (b) trained
-on. (a)/(b) take 4 samples per step; (c) takes 4 packed rows of 1024 tokens per step, which hold
-many more samples (that is the point).
+scale 24 tokens, capped at 1024; mean about 100). Every variant reads the Trainer's row plan
+(seed 0): (a) and (d) iterate identical streams built here, and the script asserts that every
+padded batch (a), (b) and (d) trained on is bit-identical. (a), (b), (d) take 4 samples per step;
+(c) takes 4 packed rows of 1024 tokens per step, which hold many more samples (that is the point).
 
-Per variant it reports real tokens/s (non-padding tokens of the timed steps over their summed step
-time; the first step is warm-up and not timed), the share of token slots holding real tokens, the
-median step time, the CPU utilisation of the timed steps (process CPU time over wall time x
-threads: well under 100% means something else shared the cores and the times are not clean), and
-the peak RSS while training above the RSS before the variant built its model (weights, gradients,
-optimizer state and activations; the RSS high-water mark is reset after each model is loaded, as
-the Trainer does, and the previous variant's model is freed first). The script re-executes itself
-with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors leave the RSS.
+Timing. The four models live side by side. Each is built and trains ``--warmup`` steps in turn
+(its memory window, below); then ``--rounds`` rounds run, each ``--steps-per-round`` timed steps
+of every variant, interleaved step by step (a, b, c, d, a, b, c, d, ...), so that a noisy
+neighbour slows all alike. Per variant and round: real tokens/s (non-padding tokens over step
+time; a step includes building its batch, as each library's loop does); per variant the median
+over rounds and the min-max spread, and the ratio to (a) taken round by round (median and
+min-max). Also the share of token slots holding real tokens, the median step time and the CPU
+utilisation of the timed steps (process CPU time over wall time x threads: well under 100% means
+something else shared the cores).
 
-Step-0 agreement: on the identical first padded batch, HF's loss (a), the Trainer's first-step
-loss (b), and model (c)'s chunked loss on that batch unpacked must agree to 1e-4 relative. HF
-differs on one kind of row (transformers#39379): a text row that sees no image still attends to
-all image tokens (only the MLP half of the cross-attention layer is zeroed), while Meta's
-reference, torchtune and fusiontrain zero the whole layer. Rows before a sample's first image do
-not occur here (SyntheticImageText opens every sample that has images with its image token), but
-text-only samples batched next to samples with images are such rows. So the agreement is checked
-on HF's loss with those text-only samples' logits taken from an image-free forward (where HF skips
-the cross-attention layers, which is the reference behaviour); HF's own loss on the mixed batch is
-printed next to it, and the difference is the #39379 leak.
+Model FLOP/s. Each step's model FLOPs are the samples' work, counted per sample by fusiontrain's
+counter (``fusiontrain.flops.step_flops``: the sample's real tokens, causal, its own images;
+``vs_hf_data.SampleFlops``), the same count for every variant on the same samples: padding earns
+nothing. Achieved FLOP/s is that over step time (median of rounds), and its share of the matmul
+peak measured once per run: ``torch.mm`` of two 2048 x 2048 fp32 matrices (8192 in the
+precision's dtype on a GPU), median of several repetitions, with the same threads.
 
-On a GPU (``--device cuda``) the same three variants run on ``cuda:0``: the Trainer over a
-world of one on nccl (packed rows attend through a compiled flex_attention ``BlockMask``), HF
-with SDPA. The memory column is then the CUDA allocator's peak (weights included), and step
-times are taken after a device synchronisation. ``--precision bf16`` trains HF under
-``torch.autocast(bfloat16)`` with fp32 weights (what HF's Trainer does with ``bf16=True``) and
-fusiontrain with ``parallel.mixed_precision=bf16`` (bf16 compute, fp32 weights and gradient
-reduction); the step-0 agreement is then checked to ``BF16_AGREEMENT_RTOL``. fp32 on a GPU runs
-with TF32 off (PyTorch's default for matmuls).
+Memory. The peak of each variant is read over its warm-up steps, above what was resident before
+it built its model (the others' models included): RSS on a CPU (the high-water mark is reset once
+the model is loaded; the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
+freed tensors leave the RSS), the CUDA allocator's peak above the memory allocated before on a GPU.
 
-Flags: ``--steps`` (default 8), ``--threads`` (torch threads, default ``os.cpu_count()``),
-``--device`` (cpu or cuda), ``--precision`` (fp32 or bf16; bf16 needs cuda), ``--json PATH``
-(the numbers, for a results writer), ``--profile`` (torch.profiler over 2 more steps of (c), top
-10 ops by self time).
+Step-0 agreement: on the identical first padded batch, HF's loss (a), the Trainer's (b), model
+(c)'s chunked loss on that batch unpacked and torchtune's first-step loss (d) must agree to 1e-4
+relative. HF differs on one kind of row (transformers#39379): a text row that sees no image still
+attends to all image tokens (only the MLP half of the cross-attention layer is zeroed), while
+Meta's reference, torchtune and fusiontrain zero the whole layer. Text-only samples batched next
+to samples with images are such rows; so (a) is checked with those samples' logits taken from an
+image-free forward, and HF's own loss on the mixed batch is printed next to it.
+
+On a GPU (``--device cuda``) the variants run on ``cuda:0``: the Trainer on nccl (packed rows
+through a compiled flex_attention ``BlockMask``), HF and torchtune with SDPA, step times taken
+after a device synchronisation. ``--precision bf16``: HF under ``torch.autocast(bfloat16)`` with
+fp32 weights (HF's Trainer with ``bf16=True``), fusiontrain with ``parallel.mixed_precision=bf16``
+(bf16 compute, fp32 weights), torchtune wholly in bf16 (its recipes' ``dtype: bf16``); the step-0
+agreement is then checked to 2e-2. fp32 on a GPU runs with TF32 off.
+
+Flags: ``--warmup`` (default 2), ``--rounds`` (default 3), ``--steps-per-round`` (default 2),
+``--threads`` (default ``os.cpu_count()``), ``--device``, ``--precision``, ``--json PATH``,
+``--profile`` (torch.profiler over 2 more steps of (c), top 10 ops by self time).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import hashlib
 import json
-import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,398 +98,150 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.memory import mib, model_folder, table  # noqa: E402
+from benchmarks.memory import OUT, model_folder  # noqa: E402
+from benchmarks.vs_hf_data import (  # noqa: E402
+    LOSS_CHUNKS, MAX_IMAGES_PER_ROW, OPEN_ROWS, ROWS, SEQ_LEN, BETAS, LR, MAX_GRAD_NORM,
+    SampleFlops, SampleSize, digest, images_in, padded_stream, sample_sizes, train_config,
+)
+from benchmarks.vs_hf_report import console_table  # noqa: E402
+from benchmarks.vs_hf_torchtune import TorchtuneVariant  # noqa: E402
+from benchmarks.vs_hf_variants import FusiontrainVariant, HFVariant, Setup, Variant, memory_baseline, peak_above  # noqa: E402
 from fusiontrain import distributed  # noqa: E402
-from fusiontrain.builders import build_dataset, build_meta_model, configured_family  # noqa: E402
-from fusiontrain.config import TrainConfig, load_config  # noqa: E402
-from fusiontrain.data import Batch, ImageFormat  # noqa: E402
-from fusiontrain.data_builders import build_train_loader  # noqa: E402
-from fusiontrain.loss import count_targets  # noqa: E402
-from fusiontrain.metrics import host_rss_bytes, peak_memory_bytes, reset_peak_memory  # noqa: E402
-from fusiontrain.models import encoder_mask_from_cross_attention_mask  # noqa: E402
-from fusiontrain.trainer import Trainer  # noqa: E402
+from fusiontrain.data import Batch  # noqa: E402
 
-CPU = torch.device("cpu")
-DEVICE = CPU  # set by main(): cpu, or cuda:0 with --device cuda
-PRECISION = "fp32"  # set by main(): fp32, or bf16 with --precision bf16
-SEQ_LEN = 1024
-ROWS = 4  # samples per step for (a) and (b); packed rows per step for (c)
-OPEN_ROWS = 8
-MAX_IMAGES_PER_ROW = 16
-NUM_SAMPLES = 4096  # far more than 8 steps of (c) read: no epoch wraps around
-LOSS_CHUNKS = 8
-LR, BETAS, EPS, MAX_GRAD_NORM = 1e-4, (0.9, 0.95), 1e-8, 1.0
-AGREEMENT_RTOL = 1e-4
-BF16_AGREEMENT_RTOL = 2e-2  # bf16 has 8 mantissa bits: a loss over ~400 tokens moves by ~1e-3 relative
-IGNORE = -100
-
-VARIANTS = {
-    "a": "(a) HF transformers, padded",
-    "b": "(b) fusiontrain, padded",
-    "c": "(c) fusiontrain, packed",
-}
-
-
-# -- configuration and data -----------------------------------------------------------------------
-
-
-def train_config(folder: Path, output_dir: Path, *, packing: bool, steps: int) -> TrainConfig:
-    """The Trainer's config for (b) (``packing=False``) and (c) (``packing=True``)."""
-    overrides = [
-        f"output_dir={output_dir}",
-        f"max_steps={steps}",
-        f"model.hf_mllama={folder}",
-        "model.dtype=float32",
-        "data.format=synthetic",
-        "data.synthetic_lengths=long_tail",
-        f"data.synthetic_max_text={SEQ_LEN}",
-        f"data.synthetic_samples={NUM_SAMPLES}",
-        f"data.packing={'true' if packing else 'false'}",
-        f"data.packing_open_rows={OPEN_ROWS}",
-        f"data.max_images_per_row={MAX_IMAGES_PER_ROW}",
-        "data.num_workers=0",  # samples are built in the training loop, as HF's loop does below
-        f"batch.seq_len={SEQ_LEN}",
-        f"batch.micro_batch_size={ROWS}",
-        f"batch.global_batch_size={ROWS}",
-        f"optim.lr={LR}",
-        f"optim.betas=[{BETAS[0]}, {BETAS[1]}]",
-        f"optim.eps={EPS}",
-        "optim.weight_decay=0.0",
-        "optim.schedule=constant",
-        "optim.warmup_steps=0",
-        f"optim.max_grad_norm={MAX_GRAD_NORM}",
-        f"parallel.mixed_precision={PRECISION}",
-        "parallel.activation_checkpointing=none",
-        f"loss.num_output_chunks={LOSS_CHUNKS}",
-        "eval.every_n_steps=0",
-        "checkpoint.every_n_steps=0",
-        "logging.every_n_steps=0",
-        "logging.wandb.mode=disabled",
-    ]
-    return load_config(None, overrides)
-
-
-def padded_stream(config: TrainConfig) -> tuple[Iterator[Batch], ImageFormat]:
-    """The padded batches the Trainer of ``config`` reads, built the way the Trainer builds them
-    (same dataset, seed, shuffle and collation); the script checks the equality batch by batch."""
-    meta = build_meta_model(config.model)
-    family, folders = configured_family(config.model)
-    spec = family.image_format(meta)
-    inputs = family.input_folders(folders, meta)
-    dataset = build_dataset(config, spec, inputs, meta, split="train")
-    loader = build_train_loader(
-        config, dataset, spec, inputs, rank=0, world=1, combine=lambda table: table, ignore_index=config.loss.ignore_index
-    )
-    return iter(loader), spec
-
-
-def hf_inputs(batch: Batch, spec: ImageFormat, *, check: bool = False) -> dict[str, torch.Tensor]:
-    """Our padded batch as ``MllamaForConditionalGeneration`` keyword arguments.
-
-    HF shifts labels itself (position j is scored against ``labels[j + 1]``); ours are already
-    shifted, so HF's ``labels[:, 1:]`` are our ``labels[:, :-1]``. Our ``encoder_mask``
-    ``[b, s, images * tiles * tokens_per_tile]`` marks whole tiles, so it folds exactly into HF's
-    ``cross_attention_mask`` ``[b, s, images, tiles]``; ``check`` verifies both (outside the
-    timed steps).
-    """
-    b, s = batch.tokens.shape
-    if check and not (batch.labels[:, -1] == IGNORE).all():
-        raise AssertionError("the last position of a padded row must have no target (HF's shift drops it)")
-    labels = torch.full_like(batch.labels, IGNORE)
-    labels[:, 1:] = batch.labels[:, :-1]
-    inputs: dict[str, Any] = {"input_ids": batch.tokens, "attention_mask": batch.is_real.long(), "labels": labels, "use_cache": False}
-    if batch.encoder_input is not None:
-        tiles = spec.max_num_tiles
-        per_tile = spec.tokens_per_tile
-        images = batch.encoder_input["aspect_ratio_ids"].shape[1]
-        cross = batch.encoder_mask.view(b, s, images, tiles, per_tile).any(-1).long()
-        if check and not torch.equal(encoder_mask_from_cross_attention_mask(cross, per_tile), batch.encoder_mask):
-            raise AssertionError("encoder_mask does not fold into a per-tile cross_attention_mask")
-        inputs.update(batch.encoder_input, cross_attention_mask=cross)
-    return inputs
-
-
-def digest(batch: Batch) -> str:
-    """A fingerprint of everything a batch feeds the model (tokens, targets, images, masks)."""
-    h = hashlib.sha1()
-    tensors = [batch.tokens, batch.labels, batch.is_real, batch.encoder_mask]
-    tensors += list((batch.encoder_input or {}).values())
-    for t in tensors:
-        if t is not None:
-            h.update(str(tuple(t.shape)).encode())
-            h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def samples_in(batch: Batch) -> int:
-    """Samples a batch holds: one per non-empty row when padded, the segments when packed."""
-    if batch.segment_ids is None:
-        return int(batch.is_real.any(-1).sum())
-    return sum(int(ids[real].max()) + 1 for ids, real in zip(batch.segment_ids, batch.is_real) if real.any())
-
-
-def images_in(batch: Batch) -> int:
-    if batch.encoder_input is None:
-        return 0
-    return int((batch.encoder_input["aspect_ratio_ids"] > 0).sum())
+RUN_DIR = OUT / "vs_hf"  # the Trainers' output dirs, and the sample-size cache they share
 
 
 # -- measurement ----------------------------------------------------------------------------------
 
 
 @dataclass
+class Record:
+    """One step of one variant."""
+
+    seconds: float
+    cpu_seconds: float  # process CPU time, all threads
+    real_tokens: int
+    slots: int
+    samples: list[SampleSize]
+    images: int
+    loss: float
+    digest: str
+    round: int  # -1 for a warm-up step
+
+
+@dataclass
 class Run:
-    """What one variant measured."""
+    """A variant and what its steps measured."""
 
-    name: str
-    step_times: list[float] = field(default_factory=list)
-    cpu_times: list[float] = field(default_factory=list)  # process CPU time (all threads) per step
-    real_tokens: list[int] = field(default_factory=list)
-    slots: list[int] = field(default_factory=list)
-    samples: list[int] = field(default_factory=list)
-    images: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    digests: list[str] = field(default_factory=list)
-    peak_rss: int = 0
+    variant: Variant
+    records: list[Record] = field(default_factory=list)
     rss_before: int = 0
-    params_total: int = 0
-    params_trainable: int = 0
-    params_requires_grad: int = 0
-    step0_loss: float = math.nan
+    peak_memory: int = 0
 
-    def record(self, batch: Batch, seconds: float, cpu_seconds: float, loss: float) -> None:
-        self.step_times.append(seconds)
-        self.cpu_times.append(cpu_seconds)
-        self.real_tokens.append(int(batch.is_real.sum()))
-        self.slots.append(batch.is_real.numel())
-        self.samples.append(samples_in(batch))
-        self.images.append(images_in(batch))
-        self.losses.append(loss)
-        self.digests.append(digest(batch))
-
-    def summary(self) -> dict[str, Any]:
-        """Numbers over the timed steps (all but the first)."""
-        times, tokens, slots = self.step_times[1:], self.real_tokens[1:], self.slots[1:]
-        return {
-            "name": self.name,
-            "timed_steps": len(times),
-            "real_tokens_per_s": sum(tokens) / sum(times),
-            "real_token_share": sum(tokens) / sum(slots),
-            "median_step_s": statistics.median(times),
-            "cpu_utilisation": sum(self.cpu_times[1:]) / sum(times) / torch.get_num_threads(),
-            "samples_per_step": statistics.mean(self.samples[1:]),
-            "real_tokens_per_step": statistics.mean(tokens),
-            "peak_rss_bytes": self.peak_rss,
-            "rss_before_bytes": self.rss_before,
-            "step0_loss": self.step0_loss,
-            "losses": self.losses,
-            "params_total": self.params_total,
-            "params_trainable": self.params_trainable,
-            "params_requires_grad": self.params_requires_grad,
-        }
-
-
-def start_memory_window() -> int:
-    """Free what the previous variant left, and return the RSS to measure the next one above (on
-    a GPU the allocator's peak counts every live tensor, so the baseline is only reported)."""
-    gc.collect()
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
-    return host_rss_bytes()
-
-
-def synchronize() -> None:
-    """Wait for the GPU's queued work (no-op on the CPU), so host clocks time the step."""
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
-def autocast() -> contextlib.AbstractContextManager:
-    """bf16 autocast for HF's forward under ``--precision bf16``; a no-op context for fp32."""
-    if PRECISION == "bf16":
-        return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class Recording:
-    """Wraps the Trainer's batch iterator and keeps the last batch it handed out (for the
-    per-step bookkeeping done after the timed step)."""
-
-    def __init__(self, batches: Iterator[Batch]) -> None:
-        self.batches = batches
-        self.last: Batch | None = None
-
-    def __iter__(self) -> Recording:
-        return self
-
-    def __next__(self) -> Batch:
-        self.last = next(self.batches)
-        return self.last
-
-
-# -- (a) HF transformers --------------------------------------------------------------------------
-
-
-def hf_trainable(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], int]:
-    """Freeze all of HF's model but the parameters fusiontrain trains (torchtune's fusion split),
-    by hand, as a TRL user does. Returns the trainable parameters and their effective size.
-
-    - the cross-attention decoder layers ``model.language_model.layers.{i}``, i in
-      ``text_config.cross_attention_layers``;
-    - the projection head: ``model.multi_modal_projector`` *and* the vision tower's global
-      layers ``model.vision_model.global_transformer`` (fusiontrain's ``encoder.projection``
-      holds both, as torchtune's projection head does; leaving them frozen here would make HF
-      train 1.6M parameters fewer, and skip their backward);
-    - the 8 extra token rows (the image token is the first). HF has one ``[32000 + 8, d]``
-      embedding matrix, so the whole matrix requires grad and a hook zeroes the gradient of the
-      32000 original rows: with weight decay 0 AdamW leaves those rows exactly unchanged, which is
-      what fusiontrain trains; HF still pays for a dense embedding gradient and an AdamW update
-      over the whole matrix, which is the price of its single matrix.
-    """
-    text = model.config.text_config
-    prefixes = [f"model.language_model.layers.{i}." for i in text.cross_attention_layers]
-    prefixes += ["model.multi_modal_projector.", "model.vision_model.global_transformer.", "model.language_model.embed_tokens."]
-    trainable = []
-    for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith(tuple(prefixes)))
-        if param.requires_grad:
-            trainable.append(param)
-    embedding = model.get_input_embeddings().weight
-    frozen_rows = torch.arange(embedding.shape[0], device=embedding.device).unsqueeze(-1) < text.vocab_size
-    embedding.register_hook(lambda grad: grad.masked_fill(frozen_rows, 0.0))
-    effective = sum(p.numel() for p in trainable) - text.vocab_size * embedding.shape[1]
-    return trainable, effective
-
-
-@torch.no_grad()
-def hf_loss_without_39379(model: torch.nn.Module, batch: Batch, spec: ImageFormat) -> float:
-    """HF's mean loss on ``batch`` with the logits of text-only samples taken from an image-free
-    forward (see the module docstring): the loss fusiontrain and Meta's reference compute."""
-    inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in hf_inputs(batch, spec, check=True).items()}
-    labels = inputs.pop("labels")
-    del labels  # the loss below is taken from our (already shifted) labels
-    with autocast():
-        logits = model(**inputs).logits.float()
-    if batch.encoder_mask is not None:
-        sees = batch.encoder_mask.any(-1)
-        blind_rows = [r for r in range(len(sees)) if not sees[r][batch.is_real[r]].any()]
-        partly = [r for r in range(len(sees)) if r not in blind_rows and not sees[r][batch.is_real[r]].all()]
-        if partly:
-            raise AssertionError(f"rows {partly} have text before their first image (SyntheticImageText opens samples with it)")
-        if blind_rows:
-            rows = torch.tensor(blind_rows)
-            with autocast():
-                text_only = model(
-                    input_ids=batch.tokens[rows].to(DEVICE), attention_mask=batch.is_real[rows].long().to(DEVICE), use_cache=False
-                ).logits
-            logits[rows.to(DEVICE)] = text_only.float()
-    loss_sum = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten().to(DEVICE), ignore_index=IGNORE, reduction="sum")
-    return (loss_sum / count_targets(batch.labels, IGNORE)).item()
-
-
-def run_hf(folder: Path, config: TrainConfig, steps: int, first: Batch) -> tuple[Run, float]:
-    """Variant (a). Returns the run and the #39379-free step-0 loss on ``first``."""
-    from transformers import MllamaForConditionalGeneration
-
-    run = Run(VARIANTS["a"])
-    baseline = run.rss_before = start_memory_window()
-    model = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
-    if model.config._attn_implementation != "sdpa":
-        raise AssertionError(f"HF picked {model.config._attn_implementation!r} attention, not sdpa")
-    model.to(DEVICE).train()
-    params, run.params_trainable = hf_trainable(model)
-    run.params_total = sum(p.numel() for p in model.parameters())
-    run.params_requires_grad = sum(p.numel() for p in params)
-    # fused on a GPU, as HF's Trainer defaults to (adamw_torch_fused) and fusiontrain does
-    fast = {"fused": True} if DEVICE.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, **fast)
-
-    batches, spec = padded_stream(config)
-    reference_loss = hf_loss_without_39379(model, first, spec)
-    gc.collect()
-    reset_peak_memory(DEVICE)
-
-    def step() -> tuple[Batch, float]:
-        batch = next(batches)  # sample generation and collation happen in the loop, as in (b)
-        inputs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in hf_inputs(batch, spec).items()}
-        with autocast():
-            loss = model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return batch, loss.item()
-
-    for _ in range(steps):
-        synchronize()
+    def timed_step(self, setup: Setup, image_token_id: int, round_index: int) -> None:
+        setup.synchronize()
         started, cpu_started = time.perf_counter(), time.process_time()
-        batch, loss = step()
-        synchronize()
-        run.record(batch, time.perf_counter() - started, time.process_time() - cpu_started, loss)
-        if not (batch.labels[:, -1] == IGNORE).all():  # else HF's label shift would drop a target
-            raise AssertionError("the last position of a padded row has a target")
-    run.peak_rss = peak_memory_bytes(DEVICE, baseline)
-    run.step0_loss = run.losses[0]
-    return run, reference_loss  # the model and optimizer go with this frame
-
-
-# -- (b), (c) fusiontrain -------------------------------------------------------------------------
-
-
-def run_fusiontrain(
-    name: str, config: TrainConfig, steps: int, first: Batch, profile: bool = False
-) -> tuple[Run, str | None]:
-    """Variant (b) or (c) through ``Trainer.train_step``. The step-0 loss is the chunked loss of
-    the freshly loaded model on ``first`` (the first padded batch, unpacked)."""
-    run = Run(name)
-    baseline = run.rss_before = start_memory_window()
-    trainer = Trainer(config)  # builds, shards and loads the model, then resets the RSS peak
-    trainer.metrics.close()  # steps are driven here; nothing is logged
-    params = list(trainer.model.parameters())
-    run.params_total = sum(p.numel() for p in params)
-    run.params_trainable = run.params_requires_grad = sum(p.numel() for p in params if p.requires_grad)
-
-    with torch.no_grad():
-        loss_sum = trainer._loss_sum(trainer._on_device(first))
-    run.step0_loss = (loss_sum / count_targets(first.labels, IGNORE)).item()
-    gc.collect()
-    reset_peak_memory(DEVICE)
-
-    recording = Recording(trainer._train_batches)
-    trainer._train_batches = recording
-    for index in range(steps):
-        synchronize()
-        started, cpu_started = time.perf_counter(), time.process_time()
-        metrics = trainer.train_step(index)
-        synchronize()
+        batch, loss = self.variant.step()
+        setup.synchronize()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-        run.record(recording.last, seconds, cpu_seconds, metrics["loss"])
-        if metrics["real_tokens"] != run.real_tokens[-1]:
-            raise AssertionError("the Trainer counted other real tokens than the batch holds")
-        recording.last = None
-    run.peak_rss = peak_memory_bytes(DEVICE, baseline)
+        self.records.append(Record(
+            seconds, cpu_seconds, int(batch.is_real.sum()), batch.is_real.numel(), sample_sizes(batch, image_token_id),
+            images_in(batch), loss, digest(batch), round_index,
+        ))
 
-    profile_table = profile_steps(trainer, steps) if profile else None
-    return run, profile_table  # the Trainer goes with this frame
-
-
-def profile_steps(trainer: Trainer, first_step: int, num_steps: int = 2) -> str:
-    """torch.profiler over ``num_steps`` more training steps: the top 10 ops by self time (CUDA
-    time on a GPU, CPU time on a CPU)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for index in range(first_step, first_step + num_steps):
-            trainer.train_step(index)
-        synchronize()
-    sort_by = "self_cuda_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort_by, row_limit=10)
+    def in_round(self, index: int) -> list[Record]:
+        return [r for r in self.records if r.round == index]
 
 
-# -- report ---------------------------------------------------------------------------------------
+def measure_matmul_peak(setup: Setup, reps: int = 7) -> dict[str, Any]:
+    """FLOP/s of ``torch.mm`` on square matrices: median and best of ``reps`` timed repetitions
+    after two warm-up ones (fp32 2048 on the CPU; on a GPU 8192 in the precision's dtype, 10
+    matmuls per repetition)."""
+    cuda = setup.device.type == "cuda"
+    size, per_rep = (8192, 10) if cuda else (2048, 1)
+    dtype = torch.bfloat16 if setup.precision == "bf16" else torch.float32
+    a, b = (torch.randn(size, size, device=setup.device, dtype=dtype) for _ in range(2))
+    out = torch.empty(size, size, device=setup.device, dtype=dtype)
+    rates = []
+    for rep in range(reps + 2):
+        setup.synchronize()
+        started = time.perf_counter()
+        for _ in range(per_rep):
+            torch.mm(a, b, out=out)
+        setup.synchronize()
+        if rep >= 2:
+            rates.append(2 * size**3 * per_rep / (time.perf_counter() - started))
+    return {"dtype": str(dtype).removeprefix("torch."), "size": size, "reps": reps, "median": statistics.median(rates),
+            "best": max(rates)}
+
+
+def summarise(run: Run, base: Run, rounds: int, flops: SampleFlops, peak: float) -> dict[str, Any]:
+    """Numbers over the timed rounds (see vs_hf_report's docstring)."""
+    timed = [r for r in run.records if r.round >= 0]
+    per_round = [run.in_round(i) for i in range(rounds)]
+    rate = lambda recs: sum(r.real_tokens for r in recs) / sum(r.seconds for r in recs)  # noqa: E731
+    tps = [rate(recs) for recs in per_round]
+    flop_rates = [sum(flops.of_sizes(r.samples) for r in recs) / sum(r.seconds for r in recs) for recs in per_round]
+    stats = lambda xs: {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "rounds": xs}  # noqa: E731
+    v = run.variant
+    summary = {
+        "name": v.name,
+        "timed_steps": len(timed),
+        "tokens_per_s": stats(tps),
+        "flops_per_s": statistics.median(flop_rates),
+        "peak_share": statistics.median(flop_rates) / peak,
+        "real_token_share": sum(r.real_tokens for r in timed) / sum(r.slots for r in timed),
+        "median_step_s": statistics.median(r.seconds for r in timed),
+        "cpu_utilisation": sum(r.cpu_seconds for r in timed) / sum(r.seconds for r in timed) / torch.get_num_threads(),
+        "samples_per_step": statistics.mean(len(r.samples) for r in timed),
+        "real_tokens_per_step": statistics.mean(r.real_tokens for r in timed),
+        "peak_memory_bytes": run.peak_memory,
+        "memory_before_bytes": run.rss_before,
+        "step0_loss": v.step0_loss,
+        "losses": [r.loss for r in run.records],
+        "params_total": v.params_total,
+        "params_trainable": v.params_trainable,
+        "params_requires_grad": v.params_requires_grad,
+    }
+    if run is not base:
+        summary["ratio"] = stats([x / rate(base.in_round(i)) for i, x in enumerate(tps)])
+    return summary
+
+
+# -- checks and the report ------------------------------------------------------------------------
+
+
+def check_same_batches(runs: dict[str, Run], first: Batch) -> int:
+    """(a), (b) and (d) trained on bit-identical padded batches, the first being ``first``."""
+    reference = [r.digest for r in runs["a"].records]
+    for key in ("b", "d"):
+        if [r.digest for r in runs[key].records] != reference:
+            raise AssertionError(f"(a) and ({key}) did not train on identical padded batches")
+    if reference[0] != digest(first):
+        raise AssertionError("the step-0 batch is not the first batch the padded variants trained on")
+    return len(reference)
+
+
+def check_step0(runs: dict[str, Run], hf_reference: float, rtol: float) -> tuple[bool, list[str]]:
+    """Do (a) (#39379-free), (b), (c) and (d) agree on the first padded batch?"""
+    base = runs["b"].variant.step0_loss
+    checks = {
+        "(a) HF, text-only samples without #39379 leak": hf_reference,
+        "(c) fusiontrain model, first batch unpacked": runs["c"].variant.step0_loss,
+        "(d) torchtune, first step": runs["d"].variant.step0_loss,
+    }
+    lines, ok = [], True
+    for label, value in checks.items():
+        relative = abs(value - base) / abs(base)
+        ok &= relative <= rtol
+        lines.append(f"  {label}: {value:.6f} (vs (b) {base:.6f}: relative {relative:.1e})")
+    hf_own = runs["a"].variant.step0_loss
+    lines.append(f"  (a) HF's own loss on the mixed batch: {hf_own:.6f} (#39379 leak moves it by "
+                 f"{abs(hf_own - hf_reference) / abs(hf_reference):.1e} relative)")
+    lines.append(f"  agreement within {rtol:.0e} relative: {'OK' if ok else 'FAILED'}")
+    return ok, lines
 
 
 def describe_model(folder: Path) -> str:
@@ -500,151 +257,152 @@ def describe_model(folder: Path) -> str:
     )
 
 
-def check_step0(runs: dict[str, Run], hf_reference: float) -> tuple[bool, list[str]]:
-    """Do (a) (#39379-free), (b) and (c) agree on the first padded batch?"""
-    rtol = agreement_rtol()
-    base = runs["b"].step0_loss
-    checks = {
-        "(a) HF, text-only samples without #39379 leak": hf_reference,
-        "(c) fusiontrain model, first batch unpacked": runs["c"].step0_loss,
-    }
-    lines, ok = [], True
-    for label, value in checks.items():
-        relative = abs(value - base) / abs(base)
-        ok &= relative <= rtol
-        lines.append(f"  {label}: {value:.6f} (vs (b) {base:.6f}: relative {relative:.1e})")
-    leak = abs(runs["a"].step0_loss - hf_reference) / abs(hf_reference)
-    lines.append(f"  (a) HF's own loss on the mixed batch: {runs['a'].step0_loss:.6f} (#39379 leak moves it by {leak:.1e} relative)")
-    lines.append(f"  agreement within {rtol:.0e} relative: {'OK' if ok else 'FAILED'}")
-    return ok, lines
-
-
-def agreement_rtol() -> float:
-    return BF16_AGREEMENT_RTOL if PRECISION == "bf16" else AGREEMENT_RTOL
-
-
-def results_table(summaries: dict[str, dict[str, Any]]) -> str:
-    base = summaries["a"]
-    rows = []
-    memory = "peak CUDA alloc (MiB)" if DEVICE.type == "cuda" else "peak RSS (MiB)"
-    for key, s in summaries.items():
-        rows.append([
-            s["name"],
-            f"{s['real_tokens_per_s']:,.0f}",
-            f"{s['real_tokens_per_s'] / base['real_tokens_per_s']:.2f}x",
-            f"{s['real_token_share']:.1%}",
-            f"{s['samples_per_step']:.1f}",
-            f"{s['median_step_s']:.2f}",
-            f"{s['cpu_utilisation']:.0%}",
-            mib(s["peak_rss_bytes"]),
-            f"{s['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}x",
-            f"{s['step0_loss']:.4f}",
-        ])
-    return table(
-        "Training throughput, same weights and samples (timed steps exclude the first)",
-        ["variant", "real tok/s", "vs (a)", "real-token share", "samples/step", "median step (s)", "CPU use", memory, "vs (a)",
-         "step-0 loss"],
-        rows,
-    )
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="steps per variant; the first is warm-up")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant, built one after another (memory peak)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (>= 3)")
+    parser.add_argument("--steps-per-round", type=int, default=2, help="timed steps per variant and round")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads for all variants")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train on the CPU or on cuda:0")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision (needs cuda)")
     parser.add_argument("--json", type=Path, help="write the numbers here")
     parser.add_argument("--profile", action="store_true", help="profile 2 more steps of (c)")
     args = parser.parse_args()
-    if args.steps < 2:
-        parser.error("--steps must be >= 2 (the first step is warm-up)")
+    if args.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first step is the step-0 check and the memory window)")
+    if args.rounds < 3 or args.steps_per_round < 1:
+        parser.error("--rounds must be >= 3 and --steps-per-round >= 1 (the spread needs rounds)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     if args.precision == "bf16" and args.device != "cuda":
         parser.error("--precision bf16 needs --device cuda (this CPU has no fast bf16; fusiontrain's 'auto' is fp32 here)")
     if args.device == "cpu" and torch.cuda.is_available():
         parser.error("--device cpu with a GPU visible: the Trainer would pick the GPU; run with CUDA_VISIBLE_DEVICES=''")
-    global DEVICE, PRECISION
-    DEVICE = torch.device("cuda", 0) if args.device == "cuda" else CPU
-    PRECISION = args.precision
+    return args
 
+
+def trainer_dirs() -> tuple[Path, Path]:
+    """Output dirs of (b) and (c); (c)'s ``sizes`` links to (b)'s, so that the sample sizes of
+    the dataset (the same for both) are measured once, on the first run, and cached."""
+    padded, packed = RUN_DIR / "padded", RUN_DIR / "packed"
+    (padded / "sizes").mkdir(parents=True, exist_ok=True)
+    packed.mkdir(parents=True, exist_ok=True)
+    if not (packed / "sizes").exists():
+        (packed / "sizes").symlink_to(padded / "sizes", target_is_directory=True)
+    return padded, packed
+
+
+def main() -> None:
+    args = parse_args()
+    setup = Setup(torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu"), args.precision)
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata's, once per loader
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     from transformers import __version__ as transformers_version
     from transformers.utils import logging as hf_logging
+    from torchtune import __version__ as torchtune_version
 
     hf_logging.disable_progress_bar()
     folder = model_folder("bench")
-    scratch = Path(tempfile.mkdtemp(prefix="fusiontrain-vs-hf-"))
+    image_token_id = json.loads((folder / "config.json").read_text())["image_token_index"]
+    padded_dir, packed_dir = trainer_dirs()
+    total_steps = args.warmup + args.rounds * args.steps_per_round
     configs = {
-        "b": train_config(folder, scratch / "padded", packing=False, steps=args.steps),
-        "c": train_config(folder, scratch / "packed", packing=True, steps=args.steps),
+        "padded": train_config(folder, padded_dir, packing=False, steps=total_steps + 2, precision=args.precision),
+        "packed": train_config(folder, packed_dir, packing=True, steps=total_steps + 2, precision=args.precision),
     }
     distributed.init_distributed()  # one world-of-one process group for both Trainers, made before any baseline
-    first, _ = padded_stream(configs["b"])
-    first = next(first)
+    first = next(padded_stream(configs["padded"])[0])
+    peak = measure_matmul_peak(setup)
 
-    gpu = f", {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""
+    gpu = f", {torch.cuda.get_device_name(setup.device)}" if setup.device.type == "cuda" else ""
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs{gpu}, torch.set_num_threads({args.threads}); "
-          f"torch {torch.__version__}, transformers {transformers_version}; {PRECISION} on {DEVICE}; "
-          f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}")
+          f"torch {torch.__version__}, transformers {transformers_version}, torchtune {torchtune_version}; "
+          f"{args.precision} on {setup.device}; MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}")
     print(f"model: {folder}: {describe_model(folder)}")
     print(f"data: SyntheticImageText long_tail: 0-2 images per sample, text Pareto(alpha 1.1, scale 24) capped at {SEQ_LEN}; "
-          f"{ROWS} samples per step for (a)/(b) (padded to the longest, rounded up to 8), {ROWS} packed rows of {SEQ_LEN} for (c) "
-          f"(first-fit, {OPEN_ROWS} open rows, <= {MAX_IMAGES_PER_ROW} images per row)")
-    print(f"training: fusion-only, AdamW(lr {LR}, betas {BETAS}, wd 0, {'fused' if DEVICE.type == 'cuda' else 'foreach'}), "
-          f"grad-norm clip {MAX_GRAD_NORM}; "
-          f"HF: sdpa attention, full logits + HF's loss; fusiontrain: FSDP2 world of 1 ({'nccl' if DEVICE.type == 'cuda' else 'gloo'}), "
-          f"chunked loss ({LOSS_CHUNKS} chunks); "
-          f"{args.steps} steps each, first is warm-up", flush=True)
+          f"{ROWS} samples per step for (a)/(b)/(d) (padded to the longest, rounded up to 8), {ROWS} packed rows of "
+          f"{SEQ_LEN} for (c) (first-fit, {OPEN_ROWS} open rows, <= {MAX_IMAGES_PER_ROW} images per row)")
+    print(f"training: fusion-only, AdamW(lr {LR}, betas {BETAS}, wd 0, {'fused' if setup.device.type == 'cuda' else 'foreach'}), "
+          f"grad-norm clip {MAX_GRAD_NORM}; HF: sdpa, full logits + HF's loss; fusiontrain: FSDP2 world of 1 "
+          f"({'nccl' if setup.device.type == 'cuda' else 'gloo'}), chunked loss ({LOSS_CHUNKS} chunks, gradient in forward); "
+          f"torchtune: its modules and recipe step, CEWithChunkedOutputLoss ({LOSS_CHUNKS} chunks)")
+    print(f"timing: {args.warmup} warm-up steps per variant (memory peak), then {args.rounds} rounds x "
+          f"{args.steps_per_round} timed steps per variant, interleaved a, b, c, d, a, ...; matmul peak {peak['dtype']} "
+          f"{peak['size']}^2: median {peak['median'] / 1e9:,.1f} GFLOP/s, best {peak['best'] / 1e9:,.1f} "
+          f"(of {peak['reps']})", flush=True)
 
+    builders = {
+        "a": lambda: HFVariant(folder, configs["padded"], first, setup),
+        "b": lambda: FusiontrainVariant("b", "(b) fusiontrain, padded", configs["padded"], first, setup),
+        "c": lambda: FusiontrainVariant("c", "(c) fusiontrain, packed", configs["packed"], first, setup),
+        "d": lambda: TorchtuneVariant(folder, configs["padded"], setup),
+    }
     runs: dict[str, Run] = {}
-    runs["a"], hf_reference = run_hf(folder, configs["b"], args.steps, first)
-    print(f"  {runs['a'].name}: done (RSS before it built its model: {mib(runs['a'].rss_before)} MiB)", flush=True)
-    runs["b"], _ = run_fusiontrain(VARIANTS["b"], configs["b"], args.steps, first)
-    print(f"  {runs['b'].name}: done (RSS before it built its model: {mib(runs['b'].rss_before)} MiB)", flush=True)
-    runs["c"], profile_table = run_fusiontrain(VARIANTS["c"], configs["c"], args.steps, first, profile=args.profile)
-    print(f"  {runs['c'].name}: done (RSS before it built its model: {mib(runs['c'].rss_before)} MiB)", flush=True)
+    for key, build in builders.items():
+        baseline = memory_baseline(setup)
+        run = runs[key] = Run(build(), rss_before=baseline)  # each resets the peak once loaded
+        for _ in range(args.warmup):
+            run.timed_step(setup, image_token_id, -1)
+        run.peak_memory = peak_above(setup, baseline)
+        print(f"  {run.variant.name}: built, {args.warmup} warm-up steps "
+              f"({'RSS' if setup.device.type == 'cpu' else 'CUDA memory'} before it built its model: "
+              f"{baseline / 2**20:,.1f} MiB)", flush=True)
+    for round_index in range(args.rounds):
+        for _ in range(args.steps_per_round):
+            for run in runs.values():
+                run.timed_step(setup, image_token_id, round_index)
+    profile_table = runs["c"].variant.profile() if args.profile else None
     distributed.shutdown()
 
-    if runs["a"].digests != runs["b"].digests:
-        raise AssertionError("(a) and (b) did not train on identical padded batches")
-    if runs["a"].digests[0] != digest(first):
-        raise AssertionError("the step-0 batch is not the first batch both trained on")
-    print(f"(a) and (b) trained on identical padded batches: all {args.steps} compared (tokens, labels, images, masks)")
-
-    a, b = runs["a"], runs["b"]
-    print(f"parameters: HF {a.params_total:,} total, {a.params_trainable:,} trainable "
-          f"({a.params_requires_grad:,} with requires_grad: the whole embedding matrix, original rows' gradient masked); "
-          f"fusiontrain {b.params_total:,} total, {b.params_trainable:,} trainable")
-    if a.params_trainable != b.params_trainable:
+    compared = check_same_batches(runs, first)
+    print(f"(a), (b) and (d) trained on identical padded batches: all {compared} compared (tokens, labels, images, masks)")
+    a, b, d = (runs[k].variant for k in "abd")
+    print(f"parameters: HF {a.params_total:,} total, {a.params_trainable:,} trainable ({a.params_requires_grad:,} with "
+          f"requires_grad: the whole embedding matrix, original rows' gradient masked); fusiontrain {b.params_total:,} total, "
+          f"{b.params_trainable:,} trainable; torchtune {d.params_total:,} total (no rows for the padding aspect ratio), "
+          f"{d.params_trainable:,} trainable")
+    if not a.params_trainable == b.params_trainable == d.params_trainable:
         print("  WARNING: the trainable parameter counts differ")
-    samples = sum(a.samples)
-    print(f"data seen by (a)/(b): {samples} samples, mean {sum(a.real_tokens) / samples:.1f} tokens and "
-          f"{sum(a.images) / samples:.2f} images per sample; (c) read {sum(runs['c'].samples)} samples")
+    padded = runs["a"].records
+    samples = sum(len(r.samples) for r in padded)
+    print(f"data seen by (a)/(b)/(d): {samples} samples, mean {sum(r.real_tokens for r in padded) / samples:.1f} tokens "
+          f"and {sum(r.images for r in padded) / samples:.2f} images per sample; (c) read "
+          f"{sum(len(r.samples) for r in runs['c'].records)} samples")
 
-    summaries = {key: run.summary() for key, run in runs.items()}
-    print(results_table(summaries))
-    ok, lines = check_step0(runs, hf_reference)
+    flops = SampleFlops(runs["b"].variant.trainer.model, image_token_id)
+    summaries = {key: summarise(run, runs["a"], args.rounds, flops, peak["median"]) for key, run in runs.items()}
+    memory_label = "peak CUDA alloc above (MiB)" if setup.device.type == "cuda" else "peak RSS above (MiB)"
+    print(console_table("Training throughput, same weights and samples (median of rounds; spread min-max)", summaries,
+                        memory_label))
+    print("per-round real tok/s: " + "; ".join(
+        f"{k}: " + ", ".join(f"{x:,.0f}" for x in s["tokens_per_s"]["rounds"]) for k, s in summaries.items()))
+    print("model FLOPs per step (the samples' work): " + "; ".join(
+        f"{k}: {statistics.mean(flops.of_sizes(r.samples) for r in run.records if r.round >= 0) / 1e9:,.0f} GFLOP"
+        for k, run in runs.items()))
+    ok, lines = check_step0(runs, a.reference_loss, setup.agreement_rtol())
     print("\nStep-0 loss on the identical first padded batch (see the module docstring for #39379):")
     print("\n".join(lines))
-    print("per-step losses: " + "; ".join(f"{key}: " + ", ".join(f"{x:.3f}" for x in run.losses) for key, run in runs.items()))
+    print("per-step losses: " + "; ".join(f"{k}: " + ", ".join(f"{r.loss:.3f}" for r in run.records) for k, run in runs.items()))
     if profile_table is not None:
-        print(f"\ntorch.profiler, 2 steps of {runs['c'].name}, top 10 by self {'CUDA' if DEVICE.type == 'cuda' else 'CPU'} time:\n{profile_table}")
+        print(f"\ntorch.profiler, 2 steps of {runs['c'].variant.name}, top 10 by self "
+              f"{'CUDA' if setup.device.type == 'cuda' else 'CPU'} time:\n{profile_table}")
     wall = time.perf_counter() - started
     print(f"total wall time {wall:.0f} s")
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__, "transformers": transformers_version,
-                        "device": str(DEVICE), "precision": PRECISION},
+            "machine": {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+                        "transformers": transformers_version, "torchtune": torchtune_version,
+                        "device": str(setup.device), "precision": args.precision},
             "model": describe_model(folder),
-            "steps": args.steps,
+            "warmup_steps": args.warmup, "rounds": args.rounds, "steps_per_round": args.steps_per_round,
+            "peak": peak,
+            "memory_label": memory_label,
             "variants": summaries,
-            "step0": {"hf_without_39379": hf_reference, "agree": ok, "rtol": agreement_rtol()},
+            "step0": {"hf_without_39379": a.reference_loss, "agree": ok, "rtol": setup.agreement_rtol()},
             "wall_s": wall,
         }, indent=2))
     if not ok:

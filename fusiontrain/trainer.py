@@ -358,11 +358,19 @@ class Trainer:
             flex_attention=self.device.type == "cuda",
         )
 
-    def train_step(self, step: int) -> dict[str, Any]:
+    def next_host_batches(self) -> list[Batch]:
+        """This rank's micro-batches of the next global batch, from the loader, as
+        :meth:`train_step` runs them (a benchmark that times the loader with the step calls both)."""
+        return [self._complete(next(self._train_batches)) for _ in range(self.grad_accum_steps)]
+
+    def train_step(self, step: int, host_batches: list[Batch] | None = None) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches of the global batch ``step``
-        (:class:`~fusiontrain.step.TrainStep`); returns its ``metrics.jsonl`` row."""
+        (:class:`~fusiontrain.step.TrainStep`); returns its ``metrics.jsonl`` row. ``host_batches``:
+        the step's micro-batches from :meth:`next_host_batches` (read here when None; then the
+        step time includes reading them)."""
         started = time.perf_counter()
-        host_batches = [self._complete(next(self._train_batches)) for _ in range(self.grad_accum_steps)]
+        if host_batches is None:
+            host_batches = self.next_host_batches()
         result = self.step(step, host_batches)
         elapsed = time.perf_counter() - started
         self.skipped_total += torch.tensor(result.skipped, dtype=torch.long, device=self.device)

@@ -30,7 +30,8 @@ proves it in about five minutes on one GPU and prints one table, a row per check
   allocator's measured peak (``torch.cuda.max_memory_allocated``) of 3 training steps of the
   benchmark Mllama, for a few configurations (error reported; within 10% passes).
 - ``vs_hf/{fp32,bf16}``: ``benchmarks/vs_hf.py --device cuda`` (HF transformers against
-  fusiontrain padded and packed, same weights and data); the step-0 agreement must hold.
+  fusiontrain padded and packed and torchtune padded, same weights and data); the step-0
+  agreement must hold.
 
 The training runs of one phase go side by side on the one GPU (they are tiny; only their numbers
 matter, not their speed); ``vs_hf`` runs alone, last, since it times steps. Everything is written
@@ -426,8 +427,8 @@ def plan_checks(out: Path, launches: dict[str, tuple[Launch, Launch]]) -> list[C
 
 def vs_hf_check(out: Path, precision: str) -> Check:
     json_path = out / f"vs_hf_{precision}.json"
-    launch = Launch(f"vs_hf_{precision}", ["benchmarks/vs_hf.py", "--device", "cuda", "--precision", precision, "--steps", "6",
-                                           "--json", str(json_path)], out)
+    launch = Launch(f"vs_hf_{precision}", ["benchmarks/vs_hf.py", "--device", "cuda", "--precision", precision, "--warmup", "1",
+                                           "--rounds", "3", "--steps-per-round", "2", "--json", str(json_path)], out)
     try:
         seconds = launch.wait()
     except RuntimeError:
@@ -436,7 +437,7 @@ def vs_hf_check(out: Path, precision: str) -> Check:
         seconds = time.perf_counter() - launch.started
     result = json.loads(json_path.read_text())
     variants = result["variants"]
-    speed = ", ".join(f"{key} {v['real_tokens_per_s']:,.0f} tok/s" for key, v in variants.items())
+    speed = ", ".join(f"{key} {v['tokens_per_s']['median']:,.0f} tok/s" for key, v in variants.items())
     return Check(f"vs_hf/{precision}", verdict(result["step0"]["agree"]), speed,
                  f"step-0 losses agree within {result['step0']['rtol']:.0e}", seconds, details=result)
 
