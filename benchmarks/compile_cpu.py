@@ -396,7 +396,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3, help="micro-batches per layout (each round runs all)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS), help="block kinds")
+    parser.add_argument("--kinds", nargs="*", choices=list(KINDS), default=list(KINDS), help="block kinds (none: step only)")
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="torch.compile dynamic=None / True")
     parser.add_argument("--steps", type=int, default=8, help="whole-step run: steps per Trainer (0: skip it)")
@@ -419,7 +419,7 @@ def main() -> None:
     )
 
     rows: list[dict[str, Any]] = []
-    for layout in args.layouts:
+    for layout in args.layouts if args.kinds else []:
         config = train_config(folder, scratch / layout, packing=layout == "packed", steps=1, compile=False)
         model = loaded_model(config)
         batches = micro_batches(config, model, args.batches)

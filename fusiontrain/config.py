@@ -201,7 +201,13 @@ class ParallelConfig:
         "With gradient accumulation, reduce-scatter gradients only on the last micro-batch (less communication, "
         "but every rank holds the unsharded fp32 gradients of all trainable parameters until then; see `plan`).",
     )
-    compile: bool = _field(False, "torch.compile each layer (the GPU path).")
+    compile: bool = _field(
+        False,
+        "torch.compile (inductor) each block of every stack, after activation checkpointing and before FSDP2. Off by "
+        "default: on the CPU it does not pay (benchmarks/compile_cpu.py: 0.8-1.0x of eager CPU time per block, about "
+        "nothing on the vision tower, against tens of seconds of compiling per block kind and a recompile when a "
+        "shape changes); on a GPU it is unmeasured here. The packed attention is a graph break.",
+    )
     activation_offloading: Literal["none", "checkpointed", "all"] = _field(
         "none",
         "Move saved activations to (pinned) host memory during forward and back for backward: 'checkpointed' "

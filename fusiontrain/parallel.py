@@ -99,7 +99,14 @@ def apply_activation_checkpointing(model: nn.Module, every: int) -> int:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """``torch.compile`` each block in place (names unchanged)."""
+    """``torch.compile`` each block in place (names unchanged), with PyTorch's default shapes:
+    static first, then one recompile to dynamic sizes when a shape changes (the padded length,
+    the number of images, the count of tokens that see an image).
+
+    On the CPU, the packed attention (``fusiontrain.modules.packed.attend_packed``) is opaque to
+    dynamo, a graph break, so a new packed layout of the same ``[b, s]`` recompiles nothing.
+    ``benchmarks/compile_cpu.py`` measures what it buys there (see ``parallel.compile``'s help).
+    """
     for _, stack in block_stacks(model):
         for block in stack:
             block.compile()
