@@ -205,7 +205,7 @@ class ParallelConfig:
         False,
         "torch.compile (inductor) each block of every stack, after activation checkpointing and before FSDP2. Off by "
         "default: on the CPU it pays only in long runs (benchmarks/compile_cpu.py: decoder layers 0.64-0.89x and fusion "
-        "layers about 0.8x of eager CPU time, the vision tower about 1x, against 20-160 s of cold compiling per block "
+        "layers 0.8-1.0x of eager CPU time, the vision tower about 1x, against 20-160 s of cold compiling per block "
         "kind and recompiles when shapes change), and tests and short runs would spend minutes compiling. Unmeasured "
         "on GPUs here. On the CPU the packed attention is a graph break.",
     )
