@@ -64,6 +64,17 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
         "`python -m fusiontrain plan` against the measured peak of real training runs.",
     ),
     (
+        "torch.compile on the CPU (compile_cpu.py)",
+        [
+            "benchmarks/compile_cpu.py", "--kinds", "decoder self-attention layer", "fusion layer",
+            "--layouts", "packed", "--modes", "default", "--steps", "0",
+        ],
+        "parallel.compile's per-block torch.compile (inductor) against eager on packed rows of the long-tailed mix, "
+        "forward + backward, interleaved rounds: time, compile time, graphs, recompiles, graph breaks, differences. "
+        "The short form (2 decoder block kinds, no whole-step run); the full measurement is "
+        "`python benchmarks/compile_cpu.py` (about 30 minutes on 2 cores).",
+    ),
+    (
         "LoRA + fusion against peft on transformers (lora.py)",
         ["benchmarks/lora.py"],
         "LoRA on every decoder self-attention and MLP linear plus the fusion parameters in full, same batches, one "

@@ -99,8 +99,27 @@ def apply_activation_checkpointing(model: nn.Module, every: int) -> int:
     return wrapped
 
 
+RECOMPILE_LIMIT = 64  # compiled variants kept per block class (see apply_compile)
+
+
 def apply_compile(model: nn.Module) -> None:
-    """``torch.compile`` each block in place (names unchanged)."""
+    """``torch.compile`` each block in place (names unchanged), with PyTorch's default shapes:
+    static first, then one recompile to dynamic sizes when a shape changes (the padded length,
+    the number of images, the count of tokens that see an image).
+
+    On the CPU, the packed attention (``fusiontrain.modules.packed.attend_packed``) is opaque to
+    dynamo, a graph break, so a new packed layout of the same ``[b, s]`` recompiles nothing.
+    ``benchmarks/compile_cpu.py`` measures what it buys there (see ``parallel.compile``'s help).
+
+    Blocks of one class share one compiled-code cache (dynamo's is per code object), and a model
+    needs several entries per class: the vision layers (width 256, no grad) and the decoder layers
+    (width 512, grad) run the same ``forward``, each static then dynamic, with and without a
+    packed layout. Dynamo's default limit of 8 entries was hit in the Trainer and made the rest
+    run eagerly (with only a warning), so the limit is raised to ``RECOMPILE_LIMIT`` here.
+    """
+    import torch._dynamo  # only when compiling (a second of import time otherwise)
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for _, stack in block_stacks(model):
         for block in stack:
             block.compile()
