@@ -6,7 +6,7 @@ env:
 	bash scripts/setup_env.sh
 
 test: env
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q -n 2 --dist loadfile
 
 demo: env
 	$(PYTHON) -m fusiontrain demo
