@@ -228,6 +228,25 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
+def compiled_vs_eager(times: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict[str, Any]:
+    """The timed repetitions (seconds, eager and compiled, paired by index) as milliseconds and
+    compiled / eager ratios of wall and CPU time: median, min and max over the pairs."""
+    ratios = [c / e for c, e in zip(times["compiled"], times["eager"])]
+    cpu_ratios = [c / e for c, e in zip(cpu["compiled"], cpu["eager"])]
+    return {
+        "eager_ms": [t * 1e3 for t in times["eager"]],
+        "compiled_ms": [t * 1e3 for t in times["compiled"]],
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "eager_cpu_ms": [t * 1e3 for t in cpu["eager"]],
+        "compiled_cpu_ms": [t * 1e3 for t in cpu["compiled"]],
+        "cpu_ratio_median": statistics.median(cpu_ratios),
+        "cpu_ratio_min": min(cpu_ratios),
+        "cpu_ratio_max": max(cpu_ratios),
+    }
+
+
 def graph_breaks(block: torch.nn.Module, call: BlockCall, backward: str) -> tuple[int, list[str]]:
     """Graph breaks dynamo reports for the block's forward on ``call`` (and their reasons)."""
     torch._dynamo.reset()
@@ -266,23 +285,12 @@ def bench_block(
             wall, cpu_seconds = timed(lambda f=fn: [run_block(f, params, call, backward) for call in calls])
             times[name].append(wall)
             cpu[name].append(cpu_seconds)
-    ratios = [c / e for c, e in zip(times["compiled"], times["eager"])]
-    cpu_ratios = [c / e for c, e in zip(cpu["compiled"], cpu["eager"])]
     torch._dynamo.reset()
     return {
         "kind": kind,
         "mode": mode,
         "backward": backward,
-        "eager_ms": [t * 1e3 for t in times["eager"]],
-        "compiled_ms": [t * 1e3 for t in times["compiled"]],
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "eager_cpu_ms": [t * 1e3 for t in cpu["eager"]],
-        "compiled_cpu_ms": [t * 1e3 for t in cpu["compiled"]],
-        "cpu_ratio_median": statistics.median(cpu_ratios),
-        "cpu_ratio_min": min(cpu_ratios),
-        "cpu_ratio_max": max(cpu_ratios),
+        **compiled_vs_eager(times, cpu),
         "compile_s": warm_total - eager_warm,
         "graphs_first_batch": first_graphs,
         "recompiles_later_batches": recompiles,
@@ -322,21 +330,15 @@ def bench_step(folder: Path, steps: int, warmup: int, threads: int) -> dict[str,
             if name == "compiled" and _graph_count() > before and step > 0:
                 recompile_steps.append(step)
     timed_times = {name: values[warmup:] for name, values in times.items()}
-    ratios = [c / e for c, e in zip(timed_times["compiled"], timed_times["eager"])]
-    cpu_ratios = [c / e for c, e in zip(cpu["compiled"][warmup:], cpu["eager"][warmup:])]
+    timed = compiled_vs_eager(timed_times, {name: values[warmup:] for name, values in cpu.items()})
     return {
         "steps": steps,
         "warmup_steps": warmup,
-        "eager_ms": [t * 1e3 for t in times["eager"]],
+        **timed,
+        "eager_ms": [t * 1e3 for t in times["eager"]],  # every step, the warm-up ones included
         "compiled_ms": [t * 1e3 for t in times["compiled"]],
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
         "eager_cpu_ms": [t * 1e3 for t in cpu["eager"]],
         "compiled_cpu_ms": [t * 1e3 for t in cpu["compiled"]],
-        "cpu_ratio_median": statistics.median(cpu_ratios),
-        "cpu_ratio_min": min(cpu_ratios),
-        "cpu_ratio_max": max(cpu_ratios),
         "first_step_extra_s": times["compiled"][0] - times["eager"][0],
         "warmup_extra_s": sum(times["compiled"][:warmup]) - sum(times["eager"][:warmup]),
         "graphs_compiled": _graph_count() - graphs_before,

@@ -35,8 +35,8 @@ from fusiontrain.data.sizes import cache_dirs  # noqa: E402
 from fusiontrain.data_builders import prepare_from_config  # noqa: E402
 
 
-def write_data(folder: Path, samples: int, kind: str) -> Path:
-    """``samples`` records of ``kind`` (caption or chat) over 16 PNGs of different shapes."""
+def write_data(folder: Path, samples: int, data_format: str) -> Path:
+    """``samples`` records of ``data_format`` (caption or chat) over 16 PNGs of different shapes."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     for i in range(16):
         Image.new("RGB", (64 + 24 * (i % 4), 48 + 16 * (i % 3)), (15 * i, 120, 200)).save(folder / "images" / f"{i}.png")
@@ -44,7 +44,7 @@ def write_data(folder: Path, samples: int, kind: str) -> Path:
     for i in range(samples):
         text = "a picture of " + " ".join(f"word{(i * 7 + k) % 50}" for k in range(5 + i % 20))
         image = f"images/{i % 16}.png"
-        if kind == "caption":
+        if data_format == "caption":
             lines.append(json.dumps({"image": image, "text": text}))
         else:
             messages = [
@@ -52,7 +52,7 @@ def write_data(folder: Path, samples: int, kind: str) -> Path:
                 {"role": "assistant", "content": text},
             ]
             lines.append(json.dumps({"images": [image], "messages": messages}))
-    path = folder / f"{kind}.jsonl"
+    path = folder / f"{data_format}.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -74,9 +74,9 @@ def main() -> None:
                 ["model.hf_mllama=null", f"model.compose.decoder={qwen3}", f"model.compose.encoder={naflex}"],
             ),
         }
-        for name, (kind, model) in cases.items():
-            data = write_data(root / name.split(",")[0] / name[-20:].replace(" ", "_"), args.samples, kind)
-            overrides = [*model, f"data.format={kind}", f"data.train.path={data}", "batch.seq_len=256", f"output_dir={root / 'run'}"]
+        for name, (data_format, model) in cases.items():
+            data = write_data(root / name.split(",")[0] / name[-20:].replace(" ", "_"), args.samples, data_format)
+            overrides = [*model, f"data.format={data_format}", f"data.train.path={data}", "batch.seq_len=256", f"output_dir={root / 'run'}"]
             config = load_config(str(REPO / "configs" / "tiny.yaml"), overrides)
             report = prepare_from_config(config)
             started = time.perf_counter()
