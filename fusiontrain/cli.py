@@ -10,8 +10,10 @@ import argparse
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from collections.abc import Sequence
+from typing import NoReturn
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -47,9 +49,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
     try:
         trainer = Trainer(config)
-    except BaseException:
+    except Exception:
         distributed.leave_after_failure()
-        raise
+        _exit_with_traceback()
     code = 0
     try:
         trainer.run()
@@ -61,9 +63,21 @@ def _run_train(args: argparse.Namespace) -> int:
         # (Trainer.run has already ended the dataloader workers.)
         distributed.leave_after_failure()
         trainer.close()
-        raise
+        if not isinstance(sys.exc_info()[1], Exception):
+            raise  # KeyboardInterrupt, SystemExit: their own handling
+        _exit_with_traceback()
     trainer.close()  # the closing barrier, then the group is destroyed
     distributed.exit_promptly(code)  # no interpreter teardown: see its docstring
+
+
+def _exit_with_traceback() -> NoReturn:
+    """Print the exception being handled as the interpreter would, and end the worker with exit
+    code 1 without the interpreter's teardown (the abort that teardown now and then causes would
+    turn a clear failure into exit -6; see ``distributed.exit_promptly``)."""
+    from fusiontrain import distributed
+
+    traceback.print_exc()
+    distributed.exit_promptly(1)
 
 
 def _print_plan(config: object, *, gpus: int, gpu: str | None, efficiency: float, title: str, as_json: bool = False) -> int:
