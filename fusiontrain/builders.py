@@ -154,6 +154,7 @@ def build_stream_config(
         seq_len=batch.seq_len,
         micro_batch_size=batch.micro_batch_size,
         packing=data.packing,
+        padding_free=data.padding_free,
         max_images=data.max_images_per_row,
         max_open_rows=data.packing_open_rows,
         max_encoder_tokens=max_encoder_tokens,

@@ -128,6 +128,12 @@ class DataConfig:
         "Pack samples into fixed batch.seq_len rows instead of padding. Rows are planned for the whole run from "
         "cached sample sizes, the same at any world size (see README, Data).",
     )
+    padding_free: bool = _field(
+        True,
+        "Without packing, put each micro-batch's samples back to back in one row (own positions, attention segment "
+        "and images each) instead of one padded row each: the same samples per step and the same loss, without "
+        "the padding's compute (see README, Data).",
+    )
     max_images_per_row: int = _field(4, "Image slots per packed row (samples that would exceed it go to another row).")
     packing_open_rows: int = _field(8, "Rows the first-fit packer keeps open (1 = greedy).")
     max_encoder_tokens_per_row: int | None = _field(
@@ -165,7 +171,9 @@ class DataConfig:
 
 @dataclass
 class BatchConfig:
-    micro_batch_size: int = _field(2, "Rows per rank per forward/backward.")
+    micro_batch_size: int = _field(
+        2, "Rows per rank per forward/backward (without packing: samples, in one row when data.padding_free)."
+    )
     grad_accum_steps: int = _field(
         1, "Micro-batches per optimizer step and rank; derived when global_batch_size is set."
     )

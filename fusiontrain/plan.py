@@ -35,7 +35,7 @@ import torch
 
 from fusiontrain.builders import build_batch_layout
 from fusiontrain.builders import image_format as configured_image_format
-from fusiontrain.config import TrainConfig
+from fusiontrain.config import DataConfig, TrainConfig
 from fusiontrain.data import Batch
 from fusiontrain.flops import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
 from fusiontrain.parallel import checkpoint_every, mixed_precision_policy
@@ -218,9 +218,8 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         f"{sum(p.numel() for p in trainable) / 1e9:.3f} B trainable; stored {trace.dtypes.describe()}, compute "
         f"{dtype_name(compute_dtype)}; activation checkpointing {parallel.activation_checkpointing}; "
         f"{config.loss.num_output_chunks} loss chunks",
-        f"micro-batch per device (worst case): {batch_config.micro_batch_size} row{'s' if batch_config.micro_batch_size > 1 else ''} "
-        f"x {batch_config.seq_len} tokens "
-        f"{'packed' if config.data.packing else 'padded'}, {images} images per row of {image_format.describe()} "
+        f"micro-batch per device (worst case): {_row_layout(config.data, batch_config.micro_batch_size, batch_config.seq_len)}, "
+        f"{images} images per {'row' if config.data.packing else 'sample'} of {image_format.describe()} "
         f"({batch.encoder_mask.shape[-1] if batch.encoder_mask is not None else 0} encoder tokens); "
         f"{accum} micro-batches per step",
     ]
@@ -312,3 +311,13 @@ def format_plan(plan: Plan) -> str:
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
 
+
+
+def _row_layout(data: DataConfig, micro_batch_size: int, seq_len: int) -> str:
+    """The plan's worst-case micro-batch in words, e.g. ``'4 rows x 1024 tokens packed'``."""
+    plural = "s" if micro_batch_size > 1 else ""
+    if data.packing:
+        return f"{micro_batch_size} row{plural} x {seq_len} tokens packed"
+    if data.padding_free:
+        return f"{micro_batch_size} sample{plural} x {seq_len} tokens in one padding-free row"
+    return f"{micro_batch_size} row{plural} x {seq_len} tokens padded"

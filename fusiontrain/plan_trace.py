@@ -31,7 +31,7 @@ from fusiontrain.config import TrainConfig
 from fusiontrain.data import Batch, ImageFormat, collate_padded
 from fusiontrain.data.batch import Sample
 from fusiontrain.data.loader import SKIP_REASONS
-from fusiontrain.data.packing import PackedRow, collate_rows
+from fusiontrain.data.packing import PackedRow, collate_padding_free, collate_rows
 from fusiontrain.distributed import DistributedContext, build_mesh
 from fusiontrain.flop_probe import ValueKeepingFakeMode
 from fusiontrain.memory_tracker import TensorMemoryTracker
@@ -43,11 +43,12 @@ from fusiontrain.step import BACKWARD_PHASE, HOST_PHASE, LOSS_PHASE, OPTIMIZER_P
 
 
 def worst_case_batch(
-    image_format: ImageFormat, *, rows: int, seq_len: int, images_per_row: int, packing: bool
+    image_format: ImageFormat, *, rows: int, seq_len: int, images_per_row: int, packing: bool, padding_free: bool = False
 ) -> Batch:
     """The largest micro-batch the loader can produce: every row full, every image slot holding the
     encoder's most expensive image (:meth:`ImageFormat.worst_case`: all tiles, all patches; packed:
-    one image per sample, ``images_per_row`` samples a row)."""
+    one image per sample, ``images_per_row`` samples a row; padding-free: the ``rows`` padded rows'
+    samples in one row)."""
 
     def image() -> dict[str, torch.Tensor]:
         return image_format.worst_case()
@@ -58,7 +59,8 @@ def worst_case_batch(
         return Sample(tokens=tokens, labels=tokens.clone(), images=[image() for _ in range(num_images)], image_spans=spans)
 
     if not packing:
-        return collate_padded([sample(seq_len, images_per_row) for _ in range(rows)], seq_len, image_format)
+        collate = collate_padding_free if padding_free else collate_padded
+        return collate([sample(seq_len, images_per_row) for _ in range(rows)], seq_len, image_format)
     packed = []
     for _ in range(rows):
         row = PackedRow()
@@ -220,6 +222,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
             seq_len=config.batch.seq_len,
             images_per_row=config.data.max_images_per_row,
             packing=config.data.packing,
+            padding_free=config.data.padding_free,
         )
         with PlanningFakeMode(allow_non_fake_inputs=True) as mode:
             model.to_empty(device="cpu")

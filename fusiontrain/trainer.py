@@ -33,6 +33,7 @@ from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState
 from fusiontrain.checkpoint.parts import load_part
 from fusiontrain.config import TrainConfig, config_to_dict, save_config
 from fusiontrain.data import Batch, collate_padded
+from fusiontrain.data.packing import collate_padding_free
 from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
@@ -439,8 +440,9 @@ class Trainer:
         targets = torch.zeros((), dtype=torch.long, device=self.device)
         for start in range(0, len(slots), micro):
             samples = [self._eval_sample(i) if i < total else _PLACEHOLDER for i in slots[start : start + micro]]
+            collate = collate_padding_free if self.config.data.padding_free else collate_padded
             batch = self._on_device(
-                collate_padded(samples, self.config.batch.seq_len, self.image_format, ignore_index=self.config.loss.ignore_index)
+                collate(samples, self.config.batch.seq_len, self.image_format, ignore_index=self.config.loss.ignore_index)
             )
             loss_sum += self._loss_sum(batch)
             targets += count_targets(batch.labels, self.config.loss.ignore_index)

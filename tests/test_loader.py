@@ -52,10 +52,14 @@ def fetch(key: int) -> Sample:
 SIZES = SampleSizes(measure(size_of, NUM_SAMPLES, range(NUM_SAMPLES)))
 
 
-def loader(rank: int, world: int, *, packing: bool = True, num_workers: int = 0, seed: int = 3) -> PlannedLoader:
+def loader(
+    rank: int, world: int, *, packing: bool = True, padding_free: bool = True, num_workers: int = 0, seed: int = 3
+) -> PlannedLoader:
     limits = RowLimits(seq_len=32, max_images=3, max_encoder_tokens=9, packing=packing, open_rows=4)
     plan = RowPlan(SIZES, limits, seed)
-    config = StreamConfig(seq_len=32, micro_batch_size=MICRO, packing=packing, max_images=3, max_encoder_tokens=9)
+    config = StreamConfig(
+        seq_len=32, micro_batch_size=MICRO, packing=packing, padding_free=padding_free, max_images=3, max_encoder_tokens=9
+    )
     dealing = Dealing(GLOBAL_ROWS, rank, world, MICRO)
     return PlannedLoader(
         lambda start: PlannedStream(plan, fetch, SPEC, config, dealing, start),
@@ -134,9 +138,22 @@ def test_stop_on_4_ranks_resume_on_2_continues_with_the_next_global_rows(packing
 
 
 def test_unpacked_rows_hold_one_sample_and_a_bad_one_leaves_a_padding_row() -> None:
-    steps = global_steps([loader(0, 1, packing=False)], 8)
+    steps = global_steps([loader(0, 1, packing=False, padding_free=False)], 8)
     rows = [row for step, _ in steps for row in step]
     assert all(len(row) <= 1 for row in rows) and [] in rows  # 22 or 45 were dealt and left padding
+
+
+def test_padding_free_micro_batches_hold_the_padded_rows_samples_in_one_row() -> None:
+    padded = global_steps([loader(0, 1, packing=False, padding_free=False)], 8)
+    free = global_steps([loader(0, 1, packing=False)], 8)
+    accum = GLOBAL_ROWS // MICRO
+    for (padded_rows, padded_skips), (free_rows, free_skips) in zip(padded, free, strict=True):
+        assert len(padded_rows) == GLOBAL_ROWS and len(free_rows) == accum  # one row per micro-batch
+        for micro in range(accum):
+            samples = [key for row in padded_rows[micro * MICRO : (micro + 1) * MICRO] for key in row]
+            assert free_rows[micro] == samples  # in order; a bad sample's empty row is left out
+        assert free_skips == padded_skips
+    assert any(len(row) < MICRO for rows, _ in free for row in rows)  # 22 or 45 were dealt
 
 
 def test_a_state_from_another_plan_is_refused() -> None:

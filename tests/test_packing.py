@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusiontrain.data.batch import Sample
-from fusiontrain.data.packing import FirstFitPacker, collate_rows
+from fusiontrain.data.batch import Sample, collate_padded
+from fusiontrain.data.packing import FirstFitPacker, collate_padding_free, collate_rows
 from fusiontrain.families.encoder import FixedSizeImage
 from fusiontrain.families.mllama import MllamaTiles
 from fusiontrain.modules.masks import block_causal_mask
+from fusiontrain.step import loss_sum
 from tests.helpers.tiny_models import IMAGE_TOKEN, random_mllama
 
 SPEC = MllamaTiles(image_size=28, tokens_per_tile=5, max_num_tiles=2)
@@ -133,6 +134,41 @@ def test_packed_row_layout() -> None:
     assert columns.min() >= 10 and columns.max() < 30
     assert not batch.encoder_mask[0, 9:12].any()
     assert batch.encoder_input["pixel_values"].shape == (1, 4, 2, 3, 28, 28)
+
+
+def test_padding_free_row_layout() -> None:
+    batch = collate_padding_free(SAMPLES, SEQ_LEN, SPEC)
+    padded = collate_padded(SAMPLES, SEQ_LEN, SPEC)
+    assert padded.tokens.shape == (4, 16) and batch.tokens.shape == (1, 40)  # 37 real tokens, rounded up to 8
+    assert torch.equal(batch.tokens[batch.is_real], padded.tokens[padded.is_real])
+    assert torch.equal(batch.labels[batch.is_real], padded.labels[padded.is_real])
+    assert batch.input_pos[0, 9:21].tolist() == list(range(12)) and batch.segment_ids[0, 37:].unique().tolist() == [4]
+    assert batch.encoder_input["pixel_values"].shape == (1, 4, 2, 3, 28, 28)  # 4 images; padded: 4 rows x 2 slots
+    with pytest.raises(ValueError, match="does not fit batch.seq_len=10"):
+        collate_padding_free(SAMPLES, 10, SPEC)
+
+
+def test_padding_free_rows_train_as_the_padded_rows_do() -> None:
+    """The same samples in one padding-free row or in one padded row each: the same summed loss
+    and the same gradient of every parameter (encoder, fusion layers, decoder), on the CPU path the
+    trainer takes (packed layouts, target positions only, chunked loss)."""
+    model = random_mllama(seed=8)
+    model.set_skip_output_projection(True)
+    model.requires_grad_(True)  # every weight, the frozen ones of a fusion-only run included
+    results = []
+    for collate in (collate_padded, collate_padding_free):
+        batch = collate(SAMPLES, SEQ_LEN, SPEC).with_target_index(-100)
+        model.zero_grad()
+        loss = loss_sum(model, batch, num_output_chunks=3, ignore_index=-100, flex_attention=False)
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (padded_loss, padded_grads), (free_loss, free_grads) = results
+    assert padded_grads.keys() == free_grads.keys() and len(padded_grads) == len(list(model.parameters()))
+    torch.testing.assert_close(free_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in padded_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(free_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_first_fit_fills_earlier_rows_and_respects_caps() -> None:

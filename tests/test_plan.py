@@ -111,7 +111,7 @@ def bench_mllama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Worst-case batches every step (what the plan assumes): samples of one image and 63 text tokens,
-# 4 to a packed row of 256; or one sample of 256 tokens per padded row.
+# 4 to a packed row of 256; or samples of 256 tokens, 2 in one padding-free row (data.padding_free).
 _FIXED = ["data.synthetic_lengths=fixed", "data.synthetic_max_text=63", "batch.seq_len=256", "batch.micro_batch_size=2"]
 MEASURED_CONFIGS = {
     "1 rank, packed, no checkpointing": (1, ["batch.global_batch_size=2"]),
@@ -120,7 +120,7 @@ MEASURED_CONFIGS = {
     "1 rank, packed, 4 accumulation micro-batches": (1, ["batch.global_batch_size=8"]),
     # Frozen weights stored bf16 (model.frozen_dtype), computed in fp32: FSDP casts them up.
     "1 rank, packed, frozen weights stored bf16": (1, ["batch.global_batch_size=2", "model.frozen_dtype=bfloat16"]),
-    "2 ranks, padded": (
+    "2 ranks, padding-free": (
         2,
         ["batch.global_batch_size=4", "data.packing=false", "data.max_images_per_row=1", "data.synthetic_max_text=255"],
     ),

@@ -87,8 +87,11 @@ def test_hsdp_2x2_matches_fsdp_and_one_process(tmp_path, mllama_args, reference)
     _assert_same_run(hsdp, reference)
 
 
-def test_one_batch_of_eight_equals_four_accumulated_batches_of_two(tmp_path, mllama_args, reference) -> None:
-    _assert_same_run(_train(tmp_path, "big", 1, mllama_args, "batch.micro_batch_size=8"), reference)
+def test_eight_padded_rows_equal_four_accumulated_padding_free_rows_of_two(tmp_path, mllama_args, reference) -> None:
+    """One micro-batch of 8 padded rows (data.padding_free=false) against the reference's 4
+    accumulated micro-batches of 2 samples, each in one padding-free row."""
+    big = _train(tmp_path, "big", 1, mllama_args, "batch.micro_batch_size=8", "data.padding_free=false")
+    _assert_same_run(big, reference)
 
 
 def test_compiled_step_equals_eager(tmp_path, mllama_args) -> None:

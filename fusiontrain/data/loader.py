@@ -46,7 +46,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from fusiontrain.data.batch import Batch, Sample, collate_padded
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.image_format import ImageFormat
-from fusiontrain.data.packing import PackedRow, collate_rows
+from fusiontrain.data.packing import PackedRow, collate_padding_free, collate_rows
 from fusiontrain.data.row_plan import DataPosition, NoUsableSampleError, PlannedRow, RowPlan
 from fusiontrain.data.sizes import SKIP_REASONS
 
@@ -63,6 +63,8 @@ class StreamConfig:
         seq_len: tokens per row.
         micro_batch_size: rows per yielded batch.
         packing: several samples per row (else one sample per row, padded to the batch's longest).
+        padding_free: without packing, a micro-batch's samples share one row, back to back
+            (:func:`~fusiontrain.data.packing.collate_padding_free`) instead of a padded row each.
         max_images: image slots per packed row.
         max_open_rows: rows the first-fit planner keeps open.
         max_encoder_tokens: encoder tokens a packed row may hold (images yield different counts
@@ -75,12 +77,37 @@ class StreamConfig:
     seq_len: int
     micro_batch_size: int
     packing: bool = True
+    padding_free: bool = True
     max_images: int = 4
     max_open_rows: int = 8
     max_encoder_tokens: int | None = None
     strict: bool = False
     pad_id: int = 0
     ignore_index: int = -100
+
+
+def collate_micro_batch(rows: list[PackedRow], config: StreamConfig, image_format: ImageFormat) -> Batch:
+    """A micro-batch of planned rows, laid out as ``config`` says: packed rows; or without packing
+    (one sample per planned row) padding-free, all samples in one row, or one padded row each.
+
+    A row whose sample was bad holds none: padded, it stays a row of padding only (no real token,
+    no target); padding-free, it is left out, and a micro-batch of such rows only becomes one
+    padding token."""
+    options = {"pad_id": config.pad_id, "ignore_index": config.ignore_index}
+    if config.packing:
+        return collate_rows(rows, config.seq_len, image_format, **options)
+    blank = Sample(torch.full((1,), config.pad_id), torch.full((1,), config.ignore_index), origin="padding")
+    if config.padding_free:
+        samples = [row.samples[0] for row in rows if row.samples]
+        batch = collate_padding_free(samples or [blank], config.seq_len, image_format, **options)
+        if not samples:
+            batch.is_real[:] = False
+        return batch
+    batch = collate_padded([row.samples[0] if row.samples else blank for row in rows], config.seq_len, image_format, **options)
+    for index, row in enumerate(rows):
+        if not row.samples:  # a bad sample's row: padding only
+            batch.is_real[index] = False
+    return batch
 
 
 @dataclass(frozen=True)
@@ -232,16 +259,7 @@ class PlannedStream(IterableDataset):
             )
 
     def _collate(self, rows: list[PackedRow]) -> Batch:
-        config = self.config
-        if config.packing:
-            return collate_rows(rows, config.seq_len, self.image_format, pad_id=config.pad_id, ignore_index=config.ignore_index)
-        blank = Sample(torch.full((1,), config.pad_id), torch.full((1,), config.ignore_index), origin="padding")
-        samples = [row.samples[0] if row.samples else blank for row in rows]
-        batch = collate_padded(samples, config.seq_len, self.image_format, pad_id=config.pad_id, ignore_index=config.ignore_index)
-        for index, row in enumerate(rows):
-            if not row.samples:  # a bad sample's row: padding only
-                batch.is_real[index] = False
-        return batch
+        return collate_micro_batch(rows, self.config, self.image_format)
 
 
 class PlannedLoader:

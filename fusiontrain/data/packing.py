@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from fusiontrain.data.batch import Batch, Sample
+from fusiontrain.data.batch import PAD_TO_MULTIPLE, Batch, Sample
 from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
 
 
@@ -214,3 +214,25 @@ def collate_rows(
         encoder_input=encoder_input,
         encoder_mask=encoder_mask,
     )
+
+
+def collate_padding_free(
+    samples: list[Sample], seq_len: int, image_format: ImageFormat, *, pad_id: int = 0, ignore_index: int = -100
+) -> Batch:
+    """The samples a padded micro-batch would give one row each, back to back in a single row
+    instead (the padding-free layout of ``data.padding_free``): the same samples per step and the
+    same loss, but no token, attention pair or image slot is spent on padding, save the row's tail
+    up to a multiple of 8. Each sample keeps its own positions, self-attention segment and images,
+    as in a packed row.
+
+    Raises:
+        ValueError: a sample is longer than ``seq_len`` (the limit is per sample, as when padded).
+    """
+    longest = max(len(sample) for sample in samples)
+    if longest > seq_len:
+        raise ValueError(f"a sample of {longest} tokens does not fit batch.seq_len={seq_len}")
+    row = PackedRow()
+    for index, sample in enumerate(samples):
+        row.add(index, sample)
+    length = -(-row.num_tokens // PAD_TO_MULTIPLE) * PAD_TO_MULTIPLE
+    return collate_rows([row], length, image_format, pad_id=pad_id, ignore_index=ignore_index)

@@ -52,11 +52,11 @@ from typing import Any, Literal
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fusiontrain.data.batch import Batch, Sample, collate_padded
+from fusiontrain.data.batch import Batch, Sample
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.image_format import ImageFormat
-from fusiontrain.data.loader import ClosableLoader, NoUsableSampleError, StreamConfig
-from fusiontrain.data.packing import FirstFitPacker, PackedRow, collate_rows, misfit_reason
+from fusiontrain.data.loader import ClosableLoader, NoUsableSampleError, StreamConfig, collate_micro_batch
+from fusiontrain.data.packing import FirstFitPacker, PackedRow, misfit_reason
 from fusiontrain.data.sources import Record
 from fusiontrain.data.stream_sources import StreamSource
 
@@ -377,11 +377,7 @@ class StreamingSampleStream(IterableDataset):
         )
 
     def _collate(self, rows: list[PackedRow]) -> Batch:
-        config = self.config
-        if config.packing:
-            return collate_rows(rows, config.seq_len, self.image_format, pad_id=config.pad_id, ignore_index=config.ignore_index)
-        samples = [row.samples[0] for row in rows]
-        return collate_padded(samples, config.seq_len, self.image_format, pad_id=config.pad_id, ignore_index=config.ignore_index)
+        return collate_micro_batch(rows, self.config, self.image_format)
 
     def _where(self, worker: int, readers: int) -> str:
         where = f"rank {self.rank} of {self.world}"
