@@ -113,6 +113,7 @@ def train_config(folder: Path, output_dir: Path, *, packing: bool, steps: int, c
             f"data.synthetic_max_text={SEQ_LEN}",
             "data.synthetic_samples=1024",  # more than the steps here read
             f"data.packing={'true' if packing else 'false'}",
+            "data.padding_free=false",  # unpacked means padded rows here: the layout compiled blocks see
             "data.packing_open_rows=8",
             "data.max_images_per_row=16",
             "data.num_workers=0",

@@ -7,6 +7,8 @@ CPU) for ``--steps`` steps of the same number of rows each way and reports:
 
 - the share of token slots that hold real tokens;
 - real tokens per second of the training step (forward, backward, optimizer);
+- padding-free batches (``data.padding_free``: the padded batch's samples back to back in one row,
+  the same samples per step);
 - for packing, greedy (1 open row) and bounded first-fit (8 open rows) side by side.
 
 Padded batches pad to the longest sample of each batch (a padding collator), not to ``seq_len``.
@@ -32,7 +34,8 @@ from benchmarks.memory import model_folder, table  # noqa: E402
 
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 VARIANTS = {
-    "padded (one sample per row)": ["data.packing=false"],
+    "padded (one sample per row)": ["data.packing=false", "data.padding_free=false"],
+    "padding-free (the same samples in one row)": ["data.packing=false", "data.padding_free=true"],
     "packed, greedy (1 open row)": ["data.packing=true", "data.packing_open_rows=1"],
     "packed, first-fit (8 open rows)": ["data.packing=true", "data.packing_open_rows=8"],
 }

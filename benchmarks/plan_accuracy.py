@@ -35,7 +35,7 @@ CONFIGS: dict[str, tuple[int, list[str]]] = {
     "1 rank, packed, no AC": (1, ["batch.global_batch_size=2"]),
     "1 rank, packed, no AC, 4 micro-batches": (1, ["batch.global_batch_size=8"]),
     "2 ranks, packed, full AC": (2, ["batch.global_batch_size=4", "parallel.activation_checkpointing=full"]),
-    "2 ranks, padded, no AC": (
+    "2 ranks, padding-free, no AC": (
         2,
         ["batch.global_batch_size=4", "data.packing=false", "data.max_images_per_row=1", "data.synthetic_max_text=255"],
     ),

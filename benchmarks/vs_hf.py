@@ -10,10 +10,14 @@ fusion-only (the cross-attention layers, the projection head and the 8 extra tok
     fusiontrain trains, padded batches, a plain loop: forward with labels (full ``[b, s, v]``
     logits, HF's own loss), backward, grad-norm clipping at 1.0, ``AdamW`` step, ``zero_grad``
     (``benchmarks/vs_hf_variants.py``).
-(b) **fusiontrain, padded**: ``fusiontrain.trainer.Trainer`` (FSDP2 over a world of one, gloo)
-    with ``data.packing=false``: one sample per row, padded to the batch's longest sample; its
-    default chunked loss (8 chunks; the output projection is frozen, so each chunk's gradient is
-    taken in forward and nothing is recomputed).
+(b) **fusiontrain, padding-free**: ``fusiontrain.trainer.Trainer`` (FSDP2 over a world of one,
+    gloo) with ``data.packing=false`` and its default ``data.padding_free=true``: the same 4
+    samples per step as (a), back to back in one row (each with its own positions, attention
+    segment and images) instead of one padded row each, so no work goes to padding; its default
+    chunked loss (8 chunks; the output projection is frozen, so each chunk's gradient is taken in
+    forward and nothing is recomputed).
+(r) **fusiontrain, padded rows**: the same with ``data.padding_free=false``: one sample per row,
+    padded to the batch's longest sample, exactly (a)'s batches.
 (c) **fusiontrain, packed**: the same Trainer with ``data.packing=true``: rows of 1024 tokens,
     first-fit packing with 8 open rows and up to 16 images per row.
 (d) **torchtune 0.6.1, padded** (it cannot pack images): torchtune's own modules and its
@@ -28,12 +32,13 @@ Data: ``SyntheticImageText(lengths="long_tail", max_text=1024)``: 0, 1 or 2 imag
 (each image's token opens the text that sees it), text lengths from a Pareto law (alpha 1.1,
 scale 24 tokens, capped at 1024; mean about 100). Every variant reads the Trainer's row plan
 (seed 0): (a) and (d) iterate identical streams built here, and the script asserts that every
-padded batch (a), (b) and (d) trained on is bit-identical. (a), (b), (d) take 4 samples per step;
+padded batch (a), (r) and (d) trained on is bit-identical, and that (b) trained on the same
+samples (tokens, targets, images) in the same order. (a), (b), (r), (d) take 4 samples per step;
 (c) takes 4 packed rows of 1024 tokens per step, which hold many more samples (that is the point).
 
 Timing. The four models live side by side. Each is built and trains ``--warmup`` steps in turn
 (its memory window, below); then ``--rounds`` rounds run, each ``--steps-per-round`` timed steps
-of every variant, interleaved step by step (a, b, c, d, a, b, c, d, ...), so that a noisy
+of every variant, interleaved step by step (a, b, r, c, d, a, b, r, c, d, ...), so that a noisy
 neighbour slows all alike. Per variant and round: real tokens/s (non-padding tokens over step
 time; a step includes building its batch, as each library's loop does); per variant the median
 over rounds and the min-max spread, and the ratio to (a) taken round by round (median and
@@ -52,10 +57,13 @@ Memory. The peak of each variant is read over its warm-up steps, above what was 
 it built its model (the others' models included): RSS on a CPU (the high-water mark is reset once
 the model is loaded; the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
 freed tensors leave the RSS), the CUDA allocator's peak above the memory allocated before on a GPU.
+The timed rounds then run with glibc's usual thresholds again (``vs_hf_variants.malloc_as_usual``:
+under the low threshold every step pays a page fault per large allocation, which slowed every
+variant by 30 to 80%, the fastest steps most).
 
-Step-0 agreement: on the identical first padded batch, HF's loss (a), the Trainer's (b), model
-(c)'s chunked loss on that batch unpacked and torchtune's first-step loss (d) must agree to 1e-4
-relative. HF differs on one kind of row (transformers#39379): a text row that sees no image still
+Step-0 agreement: on the identical first padded batch, HF's loss (a), the Trainer's (r), (b)'s
+on the same samples padding-free, model (c)'s chunked loss on that batch unpacked and
+torchtune's first-step loss (d) must agree to 1e-4 relative. HF differs on one kind of row (transformers#39379): a text row that sees no image still
 attends to all image tokens (only the MLP half of the cross-attention layer is zeroed), while
 Meta's reference, torchtune and fusiontrain zero the whole layer. Text-only samples batched next
 to samples with images are such rows; so (a) is checked with those samples' logits taken from an
@@ -68,7 +76,7 @@ fp32 weights (HF's Trainer with ``bf16=True``), fusiontrain with ``parallel.mixe
 (bf16 compute, fp32 weights), torchtune wholly in bf16 (its recipes' ``dtype: bf16``); the step-0
 agreement is then checked to 2e-2. fp32 on a GPU runs with TF32 off.
 
-Flags: ``--warmup`` (default 2), ``--rounds`` (default 3), ``--steps-per-round`` (default 2),
+Flags: ``--warmup`` (default 2), ``--rounds`` (default 4), ``--steps-per-round`` (default 3),
 ``--threads`` (default ``os.cpu_count()``), ``--device``, ``--precision``, ``--json PATH``,
 ``--profile`` (torch.profiler over 2 more steps of (c), top 10 ops by self time).
 """
@@ -102,11 +110,13 @@ import torch  # noqa: E402
 from benchmarks.memory import OUT, model_folder  # noqa: E402
 from benchmarks.vs_hf_data import (  # noqa: E402
     LOSS_CHUNKS, MAX_IMAGES_PER_ROW, OPEN_ROWS, ROWS, SEQ_LEN, BETAS, LR, MAX_GRAD_NORM,
-    SampleFlops, SampleSize, digest, images_in, padded_stream, sample_sizes, train_config,
+    SampleFlops, SampleSize, digest, images_in, trainer_stream, sample_sizes, samples_digest, train_config,
 )
 from benchmarks.vs_hf_report import console_table  # noqa: E402
 from benchmarks.vs_hf_torchtune import TorchtuneVariant  # noqa: E402
-from benchmarks.vs_hf_variants import FusiontrainVariant, HFVariant, Setup, Variant, memory_baseline, peak_above  # noqa: E402
+from benchmarks.vs_hf_variants import (  # noqa: E402
+    FusiontrainVariant, HFVariant, Setup, Variant, malloc_as_usual, memory_baseline, peak_above,
+)
 from fusiontrain import distributed  # noqa: E402
 from fusiontrain.data import Batch  # noqa: E402
 
@@ -128,6 +138,7 @@ class Record:
     images: int
     loss: float
     digest: str
+    samples_digest: str
     round: int  # -1 for a warm-up step
 
 
@@ -148,7 +159,7 @@ class Run:
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         self.records.append(Record(
             seconds, cpu_seconds, int(batch.is_real.sum()), batch.is_real.numel(), sample_sizes(batch, image_token_id),
-            images_in(batch), loss, digest(batch), round_index,
+            images_in(batch), loss, digest(batch), samples_digest(batch), round_index,
         ))
 
     def in_round(self, index: int) -> list[Record]:
@@ -214,21 +225,25 @@ def summarise(run: Run, base: Run, rounds: int, flops: SampleFlops, peak: float)
 
 
 def check_same_batches(runs: dict[str, Run], first: Batch) -> int:
-    """(a), (b) and (d) trained on bit-identical padded batches, the first being ``first``."""
+    """(a), (r) and (d) trained on bit-identical padded batches, the first being ``first``, and
+    (b) on the same samples padding-free."""
     reference = [r.digest for r in runs["a"].records]
-    for key in ("b", "d"):
+    for key in ("r", "d"):
         if [r.digest for r in runs[key].records] != reference:
             raise AssertionError(f"(a) and ({key}) did not train on identical padded batches")
+    if [r.samples_digest for r in runs["b"].records] != [r.samples_digest for r in runs["a"].records]:
+        raise AssertionError("(b) did not train on (a)'s samples")
     if reference[0] != digest(first):
         raise AssertionError("the step-0 batch is not the first batch the padded variants trained on")
     return len(reference)
 
 
 def check_step0(runs: dict[str, Run], hf_reference: float, rtol: float) -> tuple[bool, list[str]]:
-    """Do (a) (#39379-free), (b), (c) and (d) agree on the first padded batch?"""
-    base = runs["b"].variant.step0_loss
+    """Do (a) (#39379-free), (r), (b), (c) and (d) agree on the first batch's samples?"""
+    base = runs["r"].variant.step0_loss
     checks = {
         "(a) HF, text-only samples without #39379 leak": hf_reference,
+        "(b) fusiontrain, the same samples padding-free": runs["b"].variant.step0_loss,
         "(c) fusiontrain model, first batch unpacked": runs["c"].variant.step0_loss,
         "(d) torchtune, first step": runs["d"].variant.step0_loss,
     }
@@ -236,7 +251,7 @@ def check_step0(runs: dict[str, Run], hf_reference: float, rtol: float) -> tuple
     for label, value in checks.items():
         relative = abs(value - base) / abs(base)
         ok &= relative <= rtol
-        lines.append(f"  {label}: {value:.6f} (vs (b) {base:.6f}: relative {relative:.1e})")
+        lines.append(f"  {label}: {value:.6f} (vs (r) {base:.6f}: relative {relative:.1e})")
     hf_own = runs["a"].variant.step0_loss
     lines.append(f"  (a) HF's own loss on the mixed batch: {hf_own:.6f} (#39379 leak moves it by "
                  f"{abs(hf_own - hf_reference) / abs(hf_reference):.1e} relative)")
@@ -260,8 +275,8 @@ def describe_model(folder: Path) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant, built one after another (memory peak)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timed rounds (>= 3)")
-    parser.add_argument("--steps-per-round", type=int, default=2, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved timed rounds (>= 3)")
+    parser.add_argument("--steps-per-round", type=int, default=3, help="timed steps per variant and round")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads for all variants")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train on the CPU or on cuda:0")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: mixed precision (needs cuda)")
@@ -281,15 +296,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def trainer_dirs() -> tuple[Path, Path]:
-    """Output dirs of (b) and (c); (c)'s ``sizes`` links to (b)'s, so that the sample sizes of
-    the dataset (the same for both) are measured once, on the first run, and cached."""
-    padded, packed = RUN_DIR / "padded", RUN_DIR / "packed"
-    (padded / "sizes").mkdir(parents=True, exist_ok=True)
-    packed.mkdir(parents=True, exist_ok=True)
-    if not (packed / "sizes").exists():
-        (packed / "sizes").symlink_to(padded / "sizes", target_is_directory=True)
-    return padded, packed
+def trainer_dirs() -> dict[str, Path]:
+    """Output dirs of the Trainers of (r), (b) and (c), by layout; the others' ``sizes`` link to
+    (r)'s, so that the sample sizes of the dataset (the same for all) are measured once, on the
+    first run, and cached."""
+    dirs = {layout: RUN_DIR / layout for layout in ("padded", "padding_free", "packed")}
+    (dirs["padded"] / "sizes").mkdir(parents=True, exist_ok=True)
+    for layout in ("padding_free", "packed"):
+        dirs[layout].mkdir(parents=True, exist_ok=True)
+        if not (dirs[layout] / "sizes").exists():
+            (dirs[layout] / "sizes").symlink_to(dirs["padded"] / "sizes", target_is_directory=True)
+    return dirs
 
 
 def main() -> None:
@@ -306,14 +323,17 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     folder = model_folder("bench")
     image_token_id = json.loads((folder / "config.json").read_text())["image_token_index"]
-    padded_dir, packed_dir = trainer_dirs()
+    dirs = trainer_dirs()
     total_steps = args.warmup + args.rounds * args.steps_per_round
+    options = {"steps": total_steps + 2, "precision": args.precision}
     configs = {
-        "padded": train_config(folder, padded_dir, packing=False, steps=total_steps + 2, precision=args.precision),
-        "packed": train_config(folder, packed_dir, packing=True, steps=total_steps + 2, precision=args.precision),
+        "padded": train_config(folder, dirs["padded"], packing=False, padding_free=False, **options),
+        "padding_free": train_config(folder, dirs["padding_free"], packing=False, **options),
+        "packed": train_config(folder, dirs["packed"], packing=True, **options),
     }
-    distributed.init_distributed()  # one world-of-one process group for both Trainers, made before any baseline
-    first = next(padded_stream(configs["padded"])[0])
+    distributed.init_distributed()  # one world-of-one process group for the Trainers, made before any baseline
+    first = next(trainer_stream(configs["padded"])[0])
+    first_padding_free = next(trainer_stream(configs["padding_free"])[0])
     peak = measure_matmul_peak(setup)
 
     gpu = f", {torch.cuda.get_device_name(setup.device)}" if setup.device.type == "cuda" else ""
@@ -322,20 +342,24 @@ def main() -> None:
           f"{args.precision} on {setup.device}; MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_')}")
     print(f"model: {folder}: {describe_model(folder)}")
     print(f"data: SyntheticImageText long_tail: 0-2 images per sample, text Pareto(alpha 1.1, scale 24) capped at {SEQ_LEN}; "
-          f"{ROWS} samples per step for (a)/(b)/(d) (padded to the longest, rounded up to 8), {ROWS} packed rows of "
+          f"{ROWS} samples per step for (a)/(b)/(r)/(d) (padded to the longest, rounded up to 8; (b): in one row, "
+          f"rounded up to 8), {ROWS} packed rows of "
           f"{SEQ_LEN} for (c) (first-fit, {OPEN_ROWS} open rows, <= {MAX_IMAGES_PER_ROW} images per row)")
     print(f"training: fusion-only, AdamW(lr {LR}, betas {BETAS}, wd 0, {'fused' if setup.device.type == 'cuda' else 'foreach'}), "
           f"grad-norm clip {MAX_GRAD_NORM}; HF: sdpa, full logits + HF's loss; fusiontrain: FSDP2 world of 1 "
           f"({'nccl' if setup.device.type == 'cuda' else 'gloo'}), chunked loss ({LOSS_CHUNKS} chunks, gradient in forward); "
           f"torchtune: its modules and recipe step, CEWithChunkedOutputLoss ({LOSS_CHUNKS} chunks)")
     print(f"timing: {args.warmup} warm-up steps per variant (memory peak), then {args.rounds} rounds x "
-          f"{args.steps_per_round} timed steps per variant, interleaved a, b, c, d, a, ...; matmul peak {peak['dtype']} "
+          f"{args.steps_per_round} timed steps per variant, interleaved a, b, r, c, d, a, ...; matmul peak {peak['dtype']} "
           f"{peak['size']}^2: median {peak['median'] / 1e9:,.1f} GFLOP/s, best {peak['best'] / 1e9:,.1f} "
           f"(of {peak['reps']})", flush=True)
 
     builders = {
         "a": lambda: HFVariant(folder, configs["padded"], first, setup),
-        "b": lambda: FusiontrainVariant("b", "(b) fusiontrain, padded", configs["padded"], first, setup),
+        "b": lambda: FusiontrainVariant(
+            "b", "(b) fusiontrain, padding-free", configs["padding_free"], first_padding_free, setup
+        ),
+        "r": lambda: FusiontrainVariant("r", "(r) fusiontrain, padded rows", configs["padded"], first, setup),
         "c": lambda: FusiontrainVariant("c", "(c) fusiontrain, packed", configs["packed"], first, setup),
         "d": lambda: TorchtuneVariant(folder, configs["padded"], setup),
     }
@@ -349,6 +373,7 @@ def main() -> None:
         print(f"  {run.variant.name}: built, {args.warmup} warm-up steps "
               f"({'RSS' if setup.device.type == 'cpu' else 'CUDA memory'} before it built its model: "
               f"{baseline / 2**20:,.1f} MiB)", flush=True)
+    malloc_as_usual()  # the memory windows are over; the timed steps run with glibc's usual thresholds
     for round_index in range(args.rounds):
         for _ in range(args.steps_per_round):
             for run in runs.values():
@@ -357,7 +382,8 @@ def main() -> None:
     distributed.shutdown()
 
     compared = check_same_batches(runs, first)
-    print(f"(a), (b) and (d) trained on identical padded batches: all {compared} compared (tokens, labels, images, masks)")
+    print(f"(a), (r) and (d) trained on identical padded batches: all {compared} compared (tokens, labels, images, masks); "
+          f"(b) on the same samples (tokens, labels, images)")
     a, b, d = (runs[k].variant for k in "abd")
     print(f"parameters: HF {a.params_total:,} total, {a.params_trainable:,} trainable ({a.params_requires_grad:,} with "
           f"requires_grad: the whole embedding matrix, original rows' gradient masked); fusiontrain {b.params_total:,} total, "
@@ -367,7 +393,7 @@ def main() -> None:
         print("  WARNING: the trainable parameter counts differ")
     padded = runs["a"].records
     samples = sum(len(r.samples) for r in padded)
-    print(f"data seen by (a)/(b)/(d): {samples} samples, mean {sum(r.real_tokens for r in padded) / samples:.1f} tokens "
+    print(f"data seen by (a)/(b)/(r)/(d): {samples} samples, mean {sum(r.real_tokens for r in padded) / samples:.1f} tokens "
           f"and {sum(r.images for r in padded) / samples:.2f} images per sample; (c) read "
           f"{sum(len(r.samples) for r in runs['c'].records)} samples")
 

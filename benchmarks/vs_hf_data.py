@@ -38,8 +38,11 @@ IGNORE = -100
 # -- configuration and the padded stream ----------------------------------------------------------
 
 
-def train_config(folder: Path, output_dir: Path, *, packing: bool, steps: int, precision: str) -> TrainConfig:
-    """The Trainer's config for (b) (``packing=False``) and (c) (``packing=True``)."""
+def train_config(
+    folder: Path, output_dir: Path, *, packing: bool, steps: int, precision: str, padding_free: bool = True
+) -> TrainConfig:
+    """The Trainer's config for (b) (``packing=False``, padding-free), (r) (``packing=False,
+    padding_free=False``: padded rows) and (c) (``packing=True``)."""
     overrides = [
         f"output_dir={output_dir}",
         f"max_steps={steps}",
@@ -50,6 +53,7 @@ def train_config(folder: Path, output_dir: Path, *, packing: bool, steps: int, p
         f"data.synthetic_max_text={SEQ_LEN}",
         f"data.synthetic_samples={NUM_SAMPLES}",
         f"data.packing={'true' if packing else 'false'}",
+        f"data.padding_free={'true' if padding_free else 'false'}",
         f"data.packing_open_rows={OPEN_ROWS}",
         f"data.max_images_per_row={MAX_IMAGES_PER_ROW}",
         "data.num_workers=0",  # samples are built in the training loop, as the other loops do
@@ -74,9 +78,9 @@ def train_config(folder: Path, output_dir: Path, *, packing: bool, steps: int, p
     return load_config(None, overrides)
 
 
-def padded_stream(config: TrainConfig) -> tuple[Iterator[Batch], ImageFormat]:
-    """The padded batches the Trainer of ``config`` reads, built the way the Trainer builds them
-    (same dataset, seed, row plan and collation); the script checks the equality batch by batch."""
+def trainer_stream(config: TrainConfig) -> tuple[Iterator[Batch], ImageFormat]:
+    """The batches the Trainer of ``config`` reads, built the way the Trainer builds them (same
+    dataset, seed, row plan and collation); the script checks the equality batch by batch."""
     meta = build_meta_model(config.model)
     family, folders = configured_family(config.model)
     spec = family.image_format(meta)
@@ -151,6 +155,21 @@ def digest(batch: Batch) -> str:
         if t is not None:
             h.update(str(tuple(t.shape)).encode())
             h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def samples_digest(batch: Batch) -> str:
+    """A fingerprint of the samples a batch holds, whatever their layout (padded rows or one
+    padding-free row): their real tokens and targets in order, and their images (the real slots,
+    aspect-ratio id > 0) in order."""
+    h = hashlib.sha1()
+    tensors = [batch.tokens[batch.is_real], batch.labels[batch.is_real]]
+    if batch.encoder_input is not None:
+        real = batch.encoder_input["aspect_ratio_ids"] > 0
+        tensors += [batch.encoder_input[key][real] for key in sorted(batch.encoder_input)]
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -57,7 +57,7 @@ from types import ModuleType
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.vs_hf_data import BETAS, EPS, IGNORE, LOSS_CHUNKS, LR, MAX_GRAD_NORM, padded_stream, torchtune_inputs
+from benchmarks.vs_hf_data import BETAS, EPS, IGNORE, LOSS_CHUNKS, LR, MAX_GRAD_NORM, trainer_stream, torchtune_inputs
 from benchmarks.vs_hf_variants import Setup, Variant
 from fusiontrain.config import TrainConfig
 from fusiontrain.data import Batch
@@ -190,7 +190,7 @@ class TorchtuneVariant(Variant):
         self.params_trainable = self.params_requires_grad = sum(p.numel() for p in params if p.requires_grad)
         self.optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, **setup.adamw_kind())
         self.optimizer.zero_grad()
-        self.batches, _ = padded_stream(config)
+        self.batches, _ = trainer_stream(config)
         ratios = json.loads((folder / "config.json").read_text())["vision_config"]["supported_aspect_ratios"]
         self.aspect_ratios = torch.tensor([[1, 1], *ratios])  # row 0: padding slots
         gc.collect()
