@@ -29,10 +29,12 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
         ["benchmarks/vs_hf.py", "--profile", "--json", "benchmarks/out/vs_hf.json"],
         "Same weights, same data, one process, the four models alive side by side and their timed steps "
         "interleaved: (a) HF MllamaForConditionalGeneration with a padding collator and frozen parameters set "
-        "by hand, (b) fusiontrain padded, (c) fusiontrain packed, (d) torchtune 0.6.1 padded (its modules, "
+        "by hand, (b) fusiontrain padding-free (the same samples per step in one row, its default), (r) "
+        "fusiontrain on (a)'s padded rows, (c) fusiontrain packed, (d) torchtune 0.6.1 padded (its modules, "
         "converter, chunked loss and recipe step). Ratios to (a) are taken round by round (median and min-max "
         "over rounds); model FLOP/s count the samples' work only, as a share of a measured matmul peak. The "
-        "profile is (c)'s top operators.",
+        "timed rounds run with glibc's usual malloc thresholds (the memory windows before them with a 64 KiB "
+        "mmap threshold). The profile is (c)'s top operators.",
     ),
     (
         "Packed attention against the dense-mask path (attention.py)",
@@ -44,7 +46,7 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
     (
         "Packed against padded batches (packing.py)",
         ["benchmarks/packing.py"],
-        "Real-token share and real tokens/s of padded, greedy-packed and first-fit-packed batches.",
+        "Real-token share and real tokens/s of padded, padding-free, greedy-packed and first-fit-packed batches.",
     ),
     (
         "Memory (memory.py)",
