@@ -2,7 +2,7 @@
 
 Each benchmark runs in its own process, one after the other (they time the whole machine, so
 nothing else should run meanwhile); its printed tables go into RESULTS.md under its heading, with
-the machine, the commit, the date and the command that reproduces them. About 15 minutes on 2
+the machine, the commit, the date and the command that reproduces them. About 22 minutes on 2
 CPU cores.
 """
 
@@ -27,7 +27,7 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
     (
         "fusiontrain against HF transformers and torchtune (vs_hf.py)",
         ["benchmarks/vs_hf.py", "--profile", "--json", "benchmarks/out/vs_hf.json"],
-        "Same weights, same data, one process, the four models alive side by side and their timed steps "
+        "Same weights, same data, one process, the five models alive side by side and their timed steps "
         "interleaved: (a) HF MllamaForConditionalGeneration with a padding collator and frozen parameters set "
         "by hand, (b) fusiontrain padding-free (the same samples per step in one row, its default), (r) "
         "fusiontrain on (a)'s padded rows, (c) fusiontrain packed, (d) torchtune 0.6.1 padded (its modules, "

@@ -3,7 +3,7 @@
 One process, on the CPU (or one GPU with ``--device cuda``), trains the benchmark Mllama
 (``fusiontrain.tiny.bench_mllama_config``, written once to ``benchmarks/out/bench_mllama``)
 fusion-only (the cross-attention layers, the projection head and the 8 extra token rows), in fp32
-(or bf16 with ``--precision bf16``), four ways:
+(or bf16 with ``--precision bf16``), five ways:
 
 (a) **HF transformers** as TRL / accelerate users run it: ``MllamaForConditionalGeneration
     .from_pretrained`` (sdpa attention), every parameter frozen by hand except the ones
@@ -36,7 +36,7 @@ padded batch (a), (r) and (d) trained on is bit-identical, and that (b) trained 
 samples (tokens, targets, images) in the same order. (a), (b), (r), (d) take 4 samples per step;
 (c) takes 4 packed rows of 1024 tokens per step, which hold many more samples (that is the point).
 
-Timing. The four models live side by side. Each is built and trains ``--warmup`` steps in turn
+Timing. The five models live side by side. Each is built and trains ``--warmup`` steps in turn
 (its memory window, below); then ``--rounds`` rounds run, each ``--steps-per-round`` timed steps
 of every variant, interleaved step by step (a, b, r, c, d, a, b, r, c, d, ...), so that a noisy
 neighbour slows all alike. Per variant and round: real tokens/s (non-padding tokens over step
