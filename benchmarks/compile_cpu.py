@@ -76,16 +76,15 @@ import torch._dynamo  # noqa: E402
 from torch._inductor.compile_fx import compile_fx  # noqa: E402
 
 from benchmarks.memory import model_folder  # noqa: E402
+from benchmarks.vs_hf_data import train_config as vs_hf_train_config  # noqa: E402
 from fusiontrain import distributed  # noqa: E402
 from fusiontrain.builders import build_dataset, configured_family, prepare_model  # noqa: E402
-from fusiontrain.config import TrainConfig, load_config  # noqa: E402
+from fusiontrain.config import TrainConfig  # noqa: E402
 from fusiontrain.data import Batch  # noqa: E402
 from fusiontrain.data_builders import build_train_loader  # noqa: E402
 from fusiontrain.models.hf_checkpoint import materialize  # noqa: E402
 from fusiontrain.trainer import Trainer  # noqa: E402
 
-SEQ_LEN = 1024
-ROWS = 4
 CPU = torch.device("cpu")
 
 # block kind -> (module path in the model, what backward computes: "none", "params", "input+params")
@@ -100,36 +99,12 @@ MODES = ("default", "dynamic")
 
 
 def train_config(folder: Path, output_dir: Path, *, packing: bool, steps: int, compile: bool) -> TrainConfig:
-    """The Trainer's config: vs_hf.py's fusion-only fp32 setup (padded or packed)."""
-    return load_config(
-        None,
-        [
-            f"output_dir={output_dir}",
-            f"max_steps={steps}",
-            f"model.hf_mllama={folder}",
-            "model.dtype=float32",
-            "data.format=synthetic",
-            "data.synthetic_lengths=long_tail",
-            f"data.synthetic_max_text={SEQ_LEN}",
-            "data.synthetic_samples=1024",  # more than the steps here read
-            f"data.packing={'true' if packing else 'false'}",
-            "data.padding_free=false",  # unpacked means padded rows here: the layout compiled blocks see
-            "data.packing_open_rows=8",
-            "data.max_images_per_row=16",
-            "data.num_workers=0",
-            f"batch.seq_len={SEQ_LEN}",
-            f"batch.micro_batch_size={ROWS}",
-            f"batch.global_batch_size={ROWS}",
-            "optim.schedule=constant",
-            "optim.warmup_steps=0",
-            "parallel.activation_checkpointing=none",
-            f"parallel.compile={'true' if compile else 'false'}",
-            "loss.num_output_chunks=8",
-            "eval.every_n_steps=0",
-            "checkpoint.every_n_steps=0",
-            "logging.every_n_steps=0",
-            "logging.wandb.mode=disabled",
-        ],
+    """vs_hf.py's fusion-only fp32 Trainer config (padded rows or packed), with or without
+    ``parallel.compile``. Unpacked means padded rows here (``data.padding_free=false``): the
+    layout whose compiled blocks the padded measurements are about."""
+    return vs_hf_train_config(
+        folder, output_dir, packing=packing, steps=steps, padding_free=False,
+        extra=[f"parallel.compile={'true' if compile else 'false'}"],
     )
 
 

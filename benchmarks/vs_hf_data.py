@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,18 @@ IGNORE = -100
 
 
 def train_config(
-    folder: Path, output_dir: Path, *, packing: bool, steps: int, precision: str, padding_free: bool = True
+    folder: Path,
+    output_dir: Path,
+    *,
+    packing: bool,
+    steps: int,
+    precision: str = "fp32",
+    padding_free: bool = True,
+    extra: Sequence[str] = (),
 ) -> TrainConfig:
     """The Trainer's config for (b) (``packing=False``, padding-free), (r) (``packing=False,
-    padding_free=False``: padded rows) and (c) (``packing=True``)."""
+    padding_free=False``: padded rows) and (c) (``packing=True``); ``extra`` overrides go last
+    (``compile_cpu.py`` adds ``parallel.compile``)."""
     overrides = [
         f"output_dir={output_dir}",
         f"max_steps={steps}",
@@ -74,6 +82,7 @@ def train_config(
         "checkpoint.every_n_steps=0",
         "logging.every_n_steps=0",
         "logging.wandb.mode=disabled",
+        *extra,
     ]
     return load_config(None, overrides)
 
