@@ -312,7 +312,6 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-
 def _row_layout(data: DataConfig, micro_batch_size: int, seq_len: int) -> str:
     """The plan's worst-case micro-batch in words, e.g. ``'4 rows x 1024 tokens packed'``."""
     plural = "s" if micro_batch_size > 1 else ""

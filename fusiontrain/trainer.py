@@ -33,10 +33,10 @@ from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState
 from fusiontrain.checkpoint.parts import load_part
 from fusiontrain.config import TrainConfig, config_to_dict, save_config
 from fusiontrain.data import Batch, collate_padded
-from fusiontrain.data.packing import collate_padding_free
 from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
+from fusiontrain.data.packing import collate_padding_free
 from fusiontrain.data_builders import build_streaming_train_loader, build_train_loader
 from fusiontrain.flops import device_peak_flops, mfu
 from fusiontrain.loss import count_targets
