@@ -212,15 +212,19 @@ def _encoder(
     embeddings require grad).
 
     Known encoders are counted analytically from ``images`` (or, when 0, the image slots of
-    ``encoder_input["pixel_values"]``); any other encoder generically from ``encoder_input``, its
-    output ``[b, s_e, d]`` giving ``s_e``.
+    ``encoder_input["pixel_values"]``, of which an encoder with an ``encoded_images(**encoder_input)``
+    method runs only as many as it says: Mllama's skips padding slots); any other encoder
+    generically from ``encoder_input``, its output ``[b, s_e, d]`` giving ``s_e``.
     """
     encoder = unwrap(encoder)
     known = _known_encoder_counter(encoder)
     if known is not None:
+        encoded = images
         if not images:
-            images = _image_slots(encoder_input, num_rows)
-        tokens_per_image, grad = known(tally, encoder, images)
+            images = encoded = _image_slots(encoder_input, num_rows)
+            if hasattr(encoder, "encoded_images"):
+                encoded = encoder.encoded_images(**encoder_input)
+        tokens_per_image, grad = known(tally, encoder, encoded)
         if encoder_seq_len is None:
             if images % num_rows:
                 raise ValueError(f"images ({images}) is not a multiple of num_rows ({num_rows}): pass encoder_seq_len")
@@ -290,7 +294,7 @@ def step_flops(
         images: image slots the encoder processes (``b * i`` with ``i`` the padded images per
             row; Mllama runs all ``max_num_tiles`` tiles of each), for the analytically counted
             encoders (Mllama, HF CLIP / SigLIP towers); 0 there means: from
-            ``encoder_input["pixel_values"]`` when given. Other encoders ignore it. With
+            ``encoder_input["pixel_values"]`` when given (Mllama: its real images only). Other encoders ignore it. With
             ``images == 0`` and no ``encoder_input``, a text-only micro-batch: neither the encoder
             nor the cross-attention layers run.
         encoder_seq_len: encoder tokens ``s_e`` per row that cross-attention sees; by default

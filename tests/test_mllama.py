@@ -78,6 +78,54 @@ def test_images_change_the_logits(hf_model, our_model) -> None:
     assert (_our_logits(our_model, tokens) - base).abs().max() > 1e-3
 
 
+def test_padding_image_slots_are_not_encoded(our_model) -> None:
+    """Row 0 holds one image in two slots: the ViT sees the 3 real images only, each one's
+    embeddings equal it encoded alone, and the padding slot's columns are zero. (The logits test
+    above runs the same batch against transformers, which encodes the padding slot.)"""
+    _, pixels, _ = mllama_batch_where_every_row_sees_an_image()
+    assert pixels["aspect_ratio_ids"][0, 1] == 0 and (pixels["aspect_ratio_ids"].flatten() > 0).sum() == 3
+    seen: list[torch.Size] = []
+    hook = our_model.encoder.vision.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[:2]))
+    try:
+        with torch.no_grad():
+            got = our_model.encoder(**pixels)
+            alone = {
+                (row, slot): our_model.encoder(**{key: value[row, slot][None, None] for key, value in pixels.items()})[0]
+                for row, slot in [(0, 0), (1, 0), (1, 1)]
+            }
+    finally:
+        hook.remove()
+    assert seen[0] == (1, 3)  # the batch's real images, in one batch of 3
+    per_slot = got.view(2, 2, -1, got.shape[-1])
+    for (row, slot), embeddings in alone.items():
+        torch.testing.assert_close(per_slot[row, slot], embeddings, atol=1e-6, rtol=1e-6)
+    assert per_slot[0, 1].eq(0).all() and all(e.abs().max() > 0 for e in alone.values())
+
+
+def test_padding_image_slots_skipped_keep_the_projection_gradient(our_model) -> None:
+    """The projection head trains: its gradient through the batch with a padding slot equals the
+    sum of its gradients through each real image alone."""
+    _, pixels, _ = mllama_batch_where_every_row_sees_an_image()
+    head = list(our_model.encoder.projection.parameters())
+    assert head and all(p.requires_grad for p in head)
+    columns = 2 * TOKENS_PER_TILE  # per image: 2 tiles
+    width = our_model.encoder.projection.output.out_features
+    weights = torch.randn(2, 2, columns, width, generator=torch.Generator().manual_seed(3))
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(loss, head))
+
+    batch = our_model.encoder(**pixels).view(2, 2, columns, -1)
+    got = grads((batch * weights).sum())
+    want = [torch.zeros_like(p) for p in head]
+    for row, slot in [(0, 0), (1, 0), (1, 1)]:
+        one = our_model.encoder(**{key: value[row, slot][None, None] for key, value in pixels.items()})[0]
+        want = [w + g for w, g in zip(want, grads((one * weights[row, slot]).sum()))]
+    for g, w in zip(got, want):
+        assert w.abs().max() > 0
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 def test_sharded_checkpoint_loads_the_same(tmp_path: Path, our_model) -> None:
     path, _ = tiny.save_tiny_mllama(tmp_path / "sharded", sharded=True, save_tokenizer=False)
     assert (path / "model.safetensors.index.json").is_file()

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
 from fusiontrain.modules.attention import MultiHeadAttention
 from fusiontrain.modules.fusion import register_fusion_module
@@ -255,11 +256,34 @@ class MllamaProjectionHead(nn.Module):
         return self.output(x.reshape(features.batch_size, features.num_images * t * p, -1))
 
 
+def _real_image_slots(aspect_ratio_ids: torch.Tensor) -> torch.Tensor | None:
+    """``[n]`` flat indices of the real image slots of ``aspect_ratio_ids`` ``[b, i]`` (id > 0), or
+    None to encode every slot: when all are real, when none is (a placeholder slot), or when the
+    ids hold no values (meta tensors, or a plain fake-tensor trace, where ``nonzero`` has no
+    output shape: such a trace sees the padding slots encoded, which only costs more; the planner
+    and the FLOP probe run integer inputs for real, and skip as training does)."""
+    if aspect_ratio_ids.is_meta:
+        return None
+    try:
+        real = torch.nonzero(aspect_ratio_ids.reshape(-1) > 0).squeeze(1)
+    except DynamicOutputShapeException:
+        return None
+    return real if 0 < len(real) < aspect_ratio_ids.numel() else None
+
+
 class MllamaVisionEncoder(nn.Module):
     """Tiled ViT + projection head. Takes the HF image processor's outputs as keyword arguments.
 
     When no parameter of the ViT trains and the pixels need no gradient, the ViT runs under
     ``torch.no_grad()``, so none of its activations are kept for backward.
+
+    Padding image slots (aspect-ratio id 0: rows with fewer images than the batch's widest, in
+    padded or packed rows) are not encoded: each image is encoded on its own, and no token sees a
+    padding slot, so the encoder runs on the real images only and returns zeros in the padding
+    slots' columns. A batch with no real image (a placeholder slot, which keeps FSDP's collectives
+    in step on a rank without images) runs its slots as given. Finding the real slots reads
+    ``aspect_ratio_ids`` on the host (one device sync per micro-batch on an accelerator; the
+    planner and the FLOP probe keep integer inputs as real CPU tensors).
     """
 
     def __init__(self, args: MllamaVisionArgs, decoder_dim: int) -> None:
@@ -281,6 +305,31 @@ class MllamaVisionEncoder(nn.Module):
         Returns:
             ``[b, s_e, d]`` with ``s_e = i * t * p``.
         """
+        b, i = aspect_ratio_ids.shape
+        real = _real_image_slots(aspect_ratio_ids)
+        if real is not None:
+            embeddings = self._encode(
+                pixel_values.flatten(0, 1).index_select(0, real)[None],
+                aspect_ratio_ids.reshape(b * i).index_select(0, real)[None],
+                aspect_ratio_mask.flatten(0, 1).index_select(0, real)[None],
+            )  # [1, n * t * p, d]
+            per_image = embeddings.reshape(len(real), -1, embeddings.shape[-1])  # [n, t * p, d]
+            slots = per_image.new_zeros(b * i, *per_image.shape[1:]).index_copy(0, real, per_image)
+            return slots.reshape(b, i * per_image.shape[1], -1)
+        return self._encode(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+
+    @staticmethod
+    def encoded_images(pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor) -> int:
+        """Image slots :meth:`forward` runs the tower on for these inputs (see
+        :func:`_real_image_slots`; the FLOP count asks, ``fusiontrain.flops``: give it host
+        tensors)."""
+        real = _real_image_slots(aspect_ratio_ids)
+        return aspect_ratio_ids.numel() if real is None else len(real)
+
+    def _encode(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Every slot of ``[b, i, ...]`` inputs -> ``[b, s_e, d]``."""
         needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
             features = self.vision(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
