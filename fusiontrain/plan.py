@@ -219,7 +219,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         f"{dtype_name(compute_dtype)}; activation checkpointing {parallel.activation_checkpointing}; "
         f"{config.loss.num_output_chunks} loss chunks",
         f"micro-batch per device (worst case): {_row_layout(config.data, batch_config.micro_batch_size, batch_config.seq_len)}, "
-        f"{images} images per {'row' if config.data.packing else 'sample'} of {image_format.describe()} "
+        f"{images} images {'in the row' if _padding_free(config.data) else 'per row'} of {image_format.describe()} "
         f"({batch.encoder_mask.shape[-1] if batch.encoder_mask is not None else 0} encoder tokens); "
         f"{accum} micro-batches per step",
     ]
@@ -312,11 +312,15 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _padding_free(data: DataConfig) -> bool:
+    return not data.packing and data.padding_free
+
+
 def _row_layout(data: DataConfig, micro_batch_size: int, seq_len: int) -> str:
     """The plan's worst-case micro-batch in words, e.g. ``'4 rows x 1024 tokens packed'``."""
     plural = "s" if micro_batch_size > 1 else ""
     if data.packing:
         return f"{micro_batch_size} row{plural} x {seq_len} tokens packed"
-    if data.padding_free:
+    if _padding_free(data):
         return f"{micro_batch_size} sample{plural} x {seq_len} tokens in one padding-free row"
     return f"{micro_batch_size} row{plural} x {seq_len} tokens padded"
