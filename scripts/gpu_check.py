@@ -30,8 +30,8 @@ proves it in about five minutes on one GPU and prints one table, a row per check
   allocator's measured peak (``torch.cuda.max_memory_allocated``) of 3 training steps of the
   benchmark Mllama, for a few configurations (error reported; within 10% passes).
 - ``vs_hf/{fp32,bf16}``: ``benchmarks/vs_hf.py --device cuda`` (HF transformers against
-  fusiontrain padded and packed and torchtune padded, same weights and data); the step-0
-  agreement must hold.
+  fusiontrain padding-free, on padded rows and packed, and torchtune padded, same weights and
+  data); the step-0 agreement must hold.
 
 The training runs of one phase go side by side on the one GPU (they are tiny; only their numbers
 matter, not their speed); ``vs_hf`` runs alone, last, since it times steps. Everything is written
