@@ -211,20 +211,18 @@ def _encoder(
     tokens per row that cross-attention sees: ``encoder_seq_len`` when given; whether the
     embeddings require grad).
 
-    Known encoders are counted analytically from ``images`` (or, when 0, the image slots of
-    ``encoder_input["pixel_values"]``, of which an encoder with an ``encoded_images(**encoder_input)``
-    method runs only as many as it says: Mllama's skips padding slots); any other encoder
-    generically from ``encoder_input``, its output ``[b, s_e, d]`` giving ``s_e``.
+    Known encoders are counted analytically by their family from ``images`` (or, when 0, the image
+    slots of ``encoder_input["pixel_values"]``, given to the family's counter with the input: Mllama
+    counts only the slots it encodes); any other encoder generically from ``encoder_input``, its
+    output ``[b, s_e, d]`` giving ``s_e``.
     """
     encoder = unwrap(encoder)
     known = _known_encoder_counter(encoder)
     if known is not None:
-        encoded = images
+        read_from = None
         if not images:
-            images = encoded = _image_slots(encoder_input, num_rows)
-            if hasattr(encoder, "encoded_images"):
-                encoded = encoder.encoded_images(**encoder_input)
-        tokens_per_image, grad = known(tally, encoder, encoded)
+            images, read_from = _image_slots(encoder_input, num_rows), encoder_input
+        tokens_per_image, grad = known(tally, encoder, images, read_from)
         if encoder_seq_len is None:
             if images % num_rows:
                 raise ValueError(f"images ({images}) is not a multiple of num_rows ({num_rows}): pass encoder_seq_len")

@@ -438,9 +438,9 @@ class Trainer:
         slots = [rank + size * j for j in range(-(-per_rank // micro) * micro)]
         loss_sum = torch.zeros((), device=self.device)
         targets = torch.zeros((), dtype=torch.long, device=self.device)
+        collate = collate_padding_free if self.config.data.padding_free else collate_padded
         for start in range(0, len(slots), micro):
             samples = [self._eval_sample(i) if i < total else _PLACEHOLDER for i in slots[start : start + micro]]
-            collate = collate_padding_free if self.config.data.padding_free else collate_padded
             batch = self._on_device(
                 collate(samples, self.config.batch.seq_len, self.image_format, ignore_index=self.config.loss.ignore_index)
             )

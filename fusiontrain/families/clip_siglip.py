@@ -4,6 +4,9 @@ of a full ``CLIPModel`` / ``SiglipModel``) as encoders. The modules are
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
 from fusiontrain.flop_rules import (
@@ -58,8 +61,11 @@ def _count_siglip_pooling_head(tally: Tally, head: nn.Module, images: int, n_tok
     tally.add("encoder.vision", sum(2 * images * m.in_features * m.out_features for m in (mlp.fc1, mlp.fc2)), 0)
 
 
-def count_hf_tower_encoder(tally: Tally, encoder: nn.Module, images: int) -> tuple[int, bool]:
-    """HF CLIP / SigLIP tower + MLP projection head over ``images`` images."""
+def count_hf_tower_encoder(
+    tally: Tally, encoder: nn.Module, images: int, encoder_input: Mapping[str, Any] | None
+) -> tuple[int, bool]:
+    """HF CLIP / SigLIP tower + MLP projection head over ``images`` images (every slot runs:
+    ``encoder_input`` changes nothing)."""
     tower = encoder.tower
     body = getattr(tower, "vision_model", tower)  # transformers < 5 nests the tower one level deeper
     embeddings = body.embeddings

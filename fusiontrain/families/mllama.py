@@ -12,6 +12,7 @@ tiles, as ``MllamaProcessor``'s ``cross_attention_mask`` says.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,9 +125,15 @@ def check_aspect_ratios(image_processor: Any, config: dict) -> None:
         )
 
 
-def count_mllama_encoder(tally: Tally, encoder: MllamaVisionEncoder, images: int) -> tuple[int, bool]:
-    """Tiled ViT + projection head over ``images`` image slots; returns (tokens per image slot,
-    whether the embeddings require grad)."""
+def count_mllama_encoder(
+    tally: Tally, encoder: MllamaVisionEncoder, images: int, encoder_input: Mapping[str, Any] | None
+) -> tuple[int, bool]:
+    """Tiled ViT + projection head over ``images`` image slots, or, when they were read from
+    ``encoder_input``, over the slots the encoder runs on (its real images: padding slots are not
+    encoded, :meth:`MllamaVisionEncoder.encoded_images`); returns (tokens per image slot, whether
+    the embeddings require grad)."""
+    if encoder_input is not None:
+        images = encoder.encoded_images(**encoder_input)
     vision, head = encoder.vision, encoder.projection
     args = vision.args
     tiles = images * args.max_num_tiles

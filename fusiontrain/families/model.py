@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,12 +27,14 @@ from torch import nn
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.models.pretrained import PretrainedModel
 
-EXPORT_ROLE = "fusiontrain_export"
+EXPORT_ROLE = "fusiontrain_export"  # a base folder written by `fusiontrain export --format fusiontrain`
 
-# ``counter(tally, encoder, images) -> (encoder tokens per image slot, whether the embeddings
-# require grad)``: an encoder's FLOPs over ``images`` image slots, added to a
-# :class:`fusiontrain.flop_rules.Tally`.
-EncoderFlopCounter = Callable[[Any, nn.Module, int], tuple[int, bool]]  # a base folder written by `fusiontrain export --format fusiontrain`
+# ``counter(tally, encoder, images, encoder_input) -> (encoder tokens per image slot, whether the
+# embeddings require grad)``: an encoder's FLOPs over ``images`` image slots, added to a
+# :class:`fusiontrain.flop_rules.Tally`. ``encoder_input`` is the input those slots were read
+# from (None when the caller gave ``images``): a family whose encoder runs on fewer images than
+# it has slots (Mllama skips padding slots) counts what it runs.
+EncoderFlopCounter = Callable[[Any, nn.Module, int, Mapping[str, Any] | None], tuple[int, bool]]
 
 
 @dataclass(frozen=True)

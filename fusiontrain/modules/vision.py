@@ -321,8 +321,7 @@ class MllamaVisionEncoder(nn.Module):
     @staticmethod
     def encoded_images(pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor) -> int:
         """Image slots :meth:`forward` runs the tower on for these inputs (see
-        :func:`_real_image_slots`; the FLOP count asks, ``fusiontrain.flops``: give it host
-        tensors)."""
+        :func:`_real_image_slots`; the Mllama family's FLOP count asks, on the host batch)."""
         real = _real_image_slots(aspect_ratio_ids)
         return aspect_ratio_ids.numel() if real is None else len(real)
 
