@@ -313,6 +313,45 @@ def test_fusion_initial_values(tiny_llama_dir: Path, tiny_clip_dir: Path, hf_lla
     assert not torch.equal(fusion[key], get_fusion_params(other)[key])
 
 
+@pytest.mark.parametrize(
+    ("checkpointing", "offloading"),
+    [("full", "none"), ("1", "none"), ("2", "none"), ("3", "none"), ("full", "checkpointed"), ("none", "all")],
+)
+def test_fusion_initial_values_do_not_depend_on_activation_checkpointing(
+    mesh, tiny_llama_dir: Path, tiny_clip_dir: Path, checkpointing: str, offloading: str
+) -> None:
+    """The trainer's path (meta build, parallelize, allocate, load) gives every fusion parameter
+    the bits of an unwrapped compose_from_hf with the same seed, whichever blocks are wrapped for
+    checkpointing: with fusion layers at 1 and 3, k=2 wraps none of them, k=1 / full / 3 some."""
+    from fusiontrain.families import TrainableFlags, model_family
+    from fusiontrain.models.hf_checkpoint import materialize
+    from fusiontrain.parallel import canonical_parameters, parallelize
+
+    reference = get_fusion_params(_compose(tiny_llama_dir, tiny_clip_dir, seed=5))
+    pretrained = model_family("composed").prepare(
+        {"decoder": tiny_llama_dir, "encoder": tiny_clip_dir},
+        {"fusion_interval": FUSION_INTERVAL, "fusion_vocab_size": 8},
+        TrainableFlags(),
+        seed=5,
+    )
+    model = pretrained.model
+    parallelize(model, mesh, torch.device("cpu"), activation_checkpointing=checkpointing, activation_offloading=offloading)
+    wrapped = [name for name in get_fusion_params(model) if "_checkpoint_wrapped_module" in name]
+    assert bool(wrapped) == (checkpointing in ("full", "1", "3")), wrapped  # 3 wraps block 3, a fusion layer
+    materialize(model)
+    pretrained.load(canonical_parameters(model))
+    fusion = {canonical_name: param.full_tensor() for canonical_name, param in _canonical(get_fusion_params(model)).items()}
+    assert fusion.keys() == reference.keys()
+    for name, param in reference.items():
+        assert torch.equal(fusion[name], param), name
+
+
+def _canonical(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from fusiontrain.parallel import canonical_name
+
+    return {canonical_name(name): param for name, param in params.items()}
+
+
 def test_bfloat16(tiny_llama_dir: Path, tiny_siglip_dir: Path, hf_llama) -> None:
     model = _compose(tiny_llama_dir, tiny_siglip_dir, dtype=torch.bfloat16)
     assert {param.dtype for param in model.parameters()} == {torch.bfloat16}

@@ -73,7 +73,9 @@ def init_fusion_params(model: nn.Module, *, seed: int, std: float = DEFAULT_INIT
 
     Random values are drawn on the CPU in fp32 from one ``torch.Generator`` in module order, one
     full tensor at a time, then cast; a sharded (DTensor) parameter keeps only its own rows. So
-    the values depend on neither ``device``, ``dtype`` nor the number of ranks.
+    the values depend on neither ``device``, ``dtype`` nor the number of ranks. Parameters are
+    matched by identity, not by name, and module wrappers own no parameters of their own, so the
+    values do not depend on activation-checkpoint or compile wrappers either.
 
     Returns:
         The names of the parameters initialised (all of ``get_fusion_params(model)``).
@@ -82,21 +84,21 @@ def init_fusion_params(model: nn.Module, *, seed: int, std: float = DEFAULT_INIT
         TypeError: a fusion parameter belongs to a module type with no rule here.
     """
     fusion = get_fusion_params(model)
+    name_of = {id(param): name for name, param in fusion.items()}
     generator = torch.Generator().manual_seed(seed)
     done: set[str] = set()
-    for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
+    for module in model.modules():
         if isinstance(module, FusionEmbedding):
-            name = f"{prefix}fusion_embedding.weight"
+            rows = module.fusion_embedding.weight
             base = module.weight.full_tensor() if isinstance(module.weight, DTensor) else module.weight
             mean_row = base.mean(dim=0, dtype=torch.float32)
-            new_rows = mean_row.expand(module.fusion_embedding.weight.shape)
-            copy_rows_into(module.fusion_embedding.weight, lambda start, stop, rows=new_rows: rows[start:stop])
-            done.add(name)
+            new_rows = mean_row.expand(rows.shape)
+            copy_rows_into(rows, lambda start, stop, rows=new_rows: rows[start:stop])
+            done.add(name_of[id(rows)])
             continue
         for local, param in module.named_parameters(recurse=False):
-            name = prefix + local
-            if name not in fusion or name in done:
+            name = name_of.get(id(param))
+            if name is None or name in done:
                 continue
             full = _initial_value(module, local, param, generator, std, name)
             copy_rows_into(param, lambda start, stop, full=full: full[start:stop])

@@ -72,13 +72,19 @@ def get_fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
     Every submodule (``model`` included) with a callable ``fusion_params()`` contributes the
     parameters it names, given as names local to that submodule: the ``fusion_layer`` of a
     :class:`FusionLayer`, the new rows of a :class:`FusionEmbedding`, everything in a module passed
-    to :func:`register_fusion_module`, and whatever a user's own module declares. A parameter
-    declared at several levels (a registered module inside a fusion layer) is listed once. Order
-    follows ``named_modules()`` and, within a module, ``named_parameters()``.
+    to :func:`register_fusion_module`, and whatever a user's own module declares. Order follows
+    ``named_modules()`` and, within a module, ``named_parameters()``.
+
+    Each parameter is listed once, under the name ``model.named_parameters()`` gives it, however
+    many modules declare it: a registered module inside a fusion layer, or a block wrapped for
+    activation checkpointing, whose wrapper forwards ``fusion_params()`` to the block and reports
+    the block's parameters without the wrapper's prefix. So the names and the set do not depend on
+    how the model's modules are wrapped, only the names' wrapper prefixes do.
 
     Raises:
         ValueError: a ``fusion_params()`` names something that is not a parameter of its module.
     """
+    qualified = {id(param): name for name, param in model.named_parameters()}
     found: dict[str, nn.Parameter] = {}
     for module_name, module in model.named_modules():
         declared = _declared_fusion_names(module)
@@ -86,7 +92,7 @@ def get_fusion_params(model: nn.Module) -> dict[str, nn.Parameter]:
             continue
         for local, param in module.named_parameters():
             if local in declared:
-                found[f"{module_name}.{local}" if module_name else local] = param
+                found.setdefault(qualified[id(param)], param)
                 declared.discard(local)
         if declared:
             where = repr(module_name) if module_name else "the root module"
