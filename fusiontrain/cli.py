@@ -40,8 +40,11 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         if int(os.environ.get("RANK", "0")) != 0:
             return 0  # under a launcher, rank 0 plans for everyone
-        gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
-        return _print_plan(config, gpus=gpus, gpu=args.gpu, efficiency=args.efficiency, title=f"dry run of {args.config}")
+        # This launch's world under a launcher; outside one, what the config is written for, else 1.
+        gpus = args.gpus or (int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None)
+        return _print_plan(
+            config, gpus=gpus, default_gpus=1, gpu=args.gpu, efficiency=args.efficiency, title=f"dry run of {args.config}"
+        )
     from fusiontrain.preemption import PREEMPTED_EXIT_CODE, Preempted
     from fusiontrain.trainer import Trainer
 
@@ -80,12 +83,22 @@ def _exit_with_traceback() -> NoReturn:
     distributed.exit_promptly(1)
 
 
-def _print_plan(config: object, *, gpus: int, gpu: str | None, efficiency: float, title: str, as_json: bool = False) -> int:
-    from fusiontrain.plan import default_hardware_name, format_plan, hardware_for, plan_run, plan_to_dict
+def _print_plan(
+    config: object,
+    *,
+    gpus: int | None,
+    gpu: str | None,
+    efficiency: float,
+    title: str,
+    as_json: bool = False,
+    default_gpus: int | None = None,
+) -> int:
+    from fusiontrain.plan import format_plan, plan_run, plan_to_dict, planned_hardware, planned_world_size
 
     try:
-        hardware = hardware_for(gpu or default_hardware_name())
-        plan = plan_run(config, gpus=gpus, hardware=hardware, efficiency=efficiency)
+        hardware = planned_hardware(config, gpu)
+        world_size = planned_world_size(config, gpus, default=default_gpus)
+        plan = plan_run(config, gpus=world_size, hardware=hardware, efficiency=efficiency)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -127,17 +140,26 @@ def _run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_plan_arguments(parser: argparse.ArgumentParser, *, gpus_default: int | None) -> None:
+# The planner's device kinds, spelled out so that ``--help`` needs no torch (a test holds them equal
+# to fusiontrain.plan.GPUS plus "cpu", and to the choices of the config key plan.gpu).
+PLAN_DEVICES = ("h100", "h200", "a100", "b200", "cpu")
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser, *, dry_run: bool) -> None:
+    under_launcher = "WORLD_SIZE under a launcher, else " if dry_run else ""
+    otherwise = "1" if dry_run else "an error asking for --gpus"
     parser.add_argument(
         "--gpus",
         type=int,
-        default=gpus_default,
-        help="devices in the job" + (" (default: WORLD_SIZE, else 1)" if gpus_default is None else ""),
+        default=None,
+        help=f"devices in the job (default: {under_launcher}parallel.dp_replicate x dp_shard when dp_shard is set, "
+        f"else the config's plan.gpus, else {otherwise})",
     )
     parser.add_argument(
         "--gpu",
-        choices=["h100", "h200", "a100", "b200", "cpu"],
-        help="device kind (default: this machine's GPU if it is one of these, else cpu)",
+        choices=PLAN_DEVICES,
+        help="device kind (default: this machine's GPU if it is one of these, else the config's plan.gpu, else an "
+        "error asking for --gpu; 'cpu' plans for this machine's CPU)",
     )
     parser.add_argument(
         "--efficiency", type=float, default=0.5, help="fraction of the peak FLOP/s the kernels reach (time estimate)"
@@ -338,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build the model on the meta device, validate the config, print the plan (see `plan`) and exit",
     )
-    _add_plan_arguments(train, gpus_default=None)
+    _add_plan_arguments(train, dry_run=True)
     train.set_defaults(func=_run_train)
 
     plan = sub.add_parser(
@@ -350,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--config", required=True, help="YAML config file (see configs/)")
     plan.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
-    _add_plan_arguments(plan, gpus_default=1)
+    _add_plan_arguments(plan, dry_run=False)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (bytes and seconds)")
     plan.set_defaults(func=_run_plan)
 

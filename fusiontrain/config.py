@@ -56,10 +56,12 @@ class LoraConfig:
         ("decoder",), "Which pretrained side(s) get LoRA: a list of 'decoder' and/or 'encoder' (fusion layers never do)."
     )
     targets: tuple[str, ...] = _field(
-        ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"),
-        "Linears to adapt, by module name or name suffix (PEFT's rule): ours for the decoder and the Mllama ViT "
-        "(q_proj k_proj v_proj output_proj w1 w2 w3), the HF tower's for a composed encoder (e.g. q_proj out_proj "
-        "fc1 fc2). Every target must match a linear of model.lora.sides.",
+        ("all-linear",),
+        "Linears to adapt: [all-linear] (every attention and MLP projection of the chosen sides' transformer blocks, "
+        "whatever the family calls them), or module names or name suffixes (PEFT's rule): ours for the decoder and "
+        "the Mllama ViT (q_proj k_proj v_proj output_proj w1 w2 w3), the HF tower's for a composed encoder (e.g. "
+        "q_proj out_proj fc1 fc2). A target may miss one chosen side; it is an error when it matches no linear on "
+        "any, or when a chosen side gets none.",
     )
     init_from: str | None = _field(
         None,
@@ -303,6 +305,22 @@ class EvalConfig:
 
 
 @dataclass
+class PlanConfig:
+    gpu: Literal["h100", "h200", "a100", "b200", "cpu"] | None = _field(
+        None,
+        "The device kind this config is written for (h100, h200, a100, b200, or cpu): `plan` and `train --dry-run` "
+        "size the job for it when --gpu is not given and this machine has no GPU of those kinds. null: they ask "
+        "for --gpu on such a machine.",
+    )
+    gpus: int | None = _field(
+        None,
+        "The devices this config is written for: `plan` and `train --dry-run` size the job for them when --gpus is "
+        "not given and parallel.dp_replicate x dp_shard does not fix the world size (dp_shard: -1). When both are "
+        "set they must agree. null: `plan` asks for --gpus.",
+    )
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = _field("outputs/run", "Where config.yaml, metrics.jsonl and checkpoints go.")
     seed: int = _field(0, "Seed for initialisation, data order and dropout.")
@@ -322,6 +340,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = _field(CheckpointConfig, "Checkpointing and resume.")
     logging: LoggingConfig = _field(LoggingConfig, "Console and wandb logging.")
     eval: EvalConfig = _field(EvalConfig, "Periodic evaluation.")
+    plan: PlanConfig = _field(PlanConfig, "What `plan` and `train --dry-run` size the job for by default.")
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -510,6 +529,7 @@ def validate(config: TrainConfig) -> None:
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    _validate_plan(config)
     if config.checkpoint.every_n_steps < 0 or config.checkpoint.keep_last_n < 0:
         raise ConfigError("config keys 'checkpoint.every_n_steps' and 'checkpoint.keep_last_n' must be >= 0")
     optim = config.optim
@@ -534,6 +554,21 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"config key 'loss.num_output_chunks' must be >= 0; got {config.loss.num_output_chunks}")
 
 
+def _validate_plan(config: TrainConfig) -> None:
+    """plan.gpus is a device count, and agrees with the mesh when the mesh fixes the world size."""
+    gpus, parallel = config.plan.gpus, config.parallel
+    if gpus is None:
+        return
+    if gpus < 1:
+        raise ConfigError(f"config key 'plan.gpus' must be >= 1 (or null); got {gpus}")
+    if parallel.dp_shard != -1 and parallel.dp_replicate * parallel.dp_shard != gpus:
+        raise ConfigError(
+            f"config key 'plan.gpus' ({gpus}) disagrees with parallel.dp_replicate x dp_shard "
+            f"({parallel.dp_replicate} x {parallel.dp_shard} = {parallel.dp_replicate * parallel.dp_shard}); "
+            "drop plan.gpus or make them agree"
+        )
+
+
 def _validate_lora(model: ModelConfig) -> None:
     """LoRA's numbers, sides and folder; LoRA beside full training of the same side is refused."""
     lora = model.lora
@@ -550,7 +585,9 @@ def _validate_lora(model: ModelConfig) -> None:
     if not lora.sides or any(side not in ("decoder", "encoder") for side in lora.sides):
         raise ConfigError(f"config key 'model.lora.sides' must list 'decoder' and/or 'encoder'; got {list(lora.sides)}")
     if not lora.targets:
-        raise ConfigError("config key 'model.lora.targets' must name at least one linear (e.g. [q_proj, v_proj])")
+        raise ConfigError("config key 'model.lora.targets' must name at least one linear (e.g. [q_proj, v_proj]) or be [all-linear]")
+    if "all-linear" in lora.targets and len(lora.targets) > 1:
+        raise ConfigError(f"config key 'model.lora.targets': all-linear takes every linear already; list it alone, not with {list(lora.targets)}")
     for side in lora.sides:
         if getattr(model, f"{side}_trainable"):
             raise ConfigError(

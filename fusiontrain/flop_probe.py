@@ -289,7 +289,7 @@ class ValueKeepingFakeMode(FakeTensorMode):
     def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         tensors = [leaf for leaf in pytree.arg_tree_leaves(*args, **kwargs) if isinstance(leaf, torch.Tensor)]
-        if tensors and not any(isinstance(t, FakeTensor) for t in tensors):
+        if tensors and not any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors):
             return func(*args, **kwargs)  # this mode is not active while it dispatches: a real kernel
         return super().dispatch(func, types, args, kwargs)
 

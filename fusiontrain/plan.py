@@ -97,23 +97,67 @@ def cpu_hardware() -> Hardware:
     return Hardware("CPU (this machine)", "cpu", memory, measure_matmul_flops("cpu"), 2e9, 2e9, devices_per_node=1 << 30)
 
 
-def default_hardware_name() -> str:
-    """This machine's GPU kind when it is in :data:`GPUS`, else "cpu"."""
+def machine_gpu_kind() -> str | None:
+    """This machine's GPU kind when it is one of :data:`GPUS`, else None."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name().lower()
         for kind in GPUS:
             if kind in name:
                 return kind
-    return "cpu"
+    return None
 
 
-def hardware_for(name: str) -> Hardware:
-    """``--gpu`` value -> Hardware ('cpu' measures this machine)."""
+def hardware_for(name: str, *, source: str = "--gpu") -> Hardware:
+    """A device kind (``--gpu`` or ``plan.gpu``, named by ``source``) -> Hardware ('cpu' measures
+    this machine)."""
     if name == "cpu":
         return cpu_hardware()
     if name not in GPUS:
-        raise ValueError(f"unknown --gpu {name!r}; choose one of {', '.join([*GPUS, 'cpu'])}")
+        raise ValueError(f"unknown {source} {name!r}; choose one of {', '.join([*GPUS, 'cpu'])}")
     return GPUS[name]
+
+
+def planned_hardware(config: TrainConfig, gpu: str | None) -> Hardware:
+    """The device to plan for: ``gpu`` (``--gpu``) when given, else this machine's GPU when it is
+    one of :data:`GPUS`, else the config's own ``plan.gpu``.
+
+    Raises:
+        ValueError: none of them names one; the message says to pass ``--gpu``.
+    """
+    if gpu is not None:
+        return hardware_for(gpu)
+    kind = machine_gpu_kind()
+    if kind is not None:
+        return hardware_for(kind)
+    if config.plan.gpu is not None:
+        return hardware_for(config.plan.gpu, source="config key 'plan.gpu'")
+    raise ValueError(
+        "this machine has no GPU to plan for and the config names none (plan.gpu): pass --gpu KIND "
+        f"({', '.join(GPUS)}), or --gpu cpu to plan for this machine's CPU"
+    )
+
+
+def planned_world_size(config: TrainConfig, gpus: int | None, *, default: int | None = None) -> int:
+    """The world size to plan for: ``gpus`` (``--gpus``) when given, else the config's own mesh
+    (``parallel.dp_replicate x dp_shard`` when ``dp_shard`` is set), else its ``plan.gpus``, else
+    ``default``.
+
+    Raises:
+        ValueError: none of them gives one; the message says to pass ``--gpus``.
+    """
+    parallel = config.parallel
+    if gpus is not None:
+        return gpus
+    if parallel.dp_shard != -1:
+        return parallel.dp_replicate * parallel.dp_shard
+    if config.plan.gpus is not None:
+        return config.plan.gpus
+    if default is not None:
+        return default
+    raise ValueError(
+        "the config does not fix the world size (parallel.dp_shard is -1 and plan.gpus is unset): "
+        "pass --gpus N, the number of devices in the job"
+    )
 
 
 @dataclass
