@@ -6,16 +6,13 @@ order: activation checkpointing, then compile, then ``fully_shard`` per block an
 then the offloading hooks on the blocks (:mod:`fusiontrain.offload`). Model code never imports
 this module.
 
-Blocks are what each module says they are: every ``nn.ModuleList`` a module returns from its
-``block_lists()`` method (an encoder family's module names its tower's stacks that way, whatever
-the tower calls them: ``layers``, ``layer``, ``blocks``), plus every ``nn.ModuleList`` named
-``layers`` (our decoder, the Mllama ViT and projection head). An encoder with no block stack is
-refused, rather than sharded whole into the root unit.
+Blocks are the model's block stacks (:func:`fusiontrain.modules.blocks.block_stacks`): an encoder
+with no block stack is refused, rather than sharded whole into the root unit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from contextlib import AbstractContextManager
 
 import torch
@@ -29,36 +26,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fusiontrain.modules import FusionLayer
+from fusiontrain.modules.blocks import block_stacks
 from fusiontrain.offload import MIN_OFFLOAD_BYTES, ActivationOffloader
 from fusiontrain.precision import computes_in_bf16
-
-
-def block_stacks(model: nn.Module) -> Iterator[tuple[str, nn.ModuleList]]:
-    """``(name, stack)`` for every block stack (see the module docstring), outermost first.
-
-    Raises:
-        ValueError: the model has an encoder with parameters and no block stack in it.
-    """
-    declared: set[int] = set()
-    for module in model.modules():
-        lists = getattr(module, "block_lists", None)
-        if callable(lists):
-            declared.update(id(stack) for stack in lists())
-    stacks = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and (id(module) in declared or name.rpartition(".")[2] == "layers")
-    ]
-    encoder = getattr(model, "encoder", None)
-    if encoder is not None and any(True for _ in encoder.parameters()):
-        inside = {id(module) for module in encoder.modules()}
-        if not any(id(stack) in inside for _, stack in stacks):
-            raise ValueError(
-                f"the encoder ({type(encoder).__name__}) has no block stack: its family must name its transformer "
-                "blocks with a block_lists() method (or keep them in an nn.ModuleList called 'layers'), or activation "
-                "checkpointing, compile and FSDP would treat the whole encoder as one block"
-            )
-    yield from stacks
 
 
 def canonical_name(name: str) -> str:

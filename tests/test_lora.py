@@ -160,6 +160,46 @@ def test_zero_b_is_the_base_and_a_trained_adapter_equals_merged_weights(family_c
     assert lora_settings_of(model) == LoraSettings(4, 8.0, 0.0, tuple(names))
 
 
+@pytest.mark.parametrize("sides", [("decoder",), ("encoder",), ("decoder", "encoder")])
+def test_the_default_targets_adapt_every_block_linear_of_every_family_and_side(family_case, sides) -> None:
+    """model.lora.targets' default ([all-linear]) works for every family and every choice of
+    sides: every attention and MLP linear of those sides' blocks, nothing outside them (the
+    decoder's output projection, which the chunked loss reads directly, a tower's unused pooling
+    head, a patch embedding) and no fusion layer."""
+    from fusiontrain.config import LoraConfig
+
+    build, _ = family_case
+    model = build()
+    chosen = select_lora_targets(model, sides=sides, targets=LoraConfig().targets)
+    fusion = set(get_fusion_params(model))
+    everything = [
+        name for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.partition(".")[0] in sides and f"{name}.weight" not in fusion
+    ]
+    outside = {name for name in everything if ".layers." not in name and ".layer." not in name}
+    assert set(chosen) == set(everything) - outside, sorted(set(everything) ^ set(chosen))[:6]
+    assert all(any(name.startswith(f"{side}.") for name in chosen) for side in sides)
+    assert "decoder.output" not in chosen and not any(".head." in name for name in chosen)
+
+
+def test_a_target_may_miss_a_side_but_not_every_side(tiny_mllama_dir: Path, tiny_llama_dir: Path, tiny_clip_dir: Path) -> None:
+    mllama = load_hf_mllama(tiny_mllama_dir)
+    both = select_lora_targets(mllama, sides=("decoder", "encoder"), targets=("q_proj", "w3"))  # no w3 in the ViT
+    assert any(n.startswith("encoder.") and n.endswith("q_proj") for n in both)
+    assert {n.rsplit(".", 1)[1] for n in both if n.endswith("w3")} == {"w3"} and not any(
+        n.startswith("encoder.") and n.endswith("w3") for n in both
+    )
+    with pytest.raises(ValueError, match=r"\['w3'\] match no linear of the encoder.*end in \['k_proj'"):
+        select_lora_targets(mllama, sides=("encoder",), targets=("w3",))
+    composed = _composed(tiny_llama_dir, tiny_clip_dir)()
+    with pytest.raises(ValueError, match=r"adapt no linear of the decoder, a chosen side.*'output_proj'"):
+        select_lora_targets(composed, sides=("decoder", "encoder"), targets=("out_proj",))  # the tower's name only
+    with pytest.raises(ValueError, match="list it alone"):
+        select_lora_targets(composed, sides=("decoder",), targets=("all-linear", "q_proj"))
+    with pytest.raises(ValueError, match=r"\['output'\] match no linear"):  # the loss reads it directly
+        select_lora_targets(composed, sides=("decoder",), targets=("output",))
+
+
 # -- checkpoint, exports, PEFT in and out ---------------------------------------------------------------
 
 

@@ -27,10 +27,10 @@ from fusiontrain.models.lora import LoraSettings, add_lora
 from fusiontrain.models.mllama import build_mllama
 from fusiontrain.modules import FusionLayer
 from fusiontrain.modules.fusion import get_fusion_params
+from fusiontrain.modules.blocks import block_stacks
 from fusiontrain.modules.lora import is_lora_parameter, select_lora_targets
 from fusiontrain.parallel import (
     apply_activation_checkpointing,
-    block_stacks,
     canonical_parameters,
     checkpoint_every,
     mixed_precision_policy,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fusiontrain.modules.blocks import block_stacks
 from fusiontrain.modules.fusion import get_fusion_params
 
 LORA_A, LORA_B = "lora_A", "lora_B"
@@ -91,45 +92,79 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return found
 
 
+ALL_LINEAR = "all-linear"  # the default target: every linear LoRA may adapt on the chosen sides
+
+
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith(f".{target}")
 
 
 def lora_candidates(model: nn.Module, sides: Sequence[str]) -> list[str]:
     """Names of the linears of ``model``'s ``sides`` (``decoder`` / ``encoder``) that LoRA may
-    target: every ``nn.Linear`` whose weight is not a fusion parameter."""
+    target: every ``nn.Linear`` inside a block stack (:func:`~fusiontrain.modules.blocks.block_stacks`:
+    the attention and MLP projections of the transformer blocks) whose weight is not a fusion
+    parameter.
+
+    Linears outside the blocks are left out: the decoder's output projection (the chunked loss
+    reads its weight directly, so an adapter there would never be applied), a tower's pooling
+    head (a fusion encoder reads hidden states, so the head never runs) and a patch embedding.
+    """
     unknown = [side for side in sides if side not in SIDES]
     if unknown:
         raise ValueError(f"unknown LoRA side(s) {unknown}; choose from {list(SIDES)}")
     fusion = set(get_fusion_params(model))
     return [
-        name
-        for name, module in model.named_modules()
+        f"{stack_name}.{inner}"
+        for stack_name, stack in block_stacks(model)
+        if stack_name.partition(".")[0] in sides
+        for inner, module in stack.named_modules()
         if isinstance(module, nn.Linear)
         and not isinstance(module, LoRALinear)
-        and name.partition(".")[0] in sides
-        and f"{name}.weight" not in fusion
+        and f"{stack_name}.{inner}.weight" not in fusion
     ]
 
 
 def select_lora_targets(model: nn.Module, *, sides: Sequence[str], targets: Iterable[str]) -> list[str]:
-    """The linears of ``model`` that LoRA targets: those of ``sides``, not a fusion parameter's,
-    whose name equals a target or ends with ``.<target>`` (PEFT's rule for a list of targets).
+    """The linears of ``model`` that LoRA targets, among :func:`lora_candidates` of ``sides``:
+    all of them for ``["all-linear"]`` (:data:`ALL_LINEAR`, the default, as PEFT names it), else
+    those whose name equals a target or ends with ``.<target>`` (PEFT's rule for a list of targets).
+
+    A target may match linears on some chosen sides and not on others (``w3`` is in the decoder's
+    MLP, not in the Mllama ViT's; ``out_proj`` in a HF tower, not in our decoder).
 
     Raises:
-        ValueError: a target matches no candidate linear (the message lists what there is).
+        ValueError: a target matches no linear on any chosen side, a chosen side gets no linear at
+            all, or ``all-linear`` is mixed with other targets (each message lists what there is).
     """
     targets = list(targets)
     candidates = lora_candidates(model, sides)
-    chosen = [name for name in candidates if any(_matches(name, target) for target in targets)]
-    unused = [target for target in targets if not any(_matches(name, target) for name in candidates)]
-    if unused or not chosen:
-        suffixes = sorted({name.rsplit(".", 1)[-1] for name in candidates})
+    if ALL_LINEAR in targets:
+        if targets != [ALL_LINEAR]:
+            raise ValueError(f"LoRA target {ALL_LINEAR!r} takes every linear already; list it alone, not with {targets}")
+        chosen = candidates
+    else:
+        chosen = [name for name in candidates if any(_matches(name, target) for target in targets)]
+        unused = [target for target in targets if not any(_matches(name, target) for name in candidates)]
+        if unused:
+            raise ValueError(
+                f"LoRA targets {unused} match no linear of the {'/'.join(sides)} (fusion layers excluded); "
+                f"{_suffixes(candidates, sides)}"
+            )
+    empty = [side for side in sides if not any(name.startswith(f"{side}.") for name in chosen)]
+    if empty:
         raise ValueError(
-            f"LoRA targets {unused or targets} match no linear of the {'/'.join(sides)} (fusion layers excluded); "
-            f"linear names there end in {suffixes}"
+            f"LoRA targets {targets} adapt no linear of the {'/'.join(empty)}, a chosen side; "
+            f"{_suffixes(candidates, empty)}"
         )
     return chosen
+
+
+def _suffixes(candidates: Sequence[str], sides: Sequence[str]) -> str:
+    parts = []
+    for side in sides:
+        names = sorted({name.rsplit(".", 1)[-1] for name in candidates if name.startswith(f"{side}.")})
+        parts.append(f"the {side}'s linear names end in {names}")
+    return "; ".join(parts)
 
 
 def wrap_linears(model: nn.Module, names: Iterable[str], *, rank: int, alpha: float, dropout: float) -> None:
