@@ -85,6 +85,7 @@ def mesh() -> Iterator[DeviceMesh]:
 # busy while the other idles. Only the order changes; the list may be stale without harm.
 LONGEST_FILES = (
     "test_plan.py",
+    "test_shipped_configs.py",
     "test_train.py",
     "test_resume.py",
     "test_elastic.py",
