@@ -7,8 +7,9 @@ group of N ranks, and runs the trainer's own training step (:mod:`fusiontrain.st
 tensors (``FakeTensorMode``: shapes only, nothing allocated; :mod:`fusiontrain.plan_trace`): the
 worst-case micro-batch (every row full, every image slot filled with all its tiles), the
 configured activation checkpointing and offloading, precision, chunked loss, gradient
-accumulation (two micro-batches are enough to show it) and AdamW, after one untracked step that
-lets FSDP and AdamW allocate their lazy state. The step's micro-batches wait in pinned host
+accumulation (two micro-batches are enough to show it) and AdamW, after an untracked warm-up in
+which FSDP and AdamW allocate their lazy state (no forward or backward: one unshard per unit and
+one update on zero gradients). The step's micro-batches wait in pinned host
 memory, and offloaded activations live there: the plan lists them as host memory per device.
 
 A :class:`~fusiontrain.memory_tracker.TensorMemoryTracker` counts every tensor alive on rank 0

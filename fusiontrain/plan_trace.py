@@ -184,8 +184,9 @@ _TRACKER_LABELS = {LOSS_PHASE: "loss chunk", BACKWARD_PHASE: "backward working s
 def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_batches: int) -> StepTrace:
     """Run the trainer's step (:class:`~fusiontrain.step.TrainStep`) of ``config`` as rank 0 of
     ``gpus``: the real model sharded with FSDP2 and checkpointed as configured, on fake tensors and
-    a fake process group, under a :class:`TensorMemoryTracker`, after one untracked step (lazy
-    initialisation, optimizer state). ``micro_batches`` (at most 2 are needed: gradients
+    a fake process group, under a :class:`TensorMemoryTracker`, after an untracked warm-up that
+    makes the lazy state (:func:`_warm_up`: FSDP's unsharded parameters, AdamW's state, DTensor's
+    sharding rules) without a forward or backward. ``micro_batches`` (at most 2 are needed: gradients
     accumulate in place, and each micro-batch leaves the device before the next arrives) are
     accumulated, with gradient sync as the trainer does it (``parallel.defer_gradient_sync``)."""
     device = torch.device(device_type)  # sets 'auto' precision and the optimizer
@@ -256,29 +257,36 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
                 to_device=lambda host: _fake_batch(host, mode, tracking[0] if tracking else None),
                 phase=label,
             )
-            # A first step outside the tracker: FSDP's lazy init allocates its unsharded-parameter
-            # storages (then polled, not tracked) and AdamW its state (then a constant).
-            train_step(0, [batch])
+            _warm_up(model, train_step, trainable)
+            if _sharding_rule_misses() is None:  # the cache cannot be watched: warm it the sure way
+                train_step(0, [batch])
             state = [_local(v) for values in optimizer.state.values() for v in values.values() if isinstance(v, torch.Tensor)]
             state_bytes = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in state}.values())
-
             unsharded = _UnshardedParameters(model)
-            tracker = TensorMemoryTracker(
-                "decoder activations",
-                untracked={"FSDP unsharded parameters": unsharded, "optimizer state (AdamW)": lambda: state_bytes},
-                op_label=_collective_label,
-                regroup=lambda: {
-                    "FSDP unsharded gradients": unsharded.gradients(),
-                    "FSDP gradient-reduction buffers": unsharded.reduce_buffers(),
-                    "gradients (trainable shards)": [_local(p.grad) for p in trainable if p.grad is not None],
-                },
-                host_labels={OFFLOADED} if device_type == "cuda" else (),
-            )
-            tracking.append(tracker)
-            model.encoder.register_forward_pre_hook(lambda *_: tracker.push("encoder"))
-            model.encoder.register_forward_hook(lambda *_: tracker.pop())
-            with tracker:
-                train_step(1, [batch] * micro_batches)
+            for _ in range(2):  # a second time only if DTensor derived a sharding rule in the first
+                misses = _sharding_rule_misses()
+                tracker = TensorMemoryTracker(
+                    "decoder activations",
+                    untracked={"FSDP unsharded parameters": unsharded, "optimizer state (AdamW)": lambda: state_bytes},
+                    op_label=_collective_label,
+                    regroup=lambda: {
+                        "FSDP unsharded gradients": unsharded.gradients(),
+                        "FSDP gradient-reduction buffers": unsharded.reduce_buffers(),
+                        "gradients (trainable shards)": [_local(p.grad) for p in trainable if p.grad is not None],
+                    },
+                    host_labels={OFFLOADED} if device_type == "cuda" else (),
+                )
+                tracking[:] = [tracker]
+                hooks = [
+                    model.encoder.register_forward_pre_hook(lambda *_: tracker.push("encoder")),
+                    model.encoder.register_forward_hook(lambda *_: tracker.pop()),
+                ]
+                with tracker:
+                    train_step(1, [batch] * micro_batches)
+                for hook in hooks:
+                    hook.remove()
+                if _sharding_rule_misses() == misses:
+                    break
     return StepTrace(
         parameters=sum(storages.values()),
         frozen_parameters=sum(storages[storage] for storage in frozen),
@@ -287,6 +295,31 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
         batch=batch,
         model=model,
     )
+
+
+def _warm_up(model: nn.Module, train_step: TrainStep, trainable: list[torch.Tensor]) -> None:
+    """Make the step's lazy state outside the tracker, with no forward or backward: every FSDP unit
+    unshards once (allocating its unsharded parameters, then polled, not tracked), and the step's
+    update runs once on zero gradients (AdamW's state, then a constant; and DTensor's sharding rules
+    for the clipping and optimizer ops, which DTensor would otherwise derive inside the tracked step
+    on global-shape tensors of this very fake mode, counted as memory that no GPU ever holds)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
+    for param in trainable:
+        param.grad = torch.zeros_like(param)
+    train_step.update(0, torch.zeros(()), 0)
+
+
+def _sharding_rule_misses() -> int | None:
+    """How often DTensor has derived a sharding rule so far (the misses of its rule cache: each one
+    ran the op on global-shape fake tensors), or None where the cache is not where torch 2.6-2.13
+    keep it (``DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding``)."""
+    dispatcher = getattr(DTensor, "_op_dispatcher", None)
+    cache = getattr(getattr(dispatcher, "sharding_propagator", None), "propagate_op_sharding", None)
+    info = getattr(cache, "cache_info", None)
+    return info().misses if callable(info) else None
 
 
 def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker | None) -> Batch:

@@ -228,30 +228,35 @@ class TrainStep:
             local_loss += batch_loss.detach()
             del batch_loss
 
-        with self.phase(OPTIMIZER_PHASE):
-            norm = self._clip_gradients()
-            counts = totals.tolist()
-            targets = int(counts[0])
-            # Every rank takes the same decision (see fusiontrain/nonfinite.py); raises to stop the run.
-            global_loss, grad_norm, skip = self.guard.check_step(step, local_loss, targets, norm, self._local_grads)
-            lr = self.scheduler.get_last_lr()[0]
-            if not skip:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()  # a skipped step still counts: the schedule follows the step index
-
+        counts = totals.tolist()  # long arrived: issued before the first forward
+        global_loss, grad_norm, lr, skip = self.update(step, local_loss, int(counts[0]))
         slots = sum(batch.is_real.numel() for batch in host_batches) * self.world_size
         return StepResult(
-            loss=global_loss / max(targets, 1),
+            loss=global_loss / max(int(counts[0]), 1),
             grad_norm=grad_norm,
             lr=lr,
-            targets=targets,
+            targets=int(counts[0]),
             real_tokens=int(counts[1]),
             slots=slots,
             skipped=tuple(int(n) for n in counts[4:]),
             flops=counts[2] if counts[3] == 0 else None,
             skipped_step=skip,
         )
+
+    def update(self, step: int, local_loss: torch.Tensor, targets: int) -> tuple[float, float, float, bool]:
+        """The step's update, once the gradients are in: clipping, the non-finite check (every rank
+        takes the same decision, see :mod:`fusiontrain.nonfinite`; raises to stop the run), the
+        optimizer step unless skipped, and the LR-scheduler step (a skipped step still counts: the
+        schedule follows the step index). Returns ``(global loss sum, grad norm, lr, skipped)``."""
+        with self.phase(OPTIMIZER_PHASE):
+            norm = self._clip_gradients()
+            global_loss, grad_norm, skip = self.guard.check_step(step, local_loss, targets, norm, self._local_grads)
+            lr = self.scheduler.get_last_lr()[0]
+            if not skip:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+        return global_loss, grad_norm, lr, skip
 
     def _clip_gradients(self) -> torch.Tensor:
         """Global grad norm over all trainable (sharded) parameters, clipped when configured; stays
