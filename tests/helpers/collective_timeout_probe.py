@@ -29,6 +29,7 @@ def main() -> None:
         distributed.leave_after_failure()
         raise
     distributed.shutdown()
+    distributed.exit_promptly(0)
 
 
 if __name__ == "__main__":

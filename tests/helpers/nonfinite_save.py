@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fusiontrain import distributed
 from fusiontrain.config import load_config
 from fusiontrain.nonfinite import NonFiniteError
 from fusiontrain.trainer import Trainer
@@ -47,6 +48,9 @@ def main() -> None:
         json.dumps({"error": error, "corrupted": name, "on_disk": sorted(p.name for p in checkpoints.iterdir())})
     )
     trainer.close()
+    # No interpreter teardown after the group is gone: it now and then aborts a finished worker
+    # ("terminate called without an active exception"), as the train command avoids too.
+    distributed.exit_promptly(0)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.fsdp import FSDPModule
 
+from fusiontrain import distributed
 from fusiontrain.config import load_config
 from fusiontrain.parallel import canonical_parameters
 from fusiontrain.trainer import Trainer
@@ -91,6 +92,9 @@ def main() -> None:
         }
         (out_dir / "report.json").write_text(json.dumps(report, indent=1))
     trainer.close()
+    # No interpreter teardown after the group is gone: it now and then aborts a finished worker
+    # ("terminate called without an active exception"), as the train command avoids too.
+    distributed.exit_promptly(0)
 
 
 if __name__ == "__main__":
