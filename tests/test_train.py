@@ -75,15 +75,23 @@ def test_fsdp_two_ranks_with_checkpointing_matches_one_process(tmp_path, mllama_
     _assert_same_run(run, reference)
 
 
-def test_fsdp_four_ranks_matches_one_process(tmp_path, mllama_args, reference) -> None:
-    run = _train(tmp_path, "fsdp4", 4, mllama_args, "batch.micro_batch_size=1", "batch.global_batch_size=8")
-    _assert_same_run(run, reference)
+@pytest.fixture(scope="module")
+def fsdp_four_ranks(tmp_path_factory: pytest.TempPathFactory, mllama_args: list[str]) -> tuple[dict, dict]:
+    """FSDP over 4 ranks, 2 accumulated micro-batches of 1 sample per rank and step."""
+    return _train(tmp_path_factory.mktemp("fsdp4"), "fsdp4", 4, mllama_args, "batch.micro_batch_size=1")
 
 
-def test_hsdp_2x2_matches_fsdp_and_one_process(tmp_path, mllama_args, reference) -> None:
-    hsdp = _train(tmp_path, "hsdp", 4, mllama_args, "parallel.dp_replicate=2", "parallel.activation_checkpointing=2")
-    fsdp = _train(tmp_path, "fsdp4b", 4, mllama_args)
-    _assert_same_run(hsdp, fsdp)
+def test_fsdp_four_ranks_matches_one_process(fsdp_four_ranks, reference) -> None:
+    _assert_same_run(fsdp_four_ranks, reference)
+
+
+def test_hsdp_2x2_matches_fsdp_and_one_process(tmp_path, mllama_args, fsdp_four_ranks, reference) -> None:
+    """HSDP (2 replicas x FSDP over 2) on the same split as the 4-rank FSDP run."""
+    hsdp = _train(
+        tmp_path, "hsdp", 4, mllama_args, "parallel.dp_replicate=2", "parallel.activation_checkpointing=2",
+        "batch.micro_batch_size=1",
+    )
+    _assert_same_run(hsdp, fsdp_four_ranks)
     _assert_same_run(hsdp, reference)
 
 
