@@ -1,6 +1,6 @@
 """torch.compile (inductor) on the CPU, per block and per training step: ``python benchmarks/compile_cpu.py``.
 
-Measures what ``parallel.compile`` (``fusiontrain.parallel.apply_compile``: ``torch.compile`` per
+Measures what ``parallel.compile`` (``fusiontrain.parallel.fsdp.apply_compile``: ``torch.compile`` per
 block) buys on the CPU, on the benchmark Mllama (``fusiontrain.tiny.bench_mllama_config``, written
 once to ``benchmarks/out/bench_mllama``; the weights are its own) and on the long-tailed data mix
 of ``benchmarks/vs_hf.py``, in fp32.
@@ -77,13 +77,13 @@ from torch._inductor.compile_fx import compile_fx  # noqa: E402
 
 from benchmarks.memory import model_folder  # noqa: E402
 from benchmarks.vs_hf_data import train_config as vs_hf_train_config  # noqa: E402
-from fusiontrain import distributed  # noqa: E402
-from fusiontrain.builders import build_dataset, configured_family, prepare_model  # noqa: E402
+from fusiontrain.parallel import distributed
+from fusiontrain.train.builders import build_dataset, configured_family, prepare_model  # noqa: E402
 from fusiontrain.config import TrainConfig  # noqa: E402
 from fusiontrain.data import Batch  # noqa: E402
-from fusiontrain.data_builders import build_train_loader  # noqa: E402
-from fusiontrain.models.hf_checkpoint import materialize  # noqa: E402
-from fusiontrain.trainer import Trainer  # noqa: E402
+from fusiontrain.train.data import build_train_loader  # noqa: E402
+from fusiontrain.weights.hf_checkpoint import materialize  # noqa: E402
+from fusiontrain.train.trainer import Trainer  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -2,7 +2,7 @@
 
 An Mllama-shaped model (a 2048-wide, 8-layer text stack with 2 cross-attention layers; the tiny
 ViT of the tests), FSDP2 over a world of one (nccl), bf16 compute, the whole model trainable, runs
-:class:`fusiontrain.step.TrainStep` (pinned host micro-batches, one at a time on the device) for
+:class:`fusiontrain.train.step.TrainStep` (pinned host micro-batches, one at a time on the device) for
 3 steps per configuration. For each configuration it prints the CUDA allocator's peak during the
 last step, the step time, the bytes offloaded, and whether the weights after the 3 steps are
 bitwise equal to those of the same configuration without offloading.
@@ -24,11 +24,11 @@ sys.path.insert(0, str(REPO))
 
 from fusiontrain.config import OptimConfig  # noqa: E402
 from fusiontrain.data import Batch  # noqa: E402
-from fusiontrain.models.mllama import build_mllama  # noqa: E402
-from fusiontrain.nonfinite import NonFiniteGuard  # noqa: E402
-from fusiontrain.offload import ActivationOffloader  # noqa: E402
-from fusiontrain.parallel import canonical_parameters, parallelize  # noqa: E402
-from fusiontrain.step import StepSettings, TrainStep  # noqa: E402
+from fusiontrain.families.mllama.model import build_mllama  # noqa: E402
+from fusiontrain.train.nonfinite import NonFiniteGuard  # noqa: E402
+from fusiontrain.parallel.offload import ActivationOffloader  # noqa: E402
+from fusiontrain.parallel.fsdp import canonical_parameters, parallelize  # noqa: E402
+from fusiontrain.train.step import StepSettings, TrainStep  # noqa: E402
 from tests.helpers.tiny_models import IMAGE_TOKEN, VOCAB, random_pixels, tiny_mllama_args  # noqa: E402
 
 CUDA = torch.cuda.is_available()  # without a GPU: a small smoke run of the same code on the CPU (gloo)

@@ -50,9 +50,9 @@ sys.path.insert(0, str(REPO))
 from fusiontrain import tiny  # noqa: E402
 from fusiontrain.checkpoint.parts import save_tensors  # noqa: E402
 from fusiontrain.checkpoint.peft import peft_layout  # noqa: E402
-from fusiontrain.loss import chunked_cross_entropy_sum, count_targets  # noqa: E402
-from fusiontrain.models.lora import LoraSettings, add_lora, init_lora_params  # noqa: E402
-from fusiontrain.models.mllama import encoder_mask_from_cross_attention_mask, prepare_mllama  # noqa: E402
+from fusiontrain.train.loss import chunked_cross_entropy_sum, count_targets  # noqa: E402
+from fusiontrain.weights.lora import LoraSettings, add_lora, init_lora_params  # noqa: E402
+from fusiontrain.families.mllama.model import encoder_mask_from_cross_attention_mask, prepare_mllama  # noqa: E402
 from fusiontrain.modules import get_fusion_params  # noqa: E402
 from fusiontrain.modules.lora import is_lora_parameter, select_lora_targets  # noqa: E402
 
@@ -113,7 +113,7 @@ def folder_bytes(folder: Path) -> int:
 
 def fusiontrain_variant(folder: Path, rank: int) -> tuple[Variant, torch.nn.Module, list[str]]:
     """(b): the model as the Trainer builds it, ``model.lora`` on the decoder's linears."""
-    from fusiontrain.models.hf_checkpoint import materialize
+    from fusiontrain.weights.hf_checkpoint import materialize
 
     pretrained = prepare_mllama(folder)
     model = pretrained.model

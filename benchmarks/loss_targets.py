@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO))
 from fusiontrain.data import Batch, collate_padded  # noqa: E402
 from fusiontrain.data.packing import FirstFitPacker, collate_rows  # noqa: E402
 from fusiontrain.data.synthetic import SyntheticImageText  # noqa: E402
-from fusiontrain.families.mllama import MllamaTiles  # noqa: E402
-from fusiontrain.loss import chunked_cross_entropy_sum  # noqa: E402
-from fusiontrain.memory_tracker import TensorMemoryTracker  # noqa: E402
+from fusiontrain.families.mllama.family import MllamaTiles  # noqa: E402
+from fusiontrain.train.loss import chunked_cross_entropy_sum  # noqa: E402
+from fusiontrain.plan.memory import TensorMemoryTracker  # noqa: E402
 from fusiontrain.tiny import bench_mllama_config  # noqa: E402
 
 SEQ_LEN, ROWS, CHUNKS, IGNORE = 1024, 4, 8, -100

@@ -95,7 +95,7 @@ def worker_shards(args: argparse.Namespace) -> None:
     import torch
 
     from fusiontrain.config import load_config
-    from fusiontrain.trainer import Trainer
+    from fusiontrain.train.trainer import Trainer
 
     before = current_rss()
     overrides = train_overrides(Path(args.folder), args.seq_len) + [f"output_dir={args.out}.run", *args.extra]
@@ -144,10 +144,10 @@ def worker_activations(args: argparse.Namespace) -> None:
     import torch
 
     from fusiontrain.data import collate_padded
-    from fusiontrain.loss import chunked_cross_entropy_sum
+    from fusiontrain.train.loss import chunked_cross_entropy_sum
     from fusiontrain.models import load_hf_mllama
-    from fusiontrain.parallel import apply_activation_checkpointing
-    from fusiontrain.builders import build_dataset
+    from fusiontrain.parallel.fsdp import apply_activation_checkpointing
+    from fusiontrain.train.builders import build_dataset
     from fusiontrain.config import DataConfig, TrainConfig
     from fusiontrain.families import model_family
 
@@ -182,7 +182,7 @@ def worker_loss(args: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    from fusiontrain.loss import chunked_cross_entropy_sum
+    from fusiontrain.train.loss import chunked_cross_entropy_sum
 
     torch.manual_seed(0)
     b, s, d, v = 4, 1024, 512, 32_000

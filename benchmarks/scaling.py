@@ -34,7 +34,7 @@ How to read it
       min(ranks x threads, cores): the best speed-up this machine allows. "vs ideal" = speed-up /
       core-limited ideal. In setting 1 the ideal is 1: adding ranks adds no cores.
     - peak / rank: rank 0's RSS high-water mark during training above its RSS before the model
-      was built (fusiontrain.metrics), next to the planner's prediction.
+      was built (fusiontrain.train.metrics), next to the planner's prediction.
     - communication + contention: for each 1 < N <= cores, a 1-rank, 1-thread run of 1/N of the
       global batch does each rank's share of the compute alone; the N-rank step time beyond it is
       what the collectives, waiting on each other and sharing memory bandwidth cost.
@@ -219,7 +219,7 @@ def run_plan(folder: Path, ranks: int) -> dict[str, Any]:
 def model_state_per_rank(folder: Path, ranks: int) -> dict[str, int]:
     """Rank 0's bytes of parameter shards and trainable-shard gradients (fp32) under FSDP2, which
     shards dim 0 padded to a multiple of ``ranks`` (rank 0 holds ``ceil(d0 / ranks)`` rows)."""
-    from fusiontrain.builders import build_meta_model
+    from fusiontrain.train.builders import build_meta_model
     from fusiontrain.config import load_config
 
     model = build_meta_model(load_config(TINY_CONFIG, overrides(folder, steps=1)).model)

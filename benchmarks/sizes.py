@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from fusiontrain import tiny  # noqa: E402
 from fusiontrain.config import load_config  # noqa: E402
 from fusiontrain.data.sizes import cache_dirs  # noqa: E402
-from fusiontrain.data_builders import prepare_from_config  # noqa: E402
+from fusiontrain.train.data import prepare_from_config  # noqa: E402
 
 
 def write_data(folder: Path, samples: int, data_format: str) -> Path:

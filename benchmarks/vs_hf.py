@@ -10,7 +10,7 @@ fusion-only (the cross-attention layers, the projection head and the 8 extra tok
     fusiontrain trains, padded batches, a plain loop: forward with labels (full ``[b, s, v]``
     logits, HF's own loss), backward, grad-norm clipping at 1.0, ``AdamW`` step, ``zero_grad``
     (``benchmarks/vs_hf_variants.py``).
-(b) **fusiontrain, padding-free**: ``fusiontrain.trainer.Trainer`` (FSDP2 over a world of one,
+(b) **fusiontrain, padding-free**: ``fusiontrain.train.trainer.Trainer`` (FSDP2 over a world of one,
     gloo) with ``data.packing=false`` and its default ``data.padding_free=true``: the same 4
     samples per step as (a), back to back in one row (each with its own positions, attention
     segment and images) instead of one padded row each, so no work goes to padding; its default
@@ -47,7 +47,7 @@ utilisation of the timed steps (process CPU time over wall time x threads: well 
 something else shared the cores).
 
 Model FLOP/s. Each step's model FLOPs are the samples' work, counted per sample by fusiontrain's
-counter (``fusiontrain.flops.step_flops``: the sample's real tokens, causal, its own images;
+counter (``fusiontrain.flops.count.step_flops``: the sample's real tokens, causal, its own images;
 ``vs_hf_data.SampleFlops``), the same count for every variant on the same samples: padding earns
 nothing. Achieved FLOP/s is that over step time (median of rounds), and its share of the matmul
 peak measured once per run: ``torch.mm`` of two 2048 x 2048 fp32 matrices (8192 in the
@@ -117,7 +117,7 @@ from benchmarks.vs_hf_torchtune import TorchtuneVariant  # noqa: E402
 from benchmarks.vs_hf_variants import (  # noqa: E402
     FusiontrainVariant, HFVariant, Setup, Variant, malloc_as_usual, memory_baseline, peak_above,
 )
-from fusiontrain import distributed  # noqa: E402
+from fusiontrain.parallel import distributed
 from fusiontrain.data import Batch  # noqa: E402
 
 RUN_DIR = OUT / "vs_hf"  # the Trainers' output dirs, and the sample-size cache they share

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusiontrain.builders import build_dataset, build_meta_model, configured_family
+from fusiontrain.train.builders import build_dataset, build_meta_model, configured_family
 from fusiontrain.config import TrainConfig, load_config
 from fusiontrain.data import Batch, ImageFormat
-from fusiontrain.data_builders import build_train_loader
-from fusiontrain.flops import step_flops
+from fusiontrain.train.data import build_train_loader
+from fusiontrain.flops.count import step_flops
 from fusiontrain.models import encoder_mask_from_cross_attention_mask
 
 SEQ_LEN = 1024
@@ -222,7 +222,7 @@ def sample_sizes(batch: Batch, image_token_id: int) -> list[SampleSize]:
 
 
 class SampleFlops:
-    """Model FLOPs of the samples' work (fusiontrain's counter, :func:`fusiontrain.flops.step_flops`):
+    """Model FLOPs of the samples' work (fusiontrain's counter, :func:`fusiontrain.flops.count.step_flops`):
     each sample counted as a row of its own, its real tokens only (causal self-attention over
     them), cross-attention to and the encoder over its own images only. Padding, padding image
     slots and attention across packed samples are not work of the samples, so no variant is

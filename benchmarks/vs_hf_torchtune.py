@@ -61,9 +61,9 @@ from benchmarks.vs_hf_data import BETAS, EPS, IGNORE, LOSS_CHUNKS, LR, MAX_GRAD_
 from benchmarks.vs_hf_variants import Setup, Variant
 from fusiontrain.config import TrainConfig
 from fusiontrain.data import Batch
-from fusiontrain.metrics import reset_peak_memory
-from fusiontrain.models.llama import decoder_args_from_hf_text_config, fuse_layer_stack
-from fusiontrain.models.mllama import MLLAMA_FUSION_VOCAB_SIZE
+from fusiontrain.train.metrics import reset_peak_memory
+from fusiontrain.families.llama import decoder_args_from_hf_text_config, fuse_layer_stack
+from fusiontrain.families.mllama.model import MLLAMA_FUSION_VOCAB_SIZE
 
 _PACKAGES_WITH_TORCHVISION = ("torchtune.models.clip", "torchtune.models.llama3_2_vision")
 

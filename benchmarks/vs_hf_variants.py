@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from benchmarks.vs_hf_data import BETAS, EPS, IGNORE, LR, MAX_GRAD_NORM, hf_inputs, trainer_stream
 from fusiontrain.config import TrainConfig
 from fusiontrain.data import Batch, ImageFormat
-from fusiontrain.loss import count_targets
-from fusiontrain.metrics import host_rss_bytes, peak_memory_bytes, reset_peak_memory
-from fusiontrain.step import loss_sum
-from fusiontrain.trainer import Trainer
+from fusiontrain.train.loss import count_targets
+from fusiontrain.train.metrics import host_rss_bytes, peak_memory_bytes, reset_peak_memory
+from fusiontrain.train.step import loss_sum
+from fusiontrain.train.trainer import Trainer
 
 AGREEMENT_RTOL = 1e-4
 BF16_AGREEMENT_RTOL = 2e-2  # bf16 has 8 mantissa bits: a loss over ~400 tokens moves by ~1e-3 relative
@@ -101,7 +101,7 @@ def memory_baseline(setup: Setup) -> int:
 
 
 def peak_above(setup: Setup, baseline: int) -> int:
-    """Peak since the last :func:`~fusiontrain.metrics.reset_peak_memory`, above ``baseline``."""
+    """Peak since the last :func:`~fusiontrain.train.metrics.reset_peak_memory`, above ``baseline``."""
     if setup.device.type == "cuda":
         return peak_memory_bytes(setup.device) - baseline
     return peak_memory_bytes(setup.device, baseline)
@@ -232,7 +232,7 @@ class HFVariant(Variant):
 
 
 class FusiontrainVariant(Variant):
-    """(b) or (c): ``fusiontrain.trainer.Trainer`` (FSDP2 over a world of one), driven step by
+    """(b) or (c): ``fusiontrain.train.trainer.Trainer`` (FSDP2 over a world of one), driven step by
     step: :meth:`Trainer.next_host_batches` then :meth:`Trainer.train_step`, both timed, as its
     own loop runs them. The step-0 loss is the chunked loss of the freshly loaded model on
     ``first`` (the first padded batch; for (c) unpacked)."""

@@ -45,10 +45,10 @@ def _run_train(args: argparse.Namespace) -> int:
         return _print_plan(
             config, gpus=gpus, default_gpus=1, gpu=args.gpu, efficiency=args.efficiency, title=f"dry run of {args.config}"
         )
-    from fusiontrain.preemption import PREEMPTED_EXIT_CODE, Preempted
-    from fusiontrain.trainer import Trainer
+    from fusiontrain.train.preemption import PREEMPTED_EXIT_CODE, Preempted
+    from fusiontrain.train.trainer import Trainer
 
-    from fusiontrain import distributed
+    from fusiontrain.parallel import distributed
 
     try:
         trainer = Trainer(config)
@@ -77,7 +77,7 @@ def _exit_with_traceback() -> NoReturn:
     """Print the exception being handled as the interpreter would, and end the worker with exit
     code 1 without the interpreter's teardown (the abort that teardown now and then causes would
     turn a clear failure into exit -6; see ``distributed.exit_promptly``)."""
-    from fusiontrain import distributed
+    from fusiontrain.parallel import distributed
 
     traceback.print_exc()
     distributed.exit_promptly(1)
@@ -93,7 +93,7 @@ def _print_plan(
     as_json: bool = False,
     default_gpus: int | None = None,
 ) -> int:
-    from fusiontrain.plan import format_plan, plan_run, plan_to_dict, planned_hardware, planned_world_size
+    from fusiontrain.plan.planner import format_plan, plan_run, plan_to_dict, planned_hardware, planned_world_size
 
     try:
         hardware = planned_hardware(config, gpu)
@@ -129,7 +129,7 @@ def _run_plan(args: argparse.Namespace) -> int:
 def _run_prepare(args: argparse.Namespace) -> int:
     """Handler of ``prepare``: measure the training samples' sizes and write the size cache."""
     from fusiontrain.config import ConfigError, load_config
-    from fusiontrain.data_builders import prepare_from_config
+    from fusiontrain.train.data import prepare_from_config
 
     try:
         config = load_config(args.config, args.overrides)
@@ -141,7 +141,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 # The planner's device kinds, spelled out so that ``--help`` needs no torch (a test holds them equal
-# to fusiontrain.plan.GPUS plus "cpu", and to the choices of the config key plan.gpu).
+# to fusiontrain.plan.planner.GPUS plus "cpu", and to the choices of the config key plan.gpu).
 PLAN_DEVICES = ("h100", "h200", "a100", "b200", "cpu")
 
 
@@ -308,7 +308,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 def _run_generate(args: argparse.Namespace) -> int:
     """Handler of ``generate``: its own parser lives with the inference code (imported lazily)."""
-    from fusiontrain.inference import main as generate_main
+    from fusiontrain.inference.load import main as generate_main
 
     return generate_main(args.args)
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from fusiontrain.processes import descendant_pids
+from fusiontrain.parallel.processes import descendant_pids
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 SHAPES = ("circle", "square", "triangle")
@@ -131,7 +131,7 @@ def train_with_a_kill(command: list[str], run: Path, log: Path) -> None:
 def caption(model, transform, tokenizer, image: Image.Image, image_format) -> str:
     """Greedy caption of ``image``: the caption layout trained on (BOS, image token, text)."""
     from fusiontrain.data.image_format import encoder_mask_rows
-    from fusiontrain.generation import generate
+    from fusiontrain.inference.generation import generate
 
     pixels = transform(image)
     image_token = model.decoder.tok_embeddings.vocab_size
@@ -186,7 +186,7 @@ def main(args: argparse.Namespace) -> int:
     from fusiontrain.checkpoint.export import export_checkpoint
     from fusiontrain.checkpoint.layout import latest_complete
     from fusiontrain.data.images import ImageTransform
-    from fusiontrain.inference import load_for_inference
+    from fusiontrain.inference.load import load_for_inference
     from fusiontrain.models import encoder_mask_from_cross_attention_mask
 
     step, checkpoint = latest_complete(run)

@@ -22,7 +22,7 @@ proves it in about five minutes on one GPU and prints one table, a row per check
 - ``train_gpu_vs_cpu``: the same fp32 run on the GPU (nccl, flex) and on the CPU (gloo, SDPA):
   every step's loss within 1e-3 relative.
 - ``train_with_eval``: a bf16 run with an eval every 5 steps (an eval between steps once broke
-  the next step: see ``fusiontrain.parallel.reshard``).
+  the next step: see ``fusiontrain.parallel.fsdp.reshard``).
 - ``resume_on_gpu``: the fp32 GPU run stopped after 10 steps (a DCP checkpoint) and resumed ends
   with the uninterrupted run's losses for steps 11-20 (relative 1e-4: cuDNN / SDPA backward
   kernels may reduce in another order from run to run).
@@ -159,7 +159,7 @@ def check_env() -> Check:
 def check_nccl() -> Check:
     import torch.distributed as dist
 
-    from fusiontrain import distributed
+    from fusiontrain.parallel import distributed
 
     context = distributed.init_distributed()
     backend = dist.get_backend()
@@ -234,7 +234,7 @@ def bench_trainer(out: Path, extra: list[str]) -> Any:
     """A Trainer of the benchmark Mllama on this GPU (fp32 compute, packed rows of 1024)."""
     from benchmarks.memory import model_folder
     from fusiontrain.config import load_config
-    from fusiontrain.trainer import Trainer
+    from fusiontrain.train.trainer import Trainer
 
     folder = model_folder("bench")
     overrides = [
@@ -249,7 +249,7 @@ def bench_trainer(out: Path, extra: list[str]) -> Any:
 
 
 def check_model_and_optimizer(out: Path) -> list[Check]:
-    from fusiontrain.loss import chunked_cross_entropy_sum
+    from fusiontrain.train.loss import chunked_cross_entropy_sum
 
     trainer = bench_trainer(out / "model_check", ["parallel.mixed_precision=fp32"])
     model = trainer.model
@@ -471,7 +471,7 @@ def main() -> None:
         "stopped": train("stopped", args.out, tiny_folder, ["parallel.mixed_precision=fp32", "stop_after_steps=10",
                                                               "checkpoint.every_n_steps=10"]),
         # An eval every 5 steps between training steps (FSDP2 units left mid-forward by an eval
-        # broke the next step on torch 2.11; see fusiontrain.parallel.reshard).
+        # broke the next step on torch 2.11; see fusiontrain.parallel.fsdp.reshard).
         "eval": train("eval", args.out, tiny_folder, ["parallel.mixed_precision=bf16", "eval.every_n_steps=5"]),
     }
     plans = plan_launches(args.out, bench)
@@ -523,7 +523,7 @@ def main() -> None:
 
     print(f"\nfusiontrain GPU check, {time.perf_counter() - started:.0f} s, commit files at {REPO}")
     print(report.table())
-    from fusiontrain import distributed
+    from fusiontrain.parallel import distributed
 
     distributed.shutdown()
     sys.exit(1 if report.failed else 0)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from fusiontrain import tiny
-from fusiontrain.distributed import free_port
+from fusiontrain.parallel.distributed import free_port
 
 # Under pytest-xdist (`make test` runs 2 workers) the workers share the cores: each takes its share
 # of intra-op threads, so that they do not oversubscribe the machine.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch._dynamo
 
-from fusiontrain.models.llama import LlamaDecoderArgs, llama_cross_attention_layer, llama_self_attention_layer
+from fusiontrain.families.llama import LlamaDecoderArgs, llama_cross_attention_layer, llama_self_attention_layer
 from fusiontrain.modules import FusionLayer
 from fusiontrain.modules.packed import cross_attention_layout, self_attention_layout
 

@@ -18,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fusiontrain.models import compose_from_hf
-from fusiontrain.models.compose import image_token_layout
-from fusiontrain.models.hf_vision import HFVisionTowerEncoder
+from fusiontrain.families.composed.compose import image_token_layout
+from fusiontrain.families.hf_tower import HFVisionTowerEncoder
 from fusiontrain.modules import FusionLayer, TanhGate, get_fusion_params
 from fusiontrain import tiny
 
@@ -324,8 +324,8 @@ def test_fusion_initial_values_do_not_depend_on_activation_checkpointing(
     the bits of an unwrapped compose_from_hf with the same seed, whichever blocks are wrapped for
     checkpointing: with fusion layers at 1 and 3, k=2 wraps none of them, k=1 / full / 3 some."""
     from fusiontrain.families import TrainableFlags, model_family
-    from fusiontrain.models.hf_checkpoint import materialize
-    from fusiontrain.parallel import canonical_parameters, parallelize
+    from fusiontrain.weights.hf_checkpoint import materialize
+    from fusiontrain.parallel.fsdp import canonical_parameters, parallelize
 
     reference = get_fusion_params(_compose(tiny_llama_dir, tiny_clip_dir, seed=5))
     pretrained = model_family("composed").prepare(
@@ -347,7 +347,7 @@ def test_fusion_initial_values_do_not_depend_on_activation_checkpointing(
 
 
 def _canonical(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from fusiontrain.parallel import canonical_name
+    from fusiontrain.parallel.fsdp import canonical_name
 
     return {canonical_name(name): param for name, param in params.items()}
 

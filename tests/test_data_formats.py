@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fusiontrain import tiny
-from fusiontrain.families.mllama import MllamaTiles
+from fusiontrain.families.mllama.family import MllamaTiles
 from fusiontrain.families.encoder import FixedSizeImage
 from fusiontrain.data.formats import IMAGE_PLACEHOLDER, BadSample, SampleBuilder, image_spans
 from fusiontrain.data.sources import Record, load_records
@@ -223,7 +223,7 @@ def test_caption_sample(tiny_mllama_dir: Path, tmp_path: Path, processor) -> Non
 
 @pytest.fixture(scope="module")
 def composed_image_token_id(tiny_llama_dir: Path, tiny_clip_dir: Path) -> int:
-    from fusiontrain.models.compose import compose_from_hf, image_token_layout
+    from fusiontrain.families.composed.compose import compose_from_hf, image_token_layout
 
     return image_token_layout(compose_from_hf(tiny_llama_dir, tiny_clip_dir)).image_token_id
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fusiontrain import tiny
-from fusiontrain.families.mllama import MllamaTiles
+from fusiontrain.families.mllama.family import MllamaTiles
 from fusiontrain.families.encoder import FixedSizeImage
 from fusiontrain.data.images import ImageTransform
 

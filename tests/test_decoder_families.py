@@ -22,8 +22,8 @@ from torch import nn
 from fusiontrain import tiny
 from fusiontrain.families import DECODER_FAMILIES, decoder_family_for
 from fusiontrain.families.decoder import DecoderFamily
-from fusiontrain.models.hf_checkpoint import HFCheckpoint, TensorRoute, load_routes
-from fusiontrain.models.llama import FusedSlot, LlamaDecoderArgs, llama_fused_decoder
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute, load_routes
+from fusiontrain.families.llama import FusedSlot, LlamaDecoderArgs, llama_fused_decoder
 from fusiontrain.modules import MultiHeadAttention, TanhGate, TransformerDecoder
 
 ATOL = 1e-5

@@ -22,11 +22,11 @@ from fusiontrain.checkpoint.export import DTYPES, FORMATS, ExportError, ShardWri
 from fusiontrain.cli import EXPORT_DTYPES, EXPORT_FORMATS, parse_size
 from fusiontrain.cli import main as cli_main
 from fusiontrain.families import TrainableFlags, model_family
-from fusiontrain.models.export_reader import load_fusiontrain_export
+from fusiontrain.source.export import load_fusiontrain_export
 from fusiontrain.models import compose_from_hf, encoder_mask_from_cross_attention_mask, load_hf_mllama
-from fusiontrain.models.compose import image_token_layout
-from fusiontrain.models.hf_checkpoint import HFCheckpoint
-from fusiontrain.models.mllama import canonical_mllama_key, mllama_args_from_config, mllama_weight_map
+from fusiontrain.families.composed.compose import image_token_layout
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint
+from fusiontrain.families.mllama.model import canonical_mllama_key, mllama_args_from_config, mllama_weight_map
 from fusiontrain.modules import get_fusion_params
 from tests.helpers.tiny_models import mllama_batch_where_every_row_sees_an_image
 

@@ -1,4 +1,4 @@
-"""fusiontrain.flops: the analytic count equals torch's FlopCounterMode on tiny models, exactly.
+"""fusiontrain.flops.count: the analytic count equals torch's FlopCounterMode on tiny models, exactly.
 
 FlopCounterMode counts mm / addmm / bmm / convolution (and their backward ops) as autograd runs
 them. Two things make the comparison honest:
@@ -22,12 +22,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fusiontrain import flops
+from fusiontrain.flops import count as flops
 from fusiontrain.data import Batch
 from fusiontrain.modules.masks import block_causal_mask
-from fusiontrain.loss import chunked_cross_entropy_sum
+from fusiontrain.train.loss import chunked_cross_entropy_sum
 from fusiontrain.modules import TransformerSelfAttentionLayer
-from fusiontrain.parallel import apply_activation_checkpointing
+from fusiontrain.parallel.fsdp import apply_activation_checkpointing
 from tests.helpers.tiny_models import random_mllama, random_pixels
 
 B, S = 2, 16
@@ -309,7 +309,7 @@ def test_cpu_peak_is_measured_once() -> None:
     assert flops.device_peak_flops(torch.device("cpu")) == first  # cached: measured once per process
 
 
-# -- encoders counted generically (fusiontrain.flop_probe) ----------------------------------------
+# -- encoders counted generically (fusiontrain.flops.probe) ----------------------------------------
 
 
 class _ToyBlock(torch.nn.Module):
@@ -454,7 +454,7 @@ def test_unknown_encoder_through_micro_batch_flops() -> None:
     expected = _generic_count(model, inputs, attention_pairs=None)
     assert flops.micro_batch_flops(model, batch) == expected
     assert flops.micro_batch_flops_or_none(model, batch) == expected
-    from fusiontrain import flop_probe
+    from fusiontrain.flops import probe as flop_probe
 
     flop_probe.clear_encoder_cache()
     with torch.inference_mode():  # a training step's count, whatever the caller's grad mode
@@ -469,7 +469,7 @@ def test_generic_count_runs_once_per_shape() -> None:
     re-runs the fake trace, new values of the same shapes do not."""
     from unittest import mock
 
-    from fusiontrain import flop_probe
+    from fusiontrain.flops import probe as flop_probe
 
     model = _toy_model()
     with mock.patch.object(flop_probe, "_trace_encoder", wraps=flop_probe._trace_encoder) as trace:
@@ -507,7 +507,7 @@ class _ValueReadingEncoder(torch.nn.Module):
 def test_uncountable_encoder_gives_none_and_one_warning(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     from unittest import mock
 
-    from fusiontrain import flop_probe
+    from fusiontrain.flops import probe as flop_probe
     from fusiontrain.modules import DeepFusionModel
 
     model = DeepFusionModel(random_mllama().decoder, _ValueReadingEncoder()).train()
@@ -524,12 +524,12 @@ def test_uncountable_encoder_gives_none_and_one_warning(monkeypatch: pytest.Monk
         flops.micro_batch_flops(model, batch)  # the plain count raises ...
 
     monkeypatch.setattr(flops, "_warned_unavailable", False)
-    caplog.set_level(logging.WARNING, logger="fusiontrain.flops")
+    caplog.set_level(logging.WARNING, logger="fusiontrain.flops.count")
     with mock.patch.object(flop_probe, "_trace_encoder", wraps=flop_probe._trace_encoder) as trace:
         assert flops.micro_batch_flops_or_none(model, batch) is None  # ... this one does not
         assert flops.micro_batch_flops_or_none(model, batch) is None
         assert trace.call_count == 0  # the failure was cached by the first call above
-    warnings = [r for r in caplog.records if r.name == "fusiontrain.flops" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "fusiontrain.flops.count" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "_ValueReadingEncoder" in warnings[0].getMessage() and "EncoderCountError" in warnings[0].getMessage()
 
@@ -537,14 +537,14 @@ def test_uncountable_encoder_gives_none_and_one_warning(monkeypatch: pytest.Monk
     broken = _toy_model()
     broken.decoder.layers[0] = torch.nn.Identity()
     assert flops.micro_batch_flops_or_none(broken, batch) is None
-    assert len([r for r in caplog.records if r.name == "fusiontrain.flops"]) == 1  # still one warning
+    assert len([r for r in caplog.records if r.name == "fusiontrain.flops.count"]) == 1  # still one warning
 
 
 @pytest.mark.parametrize("flags", [{}, {"encoder_trainable": True}, {"fusion_trainable": False}])
 def test_generic_count_equals_analytic_mllama_encoder(flags: dict) -> None:
     """Cross-check: the generic count of Mllama's tiled ViT (run under no_grad when frozen) equals
     the analytic one, forward and backward."""
-    from fusiontrain import flop_probe
+    from fusiontrain.flops import probe as flop_probe
 
     model = _training_model(**flags)
     pixels = random_pixels(IMAGES)
@@ -592,7 +592,7 @@ def test_generic_count_hf_towers(family: str) -> None:
         def forward(self, **kwargs: torch.Tensor) -> torch.Tensor:
             return self.projection(self.tower(**kwargs).last_hidden_state)
 
-    from fusiontrain import flop_probe
+    from fusiontrain.flops import probe as flop_probe
 
     encoder = TowerEncoder().train()
     cost = flop_probe.measure_encoder_flops(encoder, encoder_input)
@@ -609,8 +609,8 @@ def test_generic_count_of_fsdp_sharded_meta_encoder() -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.distributed.device_mesh import init_device_mesh
 
-    from fusiontrain import flop_probe
-    from fusiontrain.plan_trace import fake_process_group
+    from fusiontrain.flops import probe as flop_probe
+    from fusiontrain.plan.trace import fake_process_group
 
     encoder_input = _toy_inputs()["encoder_input"]
     plain = ToyEncoder()

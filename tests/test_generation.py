@@ -1,10 +1,10 @@
-"""fusiontrain.generation: cached decoding equals decoding by full forwards."""
+"""fusiontrain.inference.generation: cached decoding equals decoding by full forwards."""
 
 from __future__ import annotations
 
 import torch
 
-from fusiontrain.generation import generate, sample_next_token
+from fusiontrain.inference.generation import generate, sample_next_token
 from tests.helpers.tiny_models import IMAGE_TOKEN, random_mllama, random_pixels
 
 

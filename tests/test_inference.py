@@ -1,4 +1,4 @@
-"""fusiontrain.inference (``python -m fusiontrain generate``): loading every kind of model folder,
+"""fusiontrain.inference.load (``python -m fusiontrain generate``): loading every kind of model folder,
 prompt inputs equal to MllamaProcessor's, cached decoding equal to full forwards, the CLI's output
 and errors."""
 
@@ -16,8 +16,8 @@ from fusiontrain.checkpoint import layout
 from fusiontrain.checkpoint.export import export_checkpoint
 from fusiontrain.data.image_format import encoder_mask_rows
 from fusiontrain.data.formats import image_spans
-from fusiontrain.generation import generate
-from fusiontrain.inference import (
+from fusiontrain.inference.generation import generate
+from fusiontrain.inference.load import (
     InferenceError,
     build_prompt_inputs,
     load_for_inference,

@@ -38,7 +38,7 @@ PROBE = textwrap.dedent(
     import torch
     import torch.distributed as dist
 
-    from fusiontrain.distributed import init_distributed, shutdown
+    from fusiontrain.parallel.distributed import init_distributed, shutdown
 
     ctx = init_distributed()
     world = int(os.environ["PROBE_WORLD"])

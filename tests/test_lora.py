@@ -23,10 +23,10 @@ from fusiontrain.checkpoint.parts import save_tensors
 from fusiontrain.config import ConfigError, load_config
 from fusiontrain.data.image_format import encoder_mask_rows
 from fusiontrain.families import model_family_of
-from fusiontrain.inference import load_for_inference
+from fusiontrain.inference.load import load_for_inference
 from fusiontrain.models import compose_from_hf, encoder_mask_from_cross_attention_mask, load_hf_mllama
-from fusiontrain.models.mllama import legacy_mllama_key, mllama_args_from_config, mllama_weight_map
-from fusiontrain.models.lora import LoraSettings, add_lora, init_lora_params, lora_settings_of
+from fusiontrain.families.mllama.model import legacy_mllama_key, mllama_args_from_config, mllama_weight_map
+from fusiontrain.weights.lora import LoraSettings, add_lora, init_lora_params, lora_settings_of
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.modules.lora import LoRALinear, is_lora_parameter, select_lora_targets
 from tests.helpers.launch import REPO_ROOT, launch_env, run_torchrun
@@ -292,8 +292,8 @@ def test_peft_export_loads_in_peft_and_generate_and_init_from_read_it(
         torch.testing.assert_close(our_mllama_logits(loaded.model, batch), want, atol=1e-5, rtol=0)
 
     # model.lora.init_from starts a run from the adapter: same LoRA and fusion weights.
-    from fusiontrain.builders import prepare_model
-    from fusiontrain.models.hf_checkpoint import materialize
+    from fusiontrain.train.builders import prepare_model
+    from fusiontrain.weights.hf_checkpoint import materialize
 
     run = load_config(None, [f"model.hf_mllama={tiny_mllama_dir}", f"model.lora.init_from={adapter}"])
     pretrained = prepare_model(run.model, seed=0)
@@ -383,8 +383,8 @@ def test_flops_count_the_lora_matmuls_exactly() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fusiontrain import flops
-    from fusiontrain.loss import chunked_cross_entropy_sum
+    from fusiontrain.flops import count as flops
+    from fusiontrain.train.loss import chunked_cross_entropy_sum
     from tests.helpers.tiny_models import random_mllama, random_pixels
 
     model = random_mllama().train()
@@ -408,7 +408,7 @@ def test_flops_count_the_lora_matmuls_exactly() -> None:
 
 
 def test_the_planner_counts_lora_parameters_and_optimizer_state(tiny_mllama_dir: Path) -> None:
-    from fusiontrain.plan import hardware_for, plan_run
+    from fusiontrain.plan.planner import hardware_for, plan_run
 
     small = ["batch.seq_len=16", "batch.micro_batch_size=1", "batch.global_batch_size=1"]
     config = load_config(TINY_CONFIG, [f"model.hf_mllama={tiny_mllama_dir}", *small, "model.lora.rank=4"])
@@ -447,7 +447,7 @@ def test_the_library_imports_without_peft_and_names_the_extra(lora_checkpoint, t
     _, checkpoint = lora_checkpoint
     script = (
         "import sys; sys.modules['peft'] = None\n"  # as if peft were not installed
-        "import fusiontrain.trainer, fusiontrain.cli, fusiontrain.inference\n"
+        "import fusiontrain.train.trainer, fusiontrain.cli, fusiontrain.inference.load\n"
         "from fusiontrain.checkpoint.export import export_checkpoint\n"
         f"export_checkpoint({str(checkpoint)!r}, {str(tmp_path / 'merged')!r})\n"  # merged: no peft needed
         "try:\n"
@@ -463,7 +463,7 @@ def test_the_library_imports_without_peft_and_names_the_extra(lora_checkpoint, t
 
 def test_composed_lora_checkpoint_exports_merged_and_refuses_peft(tiny_llama_dir: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
     from fusiontrain.checkpoint.export import ExportError
-    from fusiontrain.models.export_reader import load_fusiontrain_export
+    from fusiontrain.source.export import load_fusiontrain_export
 
     model = _composed(tiny_llama_dir, tiny_clip_dir)()
     modules = select_lora_targets(model, sides=("decoder", "encoder"), targets=("q_proj", "w2", "fc1"))

@@ -1,4 +1,4 @@
-"""fusiontrain.loss: the chunked cross-entropy over the gathered target positions against a plain
+"""fusiontrain.train.loss: the chunked cross-entropy over the gathered target positions against a plain
 full-logits cross-entropy over every position, the target index a Batch carries, and the memory
 the loss saves for backward (counted with saved-tensor hooks, no timing)."""
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusiontrain.data import Batch
-from fusiontrain.loss import chunked_cross_entropy_sum, count_targets, full_cross_entropy_sum, target_positions
+from fusiontrain.train.loss import chunked_cross_entropy_sum, count_targets, full_cross_entropy_sum, target_positions
 
 B, S, D, V = 2, 10, 16, 50  # S = 10 is divisible by neither 3 nor 4
 

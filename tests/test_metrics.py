@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from fusiontrain.metrics import MetricsLogger, wandb_metrics
+from fusiontrain.train.metrics import MetricsLogger, wandb_metrics
 
 CONFIG = {"max_steps": 10, "optim": {"lr": 1e-4, "betas": [0.9, 0.95]}, "logging": {"wandb": {"mode": "offline"}}}
 

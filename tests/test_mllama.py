@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from fusiontrain.models import build_mllama, encoder_mask_from_cross_attention_mask, load_hf_mllama
-from fusiontrain.models.mllama import mllama_args_from_config
+from fusiontrain.families.mllama.model import mllama_args_from_config
 from fusiontrain import tiny
 from tests.helpers.tiny_models import mllama_batch_where_every_row_sees_an_image
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusiontrain.builders import lr_multiplier
+from fusiontrain.train.builders import lr_multiplier
 from fusiontrain.config import ConfigError, load_config
-from fusiontrain.nonfinite import (
+from fusiontrain.train.nonfinite import (
     INJECT_ENV,
     Decision,
     NonFiniteError,

@@ -1,4 +1,4 @@
-"""Activation offloading (fusiontrain/offload.py, wired by fusiontrain/parallel.py): gradients
+"""Activation offloading (fusiontrain/parallel/offload.py, wired by fusiontrain/parallel/fsdp.py): gradients
 bitwise equal with and without it, under FSDP2 in a world of one, with and without activation
 checkpointing; the hooks ran (bytes counted), and no parameter was ever copied."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusiontrain.offload import ActivationOffloader
-from fusiontrain.parallel import apply_activation_offloading, canonical_parameters, parallelize
+from fusiontrain.parallel.offload import ActivationOffloader
+from fusiontrain.parallel.fsdp import apply_activation_offloading, canonical_parameters, parallelize
 from tests.helpers.tiny_models import random_mllama
 from tests.test_parallel import _batch, _fill_from, _loss_and_grads, _meta_twin
 

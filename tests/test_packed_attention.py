@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fusiontrain.data.batch import Batch
-from fusiontrain.models.llama import LlamaDecoderArgs, llama_cross_attention_layer
+from fusiontrain.families.llama import LlamaDecoderArgs, llama_cross_attention_layer
 from fusiontrain.modules.attention import attend
 from fusiontrain.modules.masks import block_causal_mask, encoder_block_mask
 from fusiontrain.modules.packed import CrossAttentionLayout, cross_attention_layout, padded_length, self_attention_layout

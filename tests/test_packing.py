@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from fusiontrain.data.batch import Sample, collate_padded
 from fusiontrain.data.packing import FirstFitPacker, collate_padding_free, collate_rows
 from fusiontrain.families.encoder import FixedSizeImage
-from fusiontrain.families.mllama import MllamaTiles
+from fusiontrain.families.mllama.family import MllamaTiles
 from fusiontrain.modules.masks import block_causal_mask
-from fusiontrain.step import loss_sum
+from fusiontrain.train.step import loss_sum
 from tests.helpers.tiny_models import IMAGE_TOKEN, random_mllama
 
 SPEC = MllamaTiles(image_size=28, tokens_per_tile=5, max_num_tiles=2)

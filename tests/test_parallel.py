@@ -1,4 +1,4 @@
-"""fusiontrain.parallel: block discovery, activation checkpointing, mixed precision, FSDP2 units.
+"""fusiontrain.parallel.fsdp: block discovery, activation checkpointing, mixed precision, FSDP2 units.
 
 Activation checkpointing is compared bitwise with an unwrapped twin; the FSDP tests shard a
 meta-built twin in a single-process gloo group, fill it from a reference model's state dict and
@@ -21,15 +21,15 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from fusiontrain.loss import chunked_cross_entropy_sum
-from fusiontrain.models.hf_checkpoint import copy_rows_into
-from fusiontrain.models.lora import LoraSettings, add_lora
-from fusiontrain.models.mllama import build_mllama
+from fusiontrain.train.loss import chunked_cross_entropy_sum
+from fusiontrain.weights.hf_checkpoint import copy_rows_into
+from fusiontrain.weights.lora import LoraSettings, add_lora
+from fusiontrain.families.mllama.model import build_mllama
 from fusiontrain.modules import FusionLayer
 from fusiontrain.modules.fusion import get_fusion_params
 from fusiontrain.modules.blocks import block_stacks
 from fusiontrain.modules.lora import is_lora_parameter, select_lora_targets
-from fusiontrain.parallel import (
+from fusiontrain.parallel.fsdp import (
     apply_activation_checkpointing,
     canonical_parameters,
     checkpoint_every,
@@ -37,7 +37,7 @@ from fusiontrain.parallel import (
     parallelize,
     shard_model,
 )
-from fusiontrain.precision import StorageDtypes, store_parameters
+from fusiontrain.parallel.precision import StorageDtypes, store_parameters
 from tests.helpers.tiny_models import IMAGE_TOKEN, VOCAB, random_mllama, random_pixels, tiny_mllama_args
 
 STACKS = {"decoder.layers": 4, "encoder.vision.layers": 4, "encoder.projection.layers": 2}

@@ -14,13 +14,13 @@ import torch
 import yaml
 
 from fusiontrain import tiny
-from fusiontrain.builders import build_meta_model
+from fusiontrain.train.builders import build_meta_model
 from fusiontrain.families import model_family_of
 from fusiontrain.config import load_config
-from fusiontrain.loss import chunked_cross_entropy_sum
-from fusiontrain.memory_tracker import TensorMemoryTracker
-from fusiontrain.plan_trace import worst_case_batch
-from fusiontrain.plan import planned_world_size
+from fusiontrain.train.loss import chunked_cross_entropy_sum
+from fusiontrain.plan.memory import TensorMemoryTracker
+from fusiontrain.plan.trace import worst_case_batch
+from fusiontrain.plan.planner import planned_world_size
 from tests.helpers.launch import REPO_ROOT, run_command, run_commands
 from tests.helpers.peak_rss import peak_rss_bytes
 
@@ -236,7 +236,7 @@ def test_plan_defaults_come_from_the_config(tiny_mllama_dir: Path, monkeypatch: 
     from fusiontrain.cli import PLAN_DEVICES
     from fusiontrain.cli import main as cli_main
     from fusiontrain.config import ConfigError, PlanConfig
-    from fusiontrain.plan import GPUS, planned_hardware
+    from fusiontrain.plan.planner import GPUS, planned_hardware
 
     monkeypatch.chdir(REPO_ROOT)
     ninety = load_config(REPO_ROOT / "configs" / "llama32_90b_vision.yaml")
@@ -280,7 +280,7 @@ def test_offloading_moves_the_offloaded_bytes_from_device_to_host_memory(bench_m
     device peak falls by what the host gains (the checkpointed blocks' inputs, at their peak all
     on the host). Rows of 512 tokens make each block input [2, 512, 512] bf16 = 1 MiB, the
     smallest tensor that is offloaded."""
-    from fusiontrain.plan import GPUS, plan_run
+    from fusiontrain.plan.planner import GPUS, plan_run
 
     overrides = [f"model.hf_mllama={bench_mllama_dir}", *_FIXED, "batch.seq_len=512", "batch.global_batch_size=2",
                  "parallel.activation_checkpointing=full"]

@@ -1,4 +1,4 @@
-"""fusiontrain.precision: which dtype trained and frozen parameters are stored in; a whole 2-rank run
+"""fusiontrain.parallel.precision: which dtype trained and frozen parameters are stored in; a whole 2-rank run
 with model.frozen_dtype=bfloat16 (resumed and exported) against fp32 storage. What FSDP does with
 the dtypes, unit by unit, is tested in test_parallel.py."""
 
@@ -15,8 +15,8 @@ from torch import nn
 
 from fusiontrain.checkpoint.export import export_checkpoint
 from fusiontrain.checkpoint.parts import CheckpointPart
-from fusiontrain.models.mllama import MLLAMA_FUSION_VOCAB_SIZE
-from fusiontrain.precision import StorageDtypes, storage_dtypes, store_parameters
+from fusiontrain.families.mllama.model import MLLAMA_FUSION_VOCAB_SIZE
+from fusiontrain.parallel.precision import StorageDtypes, storage_dtypes, store_parameters
 from tests.helpers.launch import REPO_ROOT, run_commands
 
 HARNESS = REPO_ROOT / "tests" / "helpers" / "train_harness.py"

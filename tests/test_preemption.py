@@ -1,4 +1,4 @@
-"""Preemption (fusiontrain/preemption.py): SIGTERM or SIGUSR1, to torchrun or to one worker only,
+"""Preemption (fusiontrain/train/preemption.py): SIGTERM or SIGUSR1, to torchrun or to one worker only,
 makes every rank finish its step, checkpoint that step together and exit with
 PREEMPTED_EXIT_CODE; the resumed run is bitwise identical to an uninterrupted one. And the SLURM
 job script's signal trap and requeue, with stand-ins for srun, scancel and scontrol."""
@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusiontrain.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
+from fusiontrain.train.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_torchrun
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")

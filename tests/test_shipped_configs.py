@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fusiontrain.cli import main as cli_main
-from fusiontrain.inference import load_for_inference
+from fusiontrain.inference.load import load_for_inference
 from tests.helpers.launch import run_torchrun
 from tests.helpers.shipped_configs import (
     WORLD_SIZE,

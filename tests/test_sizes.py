@@ -16,8 +16,8 @@ from fusiontrain.cli import main as cli_main
 from fusiontrain.config import load_config
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.sizes import SampleSizes, cache_dirs, load_cached, measure, save_cache
-from fusiontrain.data_builders import load_or_measure_sizes, sizes_key_parts
-from fusiontrain.builders import build_dataset, build_meta_model, configured_family
+from fusiontrain.train.data import load_or_measure_sizes, sizes_key_parts
+from fusiontrain.train.builders import build_dataset, build_meta_model, configured_family
 from fusiontrain.data.sizes import fingerprint
 from tests.helpers.launch import REPO_ROOT
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import torchtune  # noqa: F401  (the test-only reference; an import failure is an error)
 
-from fusiontrain.models.llama import (  # noqa: E402
+from fusiontrain.families.llama import (  # noqa: E402
     FusedSlot,
     llama_cross_attention_layer,
     llama_self_attention_layer,

@@ -9,14 +9,14 @@ rest comes from. :func:`export_checkpoint` joins the two into one folder in eith
     (the base's, with ``dtype`` / ``torch_dtype`` set to the export dtype), ``model.safetensors``
     (or ``model-0000i-of-0000n.safetensors`` shards with ``model.safetensors.index.json``),
     ``generation_config.json`` and the base's tokenizer, processor and chat-template files. Tensor
-    names are the reverse of :func:`~fusiontrain.models.mllama.mllama_weight_map`, in the naming
+    names are the reverse of :func:`~fusiontrain.families.mllama.model.mllama_weight_map`, in the naming
     the base folder uses (``language_model.model.*``, which transformers 5.23's own
     ``save_pretrained`` writes and the Hub holds, or ``model.language_model.*``; transformers 5.23
     loads both).
 
 ``fusiontrain`` (any family; the default for composed models)
     Our own, self-contained layout, read back by
-    :func:`~fusiontrain.models.export_reader.load_fusiontrain_export`: ``fusiontrain_config.json``
+    :func:`~fusiontrain.source.export.load_fusiontrain_export`: ``fusiontrain_config.json``
     (family, fusion settings, dtype, provenance), the base configs stored verbatim
     (``mllama_config.json``, or ``decoder_config.json`` + ``encoder_config.json``),
     ``model.safetensors`` (or shards + index) with every parameter under its canonical name, and
@@ -69,15 +69,15 @@ from fusiontrain.checkpoint.layout import CheckpointError
 from fusiontrain.checkpoint.parts import CheckpointPart, PartMismatch, open_parts
 from fusiontrain.families import EXPORT_ROLE, ModelFamily, TrainableFlags, model_family
 from fusiontrain.families.model import read_config_json
-from fusiontrain.models.export_reader import (
+from fusiontrain.source.export import (
     EXPORT_CONFIG,
     EXPORT_FORMAT,
     EXPORT_VERSION,
     prepare_fusiontrain_export,
     read_export_config,
 )
-from fusiontrain.models.hf_checkpoint import HFCheckpoint, TensorRoute
-from fusiontrain.models.pretrained import PretrainedModel
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute
+from fusiontrain.weights.pretrained import PretrainedModel
 from fusiontrain.checkpoint.export_files import (
     ExportError,
     ShardWriter,
@@ -89,7 +89,7 @@ from fusiontrain.checkpoint.export_files import (
     write_json,
 )
 from fusiontrain.checkpoint.peft import peft_layout, write_adapter
-from fusiontrain.models.lora import LoraSettings, lora_shapes
+from fusiontrain.weights.lora import LoraSettings, lora_shapes
 from fusiontrain.modules import DeepFusionModel, get_fusion_params
 from fusiontrain.modules.lora import is_lora_parameter, merged_weight
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fusiontrain.models.hf_checkpoint import INDEX_FILE, SINGLE_FILE
+from fusiontrain.weights.hf_checkpoint import INDEX_FILE, SINGLE_FILE
 
 _IN_PROGRESS = ".fusiontrain-export-in-progress"  # marks <out>.tmp as ours while it is written
 

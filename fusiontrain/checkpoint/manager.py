@@ -64,7 +64,7 @@ from fusiontrain.checkpoint.layout import (
     TMP_PREFIX,
 )
 from fusiontrain.checkpoint.parts import CheckpointPart, PartMismatch, load_tensors, read_part_metadata, save_tensors
-from fusiontrain.models.lora import LoraSettings
+from fusiontrain.weights.lora import LoraSettings
 
 logger = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusiontrain.models.hf_checkpoint import TensorRoute, copy_rows_into
-from fusiontrain.models.lora import LoraSettings
-from fusiontrain.models.pretrained import PretrainedModel
+from fusiontrain.weights.hf_checkpoint import TensorRoute, copy_rows_into
+from fusiontrain.weights.lora import LoraSettings
+from fusiontrain.weights.pretrained import PretrainedModel
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.modules.lora import LORA_A, LORA_B, lora_candidates
-from fusiontrain.parallel import canonical_parameters
+from fusiontrain.parallel.fsdp import canonical_parameters
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"

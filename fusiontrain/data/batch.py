@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
-from fusiontrain.loss import target_positions
+from fusiontrain.train.loss import target_positions
 from fusiontrain.modules.masks import block_causal_block_mask, block_causal_mask, encoder_block_mask
 from fusiontrain.modules.packed import CrossAttentionLayout, PackedLayout, cross_attention_layout, self_attention_layout
 

@@ -342,7 +342,7 @@ class ClosableLoader(StatefulDataLoader):
 
     After an error the iterator (and its workers) usually stays alive, held by the traceback, until
     the interpreter exits; then multiprocessing's exit hook SIGTERMs the daemon workers and joins
-    them. Workers that block SIGTERM (fusiontrain.preemption blocks it before they fork) never end,
+    them. Workers that block SIGTERM (fusiontrain.train.preemption blocks it before they fork) never end,
     and the process hangs at exit. :meth:`close` shuts them down the dataloader's own way instead
     (the done event and a ``None`` task, which an idle worker obeys), and the process can leave.
     """

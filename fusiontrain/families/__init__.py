@@ -18,13 +18,12 @@ from typing import Any
 from torch import nn
 
 from fusiontrain.families.clip_siglip import ClipEncoder, SiglipEncoder
-from fusiontrain.families.composed import ComposedFamily, family_for_config
-from fusiontrain.families.decoder import DecoderFamily
+from fusiontrain.families.composed.family import ComposedFamily, family_for_config
+from fusiontrain.families.decoder import DecoderFamily, LlamaDecoder
 from fusiontrain.families.dinov2 import DinoV2Encoder
 from fusiontrain.families.encoder import EncoderFamily
-from fusiontrain.families.llama import LlamaDecoder
 from fusiontrain.families.mistral import MistralDecoder
-from fusiontrain.families.mllama import MllamaFamily
+from fusiontrain.families.mllama.family import MllamaFamily
 from fusiontrain.families.model import EXPORT_ROLE, EncoderFlopCounter, InputFolders, ModelFamily, TrainableFlags
 from fusiontrain.families.qwen2 import Qwen2Decoder
 from fusiontrain.families.qwen3 import Qwen3Decoder

@@ -1,6 +1,6 @@
 """CLIP and SigLIP vision towers (``CLIPVisionModel``, ``SiglipVisionModel``, or the vision half
 of a full ``CLIPModel`` / ``SiglipModel``) as encoders. The modules are
-:mod:`fusiontrain.models.hf_vision`; each image gives the tower's ``last_hidden_state``."""
+:mod:`fusiontrain.families.hf_tower`; each image gives the tower's ``last_hidden_state``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from fusiontrain.flop_rules import (
+from fusiontrain.flops.rules import (
     Tally,
     any_trainable,
     conv_flops,
@@ -22,7 +22,7 @@ from fusiontrain.flop_rules import (
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.families.encoder import EncoderFamily, FixedSizeImage
 from fusiontrain.families.model import EncoderFlopCounter
-from fusiontrain.models.hf_vision import (
+from fusiontrain.families.hf_tower import (
     HFVisionTowerEncoder,
     build_vision_tower,
     canonical_vision_tower_key,

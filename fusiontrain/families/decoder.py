@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from fusiontrain.models.hf_checkpoint import TensorRoute
-from fusiontrain.models.llama import FusedSlot, LlamaDecoderArgs, decoder_args_from_hf_text_config
+from fusiontrain.weights.hf_checkpoint import TensorRoute
+from fusiontrain.families.llama import FusedSlot, LlamaDecoderArgs, decoder_args_from_hf_text_config
 
 _ATTN = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}
 _MLP = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
@@ -101,3 +101,12 @@ class DecoderFamily:
             TensorRoute(f"{hf}.post_attention_layernorm.weight", f"{ours}.mlp_norm.scale"),
         ]
         return routes
+
+
+class LlamaDecoder(DecoderFamily):
+    """Llama causal LMs (``LlamaForCausalLM``, model_type ``llama``): Llama 2 / 3 / 3.1 / 3.2,
+    bias-free projections, optional Llama 3 RoPE scaling. The base class computes them as they
+    are; every other decoder family specialises it."""
+
+    name = "llama"
+    model_types = ("llama",)

@@ -2,7 +2,7 @@
 
 Each image gives the tower's ``last_hidden_state``: the class token, the register tokens (when the
 checkpoint has them) and the patches, after the tower's final LayerNorm, projected to the
-decoder's width by a LLaVA-style :class:`~fusiontrain.models.hf_vision.MLPProjectionHead`.
+decoder's width by a LLaVA-style :class:`~fusiontrain.families.hf_tower.MLPProjectionHead`.
 
 Images are fixed-size (:class:`~fusiontrain.families.encoder.FixedSizeImage`) at the config's
 ``image_size``; there the tower's position-embedding interpolation is the identity. The
@@ -22,7 +22,7 @@ from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.families.encoder import EncoderFamily, FixedSizeImage
-from fusiontrain.models.hf_vision import MLPProjectionHead
+from fusiontrain.families.hf_tower import MLPProjectionHead
 from fusiontrain.modules import register_fusion_module
 
 # config.json model_type -> transformers (config class, model class)

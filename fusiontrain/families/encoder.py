@@ -20,7 +20,7 @@ from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat, ImageInput
 from fusiontrain.families.model import EncoderFlopCounter
-from fusiontrain.models.hf_checkpoint import TensorRoute
+from fusiontrain.weights.hf_checkpoint import TensorRoute
 
 
 class FixedSizeImage(ImageFormat):
@@ -94,5 +94,5 @@ class EncoderFamily(ABC):
 
     def analytic_encoder_flops(self, encoder: nn.Module) -> EncoderFlopCounter | None:
         """This family's analytic FLOP count of ``encoder`` (unwrapped), or None: then
-        :mod:`fusiontrain.flops` counts it on fake tensors (``FlopCounterMode``)."""
+        :mod:`fusiontrain.flops.count` counts it on fake tensors (``FlopCounterMode``)."""
         return None

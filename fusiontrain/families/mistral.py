@@ -16,7 +16,7 @@ from typing import Any
 
 from fusiontrain.families.decoder import DecoderFamily
 from fusiontrain.families.qwen2 import HF_DEFAULT_ROPE_THETA
-from fusiontrain.models.llama import LlamaDecoderArgs, decoder_args_from_hf_text_config, rope_from_hf_text_config
+from fusiontrain.families.llama import LlamaDecoderArgs, decoder_args_from_hf_text_config, rope_from_hf_text_config
 
 # ``MistralConfig``'s defaults for every field read here (transformers 5.23).
 MISTRAL_DEFAULTS: dict[str, Any] = {

@@ -25,13 +25,13 @@ from typing import Any, ClassVar
 from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat
-from fusiontrain.models.pretrained import PretrainedModel
+from fusiontrain.weights.pretrained import PretrainedModel
 
 EXPORT_ROLE = "fusiontrain_export"  # a base folder written by `fusiontrain export --format fusiontrain`
 
 # ``counter(tally, encoder, images, encoder_input) -> (encoder tokens per image slot, whether the
 # embeddings require grad)``: an encoder's FLOPs over ``images`` image slots, added to a
-# :class:`fusiontrain.flop_rules.Tally`. ``encoder_input`` is the input those slots were read
+# :class:`fusiontrain.flops.rules.Tally`. ``encoder_input`` is the input those slots were read
 # from (None when the caller gave ``images``): a family whose encoder runs on fewer images than
 # it has slots (Mllama skips padding slots) counts what it runs.
 EncoderFlopCounter = Callable[[Any, nn.Module, int, Mapping[str, Any] | None], tuple[int, bool]]
@@ -159,7 +159,7 @@ class ModelFamily(ABC):
 
     def analytic_encoder_flops(self, encoder: nn.Module) -> EncoderFlopCounter | None:
         """This family's analytic FLOP count of ``encoder`` (unwrapped), or None when the family
-        has none for it: :mod:`fusiontrain.flops` then counts it on fake tensors."""
+        has none for it: :mod:`fusiontrain.flops.count` then counts it on fake tensors."""
         return None
 
     def export_config(self, configs: dict[str, dict]) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from fusiontrain.families.decoder import DecoderFamily
-from fusiontrain.models.hf_checkpoint import TensorRoute
-from fusiontrain.models.llama import LlamaDecoderArgs, decoder_args_from_hf_text_config, rope_from_hf_text_config
+from fusiontrain.weights.hf_checkpoint import TensorRoute
+from fusiontrain.families.llama import LlamaDecoderArgs, decoder_args_from_hf_text_config, rope_from_hf_text_config
 
 # ``Qwen2Config``'s defaults for every field read here (transformers 5.23).
 QWEN2_DEFAULTS: dict[str, Any] = {

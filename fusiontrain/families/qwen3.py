@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from fusiontrain.families.qwen2 import HF_DEFAULT_ROPE_THETA, QWEN2_DEFAULTS, Qwen2Decoder
-from fusiontrain.models.hf_checkpoint import TensorRoute
-from fusiontrain.models.llama import LlamaDecoderArgs, decoder_args_from_hf_text_config
+from fusiontrain.weights.hf_checkpoint import TensorRoute
+from fusiontrain.families.llama import LlamaDecoderArgs, decoder_args_from_hf_text_config
 
 # ``Qwen3Config``'s defaults for every field read here (transformers 5.23).
 QWEN3_DEFAULTS: dict[str, Any] = {**QWEN2_DEFAULTS, "head_dim": 128, "attention_bias": False}

@@ -24,7 +24,7 @@ from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat, ImageInput
 from fusiontrain.families.encoder import EncoderFamily
-from fusiontrain.models.hf_vision import MLPProjectionHead, canonical_vision_tower_key, vision_tower_tensor_names
+from fusiontrain.families.hf_tower import MLPProjectionHead, canonical_vision_tower_key, vision_tower_tensor_names
 from fusiontrain.modules import register_fusion_module
 
 

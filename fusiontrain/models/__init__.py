@@ -1,7 +1,7 @@
 """Builders for model families, and the maps between Hugging Face checkpoints and our modules."""
 
-from fusiontrain.models.compose import compose_from_hf
-from fusiontrain.models.mllama import (
+from fusiontrain.families.composed.compose import compose_from_hf
+from fusiontrain.families.mllama.model import (
     build_mllama,
     encoder_mask_from_cross_attention_mask,
     load_hf_mllama,

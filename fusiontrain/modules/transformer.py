@@ -253,7 +253,7 @@ class TransformerDecoder(nn.Module):
     def set_skip_output_projection(self, skip: bool) -> None:
         """Return the final-normed hidden states ``[b, s, d]`` instead of logits (a fusiontrain
         extension): a loss that applies ``self.output`` chunk by chunk, recomputing each chunk in
-        backward (``fusiontrain.loss``), then never holds more than one chunk of logits."""
+        backward (``fusiontrain.train.loss``), then never holds more than one chunk of logits."""
         self.skip_output_projection = skip
 
     def setup_caches(

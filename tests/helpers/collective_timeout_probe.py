@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from fusiontrain import distributed
+from fusiontrain.parallel import distributed
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fusiontrain.processes import descendant_pids
+from fusiontrain.parallel.processes import descendant_pids
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MULTINODE_SH = REPO_ROOT / "launch" / "multinode.sh"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from fusiontrain import distributed
+from fusiontrain.parallel import distributed
 from fusiontrain.config import load_config
-from fusiontrain.nonfinite import NonFiniteError
-from fusiontrain.trainer import Trainer
+from fusiontrain.train.nonfinite import NonFiniteError
+from fusiontrain.train.trainer import Trainer
 
 
 def main() -> None:

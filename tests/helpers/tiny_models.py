@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from fusiontrain import tiny
-from fusiontrain.models.llama import LlamaDecoderArgs
-from fusiontrain.models.mllama import MllamaArgs, build_mllama
+from fusiontrain.families.llama import LlamaDecoderArgs
+from fusiontrain.families.mllama.model import MllamaArgs, build_mllama
 from fusiontrain.modules import DeepFusionModel, Llama3RopeScaling, TanhGate
-from fusiontrain.modules.vision import MllamaVisionArgs
+from fusiontrain.families.mllama.vision import MllamaVisionArgs
 
 VOCAB = 128
 IMAGE_TOKEN = VOCAB  # the first extra row, as in HF Mllama

@@ -24,7 +24,7 @@ from torchtune import modules as tt
 from torchtune.models.llama3_1._position_embeddings import Llama3ScaledRoPE
 from torchtune.modules import model_fusion as tt_fusion
 
-from fusiontrain.models.llama import FusedSlot, LlamaDecoderArgs, llama_fused_decoder
+from fusiontrain.families.llama import FusedSlot, LlamaDecoderArgs, llama_fused_decoder
 from fusiontrain.modules import Llama3RopeScaling
 
 __all__ = [
@@ -81,7 +81,7 @@ def interleaved_to_half_rows(weight: torch.Tensor, num_heads: int, head_dim: int
 
 
 # ---------------------------------------------------------------------------------------------
-# torchtune reference builders (mirrors of fusiontrain.models.llama)
+# torchtune reference builders (mirrors of fusiontrain.families.llama)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -181,7 +181,7 @@ def tt_cross_attention_layer(a: LlamaDecoderArgs) -> tt.TransformerCrossAttentio
 def tt_fused_decoder(
     a: LlamaDecoderArgs, slots: Sequence[FusedSlot], *, fusion_vocab_size: int
 ) -> tt.TransformerDecoder:
-    """torchtune twin of :func:`fusiontrain.models.llama.llama_fused_decoder`."""
+    """torchtune twin of :func:`fusiontrain.families.llama.llama_fused_decoder`."""
     layers: list[nn.Module] = []
     for slot in slots:
         layer: nn.Module = tt_self_attention_layer(a)

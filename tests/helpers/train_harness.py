@@ -21,10 +21,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.fsdp import FSDPModule
 
-from fusiontrain import distributed
+from fusiontrain.parallel import distributed
 from fusiontrain.config import load_config
-from fusiontrain.parallel import canonical_parameters
-from fusiontrain.trainer import Trainer
+from fusiontrain.parallel.fsdp import canonical_parameters
+from fusiontrain.train.trainer import Trainer
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:

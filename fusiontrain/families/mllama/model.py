@@ -11,7 +11,7 @@ projection head (global vision layers + projector) and the 8 extra token rows.
 
 HF's flat text stack interleaves cross-attention layers with self-attention layers; ours wraps
 each cross-attention layer with its neighbour in a ``FusionLayer`` (see
-:func:`~fusiontrain.models.llama.fuse_layer_stack`). Token ids are HF's: the image token
+:func:`~fusiontrain.families.llama.fuse_layer_stack`). Token ids are HF's: the image token
 (``image_token_index``, 128256 for Llama 3.2) is the first of the extra rows.
 """
 
@@ -22,17 +22,17 @@ from pathlib import Path
 
 import torch
 
-from fusiontrain.models.hf_checkpoint import HFCheckpoint, TensorRoute, materialize
-from fusiontrain.models.llama import (
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute, materialize
+from fusiontrain.families.llama import (
     FusedSlot,
     LlamaDecoderArgs,
     fuse_layer_stack,
     llama_fused_decoder,
     decoder_args_from_hf_text_config,
 )
-from fusiontrain.models.pretrained import PretrainedModel, WeightSource, check_routes_cover
+from fusiontrain.weights.pretrained import PretrainedModel, WeightSource, check_routes_cover
 from fusiontrain.modules import DeepFusionModel
-from fusiontrain.modules.vision import MllamaVisionArgs, MllamaVisionEncoder
+from fusiontrain.families.mllama.vision import MllamaVisionArgs, MllamaVisionEncoder
 
 MLLAMA_FUSION_VOCAB_SIZE = 8  # HF's embed_tokens has vocab_size + 8 rows
 

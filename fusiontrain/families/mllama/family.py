@@ -1,7 +1,7 @@
 """Llama 3.2 Vision (HF ``MllamaForConditionalGeneration``): the ``mllama`` model family.
 
-Its builder and weight map are :mod:`fusiontrain.models.mllama`, its tiled ViT
-:mod:`fusiontrain.modules.vision`; this file is what the rest of fusiontrain asks.
+Its builder and weight map are :mod:`fusiontrain.families.mllama.model`, its tiled ViT
+:mod:`fusiontrain.families.mllama.vision`; this file is what the rest of fusiontrain asks.
 
 Images are tiled: the checkpoint's ``MllamaImageProcessor`` fits each image to the best canvas of
 up to ``t = max_num_tiles`` tiles and keeps, per image, ``pixel_values`` ``[t, 3, H, W]`` (unused
@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat, ImageInput
-from fusiontrain.flop_rules import Tally, any_trainable, conv_flops, count_linear, count_self_attention_layer, unwrap
+from fusiontrain.flops.rules import Tally, any_trainable, conv_flops, count_linear, count_self_attention_layer, unwrap
 from fusiontrain.families.model import (
     EXPORT_ROLE,
     EncoderFlopCounter,
@@ -30,10 +30,10 @@ from fusiontrain.families.model import (
     TrainableFlags,
     read_config_json,
 )
-from fusiontrain.models.hf_checkpoint import HFCheckpoint
-from fusiontrain.models.mllama import build_mllama, legacy_mllama_key, mllama_args_from_config, prepare_mllama
-from fusiontrain.models.pretrained import PretrainedModel
-from fusiontrain.modules.vision import _PAD_MULTIPLE, MllamaVisionEncoder
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint
+from fusiontrain.families.mllama.model import build_mllama, legacy_mllama_key, mllama_args_from_config, prepare_mllama
+from fusiontrain.weights.pretrained import PretrainedModel
+from fusiontrain.families.mllama.vision import _PAD_MULTIPLE, MllamaVisionEncoder
 
 
 class MllamaTiles(ImageFormat):

@@ -1,8 +1,8 @@
 """The rules of the FLOP count: how many matmul FLOPs a module's forward costs, and how many its
 backward adds, given which operands need gradients.
 
-These are the building blocks :mod:`fusiontrain.flops` counts a model with, and what a model
-family's analytic encoder count (``fusiontrain/families/``) uses. See :mod:`fusiontrain.flops`
+These are the building blocks :mod:`fusiontrain.flops.count` counts a model with, and what a model
+family's analytic encoder count (``fusiontrain/families/``) uses. See :mod:`fusiontrain.flops.count`
 for the conventions (model FLOPs, ``2 m n k`` per matmul, backward once per operand gradient).
 """
 

@@ -25,7 +25,7 @@ from types import FrameType
 
 import torch
 
-from fusiontrain import distributed
+from fusiontrain.parallel import distributed
 
 #: Exit code of a run that stopped because of a preemption signal, after writing its checkpoint:
 #: ``EX_TEMPFAIL`` of ``sysexits.h`` ("temporary failure; the user is invited to retry"). It is
@@ -38,7 +38,7 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(Exception):
-    """Raised by :meth:`fusiontrain.trainer.Trainer.run` after the preemption checkpoint is
+    """Raised by :meth:`fusiontrain.train.trainer.Trainer.run` after the preemption checkpoint is
     written (on every rank, at the same step)."""
 
     def __init__(self, step: int, signal_name: str) -> None:

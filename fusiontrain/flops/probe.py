@@ -1,7 +1,7 @@
 """Generic FLOP count of an encoder: run it once per input shape on fake tensors under
 ``torch.utils.flop_counter.FlopCounterMode``.
 
-:mod:`fusiontrain.flops` counts the encoders it knows (Mllama's tiled ViT, HF CLIP / SigLIP towers)
+:mod:`fusiontrain.flops.count` counts the encoders it knows (Mllama's tiled ViT, HF CLIP / SigLIP towers)
 analytically. Any other encoder (a SigLIP2 NaFlex or DINOv2 tower, a user's own module) is counted
 here by :func:`measure_encoder_flops`: the encoder's forward, then (when its output requires grad)
 its backward, run on fake tensors (``FakeTensorMode``: shapes only, nothing allocated or
@@ -32,7 +32,7 @@ checks ``if mask.all():``). Non-tensor inputs are passed as they are. The cache 
 shapes, not these values: the count assumes the FLOPs depend on the input shapes only (true of
 SigLIP2, whose sequence is always ``max_num_patches`` long).
 
-Conventions, compared with :mod:`fusiontrain.flops`' analytic count:
+Conventions, compared with :mod:`fusiontrain.flops.count`' analytic count:
 
 - SDPA runs with the math backend (``SDPBackend.MATH``), which decomposes attention into the
   ``bmm`` ops autograd differentiates one operand at a time: backward is 2x forward when every
@@ -54,7 +54,7 @@ parameter, or of an input that is itself fake or meta (``.item()``, ``.tolist()`
 ``if x.any():``, data-dependent output shapes) cannot run on fake tensors and raises (e.g.
 ``DataDependentOutputException``). The failure is cached too (and re-raised on the next call with
 the same key) so a failing encoder costs one trace, not one per step;
-:func:`fusiontrain.flops.micro_batch_flops_or_none` turns it into "MFU unavailable".
+:func:`fusiontrain.flops.count.micro_batch_flops_or_none` turns it into "MFU unavailable".
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from fusiontrain.flop_rules import unwrap
+from fusiontrain.flops.rules import unwrap
 
 __all__ = ["EncoderCost", "EncoderCountError", "clear_encoder_cache", "measure_encoder_flops"]
 

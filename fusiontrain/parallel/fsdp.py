@@ -3,7 +3,7 @@ activation offloading.
 
 Applied to a model built on the meta device, before its weights are loaded, in torchtitan's
 order: activation checkpointing, then compile, then ``fully_shard`` per block and at the root;
-then the offloading hooks on the blocks (:mod:`fusiontrain.offload`). Model code never imports
+then the offloading hooks on the blocks (:mod:`fusiontrain.parallel.offload`). Model code never imports
 this module.
 
 Blocks are the model's block stacks (:func:`fusiontrain.modules.blocks.block_stacks`): an encoder
@@ -27,8 +27,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fusiontrain.modules import FusionLayer
 from fusiontrain.modules.blocks import block_stacks
-from fusiontrain.offload import MIN_OFFLOAD_BYTES, ActivationOffloader
-from fusiontrain.precision import computes_in_bf16
+from fusiontrain.parallel.offload import MIN_OFFLOAD_BYTES, ActivationOffloader
+from fusiontrain.parallel.precision import computes_in_bf16
 
 
 def canonical_name(name: str) -> str:

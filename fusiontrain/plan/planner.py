@@ -3,8 +3,8 @@
 ``python -m fusiontrain plan --config X --gpus N [--gpu h100]`` (and ``train --dry-run``) needs
 neither a GPU nor the weights. It builds the configured model on the meta device from its
 ``config.json`` files, shards it with the real FSDP2 code (``parallelize``) over a fake process
-group of N ranks, and runs the trainer's own training step (:mod:`fusiontrain.step`) on fake
-tensors (``FakeTensorMode``: shapes only, nothing allocated; :mod:`fusiontrain.plan_trace`): the
+group of N ranks, and runs the trainer's own training step (:mod:`fusiontrain.train.step`) on fake
+tensors (``FakeTensorMode``: shapes only, nothing allocated; :mod:`fusiontrain.plan.trace`): the
 worst-case micro-batch (every row full, every image slot filled with all its tiles), the
 configured activation checkpointing and offloading, precision, chunked loss, gradient
 accumulation (two micro-batches are enough to show it) and AdamW, after an untracked warm-up in
@@ -12,7 +12,7 @@ which FSDP and AdamW allocate their lazy state (no forward or backward: one unsh
 one update on zero gradients). The step's micro-batches wait in pinned host
 memory, and offloaded activations live there: the plan lists them as host memory per device.
 
-A :class:`~fusiontrain.memory_tracker.TensorMemoryTracker` counts every tensor alive on rank 0
+A :class:`~fusiontrain.plan.memory.TensorMemoryTracker` counts every tensor alive on rank 0
 (the rank with the largest shards) and keeps the breakdown at the peak: parameter shards (from the
 sharded parameters), inputs, encoder, decoder activations, loss chunk, backward working set,
 optimizer state and step temporaries, gradients, FSDP's unsharded parameters (polled: FSDP2
@@ -20,7 +20,7 @@ resizes their storages in place, which no op reports), its unsharded gradients a
 gradient-reduction buffers. On CPU the prediction is checked against measured training runs
 (tests/test_plan.py, benchmarks/plan_accuracy.py).
 
-The step time is a model, not a measurement: the model FLOPs of :mod:`fusiontrain.flops` plus the
+The step time is a model, not a measurement: the model FLOPs of :mod:`fusiontrain.flops.count` plus the
 forward recomputed by activation checkpointing, at an assumed fraction of the device's peak
 (``--efficiency``), against the FSDP all-gathers and reduce-scatters at an assumed bus bandwidth
 (NVLink within a node, InfiniBand across), the two overlapped.
@@ -34,14 +34,14 @@ from typing import Any
 
 import torch
 
-from fusiontrain.builders import build_batch_layout
-from fusiontrain.builders import image_format as configured_image_format
+from fusiontrain.train.builders import build_batch_layout
+from fusiontrain.train.builders import image_format as configured_image_format
 from fusiontrain.config import DataConfig, TrainConfig
 from fusiontrain.data import Batch
-from fusiontrain.flops import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
-from fusiontrain.parallel import checkpoint_every, mixed_precision_policy
-from fusiontrain.plan_trace import OFFLOADED, StepTrace, simulate_step
-from fusiontrain.precision import dtype_name
+from fusiontrain.flops.count import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
+from fusiontrain.parallel.fsdp import checkpoint_every, mixed_precision_policy
+from fusiontrain.plan.trace import OFFLOADED, StepTrace, simulate_step
+from fusiontrain.parallel.precision import dtype_name
 
 GiB = 2**30
 
@@ -219,7 +219,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         # flex_attention BlockMasks are as small; its attention saves about what SDPA saves.
         notes.append("packed rows attend through flex_attention BlockMasks on CUDA (traced through the CPU's packed layouts)")
     # The step's micro-batches stay on the host for the whole step (pinned on CUDA); each goes to
-    # the device only for its own forward and backward (fusiontrain/step.py).
+    # the device only for its own forward and backward (fusiontrain/train/step.py).
     host_batches = accum * _batch_bytes(batch)
     host_memory: dict[str, int] = {}
     if hardware.device_type == "cpu":  # the host copies are the device copies

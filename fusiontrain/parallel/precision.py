@@ -7,7 +7,7 @@ compute FSDP2 casts every fp32 shard to bf16 before its all-gather anyway, so st
 shards in bf16 computes the very same numbers (the same round-to-nearest-even cast, done once at
 load instead of at every all-gather) in half their memory, while the trained parameters, their
 gradients and AdamW's state stay fp32. With fp32 compute, bf16 frozen shards are cast up to fp32
-before the all-gather (:func:`fusiontrain.parallel.mixed_precision_policy`): half the stored
+before the all-gather (:func:`fusiontrain.parallel.fsdp.mixed_precision_policy`): half the stored
 bytes, the frozen weights rounded to bf16 once, fp32 arithmetic.
 
 The cast happens on the meta device, before sharding; loading then fills each shard straight in

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusiontrain import distributed
-from fusiontrain.builders import (
+from fusiontrain.parallel import distributed
+from fusiontrain.train.builders import (
     build_dataset,
     build_lr_scheduler,
     build_optimizer,
@@ -37,22 +37,22 @@ from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import collate_padding_free
-from fusiontrain.data_builders import build_streaming_train_loader, build_train_loader
-from fusiontrain.flops import device_peak_flops, mfu
-from fusiontrain.loss import count_targets
-from fusiontrain.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
-from fusiontrain.models.hf_checkpoint import materialize
-from fusiontrain.models.lora import lora_settings_of
+from fusiontrain.train.data import build_streaming_train_loader, build_train_loader
+from fusiontrain.flops.count import device_peak_flops, mfu
+from fusiontrain.train.loss import count_targets
+from fusiontrain.train.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
+from fusiontrain.weights.hf_checkpoint import materialize
+from fusiontrain.weights.lora import lora_settings_of
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.modules.lora import is_lora_parameter
-from fusiontrain.nonfinite import NonFiniteGuard, injection_from_env
-from fusiontrain.parallel import canonical_name, canonical_parameters, parallelize, reshard
-from fusiontrain.precision import storage_dtypes, store_parameters
-from fusiontrain.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
-from fusiontrain.step import StepSettings, TrainStep, loss_sum
+from fusiontrain.train.nonfinite import NonFiniteGuard, injection_from_env
+from fusiontrain.parallel.fsdp import canonical_name, canonical_parameters, parallelize, reshard
+from fusiontrain.parallel.precision import storage_dtypes, store_parameters
+from fusiontrain.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
+from fusiontrain.train.step import StepSettings, TrainStep, loss_sum
 
 _PLACEHOLDER = Sample(tokens=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), -100), origin="placeholder")
-logger = logging.getLogger("fusiontrain.trainer")
+logger = logging.getLogger("fusiontrain.train.trainer")
 
 
 # -- the trainer ----------------------------------------------------------------------------------
@@ -228,7 +228,7 @@ class Trainer:
     def _stop_if_preempted(self, done: int, last: int, saved: bool) -> None:
         """After step ``done``: if any rank got SIGTERM / SIGUSR1 (one small all-reduce, every
         step), every rank checkpoints this step (also with ``checkpoint.every_n_steps: 0``) and
-        raises :class:`~fusiontrain.preemption.Preempted`. At the last step the run just ends, with
+        raises :class:`~fusiontrain.train.preemption.Preempted`. At the last step the run just ends, with
         its checkpoint, so that a requeued job finds it complete."""
         reason = self.preemption.agreed(self.device)
         if reason is None:
@@ -266,7 +266,7 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> None:
         """Checkpoint the state after ``step`` optimizer steps (all ranks call it). Refuses, with
-        :class:`~fusiontrain.nonfinite.NonFiniteError` on every rank, to write non-finite
+        :class:`~fusiontrain.train.nonfinite.NonFiniteError` on every rank, to write non-finite
         trainable weights or optimizer state."""
         model_parts = self.model_parts()
         trainable = {name for name, param in canonical_parameters(self.model).items() if param.requires_grad}
@@ -366,7 +366,7 @@ class Trainer:
 
     def train_step(self, step: int, host_batches: list[Batch] | None = None) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches of the global batch ``step``
-        (:class:`~fusiontrain.step.TrainStep`); returns its ``metrics.jsonl`` row. ``host_batches``:
+        (:class:`~fusiontrain.train.step.TrainStep`); returns its ``metrics.jsonl`` row. ``host_batches``:
         the step's micro-batches from :meth:`next_host_batches` (read here when None; then the
         step time includes reading them)."""
         started = time.perf_counter()

@@ -31,9 +31,9 @@ from fusiontrain.families import (
     model_family_for_config,
 )
 from fusiontrain.families.model import read_config_json
-from fusiontrain.models.export_reader import prepare_fusiontrain_export, read_export_config
-from fusiontrain.models.lora import add_lora, attach_lora, lora_settings_from_config
-from fusiontrain.models.pretrained import PretrainedModel
+from fusiontrain.source.export import prepare_fusiontrain_export, read_export_config
+from fusiontrain.weights.lora import add_lora, attach_lora, lora_settings_from_config
+from fusiontrain.weights.pretrained import PretrainedModel
 from fusiontrain.checkpoint.peft import adapted_model_loader, adapter_settings, peft_layout
 
 

@@ -4,7 +4,7 @@
 and what a checkpoint's manifest records under ``lora``, so that export, inference and resume
 rebuild the same adapted model: the rank, alpha and dropout, and the exact linears adapted (our
 module names). :func:`attach_lora` adds the adapters to a model on the meta device, before it is
-parallelized, and makes its :class:`~fusiontrain.models.pretrained.PretrainedModel` give them
+parallelized, and makes its :class:`~fusiontrain.weights.pretrained.PretrainedModel` give them
 their initial values after loading (``lora_A`` Kaiming-uniform from the run's seed, ``lora_B``
 zero), on one rank or sharded.
 """
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusiontrain.models.hf_checkpoint import copy_rows_into
-from fusiontrain.models.pretrained import PretrainedModel
+from fusiontrain.weights.hf_checkpoint import copy_rows_into
+from fusiontrain.weights.pretrained import PretrainedModel
 from fusiontrain.modules.lora import (
     initial_lora_value,
     is_lora_parameter,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fusiontrain.models.hf_checkpoint import HFCheckpoint, TensorRoute, load_routes
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute, load_routes
 
 
 @dataclass
@@ -55,7 +55,7 @@ class PretrainedModel:
 
         Args:
             params: the model's parameters under their canonical names (a parallelized model's
-                wrappers add prefixes; see ``fusiontrain.parallel.canonical_parameters``).
+                wrappers add prefixes; see ``fusiontrain.parallel.fsdp.canonical_parameters``).
                 Defaults to ``named_parameters()``.
         """
         params = dict(self.model.named_parameters()) if params is None else params

@@ -141,7 +141,7 @@ def folder_kind(path: str | Path) -> tuple[str, Path]:
         raise InferenceError(f"model {folder} is not a folder")
     if (folder / layout.MANIFEST).is_file():
         return "checkpoint", folder
-    from fusiontrain.models.export_reader import EXPORT_CONFIG
+    from fusiontrain.source.export import EXPORT_CONFIG
 
     if (folder / EXPORT_CONFIG).is_file():
         return "export", folder
@@ -195,7 +195,7 @@ def load_for_inference(
         CheckpointError: a checkpoint folder is incomplete or corrupt.
     """
     from fusiontrain.families import EXPORT_ROLE, model_family
-    from fusiontrain.models.export_reader import load_fusiontrain_export, read_export_config
+    from fusiontrain.source.export import load_fusiontrain_export, read_export_config
 
     kind, folder = folder_kind(path)
     if adapter is not None and kind != "hf":
@@ -244,11 +244,11 @@ def _load_base(
     adapter: str | Path | None = None,
 ) -> DeepFusionModel:
     """The family's model from its pretrained folders, allocated and filled, nothing trainable;
-    with ``lora`` (:class:`~fusiontrain.models.lora.LoraSettings`) its adapters added (fresh: a
+    with ``lora`` (:class:`~fusiontrain.weights.lora.LoraSettings`) its adapters added (fresh: a
     checkpoint's part fills them), or with ``adapter`` a PEFT adapter folder's applied."""
     from fusiontrain.families import TrainableFlags
-    from fusiontrain.models.hf_checkpoint import materialize
-    from fusiontrain.models.lora import attach_lora
+    from fusiontrain.weights.hf_checkpoint import materialize
+    from fusiontrain.weights.lora import attach_lora
 
     pretrained = family.prepare(folders, settings, TrainableFlags(fusion_trainable=False), seed=0)
     if adapter is not None:
@@ -313,8 +313,8 @@ def _load_checkpoint(
     from fusiontrain.checkpoint.fingerprint import check_base_unchanged
     from fusiontrain.checkpoint.parts import PartMismatch, load_parts_into_model
     from fusiontrain.families import EXPORT_ROLE, model_family
-    from fusiontrain.models.export_reader import load_fusiontrain_export, read_export_config
-    from fusiontrain.models.lora import LoraSettings, add_lora
+    from fusiontrain.source.export import load_fusiontrain_export, read_export_config
+    from fusiontrain.weights.lora import LoraSettings, add_lora
 
     manifest = layout.verify_checkpoint(folder, checksums=False)  # sizes; refuses unsafe files unread
     base = manifest["base"]
@@ -388,7 +388,7 @@ def build_prompt_inputs(
     loaded: LoadedModel, images: Sequence[str | Path | Image.Image], prompt: str
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
     """The model inputs of one user turn with ``images`` then ``prompt``, ready for
-    :func:`~fusiontrain.generation.generate`.
+    :func:`~fusiontrain.inference.generation.generate`.
 
     Returns:
         ``(tokens [1, s], encoder_input, encoder_mask [1, s, s_e])`` on the model's device
@@ -482,7 +482,7 @@ def _check_numbers(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``generate`` for parsed arguments; 0 on success, 2 with a one-line error."""
-    from fusiontrain.generation import generate
+    from fusiontrain.inference.generation import generate
 
     problem = _check_numbers(args)
     if problem is not None:

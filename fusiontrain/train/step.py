@@ -6,7 +6,7 @@ copies), into one optimizer update:
 1. Counts from the host copies, with no device work: the target positions of each micro-batch
    (``Batch.with_target_index``: the loss projects only those, and their number is known on the
    host), target tokens, real tokens, bad samples skipped per reason and model FLOPs
-   (:func:`~fusiontrain.flops.micro_batch_flops_or_none`).
+   (:func:`~fusiontrain.flops.count.micro_batch_flops_or_none`).
    They travel in ONE all-reduce, issued before the first forward; the loss scale (world size /
    global target tokens, since FSDP averages gradients over ranks) is taken from its result on
    the device, so nothing waits for it before the first backward.
@@ -15,10 +15,10 @@ copies), into one optimizer update:
    backward, and is dropped before the next one comes. FSDP reduce-scatters gradients on the last
    micro-batch only (``parallel.defer_gradient_sync``; every micro-batch otherwise).
 3. Gradient clipping (global norm, kept on the device), then the non-finite check of
-   :mod:`fusiontrain.nonfinite` (its own all-reduce of the loss sum and per-rank flags, and the one
+   :mod:`fusiontrain.train.nonfinite` (its own all-reduce of the loss sum and per-rank flags, and the one
    device-to-host read of the step), then the optimizer and LR-scheduler steps.
 
-The planner (:mod:`fusiontrain.plan`) runs this class on fake tensors: it passes its own
+The planner (:mod:`fusiontrain.plan.planner`) runs this class on fake tensors: it passes its own
 ``to_device`` (a fake, tracked copy) and ``phase`` (the labels of its memory tracker), so that
 what it counts is what the trainer runs.
 """
@@ -32,12 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusiontrain import distributed
+from fusiontrain.parallel import distributed
 from fusiontrain.data import Batch
-from fusiontrain.flops import micro_batch_flops_or_none
-from fusiontrain.loss import chunked_cross_entropy_sum, count_targets
-from fusiontrain.nonfinite import NonFiniteGuard
-from fusiontrain.parallel import set_gradient_sync
+from fusiontrain.flops.count import micro_batch_flops_or_none
+from fusiontrain.train.loss import chunked_cross_entropy_sum, count_targets
+from fusiontrain.train.nonfinite import NonFiniteGuard
+from fusiontrain.parallel.fsdp import set_gradient_sync
 
 # Phases a ``phase`` hook is told about (the planner labels the memory of each, and runs the host
 # phase outside its fake-tensor mode).
@@ -245,7 +245,7 @@ class TrainStep:
 
     def update(self, step: int, local_loss: torch.Tensor, targets: int) -> tuple[float, float, float, bool]:
         """The step's update, once the gradients are in: clipping, the non-finite check (every rank
-        takes the same decision, see :mod:`fusiontrain.nonfinite`; raises to stop the run), the
+        takes the same decision, see :mod:`fusiontrain.train.nonfinite`; raises to stop the run), the
         optimizer step unless skipped, and the LR-scheduler step (a skipped step still counts: the
         schedule follows the step index). Returns ``(global loss sum, grad norm, lr, skipped)``."""
         with self.phase(OPTIMIZER_PHASE):

@@ -1,12 +1,12 @@
-"""The planner's traced step: the trainer's own training step (:class:`~fusiontrain.step.TrainStep`)
+"""The planner's traced step: the trainer's own training step (:class:`~fusiontrain.train.step.TrainStep`)
 run as rank 0 of N on fake tensors (``FakeTensorMode``: shapes only, nothing allocated) over a
 fake process group, with the real FSDP2 sharding, activation checkpointing and offloading, under
-a :class:`~fusiontrain.memory_tracker.TensorMemoryTracker`.
+a :class:`~fusiontrain.plan.memory.TensorMemoryTracker`.
 
 What the tracker cannot see is added by polling: FSDP2's unsharded parameters (storages resized
 in place) and AdamW's state (a constant after the first step). Gradients, FSDP's unsharded
 gradients and its gradient-reduction buffers are regrouped at the peak; offloaded activations
-are labelled as host memory on a GPU. :mod:`fusiontrain.plan` turns the trace into a plan.
+are labelled as host memory on a GPU. :mod:`fusiontrain.plan.planner` turns the trace into a plan.
 """
 
 from __future__ import annotations
@@ -25,21 +25,21 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from fusiontrain.builders import build_lr_scheduler, build_meta_model, build_optimizer
-from fusiontrain.builders import image_format as configured_image_format
+from fusiontrain.train.builders import build_lr_scheduler, build_meta_model, build_optimizer
+from fusiontrain.train.builders import image_format as configured_image_format
 from fusiontrain.config import TrainConfig
 from fusiontrain.data import Batch, ImageFormat, collate_padded
 from fusiontrain.data.batch import Sample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import PackedRow, collate_padding_free, collate_rows
-from fusiontrain.distributed import DistributedContext, build_mesh
-from fusiontrain.flop_probe import ValueKeepingFakeMode
-from fusiontrain.memory_tracker import TensorMemoryTracker
-from fusiontrain.nonfinite import NonFiniteGuard
-from fusiontrain.offload import ActivationOffloader
-from fusiontrain.parallel import parallelize
-from fusiontrain.precision import StorageDtypes, storage_dtypes, store_parameters
-from fusiontrain.step import BACKWARD_PHASE, HOST_PHASE, LOSS_PHASE, OPTIMIZER_PHASE, StepSettings, TrainStep
+from fusiontrain.parallel.distributed import DistributedContext, build_mesh
+from fusiontrain.flops.probe import ValueKeepingFakeMode
+from fusiontrain.plan.memory import TensorMemoryTracker
+from fusiontrain.train.nonfinite import NonFiniteGuard
+from fusiontrain.parallel.offload import ActivationOffloader
+from fusiontrain.parallel.fsdp import parallelize
+from fusiontrain.parallel.precision import StorageDtypes, storage_dtypes, store_parameters
+from fusiontrain.train.step import BACKWARD_PHASE, HOST_PHASE, LOSS_PHASE, OPTIMIZER_PHASE, StepSettings, TrainStep
 
 
 def worst_case_batch(
@@ -182,7 +182,7 @@ _TRACKER_LABELS = {LOSS_PHASE: "loss chunk", BACKWARD_PHASE: "backward working s
 
 
 def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_batches: int) -> StepTrace:
-    """Run the trainer's step (:class:`~fusiontrain.step.TrainStep`) of ``config`` as rank 0 of
+    """Run the trainer's step (:class:`~fusiontrain.train.step.TrainStep`) of ``config`` as rank 0 of
     ``gpus``: the real model sharded with FSDP2 and checkpointed as configured, on fake tensors and
     a fake process group, under a :class:`TensorMemoryTracker`, after an untracked warm-up that
     makes the lazy state (:func:`_warm_up`: FSDP's unsharded parameters, AdamW's state, DTensor's

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from fusiontrain.models.hf_checkpoint import copy_rows_into, materialize
-from fusiontrain.models.llama import FusedSlot
+from fusiontrain.weights.hf_checkpoint import copy_rows_into, materialize
+from fusiontrain.families.llama import FusedSlot
 from fusiontrain.modules import DeepFusionModel, FusionEmbedding, RMSNorm, TanhGate, get_fusion_params
 
 DEFAULT_INITIALIZER_RANGE = 0.02  # HF's LlamaConfig default

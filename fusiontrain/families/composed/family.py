@@ -4,7 +4,7 @@ new cross-attention layers (the ``composed`` model family).
 The decoder gets a gated cross-attention layer fused (run first) into every layer ``index`` with
 ``(index + 1) % fusion_interval == 0`` and ``fusion_vocab_size`` new embedding rows (the first is
 the image token); the encoder is the family's tower plus a projection head. No file holds these
-fusion parameters: they start fresh (:func:`~fusiontrain.models.compose.init_fusion_params`), with
+fusion parameters: they start fresh (:func:`~fusiontrain.families.composed.compose.init_fusion_params`), with
 the gates shut, so the model's logits equal the LM's until the gates open in training.
 """
 
@@ -21,10 +21,10 @@ from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.families.decoder import DecoderFamily
 from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.model import EXPORT_ROLE, InputFolders, ModelFamily, TrainableFlags
-from fusiontrain.models.compose import DEFAULT_INITIALIZER_RANGE, fusion_slots, init_fusion_params
-from fusiontrain.models.hf_checkpoint import HFCheckpoint
-from fusiontrain.models.llama import llama_fused_decoder
-from fusiontrain.models.pretrained import PretrainedModel, WeightSource, check_routes_cover
+from fusiontrain.families.composed.compose import DEFAULT_INITIALIZER_RANGE, fusion_slots, init_fusion_params
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint
+from fusiontrain.families.llama import llama_fused_decoder
+from fusiontrain.weights.pretrained import PretrainedModel, WeightSource, check_routes_cover
 from fusiontrain.modules import DeepFusionModel, FusionEmbedding, get_fusion_params
 
 # New token rows a composed model adds (the image token is the first); checkpoints record it.

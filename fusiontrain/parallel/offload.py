@@ -2,7 +2,7 @@
 forward and comes back when the backward unpacks it.
 
 Built on ``torch.autograd.graph.saved_tensors_hooks``: while a block's forward runs (entered and
-left by module hooks that :func:`fusiontrain.parallel.apply_activation_offloading` registers), each
+left by module hooks that :func:`fusiontrain.parallel.fsdp.apply_activation_offloading` registers), each
 tensor autograd saves passes through :meth:`ActivationOffloader.pack`, which copies it to host
 memory and hands autograd a handle instead, and :meth:`ActivationOffloader.unpack` copies it back
 when the backward needs it. What stays on the device:

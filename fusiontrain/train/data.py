@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fusiontrain.builders import (
+from fusiontrain.train.builders import (
     build_batch_layout,
     build_dataset,
     build_meta_model,

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from fusiontrain.families import MODEL_FAMILIES, TrainableFlags, model_family
-from fusiontrain.models.hf_checkpoint import HFCheckpoint, TensorRoute, materialize
-from fusiontrain.models.pretrained import PretrainedModel, WeightSource, check_routes_cover
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute, materialize
+from fusiontrain.weights.pretrained import PretrainedModel, WeightSource, check_routes_cover
 from fusiontrain.modules import DeepFusionModel
 
 EXPORT_CONFIG = "fusiontrain_config.json"

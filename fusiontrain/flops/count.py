@@ -14,7 +14,7 @@ What is counted (forward; ``T = b * s`` token slots, ``P`` attended self-attenti
   multiplied with every encoder token, whatever the encoder mask says);
 - MLPs: ``2T`` times the sum of ``in * out`` of their linears (SwiGLU: ``3 d f``);
 - output projection ``2 n d v`` over the ``n`` target positions only (the loss gathers them and
-  projects nothing else, :mod:`fusiontrain.loss`; ``n = T`` when no target index is known), so
+  projects nothing else, :mod:`fusiontrain.train.loss`; ``n = T`` when no target index is known), so
   prompt, image-token and padding positions cost nothing there (per-token rules such as PaLM's
   ``6 N`` count the projection at every token; this count follows the work the step does); see
   "recompute" below;
@@ -25,7 +25,7 @@ What is counted (forward; ``T = b * s`` token slots, ``P`` attended self-attenti
 
 Encoders. Mllama's tiled ViT and the HF CLIP / SigLIP towers (``HFVisionTowerEncoder``) are counted
 analytically, as above. Any other encoder (SigLIP2 NaFlex, DINOv2, a user's own module) is counted
-generically by :func:`fusiontrain.flop_probe.measure_encoder_flops`: its forward and backward run
+generically by :func:`fusiontrain.flops.probe.measure_encoder_flops`: its forward and backward run
 once per input shape on fake tensors under ``torch.utils.flop_counter.FlopCounterMode``, with the
 same conventions (SDPA through its math backend, so attention backward is 2x, not the 2.5x
 FlopCounterMode gives fused kernels; attention over the full square; no recompute; see that
@@ -75,8 +75,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusiontrain.flop_probe import measure_encoder_flops
-from fusiontrain.flop_rules import (
+from fusiontrain.flops.probe import measure_encoder_flops
+from fusiontrain.flops.rules import (
     FlopCount,
     Tally,
     any_trainable,
@@ -107,7 +107,7 @@ __all__ = [
     "step_flops",
 ]
 
-logger = logging.getLogger("fusiontrain.flops")
+logger = logging.getLogger("fusiontrain.flops.count")
 
 # -- the count ------------------------------------------------------------------------------------
 
@@ -302,7 +302,7 @@ def step_flops(
             fake tensors of any shapes, e.g. SigLIP2 NaFlex's ``pixel_values``,
             ``pixel_attention_mask``, ``spatial_shapes``). Required by an encoder this module does
             not count analytically: it is run once per input shape on fake tensors
-            (:func:`fusiontrain.flop_probe.measure_encoder_flops`). Giving it means the encoder runs.
+            (:func:`fusiontrain.flops.probe.measure_encoder_flops`). Giving it means the encoder runs.
         targets: target positions ``n`` the output projection runs on; None: every token slot.
 
     Returns:
@@ -390,7 +390,7 @@ def micro_batch_flops_or_none(model: nn.Module, batch: Any, *, attention_pairs: 
     The FLOP count only feeds MFU, so it must never stop training: any exception (an encoder
     that cannot run on fake tensors, a layer the analytic count does not know, inconsistent
     shapes) gives None, and the first one in the process is logged as one warning on the
-    ``fusiontrain.flops`` logger, naming the encoder type and the error. Report MFU as unavailable
+    ``fusiontrain.flops.count`` logger, naming the encoder type and the error. Report MFU as unavailable
     (``null``) for that step. Failures of the generic encoder count are cached per input shape,
     so a failing encoder is traced once per shape, not once per step.
     """

@@ -41,11 +41,11 @@ from typing import Any
 
 import torch
 
-from fusiontrain import distributed
+from fusiontrain.parallel import distributed
 
 INJECT_ENV = "FUSIONTRAIN_INJECT_NONFINITE"
 MODES = ("skip", "stop")
-logger = logging.getLogger("fusiontrain.nonfinite")
+logger = logging.getLogger("fusiontrain.train.nonfinite")
 
 
 class NonFiniteError(RuntimeError):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusiontrain.models.hf_checkpoint import TensorRoute
+from fusiontrain.weights.hf_checkpoint import TensorRoute
 from fusiontrain.modules import register_fusion_module
 
 # config.json model_type -> (transformers config class, whether it is a full image + text model)

@@ -1,0 +1,1 @@
+"""A composed model: any decoder family with any encoder family."""

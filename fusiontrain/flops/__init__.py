@@ -1,0 +1,1 @@
+"""Model FLOPs: analytic counts, their rules, and counting on fake tensors."""

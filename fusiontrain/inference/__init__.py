@@ -1,0 +1,1 @@
+"""Loading a model for inference, and generation."""

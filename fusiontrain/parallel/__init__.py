@@ -1,0 +1,1 @@
+"""The process group, FSDP2 and activation checkpointing, offloading, precision."""

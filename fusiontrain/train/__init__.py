@@ -1,0 +1,1 @@
+"""The training loop: the trainer, its step, the loss, non-finite steps, preemption, metrics."""

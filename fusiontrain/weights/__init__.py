@@ -1,0 +1,1 @@
+"""Pretrained weights: safetensors checkpoints, tensor routes, and LoRA settings."""
