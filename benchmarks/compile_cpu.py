@@ -78,7 +78,9 @@ from torch._inductor.compile_fx import compile_fx  # noqa: E402
 from benchmarks.memory import model_folder  # noqa: E402
 from benchmarks.vs_hf_data import train_config as vs_hf_train_config  # noqa: E402
 from fusiontrain.parallel import distributed
-from fusiontrain.train.builders import build_dataset, configured_family, prepare_model  # noqa: E402
+from fusiontrain.source.model_source import ModelSource  # noqa: E402
+from fusiontrain.train.data import build_dataset  # noqa: E402
+from fusiontrain.train.model import prepare_model  # noqa: E402
 from fusiontrain.config import TrainConfig  # noqa: E402
 from fusiontrain.data import Batch  # noqa: E402
 from fusiontrain.train.data import build_train_loader  # noqa: E402
@@ -111,9 +113,9 @@ def train_config(folder: Path, output_dir: Path, *, packing: bool, steps: int, c
 def micro_batches(config: TrainConfig, model: torch.nn.Module, count: int) -> list[Batch]:
     """The first ``count`` micro-batches the Trainer of ``config`` would read, on the CPU (with
     their packed layouts built)."""
-    family, folders = configured_family(config.model)
-    spec = family.image_format(model)
-    inputs = family.input_folders(folders, model)
+    source = ModelSource.from_config(config.model)
+    spec = source.family.image_format(model)
+    inputs = source.input_folders(model)
     dataset = build_dataset(config, spec, inputs, model, split="train")
     loader = build_train_loader(
         config, dataset, spec, inputs, rank=0, world=1, combine=lambda table: table, ignore_index=config.loss.ignore_index
@@ -124,7 +126,7 @@ def micro_batches(config: TrainConfig, model: torch.nn.Module, count: int) -> li
 
 def loaded_model(config: TrainConfig) -> torch.nn.Module:
     """The benchmark model with its weights, plain (no parallelism wrappers), in training mode."""
-    pretrained = prepare_model(config.model, seed=0)
+    pretrained = prepare_model(config.model, ModelSource.from_config(config.model), seed=0)
     model = materialize(pretrained.model.float(), CPU)
     pretrained.load()
     return model.train()

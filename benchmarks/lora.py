@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from fusiontrain import tiny  # noqa: E402
 from fusiontrain.checkpoint.parts import save_tensors  # noqa: E402
-from fusiontrain.checkpoint.peft import peft_layout  # noqa: E402
+from fusiontrain.weights.peft import peft_layout  # noqa: E402
 from fusiontrain.train.loss import chunked_cross_entropy_sum, count_targets  # noqa: E402
 from fusiontrain.weights.lora import LoraSettings, add_lora, init_lora_params  # noqa: E402
 from fusiontrain.families.mllama.model import encoder_mask_from_cross_attention_mask, prepare_mllama  # noqa: E402

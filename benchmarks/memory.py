@@ -147,9 +147,10 @@ def worker_activations(args: argparse.Namespace) -> None:
     from fusiontrain.train.loss import chunked_cross_entropy_sum
     from fusiontrain.models import load_hf_mllama
     from fusiontrain.parallel.fsdp import apply_activation_checkpointing
-    from fusiontrain.train.builders import build_dataset
+    from fusiontrain.train.data import build_dataset
     from fusiontrain.config import DataConfig, TrainConfig
     from fusiontrain.families import model_family
+    from fusiontrain.source.model_source import ModelSource
 
     results = {}
     for every in (0, 2, 1):
@@ -160,7 +161,7 @@ def worker_activations(args: argparse.Namespace) -> None:
         spec = family.image_format(model)
         config = TrainConfig(data=DataConfig(synthetic_max_text=args.seq_len - 2))
         config.batch.seq_len = args.seq_len
-        inputs = family.input_folders({"hf_mllama": args.folder}, model)
+        inputs = ModelSource(family, {"hf_mllama": Path(args.folder)}).input_folders(model)
         data = build_dataset(config, spec, inputs, model, split="train")
         batch = collate_padded([data[i] for i in range(2)], args.seq_len, spec)
         saved = []

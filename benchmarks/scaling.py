@@ -219,10 +219,12 @@ def run_plan(folder: Path, ranks: int) -> dict[str, Any]:
 def model_state_per_rank(folder: Path, ranks: int) -> dict[str, int]:
     """Rank 0's bytes of parameter shards and trainable-shard gradients (fp32) under FSDP2, which
     shards dim 0 padded to a multiple of ``ranks`` (rank 0 holds ``ceil(d0 / ranks)`` rows)."""
-    from fusiontrain.train.builders import build_meta_model
+    from fusiontrain.source.model_source import ModelSource
+    from fusiontrain.train.model import build_meta_model
     from fusiontrain.config import load_config
 
-    model = build_meta_model(load_config(TINY_CONFIG, overrides(folder, steps=1)).model)
+    model_config = load_config(TINY_CONFIG, overrides(folder, steps=1)).model
+    model = build_meta_model(model_config, ModelSource.from_config(model_config))
     params = grads = 0
     for p in model.parameters():
         rows = math.ceil(p.shape[0] / ranks) if p.dim() else 1

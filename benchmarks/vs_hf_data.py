@@ -18,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusiontrain.train.builders import build_dataset, build_meta_model, configured_family
+from fusiontrain.source.model_source import ModelSource
+from fusiontrain.train.data import build_dataset
+from fusiontrain.train.model import build_meta_model
 from fusiontrain.config import TrainConfig, load_config
 from fusiontrain.data import Batch, ImageFormat
 from fusiontrain.train.data import build_train_loader
@@ -90,10 +92,10 @@ def train_config(
 def trainer_stream(config: TrainConfig) -> tuple[Iterator[Batch], ImageFormat]:
     """The batches the Trainer of ``config`` reads, built the way the Trainer builds them (same
     dataset, seed, row plan and collation); the script checks the equality batch by batch."""
-    meta = build_meta_model(config.model)
-    family, folders = configured_family(config.model)
-    spec = family.image_format(meta)
-    inputs = family.input_folders(folders, meta)
+    source = ModelSource.from_config(config.model)
+    meta = build_meta_model(config.model, source)
+    spec = source.family.image_format(meta)
+    inputs = source.input_folders(meta)
     dataset = build_dataset(config, spec, inputs, meta, split="train")
     loader = build_train_loader(
         config, dataset, spec, inputs, rank=0, world=1, combine=lambda table: table, ignore_index=config.loss.ignore_index

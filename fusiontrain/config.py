@@ -453,15 +453,6 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     raise TypeError(f"unsupported config field type {kind!r} for {key}")  # a bug in this module
 
 
-# The ways to name the model, each a group of folder keys that go together (the model family that
-# reads each group is fusiontrain.families'; nothing here depends on which).
-MODEL_SOURCES: tuple[tuple[str, ...], ...] = (
-    ("model.hf_mllama",),
-    ("model.compose.decoder", "model.compose.encoder"),
-    ("model.fusiontrain_export",),
-)
-
-
 def _value_at(config: Any, dotted_key: str) -> Any:
     """The value of ``dotted_key`` (e.g. ``"model.compose.decoder"``) in a built config."""
     value = config
@@ -472,11 +463,13 @@ def _value_at(config: Any, dotted_key: str) -> Any:
 
 def validate(config: TrainConfig) -> None:
     """Cross-field checks; raises ConfigError."""
+    from fusiontrain.source.model_source import config_key_groups  # the families declare their keys
+
     model = config.model
-    given = [[(key, _value_at(config, key)) for key in keys] for keys in MODEL_SOURCES]
+    given = [[(key, _value_at(config, key)) for key in keys] for keys in config_key_groups()]
     chosen = [source for source in given if any(folder is not None for _, folder in source)]
     if len(chosen) != 1:
-        choices = ", or ".join(" + ".join(keys) for keys in MODEL_SOURCES)
+        choices = ", or ".join(" + ".join(key for key, _ in group) for group in given)
         raise ConfigError(f"set exactly one of {choices}")
     for key, folder in chosen[0]:
         if folder is None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from fusiontrain.models import compose_from_hf
 from fusiontrain.families.composed.compose import image_token_layout
-from fusiontrain.families.hf_tower import HFVisionTowerEncoder
+from fusiontrain.families.clip_siglip import HFVisionTowerEncoder
 from fusiontrain.modules import FusionLayer, TanhGate, get_fusion_params
 from fusiontrain import tiny
 

@@ -223,7 +223,8 @@ def test_caption_sample(tiny_mllama_dir: Path, tmp_path: Path, processor) -> Non
 
 @pytest.fixture(scope="module")
 def composed_image_token_id(tiny_llama_dir: Path, tiny_clip_dir: Path) -> int:
-    from fusiontrain.families.composed.compose import compose_from_hf, image_token_layout
+    from fusiontrain.families.composed.compose import image_token_layout
+    from fusiontrain.models import compose_from_hf
 
     return image_token_layout(compose_from_hf(tiny_llama_dir, tiny_clip_dir)).image_token_id
 

@@ -15,7 +15,7 @@ import torch
 
 from fusiontrain import tiny
 from fusiontrain.families.siglip2 import NaflexImage, Siglip2NaflexTowerEncoder, siglip2_vision_config_from_dict
-from fusiontrain.families.hf_tower import HFVisionTowerEncoder
+from fusiontrain.families.clip_siglip import HFVisionTowerEncoder
 from tests.helpers.encoder_cases import (
     ATOL,
     TOWER_KWARGS,

@@ -292,11 +292,12 @@ def test_peft_export_loads_in_peft_and_generate_and_init_from_read_it(
         torch.testing.assert_close(our_mllama_logits(loaded.model, batch), want, atol=1e-5, rtol=0)
 
     # model.lora.init_from starts a run from the adapter: same LoRA and fusion weights.
-    from fusiontrain.train.builders import prepare_model
+    from fusiontrain.source.model_source import ModelSource
+    from fusiontrain.train.model import prepare_model
     from fusiontrain.weights.hf_checkpoint import materialize
 
     run = load_config(None, [f"model.hf_mllama={tiny_mllama_dir}", f"model.lora.init_from={adapter}"])
-    pretrained = prepare_model(run.model, seed=0)
+    pretrained = prepare_model(run.model, ModelSource.from_config(run.model), seed=0)
     materialize(pretrained.model, "cpu")
     pretrained.load()
     started = dict(pretrained.model.named_parameters())

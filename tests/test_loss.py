@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusiontrain.data import Batch
-from fusiontrain.train.loss import chunked_cross_entropy_sum, count_targets, full_cross_entropy_sum, target_positions
+from fusiontrain.data.batch import target_positions
+from fusiontrain.train.loss import chunked_cross_entropy_sum, count_targets, full_cross_entropy_sum
 
 B, S, D, V = 2, 10, 16, 50  # S = 10 is divisible by neither 3 nor 4
 

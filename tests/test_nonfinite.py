@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusiontrain.train.builders import lr_multiplier
+from fusiontrain.train.optim import lr_multiplier
 from fusiontrain.config import ConfigError, load_config
 from fusiontrain.train.nonfinite import (
     INJECT_ENV,

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from fusiontrain import tiny
-from fusiontrain.train.builders import build_meta_model
+from fusiontrain.source.model_source import ModelSource
+from fusiontrain.train.model import build_meta_model
 from fusiontrain.families import model_family_of
 from fusiontrain.config import load_config
 from fusiontrain.train.loss import chunked_cross_entropy_sum
@@ -62,7 +63,7 @@ def test_fake_trace_equals_real_tensors(tiny_mllama_dir: Path) -> None:
     config = load_config(TINY_CONFIG, [f"model.hf_mllama={tiny_mllama_dir}"])
     results = []
     for fake in (False, True):
-        model = build_meta_model(config.model)
+        model = build_meta_model(config.model, ModelSource.from_config(config.model))
         batch = worst_case_batch(model_family_of(model).image_format(model), rows=2, seq_len=48, images_per_row=2, packing=True)
         batch = batch.with_target_index(-100)  # on the host: fake labels cannot say how many targets there are
         tracker = TensorMemoryTracker("activations")

@@ -34,7 +34,7 @@ from fusiontrain.families import model_family
 from fusiontrain.families.siglip2 import NaflexImage
 from fusiontrain.inference.generation import generate
 from fusiontrain.inference.load import build_prompt_inputs, load_for_inference
-from fusiontrain.families.composed.compose import compose_from_hf
+from fusiontrain.models import compose_from_hf
 from tests.helpers.launch import REPO_ROOT, launch_env, run_torchrun
 from tests.helpers.tiny_models import open_gates
 

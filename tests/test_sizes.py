@@ -17,7 +17,9 @@ from fusiontrain.config import load_config
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.sizes import SampleSizes, cache_dirs, load_cached, measure, save_cache
 from fusiontrain.train.data import load_or_measure_sizes, sizes_key_parts
-from fusiontrain.train.builders import build_dataset, build_meta_model, configured_family
+from fusiontrain.source.model_source import ModelSource
+from fusiontrain.train.data import build_dataset
+from fusiontrain.train.model import build_meta_model
 from fusiontrain.data.sizes import fingerprint
 from tests.helpers.launch import REPO_ROOT
 
@@ -42,10 +44,10 @@ def _caption_data(folder: Path) -> Path:
 
 def _setup(overrides: list[str]):
     config = load_config(TINY_CONFIG, ["batch.seq_len=64", *overrides])
-    model = build_meta_model(config.model)
-    family, folders = configured_family(config.model)
-    image_format = family.image_format(model)
-    inputs = family.input_folders(folders, model)
+    source = ModelSource.from_config(config.model)
+    model = build_meta_model(config.model, source)
+    image_format = source.family.image_format(model)
+    inputs = source.input_folders(model)
     return config, build_dataset(config, image_format, inputs, model, split="train"), image_format, inputs
 
 

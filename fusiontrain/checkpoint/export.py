@@ -26,7 +26,7 @@ rest comes from. :func:`export_checkpoint` joins the two into one folder in eith
 ``peft`` (a checkpoint with LoRA, Mllama only)
     A PEFT LoRA adapter folder for the base's transformers model (``adapter_config.json`` +
     ``adapter_model.safetensors``, the fusion weights as ``modules_to_save``); written by
-    :mod:`fusiontrain.checkpoint.peft`. The base folder is not copied.
+    :mod:`fusiontrain.weights.peft`. The base folder is not copied.
 
 A checkpoint with LoRA (a ``lora`` part and the manifest's ``lora``) exports merged in ``hf`` and
 ``fusiontrain``: each adapted linear's weight becomes ``W + alpha/r * B @ A`` (fp32, then cast as
@@ -56,7 +56,7 @@ The command line (``python -m fusiontrain export``) lives in :mod:`fusiontrain.c
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,15 +67,9 @@ from fusiontrain.checkpoint import layout
 from fusiontrain.checkpoint.fingerprint import check_base_unchanged
 from fusiontrain.checkpoint.layout import CheckpointError
 from fusiontrain.checkpoint.parts import CheckpointPart, PartMismatch, open_parts
-from fusiontrain.families import EXPORT_ROLE, ModelFamily, TrainableFlags, model_family
-from fusiontrain.families.model import read_config_json
-from fusiontrain.source.export import (
-    EXPORT_CONFIG,
-    EXPORT_FORMAT,
-    EXPORT_VERSION,
-    prepare_fusiontrain_export,
-    read_export_config,
-)
+from fusiontrain.families import ModelFamily, model_family
+from fusiontrain.source.export import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_VERSION
+from fusiontrain.source.model_source import ModelSource
 from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute
 from fusiontrain.weights.pretrained import PretrainedModel
 from fusiontrain.checkpoint.export_files import (
@@ -88,7 +82,7 @@ from fusiontrain.checkpoint.export_files import (
     start_tmp,
     write_json,
 )
-from fusiontrain.checkpoint.peft import peft_layout, write_adapter
+from fusiontrain.weights.peft import peft_layout, write_adapter
 from fusiontrain.weights.lora import LoraSettings, lora_shapes
 from fusiontrain.modules import DeepFusionModel, get_fusion_params
 from fusiontrain.modules.lora import is_lora_parameter, merged_weight
@@ -122,14 +116,24 @@ HF_NAMINGS = ("base", "legacy", "current")  # see ModelFamily.hf_stored_name
 
 @dataclass
 class _Base:
-    """The pretrained side of a checkpoint: the model skeleton (meta device) and where each
-    parameter that did not train comes from."""
+    """The pretrained side of a checkpoint: where the run started (its source), the model skeleton
+    (meta device), and where each parameter that did not train comes from."""
 
-    family: ModelFamily
+    source: ModelSource
     pretrained: PretrainedModel
-    folders: dict[str, Path]
     configs: dict[str, dict]  # role -> config.json dict, e.g. {"decoder": ..., "encoder": ...}
-    settings: dict[str, Any]  # what the family needs beyond the configs (ModelFamily.settings_from_config)
+
+    @property
+    def family(self) -> ModelFamily:
+        return self.source.family
+
+    @property
+    def folders(self) -> Mapping[str, Path]:
+        return self.source.folders
+
+    @property
+    def settings(self) -> Mapping[str, Any]:
+        return self.source.settings
 
     @property
     def model(self) -> DeepFusionModel:
@@ -147,25 +151,16 @@ class _Base:
 
 
 def _open_base(manifest: dict, checkpoint: Path) -> _Base:
-    base = manifest["base"]
-    family = model_family(base["family"])
     try:
         paths = layout.base_folders(manifest, checkpoint)
+        source = ModelSource.from_manifest(manifest["base"], paths)
+        return _Base(source, source.prepare(), source.configs())
     except layout.BaseFolderMissing as error:
         raise ExportError(str(error)) from None
-    if EXPORT_ROLE in paths:  # a run that started from a fusiontrain-format export
-        exported = read_export_config(paths[EXPORT_ROLE])
-        settings = {key: exported[key] for key in exported.get("settings", [])}
-        return _Base(family, prepare_fusiontrain_export(paths[EXPORT_ROLE]), paths, exported["config_dicts"], settings)
-    settings = {key: value for key, value in base.items() if key not in ("family", "folders")}
-    try:
-        pretrained = family.prepare(paths, settings, TrainableFlags(), seed=0)
     except (FileNotFoundError, ValueError) as error:
         if isinstance(error, CheckpointError):
             raise
         raise ExportError(f"the base of checkpoint {checkpoint} cannot be read: {error}") from error
-    configs = {role: read_config_json(paths[role], f"base folder {role!r}") for role in family.roles}
-    return _Base(family, pretrained, paths, configs, settings)
 
 
 def _part_of(name: str, fusion: set[str]) -> str:
@@ -329,7 +324,7 @@ def _write_hf(
     base: _Base, params: _Parameters, folder: Path, dtypes: _OutputDtypes, max_shard_bytes: int, naming: str
 ) -> None:
     (role,) = base.family.roles  # a transformers layout exists for one-folder families only
-    hf_folder = Path(base.folders.get(EXPORT_ROLE) or base.folders[role])
+    hf_folder = base.source.folder_of(role)
     config = dict(base.configs[role])
     config["dtype"] = dtypes.label
     config["torch_dtype"] = dtypes.label  # what transformers 4.x and other readers look at
@@ -365,7 +360,7 @@ def _write_fusiontrain(
     write_json(folder / EXPORT_CONFIG, export_config)
     for role, file in files.items():
         write_json(folder / file, base.configs[role])
-    inputs = base.family.input_folders(base.folders, base.model)
+    inputs = base.source.input_folders(base.model)
     copy_files(inputs.text_dir, folder, TOKENIZER_FILES + (GENERATION_CONFIG,), TOKENIZER_FOLDERS)
     copy_files(inputs.image_dir or inputs.text_dir, folder, PROCESSOR_FILES)
 
@@ -376,10 +371,10 @@ def _write_fusiontrain(
 
 
 def _write_peft(base: _Base, params: _Parameters, folder: Path, dtypes: _OutputDtypes, lora: LoraSettings) -> None:
-    """A PEFT adapter folder (see :mod:`fusiontrain.checkpoint.peft`) for the base's transformers
+    """A PEFT adapter folder (see :mod:`fusiontrain.weights.peft`) for the base's transformers
     model: the LoRA matrices (in the base's dominant dtype unless forced) and the fusion weights."""
     try:
-        layout = peft_layout(base.pretrained, hf_export=base.family.hf_export and EXPORT_ROLE not in base.folders, family_name=base.family.name)
+        layout = peft_layout(base.pretrained, hf_export=base.source.has_hf_layout, family_name=base.family.name)
     except ValueError as error:
         raise ExportError(str(error)) from None
     (role,) = base.family.roles

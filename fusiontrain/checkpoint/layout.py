@@ -76,8 +76,10 @@ def base_folders(manifest: dict[str, Any], checkpoint: str | Path) -> dict[str, 
     Raises:
         BaseFolderMissing: naming the folder, its role and the manifest that records it.
     """
+    from fusiontrain.source.model_source import ModelSource  # imported late to keep listing cheap
+
     folders = manifest["base"]["folders"]
-    paths = {role: Path(folders[role]) for role in _base_roles(manifest["base"])}
+    paths = {role: Path(folders[role]) for role in ModelSource.recorded_roles(manifest["base"])}
     for role, path in paths.items():
         if not path.is_dir():
             raise BaseFolderMissing(
@@ -396,6 +398,7 @@ def _validate(manifest: Any, folder: Path, *, require_files: bool = True) -> Non
     if files is None and require_files:
         raise CheckpointError(f"{where} has no 'files' list")
     from fusiontrain.families import MODEL_FAMILIES  # the family seam; imported late to keep listing cheap
+    from fusiontrain.source.model_source import ModelSource
 
     base = manifest.get("base")
     if not isinstance(base, dict) or base.get("family") not in MODEL_FAMILIES:
@@ -405,19 +408,10 @@ def _validate(manifest: Any, folder: Path, *, require_files: bool = True) -> Non
     folders = base.get("folders")
     if not isinstance(folders, dict) or not all(isinstance(value, str) for value in folders.values()):
         raise CheckpointError(f"{where} 'base.folders' must map names to folder paths, got {folders!r}")
-    missing = [role for role in _base_roles(base) if role not in folders]
+    missing = [role for role in ModelSource.recorded_roles(base) if role not in folders]
     if missing:
         raise CheckpointError(f"{where} base.folders lacks {missing}")
     try:
         MODEL_FAMILIES[base["family"]].check_settings(base)
     except ValueError as error:
         raise CheckpointError(f"{where}: {error}") from None
-
-
-def _base_roles(base: dict[str, Any]) -> tuple[str, ...]:
-    """The folders a base description must name: a fusiontrain export, or the HF folders."""
-    from fusiontrain.families import EXPORT_ROLE, MODEL_FAMILIES
-
-    if EXPORT_ROLE in base["folders"]:
-        return (EXPORT_ROLE,)
-    return MODEL_FAMILIES[base["family"]].roles

@@ -12,10 +12,17 @@ from typing import Any
 import torch
 
 from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
-from fusiontrain.train.loss import target_positions
 from fusiontrain.modules.masks import block_causal_block_mask, block_causal_mask, encoder_block_mask
 from fusiontrain.modules.packed import CrossAttentionLayout, PackedLayout, cross_attention_layout, self_attention_layout
 
+
+
+def target_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Flat indices ``[n]`` (int64, ascending) into the ``b * s`` positions of ``labels`` ``[b, s]``
+    whose label is not ``ignore_index``: the positions the loss projects. Its length depends on the
+    values: call it on host labels (on an accelerator it waits for the device; on fake tensors it
+    cannot run)."""
+    return torch.nonzero(labels.reshape(-1) != ignore_index).squeeze(1)
 
 @dataclass
 class Sample:

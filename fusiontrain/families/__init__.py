@@ -13,8 +13,6 @@ To add a family, write its file here and add one line to the matching registry b
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from fusiontrain.families.clip_siglip import ClipEncoder, SiglipEncoder
@@ -24,7 +22,7 @@ from fusiontrain.families.dinov2 import DinoV2Encoder
 from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.mistral import MistralDecoder
 from fusiontrain.families.mllama.family import MllamaFamily
-from fusiontrain.families.model import EXPORT_ROLE, EncoderFlopCounter, InputFolders, ModelFamily, TrainableFlags
+from fusiontrain.families.model import InputFolders, ModelFamily, TrainableFlags
 from fusiontrain.families.qwen2 import Qwen2Decoder
 from fusiontrain.families.qwen3 import Qwen3Decoder
 from fusiontrain.families.siglip2 import Siglip2NaflexEncoder
@@ -60,16 +58,13 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
 __all__ = [
     "DECODER_FAMILIES",
     "ENCODER_FAMILIES",
-    "EXPORT_ROLE",
     "MODEL_FAMILIES",
     "InputFolders",
     "ModelFamily",
     "TrainableFlags",
-    "analytic_encoder_flops",
     "decoder_family_for",
     "encoder_family_for",
     "model_family",
-    "model_family_for_config",
     "model_family_of",
 ]
 
@@ -93,34 +88,6 @@ def model_family(name: str) -> ModelFamily:
     if name not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {name!r}; known: {sorted(MODEL_FAMILIES)}")
     return MODEL_FAMILIES[name]
-
-
-def model_family_for_config(model_config: Any) -> tuple[ModelFamily, dict[str, str]]:
-    """The family the run config's ``model`` section selects, and its folders by role.
-
-    Raises:
-        ValueError: no family, or more than one, is configured.
-    """
-    chosen = [
-        (family, folders)
-        for family in MODEL_FAMILIES.values()
-        if (folders := family.folders_from_config(model_config)) is not None
-    ]
-    if len(chosen) != 1:
-        raise ValueError(
-            "the model config must select exactly one model family (model.hf_mllama, or model.compose.decoder + "
-            f"model.compose.encoder, or model.fusiontrain_export); it selects {[f.name for f, _ in chosen]}"
-        )
-    return chosen[0]
-
-
-def analytic_encoder_flops(encoder: nn.Module) -> EncoderFlopCounter | None:
-    """The analytic FLOP counter a registered family provides for ``encoder`` (unwrapped), or None."""
-    for family in (*MODEL_FAMILIES.values(), *ENCODER_FAMILIES.values()):
-        counter = family.analytic_encoder_flops(encoder)
-        if counter is not None:
-            return counter
-    return None
 
 
 def model_family_of(model: nn.Module) -> ModelFamily:

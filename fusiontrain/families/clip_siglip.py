@@ -1,34 +1,130 @@
 """CLIP and SigLIP vision towers (``CLIPVisionModel``, ``SiglipVisionModel``, or the vision half
-of a full ``CLIPModel`` / ``SiglipModel``) as encoders. The modules are
-:mod:`fusiontrain.families.hf_tower`; each image gives the tower's ``last_hidden_state``."""
+of a full ``CLIPModel`` / ``SiglipModel``) as encoders: the encoder module (the unmodified HF tower
+plus a projection head), its analytic FLOP count, and the two families. Each image gives the
+tower's ``last_hidden_state``; the tower helpers other families share are in
+:mod:`fusiontrain.families.hf_tower`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
-
-from fusiontrain.flops.rules import (
-    Tally,
-    any_trainable,
-    conv_flops,
-    count_attention_core,
-    count_linear,
-    count_mlp,
-    unwrap,
-)
 
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.families.encoder import EncoderFamily, FixedSizeImage
-from fusiontrain.families.model import EncoderFlopCounter
 from fusiontrain.families.hf_tower import (
-    HFVisionTowerEncoder,
+    MLPProjectionHead,
     build_vision_tower,
     canonical_vision_tower_key,
     vision_tower_config_from_dict,
     vision_tower_tensor_names,
 )
+from fusiontrain.flops.rules import Tally, any_trainable, conv_flops, count_attention_core, count_linear, unwrap
+from fusiontrain.modules import register_fusion_module
+
+
+class HFVisionTowerEncoder(nn.Module):
+    """A HF CLIP / SigLIP vision tower followed by a projection head to the decoder's width.
+
+    Every image becomes the tower's ``last_hidden_state`` (``n_tok`` tokens of width ``d_e``;
+    CLIP: patches + class token, SigLIP: patches, after its final LayerNorm), projected to ``d``.
+    A sample's images are concatenated along the token axis in order.
+
+    When no tower parameter requires grad and the pixels need none, the tower runs under
+    ``torch.no_grad()``, so a frozen tower keeps no activations for backward.
+
+    The tower's pooling parts (CLIP's ``post_layernorm``, SigLIP's attention-pooling ``head``) are
+    kept so the tower stays a faithful, re-exportable HF module, but they do not feed
+    ``last_hidden_state``: with ``encoder_trainable`` they get no gradient.
+
+    Args:
+        tower: a ``CLIPVisionModel`` or ``SiglipVisionModel``.
+        decoder_dim: decoder width ``d``.
+    """
+
+    def __init__(self, tower: nn.Module, decoder_dim: int) -> None:
+        super().__init__()
+        from transformers import CLIPVisionModel, SiglipVisionModel
+
+        if not isinstance(tower, (CLIPVisionModel, SiglipVisionModel)):
+            raise TypeError(
+                f"HFVisionTowerEncoder takes a CLIPVisionModel or SiglipVisionModel, got {type(tower).__name__}"
+            )
+        self.tower = tower
+        self.projection = register_fusion_module(MLPProjectionHead(tower.config.hidden_size, decoder_dim))
+        self.decoder_dim = decoder_dim
+
+    @property
+    def image_size(self) -> int:
+        """Height and width, in pixels, of the images the tower takes."""
+        return self.tower.config.image_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        """``n_tok``: length of the tower's ``last_hidden_state``, i.e. its position embeddings
+        (CLIP: ``(image_size // patch_size)**2 + 1``; SigLIP: ``(image_size // patch_size)**2``)."""
+        return self.tower.embeddings.num_positions
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Re-create the tower's non-persistent buffers from its config.
+
+        ``Module.to_empty`` (used after building on the meta device) leaves every buffer
+        uninitialised, and non-persistent buffers are in no checkpoint. CLIP and SigLIP towers have
+        one: ``embeddings.position_ids`` = ``arange(num_positions)[None]``. Any other buffer raises,
+        rather than being left as garbage.
+        """
+        for name, buffer in self.tower.named_buffers():
+            owner_name, _, local = name.rpartition(".")
+            owner = self.tower.get_submodule(owner_name)
+            if local not in owner._non_persistent_buffers_set:
+                raise RuntimeError(
+                    f"tower buffer {name!r} is persistent; HFVisionTowerEncoder only knows how to rebuild the "
+                    "non-persistent position_ids of CLIP / SigLIP towers"
+                )
+            if local == "position_ids" and hasattr(owner, "num_positions"):
+                positions = torch.arange(owner.num_positions, device=buffer.device, dtype=buffer.dtype)
+                buffer.copy_(positions.expand(buffer.shape))
+            else:
+                raise RuntimeError(
+                    f"don't know how to rebuild the tower's non-persistent buffer {name!r} after a meta-device "
+                    "build; extend HFVisionTowerEncoder.init_buffers"
+                )
+
+    def count_flops(self, tally: Tally, images: int, encoder_input: Mapping[str, Any] | None) -> tuple[int, bool]:
+        """This encoder's model FLOPs (the analytic count :mod:`fusiontrain.flops.count` asks an
+        encoder for) over ``images`` images, added to ``tally``: every slot runs, so
+        ``encoder_input`` changes nothing. Returns (tokens per image, whether the embeddings
+        require grad)."""
+        return _count_tower_encoder(tally, self, images)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Args:
+            pixel_values: ``[b, i, 3, H, W]`` (``i`` images per sample) or ``[b, 3, H, W]`` (one
+                image per sample), normalised by the tower's own HF image processor, with
+                ``H == W == image_size``.
+
+        Returns:
+            ``[b, i * n_tok, d]`` (``i = 1`` for 4-dim input).
+        """
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values.unsqueeze(1)
+        channels = self.tower.config.num_channels
+        size = self.image_size
+        if pixel_values.dim() != 5 or tuple(pixel_values.shape[2:]) != (channels, size, size):
+            raise ValueError(
+                f"pixel_values must be [b, i, {channels}, {size}, {size}] or [b, {channels}, {size}, {size}], got "
+                f"{list(pixel_values.shape)}: pass the output of this tower's own HF image processor "
+                "(stack a sample's images along dim 1)"
+            )
+        b, i = pixel_values.shape[:2]
+        images = pixel_values.reshape(b * i, channels, size, size)
+        needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
+            features = self.tower(pixel_values=images).last_hidden_state  # [b*i, n_tok, d_e]
+        return self.projection(features).reshape(b, i * features.shape[1], self.decoder_dim)
 
 
 def _count_tower_layer(tally: Tally, layer: nn.Module, *, tokens: int, pairs: int, x_grad: bool) -> bool:
@@ -40,8 +136,14 @@ def _count_tower_layer(tally: Tally, layer: nn.Module, *, tokens: int, pairs: in
     v = count_linear(tally, "encoder.vision", attn.v_proj, tokens, normed)
     out = count_attention_core(tally, "encoder.vision", unwrap(attn.q_proj).out_features, pairs, q, k, v)
     h = count_linear(tally, "encoder.vision", attn.out_proj, tokens, out) or x_grad
-    mlp = count_mlp(tally, "encoder.vision", layer.mlp, tokens, h or any_trainable(layer.layer_norm2))
+    mlp = _count_tower_mlp(tally, layer.mlp, tokens, h or any_trainable(layer.layer_norm2))
     return h or mlp
+
+
+def _count_tower_mlp(tally: Tally, mlp: nn.Module, tokens: int, x_grad: bool) -> bool:
+    """A CLIP / SigLIP MLP: ``fc1``, the activation, ``fc2``."""
+    hidden = count_linear(tally, "encoder.vision", mlp.fc1, tokens, x_grad)
+    return count_linear(tally, "encoder.vision", mlp.fc2, tokens, hidden)
 
 
 def _count_siglip_pooling_head(tally: Tally, head: nn.Module, images: int, n_tok: int) -> None:
@@ -61,11 +163,8 @@ def _count_siglip_pooling_head(tally: Tally, head: nn.Module, images: int, n_tok
     tally.add("encoder.vision", sum(2 * images * m.in_features * m.out_features for m in (mlp.fc1, mlp.fc2)), 0)
 
 
-def count_hf_tower_encoder(
-    tally: Tally, encoder: nn.Module, images: int, encoder_input: Mapping[str, Any] | None
-) -> tuple[int, bool]:
-    """HF CLIP / SigLIP tower + MLP projection head over ``images`` images (every slot runs:
-    ``encoder_input`` changes nothing)."""
+def _count_tower_encoder(tally: Tally, encoder: HFVisionTowerEncoder, images: int) -> tuple[int, bool]:
+    """HF CLIP / SigLIP tower + MLP projection head over ``images`` images."""
     tower = encoder.tower
     body = getattr(tower, "vision_model", tower)  # transformers < 5 nests the tower one level deeper
     embeddings = body.embeddings
@@ -104,9 +203,6 @@ class _HFTowerFamily(EncoderFamily):
 
     def key_renamer(self, key: str) -> str:
         return canonical_vision_tower_key(key)
-
-    def analytic_encoder_flops(self, encoder: nn.Module) -> EncoderFlopCounter | None:
-        return count_hf_tower_encoder if self.owns(encoder) else None
 
     def expected_tensors(self, checkpoint_keys: list[str]) -> set[str]:
         return vision_tower_tensor_names(checkpoint_keys)

@@ -19,7 +19,6 @@ from PIL import Image
 from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat, ImageInput
-from fusiontrain.families.model import EncoderFlopCounter
 from fusiontrain.weights.hf_checkpoint import TensorRoute
 
 
@@ -91,8 +90,3 @@ class EncoderFamily(ABC):
     def init_buffers(self, encoder: nn.Module) -> None:
         """Rebuild non-persistent buffers after a meta-device build is allocated."""
         encoder.init_buffers()
-
-    def analytic_encoder_flops(self, encoder: nn.Module) -> EncoderFlopCounter | None:
-        """This family's analytic FLOP count of ``encoder`` (unwrapped), or None: then
-        :mod:`fusiontrain.flops.count` counts it on fake tensors (``FlopCounterMode``)."""
-        return None

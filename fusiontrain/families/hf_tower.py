@@ -1,12 +1,11 @@
-"""Hugging Face CLIP and SigLIP vision towers as deep-fusion encoders.
+"""What the Hugging Face vision-tower families share (CLIP and SigLIP in
+:mod:`fusiontrain.families.clip_siglip`; SigLIP2 NaFlex and DINOv2 take the head and key helpers).
 
 - :func:`vision_tower_config_from_dict` reads a tower's config from a ``config.json`` dict (a
   vision-only ``clip_vision_model`` / ``siglip_vision_model`` config, or the ``vision_config`` of a
   full ``clip`` / ``siglip`` one).
 - :func:`build_vision_tower` builds the matching ``CLIPVisionModel`` / ``SiglipVisionModel``.
 - :class:`MLPProjectionHead` is the LLaVA-style head ``Linear(d_e, d) -> GELU -> Linear(d, d)``.
-- :class:`HFVisionTowerEncoder` joins the two: the pretrained tower (submodule ``tower``) and the
-  head (submodule ``projection``, registered as a fusion module).
 - :func:`vision_tower_weight_map` routes a checkpoint's tensors to the tower's parameters, and
   :func:`vision_tower_tensor_names` says which stored tensors must all be used.
 
@@ -70,7 +69,7 @@ def vision_tower_config_from_dict(config: dict) -> Any:
 def build_vision_tower(vision_config: Any) -> nn.Module:
     """A ``CLIPVisionModel`` or ``SiglipVisionModel`` for ``vision_config``, on the current default
     device (wrap the call in ``with torch.device("meta"):`` to defer allocation). Its non-persistent
-    buffers then need :meth:`HFVisionTowerEncoder.init_buffers` once the tower is materialised."""
+    buffers then need the encoder's ``init_buffers`` once the tower is materialised."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
     if isinstance(vision_config, CLIPVisionConfig):
@@ -131,98 +130,3 @@ class MLPProjectionHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[..., d_e]`` -> ``[..., d]``."""
         return self.linear_2(F.gelu(self.linear_1(x)))
-
-
-class HFVisionTowerEncoder(nn.Module):
-    """A HF CLIP / SigLIP vision tower followed by a projection head to the decoder's width.
-
-    Every image becomes the tower's ``last_hidden_state`` (``n_tok`` tokens of width ``d_e``;
-    CLIP: patches + class token, SigLIP: patches, after its final LayerNorm), projected to ``d``.
-    A sample's images are concatenated along the token axis in order.
-
-    When no tower parameter requires grad and the pixels need none, the tower runs under
-    ``torch.no_grad()``, so a frozen tower keeps no activations for backward.
-
-    The tower's pooling parts (CLIP's ``post_layernorm``, SigLIP's attention-pooling ``head``) are
-    kept so the tower stays a faithful, re-exportable HF module, but they do not feed
-    ``last_hidden_state``: with ``encoder_trainable`` they get no gradient.
-
-    Args:
-        tower: a ``CLIPVisionModel`` or ``SiglipVisionModel``.
-        decoder_dim: decoder width ``d``.
-    """
-
-    def __init__(self, tower: nn.Module, decoder_dim: int) -> None:
-        super().__init__()
-        from transformers import CLIPVisionModel, SiglipVisionModel
-
-        if not isinstance(tower, (CLIPVisionModel, SiglipVisionModel)):
-            raise TypeError(
-                f"HFVisionTowerEncoder takes a CLIPVisionModel or SiglipVisionModel, got {type(tower).__name__}"
-            )
-        self.tower = tower
-        self.projection = register_fusion_module(MLPProjectionHead(tower.config.hidden_size, decoder_dim))
-        self.decoder_dim = decoder_dim
-
-    @property
-    def image_size(self) -> int:
-        """Height and width, in pixels, of the images the tower takes."""
-        return self.tower.config.image_size
-
-    @property
-    def tokens_per_image(self) -> int:
-        """``n_tok``: length of the tower's ``last_hidden_state``, i.e. its position embeddings
-        (CLIP: ``(image_size // patch_size)**2 + 1``; SigLIP: ``(image_size // patch_size)**2``)."""
-        return self.tower.embeddings.num_positions
-
-    @torch.no_grad()
-    def init_buffers(self) -> None:
-        """Re-create the tower's non-persistent buffers from its config.
-
-        ``Module.to_empty`` (used after building on the meta device) leaves every buffer
-        uninitialised, and non-persistent buffers are in no checkpoint. CLIP and SigLIP towers have
-        one: ``embeddings.position_ids`` = ``arange(num_positions)[None]``. Any other buffer raises,
-        rather than being left as garbage.
-        """
-        for name, buffer in self.tower.named_buffers():
-            owner_name, _, local = name.rpartition(".")
-            owner = self.tower.get_submodule(owner_name)
-            if local not in owner._non_persistent_buffers_set:
-                raise RuntimeError(
-                    f"tower buffer {name!r} is persistent; HFVisionTowerEncoder only knows how to rebuild the "
-                    "non-persistent position_ids of CLIP / SigLIP towers"
-                )
-            if local == "position_ids" and hasattr(owner, "num_positions"):
-                positions = torch.arange(owner.num_positions, device=buffer.device, dtype=buffer.dtype)
-                buffer.copy_(positions.expand(buffer.shape))
-            else:
-                raise RuntimeError(
-                    f"don't know how to rebuild the tower's non-persistent buffer {name!r} after a meta-device "
-                    "build; extend HFVisionTowerEncoder.init_buffers"
-                )
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Args:
-            pixel_values: ``[b, i, 3, H, W]`` (``i`` images per sample) or ``[b, 3, H, W]`` (one
-                image per sample), normalised by the tower's own HF image processor, with
-                ``H == W == image_size``.
-
-        Returns:
-            ``[b, i * n_tok, d]`` (``i = 1`` for 4-dim input).
-        """
-        if pixel_values.dim() == 4:
-            pixel_values = pixel_values.unsqueeze(1)
-        channels = self.tower.config.num_channels
-        size = self.image_size
-        if pixel_values.dim() != 5 or tuple(pixel_values.shape[2:]) != (channels, size, size):
-            raise ValueError(
-                f"pixel_values must be [b, i, {channels}, {size}, {size}] or [b, {channels}, {size}, {size}], got "
-                f"{list(pixel_values.shape)}: pass the output of this tower's own HF image processor "
-                "(stack a sample's images along dim 1)"
-            )
-        b, i = pixel_values.shape[:2]
-        images = pixel_values.reshape(b * i, channels, size, size)
-        needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.tower.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
-            features = self.tower(pixel_values=images).last_hidden_state  # [b*i, n_tok, d_e]
-        return self.projection(features).reshape(b, i * features.shape[1], self.decoder_dim)

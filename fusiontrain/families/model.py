@@ -27,14 +27,7 @@ from torch import nn
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.weights.pretrained import PretrainedModel
 
-EXPORT_ROLE = "fusiontrain_export"  # a base folder written by `fusiontrain export --format fusiontrain`
 
-# ``counter(tally, encoder, images, encoder_input) -> (encoder tokens per image slot, whether the
-# embeddings require grad)``: an encoder's FLOPs over ``images`` image slots, added to a
-# :class:`fusiontrain.flops.rules.Tally`. ``encoder_input`` is the input those slots were read
-# from (None when the caller gave ``images``): a family whose encoder runs on fewer images than
-# it has slots (Mllama skips padding slots) counts what it runs.
-EncoderFlopCounter = Callable[[Any, nn.Module, int, Mapping[str, Any] | None], tuple[int, bool]]
 
 
 @dataclass(frozen=True)
@@ -85,7 +78,7 @@ class ModelFamily(ABC):
     Attributes:
         name: what manifests and exports record in ``family``.
         roles: the pretrained folders the family is built from, by role (``{"hf_mllama"}``,
-            ``{"decoder", "encoder"}``); an export replaces them all with ``fusiontrain_export``.
+            ``{"decoder", "encoder"}``).
         config_keys: per role, the run-config key that names its folder (for messages).
         config_files: per role, the file name its ``config.json`` takes inside a fusiontrain
             export.
@@ -139,8 +132,8 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def input_folders(self, folders: dict[str, str | Path], model: nn.Module) -> InputFolders:
-        """Where the tokenizer and image processor of a model built from ``folders`` live (an
-        export holds both)."""
+        """Where the tokenizer and image processor of a model built from ``folders`` (by role)
+        live."""
 
     @abstractmethod
     def owns(self, model: nn.Module) -> bool:
@@ -156,11 +149,6 @@ class ModelFamily(ABC):
     def hf_stored_name(self, name: str, *, legacy: bool) -> str:
         """The stored name of tensor ``name`` (the current transformers naming) in the export."""
         return name
-
-    def analytic_encoder_flops(self, encoder: nn.Module) -> EncoderFlopCounter | None:
-        """This family's analytic FLOP count of ``encoder`` (unwrapped), or None when the family
-        has none for it: :mod:`fusiontrain.flops.count` then counts it on fake tensors."""
-        return None
 
     def export_config(self, configs: dict[str, dict]) -> dict[str, Any]:
         """Extra fields an export's ``fusiontrain_config.json`` records (descriptive)."""

@@ -23,7 +23,7 @@ What is counted (forward; ``T = b * s`` token slots, ``P`` attended self-attenti
   slot, padding slots included, because that is what runs), SigLIP's attention-pooling head (it
   runs in forward although its output is unused), and the projection head.
 
-Encoders. Mllama's tiled ViT and the HF CLIP / SigLIP towers (``HFVisionTowerEncoder``) are counted
+Encoders. Mllama's tiled ViT and the HF CLIP / SigLIP towers (their modules' ``count_flops``) are counted
 analytically, as above. Any other encoder (SigLIP2 NaFlex, DINOv2, a user's own module) is counted
 generically by :func:`fusiontrain.flops.probe.measure_encoder_flops`: its forward and backward run
 once per input shape on fake tensors under ``torch.utils.flop_counter.FlopCounterMode``, with the
@@ -184,11 +184,13 @@ def _decoder(
 # -- encoders -------------------------------------------------------------------------------------
 
 def _known_encoder_counter(encoder: nn.Module) -> Any:
-    """The analytic counter of ``encoder`` (unwrapped) its family provides, or None for an encoder
-    counted generically."""
-    from fusiontrain.families import analytic_encoder_flops  # the family seam (imports this module's rules)
+    """The encoder's own analytic count, or None for an encoder counted generically: a family
+    whose encoder it can count analytically gives the module a method
+    ``count_flops(tally, images, encoder_input) -> (tokens per image slot, embeddings require grad)``
+    (Mllama's ViT, the CLIP / SigLIP towers)."""
+    method = getattr(encoder, "count_flops", None)
+    return method if callable(method) else None
 
-    return analytic_encoder_flops(encoder)
 
 def _image_slots(encoder_input: Mapping[str, Any], num_rows: int) -> int:
     """Image slots of a known encoder's input: ``b * i`` for ``pixel_values`` ``[b, i, ...]`` (Mllama
@@ -222,7 +224,7 @@ def _encoder(
         read_from = None
         if not images:
             images, read_from = _image_slots(encoder_input, num_rows), encoder_input
-        tokens_per_image, grad = known(tally, encoder, images, read_from)
+        tokens_per_image, grad = known(tally, images, read_from)
         if encoder_seq_len is None:
             if images % num_rows:
                 raise ValueError(f"images ({images}) is not a multiple of num_rows ({num_rows}): pass encoder_seq_len")

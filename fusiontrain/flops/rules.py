@@ -154,9 +154,6 @@ def count_mlp(tally: Tally, part: str, mlp: nn.Module, tokens: int, x_grad: bool
         if mlp.w3 is not None:
             hidden = count_linear(tally, part, mlp.w3, tokens, x_grad) or hidden
         return count_linear(tally, part, mlp.w2, tokens, hidden)
-    if hasattr(mlp, "fc1") and hasattr(mlp, "fc2"):  # HF CLIP / SigLIP MLP
-        hidden = count_linear(tally, part, mlp.fc1, tokens, x_grad)
-        return count_linear(tally, part, mlp.fc2, tokens, hidden)
     raise TypeError(f"don't know how to count FLOPs of a {type(mlp).__name__} MLP")
 
 

@@ -45,7 +45,7 @@ from fusiontrain.data.errors import BadSample
 if TYPE_CHECKING:
     from PIL import Image
 
-    from fusiontrain.families import ModelFamily
+    from fusiontrain.source.model_source import ModelSource
 
     from fusiontrain.data.formats import SampleBuilder
     from fusiontrain.modules import DeepFusionModel
@@ -194,67 +194,45 @@ def load_for_inference(
         InferenceError: the folder is missing, of no known kind, or cannot be loaded.
         CheckpointError: a checkpoint folder is incomplete or corrupt.
     """
-    from fusiontrain.families import EXPORT_ROLE, model_family
-    from fusiontrain.source.export import load_fusiontrain_export, read_export_config
+    from fusiontrain.source.model_source import ModelSource
 
     kind, folder = folder_kind(path)
     if adapter is not None and kind != "hf":
         raise InferenceError(f"--adapter applies to a HF base folder; {folder} is a {kind}")
-    frozen = {"fusion_trainable": False}
     try:
-        if kind == "hf":
-            family = _hf_family(folder)
-            folders: dict[str, Path] = {family.roles[0]: folder}
-            model = _load_base(family, folders, {}, dtype=dtype, device=device, adapter=adapter)
-        elif kind == "export":
-            family = model_family(read_export_config(folder)["family"])
-            folders = {EXPORT_ROLE: folder}
-            model = load_fusiontrain_export(folder, dtype=dtype, device=device, **frozen)
+        if kind == "checkpoint":
+            model, source = _load_checkpoint(folder, dtype=dtype, device=device, allow_base_mismatch=allow_base_mismatch)
         else:
-            model, family, folders = _load_checkpoint(
-                folder, dtype=dtype, device=device, allow_base_mismatch=allow_base_mismatch
-            )
+            source = ModelSource.from_hf_folder(folder) if kind == "hf" else ModelSource.from_export(folder)
+            model = _load_base(source, dtype=dtype, device=device, adapter=adapter)
     except (InferenceError, CheckpointError):
         raise
     except (FileNotFoundError, ValueError, KeyError, OSError, ImportError) as error:
         raise InferenceError(f"cannot load the model in {folder}: {error}") from error
     model.eval()
-    return _with_inputs(model, family=family, kind=kind, path=folder, folders=folders)
-
-
-def _hf_family(folder: Path) -> ModelFamily:
-    """The family whose transformers layout ``folder`` holds (its ``config.json`` model type)."""
-    from fusiontrain.families import MODEL_FAMILIES
-
-    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    for family in MODEL_FAMILIES.values():
-        if model_type in family.hf_model_types:
-            return family
-    raise InferenceError(f"{folder} holds a {model_type!r} model, which no fusion model family reads directly")
+    return _with_inputs(model, source=source, kind=kind, path=folder)
 
 
 def _load_base(
-    family: ModelFamily,
-    folders: dict[str, Path],
-    settings: dict[str, Any],
+    source: ModelSource,
     *,
     dtype: torch.dtype,
     device: Any,
     lora: Any = None,
     adapter: str | Path | None = None,
 ) -> DeepFusionModel:
-    """The family's model from its pretrained folders, allocated and filled, nothing trainable;
-    with ``lora`` (:class:`~fusiontrain.weights.lora.LoraSettings`) its adapters added (fresh: a
-    checkpoint's part fills them), or with ``adapter`` a PEFT adapter folder's applied."""
+    """The source's model, allocated and filled, nothing trainable; with ``lora``
+    (:class:`~fusiontrain.weights.lora.LoraSettings`) its adapters added (fresh: a checkpoint's
+    part fills them), or with ``adapter`` a PEFT adapter folder's applied."""
     from fusiontrain.families import TrainableFlags
     from fusiontrain.weights.hf_checkpoint import materialize
     from fusiontrain.weights.lora import attach_lora
 
-    pretrained = family.prepare(folders, settings, TrainableFlags(fusion_trainable=False), seed=0)
+    pretrained = source.prepare(TrainableFlags(fusion_trainable=False), seed=0)
     if adapter is not None:
-        from fusiontrain.checkpoint.peft import adapted_model_loader, adapter_settings, peft_layout
+        from fusiontrain.weights.peft import adapted_model_loader, adapter_settings, peft_layout
 
-        layout = peft_layout(pretrained, hf_export=family.hf_export, family_name=family.name)
+        layout = peft_layout(pretrained, hf_export=source.has_hf_layout, family_name=source.family.name)
         lora = adapter_settings(adapter, layout)
         attach_lora(pretrained, lora, seed=0)
         initialise, load = pretrained.init_fresh, adapted_model_loader(adapter, layout, lora)
@@ -273,13 +251,11 @@ def _load_base(
     return pretrained.model  # type: ignore[return-value]
 
 
-def _with_inputs(
-    model: DeepFusionModel, *, family: ModelFamily, kind: str, path: Path, folders: dict[str, Path]
-) -> LoadedModel:
+def _with_inputs(model: DeepFusionModel, *, source: ModelSource, kind: str, path: Path) -> LoadedModel:
     from fusiontrain.data.formats import SampleBuilder
 
-    image_format = family.image_format(model)
-    inputs = family.input_folders(folders, model)
+    image_format = source.family.image_format(model)
+    inputs = source.input_folders(model)
     try:
         builder = SampleBuilder(
             inputs.text_dir,
@@ -295,7 +271,7 @@ def _with_inputs(
         ) from error
     return LoadedModel(
         model=model,
-        family=family.name,
+        family=source.family.name,
         kind=kind,
         path=path,
         text_dir=inputs.text_dir,
@@ -308,44 +284,32 @@ def _with_inputs(
 
 def _load_checkpoint(
     folder: Path, *, dtype: torch.dtype, device: torch.device | str, allow_base_mismatch: bool
-) -> tuple[DeepFusionModel, ModelFamily, dict[str, Path]]:
-    """Rebuild a checkpoint's model from its base folders, then load its parts over it."""
+) -> tuple[DeepFusionModel, ModelSource]:
+    """Rebuild a checkpoint's model from its base, then load its parts over it."""
     from fusiontrain.checkpoint.fingerprint import check_base_unchanged
     from fusiontrain.checkpoint.parts import PartMismatch, load_parts_into_model
-    from fusiontrain.families import EXPORT_ROLE, model_family
-    from fusiontrain.source.export import load_fusiontrain_export, read_export_config
-    from fusiontrain.weights.lora import LoraSettings, add_lora
+    from fusiontrain.source.model_source import ModelSource
+    from fusiontrain.weights.lora import LoraSettings
 
     manifest = layout.verify_checkpoint(folder, checksums=False)  # sizes; refuses unsafe files unread
-    base = manifest["base"]
-    family = model_family(base["family"])
     paths = layout.base_folders(manifest, folder)
     if not allow_base_mismatch:
         check_base_unchanged(manifest, paths, folder, error=InferenceError)
+    try:
+        source = ModelSource.from_manifest(manifest["base"], paths)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint folder {folder}: {error}") from None
+    if "fusion" not in manifest["parts"]:
+        raise CheckpointError(
+            f"checkpoint folder {folder} has no 'fusion' part: its model's trained fusion parameters exist only there"
+        )
     lora = LoraSettings.from_dict(manifest["lora"], f"checkpoint {folder}") if "lora" in manifest else None
-    if EXPORT_ROLE in paths:
-        exported = read_export_config(paths[EXPORT_ROLE])["family"]
-        if exported != family.name:
-            raise CheckpointError(
-                f"checkpoint folder {folder}: {layout.MANIFEST} says family {family.name!r}, its base export "
-                f"{paths[EXPORT_ROLE]} holds a {exported!r} model"
-            )
-        model = load_fusiontrain_export(paths[EXPORT_ROLE], dtype=dtype, device=device, fusion_trainable=False)
-        if lora is not None:  # its matrices come from the checkpoint's lora part below
-            add_lora(model, lora)
-            model.requires_grad_(False)
-    else:
-        settings = {key: value for key, value in base.items() if key not in ("family", "folders")}
-        model = _load_base(family, paths, settings, dtype=dtype, device=device, lora=lora)
-        if "fusion" not in manifest["parts"]:
-            raise CheckpointError(
-                f"checkpoint folder {folder} has no 'fusion' part: its model's fusion parameters exist only there"
-            )
+    model = _load_base(source, dtype=dtype, device=device, lora=lora)  # LoRA's matrices come from its part
     try:
         load_parts_into_model(folder, manifest["parts"], model)
     except PartMismatch as error:
         raise InferenceError(str(error)) from None
-    return model, family, paths
+    return model, source
 
 
 # -- inputs -----------------------------------------------------------------------------------------

@@ -34,14 +34,13 @@ from typing import Any
 
 import torch
 
-from fusiontrain.train.builders import build_batch_layout
-from fusiontrain.train.builders import image_format as configured_image_format
 from fusiontrain.config import DataConfig, TrainConfig
 from fusiontrain.data import Batch
 from fusiontrain.flops.count import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
 from fusiontrain.parallel.fsdp import checkpoint_every, mixed_precision_policy
-from fusiontrain.plan.trace import OFFLOADED, StepTrace, simulate_step
 from fusiontrain.parallel.precision import dtype_name
+from fusiontrain.plan.trace import OFFLOADED, StepTrace, simulate_step
+from fusiontrain.train.setup import build_batch_layout
 
 GiB = 2**30
 
@@ -255,7 +254,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         communication += 2 * shard_grads * (parallel.dp_replicate - 1) / parallel.dp_replicate / hardware.inter_node_bandwidth
 
     images = batch.encoder_input["pixel_values"].shape[1] if batch.encoder_input is not None else 0
-    image_format = configured_image_format(config.model, model)
+    image_format = trace.image_format
     summary = [
         f"devices: {gpus} x {hardware.name}; FSDP over {shards}"
         + (f", {parallel.dp_replicate} replicas (HSDP)" if parallel.dp_replicate > 1 else ""),

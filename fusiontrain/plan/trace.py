@@ -25,21 +25,22 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from fusiontrain.train.builders import build_lr_scheduler, build_meta_model, build_optimizer
-from fusiontrain.train.builders import image_format as configured_image_format
 from fusiontrain.config import TrainConfig
 from fusiontrain.data import Batch, ImageFormat, collate_padded
 from fusiontrain.data.batch import Sample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import PackedRow, collate_padding_free, collate_rows
-from fusiontrain.parallel.distributed import DistributedContext, build_mesh
 from fusiontrain.flops.probe import ValueKeepingFakeMode
-from fusiontrain.plan.memory import TensorMemoryTracker
-from fusiontrain.train.nonfinite import NonFiniteGuard
+from fusiontrain.parallel.distributed import DistributedContext, build_mesh
 from fusiontrain.parallel.offload import ActivationOffloader
-from fusiontrain.parallel.fsdp import parallelize
-from fusiontrain.parallel.precision import StorageDtypes, storage_dtypes, store_parameters
-from fusiontrain.train.step import BACKWARD_PHASE, HOST_PHASE, LOSS_PHASE, OPTIMIZER_PHASE, StepSettings, TrainStep
+from fusiontrain.parallel.precision import StorageDtypes
+from fusiontrain.plan.memory import TensorMemoryTracker
+from fusiontrain.source.model_source import ModelSource
+from fusiontrain.train.model import build_meta_model
+from fusiontrain.train.nonfinite import NonFiniteGuard
+from fusiontrain.train.optim import build_lr_scheduler, build_optimizer
+from fusiontrain.train.setup import build_parallel_model, run_storage_dtypes, step_settings
+from fusiontrain.train.step import BACKWARD_PHASE, HOST_PHASE, LOSS_PHASE, OPTIMIZER_PHASE, TrainStep
 
 
 def worst_case_batch(
@@ -161,6 +162,7 @@ class StepTrace:
     tracker: TensorMemoryTracker
     batch: Batch  # the worst-case micro-batch (real, CPU)
     model: nn.Module  # the sharded model, on fake tensors
+    image_format: ImageFormat  # how the model's encoder takes images
 
 
 class PlanningFakeMode(ValueKeepingFakeMode):
@@ -191,32 +193,23 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
     accumulated, with gradient sync as the trainer does it (``parallel.defer_gradient_sync``)."""
     device = torch.device(device_type)  # sets 'auto' precision and the optimizer
     parallel = config.parallel
-    dtypes = storage_dtypes(
-        config.model.dtype, config.model.frozen_dtype, mixed_precision=parallel.mixed_precision, device_type=device_type
-    )
+    dtypes = run_storage_dtypes(config, device_type)
+    source = ModelSource.from_config(config.model)
     with fake_process_group(gpus), warnings.catch_warnings():
         # The projection head returns a view (FSDP2 warns once per run; nothing modifies it in place).
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
         context = DistributedContext(rank=0, world_size=gpus, local_rank=0, device=torch.device("cpu"), backend="fake")
         mesh = build_mesh(context, parallel.dp_replicate, parallel.dp_shard)
-        model = store_parameters(build_meta_model(config.model), dtypes)
         tracking: list[TensorMemoryTracker] = []  # the tracker, once the tracked step starts
         # Offloaded activations are labelled as such; on a GPU they live in host memory.
         offloader = ActivationOffloader(
             torch.device("cpu"),  # where the fake tensors live
             host_allocation=lambda: tracking[0].label(OFFLOADED) if tracking else nullcontext(),
         )
-        parallelize(
-            model,
-            mesh,
-            device,
-            activation_checkpointing=parallel.activation_checkpointing,
-            mixed_precision=parallel.mixed_precision,
-            fusion_layer_sharding=parallel.fusion_layer_sharding,
-            activation_offloading=parallel.activation_offloading,
-            offloader=offloader,
+        model = build_parallel_model(
+            config, build_meta_model(config.model, source), mesh, device, offloader=offloader, compile=False
         )
-        image_format = configured_image_format(config.model, model)
+        image_format = source.family.image_format(model)
         batch = worst_case_batch(
             image_format,
             rows=config.batch.micro_batch_size,
@@ -244,13 +237,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
                 optimizer,
                 scheduler,
                 NonFiniteGuard("stop", 1),  # the trace reads zeros: a finite step, never skipped
-                StepSettings(
-                    ignore_index=config.loss.ignore_index,
-                    num_output_chunks=config.loss.num_output_chunks,
-                    max_grad_norm=config.optim.max_grad_norm,
-                    defer_gradient_sync=parallel.defer_gradient_sync,
-                    flex_attention=False,  # plan_run takes the dense mask out on CUDA
-                ),
+                step_settings(config, flex_attention=False),  # plan_run takes the dense mask out on CUDA
                 device=torch.device("cpu"),  # where the fake tensors live
                 world_size=gpus,
                 skip_reasons=SKIP_REASONS,
@@ -294,6 +281,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
         tracker=tracker,
         batch=batch,
         model=model,
+        image_format=image_format,
     )
 
 

@@ -17,20 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from fusiontrain.train.builders import (
-    build_batch_layout,
-    build_dataset,
-    build_meta_model,
-    build_stream_config,
-    configured_family,
-    data_description,
-    sample_builder,
-)
-from fusiontrain.config import TrainConfig
-from fusiontrain.data.formats import RecordDataset
+from fusiontrain.config import BatchConfig, DataConfig, TrainConfig
+from fusiontrain.data.formats import RecordDataset, SampleBuilder
 from fusiontrain.data.image_format import ImageFormat
-from fusiontrain.data.loader import Dealing, PlannedLoader, PlannedStream
+from fusiontrain.data.loader import Dealing, PlannedLoader, PlannedStream, StreamConfig
 from fusiontrain.data.row_plan import DataPosition, RowLimits, RowPlan
 from fusiontrain.data.stream_sources import open_stream
 from fusiontrain.data.streaming import StreamingLoader, StreamingSampleStream, build_streaming_loader
@@ -44,14 +36,96 @@ from fusiontrain.data.sizes import (
     measure,
     save_cache,
 )
+from fusiontrain.data.sources import load_records
 from fusiontrain.data.synthetic import SyntheticImageText
 from fusiontrain.families import InputFolders
+from fusiontrain.source.model_source import ModelSource
+from fusiontrain.train.model import build_meta_model
+from fusiontrain.train.setup import build_batch_layout
 
 logger = logging.getLogger("fusiontrain.data")
 
 Dataset = RecordDataset | SyntheticImageText
 # Sums an int64 tensor over the data-parallel ranks (identity on one process).
 Combine = Callable[[torch.Tensor], torch.Tensor]
+
+
+def build_stream_config(
+    data: DataConfig, batch: BatchConfig, image_format: ImageFormat, *, ignore_index: int
+) -> StreamConfig:
+    """How each rank turns samples into micro-batches (packing or padding, row sizes, the
+    encoder-token capacity of a row, strictness)."""
+    max_encoder_tokens = data.max_encoder_tokens_per_row
+    if max_encoder_tokens is None:
+        max_encoder_tokens = data.max_images_per_row * image_format.max_tokens_per_image
+    return StreamConfig(
+        seq_len=batch.seq_len,
+        micro_batch_size=batch.micro_batch_size,
+        packing=data.packing,
+        padding_free=data.padding_free,
+        max_images=data.max_images_per_row,
+        max_open_rows=data.packing_open_rows,
+        max_encoder_tokens=max_encoder_tokens,
+        strict=data.strict,
+        ignore_index=ignore_index,
+    )
+
+
+def build_dataset(
+    config: TrainConfig, image_format: ImageFormat, inputs: InputFolders, model: nn.Module, *, split: str
+) -> RecordDataset | SyntheticImageText | None:
+    """The configured dataset for ``split`` ("train" or "eval"); None when no eval split is set.
+
+    Args:
+        config: the run config (``data``, ``batch.seq_len`` and ``seed`` are read).
+        image_format: the encoder's image format.
+        inputs: where the model's tokenizer and image processor are (its family says).
+        model: the model (synthetic data reads its vocabulary; the image token is the first new
+            embedding row unless the tokenizer has its own).
+        split: "train" or "eval".
+    """
+    data = config.data
+    if data.format == "synthetic":
+        vocab_size = model.decoder.tok_embeddings.vocab_size
+        num_samples = data.synthetic_samples if split == "train" else max(64, data.synthetic_samples // 8)
+        return SyntheticImageText(
+            num_samples,
+            vocab_size=vocab_size,
+            image_token_id=vocab_size,
+            image_format=image_format,
+            max_text=data.synthetic_max_text,
+            lengths=data.synthetic_lengths,
+            seed=config.seed if split == "train" else config.seed + 7919,
+        )
+    source = data.train if split == "train" else data.eval
+    if source.path is None:
+        return None
+    return RecordDataset(load_records(source.path, split=source.split), sample_builder(config, image_format, inputs))
+
+
+def sample_builder(config: TrainConfig, image_format: ImageFormat, inputs: InputFolders) -> SampleBuilder:
+    """Turns the configured data's records into samples (tokens, labels, images)."""
+    data = config.data
+    return SampleBuilder(
+        inputs.text_dir,
+        image_format,
+        image_dir=inputs.image_dir,
+        format=data.format,
+        train_on=data.train_on,
+        max_len=config.batch.seq_len,
+        too_long=data.too_long,
+        image_token_id=inputs.image_token_id,
+    )
+
+
+def data_description(config: DataConfig, split: str) -> str:
+    """Names the configured data of ``split`` ("train" or "eval") for people, in config terms:
+    ``data.train.path=/data/train.jsonl (data.format=chat)``, or the synthetic set's size."""
+    if config.format == "synthetic":
+        return f"the synthetic data (data.synthetic_samples={config.synthetic_samples})"
+    source = config.train if split == "train" else config.eval
+    hub_split = f", split {source.split!r}" if source.split != "train" else ""
+    return f"data.{split}.path={source.path} (data.format={config.format}{hub_split})"
 
 
 def sizes_key_parts(config: TrainConfig, dataset: Dataset, image_format: ImageFormat, inputs: InputFolders) -> dict[str, Any]:
@@ -115,10 +189,10 @@ def prepare_from_config(config: TrainConfig) -> str:
     """``python -m fusiontrain prepare``: build the model on the meta device (for its image
     format, tokenizer folders and vocabulary; no weights are read), measure every training sample
     and write the size cache. Returns a report for people."""
-    model = build_meta_model(config.model)
-    family, folders = configured_family(config.model)
-    image_format = family.image_format(model)
-    inputs = family.input_folders(folders, model)
+    source = ModelSource.from_config(config.model)
+    model = build_meta_model(config.model, source)
+    image_format = source.family.image_format(model)
+    inputs = source.input_folders(model)
     dataset = build_dataset(config, image_format, inputs, model, split="train")
     if dataset is None:
         raise ValueError("prepare needs training data: set data.train.path (or data.format=synthetic)")

@@ -22,7 +22,7 @@ trains:
 :func:`full_cross_entropy_sum` is the reference: every position projected, no gather, no chunks.
 
 The target positions are a flat int64 index ``[n]`` into the ``b * s`` positions
-(:func:`target_positions`). Its length depends on the label values, so it is computed from the
+(:func:`~fusiontrain.data.batch.target_positions`). Its length depends on the label values, so it is computed from the
 host copy of the labels (``Batch.with_target_index``) and travels to the device with the batch:
 the step never waits for the device to count targets, and the planner's fake tensors get the
 index's shape from the host. Without one, the loss computes it from ``labels`` (a device-to-host
@@ -41,12 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-def target_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Flat indices ``[n]`` (int64, ascending) into the ``b * s`` positions of ``labels`` ``[b, s]``
-    whose label is not ``ignore_index``. Its length depends on the values: call it on host labels
-    (on an accelerator it waits for the device; on fake tensors it cannot run)."""
-    return torch.nonzero(labels.reshape(-1) != ignore_index).squeeze(1)
+from fusiontrain.data.batch import target_positions
 
 
 def _row_chunks(n: int, num_chunks: int) -> list[slice]:
@@ -132,7 +127,7 @@ def chunked_cross_entropy_sum(
         output: the output projection ``d -> v``.
         num_chunks: chunks of the ``n`` gathered target rows; 0 or 1 projects them all at once.
         ignore_index: label value that contributes nothing.
-        target_index: ``[n]`` int64, :func:`target_positions` of ``labels`` (computed on the
+        target_index: ``[n]`` int64, :func:`~fusiontrain.data.batch.target_positions` of ``labels`` (computed on the
             host, on the device of ``hidden``); None computes it here from ``labels``. Positions
             left out of it count nothing, so it must hold every target.
 
@@ -143,7 +138,7 @@ def chunked_cross_entropy_sum(
         if type(labels) is not torch.Tensor or labels.is_meta:
             raise ValueError(
                 f"the loss cannot count the targets of {type(labels).__name__} labels (their number is data): pass "
-                "target_index, computed from the host labels (Batch.with_target_index, loss.target_positions)"
+                "target_index, computed from the host labels (Batch.with_target_index, data.batch.target_positions)"
             )
         target_index = target_positions(labels, ignore_index)
     flat = hidden.reshape(-1, hidden.shape[-1])  # [b * s, d]

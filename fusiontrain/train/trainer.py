@@ -19,15 +19,6 @@ import torch
 from torch import nn
 
 from fusiontrain.parallel import distributed
-from fusiontrain.train.builders import (
-    build_dataset,
-    build_lr_scheduler,
-    build_optimizer,
-    configured_family,
-    build_batch_layout,
-    model_settings,
-    prepare_model,
-)
 from fusiontrain.checkpoint.fingerprint import fingerprint
 from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState
 from fusiontrain.checkpoint.parts import load_part
@@ -37,7 +28,7 @@ from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import collate_padding_free
-from fusiontrain.train.data import build_streaming_train_loader, build_train_loader
+from fusiontrain.train.data import build_dataset, build_streaming_train_loader, build_train_loader
 from fusiontrain.flops.count import device_peak_flops, mfu
 from fusiontrain.train.loss import count_targets
 from fusiontrain.train.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
@@ -46,10 +37,13 @@ from fusiontrain.weights.lora import lora_settings_of
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.modules.lora import is_lora_parameter
 from fusiontrain.train.nonfinite import NonFiniteGuard, injection_from_env
-from fusiontrain.parallel.fsdp import canonical_name, canonical_parameters, parallelize, reshard
-from fusiontrain.parallel.precision import storage_dtypes, store_parameters
+from fusiontrain.parallel.fsdp import canonical_name, canonical_parameters, reshard
+from fusiontrain.source.model_source import ModelSource
+from fusiontrain.train.model import prepare_model
+from fusiontrain.train.optim import build_lr_scheduler, build_optimizer
+from fusiontrain.train.setup import build_batch_layout, build_parallel_model, step_settings
 from fusiontrain.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
-from fusiontrain.train.step import StepSettings, TrainStep, loss_sum
+from fusiontrain.train.step import TrainStep, loss_sum
 
 _PLACEHOLDER = Sample(tokens=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), -100), origin="placeholder")
 logger = logging.getLogger("fusiontrain.train.trainer")
@@ -85,6 +79,7 @@ class Trainer:
         # CPU peaks are measured above the RSS before the model exists (runtime and process group
         # excluded), from after loading: the numbers the planner predicts.
         self.host_baseline = host_rss_bytes() if self.device.type == "cpu" else 0
+        self.source = ModelSource.from_config(config.model)
         self.model = self._build_model()
         reset_peak_memory(self.device)
         self.optimizer = build_optimizer(self.model, config.optim, self.device)
@@ -92,9 +87,8 @@ class Trainer:
         # After model init every rank draws from its own stream (dropout, sampling), reproducibly.
         torch.manual_seed(config.seed + 1 + self.context.rank)
 
-        family, folders = configured_family(config.model)
-        self.image_format = family.image_format(self.model)
-        inputs = family.input_folders(folders, self.model)
+        self.image_format = self.source.family.image_format(self.model)
+        inputs = self.source.input_folders(self.model)
         streaming = config.data.streaming  # streamed train data has no table: the stream reads it (data/streaming.py)
         self.train_data = None if streaming else build_dataset(config, self.image_format, inputs, self.model, split="train")
         self.eval_data = build_dataset(config, self.image_format, inputs, self.model, split="eval")
@@ -124,7 +118,7 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             self.nonfinite,
-            self._step_settings(),
+            step_settings(config, flex_attention=self.device.type == "cuda"),
             device=self.device,
             world_size=self.context.world_size,
             skip_reasons=SKIP_REASONS,
@@ -133,12 +127,8 @@ class Trainer:
         self.tokens_seen = 0
         self.checkpointer = CheckpointManager(
             self.output_dir,
-            base={
-                "family": family.name,
-                "folders": {role: str(Path(folder).resolve()) for role, folder in folders.items()},
-                **model_settings(config.model),
-            },
-            fingerprint=fingerprint(folders, self.output_dir / ".base_fingerprint_cache.json"),
+            base=self.source.manifest_entry(),
+            fingerprint=fingerprint(self.source.folders, self.output_dir / ".base_fingerprint_cache.json"),
             keep_last_n=config.checkpoint.keep_last_n,
             async_save=config.checkpoint.async_save,
             lora=lora_settings_of(self.model),
@@ -167,25 +157,8 @@ class Trainer:
     def _build_model(self) -> nn.Module:
         """Meta build -> parallelize -> allocate shards -> fill from the pretrained files."""
         config = self.config
-        pretrained = prepare_model(config.model, seed=config.seed)
-        parallel = config.parallel
-        dtypes = storage_dtypes(
-            config.model.dtype,
-            config.model.frozen_dtype,
-            mixed_precision=parallel.mixed_precision,
-            device_type=self.device.type,
-        )
-        model = store_parameters(pretrained.model, dtypes)  # on the meta device, before sharding
-        parallelize(
-            model,
-            self.mesh,
-            self.device,
-            activation_checkpointing=parallel.activation_checkpointing,
-            mixed_precision=parallel.mixed_precision,
-            fusion_layer_sharding=parallel.fusion_layer_sharding,
-            compile=parallel.compile,
-            activation_offloading=parallel.activation_offloading,
-        )
+        pretrained = prepare_model(config.model, self.source, seed=config.seed)
+        model = build_parallel_model(config, pretrained.model, self.mesh, self.device)  # still on the meta device
         materialize(model, self.device)
         pretrained.load(canonical_parameters(model))
         model.set_skip_output_projection(True)  # the chunked loss applies the output projection
@@ -348,16 +321,6 @@ class Trainer:
             )
         else:
             self.train_loader.load_state_dict(rank_state["data"])
-
-    def _step_settings(self) -> StepSettings:
-        config = self.config
-        return StepSettings(
-            ignore_index=config.loss.ignore_index,
-            num_output_chunks=config.loss.num_output_chunks,
-            max_grad_norm=config.optim.max_grad_norm,
-            defer_gradient_sync=config.parallel.defer_gradient_sync,
-            flex_attention=self.device.type == "cuda",
-        )
 
     def next_host_batches(self) -> list[Batch]:
         """This rank's micro-batches of the next global batch, from the loader, as

@@ -70,7 +70,7 @@ class LoraSettings:
 def lora_settings_from_config(model: nn.Module, config: Any) -> LoraSettings | None:
     """The LoRA that ``config`` (the ``model.lora`` section) asks of ``model``, or None when
     ``model.lora.rank`` is 0. (A PEFT adapter in ``init_from`` is read by
-    :func:`fusiontrain.checkpoint.peft.adapter_settings`.)"""
+    :func:`fusiontrain.weights.peft.adapter_settings`.)"""
     if config.rank == 0:
         return None
     modules = select_lora_targets(model, sides=config.sides, targets=config.targets)

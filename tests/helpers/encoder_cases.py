@@ -20,7 +20,7 @@ from PIL import Image
 from fusiontrain import tiny
 from fusiontrain.data.image_format import ImageFormat, ImageInput, encoder_mask_rows
 from fusiontrain.families import encoder_family_for, model_family
-from fusiontrain.families.composed.compose import compose_from_hf
+from fusiontrain.models import compose_from_hf
 from fusiontrain.modules.blocks import block_stacks
 from tests.helpers.tiny_models import open_gates
 

@@ -3,8 +3,6 @@ decoder and encoder family (:mod:`fusiontrain.families`).
 
 - :func:`fusion_slots` places a new cross-attention layer in every ``fusion_interval``-th layer.
 - :func:`init_fusion_params` gives the new (fusion) parameters their deterministic initial values.
-- :func:`compose_from_hf` builds the model through the ``composed`` family and loads both
-  checkpoints, tensor by tensor.
 - :func:`image_token_layout` tells a data pipeline the image token id and tokens per image.
 
 Unlike an Mllama checkpoint, no file holds the fusion parameters: the cross-attention layers, the
@@ -17,13 +15,12 @@ Shapes: b batch, s tokens, s_e encoder tokens, d decoder width, d_e tower width,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from fusiontrain.weights.hf_checkpoint import copy_rows_into, materialize
+from fusiontrain.weights.hf_checkpoint import copy_rows_into
 from fusiontrain.families.llama import FusedSlot
 from fusiontrain.modules import DeepFusionModel, FusionEmbedding, RMSNorm, TanhGate, get_fusion_params
 
@@ -158,65 +155,3 @@ def image_token_layout(model: DeepFusionModel) -> ImageTokenLayout:
         vocab_size=embeddings.vocab_size,
         fusion_vocab_size=embeddings.fusion_vocab_size,
     )
-
-
-def compose_from_hf(
-    decoder_path: str | Path,
-    encoder_path: str | Path,
-    *,
-    fusion_interval: int = 4,
-    fusion_vocab_size: int = 8,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    decoder_trainable: bool = False,
-    encoder_trainable: bool = False,
-    fusion_trainable: bool = True,
-    seed: int = 0,
-) -> DeepFusionModel:
-    """Join a HF Llama causal LM and a HF CLIP / SigLIP vision tower into a :class:`DeepFusionModel`.
-
-    The decoder is the LM with a new gated cross-attention layer fused (run first) into every layer
-    ``index`` with ``(index + 1) % fusion_interval == 0``, and ``fusion_vocab_size`` new embedding
-    rows (the first, id ``vocab_size``, is the image token). The encoder is an
-    :class:`HFVisionTowerEncoder`: the tower plus a LLaVA-style projection head; it takes
-    ``encoder_input={"pixel_values": ...}`` as the tower's own HF image processor makes it. See
-    :func:`image_token_layout` for the image token id and tokens per image.
-
-    Everything is built on the meta device, allocated once in ``dtype`` on ``device``, and filled
-    tensor by tensor from safetensors (nothing is unpickled). The fusion parameters, which no file
-    holds, are initialised from ``seed`` by :func:`init_fusion_params`: with the gates shut the
-    model's logits equal the LM's.
-
-    A tied LM (``tie_word_embeddings`` with no ``lm_head.weight`` stored) gets the embedding copied
-    into the output projection; the two are separate parameters here, so the tie is not kept once
-    the decoder trains.
-
-    Args:
-        decoder_path: folder of a ``LlamaForCausalLM`` (``config.json`` with model_type ``llama``;
-            one safetensors file or shards with an index).
-        encoder_path: folder of a ``CLIPVisionModel`` / ``SiglipVisionModel`` (model_type
-            ``clip_vision_model`` / ``siglip_vision_model``), or of a full ``CLIPModel`` /
-            ``SiglipModel`` (only its ``vision_model`` tensors are used).
-        fusion_interval: fuse a cross-attention layer into every this-many decoder layers.
-        fusion_vocab_size: new embedding rows (at least 1, the image token).
-        dtype: parameter dtype.
-        device: where the parameters live.
-        decoder_trainable, encoder_trainable, fusion_trainable: what trains (see DeepFusionModel).
-        seed: seed of the fusion parameters' initial values.
-
-    Raises:
-        FileNotFoundError: a folder, its ``config.json`` or its safetensors are missing.
-        ValueError: a config of the wrong model_type or with unsupported features, or a checkpoint
-            whose tensors do not match its config.
-    """
-    from fusiontrain.families import TrainableFlags, model_family
-
-    pretrained = model_family("composed").prepare(
-        {"decoder": decoder_path, "encoder": encoder_path},
-        {"fusion_interval": fusion_interval, "fusion_vocab_size": fusion_vocab_size},
-        TrainableFlags(decoder_trainable, encoder_trainable, fusion_trainable),
-        seed=seed,
-    )
-    materialize(pretrained.model.to(dtype), device)
-    pretrained.load()
-    return pretrained.model

@@ -20,7 +20,7 @@ from torch import nn
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.families.decoder import DecoderFamily
 from fusiontrain.families.encoder import EncoderFamily
-from fusiontrain.families.model import EXPORT_ROLE, InputFolders, ModelFamily, TrainableFlags
+from fusiontrain.families.model import InputFolders, ModelFamily, TrainableFlags
 from fusiontrain.families.composed.compose import DEFAULT_INITIALIZER_RANGE, fusion_slots, init_fusion_params
 from fusiontrain.weights.hf_checkpoint import HFCheckpoint
 from fusiontrain.families.llama import llama_fused_decoder
@@ -175,9 +175,6 @@ class ComposedFamily(ModelFamily):
 
     def input_folders(self, folders: dict[str, str | Path], model: nn.Module) -> InputFolders:
         image_token_id = model.decoder.tok_embeddings.vocab_size  # the first new row
-        if EXPORT_ROLE in folders:
-            folder = Path(folders[EXPORT_ROLE])
-            return InputFolders(text_dir=folder, image_dir=folder, image_token_id=image_token_id)
         return InputFolders(Path(folders["decoder"]), Path(folders["encoder"]), image_token_id)
 
     def owns(self, model: nn.Module) -> bool:

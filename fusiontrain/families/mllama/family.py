@@ -21,10 +21,7 @@ from PIL import Image
 from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat, ImageInput
-from fusiontrain.flops.rules import Tally, any_trainable, conv_flops, count_linear, count_self_attention_layer, unwrap
 from fusiontrain.families.model import (
-    EXPORT_ROLE,
-    EncoderFlopCounter,
     InputFolders,
     ModelFamily,
     TrainableFlags,
@@ -33,7 +30,7 @@ from fusiontrain.families.model import (
 from fusiontrain.weights.hf_checkpoint import HFCheckpoint
 from fusiontrain.families.mllama.model import build_mllama, legacy_mllama_key, mllama_args_from_config, prepare_mllama
 from fusiontrain.weights.pretrained import PretrainedModel
-from fusiontrain.families.mllama.vision import _PAD_MULTIPLE, MllamaVisionEncoder
+from fusiontrain.families.mllama.vision import MllamaVisionEncoder
 
 
 class MllamaTiles(ImageFormat):
@@ -125,47 +122,6 @@ def check_aspect_ratios(image_processor: Any, config: dict) -> None:
         )
 
 
-def count_mllama_encoder(
-    tally: Tally, encoder: MllamaVisionEncoder, images: int, encoder_input: Mapping[str, Any] | None
-) -> tuple[int, bool]:
-    """Tiled ViT + projection head over ``images`` image slots, or, when they were read from
-    ``encoder_input``, over the slots the encoder runs on (its real images: padding slots are not
-    encoded, :meth:`MllamaVisionEncoder.encoded_images`); returns (tokens per image slot, whether
-    the embeddings require grad)."""
-    if encoder_input is not None:
-        images = encoder.encoded_images(**encoder_input)
-    vision, head = encoder.vision, encoder.projection
-    args = vision.args
-    tiles = images * args.max_num_tiles
-    p = args.tokens_per_tile
-    p_pad = -(-p // _PAD_MULTIPLE) * _PAD_MULTIPLE
-    seq = args.max_num_tiles * p_pad  # an image's tiles attend to each other
-    tokens, pairs = images * seq, images * seq * seq
-
-    # Pixels never require grad: the patch convolution only ever computes a weight gradient.
-    patch_flops = conv_flops(vision.conv, tiles, args.image_size)
-    tally.add("encoder.vision", patch_flops, int(vision.conv.weight.requires_grad))
-    x = any_trainable(
-        vision.conv, vision.class_embedding, vision.pre_tile_pos_embed, vision.token_pos_embed, vision.ln_pre
-    )
-    outputs = []
-    for layer in vision.layers:
-        x = count_self_attention_layer(
-            tally, ("encoder.vision", "encoder.vision"), unwrap(layer), tokens=tokens, pairs=pairs, x_grad=x
-        )
-        outputs.append(x)
-    intermediate = any(outputs[i] for i in args.intermediate_layers_indices)
-    x = x or any_trainable(vision.ln_post, vision.post_tile_pos_embed)
-
-    for layer in head.layers:
-        x = count_self_attention_layer(
-            tally, ("encoder.projection", "encoder.projection"), unwrap(layer), tokens=tokens, pairs=pairs, x_grad=x
-        )
-    # The projector sees the real (unpadded) tile tokens only.
-    embeddings = count_linear(tally, "encoder.projection", head.output, images * args.max_num_tiles * p, x or intermediate)
-    return args.max_num_tiles * p, embeddings
-
-
 class MllamaFamily(ModelFamily):
     """Llama 3.2 Vision, from one HF folder (``model.hf_mllama``)."""
 
@@ -193,14 +149,11 @@ class MllamaFamily(ModelFamily):
         return MllamaTiles(args.image_size, args.tokens_per_tile, args.max_num_tiles)
 
     def input_folders(self, folders: dict[str, str | Path], model: nn.Module) -> InputFolders:
-        folder = Path(folders.get(EXPORT_ROLE) or folders["hf_mllama"])
+        folder = Path(folders["hf_mllama"])
         return InputFolders(text_dir=folder, image_dir=None, image_token_id=None)  # MllamaProcessor's own
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(getattr(model, "encoder", None), MllamaVisionEncoder)
-
-    def analytic_encoder_flops(self, encoder: nn.Module) -> EncoderFlopCounter | None:
-        return count_mllama_encoder if isinstance(encoder, MllamaVisionEncoder) else None
 
     def hf_uses_legacy_names(self, folder: str | Path) -> bool:
         """``language_model.model.*``: what transformers 5.23's ``save_pretrained`` writes and the

@@ -19,13 +19,16 @@ d decoder width, s_e = i * t * p encoder tokens per sample.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
+from fusiontrain.flops.rules import Tally, any_trainable, conv_flops, count_linear, count_self_attention_layer, unwrap
 from fusiontrain.modules.attention import MultiHeadAttention
 from fusiontrain.modules.fusion import register_fusion_module
 from fusiontrain.modules.layers import FeedForward, TanhGate
@@ -321,9 +324,48 @@ class MllamaVisionEncoder(nn.Module):
     @staticmethod
     def encoded_images(pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor) -> int:
         """Image slots :meth:`forward` runs the tower on for these inputs (see
-        :func:`_real_image_slots`; the Mllama family's FLOP count asks, on the host batch)."""
+        :func:`_real_image_slots`; :meth:`count_flops` asks, on the host batch)."""
         real = _real_image_slots(aspect_ratio_ids)
         return aspect_ratio_ids.numel() if real is None else len(real)
+
+    def count_flops(self, tally: Tally, images: int, encoder_input: Mapping[str, Any] | None) -> tuple[int, bool]:
+        """This encoder's model FLOPs (the analytic count :mod:`fusiontrain.flops.count` asks an
+        encoder for): tiled ViT + projection head over ``images`` image slots, or, when they were read
+        from ``encoder_input``, over the slots the encoder runs on (its real images: padding slots are
+        not encoded, :meth:`encoded_images`); added to ``tally``. Returns (tokens per image slot,
+        whether the embeddings require grad)."""
+        if encoder_input is not None:
+            images = self.encoded_images(**encoder_input)
+        vision, head = self.vision, self.projection
+        args = vision.args
+        tiles = images * args.max_num_tiles
+        p = args.tokens_per_tile
+        p_pad = -(-p // _PAD_MULTIPLE) * _PAD_MULTIPLE
+        seq = args.max_num_tiles * p_pad  # an image's tiles attend to each other
+        tokens, pairs = images * seq, images * seq * seq
+
+        # Pixels never require grad: the patch convolution only ever computes a weight gradient.
+        patch_flops = conv_flops(vision.conv, tiles, args.image_size)
+        tally.add("encoder.vision", patch_flops, int(vision.conv.weight.requires_grad))
+        x = any_trainable(
+            vision.conv, vision.class_embedding, vision.pre_tile_pos_embed, vision.token_pos_embed, vision.ln_pre
+        )
+        outputs = []
+        for layer in vision.layers:
+            x = count_self_attention_layer(
+                tally, ("encoder.vision", "encoder.vision"), unwrap(layer), tokens=tokens, pairs=pairs, x_grad=x
+            )
+            outputs.append(x)
+        intermediate = any(outputs[i] for i in args.intermediate_layers_indices)
+        x = x or any_trainable(vision.ln_post, vision.post_tile_pos_embed)
+
+        for layer in head.layers:
+            x = count_self_attention_layer(
+                tally, ("encoder.projection", "encoder.projection"), unwrap(layer), tokens=tokens, pairs=pairs, x_grad=x
+            )
+        # The projector sees the real (unpadded) tile tokens only.
+        embeddings = count_linear(tally, "encoder.projection", head.output, images * args.max_num_tiles * p, x or intermediate)
+        return args.max_num_tiles * p, embeddings
 
     def _encode(
         self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
