@@ -1,7 +1,7 @@
 """torch.compile (inductor) on the CPU, per block and per training step: ``python benchmarks/compile_cpu.py``.
 
 Measures what ``parallel.compile`` (``fusiontrain.parallel.fsdp.apply_compile``: ``torch.compile`` per
-block) buys on the CPU, on the benchmark Mllama (``fusiontrain.tiny.bench_mllama_config``, written
+block) buys on the CPU, on the benchmark Mllama (``benchmarks.models.bench_mllama_config``, written
 once to ``benchmarks/out/bench_mllama``; the weights are its own) and on the long-tailed data mix
 of ``benchmarks/vs_hf.py``, in fp32.
 

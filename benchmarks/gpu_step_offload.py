@@ -29,7 +29,7 @@ from fusiontrain.train.nonfinite import NonFiniteGuard  # noqa: E402
 from fusiontrain.parallel.offload import ActivationOffloader  # noqa: E402
 from fusiontrain.parallel.fsdp import canonical_parameters, parallelize  # noqa: E402
 from fusiontrain.train.step import StepSettings, TrainStep  # noqa: E402
-from tests.helpers.tiny_models import IMAGE_TOKEN, VOCAB, random_pixels, tiny_mllama_args  # noqa: E402
+from benchmarks.models import IMAGE_TOKEN, VOCAB, random_pixels, tiny_mllama_args  # noqa: E402
 
 CUDA = torch.cuda.is_available()  # without a GPU: a small smoke run of the same code on the CPU (gloo)
 SEQ, ROWS, WIDTH = (4096, 1, 2048) if CUDA else (128, 1, 128)

@@ -1,6 +1,6 @@
 """LoRA + fusion training: fusiontrain against ``peft`` on transformers: ``python benchmarks/lora.py``.
 
-One process, fp32, on the CPU. The benchmark Mllama (``fusiontrain.tiny.bench_mllama_config``,
+One process, fp32, on the CPU. The benchmark Mllama (``benchmarks.models.bench_mllama_config``,
 written to a temporary folder) trains LoRA on every self-attention and MLP linear of the decoder
 (rank ``--rank``, alpha twice the rank) while its fusion parameters train in full, two ways on the
 same batches:
@@ -47,6 +47,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.models import bench_mllama_config, mllama_pixel_inputs  # noqa: E402
 from fusiontrain import tiny  # noqa: E402
 from fusiontrain.checkpoint.parts import save_tensors  # noqa: E402
 from fusiontrain.weights.peft import peft_layout  # noqa: E402
@@ -69,7 +70,7 @@ def batches(config, *, steps: int, batch: int, seq: int) -> list[dict[str, torch
         generator = torch.Generator().manual_seed(step)
         tokens = torch.randint(4, config.text_config.vocab_size, (batch, seq), generator=generator)
         tokens[:, 0] = config.image_token_index
-        pixels = tiny.tiny_pixel_inputs(config, batch_images=[[1]] * batch, seed=step)
+        pixels = mllama_pixel_inputs(config, batch_images=[[1]] * batch, seed=step)
         cross = torch.zeros(batch, seq, 1, vision.max_num_tiles, dtype=torch.long)
         cross[:, :, 0, 0] = 1
         labels = torch.cat([tokens[:, 1:], torch.full((batch, 1), -100)], dim=1)  # position i predicts token i + 1
@@ -172,7 +173,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        config = tiny.bench_mllama_config()
+        config = bench_mllama_config()
         folder, _ = tiny.save_tiny_mllama(root / "bench_mllama", config=config, save_tokenizer=False)
         data = batches(config, steps=args.steps, batch=args.batch, seq=args.seq)
         ours, our_model, modules = fusiontrain_variant(folder, args.rank)

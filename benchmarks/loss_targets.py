@@ -4,7 +4,7 @@
 Data: the long-tail synthetic samples of ``benchmarks/vs_hf.py`` (0-2 images, Pareto text lengths
 capped at 1024; image tokens, final positions and padding are not targets), collated the two ways
 that benchmark trains: 4 samples padded to the longest, and 4 packed rows of 1024. Model side: the
-output projection of ``fusiontrain.tiny.bench_mllama_config`` (d = 512, v = 32k, fp32) on random
+output projection of ``benchmarks.models.bench_mllama_config`` (d = 512, v = 32k, fp32) on random
 final hidden states ``[b, s, d]``; 8 loss chunks.
 
 For each batch, in this process, the loss's forward + backward runs twice: with the batch's target
@@ -35,7 +35,7 @@ from fusiontrain.data.synthetic import SyntheticImageText  # noqa: E402
 from fusiontrain.families.mllama.family import MllamaTiles  # noqa: E402
 from fusiontrain.train.loss import chunked_cross_entropy_sum  # noqa: E402
 from fusiontrain.plan.memory import TensorMemoryTracker  # noqa: E402
-from fusiontrain.tiny import bench_mllama_config  # noqa: E402
+from benchmarks.models import bench_mllama_config  # noqa: E402
 
 SEQ_LEN, ROWS, CHUNKS, IGNORE = 1024, 4, 8, -100
 

@@ -66,11 +66,12 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> str:
 
 def model_folder(kind: str) -> Path:
     """The benchmark's HF Mllama folder (written once into benchmarks/out/)."""
+    from benchmarks.models import bench_mllama_config
     from fusiontrain import tiny
 
     folder = OUT / f"{kind}_mllama"
     if not (folder / "config.json").is_file():
-        config = tiny.bench_mllama_config() if kind == "bench" else None
+        config = bench_mllama_config() if kind == "bench" else None
         tiny.save_tiny_mllama(folder, config=config, save_tokenizer=False)
     return folder
 

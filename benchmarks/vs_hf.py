@@ -1,7 +1,7 @@
 """fusiontrain against HF transformers and torchtune, same weights, same data: ``python benchmarks/vs_hf.py``.
 
 One process, on the CPU (or one GPU with ``--device cuda``), trains the benchmark Mllama
-(``fusiontrain.tiny.bench_mllama_config``, written once to ``benchmarks/out/bench_mllama``)
+(``benchmarks.models.bench_mllama_config``, written once to ``benchmarks/out/bench_mllama``)
 fusion-only (the cross-attention layers, the projection head and the 8 extra token rows), in fp32
 (or bf16 with ``--precision bf16``), five ways:
 

@@ -7,7 +7,7 @@ The model is torchtune's own modules:
   ``Llama3VisionProjectionHead``);
 - the decoder from ``torchtune.modules`` pieces (``MultiHeadAttention``, ``FusionLayer``,
   ``FusionEmbedding``, ``TransformerDecoder``, ``Llama3ScaledRoPE``), assembled by
-  ``tests/helpers/torchtune_ref.tt_fused_decoder`` exactly as ``llama3_2_vision_decoder`` does
+  ``benchmarks/torchtune_ref.tt_fused_decoder`` exactly as ``llama3_2_vision_decoder`` does
   layer by layer. The builder itself cannot build the benchmark model: it puts a cross-attention
   layer *before* every ``fusion_interval``-th self-attention layer, while the benchmark Mllama's
   last cross-attention layer (HF index 7 of 8) comes *after* the last self-attention layer
@@ -121,7 +121,7 @@ def build_torchtune_model(folder: Path) -> torch.nn.Module:
     on the CPU)."""
     from torchtune.modules.model_fusion import DeepFusionModel
 
-    from tests.helpers.torchtune_ref import tt_fused_decoder
+    from benchmarks.torchtune_ref import tt_fused_decoder
 
     builders, convert = torchtune_vision_modules()
     config = json.loads((folder / "config.json").read_text())

@@ -323,6 +323,8 @@ def _run_make_tiny(args: argparse.Namespace) -> int:
         "llama": tiny.save_tiny_llama(out / "tiny_llama")[0],
         "clip": tiny.save_tiny_clip_vision(out / "tiny_clip")[0],
         "siglip": tiny.save_tiny_siglip_vision(out / "tiny_siglip")[0],
+        "qwen3": tiny.save_tiny_qwen3(out / "tiny_qwen3")[0],
+        "siglip2 naflex": tiny.save_tiny_siglip2_naflex(out / "tiny_siglip2_naflex")[0],
     }
     for family, path in written.items():
         print(f"{family}: {path}")
@@ -416,7 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("args", nargs=argparse.REMAINDER)
     generate.set_defaults(func=_run_generate)
 
-    make_tiny = sub.add_parser("make-tiny", help="write tiny HF checkpoints (Mllama, Llama, CLIP, SigLIP)")
+    make_tiny = sub.add_parser(
+        "make-tiny", help="write tiny HF checkpoints of every family the shipped configs use (Mllama, Llama, CLIP, SigLIP, Qwen3, SigLIP2 NaFlex)"
+    )
     make_tiny.add_argument("--out", default="tiny_checkpoints", help="folder to write them into")
     make_tiny.set_defaults(func=_run_make_tiny)
     return parser

@@ -221,38 +221,6 @@ def tiny_mllama_config(**overrides: Any) -> Any:
     return config
 
 
-def bench_mllama_config() -> Any:
-    """The "small but not trivial" Mllama of the benchmarks: d=512, 8 text layers of which 2 are
-    cross-attention (indices 3 and 7), 8 heads / 4 KV heads, MLP 1536, a 32k vocabulary; a vision
-    tower of 4 + 2 global layers, width 256, one 112 px tile of 14 px patches (65 tokens)."""
-    return tiny_mllama_config(
-        text_config={
-            "vocab_size": 32_000,
-            "hidden_size": 512,
-            "num_hidden_layers": 8,
-            "cross_attention_layers": [3, 7],
-            "num_attention_heads": 8,
-            "num_key_value_heads": 4,
-            "intermediate_size": 1536,
-            "max_position_embeddings": 4096,
-        },
-        vision_config={
-            "hidden_size": 256,
-            "attention_heads": 4,
-            "intermediate_size": 1024,
-            "num_hidden_layers": 4,
-            "num_global_layers": 2,
-            "intermediate_layers_indices": [1, 3],
-            "vision_output_dim": 256 * 3,
-            "image_size": 112,
-            "patch_size": 14,
-            "max_num_tiles": 1,
-            "supported_aspect_ratios": [[1, 1]],
-        },
-        image_token_index=32_000,
-    )
-
-
 @torch.no_grad()
 def set_nonzero_mllama_gates(model: torch.nn.Module) -> None:
     """Give every gate that HF initialises to zero a distinct non-zero value.
@@ -354,63 +322,6 @@ def _save_mllama_processor(path: Path, config: Any) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=TINY_CHAT_TEMPLATE)
     processor.save_pretrained(path)
-
-
-def tiny_pixel_inputs(
-    config: Any,
-    *,
-    batch_images: list[list[int]],
-    seed: int = 0,
-    hf_padding_quirk: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Random HF-style Mllama image inputs.
-
-    Args:
-        config: an ``MllamaConfig`` (or its ``vision_config``).
-        batch_images: for each sample, the 1-based aspect-ratio id (index into
-            ``supported_aspect_ratios`` plus one) of each of its images; e.g. ``[[1], [2, 3]]``
-            means sample 0 has one 1x1 image and sample 1 has a 1x2 and a 2x1 image. A sample
-            may have no images (``[]``).
-        seed: seed for the pixel values.
-        hf_padding_quirk: mimic ``MllamaImageProcessor``, which sets
-            ``aspect_ratio_mask[..., 0] = 1`` for *every* image slot, padding slots included.
-            With ``False``, padding image slots are all zeros.
-
-    Returns:
-        ``pixel_values`` float ``[b, max_imgs, max_tiles, 3, H, W]`` (standard normal for real
-        tiles, zero for padding tiles/images), ``aspect_ratio_ids`` long ``[b, max_imgs]``
-        (0 for padding images), ``aspect_ratio_mask`` long ``[b, max_imgs, max_tiles]``
-        (1 for real tiles), where ``max_imgs = max(1, longest list)``.
-    """
-    vc = getattr(config, "vision_config", config)
-    ratios = vc.supported_aspect_ratios
-    max_tiles = vc.max_num_tiles
-    size = vc.image_size
-    channels = getattr(vc, "num_channels", 3)
-    batch = len(batch_images)
-    max_imgs = max([1] + [len(imgs) for imgs in batch_images])
-
-    gen = torch.Generator().manual_seed(seed)
-    pixel_values = torch.zeros(batch, max_imgs, max_tiles, channels, size, size)
-    aspect_ratio_ids = torch.zeros(batch, max_imgs, dtype=torch.long)
-    aspect_ratio_mask = torch.zeros(batch, max_imgs, max_tiles, dtype=torch.long)
-    if hf_padding_quirk:
-        aspect_ratio_mask[:, :, 0] = 1
-    for i, imgs in enumerate(batch_images):
-        for j, ar_id in enumerate(imgs):
-            if not 1 <= ar_id <= len(ratios):
-                raise ValueError(f"aspect ratio id {ar_id} not in 1..{len(ratios)}")
-            n_tiles = math.prod(ratios[ar_id - 1])
-            if n_tiles > max_tiles:
-                raise ValueError(f"aspect ratio {ratios[ar_id - 1]} needs more than {max_tiles} tiles")
-            aspect_ratio_ids[i, j] = ar_id
-            aspect_ratio_mask[i, j, :n_tiles] = 1
-            pixel_values[i, j, :n_tiles] = torch.randn(n_tiles, channels, size, size, generator=gen)
-    return {
-        "pixel_values": pixel_values,
-        "aspect_ratio_ids": aspect_ratio_ids,
-        "aspect_ratio_mask": aspect_ratio_mask,
-    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ process group with its device mesh."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,46 +21,32 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
-@pytest.fixture(scope="session")
-def tiny_mllama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder with a tiny Mllama (non-zero gates, single safetensors file, tokenizer, processor)."""
-    path, _ = tiny.save_tiny_mllama(tmp_path_factory.mktemp("tiny_mllama"))
-    return path
+# The tiny HF folders every test may ask for by name, saved once per test session (per xdist
+# worker): fixture name -> (the fusiontrain.tiny function that writes it, what it holds).
+TINY_FOLDERS = {
+    "tiny_mllama_dir": (tiny.save_tiny_mllama, "a tiny Mllama (non-zero gates, one safetensors file, tokenizer, processor)"),
+    "tiny_llama_dir": (tiny.save_tiny_llama, "a tiny Llama decoder and the tiny tokenizer"),
+    "tiny_clip_dir": (tiny.save_tiny_clip_vision, "a tiny CLIP vision tower and its PIL image processor"),
+    "tiny_siglip_dir": (tiny.save_tiny_siglip_vision, "a tiny SigLIP vision tower and its PIL image processor"),
+    "tiny_qwen3_dir": (tiny.save_tiny_qwen3, "a tiny Qwen3 decoder (head_dim 32, perturbed q/k norms, tied LM head)"),
+    "tiny_siglip2_naflex_dir": (
+        tiny.save_tiny_siglip2_naflex,
+        "a tiny SigLIP2 NaFlex vision tower (4 px patches, at most 16) and its PIL processor",
+    ),
+}
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder with a tiny Llama decoder and the tiny tokenizer."""
-    path, _ = tiny.save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-    return path
+def _tiny_folder_fixture(name: str, save: Callable[[Path], tuple[Path, object]], holds: str) -> Callable:
+    def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        path, _ = save(tmp_path_factory.mktemp(name.removesuffix("_dir")))
+        return path
+
+    folder.__doc__ = f"Folder with {holds}."
+    return pytest.fixture(scope="session", name=name)(folder)
 
 
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder with a tiny CLIP vision tower and its PIL image processor."""
-    path, _ = tiny.save_tiny_clip_vision(tmp_path_factory.mktemp("tiny_clip"))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_siglip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder with a tiny SigLIP vision tower and its PIL image processor."""
-    path, _ = tiny.save_tiny_siglip_vision(tmp_path_factory.mktemp("tiny_siglip"))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder with a tiny Qwen3 decoder (head_dim 32, perturbed q/k norms, tied LM head) and the tiny tokenizer."""
-    path, _ = tiny.save_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_siglip2_naflex_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Folder with a tiny SigLIP2 NaFlex vision tower (4 px patches, at most 16) and its PIL processor."""
-    path, _ = tiny.save_tiny_siglip2_naflex(tmp_path_factory.mktemp("tiny_siglip2_naflex"))
-    return path
+for _name, (_save, _holds) in TINY_FOLDERS.items():
+    globals()[_name] = _tiny_folder_fixture(_name, _save, _holds)
 
 
 @pytest.fixture

@@ -29,9 +29,10 @@ from fusiontrain.weights.hf_checkpoint import HFCheckpoint
 from fusiontrain.families.mllama.model import canonical_mllama_key, mllama_args_from_config, mllama_weight_map
 from fusiontrain.modules import get_fusion_params
 from tests.helpers.tiny_models import mllama_batch_where_every_row_sees_an_image
+from fusiontrain.checkpoint.parts import save_tensors
+from tests.helpers.checkpoints import STEP, perturb, write_checkpoint
 
 TOKENS_PER_TILE = 5  # (28 // 14) ** 2 + 1
-STEP = 7
 SMALL_SHARD = 300_000  # the tiny Mllama is ~1.27 MB in fp32: 5 shards
 
 
@@ -43,39 +44,14 @@ def main(argv: list[str]) -> int:
 # -- building checkpoints ---------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _perturb(params: dict[str, torch.Tensor], seed: int) -> None:
-    """Simulated training: move every parameter (gates included) by a visible amount."""
-    generator = torch.Generator().manual_seed(seed)
-    for param in params.values():
-        param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.dtype))
-
-
-def _dcp_save(tensors: dict, folder: Path) -> None:
-    """Tensors saved as a checkpoint's DCP part is (safetensors, one process)."""
-    from fusiontrain.checkpoint.parts import save_tensors
-
-    save_tensors(tensors, folder)
-
-
-def _write_checkpoint(root: Path, parts: dict[str, dict[str, torch.Tensor]], base: dict, **extra) -> Path:
-    folder = layout.checkpoint_dir(root, STEP)
-    folder.mkdir(parents=True)
-    for part, tensors in parts.items():
-        clones = {name: tensor.detach().clone() for name, tensor in tensors.items()}
-        _dcp_save(clones, layout.part_dir(folder, part))
-    layout.write_manifest(folder, layout.new_manifest(STEP, sorted(parts), base, **extra))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def trained_mllama(tiny_mllama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """(our perturbed Mllama, its checkpoint folder) with only the fusion part."""
     model = load_hf_mllama(tiny_mllama_dir).eval()
     fusion = get_fusion_params(model)
-    _perturb(fusion, seed=3)
+    perturb(fusion, seed=3)
     base = {"family": "mllama", "folders": {"hf_mllama": str(tiny_mllama_dir)}}
-    checkpoint = _write_checkpoint(tmp_path_factory.mktemp("run"), {"fusion": fusion}, base)
+    checkpoint = write_checkpoint(tmp_path_factory.mktemp("run"), {"fusion": fusion}, base)
     return model, checkpoint
 
 
@@ -209,7 +185,7 @@ def test_generation_config_is_written_when_the_base_has_none(trained_mllama, tin
     shutil.copytree(tiny_mllama_dir, base)
     (base / "generation_config.json").unlink()
     model, _ = trained_mllama
-    checkpoint = _write_checkpoint(
+    checkpoint = write_checkpoint(
         tmp_path / "run", {"fusion": get_fusion_params(model)}, {"family": "mllama", "folders": {"hf_mllama": str(base)}}
     )
     out = export_checkpoint(checkpoint, tmp_path / "out")
@@ -243,15 +219,15 @@ def test_composed_export_is_self_contained_and_matches(
     model = compose_from_hf(decoder_dir, encoder_dir, fusion_interval=2, fusion_vocab_size=8, decoder_trainable=True).eval()
     fusion = get_fusion_params(model)
     decoder = {name: p for name, p in model.named_parameters() if name.startswith("decoder.") and name not in fusion}
-    _perturb(fusion, seed=1)
-    _perturb(decoder, seed=2)
+    perturb(fusion, seed=1)
+    perturb(decoder, seed=2)
     base = {
         "family": "composed",
         "folders": {"decoder": str(decoder_dir), "encoder": str(encoder_dir)},
         "fusion_interval": 2,
         "fusion_vocab_size": 8,
     }
-    checkpoint = _write_checkpoint(tmp_path / "run", {"fusion": fusion, "decoder": decoder}, base)
+    checkpoint = write_checkpoint(tmp_path / "run", {"fusion": fusion, "decoder": decoder}, base)
     assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
     out = tmp_path / "out"
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
@@ -286,11 +262,11 @@ def test_composed_base_cannot_be_exported_as_hf(tiny_llama_dir: Path, tiny_clip_
         "fusion_interval": 2,
         "fusion_vocab_size": 8,
     }
-    checkpoint = _write_checkpoint(tmp_path / "run", {"fusion": get_fusion_params(model)}, base)
+    checkpoint = write_checkpoint(tmp_path / "run", {"fusion": get_fusion_params(model)}, base)
     with pytest.raises(ExportError, match="use --format fusiontrain"):
         export_checkpoint(checkpoint, tmp_path / "out", format="hf")
     # a part that does not match the base model is refused, naming the offenders
-    broken = _write_checkpoint(
+    broken = write_checkpoint(
         tmp_path / "run2", {"fusion": {"decoder.layers.1.fusion_layer.nope": torch.zeros(2)}}, base
     )
     with pytest.raises(ExportError, match="unexpected .*fusion_layer.nope"):
@@ -342,7 +318,7 @@ def test_default_dtype_is_the_bases_and_frozen_tensors_are_bit_identical(
     model, _ = trained_mllama
     want = {"fp32": ("F32", torch.float32), "bf16": ("BF16", torch.bfloat16)}[stored]
     base_dir = tiny_mllama_dir if stored == "fp32" else _base_in(tiny_mllama_dir, tmp_path / "bf16", lambda _: torch.bfloat16)
-    checkpoint = _write_checkpoint(
+    checkpoint = write_checkpoint(
         tmp_path / "run", {"fusion": get_fusion_params(model)}, {"family": "mllama", "folders": {"hf_mllama": str(base_dir)}}
     )
     out = tmp_path / "out"
@@ -382,7 +358,7 @@ def test_a_mixed_dtype_base_keeps_each_tensors_dtype(trained_mllama, tiny_mllama
     base_dir = _base_in(
         tiny_mllama_dir, tmp_path / "mixed", lambda name: torch.bfloat16 if name.startswith("vision_model.") else None
     )
-    checkpoint = _write_checkpoint(
+    checkpoint = write_checkpoint(
         tmp_path / "run", {"fusion": get_fusion_params(model)}, {"family": "mllama", "folders": {"hf_mllama": str(base_dir)}}
     )
     out = export_checkpoint(checkpoint, tmp_path / "out")
@@ -413,14 +389,14 @@ def test_composed_fusion_parameters_take_the_dominant_base_dtype(
     assert sum(raw.numel() // 2 for _, raw in decoder.values()) > sum(raw.numel() // 4 for _, raw in encoder.values())
     model = compose_from_hf(decoder_dir, encoder_dir, fusion_interval=2, fusion_vocab_size=8)
     fusion = get_fusion_params(model)
-    _perturb(fusion, seed=4)
+    perturb(fusion, seed=4)
     base = {
         "family": "composed",
         "folders": {"decoder": str(decoder_dir), "encoder": str(encoder_dir)},
         "fusion_interval": 2,
         "fusion_vocab_size": 8,
     }
-    checkpoint = _write_checkpoint(tmp_path / "run", {"fusion": fusion}, base)
+    checkpoint = write_checkpoint(tmp_path / "run", {"fusion": fusion}, base)
     out = export_checkpoint(checkpoint, tmp_path / "out")
     assert json.loads((out / "fusiontrain_config.json").read_text())["dtype"] == "bfloat16"
     exported = _stored(out)
@@ -546,7 +522,7 @@ def test_changed_base_is_refused(trained_mllama, tiny_mllama_dir: Path, tmp_path
     shutil.copytree(tiny_mllama_dir, base)
     size = (base / "model.safetensors").stat().st_size
     fingerprint = {"hf_mllama/model.safetensors": {"size": size + 1, "sha256": "0" * 64}}
-    checkpoint = _write_checkpoint(
+    checkpoint = write_checkpoint(
         tmp_path / "run",
         {"fusion": get_fusion_params(model)},
         {"family": "mllama", "folders": {"hf_mllama": str(base)}},
@@ -598,7 +574,7 @@ def test_layout_lists_only_complete_checkpoints(tmp_path: Path) -> None:
     for step in (3, 12, 100):
         folder = layout.tmp_dir(tmp_path, step)
         folder.mkdir(parents=True)
-        _dcp_save(tensors, layout.part_dir(folder, "fusion"))
+        save_tensors(tensors, layout.part_dir(folder, "fusion"))
         layout.write_manifest(folder, layout.new_manifest(step, ["fusion"], base))
         if step != 100:  # step 100 stays a temporary folder: its save never finished
             folder.rename(layout.checkpoint_dir(tmp_path, step))

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fusiontrain.flops import count as flops
+from fusiontrain.flops import peak
 from fusiontrain.data import Batch
 from fusiontrain.modules.masks import block_causal_mask
 from fusiontrain.train.loss import chunked_cross_entropy_sum
@@ -271,14 +272,14 @@ def test_flop_count_sums() -> None:
 
 
 def test_mfu() -> None:
-    assert flops.mfu(6e15, 2.0, 1e15, 4) == pytest.approx(0.75)
-    assert flops.mfu(1e12, 1.0, 1e12) == pytest.approx(1.0)
+    assert peak.mfu(6e15, 2.0, 1e15, 4) == pytest.approx(0.75)
+    assert peak.mfu(1e12, 1.0, 1e12) == pytest.approx(1.0)
     with pytest.raises(ValueError):
-        flops.mfu(1.0, 0.0, 1e12, 1)
+        peak.mfu(1.0, 0.0, 1e12, 1)
 
 
 @pytest.mark.parametrize(
-    ("name", "peak"),
+    ("name", "expected"),
     [
         ("NVIDIA H100 80GB HBM3", 989.4e12),
         ("NVIDIA H100 SXM5 80GB", 989.4e12),
@@ -295,18 +296,18 @@ def test_mfu() -> None:
         ("NVIDIA GeForce RTX 4090", None),
     ],
 )
-def test_peak_flops_by_name(name: str, peak: float | None) -> None:
-    if peak is None:
+def test_peak_flops_by_name(name: str, expected: float | None) -> None:
+    if expected is None:
         with pytest.raises(ValueError, match="no peak"):
-            flops.peak_flops_for_name(name)
+            peak.peak_flops_for_name(name)
     else:
-        assert flops.peak_flops_for_name(name) == peak
+        assert peak.peak_flops_for_name(name) == expected
 
 
 def test_cpu_peak_is_measured_once() -> None:
-    first = flops.device_peak_flops("cpu")
+    first = peak.device_peak_flops("cpu")
     assert math.isfinite(first) and first > 1e8
-    assert flops.device_peak_flops(torch.device("cpu")) == first  # cached: measured once per process
+    assert peak.device_peak_flops(torch.device("cpu")) == first  # cached: measured once per process
 
 
 # -- encoders counted generically (fusiontrain.flops.probe) ----------------------------------------

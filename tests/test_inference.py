@@ -25,10 +25,10 @@ from fusiontrain.inference.load import (
 )
 from fusiontrain.models import compose_from_hf, encoder_mask_from_cross_attention_mask, load_hf_mllama
 from fusiontrain.modules import get_fusion_params
+from tests.helpers.checkpoints import STEP, perturb, write_checkpoint
 
 TOKENS_PER_TILE = 5  # (28 // 14) ** 2 + 1
 MAX_TILES = 2
-STEP = 7
 PROMPT = "What is it?"
 
 
@@ -77,32 +77,6 @@ def _decode(loaded, output: torch.Tensor, prompt_length: int) -> str:
     return loaded.tokenizer.decode(output[0, prompt_length:].tolist(), skip_special_tokens=True)
 
 
-@torch.no_grad()
-def _perturb(params: dict[str, torch.Tensor], seed: int) -> None:
-    """Simulated training: move every parameter by a visible amount."""
-    generator = torch.Generator().manual_seed(seed)
-    for param in params.values():
-        param.add_(0.05 * torch.randn(param.shape, generator=generator).to(param.dtype))
-
-
-def _dcp_save(tensors: dict, folder: Path) -> None:
-    """Tensors saved as a checkpoint's DCP part is (safetensors, one process)."""
-    from fusiontrain.checkpoint.parts import save_tensors
-
-    save_tensors(tensors, folder)
-
-
-def _write_checkpoint(root: Path, parts: dict[str, dict[str, torch.Tensor]], base: dict, **extra) -> Path:
-    """A checkpoint folder as CheckpointManager writes it: the parts, an optimizer state, the manifest."""
-    folder = layout.checkpoint_dir(root, STEP)
-    folder.mkdir(parents=True)
-    for part, tensors in parts.items():
-        _dcp_save({name: tensor.detach().clone() for name, tensor in tensors.items()}, layout.part_dir(folder, part))
-    _dcp_save({"state/step": torch.tensor(float(STEP))}, folder / "train_state" / "optimizer")
-    layout.write_manifest(folder, layout.new_manifest(STEP, sorted(parts), base, **extra))
-    return folder
-
-
 def _assert_same_parameters(got: torch.nn.Module, want: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
     for (name, a), (other, b) in zip(got.named_parameters(), want.named_parameters(), strict=True):
         assert name == other and a.dtype == dtype and torch.equal(a, b.to(dtype)), name
@@ -113,10 +87,10 @@ def trained_mllama(tiny_mllama_dir: Path, tmp_path_factory: pytest.TempPathFacto
     """(our Mllama with perturbed fusion parameters, its run folder, its checkpoint folder)."""
     model = load_hf_mllama(tiny_mllama_dir).eval()
     fusion = get_fusion_params(model)
-    _perturb(fusion, seed=3)
+    perturb(fusion, seed=3)
     run = tmp_path_factory.mktemp("run")
     base = {"family": "mllama", "folders": {"hf_mllama": str(tiny_mllama_dir)}}
-    return model, run, _write_checkpoint(run, {"fusion": fusion}, base)
+    return model, run, write_checkpoint(run, {"fusion": fusion}, base)
 
 
 # -- (1) cached decoding -----------------------------------------------------------------------------
@@ -282,14 +256,14 @@ def test_composed_checkpoint_and_export(
 ) -> None:
     model = compose_from_hf(tiny_llama_dir, tiny_clip_dir, fusion_interval=2, fusion_vocab_size=8).eval()
     fusion = get_fusion_params(model)
-    _perturb(fusion, seed=5)
+    perturb(fusion, seed=5)
     base = {
         "family": "composed",
         "folders": {"decoder": str(tiny_llama_dir), "encoder": str(tiny_clip_dir)},
         "fusion_interval": 2,
         "fusion_vocab_size": 8,
     }
-    checkpoint = _write_checkpoint(tmp_path / "run", {"fusion": fusion}, base)
+    checkpoint = write_checkpoint(tmp_path / "run", {"fusion": fusion}, base)
     loaded = load_for_inference(checkpoint)
     assert (loaded.family, type(loaded.image_format).__name__, loaded.image_token_id) == (
         "composed",
@@ -314,8 +288,8 @@ def test_composed_checkpoint_and_export(
     assert torch.equal(build_prompt_inputs(exported, [images["square"], images["wide"]], PROMPT)[0], tokens)
 
     # A run that started from that export (base folders {"fusiontrain_export": ...}) and trained on.
-    _perturb(fusion, seed=6)
-    again = _write_checkpoint(tmp_path / "run2", {"fusion": fusion}, {**base, "folders": {"fusiontrain_export": str(out)}})
+    perturb(fusion, seed=6)
+    again = write_checkpoint(tmp_path / "run2", {"fusion": fusion}, {**base, "folders": {"fusiontrain_export": str(out)}})
     from_export = load_for_inference(again)
     assert (from_export.family, from_export.text_dir, from_export.image_dir) == ("composed", out, out)
     _assert_same_parameters(from_export.model, model)
@@ -417,9 +391,9 @@ def test_a_part_that_does_not_fit_the_base_is_an_inference_error(trained_mllama,
     base = layout.read_manifest(checkpoint)["base"]
     fusion = get_fusion_params(model)
     norm = next(name for name in fusion if name.endswith("ca_norm.scale"))
-    wrong_shape = _write_checkpoint(tmp_path / "shape", {"fusion": {**fusion, norm: torch.zeros(3)}}, base)
+    wrong_shape = write_checkpoint(tmp_path / "shape", {"fusion": {**fusion, norm: torch.zeros(3)}}, base)
     with pytest.raises(InferenceError, match=rf"fusion/{norm} has shape \(3,\).*trained from this base"):
         load_for_inference(wrong_shape)
-    foreign = _write_checkpoint(tmp_path / "foreign", {"fusion": {**fusion, "decoder.nope": torch.zeros(2)}}, base)
+    foreign = write_checkpoint(tmp_path / "foreign", {"fusion": {**fusion, "decoder.nope": torch.zeros(2)}}, base)
     with pytest.raises(InferenceError, match=r"unexpected \['decoder.nope'\]"):
         load_for_inference(foreign)

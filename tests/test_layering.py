@@ -157,3 +157,16 @@ def test_no_import_cycles_between_files_or_packages() -> None:
                 packages[_unit(module)].add(_unit(target))
     assert not _cycles(packages), f"package import cycles: {_cycles(packages)}"
     assert not _cycles(files), f"file import cycles: {_cycles(files)}"
+
+
+def test_benchmarks_and_scripts_never_import_the_tests() -> None:
+    """Tests may use benchmark code (``benchmarks.models``); the other way round, a benchmark would
+    depend on test fixtures."""
+    wrong = []
+    for path in sorted([*(REPO / "benchmarks").glob("*.py"), *(REPO / "scripts").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            )
+            wrong += [f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "tests"]
+    assert not wrong, wrong

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.models import bench_mllama_config
 from fusiontrain import tiny
 from fusiontrain.source.model_source import ModelSource
 from fusiontrain.train.model import build_meta_model
@@ -110,7 +111,7 @@ def bench_mllama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The benchmarks' Mllama (d=512, 32k vocabulary, 63M parameters): large enough that tensors,
     not the runtime, dominate a run's memory."""
     path, _ = tiny.save_tiny_mllama(
-        tmp_path_factory.mktemp("bench_mllama"), config=tiny.bench_mllama_config(), save_tokenizer=False
+        tmp_path_factory.mktemp("bench_mllama"), config=bench_mllama_config(), save_tokenizer=False
     )
     return path
 

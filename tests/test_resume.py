@@ -146,6 +146,7 @@ def test_export_of_a_training_checkpoint_loads_in_transformers(tmp_path, tiny_ml
     our model with the trained fusion weights (inputs where every text row sees an image)."""
     from transformers import MllamaForConditionalGeneration
 
+    from benchmarks.models import mllama_pixel_inputs
     from fusiontrain import tiny
     from fusiontrain.models import encoder_mask_from_cross_attention_mask, load_hf_mllama
 
@@ -164,7 +165,7 @@ def test_export_of_a_training_checkpoint_loads_in_transformers(tmp_path, tiny_ml
     hf = MllamaForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
     tokens = torch.randint(4, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     tokens[:, 0] = tiny.IMAGE_TOKEN_ID
-    pixels = tiny.tiny_pixel_inputs(tiny.tiny_mllama_config(), batch_images=[[2], [1]])
+    pixels = mllama_pixel_inputs(tiny.tiny_mllama_config(), batch_images=[[2], [1]])
     cross = torch.zeros(2, 9, 1, 2, dtype=torch.long)
     cross[0, :, 0, :2] = 1
     cross[1, :, 0, :1] = 1

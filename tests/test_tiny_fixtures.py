@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.models import mllama_pixel_inputs
 from fusiontrain import tiny
 
 
@@ -79,7 +80,7 @@ def test_tiny_mllama_roundtrip(tmp_path: Path, sharded: bool) -> None:
     assert (emb[128:].abs().sum(-1) > 0).all()
 
     batch = _mllama_text_batch()
-    pixels = tiny.tiny_pixel_inputs(loaded.config, batch_images=[[1], [2, 3]])
+    pixels = mllama_pixel_inputs(loaded.config, batch_images=[[1], [2, 3]])
     with torch.no_grad():
         a = loaded(**batch, **pixels).logits
         b = model(**batch, **pixels).logits
@@ -92,8 +93,8 @@ def test_tiny_mllama_image_changes_logits(tiny_mllama_dir: Path) -> None:
 
     model = _load_strict(MllamaForConditionalGeneration, tiny_mllama_dir)
     batch = _mllama_text_batch()
-    px0 = tiny.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=0)
-    px1 = tiny.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=1)
+    px0 = mllama_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=0)
+    px1 = mllama_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=1)
     with torch.no_grad():
         text_only = model(input_ids=batch["input_ids"]).logits
         with0 = model(**batch, **px0).logits
@@ -107,15 +108,15 @@ def test_zero_gates_make_images_irrelevant(tmp_path: Path) -> None:
     """Sanity check of the fixture's purpose: with HF's zero init an image changes nothing."""
     _, model = tiny.save_tiny_mllama(tmp_path / "z", nonzero_gates=False, save_tokenizer=False)
     batch = _mllama_text_batch()
-    px0 = tiny.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=0)
-    px1 = tiny.tiny_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=1)
+    px0 = mllama_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=0)
+    px1 = mllama_pixel_inputs(model.config, batch_images=[[1], [2, 3]], seed=1)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch, **px0).logits, model(**batch, **px1).logits)
 
 
-def test_tiny_pixel_inputs_layout() -> None:
+def test_mllama_pixel_inputs_layout() -> None:
     cfg = tiny.tiny_mllama_config()
-    px = tiny.tiny_pixel_inputs(cfg, batch_images=[[1], [2, 3], []])
+    px = mllama_pixel_inputs(cfg, batch_images=[[1], [2, 3], []])
     assert px["pixel_values"].shape == (3, 2, 2, 3, 28, 28)
     assert px["aspect_ratio_ids"].tolist() == [[1, 0], [2, 3], [0, 0]]
     # HF processor quirk: the first tile of every image slot, padding included, is marked.
@@ -123,10 +124,10 @@ def test_tiny_pixel_inputs_layout() -> None:
     real = px["pixel_values"].flatten(3).abs().sum(-1) > 0
     assert real.tolist() == [[[True, False], [False, False]], [[True, True], [True, True]],
                              [[False, False], [False, False]]]
-    strict = tiny.tiny_pixel_inputs(cfg, batch_images=[[1], [2, 3]], hf_padding_quirk=False)
+    strict = mllama_pixel_inputs(cfg, batch_images=[[1], [2, 3]], hf_padding_quirk=False)
     assert strict["aspect_ratio_mask"].tolist() == [[[1, 0], [0, 0]], [[1, 1], [1, 1]]]
     with pytest.raises(ValueError):
-        tiny.tiny_pixel_inputs(cfg, batch_images=[[4]])
+        mllama_pixel_inputs(cfg, batch_images=[[4]])
 
 
 def test_tiny_tokenizer_and_processor(tiny_mllama_dir: Path) -> None:

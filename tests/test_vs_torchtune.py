@@ -1,7 +1,7 @@
 """Equivalence with torchtune 0.6.1's fusion modules, built from the same weights.
 
 Every comparison is on CPU in fp32. The torchtune reference is assembled from
-``torchtune.modules`` pieces (see ``tests/helpers/torchtune_ref.py``); its weights are random
+``torchtune.modules`` pieces (see ``benchmarks/torchtune_ref.py``); its weights are random
 (norm scales included) and copied into ours through the state-dict key map plus the RoPE row
 permutation. Every TanhGate is set non-zero (0.7 / -0.4 / ...) before comparing, and each test
 checks that the encoder input really changes the output, so no comparison is vacuous.
@@ -34,7 +34,7 @@ from fusiontrain.modules import (  # noqa: E402
     get_fusion_params,
     register_fusion_module,
 )
-from tests.helpers import torchtune_ref as ref  # noqa: E402
+from benchmarks import torchtune_ref as ref  # noqa: E402
 
 # fp32 throughout. The two sides differ only in rounding (RoPE rows are permuted, so q.k sums run
 # in another order; GQA through SDPA's enable_gqa vs expanded heads): max |diff| observed ~1.8e-6

@@ -1,4 +1,7 @@
-"""Data: records -> sizes -> a global row plan -> each rank's packed or padded batches, resumable at any world size."""
+"""Data: records -> sizes -> a global row plan -> each rank's packed or padded batches, resumable at any world size.
+
+Layer: above ``weights``; may import weights, flops, parallel, modules and batch_layout.
+"""
 
 from fusiontrain.data.batch import Batch, collate_padded
 from fusiontrain.data.image_format import ImageFormat

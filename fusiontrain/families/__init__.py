@@ -9,6 +9,8 @@
 
 To add a family, write its file here and add one line to the matching registry below (README,
 "Adding a model family").
+
+Layer: above ``data``; may import data, weights, flops, parallel, modules and batch_layout.
 """
 
 from __future__ import annotations

@@ -1,1 +1,6 @@
-"""Loading a model for inference, and generation."""
+"""Inference: load a HF folder, a fusiontrain export or a training checkpoint (``load``), build a
+prompt's inputs, and KV-cached greedy or top-p decoding (``generation``); the ``generate`` command.
+
+Layer: above ``plan``; may import everything below it (checkpoint, config, source, families, data,
+weights, flops, parallel, modules). Training and planning never import it.
+"""

@@ -1,4 +1,8 @@
-"""Model building blocks that honour torchtune's ``DeepFusionModel`` contract. Imports torch only."""
+"""Model building blocks that honour torchtune's ``DeepFusionModel`` contract: attention (with the
+packed and flex_attention seam), KV caches, RoPE, layers, transformer and fusion layers, the
+model's block stacks, and LoRA's linear.
+
+Layer: the lowest above ``batch_layout``; imports torch (and numpy) only."""
 
 from fusiontrain.modules.attention import MultiHeadAttention, attend, delete_kv_caches, disable_kv_cache
 from fusiontrain.modules.fusion import (

@@ -76,13 +76,6 @@ def is_lora_parameter(name: str) -> bool:
     return name.endswith((f".{LORA_A}.weight", f".{LORA_B}.weight"))
 
 
-def lora_module_of(name: str) -> str:
-    """The linear a LoRA parameter belongs to: ``a.b.q_proj.lora_A.weight`` -> ``a.b.q_proj``."""
-    if not is_lora_parameter(name):
-        raise ValueError(f"{name!r} is not a LoRA parameter")
-    return name.rsplit(".", 2)[0]
-
-
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     """Every :class:`LoRALinear` of ``model`` by (canonical) module name, in module order."""
     found = {}

@@ -1,1 +1,7 @@
-"""The process group, FSDP2 and activation checkpointing, offloading, precision."""
+"""Parallelism: the process group and mesh (``distributed``), FSDP2 with activation checkpointing
+and compile (``fsdp``), activation offloading (``offload``), storage dtypes and mixed precision
+(``precision``), and process-tree lookups (``processes``).
+
+Layer: right above ``modules``; may import modules and batch_layout only. Model code never imports
+this package.
+"""

@@ -36,7 +36,8 @@ import torch
 
 from fusiontrain.config import DataConfig, TrainConfig
 from fusiontrain.data import Batch
-from fusiontrain.flops.count import PEAK_FLOPS, measure_matmul_flops, micro_batch_flops
+from fusiontrain.flops.count import micro_batch_flops
+from fusiontrain.flops.peak import PEAK_FLOPS, measure_matmul_flops
 from fusiontrain.parallel.fsdp import checkpoint_every, mixed_precision_policy
 from fusiontrain.parallel.precision import dtype_name
 from fusiontrain.plan.trace import OFFLOADED, StepTrace, simulate_step

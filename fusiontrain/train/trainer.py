@@ -29,7 +29,7 @@ from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import collate_padding_free
 from fusiontrain.train.data import build_dataset, build_streaming_train_loader, build_train_loader
-from fusiontrain.flops.count import device_peak_flops, mfu
+from fusiontrain.flops.peak import device_peak_flops, mfu
 from fusiontrain.train.loss import count_targets
 from fusiontrain.train.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
 from fusiontrain.weights.hf_checkpoint import materialize

@@ -1,1 +1,8 @@
-"""Pretrained weights: safetensors checkpoints, tensor routes, and LoRA settings."""
+"""Pretrained weights: safetensors checkpoints read tensor by tensor into (sharded) parameters
+(``hf_checkpoint``), a model built on the meta device with the weight sources that fill it
+(``pretrained``), LoRA settings and fresh adapters (``lora``), and PEFT adapter folders in and out
+(``peft``).
+
+Layer: above ``flops``; may import flops, parallel, modules and batch_layout. Nothing here knows a
+model family: families hand in their weight maps.
+"""

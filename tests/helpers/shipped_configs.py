@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORLD_SIZE = 2
 SEQ_LEN = 192  # tokens per row: several tiny samples with their images fit, as real ones fit 4096
 
-# config.json model_type -> the conftest fixture holding a tiny model of that family
+# config.json model_type -> the conftest fixture (tests/conftest.py, TINY_FOLDERS) holding a tiny model of that family
 TINY_FOLDER_FIXTURES = {
     "mllama": "tiny_mllama_dir",
     "llama": "tiny_llama_dir",

@@ -1,1 +1,3 @@
-"""A composed model: any decoder family with any encoder family."""
+"""A composed model: any registered decoder family with any registered encoder family, joined by new
+cross-attention layers: fusion slots and fresh initialisation (``compose``) and the family
+(``family``)."""
