@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from fusiontrain.parallel.processes import descendant_pids
+from fusiontrain.parallel.processes import descendant_pids, parent_pid
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220)}
 SHAPES = ("circle", "square", "triangle")
@@ -102,13 +102,15 @@ def write_dataset(folder: Path, count: int | None, seed: int) -> list[tuple[Path
     return pairs
 
 
-def _rank_one(pid: int) -> bool:
+def _rank_one(pid: int, agent: int) -> bool:
+    """Whether ``pid`` is torchrun's rank 1: a child of the torchrun ``agent`` (the rank's own
+    dataloader workers share its command line and environment)."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"LOCAL_RANK=1" in environ and b"torch.distributed.run" not in cmdline and b"fusiontrain" in cmdline
+    return b"LOCAL_RANK=1" in environ and b"fusiontrain" in cmdline and parent_pid(pid) == agent
 
 
 def train_with_a_kill(command: list[str], run: Path, log: Path) -> None:
@@ -120,7 +122,7 @@ def train_with_a_kill(command: list[str], run: Path, log: Path) -> None:
         marker = run / "checkpoints" / f"step_{KILL_AFTER_CHECKPOINT}" / "manifest.json"
         while not marker.is_file() and process.poll() is None:
             time.sleep(0.05)
-        victims = [pid for pid in descendant_pids(process.pid) if _rank_one(pid)]
+        victims = [pid for pid in descendant_pids(process.pid) if _rank_one(pid, process.pid)]
         if victims:
             os.kill(victims[0], signal.SIGKILL)
             print(f"      killed rank 1 (pid {victims[0]}) with SIGKILL after the step-{KILL_AFTER_CHECKPOINT} checkpoint")

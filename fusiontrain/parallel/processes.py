@@ -6,6 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of live process ``pid``, or None when it is gone (or without ``/proc``)."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])  # the command name (field 2) may hold spaces
+
+
 def descendant_pids(pid: int) -> list[int]:
     """Every live descendant of ``pid``, parents before children (empty without ``/proc``)."""
     proc = Path("/proc")
