@@ -49,7 +49,7 @@ class ComposeConfig:
 
 @dataclass
 class LoraConfig:
-    rank: int = _field(0, "LoRA rank r of every adapted linear; 0 turns LoRA off (README: LoRA).")
+    rank: int = _field(0, "LoRA rank r of every adapted linear; 0 turns LoRA off (docs/lora.md).")
     alpha: float = _field(16.0, "LoRA alpha: the update is scaled by alpha / rank.")
     dropout: float = _field(0.0, "Dropout on the LoRA branch's input, in [0, 1).")
     sides: tuple[str, ...] = _field(
@@ -87,7 +87,7 @@ class ModelConfig:
         "trained ones (fusion parameters, LoRA adapters, a *_trainable side) keep model.dtype. null = model.dtype; "
         "'auto' = the compute dtype (bfloat16 under bf16 mixed precision, else model.dtype). bfloat16 halves the "
         "frozen shards; with bf16 compute the losses equal fp32 storage bitwise, with fp32 compute the frozen "
-        "weights are rounded to bf16 once and cast up before each all-gather; model.dtype=bfloat16 with frozen_dtype=float32 is refused (README: Frozen weights in bf16).",
+        "weights are rounded to bf16 once and cast up before each all-gather; model.dtype=bfloat16 with frozen_dtype=float32 is refused (docs/training.md: Frozen weights in bf16).",
     )
     fusion_init: str | None = _field(
         None,
@@ -128,13 +128,13 @@ class DataConfig:
     packing: bool = _field(
         True,
         "Pack samples into fixed batch.seq_len rows instead of padding. Rows are planned for the whole run from "
-        "cached sample sizes, the same at any world size (see README, Data).",
+        "cached sample sizes, the same at any world size (see docs/data.md).",
     )
     padding_free: bool = _field(
         True,
         "Without packing, put each micro-batch's samples back to back in one row (own positions, attention segment "
         "and images each) instead of one padded row each: the same samples per step and the same loss, without "
-        "the padding's compute (see README, Data).",
+        "the padding's compute (see docs/data.md).",
     )
     max_images_per_row: int = _field(4, "Image slots per packed row (samples that would exceed it go to another row).")
     packing_open_rows: int = _field(8, "Rows the first-fit packer keeps open (1 = greedy).")
@@ -148,7 +148,7 @@ class DataConfig:
         False,
         "Read data.train.path as a stream (datasets streaming=True; .tar globs are webdataset shards) instead of a "
         "map-style table: shards are split over ranks and workers, and the position resumes exactly at the same "
-        "world size and data.num_workers only (README: Streaming data). data.eval stays map-style.",
+        "world size and data.num_workers only (docs/data.md: Streaming data). data.eval stays map-style.",
     )
     stream_split: Literal["shards", "examples"] = _field(
         "shards",

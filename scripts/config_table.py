@@ -1,10 +1,9 @@
-"""Write README.md's config-key table from the code (fusiontrain.config.describe).
+"""Write docs/config.md's config-key table from the code (fusiontrain.config.describe).
 
-    python scripts/config_table.py          # rewrite the table in README.md
-    python scripts/config_table.py --check  # exit 1 when README.md's table is not the generated one
+    python scripts/config_table.py          # rewrite the table in docs/config.md
+    python scripts/config_table.py --check  # exit 1 when docs/config.md's table is not the generated one
 
-The table is the block of lines starting with ``| key | default | meaning |`` under the heading
-``### Config keys``; tests/test_config.py fails when it differs from what this script writes.
+The table is the block of lines starting with ``| key | default | meaning |``; tests/test_config.py fails when it differs from what this script writes.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ sys.path.insert(0, str(REPO))
 
 from fusiontrain.config import describe  # noqa: E402  (after the repo is on the path)
 
-README = REPO / "README.md"
+CONFIG_DOC = REPO / "docs" / "config.md"
 HEADER = "| key | default | meaning |"
 
 
@@ -41,14 +40,14 @@ def replace_table(readme: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = README.read_text()
+    text = CONFIG_DOC.read_text()
     new = replace_table(text)
     if "--check" in argv:
         if new != text:
-            print("README.md's config table is stale: run python scripts/config_table.py", file=sys.stderr)
+            print("docs/config.md's config table is stale: run python scripts/config_table.py", file=sys.stderr)
             return 1
         return 0
-    README.write_text(new)
+    CONFIG_DOC.write_text(new)
     return 0
 
 

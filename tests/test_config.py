@@ -487,7 +487,7 @@ def test_override_below_an_empty_yaml_section(tmp_path: Path) -> None:
 
 
 def test_readme_config_table_is_generated_from_the_code() -> None:
-    """README.md's config table is what scripts/config_table.py writes from ``describe()``: every
+    """docs/config.md's config table is what scripts/config_table.py writes from ``describe()``: every
     key, its default and its help, nothing stale."""
     import importlib.util
 
@@ -495,6 +495,6 @@ def test_readme_config_table_is_generated_from_the_code() -> None:
     spec = importlib.util.spec_from_file_location("config_table", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert module.config_table() in readme, "README.md's config table is stale: run python scripts/config_table.py"
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert module.config_table() in readme, "docs/config.md's config table is stale: run python scripts/config_table.py"
     assert all(f"| `{key}` |" in readme for key, _, _ in describe())

@@ -7,8 +7,7 @@
 - A *model family* (:class:`~fusiontrain.families.model.ModelFamily`: ``mllama``, ``composed``) is
   what a run config selects and a checkpoint's manifest names.
 
-To add a family, write its file here and add one line to the matching registry below (README,
-"Adding a model family").
+To add a family, write its file here and add one line to the matching registry below (docs/adding-a-family.md).
 
 Layer: above ``data``; may import data, weights, flops, parallel, modules and batch_layout.
 """

@@ -317,7 +317,7 @@ class Trainer:
             raise ValueError(
                 f"checkpoint {path} holds per-rank stream positions saved at another world size (this run has "
                 f"{self.context.world_size} ranks). A streamed run resumes only on the number of ranks that saved it "
-                "(README: Streaming data): relaunch with that many, or start a fresh run"
+                "(docs/data.md: Streaming data): relaunch with that many, or start a fresh run"
             )
         else:
             self.train_loader.load_state_dict(rank_state["data"])

@@ -46,7 +46,7 @@ def family_for_config(registry: Mapping[str, Family], config: dict, what: str) -
     known = sorted(t for family in registry.values() for t in family.model_types)
     raise ValueError(
         f"no {what} family reads config.json model_type {model_type!r}; supported: {known} "
-        "(README, 'Adding a model family', says how to add one)"
+        "(docs/adding-a-family.md says how to add one)"
     )
 
 
