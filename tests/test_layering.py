@@ -170,3 +170,18 @@ def test_benchmarks_and_scripts_never_import_the_tests() -> None:
             )
             wrong += [f"{path.relative_to(REPO)}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "tests"]
     assert not wrong, wrong
+
+
+# Files that one concept makes long, named in README's Architecture section.
+LONG_FILES = {"fusiontrain/config.py", "fusiontrain/tiny.py"}
+
+
+def test_a_small_top_level_and_short_files() -> None:
+    """At most 8 modules at the top of the package besides ``__init__`` and ``__main__``; no file
+    over 500 lines but the ones README names."""
+    top = sorted(path.name for path in PACKAGE.glob("*.py") if path.name not in ("__init__.py", "__main__.py"))
+    assert len(top) <= 8, top
+    long = {path.relative_to(REPO).as_posix() for path in package_files() if len(path.read_text().splitlines()) > 500}
+    assert long <= LONG_FILES, f"over 500 lines: {sorted(long - LONG_FILES)}"
+    readme = (REPO / "README.md").read_text()
+    assert all(f"`{Path(name).name}`" in readme for name in LONG_FILES)
