@@ -206,7 +206,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
         choices=EXPORT_FORMATS,
         default=None,
         help="hf: what transformers' MllamaForConditionalGeneration loads (Mllama only; its default); "
-        "fusiontrain: our own layout, read by load_fusiontrain_export (the default for composed models); "
+        "fusiontrain: our own layout, read by fusiontrain.models.load_fusiontrain_export (the default for composed models); "
         "peft: a LoRA checkpoint's PEFT adapter folder for the transformers base, fusion weights as modules_to_save "
         "(Mllama; needs the [peft] extra). hf and fusiontrain merge LoRA into the base weights",
     )

@@ -22,7 +22,7 @@ from fusiontrain.checkpoint.export import DTYPES, FORMATS, ExportError, ShardWri
 from fusiontrain.cli import EXPORT_DTYPES, EXPORT_FORMATS, parse_size
 from fusiontrain.cli import main as cli_main
 from fusiontrain.families import TrainableFlags, model_family
-from fusiontrain.source.export import load_fusiontrain_export
+from fusiontrain.models import load_fusiontrain_export
 from fusiontrain.models import compose_from_hf, encoder_mask_from_cross_attention_mask, load_hf_mllama
 from fusiontrain.families.composed.compose import image_token_layout
 from fusiontrain.weights.hf_checkpoint import HFCheckpoint

@@ -464,7 +464,7 @@ def test_the_library_imports_without_peft_and_names_the_extra(lora_checkpoint, t
 
 def test_composed_lora_checkpoint_exports_merged_and_refuses_peft(tiny_llama_dir: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
     from fusiontrain.checkpoint.export import ExportError
-    from fusiontrain.source.export import load_fusiontrain_export
+    from fusiontrain.models import load_fusiontrain_export
 
     model = _composed(tiny_llama_dir, tiny_clip_dir)()
     modules = select_lora_targets(model, sides=("decoder", "encoder"), targets=("q_proj", "w2", "fc1"))

@@ -205,7 +205,7 @@ def test_fusion_init_starts_from_another_runs_fusion_weights(tmp_path, tiny_mlla
 def test_a_run_starts_from_a_fusiontrain_export_of_a_composed_model(tmp_path, tiny_llama_dir, tiny_clip_dir) -> None:
     """Llama + CLIP: train, export in fusiontrain format, start a new run from the export (its
     first weights are the exported ones), and export that run's checkpoint again."""
-    from fusiontrain.source.export import load_fusiontrain_export
+    from fusiontrain.models import load_fusiontrain_export
 
     composed = ["model.hf_mllama=null", f"model.compose.decoder={tiny_llama_dir}", f"model.compose.encoder={tiny_clip_dir}",
                 "model.compose.fusion_interval=2", "checkpoint.every_n_steps=2", "max_steps=2", "checkpoint.resume=null"]

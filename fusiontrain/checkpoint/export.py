@@ -16,7 +16,7 @@ rest comes from. :func:`export_checkpoint` joins the two into one folder in eith
 
 ``fusiontrain`` (any family; the default for composed models)
     Our own, self-contained layout, read back by
-    :func:`~fusiontrain.source.export.load_fusiontrain_export`: ``fusiontrain_config.json``
+    :func:`~fusiontrain.models.load_fusiontrain_export`: ``fusiontrain_config.json``
     (family, fusion settings, dtype, provenance), the base configs stored verbatim
     (``mllama_config.json``, or ``decoder_config.json`` + ``encoder_config.json``),
     ``model.safetensors`` (or shards + index) with every parameter under its canonical name, and

@@ -2,6 +2,7 @@
 folders, allocated and filled, in one call.
 
 - :func:`load_hf_mllama`: a Llama 3.2 Vision (``MllamaForConditionalGeneration``) folder;
+- :func:`load_fusiontrain_export`: a fusiontrain-format export, of any family;
 - :func:`compose_from_hf`: any registered decoder LM plus any registered vision tower, joined by
   new cross-attention layers;
 - :func:`encoder_mask_from_cross_attention_mask`: HF's Mllama ``cross_attention_mask`` as our
@@ -18,12 +19,7 @@ from pathlib import Path
 import torch
 
 from fusiontrain.families import TrainableFlags, model_family
-from fusiontrain.families.mllama.model import (
-    build_mllama,
-    encoder_mask_from_cross_attention_mask,
-    load_hf_mllama,
-    mllama_args_from_config,
-)
+from fusiontrain.families.mllama.model import build_mllama, encoder_mask_from_cross_attention_mask, mllama_args_from_config
 from fusiontrain.modules import DeepFusionModel
 from fusiontrain.source.model_source import ModelSource
 
@@ -31,9 +27,58 @@ __all__ = [
     "build_mllama",
     "compose_from_hf",
     "encoder_mask_from_cross_attention_mask",
+    "load_fusiontrain_export",
     "load_hf_mllama",
     "mllama_args_from_config",
 ]
+
+
+def load_hf_mllama(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    decoder_trainable: bool = False,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+) -> DeepFusionModel:
+    """Read a HF ``MllamaForConditionalGeneration`` folder into a :class:`DeepFusionModel`.
+
+    The model is built on the meta device, allocated once in ``dtype`` on ``device``, and filled
+    tensor by tensor from the safetensors files, so loading never holds two copies of the weights.
+
+    Args:
+        path: folder with ``config.json`` and safetensors (single file or sharded with an index).
+        dtype: parameter dtype.
+        device: where the parameters live.
+        decoder_trainable, encoder_trainable, fusion_trainable: what trains (see DeepFusionModel).
+    """
+    source = ModelSource(model_family("mllama"), {"hf_mllama": Path(path)})
+    flags = TrainableFlags(decoder_trainable, encoder_trainable, fusion_trainable)
+    return source.load(flags, dtype=dtype, device=device)  # type: ignore[return-value]
+
+
+def load_fusiontrain_export(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    decoder_trainable: bool = False,
+    encoder_trainable: bool = False,
+    fusion_trainable: bool = True,
+) -> DeepFusionModel:
+    """Rebuild the :class:`DeepFusionModel` of a ``fusiontrain``-format export (``python -m
+    fusiontrain export --format fusiontrain``) and fill every parameter from its safetensors; no
+    base folder is needed.
+
+    Args:
+        path: the export folder.
+        dtype: parameter dtype (values are cast from the export's dtypes).
+        device: where the parameters live.
+        decoder_trainable, encoder_trainable, fusion_trainable: what trains (see DeepFusionModel).
+    """
+    flags = TrainableFlags(decoder_trainable, encoder_trainable, fusion_trainable)
+    return ModelSource.from_export(path).load(flags, dtype=dtype, device=device)  # type: ignore[return-value]
 
 
 def compose_from_hf(

@@ -5,8 +5,9 @@ settings, dtype, provenance), the base configs stored verbatim under the file na
 ``model.safetensors`` (or shards + index) with every parameter under its canonical name, and the
 tokenizer and image processor files. :func:`read_export_config` reads and checks the config,
 :func:`prepare_fusiontrain_export` builds the model on the meta device with the export's
-safetensors as its only weight source (what training starts from), and
-:func:`load_fusiontrain_export` returns it allocated and filled (what inference and tests use).
+safetensors as its only weight source (what training starts from, and what
+:class:`~fusiontrain.source.model_source.ModelSource` loads for inference;
+:func:`fusiontrain.models.load_fusiontrain_export` in one call).
 No base folder is needed, and only safetensors are read.
 """
 
@@ -15,12 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from fusiontrain.families import MODEL_FAMILIES, TrainableFlags, model_family
-from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute, materialize
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute
 from fusiontrain.weights.pretrained import PretrainedModel, WeightSource, check_routes_cover
-from fusiontrain.modules import DeepFusionModel
 
 EXPORT_CONFIG = "fusiontrain_config.json"
 EXPORT_FORMAT = "fusiontrain-export"
@@ -73,29 +71,3 @@ def prepare_fusiontrain_export(
     source = WeightSource(weights, [TensorRoute(name, name) for name, _ in model.named_parameters()])
     check_routes_cover(source, set(weights.keys()), "fusiontrain export")
     return PretrainedModel(model, [source], init_buffers=family.init_buffers)
-
-
-def load_fusiontrain_export(
-    path: str | Path,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    decoder_trainable: bool = False,
-    encoder_trainable: bool = False,
-    fusion_trainable: bool = True,
-) -> DeepFusionModel:
-    """Rebuild the :class:`DeepFusionModel` of a ``fusiontrain``-format export and fill every
-    parameter from its safetensors (see :func:`prepare_fusiontrain_export`).
-
-    Args:
-        path: the export folder.
-        dtype: parameter dtype (values are cast from the export's dtypes).
-        device: where the parameters live.
-        decoder_trainable, encoder_trainable, fusion_trainable: what trains (see DeepFusionModel).
-    """
-    pretrained = prepare_fusiontrain_export(
-        path, decoder_trainable=decoder_trainable, encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable
-    )
-    materialize(pretrained.model.to(dtype), device)
-    pretrained.load()
-    return pretrained.model  # type: ignore[return-value]

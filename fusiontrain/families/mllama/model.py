@@ -3,7 +3,8 @@
 - :func:`mllama_args_from_config` reads sizes from a HF ``config.json`` dict.
 - :func:`build_mllama` builds the model (on the meta device inside ``with torch.device("meta")``).
 - :func:`mllama_weight_map` says which HF tensor fills which of our parameters.
-- :func:`load_hf_mllama` does all three and copies the weights, one tensor at a time.
+- :func:`prepare_mllama` builds the model on the meta device with the weight source that fills it
+  (:func:`fusiontrain.models.load_hf_mllama` allocates and fills it, one tensor at a time).
 - :func:`encoder_mask_from_cross_attention_mask` turns HF's ``cross_attention_mask`` into ours.
 
 Fusion parameters follow torchtune's ``llama3_2_vision`` split: the cross-attention layers, the
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute, materialize
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute
 from fusiontrain.families.llama import (
     FusedSlot,
     LlamaDecoderArgs,
@@ -250,34 +251,6 @@ def prepare_mllama(
     source = WeightSource(checkpoint, mllama_weight_map(args))
     check_routes_cover(source, set(checkpoint.keys()), "Mllama")
     return PretrainedModel(model, [source])
-
-
-def load_hf_mllama(
-    path: str | Path,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    decoder_trainable: bool = False,
-    encoder_trainable: bool = False,
-    fusion_trainable: bool = True,
-) -> DeepFusionModel:
-    """Read a HF ``MllamaForConditionalGeneration`` folder into a :class:`DeepFusionModel`.
-
-    The model is built on the meta device, allocated once in ``dtype`` on ``device``, and filled
-    tensor by tensor from the safetensors files, so loading never holds two copies of the weights.
-
-    Args:
-        path: folder with ``config.json`` and safetensors (single file or sharded with an index).
-        dtype: parameter dtype.
-        device: where the parameters live.
-        decoder_trainable, encoder_trainable, fusion_trainable: what trains (see DeepFusionModel).
-    """
-    pretrained = prepare_mllama(
-        path, decoder_trainable=decoder_trainable, encoder_trainable=encoder_trainable, fusion_trainable=fusion_trainable
-    )
-    materialize(pretrained.model.to(dtype), device)
-    pretrained.load()
-    return pretrained.model
 
 
 def encoder_mask_from_cross_attention_mask(
