@@ -26,6 +26,9 @@ proves it in about five minutes on one GPU and prints one table, a row per check
 - ``resume_on_gpu``: the fp32 GPU run stopped after 10 steps (a DCP checkpoint) and resumed ends
   with the uninterrupted run's losses for steps 11-20 (relative 1e-4: cuDNN / SDPA backward
   kernels may reduce in another order from run to run).
+- ``async_checkpoints_nccl``: an fp32 run with ``checkpoint.async_save`` every 5 steps under the
+  nccl default group (the saves run on the gloo checkpoint group): every checkpoint intact, the
+  losses those of the synchronous run (relative 1e-4).
 - ``plan_vs_cuda_peak/<config>``: ``python -m fusiontrain plan --gpu h200`` against the CUDA
   allocator's measured peak (``torch.cuda.max_memory_allocated``) of 3 training steps of the
   benchmark Mllama, for a few configurations (error reported; within 10% passes).
@@ -473,6 +476,10 @@ def main() -> None:
         # An eval every 5 steps between training steps (FSDP2 units left mid-forward by an eval
         # broke the next step on torch 2.11; see fusiontrain.parallel.fsdp.reshard).
         "eval": train("eval", args.out, tiny_folder, ["parallel.mixed_precision=bf16", "eval.every_n_steps=5"]),
+        # Async checkpoints under nccl: DCP's async save needs a CPU backend, which the checkpoint
+        # group (gloo) gives it beside the nccl default group (fusiontrain.parallel.distributed).
+        "async": train("async", args.out, tiny_folder, ["parallel.mixed_precision=fp32", "checkpoint.async_save=true",
+                                                          "checkpoint.every_n_steps=5", "checkpoint.keep_last_n=0"]),
     }
     plans = plan_launches(args.out, bench)
     report.run("env", check_env)
@@ -514,6 +521,26 @@ def main() -> None:
                      f"{TRAIN_STEPS} steps, {TRAIN_STEPS // 5} finite evals")
 
     report.run("train_with_eval", evals)
+
+    def async_checkpoints() -> Check:
+        from fusiontrain.checkpoint.layout import CheckpointError, verify_checkpoint
+
+        runs["async"].wait()
+        runs["fp32"].wait()
+        steps = list(range(5, TRAIN_STEPS + 1, 5))
+        intact = []
+        for step in steps:
+            try:
+                verify_checkpoint(args.out / "async" / "checkpoints" / f"step_{step}")
+                intact.append(step)
+            except CheckpointError:
+                pass
+        worst = worst_relative(losses(args.out, "async"), losses(args.out, "fp32"))
+        ok = intact == steps and worst <= RESUME_RTOL
+        return Check("async_checkpoints_nccl", verdict(ok), f"intact checkpoints {intact}; losses vs synchronous run "
+                     f"{worst:.1e} relative", f"steps {steps} intact, {RESUME_RTOL:.0e} relative")
+
+    report.run("async_checkpoints_nccl", async_checkpoints)
     report.run("plan_vs_cuda_peak", lambda: plan_checks(args.out, plans))
     for launch in [*runs.values(), *(launch for pair in plans.values() for launch in pair)]:
         launch.settle()  # nothing else may run on the GPU while vs_hf times its steps

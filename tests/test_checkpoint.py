@@ -164,3 +164,33 @@ def test_the_part_reader_reads_one_tensor_loads_a_part_and_names_what_does_not_f
         shard.unlink()
     with pytest.raises(CheckpointError, match=r"step_4: fusion/ holds no DCP checkpoint"):
         CheckpointPart(path, "fusion")
+
+
+def test_checkpoint_writes_get_a_gloo_group_of_their_own_whatever_the_device(monkeypatch) -> None:
+    """A CUDA run's default group is nccl, and DCP's async save refuses a group without a CPU
+    backend: checkpoint writing runs on a gloo group of its own (also on a CPU run, so that a save
+    finishing in the background never shares a group with the training loop)."""
+    import torch.distributed as dist
+
+    from fusiontrain.parallel.distributed import (
+        checkpoint_group,
+        free_port,
+        init_distributed,
+        process_group_backends,
+        shutdown,
+    )
+
+    assert process_group_backends("cuda") == ("nccl", "gloo")
+    assert process_group_backends("cpu") == ("gloo", "gloo")
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    init_distributed(timeout_s=60)
+    try:
+        group = checkpoint_group()
+        assert group is not None and group is not dist.group.WORLD
+        assert dist.get_backend(group) == "gloo"
+        assert torch.device("cpu") in group._device_types  # what dcp.async_save asks of its group
+    finally:
+        shutdown()
+    assert checkpoint_group() is None

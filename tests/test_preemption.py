@@ -21,15 +21,11 @@ from safetensors.torch import load_file
 
 from fusiontrain.train.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_torchrun
+from tests.helpers.shared import MAX_STEPS, PACKED_RUN, uninterrupted_packed_run
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
-MAX_STEPS = 8
-RUN = [
-    f"max_steps={MAX_STEPS}", "data.packing=true", "data.synthetic_lengths=long_tail", "data.synthetic_max_text=30",
-    "data.num_workers=1", "batch.micro_batch_size=2", "batch.global_batch_size=4", "logging.every_n_steps=0",
-    "eval.every_n_steps=0", "checkpoint.resume=auto",
-]
+RUN = PACKED_RUN
 
 
 def test_exit_code_is_distinct_from_a_signal_death() -> None:
@@ -91,11 +87,9 @@ def test_watcher_blocks_the_signals_for_forked_workers_until_started() -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_mllama_dir) -> tuple[list[float], dict]:
-    """Per-step losses and final trainable weights of the uninterrupted 8-step 2-rank run."""
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    args = [HARNESS, str(tmp / "h"), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={tmp / 'run'}", *RUN]
-    run_torchrun(args, nproc=2, timeout=300)
-    return json.loads((tmp / "h" / "report.json").read_text())["losses"], load_file(tmp / "h" / "trainable.safetensors")
+    """Losses and final trainable weights of the uninterrupted run (shared with tests/test_resume.py)."""
+    report, weights, _ = uninterrupted_packed_run(tmp_path_factory, tiny_mllama_dir)
+    return report["losses"], weights
 
 
 def _children(pid: int) -> list[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,16 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fusiontrain.checkpoint import layout
 from fusiontrain.parallel.processes import descendant_pids, parent_pid
 from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_torchrun
+from tests.helpers.shared import PACKED_RUN, uninterrupted_packed_run
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
-RUN = [
-    "max_steps=8", "data.packing=true", "data.synthetic_lengths=long_tail", "data.synthetic_max_text=30",
-    "data.num_workers=1", "batch.micro_batch_size=2", "batch.global_batch_size=4", "logging.every_n_steps=0",
-    "eval.every_n_steps=0", "checkpoint.resume=auto",
-]
+RUN = PACKED_RUN
 
 
 def _harness(out: Path, output_dir: Path, nproc: int, *overrides: str, mllama: Path) -> tuple[dict, dict]:
@@ -38,10 +37,9 @@ def _harness(out: Path, output_dir: Path, nproc: int, *overrides: str, mllama: P
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory, tiny_mllama_dir) -> tuple[dict, dict, Path]:
-    """Report, final trainable weights and output folder of an 8-step run checkpointed at 4 and 8."""
-    tmp = tmp_path_factory.mktemp("uninterrupted")
-    report, weights = _harness(tmp / "h", tmp / "run", 2, "checkpoint.every_n_steps=4", mllama=tiny_mllama_dir)
-    return report, weights, tmp / "run"
+    """Report, final trainable weights and output folder of an 8-step run checkpointed at 4 and 8
+    (shared with tests/test_preemption.py: tests/helpers/shared.py)."""
+    return uninterrupted_packed_run(tmp_path_factory, tiny_mllama_dir)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +65,9 @@ def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
-def _is_worker(pid: int, local_rank: int = 1) -> bool:
-    """Whether ``pid`` is torchrun's worker of ``local_rank``: a child of the torchrun agent (its
+def _is_worker(pid: int, local_rank: int = 1, command: str = "train_harness.py") -> bool:
+    """Whether ``pid`` is torchrun's worker of ``local_rank`` running ``command`` (in its command
+    line): a child of the torchrun agent (its
     dataloader workers share its command line and environment, and one orphaned by a rank that
     just exited would be no rank at all)."""
     try:
@@ -79,7 +78,7 @@ def _is_worker(pid: int, local_rank: int = 1) -> bool:
         return False
     wanted = f"LOCAL_RANK={local_rank}".encode()
     return (
-        "train_harness.py" in cmdline
+        command in cmdline
         and wanted in environ
         and "torch.distributed.run" not in cmdline
         and "torch.distributed.run" in parent
@@ -312,3 +311,76 @@ def test_chaos_three_sigkills_of_random_ranks_end_at_the_uninterrupted_weights(
     text = (tmp_path / "torchrun.log").read_text()
     assert text.count("resumed from") >= 3, text[-3000:]  # each restart resumed (rank 0 says so)
     _assert_bitwise(load_file(out / "trainable.safetensors"), uninterrupted[1])
+
+
+# -- asynchronous checkpoints ---------------------------------------------------------------------
+
+
+def _torchrun(nproc: int, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *args,
+    ]
+
+
+def test_async_checkpoints_survive_a_preemption_in_flight_and_resume_bitwise(tmp_path, tiny_mllama_dir, uninterrupted) -> None:
+    """``checkpoint.async_save`` on 2 gloo ranks through the CLI: SIGUSR1 reaches rank 1 while the
+    step-2 save is still being written in the background; every rank finishes that save, checkpoints
+    the step it stops at and exits 75. The resumed run (async saves at 4, 6 and 8) ends at the
+    uninterrupted (synchronous) run's weights, bitwise, every step's loss equal. Before async saves
+    had a process group of their own this run hung at its first checkpoint."""
+    run = tmp_path / "run"
+    command = _torchrun(
+        2, "-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}",
+        f"output_dir={run}", *RUN, "checkpoint.async_save=true", "checkpoint.every_n_steps=2",
+    )
+    log_path = tmp_path / "torchrun.log"
+    in_flight = run / "checkpoints" / ".tmp-step_2"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=launch_env(), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not in_flight.is_dir():
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.005)
+            victims = []
+            while not victims:
+                assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                victims = [pid for pid in descendant_pids(process.pid) if _is_worker(pid, 1, "fusiontrain train")]
+            os.kill(victims[0], signal.SIGUSR1)
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    output = log_path.read_text()
+    assert code == 1, output[-3000:]  # torchrun reports the workers' 75 as 1
+    stopped = [int(m) for m in re.findall(r"rank 1: preempted \(SIGUSR1\) after step (\d+)", output)]
+    assert len(stopped) == 1 and 2 <= stopped[0] < 8, output[-3000:]
+    step = stopped[0]
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"step_2", f"step_{step}"}
+    for name in ("step_2", f"step_{step}"):
+        layout.verify_checkpoint(run / "checkpoints" / name)  # complete, every checksum right
+    first = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    second, weights = _harness(
+        tmp_path / "h", run, 2, "checkpoint.async_save=true", "checkpoint.every_n_steps=2", mllama=tiny_mllama_dir
+    )
+    assert first[:step] + second["losses"] == uninterrupted[0]["losses"]  # every step, exactly
+    _assert_bitwise(weights, uninterrupted[1])
+    saved = sorted(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
+    assert {4, 6, 8} <= set(saved) and not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_async_checkpoints_on_four_ranks_finish_intact(tmp_path, tiny_mllama_dir) -> None:
+    """4 gloo ranks, an async save after every step (each next save waits for the one before):
+    the run ends, and every checkpoint is complete with every checksum right."""
+    run = tmp_path / "run"
+    run_torchrun(
+        ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
+         *RUN, "max_steps=3", "batch.micro_batch_size=1", "checkpoint.async_save=true", "checkpoint.every_n_steps=1",
+         "checkpoint.keep_last_n=0"],
+        nproc=4, timeout=300,
+    )
+    for step in (1, 2, 3):
+        manifest = layout.verify_checkpoint(run / "checkpoints" / f"step_{step}")
+        assert manifest["world_size"] == 4

@@ -18,8 +18,11 @@ A checkpoint (layout in :mod:`fusiontrain.checkpoint.layout`) holds:
 Every save goes to a temporary folder; once every rank's files are written, they are checksummed
 (the ranks share the files), fsynced, the manifest is written, the folder renamed and its parent
 fsynced, so a crash mid-save leaves the previous checkpoint as the latest complete one. Saves may
-run asynchronously (``dcp.async_save``); a pending save is finished before the next one starts and
-before training ends. ``resume: auto`` takes the newest checkpoint whose files all match the
+run asynchronously (``checkpoint.async_save``): the tensors are staged to host copies on the
+calling thread, then one background thread writes the parts one after the other, the same order on
+every rank, over a process group of its own (gloo: ``distributed.checkpoint_group``), never the
+group the training loop's collectives use; a pending save is finished (its result waited on)
+before the next one starts and before training ends. ``resume: auto`` takes the newest checkpoint whose files all match the
 manifest (checksums read), skipping and logging damaged newer ones; pruning never removes it.
 
 This module knows nothing of training: the trainer hands it tensors, a Stateful optimizer and
@@ -33,7 +36,7 @@ import json
 import logging
 import os
 import shutil
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +66,15 @@ from fusiontrain.checkpoint.layout import (
     write_manifest,
     TMP_PREFIX,
 )
-from fusiontrain.checkpoint.parts import CheckpointPart, PartMismatch, load_tensors, read_part_metadata, save_tensors
+from fusiontrain.checkpoint.parts import (
+    CheckpointPart,
+    PartMismatch,
+    load_tensors,
+    read_part_metadata,
+    save_tensors,
+    stage_tensors,
+)
+from fusiontrain.parallel import distributed
 from fusiontrain.weights.lora import LoraSettings
 
 logger = logging.getLogger(__name__)
@@ -176,6 +187,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _write_parts(writes: list[tuple[Path, dict[str, torch.Tensor]]], group: dist.ProcessGroup | None) -> None:
+    """Write each ``(folder, tensors)`` in order, each a collective over ``group``."""
+    for folder, tensors in writes:
+        save_tensors(tensors, folder, process_group=group)
+
+
 class CheckpointManager:
     """Writes checkpoints under ``output_dir/checkpoints`` and finds the one to resume from.
 
@@ -205,6 +222,7 @@ class CheckpointManager:
         self.keep_last_n = keep_last_n
         self.async_save = async_save
         self._pending: _Pending | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     # -- saving ---------------------------------------------------------------------------------
 
@@ -235,9 +253,15 @@ class CheckpointManager:
             (staging / TRAIN_STATE / OPTIMIZER).mkdir(parents=True)
             (staging / TRAIN_STATE / OPTIMIZER / OPTIMIZER_JSON).write_text(json.dumps(skeleton))
         _barrier()
-        asynchronous = self.async_save
-        results = [save_tensors(tensors, part_dir(staging, part), asynchronous=asynchronous) for part, tensors in model_parts.items()]
-        results.append(save_tensors(optimizer_tensors, staging / TRAIN_STATE / OPTIMIZER, asynchronous=asynchronous))
+        writes = [(part_dir(staging, part), tensors) for part, tensors in model_parts.items()]
+        writes.append((staging / TRAIN_STATE / OPTIMIZER, optimizer_tensors))
+        group = distributed.checkpoint_group()
+        if self.async_save:
+            staged = [(folder, stage_tensors(tensors)) for folder, tensors in writes]
+            futures = [self._writer().submit(_write_parts, staged, group)]
+        else:
+            _write_parts(writes, group)
+            futures = []
         (staging / TRAIN_STATE / f"rank_{rank}.json").write_text(json.dumps(rank_state))
         manifest = new_manifest(
             step,
@@ -248,7 +272,7 @@ class CheckpointManager:
             state=global_state,
             **({} if self.lora is None else {"lora": self.lora.to_dict()}),
         )
-        pending = _Pending(step, [r for r in results if isinstance(r, Future)], manifest)
+        pending = _Pending(step, futures, manifest)
         if self.async_save:
             self._pending = pending
         else:
@@ -259,6 +283,19 @@ class CheckpointManager:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._finish(pending)
+
+    def _writer(self) -> ThreadPoolExecutor:
+        """The one background thread asynchronous saves are written on (made at the first)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusiontrain-checkpoint")
+        return self._executor
+
+    def close(self) -> None:
+        """Finish a pending save and end the background writer (a collective)."""
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def _finish(self, pending: _Pending) -> None:
         for future in pending.futures:

@@ -41,6 +41,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from fusiontrain.checkpoint.layout import (
     MANIFEST,
@@ -61,10 +62,12 @@ def _no_dist(single_process: bool = False) -> bool:
     return single_process or not dist.is_initialized()
 
 
-def save_tensors(tensors: Mapping[str, torch.Tensor], folder: Path, *, asynchronous: bool = False) -> Any:
+def save_tensors(
+    tensors: Mapping[str, torch.Tensor], folder: Path, *, process_group: dist.ProcessGroup | None = None
+) -> None:
     """Write ``tensors`` (a flat ``{name: tensor or DTensor}``) into ``folder`` as safetensors, each
-    rank its own chunks (a collective when a process group is up). Returns ``dcp.async_save``'s
-    future when ``asynchronous``, else None."""
+    rank its own chunks (a collective over ``process_group``, default the default group, when a
+    process group is up)."""
     bad = [name for name, value in tensors.items() if not isinstance(value, torch.Tensor)]
     if bad:
         raise TypeError(f"only tensors are saved as safetensors; not tensors: {_first(bad)}")
@@ -73,10 +76,17 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], folder: Path, *, asynchron
     with warnings.catch_warnings():
         if no_dist:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        if asynchronous:
-            return dcp.async_save(dict(tensors), storage_writer=writer, no_dist=no_dist)
-        dcp.save(dict(tensors), storage_writer=writer, no_dist=no_dist)
-    return None
+        dcp.save(dict(tensors), storage_writer=writer, no_dist=no_dist, process_group=process_group)
+
+
+def stage_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A host copy of ``tensors`` (DTensors stay DTensors, with their local shards copied), for a
+    write that runs while training goes on changing the originals: DCP's own stager, blocking."""
+    stager = DefaultStager(StagingOptions(False, False, False, False))
+    try:
+        return stager.stage(dict(tensors))
+    finally:
+        stager.close()
 
 
 class SafetensorsReader(HuggingFaceStorageReader):

@@ -38,6 +38,7 @@ from fusiontrain.batch_layout import mesh_shape
 # and still ends a stuck job within half an hour instead of never.
 DEFAULT_TIMEOUT_S = 1800.0
 _timeout_s: float | None = None  # the timeout of the process group init_distributed made
+_checkpoint_group: dist.ProcessGroup | None = None  # see checkpoint_group()
 
 
 class CollectiveError(RuntimeError):
@@ -80,7 +81,7 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedContext
     environment, or form a world of one. Picks nccl and ``cuda:LOCAL_RANK`` when CUDA is
     available, gloo and the CPU otherwise. Every collective of the group times out after
     ``timeout_s`` seconds (``distributed.timeout_s``)."""
-    global _timeout_s
+    global _timeout_s, _checkpoint_group
     if not timeout_s > 0:
         raise ValueError(f"the collective timeout must be > 0 seconds; got {timeout_s}")
     if "RANK" not in os.environ:
@@ -88,11 +89,11 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedContext
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device, backend = torch.device("cuda", local_rank), "nccl"
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    backend, checkpoint_backend = process_group_backends(device_type)
+    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         device_id = device if backend == "nccl" else None
         timeout = timedelta(seconds=timeout_s)
@@ -105,7 +106,26 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedContext
                 backend, store=store, rank=rank, world_size=world, device_id=device_id, timeout=timeout
             )
         _timeout_s = timeout_s
+        _checkpoint_group = dist.new_group(backend=checkpoint_backend, timeout=timeout)
     return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def process_group_backends(device_type: str) -> tuple[str, str]:
+    """The backends of a run on ``device_type``: the default process group's (nccl on CUDA, gloo on
+    a CPU; the training loop's and FSDP's collectives run there), and the checkpoint group's
+    (always gloo: :func:`checkpoint_group`)."""
+    return ("nccl" if device_type == "cuda" else "gloo"), "gloo"
+
+
+def checkpoint_group() -> dist.ProcessGroup | None:
+    """The process group that checkpoint writing runs its collectives on (None without a process
+    group). A group of its own, so that a save finishing in the background never shares a group
+    with the training loop's collectives (the ranks would meet the two kinds in different orders
+    and hang), and a CPU backend (gloo), which ``dcp.async_save`` requires and nccl is not. Made
+    by :func:`init_distributed` on every rank, with the same timeout."""
+    if _checkpoint_group is None or not dist.is_initialized():
+        return None
+    return _checkpoint_group
 
 
 def _restart_safe_store() -> dist.Store | None:
@@ -210,9 +230,11 @@ def all_reduce_max(value: torch.Tensor, what: str = "a maximum over ranks") -> t
 def shutdown() -> None:
     """Leave the process group deterministically: a barrier first, so no rank tears down while
     another still communicates (gloo otherwise aborts now and then at exit)."""
+    global _checkpoint_group
     if dist.is_initialized():
         collective("barrier", "the end of the run", dist.barrier)
         dist.destroy_process_group()
+    _checkpoint_group = None
 
 
 def exit_promptly(code: int) -> NoReturn:
@@ -238,5 +260,7 @@ def leave_after_failure() -> None:
     elsewhere (or in another collective), so waiting for them would only add a timeout; they see
     this rank's connections close and fail at once. Destroying the group also keeps gloo from
     aborting the process at exit ("terminate called without an active exception")."""
+    global _checkpoint_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _checkpoint_group = None

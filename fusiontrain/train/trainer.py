@@ -185,7 +185,7 @@ class Trainer:
                 if saved:
                     self.save_checkpoint(done)
                 self._stop_if_preempted(done, last, saved)
-            self.checkpointer.wait()
+            self.checkpointer.close()  # the last save finished, its writer thread ended
         except BaseException as error:
             # Preempted: checkpointed, a distinct exit code; anything else marks the wandb run failed.
             self.metrics.close(exit_code=PREEMPTED_EXIT_CODE if isinstance(error, Preempted) else 1)
