@@ -290,7 +290,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     intact: list[Path] = []
     for folder in folders:
         try:
-            manifest = verify(folder, checksums=not args.sizes_only)
+            manifest = verify(folder, checksums=not args.sizes_only, workers=args.workers)
         except layout.CheckpointError as error:
             damaged += 1
             print(f"{folder.name}: DAMAGED: {error}")
@@ -407,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify_cmd.add_argument("path", help="a checkpoint folder (.../checkpoints/step_N) or a run's output_dir")
     verify_cmd.add_argument("--sizes-only", action="store_true", help="compare file sizes only (skip the checksums)")
+    verify_cmd.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes that read the checksums, one file each at a time (default: this machine's cores)",
+    )
     verify_cmd.set_defaults(func=_run_verify)
 
     generate = sub.add_parser(

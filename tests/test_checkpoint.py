@@ -194,3 +194,35 @@ def test_checkpoint_writes_get_a_gloo_group_of_their_own_whatever_the_device(mon
     finally:
         shutdown()
     assert checkpoint_group() is None
+
+
+def test_manifests_are_complete_when_a_rank_lists_wrong_and_resume_splits_the_checksums(tmp_path: Path) -> None:
+    """2 gloo ranks save a sharded model and its optimizer (synchronously, then asynchronously)
+    while rank 1's directory listings miss every other file: the manifest is the gather of what
+    each rank wrote, so it names every file on disk and the checkpoint verifies. Resuming then
+    reads each file's checksum on one rank only, every rank its share."""
+    from tests.helpers.launch import REPO_ROOT, run_torchrun
+
+    run_torchrun([str(REPO_ROOT / "tests" / "helpers" / "checkpoint_ranks.py"), str(tmp_path)], nproc=2, timeout=180)
+    result = json.loads((tmp_path / "result.json").read_text())
+    for step in ("1", "2"):
+        folder = tmp_path / "checkpoints" / f"step_{step}"
+        on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+        assert result[step]["files"] == on_disk, step
+        assert sum(name.endswith(".safetensors") for name in on_disk) >= 4  # both ranks' shards of 2 folders
+        assert result[step]["verdict"] == "intact", result[step]["verdict"]
+    assert result["resolved"] == str(tmp_path / "checkpoints" / "step_2")
+    rank0, rank1 = (set(names) for names in result["hashed"])
+    assert rank0 and rank1 and not rank0 & rank1
+    assert rank0 | rank1 == set(result["2"]["files"])
+
+
+def test_checksums_on_several_processes_equal_one_reader(tmp_path: Path) -> None:
+    from fusiontrain.checkpoint.layout import checksum, checksums_of
+
+    paths = []
+    for index in range(5):
+        path = tmp_path / f"f{index}.bin"
+        path.write_bytes(bytes([index]) * (1000 + index))
+        paths.append(path)
+    assert checksums_of(paths, workers=3) == [checksum(path) for path in paths] == checksums_of(paths)

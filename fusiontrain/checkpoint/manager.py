@@ -53,9 +53,7 @@ from fusiontrain.checkpoint.layout import (
     checkpoint_dir,
     checkpoints_root,
     checksum,
-    data_files,
     fsync_dir,
-    fsync_tree,
     list_complete,
     new_manifest,
     list_step_folders,
@@ -85,16 +83,17 @@ OPTIMIZER_JSON = "optimizer.json"
 _TENSOR = "__tensor__"
 
 
-def verify(path: Path, *, with_optimizer: bool = True, checksums: bool = True) -> dict[str, Any]:
+def verify(path: Path, *, with_optimizer: bool = True, checksums: bool = True, workers: int = 1) -> dict[str, Any]:
     """Check that checkpoint ``path`` is safe and whole before anything is loaded from it: only
     JSON and safetensors files, a valid manifest, every file it records present with its size
     (and, with ``checksums``, its contents), and readable safetensors headers for every model
-    part (and the optimizer unless ``with_optimizer=False``). Returns the manifest.
+    part (and the optimizer unless ``with_optimizer=False``). Checksums are read on ``workers``
+    processes. Returns the manifest.
 
     Raises:
         CheckpointError: naming the folder and what is missing, short or changed.
     """
-    manifest = verify_checkpoint(path, checksums=checksums)
+    manifest = verify_checkpoint(path, checksums=checksums, workers=workers)
     folders = [part_dir(path, part) for part in manifest["parts"]]
     if with_optimizer:
         folders.append(Path(path) / TRAIN_STATE / OPTIMIZER)
@@ -171,9 +170,18 @@ class OptimizerState(Stateful):
 
 @dataclass
 class _Pending:
-    """An asynchronous save whose data is still being written."""
+    """A save whose files are written (or, asynchronously, still being written) but not yet
+    checksummed and recorded in a manifest.
+
+    Attributes:
+        step: the step saved.
+        written: the files (relative to the staging folder) this rank wrote itself so far.
+        futures: the background writes still running; each returns more such files.
+        manifest: the manifest to complete with every rank's files.
+    """
 
     step: int
+    written: list[str]
     futures: list[Future]
     manifest: dict[str, Any]
 
@@ -187,10 +195,56 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_parts(writes: list[tuple[Path, dict[str, torch.Tensor]]], group: dist.ProcessGroup | None) -> None:
-    """Write each ``(folder, tensors)`` in order, each a collective over ``group``."""
+def _write_parts(
+    writes: list[tuple[Path, dict[str, torch.Tensor]]], group: dist.ProcessGroup | None, staging: Path
+) -> list[str]:
+    """Write each ``(folder, tensors)`` in order, each a collective over ``group``; returns the
+    files this rank wrote, relative to ``staging``."""
+    written = []
     for folder, tensors in writes:
-        save_tensors(tensors, folder, process_group=group)
+        relative = folder.relative_to(staging)
+        written += [(relative / name).as_posix() for name in save_tensors(tensors, folder, process_group=group)]
+    return written
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def _verify_together(path: Path) -> CheckpointError | None:
+    """What is wrong with checkpoint ``path`` (None when intact), the same answer on every rank:
+    rank 0 checks it without reading the data (:func:`verify` without checksums), then each rank
+    reads the checksums of every ``world``-th of its files (a collective)."""
+    rank, world = _rank_world()
+    found: list[Any] = [None, None]  # (the recorded files, rank 0's CheckpointError)
+    if rank == 0:
+        try:
+            found[0] = verify(path, checksums=False)["files"]
+        except CheckpointError as error:  # sent to every rank (UnsafeCheckpoint included), raised there
+            found[1] = error
+        except Exception as error:  # noqa: BLE001 - an unreadable folder, say: the same on every rank
+            found[1] = CheckpointError(f"checkpoint {path} cannot be read: {type(error).__name__}: {error}")
+    files, problem = _broadcast(found)
+    if problem is not None:
+        return problem
+    mine = [
+        f"{name} has other contents than when it was saved (sha256 differs)"
+        for name in sorted(files)[rank::world]
+        if checksum(path / name) != files[name]["sha256"]
+    ]
+    if world > 1:
+        gathered: list[list[str]] = [[] for _ in range(world)]
+        dist.all_gather_object(gathered, mine)
+        mine = sorted(problem for part in gathered for problem in part)
+    if not mine:
+        return None
+    more = f" (and {len(mine) - 3} more)" if len(mine) > 3 else ""
+    return CheckpointError(f"checkpoint {path} is damaged: {'; '.join(mine[:3])}{more}")
 
 
 class CheckpointManager:
@@ -248,19 +302,21 @@ class CheckpointManager:
         rank, world = _rank_world()
         staging = tmp_dir(self.output_dir, step)
         skeleton, optimizer_tensors = split_tensors(optimizer.state_dict())
+        written = [f"{TRAIN_STATE}/rank_{rank}.json"]
         if rank == 0:
             shutil.rmtree(staging, ignore_errors=True)
             (staging / TRAIN_STATE / OPTIMIZER).mkdir(parents=True)
             (staging / TRAIN_STATE / OPTIMIZER / OPTIMIZER_JSON).write_text(json.dumps(skeleton))
+            written.append(f"{TRAIN_STATE}/{OPTIMIZER}/{OPTIMIZER_JSON}")
         _barrier()
         writes = [(part_dir(staging, part), tensors) for part, tensors in model_parts.items()]
         writes.append((staging / TRAIN_STATE / OPTIMIZER, optimizer_tensors))
         group = distributed.checkpoint_group()
         if self.async_save:
             staged = [(folder, stage_tensors(tensors)) for folder, tensors in writes]
-            futures = [self._writer().submit(_write_parts, staged, group)]
+            futures = [self._writer().submit(_write_parts, staged, group, staging)]
         else:
-            _write_parts(writes, group)
+            written += _write_parts(writes, group, staging)
             futures = []
         (staging / TRAIN_STATE / f"rank_{rank}.json").write_text(json.dumps(rank_state))
         manifest = new_manifest(
@@ -272,7 +328,7 @@ class CheckpointManager:
             state=global_state,
             **({} if self.lora is None else {"lora": self.lora.to_dict()}),
         )
-        pending = _Pending(step, futures, manifest)
+        pending = _Pending(step, written, futures, manifest)
         if self.async_save:
             self._pending = pending
         else:
@@ -298,14 +354,17 @@ class CheckpointManager:
             self._executor = None
 
     def _finish(self, pending: _Pending) -> None:
+        written = list(pending.written)
         for future in pending.futures:
-            future.result()
+            written += future.result()
         _barrier()  # every rank's data is on disk
         rank, world = _rank_world()
         staging = tmp_dir(self.output_dir, pending.step)
-        # every rank checksums and fsyncs its share of the files
+        # Every rank checksums and fsyncs the files it wrote itself, and the manifest records what
+        # the ranks report: no rank trusts its listing of a shared folder (on NFS or an object
+        # store mount, two ranks' listings can differ for a while).
         records = {}
-        for name in data_files(staging)[rank::world]:
+        for name in sorted(written):
             path = staging / name
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -315,7 +374,8 @@ class CheckpointManager:
             dist.all_gather_object(gathered, records)
             records = {name: entry for part in gathered for name, entry in part.items()}
         if rank == 0:
-            fsync_tree(staging)  # the folders (the files were fsynced above)
+            for folder in sorted({(staging / name).parent for name in records} | {staging}, reverse=True):
+                fsync_dir(folder)  # the folders' entries (the files were fsynced by their writers)
             write_manifest(staging, pending.manifest, files=dict(sorted(records.items())))
             final = checkpoint_dir(self.output_dir, pending.step)
             shutil.rmtree(final, ignore_errors=True)
@@ -355,49 +415,29 @@ class CheckpointManager:
         """The checkpoint to resume from: None (start fresh), ``"auto"`` (the newest intact one
         under ``output_dir``, or None), or a path (which must be an intact checkpoint).
 
-        Rank 0 verifies (files, sizes, checksums, safetensors headers) and broadcasts its
-        decision, so that every rank resumes from the same checkpoint and the bytes are read once.
+        Rank 0 checks each candidate's manifest, files, sizes and safetensors headers and
+        broadcasts what it found; then every rank reads the checksums of its share of the files
+        (``1 / world`` of the bytes) and the ranks pool their findings, so every rank takes the
+        same decision, and verifying takes ``1 / world`` of one reader's time.
 
         Raises:
             CheckpointError: on every rank, when the given path is not an intact checkpoint.
         """
         if resume is None:
             return None
-        rank, world = _rank_world()
-        decision: list[Any] = [None, None]  # (path, error message)
-        failure: Exception | None = None
-        if rank == 0:
-            try:
-                decision[0] = self._newest_intact() if resume == "auto" else str(self._checked(Path(resume)))
-            except Exception as error:  # noqa: BLE001 - sent to every rank, raised there
-                failure = error
-                decision[1] = str(error) if isinstance(error, CheckpointError) else f"{type(error).__name__}: {error}"
-        if world > 1:
-            dist.broadcast_object_list(decision, src=0)
-        if failure is not None:
-            raise failure
-        if decision[1] is not None:
-            raise CheckpointError(decision[1])
-        return None if decision[0] is None else Path(decision[0])
-
-    @staticmethod
-    def _checked(path: Path) -> Path:
-        verify(path)  # raises CheckpointError naming the folder, before anything is loaded
-        return path
-
-    def _newest_intact(self) -> str | None:
-        """The newest ``step_<N>`` checkpoint that :func:`verify` passes; each newer one is
-        skipped with a warning saying why."""
-        folders = list_step_folders(self.output_dir)
-        for step, folder in reversed(folders):
-            try:
-                verify(folder)
-            except CheckpointError as error:
-                logger.warning("skipping checkpoint %s: %s", folder, error)
-                continue
-            if step != folders[-1][0]:
-                logger.warning("resuming from %s, the newest intact checkpoint", folder)
-            return str(folder)
+        if resume == "auto":
+            candidates = _broadcast([str(folder) for _, folder in reversed(list_step_folders(self.output_dir))])
+        else:
+            candidates = [str(resume)]
+        for index, candidate in enumerate(candidates):
+            problem = _verify_together(Path(candidate))
+            if problem is None:
+                if index > 0:
+                    logger.warning("resuming from %s, the newest intact checkpoint", candidate)
+                return Path(candidate)
+            if resume != "auto":
+                raise problem
+            logger.warning("skipping checkpoint %s: %s", candidate, problem)
         return None
 
     def load(

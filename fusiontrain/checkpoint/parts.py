@@ -62,21 +62,36 @@ def _no_dist(single_process: bool = False) -> bool:
     return single_process or not dist.is_initialized()
 
 
+class _ReportingWriter(HuggingFaceStorageWriter):
+    """DCP's safetensors writer that keeps the names of the files this rank wrote itself (from its
+    own write results), so that nobody has to list a shared folder to learn them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written: set[str] = set()
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        future = super().write_data(plan, planner)  # written when it returns: a completed future
+        self.written.update(result.storage_data.relative_path for result in future.wait())
+        return future
+
+
 def save_tensors(
     tensors: Mapping[str, torch.Tensor], folder: Path, *, process_group: dist.ProcessGroup | None = None
-) -> None:
+) -> list[str]:
     """Write ``tensors`` (a flat ``{name: tensor or DTensor}``) into ``folder`` as safetensors, each
     rank its own chunks (a collective over ``process_group``, default the default group, when a
-    process group is up)."""
+    process group is up). Returns the names (in ``folder``) of the files this rank wrote."""
     bad = [name for name, value in tensors.items() if not isinstance(value, torch.Tensor)]
     if bad:
         raise TypeError(f"only tensors are saved as safetensors; not tensors: {_first(bad)}")
-    writer = HuggingFaceStorageWriter(str(folder), save_distributed=True)
+    writer = _ReportingWriter(str(folder), save_distributed=True)
     no_dist = _no_dist()
     with warnings.catch_warnings():
         if no_dist:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.save(dict(tensors), storage_writer=writer, no_dist=no_dist, process_group=process_group)
+    return sorted(writer.written)
 
 
 def stage_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
