@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusiontrain.train.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
+from fusiontrain.train.preemption import MARKER_ENV, PREEMPTED_EXIT_CODE, PreemptionWatcher
 from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_torchrun
 from tests.helpers.shared import MAX_STEPS, PACKED_RUN, uninterrupted_packed_run
 
@@ -223,8 +223,10 @@ def test_plain_process_exits_with_the_preemption_code(tmp_path, tiny_mllama_dir)
     run = tmp_path / "run"
     command = [sys.executable, "-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}",
                f"output_dir={run}", *RUN, "max_steps=200"]
+    marker = tmp_path / "marker" / "preempted.json"
     with (tmp_path / "log").open("w") as log:
-        process = subprocess.Popen(command, env=launch_env(), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=launch_env({MARKER_ENV: str(marker)}), cwd=REPO_ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 120
             while len(_rows(run / "metrics.jsonl")) < 1:
@@ -237,6 +239,10 @@ def test_plain_process_exits_with_the_preemption_code(tmp_path, tiny_mllama_dir)
                 process.kill()
     logged = len(_rows(run / "metrics.jsonl"))
     assert (run / "checkpoints" / f"step_{logged}" / "manifest.json").is_file()
+    # the marker a job script reads when torchrun hides the exit code
+    assert json.loads(marker.read_text()) == {
+        "step": logged, "signal": "SIGTERM", "checkpoint": str(run / "checkpoints" / f"step_{logged}")
+    }
 
 
 # -- launch/slurm.sbatch: the trap and the requeue (stand-ins for srun, scancel, scontrol) --------
@@ -272,10 +278,11 @@ case "$1 $2" in
 esac
 """
 
-# Stands in for the trainer on each "node": says it is up, waits for SIGTERM, exits 75.
+# Stands in for the trainer on each "node": says it is up, waits for SIGTERM, then, as the trainer
+# does, node 0 writes the preemption marker the job script named, and every node exits 75.
 STEP = textwrap.dedent(
     """
-    import os, signal, sys, time
+    import json, os, signal, sys, time
     got = []
     signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
     print(f"STEP-UP node={os.environ['NODE_RANK']} args={' '.join(sys.argv[1:])}", flush=True)
@@ -284,6 +291,9 @@ STEP = textwrap.dedent(
     while not got and time.monotonic() < deadline:
         time.sleep(0.05)
     print(f"STEP-STOP node={os.environ['NODE_RANK']} got={got}", flush=True)
+    if got and os.environ["NODE_RANK"] == "0":
+        with open(os.environ["FUSIONTRAIN_PREEMPTED_MARKER"], "w") as marker:
+            json.dump({"step": 3, "signal": "SIGTERM", "checkpoint": "run/checkpoints/step_3"}, marker)
     sys.exit(75 if got else 0)
     """
 )
@@ -314,11 +324,11 @@ def _fake_slurm(tmp_path: Path) -> tuple[dict[str, str], Path]:
     return env, state
 
 
-def test_slurm_sbatch_usr1_checkpoints_and_requeues(tmp_path) -> None:
-    """`--signal=B:USR1@N` reaches the batch script only: its trap sends SIGTERM to the steps
-    (scancel), torchrun forwards it to the workers, and once srun returns the script requeues the
-    job, whose arguments carry checkpoint.resume=auto."""
+def _signalled_job(tmp_path: Path, deliver) -> tuple[str, list[str], Path]:
+    """Run launch/slurm.sbatch on the fake SLURM, ``deliver(job, state)`` once both "nodes" are up;
+    the job must end with 0. Returns its output, the scancel / scontrol calls and the state folder."""
     env, state = _fake_slurm(tmp_path)
+    env["FUSIONTRAIN_PREEMPTED_MARKER"] = str(state / "preempted")
     with (tmp_path / "log").open("w") as log:
         job = subprocess.Popen(
             ["bash", str(REPO_ROOT / "launch" / "slurm.sbatch"), "--config", "configs/x.yaml", "a.b=1"],
@@ -329,17 +339,44 @@ def test_slurm_sbatch_usr1_checkpoints_and_requeues(tmp_path) -> None:
             while not ((state / "up.0").exists() and (state / "up.1").exists()):
                 assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
                 time.sleep(0.05)
-            job.send_signal(signal.SIGUSR1)
+            deliver(job, state)
             assert job.wait(timeout=90) == 0, (tmp_path / "log").read_text()
         finally:
             if job.poll() is None:
                 os.killpg(job.pid, signal.SIGKILL)
     output = (tmp_path / "log").read_text()
-    calls = (state / "calls").read_text().splitlines()
-    assert "scancel --signal=TERM 4242" in calls and calls[-1] == "scontrol requeue 4242", calls
     assert output.count("STEP-UP") == 2 and output.count("args=--config configs/x.yaml a.b=1 checkpoint.resume=auto") == 2
-    assert output.count(f"got=[{int(signal.SIGTERM)}]") == 2, output  # torchrun forwarded the SIGTERM
-    assert "requeueing job 4242" in output
+    assert output.count(f"got=[{int(signal.SIGTERM)}]") == 2, output  # each node's workers got SIGTERM
+    assert "requeueing job 4242" in output and not (state / "preempted").exists()  # the marker is read once
+    return output, (state / "calls").read_text().splitlines(), state
+
+
+def test_slurm_sbatch_usr1_to_the_script_checkpoints_and_requeues(tmp_path) -> None:
+    """`--signal=B:USR1@N` reaches the batch script only: its trap sends SIGTERM to the steps
+    (scancel), torchrun forwards it to the workers, and once srun returns the script requeues the
+    job, whose arguments carry checkpoint.resume=auto."""
+    _, calls, _ = _signalled_job(tmp_path, lambda job, state: job.send_signal(signal.SIGUSR1))
+    assert "scancel --signal=TERM 4242" in calls and calls[-1] == "scontrol requeue 4242", calls
+
+
+def test_slurm_sbatch_sigterm_to_the_script_only_is_forwarded_and_requeues(tmp_path) -> None:
+    """SIGTERM to the batch script alone (scancel --full, a preemption that signals the script):
+    the trap forwards it to the steps, which checkpoint, and the job requeues."""
+    _, calls, _ = _signalled_job(tmp_path, lambda job, state: job.send_signal(signal.SIGTERM))
+    assert "scancel --signal=TERM 4242" in calls and calls[-1] == "scontrol requeue 4242", calls
+
+
+def test_slurm_sbatch_sigterm_to_the_steps_only_requeues_from_the_marker(tmp_path) -> None:
+    """SIGTERM to the job steps alone (the batch script sees nothing): the workers checkpoint and
+    exit 75, torchrun reports 1, and the marker rank 0 wrote tells the script to requeue."""
+
+    def to_the_steps(job, state: Path) -> None:
+        for pgid in (state / "steps").read_text().split():
+            os.killpg(int(pgid), signal.SIGTERM)
+
+    output, calls, _ = _signalled_job(tmp_path, to_the_steps)
+    assert not any(call.startswith("scancel") for call in calls) and calls[-1] == "scontrol requeue 4242", calls
+    assert "the steps were preempted" in output and '"step": 3' in output
 
 
 def test_slurm_sbatch_keeps_an_explicit_resume_and_does_not_requeue_a_finished_run(tmp_path) -> None:

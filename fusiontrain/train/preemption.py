@@ -20,7 +20,10 @@ delivered then).
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+from pathlib import Path
 from types import FrameType
 
 import torch
@@ -35,6 +38,26 @@ PREEMPTED_EXIT_CODE = 75
 
 #: Signals that request a checkpoint-and-exit.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+#: Environment variable naming a file that rank 0 writes once a preemption checkpoint is complete
+#: (JSON: step, signal, checkpoint). A job script sets it: torchrun reports a worker's exit code 75
+#: as 1, so the file, not the exit code, tells the script that the run stopped to be requeued
+#: (``launch/slurm.sbatch``).
+MARKER_ENV = "FUSIONTRAIN_PREEMPTED_MARKER"
+
+
+def write_preemption_marker(step: int, signal_name: str, checkpoint: Path) -> Path | None:
+    """Write the file :data:`MARKER_ENV` names, when it is set (on rank 0, after the preemption
+    checkpoint of ``step`` is complete); returns its path."""
+    where = os.environ.get(MARKER_ENV)
+    if not where:
+        return None
+    path = Path(where)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"step": step, "signal": signal_name, "checkpoint": str(checkpoint)}))
+    partial.replace(path)
+    return path
 
 
 class Preempted(Exception):

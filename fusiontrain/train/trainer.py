@@ -42,7 +42,7 @@ from fusiontrain.source.model_source import ModelSource
 from fusiontrain.train.model import prepare_model
 from fusiontrain.train.optim import build_lr_scheduler, build_optimizer
 from fusiontrain.train.setup import build_batch_layout, build_parallel_model, step_settings
-from fusiontrain.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher
+from fusiontrain.train.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatcher, write_preemption_marker
 from fusiontrain.train.step import TrainStep, loss_sum
 
 _PLACEHOLDER = Sample(tokens=torch.zeros(1, dtype=torch.long), labels=torch.full((1,), -100), origin="placeholder")
@@ -218,6 +218,8 @@ class Trainer:
             f", exiting with code {PREEMPTED_EXIT_CODE}" if done < last else "; the run is complete",
         )
         if done < last:
+            if self.context.is_main:
+                write_preemption_marker(done, reason, self.output_dir / "checkpoints" / f"step_{done}")
             raise Preempted(done, reason)
 
     # -- checkpoints ------------------------------------------------------------------------------
