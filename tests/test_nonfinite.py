@@ -138,7 +138,13 @@ def test_config_keys(tiny_mllama_dir: Path) -> None:
 
 
 def _rows(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl, read by a strict JSON parser (NaN and Infinity are not JSON)."""
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=_refuse) for line in lines]
+
+
+def _refuse(name: str) -> None:
+    raise ValueError(f"metrics.jsonl holds {name}, which strict JSON parsers refuse")
 
 
 def _train_failing(output_dir: Path, mllama: Path, inject: str, *overrides: str) -> tuple[str, list[str], float]:
@@ -178,7 +184,8 @@ def test_skip_leaves_the_weights_of_a_nan_step_untouched_and_goes_on(tmp_path, t
     rows = _rows(run)
     assert [row["skipped_step"] for row in rows] == [False, False, True, False, False]
     assert [row["nonfinite_skipped"] for row in rows] == [0, 0, 1, 1, 1]
-    assert math.isnan(rows[2]["loss"]) and all(math.isfinite(rows[s]["loss"]) for s in (0, 1, 3, 4))
+    assert rows[2]["loss"] is None and rows[2]["nonfinite"]["loss"] == "nan"  # strict JSON: null, and why
+    assert all(math.isfinite(rows[s]["loss"]) and "nonfinite" not in rows[s] for s in (0, 1, 3, 4))
     # The schedule advanced through the skipped step: the LRs are those of a run without a NaN.
     optim = load_config(TINY_CONFIG, [f"model.hf_mllama={tiny_mllama_dir}"]).optim
     want = [optim.lr * lr_multiplier(step, optim, 5) for step in range(5)]
@@ -186,9 +193,14 @@ def test_skip_leaves_the_weights_of_a_nan_step_untouched_and_goes_on(tmp_path, t
     assert want[3] != want[2]  # would repeat if the skipped step had not advanced the schedule
     after = [load_file(out / "steps" / f"after_{s}.safetensors") for s in range(5)]
     assert after[0].keys() == after[2].keys() and after[0]
-    for step in (1, 3, 4):  # every other step moves the weights ...
-        assert any(not torch.equal(after[step][k], after[step - 1][k]) for k in after[step]), step
-    for name in after[2]:  # ... the NaN step leaves every one as it was
+    moments = [name for name in after[2] if name.endswith(("/exp_avg", "/exp_avg_sq"))]
+    counts = [name for name in after[2] if name.endswith("/step")]
+    assert moments and counts and len(moments) == 2 * len(counts)  # AdamW's state is dumped too
+    for step in (1, 3, 4):  # every other step moves the weights and AdamW's moments and counts ...
+        assert any(not torch.equal(after[step][k], after[step - 1][k]) for k in after[step] if "/" not in k), step
+        assert all(not torch.equal(after[step][k], after[step - 1][k]) for k in counts), step
+        assert any(not torch.equal(after[step][k], after[step - 1][k]) for k in moments), step
+    for name in after[2]:  # ... the NaN step leaves every one as it was, weights and state alike
         assert torch.equal(after[2][name], after[1][name]), name
     for state in after:
         assert all(torch.isfinite(t).all() for t in state.values())

@@ -16,6 +16,7 @@ here prints or records environment variables or credentials.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import secrets
@@ -102,6 +103,23 @@ def wandb_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         flat.update({f"skipped/{reason}": count for reason, count in skipped.items()})
         flat["skipped/total"] = sum(skipped.values())
     return flat
+
+
+def strict_json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` as strict JSON takes it (RFC 8259 has no NaN or Infinity): a non-finite number
+    becomes ``null``, and ``nonfinite`` maps its key to what it was (``"nan"``, ``"inf"``,
+    ``"-inf"``). Nested mappings (``skipped``) keep their finite integers."""
+    out: dict[str, Any] = {}
+    nonfinite: dict[str, str] = {}
+    for key, value in row.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = None
+            nonfinite[key] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        else:
+            out[key] = value
+    if nonfinite:
+        out["nonfinite"] = nonfinite
+    return out
 
 
 class MetricsLogger:
@@ -219,7 +237,7 @@ class MetricsLogger:
         if not self.is_main:
             return
         row = {"step": step, **metrics}
-        self._file.write(json.dumps(row) + "\n")
+        self._file.write(json.dumps(strict_json_row(row), allow_nan=False) + "\n")
         self._file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(wandb_metrics(metrics), step=step)

@@ -7,7 +7,8 @@ Rank 0 writes ``OUT_DIR/trainable.safetensors`` (full trainable weights after tr
 ``OUT_DIR/report.json``: per-step losses and grad norms, whether every frozen parameter's local
 shard is bitwise unchanged on every rank, each FSDP unit's stored dtypes (trained and frozen),
 which parameters have optimizer state, and which trainable parameters moved. With ``--dump-every-step``, rank 0 also writes
-``OUT_DIR/steps/after_<s>.safetensors``: the full trainable weights after each step ``s`` (0-based).
+``OUT_DIR/steps/after_<s>.safetensors``: the full trainable weights and AdamW state
+(``optimizer/<name>/<key>``) after each step ``s`` (0-based).
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ def _unit_dtypes(model: torch.nn.Module) -> dict[str, list[str]]:
     return dict(units.values())
 
 
+def _optimizer_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """AdamW's full state per trainable parameter (``optimizer/<name>/<exp_avg|exp_avg_sq|step>``),
+    on the CPU (a collective: sharded state is gathered)."""
+    state = {}
+    for name, param in canonical_parameters(trainer.model).items():
+        for key, value in trainer.optimizer.state.get(param, {}).items():
+            if isinstance(value, torch.Tensor):
+                full = value.full_tensor() if hasattr(value, "full_tensor") else value
+                state[f"optimizer/{name}/{key}"] = full.detach().cpu().clone().reshape(full.shape)
+    return state
+
+
 def main() -> None:
     out_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     dump_every_step = "--dump-every-step" in argv
@@ -59,7 +72,7 @@ def main() -> None:
 
         def train_and_dump(step: int) -> dict:
             metrics = train_step(step)
-            state = trainer.trainable_state()  # a collective: every rank gathers
+            state = {**trainer.trainable_state(), **_optimizer_state(trainer)}  # collectives: every rank gathers
             if trainer.context.is_main:
                 (out_dir / "steps").mkdir(parents=True, exist_ok=True)
                 save_file(state, out_dir / "steps" / f"after_{step}.safetensors")
