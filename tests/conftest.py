@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from fusiontrain import tiny
 from fusiontrain.parallel.distributed import free_port
+from tests.helpers.strict_json import non_strict_lines
 
 # Under pytest-xdist (`make test` runs 2 workers) the workers share the cores: each takes its share
 # of intra-op threads, so that they do not oversubscribe the machine.
@@ -47,6 +48,20 @@ def _tiny_folder_fixture(name: str, save: Callable[[Path], tuple[Path, object]],
 
 for _name, (_save, _holds) in TINY_FOLDERS.items():
     globals()[_name] = _tiny_folder_fixture(_name, _save, _holds)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def metrics_files_are_strict_json(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the session, every ``metrics.jsonl`` this worker's tests wrote (under its temporary
+    root, shared runs included) must parse as strict JSON: a non-finite value is ``null`` plus a
+    ``nonfinite`` flag, never ``NaN`` / ``Infinity``."""
+    yield
+    root = tmp_path_factory.getbasetemp()
+    _, problems = non_strict_lines(root)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the shared runs lie beside the workers' folders
+        for done in (root.parent / "shared").glob("*.done"):  # finished ones only: others may be mid-write
+            problems += non_strict_lines(done.with_suffix(""))[1]
+    assert not problems, "metrics.jsonl lines a strict JSON parser refuses:\n" + "\n".join(problems[:20])
 
 
 @pytest.fixture

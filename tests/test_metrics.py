@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import pytest
 
 from fusiontrain.train.metrics import MetricsLogger, wandb_metrics
+from tests.helpers.strict_json import loads_strict, non_strict_lines
 
 CONFIG = {"max_steps": 10, "optim": {"lr": 1e-4, "betas": [0.9, 0.95]}, "logging": {"wandb": {"mode": "offline"}}}
 
@@ -169,6 +170,29 @@ def test_disabled_writes_metrics_jsonl_without_wandb(tmp_path: Path) -> None:
     assert not (tmp_path / "wandb").exists()
     assert len(logger.run_id) == 8  # an id to store in checkpoints all the same
     assert run_logger(tmp_path / "again", range(1), run_id="keepme12", progress=False).run_id == "keepme12"
+
+
+@pytest.mark.usefixtures("no_wandb")
+def test_non_finite_values_are_strict_json_null_with_the_reason(tmp_path: Path) -> None:
+    """NaN / inf / -inf are written as null, with ``nonfinite`` saying which was which; the
+    session's strict-JSON check would refuse the file Python's json writes by default."""
+    logger = MetricsLogger(tmp_path, is_main=True, config=CONFIG, max_steps=10, world_size=2, stream=io.StringIO())
+    logger.log(0, {**step_metrics(0), "loss": float("nan"), "grad_norm": float("inf"), "eval_loss": float("-inf")})
+    logger.log(1, step_metrics(1))
+    logger.close()
+    first, second = [loads_strict(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert first["loss"] is None and first["grad_norm"] is None and first["eval_loss"] is None
+    assert first["nonfinite"] == {"loss": "nan", "grad_norm": "inf", "eval_loss": "-inf"}
+    assert first["lr"] == step_metrics(0)["lr"] and first["skipped"] == {}
+    assert "nonfinite" not in second and second["loss"] == step_metrics(1)["loss"]
+    assert non_strict_lines(tmp_path) == (1, [])
+
+    lax = tmp_path / "lax" / "metrics.jsonl"
+    lax.parent.mkdir()
+    lax.write_text(json.dumps({"step": 0, "loss": float("nan")}) + "\n")  # what json.dumps writes by default
+    count, problems = non_strict_lines(tmp_path)
+    assert count == 2 and len(problems) == 1 and problems[0].startswith(f"{lax}:1: NaN")
+    lax.unlink()  # the session's own check would flag it too
 
 
 @pytest.mark.usefixtures("no_wandb")

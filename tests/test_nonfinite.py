@@ -29,6 +29,7 @@ from fusiontrain.train.nonfinite import (
     parse_injection,
 )
 from tests.helpers.launch import REPO_ROOT, run_torchrun
+from tests.helpers.strict_json import loads_strict
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 SAVE_HELPER = str(REPO_ROOT / "tests" / "helpers" / "nonfinite_save.py")
@@ -139,12 +140,7 @@ def test_config_keys(tiny_mllama_dir: Path) -> None:
 
 def _rows(output_dir: Path) -> list[dict]:
     """metrics.jsonl, read by a strict JSON parser (NaN and Infinity are not JSON)."""
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line, parse_constant=_refuse) for line in lines]
-
-
-def _refuse(name: str) -> None:
-    raise ValueError(f"metrics.jsonl holds {name}, which strict JSON parsers refuse")
+    return [loads_strict(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _train_failing(output_dir: Path, mllama: Path, inject: str, *overrides: str) -> tuple[str, list[str], float]:
