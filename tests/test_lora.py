@@ -8,6 +8,8 @@ tensor ops, transformers' ``MllamaForConditionalGeneration`` loading the merged 
 from __future__ import annotations
 
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -304,6 +306,30 @@ def test_peft_export_loads_in_peft_and_generate_and_init_from_read_it(
     for name, param in model.named_parameters():
         assert torch.equal(started[name], param), name
     assert started.keys() == dict(model.named_parameters()).keys()
+
+
+@pytest.mark.parametrize("which", ["lora_A", "modules_to_save"])
+def test_peft_import_refuses_a_tensor_of_another_shape_even_when_it_could_be_reshaped(
+    lora_checkpoint, tiny_mllama_dir: Path, tmp_path: Path, which: str
+) -> None:
+    """A transposed LoRA A (or a fusion weight stored flat) holds the right number of values;
+    reshaping it first would load scrambled weights without a word. The shape is checked first."""
+    from safetensors.torch import save_file
+
+    _, checkpoint = lora_checkpoint
+    adapter = export_checkpoint(checkpoint, tmp_path / "adapter", format="peft", dtype="fp32")
+    tensors = _tensors(adapter)
+    if which == "lora_A":
+        key = "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"
+        tensors[key] = tensors[key].t().contiguous()
+    else:
+        key = "base_model.model.model.language_model.layers.1.cross_attn_attn_gate"
+        tensors[key] = tensors[key].reshape(1, -1).contiguous()
+    wanted = tuple(_tensors(adapter)[key].shape)
+    assert tuple(tensors[key].shape) != wanted and tensors[key].numel() == math.prod(wanted)
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=rf"{re.escape(key)} has shape {re.escape(str(tuple(tensors[key].shape)))}, but this model needs {re.escape(str(wanted))}"):
+        load_for_inference(tiny_mllama_dir, adapter=adapter)
 
 
 # -- training through the CLI on 2 ranks, and resume ----------------------------------------------------

@@ -236,26 +236,33 @@ def load_adapter(folder: str | Path, layout: PeftLayout, settings: LoraSettings,
     from safetensors import safe_open
 
     folder = Path(folder)
-    homes: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
+    # adapter key -> (the shape it must have, [(our parameter, its rows of the key's tensor or None)])
+    homes: dict[str, tuple[tuple[int, ...], list[tuple[str, tuple[int, int] | None]]]] = {}
     for module in settings.modules:
         for which in (LORA_A, LORA_B):
             name = f"{module}.{which}.weight"
-            homes[layout.lora_key(name)] = [(name, None)]
+            homes[layout.lora_key(name)] = (tuple(params[name].shape), [(name, None)])
     for hf_key, routes in layout.saved_routes.items():
-        homes[f"{PEFT_PREFIX}{hf_key}"] = [(route.our_key, route.rows) for route in routes]
+        homes[f"{PEFT_PREFIX}{hf_key}"] = (layout.shapes[hf_key], [(route.our_key, route.rows) for route in routes])
     filled, homeless = set(), []
     with safe_open(str(folder / ADAPTER_WEIGHTS), "pt") as file:
         for key in file.keys():
             if key not in homes:
                 homeless.append(key)
                 continue
+            expected, targets = homes[key]
             tensor = file.get_tensor(key)
-            for name, rows in homes[key]:
+            if tuple(tensor.shape) != expected:  # before any reshape, which could make a wrong shape fit
+                raise ValueError(
+                    f"PEFT adapter {folder}: {key} has shape {tuple(tensor.shape)}, but this model needs "
+                    f"{expected}; was the adapter trained on another base model or LoRA rank?"
+                )
+            for name, rows in targets:
                 param = params[name]
-                part = tensor if rows is None else tensor[rows[0] : rows[1]]
-                part = part.reshape(param.shape)
-                if part.shape != param.shape:
-                    raise ValueError(f"PEFT adapter {folder}: {key} has shape {tuple(tensor.shape)}, {name} {tuple(param.shape)}")
+                if rows is None:
+                    part = tensor.reshape(param.shape)
+                else:  # the inverse of save_adapter: our parameters' rows, concatenated, reshaped to HF's
+                    part = tensor.reshape(-1, *param.shape[1:])[rows[0] : rows[1]]
                 with torch.no_grad():
                     copy_rows_into(param, lambda start, stop, part=part, param=param: part[start:stop].to(param.dtype))
                 filled.add(name)
