@@ -10,7 +10,8 @@ import torch
 from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
 from fusiontrain.checkpoint.layout import CheckpointError, latest_complete, list_complete
-from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState, verify
+from fusiontrain.checkpoint.manager import CheckpointManager, verify
+from fusiontrain.checkpoint.optimizer_state import OptimizerState
 
 BASE = {"family": "mllama", "folders": {"hf_mllama": "/base"}}
 PRINT = {"m/model.safetensors": {"size": 10, "sha256": "ab" * 32}}

@@ -17,7 +17,8 @@ from PIL import Image
 
 from fusiontrain.checkpoint import layout
 from fusiontrain.checkpoint.layout import CheckpointError, UnsafeCheckpoint, list_complete
-from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState, verify
+from fusiontrain.checkpoint.manager import CheckpointManager, verify
+from fusiontrain.checkpoint.optimizer_state import OptimizerState
 from fusiontrain.cli import main as cli_main
 from tests.helpers.launch import REPO_ROOT, launch_env
 from tests.test_checkpoint import _model_and_optimizer

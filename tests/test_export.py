@@ -206,6 +206,51 @@ def test_mllama_in_fusiontrain_format(trained_mllama, tmp_path: Path) -> None:
     assert set(n for n, p in loaded.named_parameters() if p.requires_grad) == set(get_fusion_params(loaded))
 
 
+def test_hf_export_of_a_run_that_started_from_a_fusiontrain_export(
+    trained_mllama, tiny_mllama_dir: Path, tmp_path: Path
+) -> None:
+    """Run 1 exported in fusiontrain format (bf16); run 2 started from that export and trained
+    the fusion further. Its hf export takes the layout from transformers' own Mllama built from the
+    stored config: it loads strictly, gives run 2's logits, and stores every tensor in the export's
+    dtype under the naming transformers' save_pretrained writes."""
+    _, checkpoint = trained_mllama
+    ours = export_checkpoint(checkpoint, tmp_path / "ours", format="fusiontrain", dtype="bf16")
+    model = load_fusiontrain_export(ours).eval()  # fp32, holding bf16 values
+    fusion = get_fusion_params(model)
+    with torch.no_grad():
+        perturb(fusion, seed=5)
+        for param in fusion.values():
+            param.copy_(param.bfloat16())  # what a bf16 export of run 2 can hold exactly
+    run2 = write_checkpoint(tmp_path / "run2", {"fusion": fusion}, {"family": "mllama", "folders": {"fusiontrain_export": str(ours)}})
+
+    out = tmp_path / "hf"
+    assert main(["--checkpoint", str(run2), "--out", str(out)]) == 0  # the defaults: hf, the export's dtype
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as file:
+        stored_names = set(file.keys())
+    with safe_open(str(tiny_mllama_dir / "model.safetensors"), "pt") as file:
+        assert stored_names == set(file.keys()) and any(key.startswith("language_model.model.") for key in stored_names)
+
+    export = HFCheckpoint(out, key_renamer=canonical_mllama_key)
+    start = HFCheckpoint(ours, require_config=False)
+    ours_now = dict(model.named_parameters())
+    for route in mllama_weight_map(mllama_args_from_config(export.config)):
+        stored = export.read(route.hf_key, route.rows)
+        want = ours_now[route.our_key] if route.our_key in fusion else start.read(route.our_key)
+        assert stored.dtype == torch.bfloat16 and torch.equal(stored, want.detach().reshape(stored.shape).bfloat16()), route
+
+    from transformers import MllamaForConditionalGeneration
+
+    exported, info = MllamaForConditionalGeneration.from_pretrained(
+        out, attn_implementation="eager", dtype=torch.float32, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    tokens, pixels, cross = mllama_batch_where_every_row_sees_an_image()
+    want = _our_logits(model, tokens, pixels, cross)
+    torch.testing.assert_close(_hf_logits(exported.eval(), tokens, pixels, cross), want, atol=1e-5, rtol=0)
+    assert (_our_logits(load_fusiontrain_export(ours).eval(), tokens, pixels, cross) - want).abs().max() > 1e-2
+
+
 # -- composed family --------------------------------------------------------------------------------
 
 

@@ -512,7 +512,7 @@ def test_composed_lora_checkpoint_exports_merged_and_refuses_peft(tiny_llama_dir
     exported = load_fusiontrain_export(export_checkpoint(checkpoint, tmp_path / "merged", dtype="fp32")).eval()
     torch.testing.assert_close(_logits(exported), want, atol=1e-5, rtol=0)
     torch.testing.assert_close(_logits(load_for_inference(checkpoint).model), want, atol=1e-5, rtol=0)
-    with pytest.raises(ExportError, match="no transformers class"):
+    with pytest.raises(ExportError, match="a composed model has no transformers class"):
         export_checkpoint(checkpoint, tmp_path / "adapter", format="peft")
 
     # A run whose base is that export (model.fusiontrain_export) with LoRA again: generate loads it.

@@ -12,7 +12,9 @@ rest comes from. :func:`export_checkpoint` joins the two into one folder in eith
     names are the reverse of :func:`~fusiontrain.families.mllama.model.mllama_weight_map`, in the naming
     the base folder uses (``language_model.model.*``, which transformers 5.23's own
     ``save_pretrained`` writes and the Hub holds, or ``model.language_model.*``; transformers 5.23
-    loads both).
+    loads both). A run that started from a fusiontrain export of an Mllama has no HF base folder:
+    its layout comes from the family (transformers' own model class, built on the meta device from
+    the stored config), its files from the export, and ``base`` naming means the older one.
 
 ``fusiontrain`` (any family; the default for composed models)
     Our own, self-contained layout, read back by
@@ -70,7 +72,7 @@ from fusiontrain.checkpoint.parts import CheckpointPart, PartMismatch, open_part
 from fusiontrain.families import ModelFamily, model_family
 from fusiontrain.source.export import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_VERSION
 from fusiontrain.source.model_source import ModelSource
-from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint, HFLayout, TensorRoute
 from fusiontrain.weights.pretrained import PretrainedModel
 from fusiontrain.checkpoint.export_files import (
     ExportError,
@@ -289,15 +291,14 @@ class _OutputDtypes:
 # -- writing ----------------------------------------------------------------------------------------
 
 
-def _hf_tensors(base: _Base, params: _Parameters) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(current HF name, full tensor)`` of every tensor of the base, in weight-map order, each
+def _hf_tensors(layout: HFLayout, params: _Parameters) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(current HF name, full tensor)`` of every tensor of ``layout``, in weight-map order, each
     assembled from the parameters its routes fill (Mllama's ``embed_tokens`` from two row ranges)."""
-    source = base.pretrained.sources[0]
     by_key: dict[str, list[TensorRoute]] = {}
-    for route in source.routes:
+    for route in layout.routes:
         by_key.setdefault(route.hf_key, []).append(route)
     for hf_key, routes in by_key.items():
-        shape = tuple(source.checkpoint.shape(hf_key))
+        shape = layout.shapes[hf_key]
         if len(routes) == 1 and routes[0].rows is None:
             yield hf_key, params.read(routes[0].our_key).reshape(shape)
             continue
@@ -307,7 +308,7 @@ def _hf_tensors(base: _Base, params: _Parameters) -> Iterator[tuple[str, torch.T
         stops = [0] + [route.rows[1] for route in routes]  # type: ignore[index]
         if [route.rows[0] for route in routes] != stops[:-1] or stops[-1] != shape[0]:  # type: ignore[index]
             raise ExportError(f"the routes of {hf_key} do not tile its {shape[0]} rows: {[r.rows for r in routes]}")
-        yield hf_key, torch.cat([params.read(route.our_key) for route in routes], dim=0)
+        yield hf_key, torch.cat([params.read(route.our_key) for route in routes], dim=0).reshape(shape)
 
 
 def _generation_config_from(config: dict) -> dict:
@@ -333,11 +334,14 @@ def _write_hf(
         write_json(folder / GENERATION_CONFIG, _generation_config_from(config))
     copy_files(hf_folder, folder, TOKENIZER_FILES + PROCESSOR_FILES, TOKENIZER_FOLDERS)
 
-    legacy = base.family.hf_uses_legacy_names(hf_folder) if naming == "base" else naming == "legacy"
-    checkpoint = base.pretrained.sources[0].checkpoint
+    try:
+        layout = base.source.hf_layout(base.pretrained)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    legacy = layout.legacy_names if naming == "base" else naming == "legacy"
     writer = ShardWriter(folder, max_shard_bytes)
-    for name, tensor in _hf_tensors(base, params):
-        dtype = dtypes.of_base_tensor(checkpoint, name)
+    for name, tensor in _hf_tensors(layout, params):
+        dtype = dtypes.forced or layout.dtypes[name]
         writer.add(base.family.hf_stored_name(name, legacy=legacy), tensor.to(dtype))
     writer.finish()
 

@@ -43,8 +43,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from fusiontrain.checkpoint.fingerprint import differences
@@ -72,6 +70,7 @@ from fusiontrain.checkpoint.parts import (
     save_tensors,
     stage_tensors,
 )
+from fusiontrain.checkpoint.optimizer_state import join_tensors, split_tensors, tensor_names
 from fusiontrain.parallel import distributed
 from fusiontrain.weights.lora import LoraSettings
 
@@ -80,7 +79,6 @@ logger = logging.getLogger(__name__)
 TRAIN_STATE = "train_state"
 OPTIMIZER = "optimizer"
 OPTIMIZER_JSON = "optimizer.json"
-_TENSOR = "__tensor__"
 
 
 def verify(path: Path, *, with_optimizer: bool = True, checksums: bool = True, workers: int = 1) -> dict[str, Any]:
@@ -100,72 +98,6 @@ def verify(path: Path, *, with_optimizer: bool = True, checksums: bool = True, w
     for folder in folders:
         read_part_metadata(folder, Path(path))
     return manifest
-
-
-def split_tensors(state: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tensor]]:
-    """``(skeleton, tensors)`` of a nested state dict: ``tensors`` every tensor by its path
-    (``state/<param>/exp_avg``), ``skeleton`` the rest as JSON-able data, each tensor replaced by
-    ``{"__tensor__": path}``.
-
-    Raises:
-        CheckpointError: a value that JSON cannot hold (it would need a pickle).
-    """
-    if isinstance(state, torch.Tensor):
-        return {_TENSOR: prefix}, {prefix: state}
-    if isinstance(state, dict):
-        skeleton, tensors = {}, {}
-        for key, value in state.items():
-            if not isinstance(key, str) or key == _TENSOR:
-                raise CheckpointError(f"state key {key!r} at {prefix or '/'} cannot be saved as JSON")
-            skeleton[key], found = split_tensors(value, f"{prefix}/{key}" if prefix else key)
-            tensors.update(found)
-        return skeleton, tensors
-    if isinstance(state, (list, tuple)):
-        skeleton, tensors = [], {}
-        for index, value in enumerate(state):
-            item, found = split_tensors(value, f"{prefix}/{index}")
-            skeleton.append(item)
-            tensors.update(found)
-        return skeleton, tensors
-    if state is None or isinstance(state, (bool, int, float, str)):
-        return state, {}
-    raise CheckpointError(f"state value at {prefix or '/'} is a {type(state).__name__}, which JSON cannot hold")
-
-
-def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of :func:`split_tensors`."""
-    if isinstance(skeleton, dict):
-        if set(skeleton) == {_TENSOR}:
-            return tensors[skeleton[_TENSOR]]
-        return {key: join_tensors(value, tensors) for key, value in skeleton.items()}
-    if isinstance(skeleton, list):
-        return [join_tensors(value, tensors) for value in skeleton]
-    return skeleton
-
-
-def _tensor_names(skeleton: Any) -> set[str]:
-    if isinstance(skeleton, dict):
-        if set(skeleton) == {_TENSOR}:
-            return {skeleton[_TENSOR]}
-        return set().union(*(_tensor_names(value) for value in skeleton.values())) if skeleton else set()
-    if isinstance(skeleton, list):
-        return set().union(*(_tensor_names(value) for value in skeleton)) if skeleton else set()
-    return set()
-
-
-class OptimizerState(Stateful):
-    """The optimizer's state keyed by parameter names (sharded DTensors stay sharded), so DCP can
-    save it and reload it onto another sharding."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.optimizer = optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
 
 
 @dataclass
@@ -488,7 +420,7 @@ class CheckpointManager:
         folder = path / TRAIN_STATE / OPTIMIZER
         saved = json.loads((folder / OPTIMIZER_JSON).read_text())
         _, targets = split_tensors(optimizer.state_dict())
-        wanted = _tensor_names(saved)
+        wanted = tensor_names(saved)
         entries = read_part_metadata(folder, path).state_dict_metadata
         if set(entries) != wanted or not wanted <= set(targets):
             raise PartMismatch(

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat
+from fusiontrain.weights.hf_checkpoint import TensorRoute
 from fusiontrain.weights.pretrained import PretrainedModel
 
 
@@ -140,6 +141,13 @@ class ModelFamily(ABC):
         """Whether ``model`` is of this family (for code handed a model without its family)."""
 
     # -- the transformers layout (families with hf_export) ----------------------------------------
+
+    def hf_layout(self, configs: dict[str, dict]) -> tuple[list[TensorRoute], dict[str, tuple[int, ...]]]:
+        """The transformers checkpoint a model of ``configs`` (by role) is stored as, worked out
+        without any weight file: the routes from each tensor (current naming) to our parameters,
+        and each tensor's shape. For a model whose base is no transformers folder (a fusiontrain
+        export), to write it in the ``hf`` format."""
+        raise NotImplementedError(f"the {self.name} family has no transformers layout")
 
     def hf_uses_legacy_names(self, folder: str | Path) -> bool:
         """Whether the base checkpoint in ``folder`` stores its tensors under an older naming of

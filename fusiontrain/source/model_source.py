@@ -28,7 +28,7 @@ from torch import nn
 from fusiontrain.families import MODEL_FAMILIES, InputFolders, ModelFamily, TrainableFlags, model_family
 from fusiontrain.families.model import read_config_json
 from fusiontrain.source.export import prepare_fusiontrain_export, read_export_config
-from fusiontrain.weights.hf_checkpoint import materialize
+from fusiontrain.weights.hf_checkpoint import HFLayout, materialize
 from fusiontrain.weights.pretrained import PretrainedModel
 
 # The role a manifest records a fusiontrain export under, in place of the family's own roles.
@@ -141,9 +141,39 @@ class ModelSource:
 
     @property
     def has_hf_layout(self) -> bool:
-        """Whether the model's base is a transformers checkpoint that an ``hf`` export or a PEFT
-        adapter can name (a family with a transformers layout, started from its HF folder)."""
+        """Whether the model's base is a transformers checkpoint that a PEFT adapter can name (a
+        family with a transformers layout, started from its HF folder). An ``hf`` export needs only
+        the family's layout (:meth:`hf_layout`)."""
         return self.family.hf_export and self.export is None
+
+    def hf_layout(self, pretrained: PretrainedModel) -> HFLayout:
+        """The transformers checkpoint layout of this source's model (``pretrained``: what
+        :meth:`prepare` returned). From an HF folder: its own tensors' names, shapes and dtypes, and
+        its naming. From a fusiontrain export: the family's layout worked out from the stored
+        config, each tensor in the dtype the export stores its parameters in, in the older naming
+        (what transformers' ``save_pretrained`` writes).
+
+        Raises:
+            ValueError: the family has no transformers layout.
+        """
+        if not self.family.hf_export:
+            raise ValueError(f"a {self.family.name} model has no transformers layout")
+        (source,) = pretrained.sources
+        checkpoint = source.checkpoint
+        if self.export is None:
+            (folder,) = self.folders.values()
+            keys = {route.hf_key for route in source.routes}
+            return HFLayout(
+                list(source.routes),
+                {key: tuple(checkpoint.shape(key)) for key in keys},
+                {key: checkpoint.dtype(key) for key in keys},
+                self.family.hf_uses_legacy_names(folder),
+            )
+        routes, shapes = self.family.hf_layout(self.configs())
+        dtypes: dict[str, torch.dtype] = {}
+        for route in routes:  # the export stores each parameter under its own name
+            dtypes.setdefault(route.hf_key, checkpoint.dtype(route.our_key))
+        return HFLayout(routes, shapes, dtypes, legacy_names=True)
 
     def folder_of(self, role: str) -> Path:
         """The folder that holds role ``role``'s config, tokenizer or processor files (an export

@@ -20,7 +20,8 @@ from torch import nn
 
 from fusiontrain.parallel import distributed
 from fusiontrain.checkpoint.fingerprint import fingerprint
-from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState
+from fusiontrain.checkpoint.manager import CheckpointManager
+from fusiontrain.checkpoint.optimizer_state import OptimizerState
 from fusiontrain.checkpoint.parts import load_part
 from fusiontrain.config import TrainConfig, config_to_dict, save_config
 from fusiontrain.data import Batch, collate_padded

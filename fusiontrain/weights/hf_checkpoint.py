@@ -49,6 +49,24 @@ class TensorRoute:
     rows: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True)
+class HFLayout:
+    """How a model is stored as a transformers checkpoint (what an ``hf`` export writes).
+
+    Attributes:
+        routes: from each stored tensor (current transformers naming) to our parameters.
+        shapes: stored tensor name -> its shape.
+        dtypes: stored tensor name -> the dtype the model's base stores it in.
+        legacy_names: whether the base uses the family's older naming (see
+            ``ModelFamily.hf_stored_name``), which an export in ``base`` naming keeps.
+    """
+
+    routes: list[TensorRoute]
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    legacy_names: bool
+
+
 class HFCheckpoint:
     """A HF model folder: its config and a lazy, sliceable view of its safetensors tensors.
 

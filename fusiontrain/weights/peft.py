@@ -12,8 +12,10 @@ A PEFT LoRA adapter folder holds ``adapter_config.json`` (a ``peft.LoraConfig``)
   global vision layers, the projector, and ``embed_tokens`` for its new rows, written whole).
 
 Our names map to the HF ones through the family's weight map (the routes of its transformers
-checkpoint), so this works for every family with a transformers layout (``hf_export``); a composed
-model has no transformers class to key an adapter by, and is refused.
+checkpoint), so this works for every family with a transformers layout (``hf_export``) started
+from its transformers folder. A composed model has no transformers class to key an adapter by, and
+a run started from a fusiontrain export has no transformers folder for the adapter to name: both
+are refused (they export merged).
 
 ``peft`` itself is an optional extra (``pip install 'fusiontrain[peft]'``), imported only here and
 only when an adapter is written or read: it writes and reads ``adapter_config.json``, so the file
@@ -100,8 +102,9 @@ def peft_layout(pretrained: PretrainedModel, *, hf_export: bool, family_name: st
     """
     if not hf_export:
         raise ValueError(
-            f"a {family_name} model has no transformers class to key a PEFT adapter by; export it merged "
-            "(python -m fusiontrain export --format fusiontrain) instead"
+            f"this {family_name} model's base is no transformers folder (a composed model has no transformers class "
+            "to key a PEFT adapter by; a run started from a fusiontrain export has no folder for the adapter to name): "
+            "export it merged (python -m fusiontrain export --format fusiontrain, or --format hf where the family has a transformers layout) instead"
         )
     model = pretrained.model
     source = pretrained.sources[0]

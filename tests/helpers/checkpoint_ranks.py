@@ -25,7 +25,8 @@ from torch.distributed.fsdp import fully_shard
 
 from fusiontrain.checkpoint.layout import CheckpointError, checkpoint_dir, verify_checkpoint
 from fusiontrain.checkpoint import manager as checkpoint_manager
-from fusiontrain.checkpoint.manager import CheckpointManager, OptimizerState
+from fusiontrain.checkpoint.manager import CheckpointManager
+from fusiontrain.checkpoint.optimizer_state import OptimizerState
 from fusiontrain.parallel import distributed
 
 

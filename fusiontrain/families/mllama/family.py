@@ -27,8 +27,14 @@ from fusiontrain.families.model import (
     TrainableFlags,
     read_config_json,
 )
-from fusiontrain.weights.hf_checkpoint import HFCheckpoint
-from fusiontrain.families.mllama.model import build_mllama, legacy_mllama_key, mllama_args_from_config, prepare_mllama
+from fusiontrain.weights.hf_checkpoint import HFCheckpoint, TensorRoute
+from fusiontrain.families.mllama.model import (
+    build_mllama,
+    legacy_mllama_key,
+    mllama_args_from_config,
+    mllama_weight_map,
+    prepare_mllama,
+)
 from fusiontrain.weights.pretrained import PretrainedModel
 from fusiontrain.families.mllama.vision import MllamaVisionEncoder
 
@@ -154,6 +160,21 @@ class MllamaFamily(ModelFamily):
 
     def owns(self, model: nn.Module) -> bool:
         return isinstance(getattr(model, "encoder", None), MllamaVisionEncoder)
+
+    def hf_layout(self, configs: dict[str, dict]) -> tuple[list[TensorRoute], dict[str, tuple[int, ...]]]:
+        """Our weight map, and the shapes of transformers' own ``MllamaForConditionalGeneration``
+        built on the meta device from the config."""
+        from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+        config = configs["hf_mllama"]
+        with torch.device("meta"):
+            hf_model = MllamaForConditionalGeneration._from_config(MllamaConfig.from_dict(config))
+        shapes = {name: tuple(tensor.shape) for name, tensor in hf_model.state_dict().items()}
+        routes = mllama_weight_map(mllama_args_from_config(config))
+        unrouted = sorted(set(shapes) - {route.hf_key for route in routes})
+        if unrouted:
+            raise ValueError(f"transformers' Mllama holds tensors our weight map does not fill: {unrouted[:3]}")
+        return routes, shapes
 
     def hf_uses_legacy_names(self, folder: str | Path) -> bool:
         """``language_model.model.*``: what transformers 5.23's ``save_pretrained`` writes and the
