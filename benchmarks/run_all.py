@@ -49,6 +49,14 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
         "Real-token share and real tokens/s of padded, padding-free, greedy-packed and first-fit-packed batches.",
     ),
     (
+        "How dataloader workers start (dataloader_start.py)",
+        ["benchmarks/dataloader_start.py", "--setup", "8"],
+        "fork, forkserver and spawn (data.worker_start), each in a fresh one-rank gloo process that starts the "
+        "worker server first thing, as the trainer does, with its setup padded to 8 s (a model build): time to "
+        "the first micro-batch and steady micro-batches/s of 2 workers over the tiny Mllama's caption data; "
+        "the batches are checked to be the same under every method.",
+    ),
+    (
         "Memory (memory.py)",
         ["benchmarks/memory.py"],
         "Per-rank parameters, gradients and optimizer state on 1, 2 and 4 ranks; activations under "

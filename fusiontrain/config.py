@@ -157,6 +157,12 @@ class DataConfig:
         "world-th record: even shares for any shard count, at world times the reading).",
     )
     num_workers: int = _field(1, "Dataloader worker processes per rank: samples and images are built there, off the training loop (0 = in the loop).")
+    worker_start: Literal["forkserver", "spawn", "fork"] = _field(
+        "forkserver",
+        "How dataloader workers start: 'forkserver' (forked from a clean helper process that imports the data modules "
+        "once), 'spawn' (a fresh interpreter each) or 'fork' (copies of the training process: the fastest start, "
+        "but unsafe once its communication threads run). docs/data.md: Dataloader workers.",
+    )
     log_sample_ids: bool = _field(
         False,
         "Append each micro-batch's sample ids (step, row within the step) to output_dir/sample_ids/rank_<r>.jsonl "

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,7 +40,6 @@ from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from fusiontrain.data.batch import Batch, Sample, collate_padded
 from fusiontrain.data.errors import BadSample
@@ -49,6 +47,7 @@ from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.packing import PackedRow, collate_padding_free, collate_rows
 from fusiontrain.data.row_plan import DataPosition, NoUsableSampleError, PlannedRow, RowPlan
 from fusiontrain.data.sizes import SKIP_REASONS
+from fusiontrain.data.workers import WORKER_START_METHODS, ClosableLoader, build_loader
 
 __all__ = ["SKIP_REASONS", "NoUsableSampleError", "Dealing", "PlannedStream", "PlannedLoader", "StreamConfig"]
 
@@ -269,6 +268,7 @@ class PlannedLoader:
     Args:
         make_stream: the rank's stream from a position.
         num_workers: dataloader worker processes (0: in this process).
+        worker_start: how they start (:data:`~fusiontrain.data.workers.WORKER_START_METHODS`).
         identity: what the plan depends on (seed, size fingerprint, limits, rows per step); a
             saved state must match it to be loaded.
         sample_log: a JSON Lines file to append each micro-batch's sample ids to (``step``,
@@ -281,12 +281,14 @@ class PlannedLoader:
         make_stream: Callable[[DataPosition], PlannedStream],
         *,
         num_workers: int,
+        worker_start: str = WORKER_START_METHODS[0],
         identity: dict[str, Any],
         sample_log: Path | None = None,
         rank: int = 0,
     ) -> None:
         self.make_stream = make_stream
         self.num_workers = num_workers
+        self.worker_start = worker_start
         self.identity = identity
         self.sample_log = sample_log
         self.rank = rank
@@ -296,8 +298,9 @@ class PlannedLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         """The micro-batches from the current start on. The dataloader's workers start here, at
-        once (not at the first ``next``), so they inherit the caller's signal mask now."""
-        loader = build_loader(self.make_stream(self.start), num_workers=self.num_workers)
+        once (not at the first ``next``); see :mod:`fusiontrain.data.workers` for the signal mask
+        they are born with."""
+        loader = build_loader(self.make_stream(self.start), num_workers=self.num_workers, worker_start=self.worker_start)
         self._loaders.append(loader)
         return self._batches(iter(loader))
 
@@ -335,43 +338,3 @@ class PlannedLoader:
         """End the worker processes of every dataloader made so far."""
         for loader in self._loaders:
             loader.close()
-
-
-class ClosableLoader(StatefulDataLoader):
-    """A StatefulDataLoader whose worker processes :meth:`close` ends at once.
-
-    After an error the iterator (and its workers) usually stays alive, held by the traceback, until
-    the interpreter exits; then multiprocessing's exit hook SIGTERMs the daemon workers and joins
-    them. Workers that block SIGTERM (fusiontrain.train.preemption blocks it before they fork) never end,
-    and the process hangs at exit. :meth:`close` shuts them down the dataloader's own way instead
-    (the done event and a ``None`` task, which an idle worker obeys), and the process can leave.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._live_iterators: weakref.WeakSet = weakref.WeakSet()
-
-    def _get_iterator(self) -> Any:
-        iterator = super()._get_iterator()
-        self._live_iterators.add(iterator)
-        return iterator
-
-    def close(self) -> None:
-        """End the worker processes of every iterator made so far (no-op with 0 workers)."""
-        for iterator in list(self._live_iterators):
-            shutdown = getattr(iterator, "_shutdown_workers", None)  # multiprocess iterators only
-            if shutdown is not None:
-                shutdown()
-
-
-def build_loader(stream: IterableDataset, *, num_workers: int = 0) -> ClosableLoader:
-    """A StatefulDataLoader over ``stream``: items are built in ``num_workers`` processes (in this
-    process when 0), collected round-robin from the workers. ``close()`` ends the workers (call it
-    after an error)."""
-    return ClosableLoader(
-        stream,
-        batch_size=None,
-        num_workers=num_workers,
-        prefetch_factor=2 if num_workers else None,
-        persistent_workers=False,
-    )

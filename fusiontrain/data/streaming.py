@@ -55,7 +55,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from fusiontrain.data.batch import Batch, Sample
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.image_format import ImageFormat
-from fusiontrain.data.loader import ClosableLoader, NoUsableSampleError, StreamConfig, collate_micro_batch
+from fusiontrain.data.loader import NoUsableSampleError, StreamConfig, collate_micro_batch
+from fusiontrain.data.workers import WORKER_START_METHODS, ClosableLoader
 from fusiontrain.data.packing import FirstFitPacker, PackedRow, misfit_reason
 from fusiontrain.data.sources import Record
 from fusiontrain.data.stream_sources import StreamSource
@@ -450,12 +451,7 @@ def _worker_states(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def build_streaming_loader(stream: StreamingSampleStream) -> StreamingLoader:
-    """A StatefulDataLoader over ``stream`` with the stream's ``num_workers`` worker processes."""
-    return StreamingLoader(
-        stream,
-        batch_size=None,
-        num_workers=stream.num_workers,
-        prefetch_factor=2 if stream.num_workers else None,
-        persistent_workers=False,
-    )
+def build_streaming_loader(stream: StreamingSampleStream, worker_start: str = WORKER_START_METHODS[0]) -> StreamingLoader:
+    """A StatefulDataLoader over ``stream`` with the stream's ``num_workers`` worker processes,
+    started by ``worker_start``."""
+    return StreamingLoader(stream, num_workers=stream.num_workers, worker_start=worker_start)

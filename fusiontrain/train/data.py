@@ -282,7 +282,14 @@ def build_train_loader(
     def make_stream(start: DataPosition) -> PlannedStream:
         return PlannedStream(plan, dataset.__getitem__, image_format, stream_config, dealing, start)
 
-    return PlannedLoader(make_stream, num_workers=config.data.num_workers, identity=identity, sample_log=log, rank=rank)
+    return PlannedLoader(
+        make_stream,
+        num_workers=config.data.num_workers,
+        worker_start=config.data.worker_start,
+        identity=identity,
+        sample_log=log,
+        rank=rank,
+    )
 
 
 def build_streaming_train_loader(
@@ -304,4 +311,4 @@ def build_streaming_train_loader(
         stream_split=data.stream_split,
         name=data_description(data, "train"),
     )
-    return build_streaming_loader(stream)
+    return build_streaming_loader(stream, config.data.worker_start)

@@ -11,11 +11,12 @@ the same step; they then write a checkpoint of that step together and leave with
 Dataloader workers must not die of the signal: torchrun delivers SIGTERM to each worker's whole
 process group (``os.killpg``) and SLURM signals every process of a step, so they get it too, and
 torch's dataloader installs a handler in them that dies on SIGTERM; the main process then fails
-with "DataLoader worker ... is killed by signal: Terminated" (seen with torch 2.13). So
-:meth:`PreemptionWatcher.install` also *blocks* the signals, before the trainer forks its
-dataloader workers, which inherit the blocked mask and never see them; :meth:`start` unblocks
-them in the training process once the workers exist (a signal that arrived in between is
-delivered then).
+with "DataLoader worker ... is killed by signal: Terminated" (seen with torch 2.13). So every
+worker is born with the signals blocked, however and whenever it starts
+(:data:`fusiontrain.data.workers.WORKER_BLOCKED_SIGNALS`, the same signals, checked by
+``tests/test_workers.py``). :meth:`PreemptionWatcher.install` blocks them in the training process
+too, until :meth:`start`: a signal that arrives while the model is built is handled once the run
+starts.
 """
 
 from __future__ import annotations
@@ -86,8 +87,7 @@ class PreemptionWatcher:
         self._previous: dict[signal.Signals, object] = {}
 
     def install(self) -> "PreemptionWatcher":
-        """Handle the signals in this process, and block them until :meth:`start` (so that
-        processes forked meanwhile, the dataloader workers, inherit them blocked)."""
+        """Handle the signals in this process, and block them until :meth:`start`."""
         import threading
 
         if threading.current_thread() is not threading.main_thread():
@@ -99,8 +99,8 @@ class PreemptionWatcher:
         return self
 
     def start(self) -> None:
-        """Unblock the signals in this process (call it once the dataloader workers exist); one
-        that arrived since :meth:`install` is handled now."""
+        """Unblock the signals in this process (when the run starts); one that arrived since
+        :meth:`install` is handled now."""
         if self.installed:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
 

@@ -29,6 +29,7 @@ from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import collate_padding_free
+from fusiontrain.data.workers import start_worker_server
 from fusiontrain.train.data import build_dataset, build_streaming_train_loader, build_train_loader
 from fusiontrain.flops.peak import device_peak_flops, mfu
 from fusiontrain.train.loss import count_targets
@@ -58,9 +59,12 @@ class Trainer:
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        # SIGTERM / SIGUSR1 stop the run at a step boundary with a checkpoint. Blocked until run()
-        # starts, so that the dataloader workers forked meanwhile never see them (preemption.py).
+        # SIGTERM / SIGUSR1 stop the run at a step boundary with a checkpoint; blocked until run()
+        # starts (preemption.py). The process the dataloader workers are forked from starts now and
+        # imports the data modules while the model is built (data/workers.py).
         self.preemption = PreemptionWatcher().install()
+        if config.data.num_workers:
+            start_worker_server(config.data.worker_start)
         self.context = distributed.init_distributed(timeout_s=config.distributed.timeout_s)
         self.device = self.context.device
         torch.manual_seed(config.seed)
@@ -171,7 +175,7 @@ class Trainer:
         """Train for ``max_steps``; returns the per-step metrics (on every rank)."""
         history = []
         every = self.config.checkpoint.every_n_steps
-        self.preemption.start()  # the dataloader workers exist: take SIGTERM / SIGUSR1 from here on
+        self.preemption.start()  # take SIGTERM / SIGUSR1 from here on
         try:
             last = min(self.config.max_steps, self.config.stop_after_steps or self.config.max_steps)
             for step in range(self.start_step, last):
@@ -190,11 +194,11 @@ class Trainer:
         except BaseException as error:
             # Preempted: checkpointed, a distinct exit code; anything else marks the wandb run failed.
             self.metrics.close(exit_code=PREEMPTED_EXIT_CODE if isinstance(error, Preempted) else 1)
-            # The dataloader workers end now: they block SIGTERM (preemption.py), so the exit
-            # hook's terminate() would never end them (see data.loader.ClosableLoader).
-            self.train_loader.close()
             raise
         finally:
+            # The dataloader workers end now: they block SIGTERM, so the exit hook's terminate()
+            # would never end them (data/workers.py).
+            self.train_loader.close()
             self.metrics.close()
             self.preemption.uninstall()
         return history

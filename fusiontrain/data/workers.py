@@ -1,0 +1,159 @@
+"""Dataloader worker processes: how they start, and how they end.
+
+**Start** (``data.worker_start``). A worker is a process that builds samples (tokenizing,
+decoding and processing images) off the training loop. How it comes to life matters on a cluster:
+
+- ``forkserver`` (the default): one helper process per training process, a fresh interpreter
+  that imports the data modules once (:data:`PRELOAD`); every worker is forked from that helper,
+  which runs no other thread, and receives the dataset pickled. :func:`start_worker_server` starts
+  the helper ahead of the first loader (the trainer calls it first thing, so that its imports
+  overlap with building the model).
+- ``spawn``: a fresh interpreter per worker, every import again (the slowest start).
+- ``fork``: the worker is a copy of the training process. Fastest to start, but by then the
+  training process runs gloo's / NCCL's and the async checkpoint writer's threads, and a fork
+  copies whatever locks those threads hold at that instant (malloc arenas among them): the child
+  can deadlock or corrupt its heap. Keep it for measurements and for datasets that cannot be
+  pickled.
+
+``benchmarks/dataloader_start.py`` measures the three side by side (``benchmarks/RESULTS.md``).
+
+**Signals.** Workers are born with SIGTERM and SIGUSR1 blocked (:data:`WORKER_BLOCKED_SIGNALS`),
+whichever way they start and whenever: a preemption signal reaches every process of a job step, and
+only the training process may act on it, at a step boundary (:mod:`fusiontrain.train.preemption`);
+a worker that died of it would fail the run before its checkpoint. A forked or spawned process
+inherits the mask of the thread that starts it, so :class:`ClosableLoader` blocks them while its
+workers start, and :func:`start_worker_server` while the helper starts (the helper's workers
+inherit its mask). One CPython trap is handled there: starting multiprocessing's resource tracker
+(which the helper and named semaphores need) *unblocks* SIGINT and SIGTERM in the calling process
+(CPython 3.11 and 3.12, ``resource_tracker.ensure_running``), so the tracker is started first and
+the mask put back.
+
+**End.** :class:`ClosableLoader` can end its workers at once (after an error), which
+multiprocessing's exit hook cannot do for workers that block SIGTERM.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import forkserver, resource_tracker
+from multiprocessing.context import BaseContext
+from typing import Any
+
+from torch.utils.data import IterableDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+#: How dataloader workers may start (``data.worker_start``); the first is the default.
+WORKER_START_METHODS = ("forkserver", "spawn", "fork")
+
+#: Signals that dataloader workers block for all their life: the preemption signals, which the
+#: training process alone acts on (:data:`fusiontrain.train.preemption.PREEMPTION_SIGNALS`).
+WORKER_BLOCKED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+#: What the forkserver helper imports once, so that each worker forked from it has them already:
+#: the modules whose objects a worker unpickles (the streams, their sources, formats and image
+#: formats, the families' among them), and the libraries those build samples with. A family's own
+#: transformers processor module is left to the worker (a few ms once these are in).
+PRELOAD = [
+    "fusiontrain.data.loader",
+    "fusiontrain.data.streaming",
+    "fusiontrain.data.sources",
+    "fusiontrain.data.formats",
+    "fusiontrain.families",
+    "datasets",
+    "PIL.Image",
+    "transformers.tokenization_utils_tokenizers",
+    "transformers.image_processing_utils",
+    "transformers.image_utils",
+]
+
+
+def worker_context(method: str) -> BaseContext:
+    """The multiprocessing context that starts dataloader workers by ``method``.
+
+    Raises:
+        ValueError: ``method`` is not one of :data:`WORKER_START_METHODS`.
+    """
+    if method not in WORKER_START_METHODS:
+        raise ValueError(f"data.worker_start must be one of {list(WORKER_START_METHODS)}, got {method!r}")
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(PRELOAD)  # read when the helper starts; no effect once it runs
+    return context
+
+
+@contextmanager
+def _worker_signals_blocked() -> Iterator[None]:
+    """Block :data:`WORKER_BLOCKED_SIGNALS` in this thread for the block, then put back its mask
+    exactly as it was (a signal that arrived meanwhile is delivered then)."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def start_worker_server(method: str) -> None:
+    """Make ready what workers started by ``method`` need, now rather than at the first loader:
+    multiprocessing's resource tracker (not for ``fork``) and, for ``forkserver``, the helper,
+    started with :data:`WORKER_BLOCKED_SIGNALS` blocked. It returns at once; the helper imports
+    :data:`PRELOAD` meanwhile (the trainer calls it first thing, so that this overlaps with building
+    the model). No-op for what already runs. This thread's signal mask is the same afterwards."""
+    worker_context(method)
+    if method == "fork":
+        return
+    with _worker_signals_blocked():
+        resource_tracker.ensure_running()  # unblocks SIGINT / SIGTERM here when it starts the tracker
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
+        if method == "forkserver":
+            forkserver.ensure_running()
+
+
+class ClosableLoader(StatefulDataLoader):
+    """A StatefulDataLoader over an iterable stream of ready batches, built by ``num_workers``
+    processes (in the calling process when 0) that start by ``worker_start`` with
+    :data:`WORKER_BLOCKED_SIGNALS` blocked; :meth:`close` ends them at once.
+
+    After an error the iterator (and its workers) usually stays alive, held by the traceback, until
+    the interpreter exits; then multiprocessing's exit hook SIGTERMs the daemon workers and joins
+    them. Workers block SIGTERM (see the module docstring), so they would never end, and the
+    process would hang at exit. :meth:`close` shuts them down the dataloader's own way instead (the
+    done event and a ``None`` task, which an idle worker obeys), and the process can leave.
+    """
+
+    def __init__(self, stream: IterableDataset, *, num_workers: int = 0, worker_start: str = WORKER_START_METHODS[0]) -> None:
+        super().__init__(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=2 if num_workers else None,
+            persistent_workers=False,
+            multiprocessing_context=worker_context(worker_start) if num_workers else None,
+        )
+        self.worker_start = worker_start
+        self._live_iterators: weakref.WeakSet = weakref.WeakSet()
+
+    def _get_iterator(self) -> Any:
+        if self.num_workers:
+            start_worker_server(self.worker_start)
+        with _worker_signals_blocked():  # the workers start in here and inherit the mask
+            iterator = super()._get_iterator()
+        self._live_iterators.add(iterator)
+        return iterator
+
+    def close(self) -> None:
+        """End the worker processes of every iterator made so far (no-op with 0 workers)."""
+        for iterator in list(self._live_iterators):
+            shutdown = getattr(iterator, "_shutdown_workers", None)  # multiprocess iterators only
+            if shutdown is not None:
+                shutdown()
+
+
+def build_loader(stream: IterableDataset, *, num_workers: int = 0, worker_start: str = WORKER_START_METHODS[0]) -> ClosableLoader:
+    """A :class:`ClosableLoader` over ``stream``: items are built in ``num_workers`` processes (in
+    this process when 0) started by ``worker_start``, collected round-robin from the workers.
+    ``close()`` ends the workers (call it after an error)."""
+    return ClosableLoader(stream, num_workers=num_workers, worker_start=worker_start)

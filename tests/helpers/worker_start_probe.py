@@ -1,0 +1,30 @@
+"""Run as a fresh interpreter by tests/test_workers.py: does what the trainer does before its
+first loader (block the preemption signals, start the worker server, unblock them when the run
+starts), then prints, as one JSON line, where the items of a 1-worker loader were built."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+from fusiontrain.data.workers import build_loader, start_worker_server
+from fusiontrain.train.preemption import PreemptionWatcher
+from tests.helpers.worker_probe import WhereBuilt
+
+
+def main(method: str) -> None:
+    watcher = PreemptionWatcher().install()  # blocks SIGTERM / SIGUSR1, as Trainer.__init__ does
+    start_worker_server(method)
+    watcher.start()  # unblocks them in this process, as Trainer.run does
+    loader = build_loader(WhereBuilt(), num_workers=1, worker_start=method)
+    items = list(loader)
+    still_blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    watcher.uninstall()
+    blocked = sorted(sig.name for sig in watcher.signals if sig in still_blocked)
+    print(json.dumps({"rank_pid": os.getpid(), "items": items, "training_process_blocks": blocked}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,73 @@
+"""How dataloader workers start (fusiontrain/data/workers.py): under the configured context, from
+a helper that runs no thread of the training process, and with the preemption signals blocked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from fusiontrain.config import DataConfig
+from fusiontrain.data.workers import WORKER_BLOCKED_SIGNALS, WORKER_START_METHODS, build_loader, worker_context
+from fusiontrain.train.preemption import PREEMPTION_SIGNALS
+from tests.helpers.worker_probe import WhereBuilt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_workers_block_exactly_the_preemption_signals() -> None:
+    assert set(WORKER_BLOCKED_SIGNALS) == set(PREEMPTION_SIGNALS)
+
+
+def test_the_config_offers_exactly_the_start_methods_the_loader_knows() -> None:
+    hints = typing.get_type_hints(DataConfig)
+    assert typing.get_args(hints["worker_start"]) == WORKER_START_METHODS
+    assert DataConfig().worker_start == WORKER_START_METHODS[0] == "forkserver"
+
+
+def test_an_unknown_start_method_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="data.worker_start must be one of"):
+        worker_context("threads")
+
+
+def _probe(method: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.worker_start_probe", method],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("method", WORKER_START_METHODS)
+def test_workers_start_by_the_configured_method_with_the_preemption_signals_blocked(method: str) -> None:
+    """A worker of ``fork`` is the training process's child; one of ``forkserver`` is the child of
+    the helper (itself the training process's child), so it copies none of the training
+    process's threads or locks; one of ``spawn`` is a fresh interpreter, the training process's
+    child. In every case the worker blocks SIGTERM and SIGUSR1, although the training process
+    had unblocked them before the loader started: a worker never dies of a preemption signal
+    meant for the trainer (train/preemption.py). Under ``forkserver`` this fails if the resource
+    tracker's start unblocks SIGTERM before the helper starts (the CPython trap in workers.py)."""
+    probe = _probe(method)
+    items = probe["items"]
+    assert len(items) == 2 and len({item["pid"] for item in items}) == 1
+    worker = items[0]
+    assert worker["pid"] != probe["rank_pid"]
+    if method == "forkserver":
+        assert worker["parent"] != probe["rank_pid"]
+    else:
+        assert worker["parent"] == probe["rank_pid"]
+    assert worker["sigterm_blocked"] and worker["sigusr1_blocked"]
+    assert probe["training_process_blocks"] == []  # the training process's own mask is left as it was
+
+
+def test_a_loader_in_this_process_yields_the_same_items_under_every_method() -> None:
+    counts = {method: len(list(build_loader(WhereBuilt(3), num_workers=1, worker_start=method))) for method in WORKER_START_METHODS}
+    assert counts == {method: 3 for method in WORKER_START_METHODS}
