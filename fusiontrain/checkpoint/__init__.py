@@ -3,5 +3,6 @@ save / verify / resume manager, base fingerprints, and exporting a checkpoint as
 model folder (HF, fusiontrain or PEFT).
 
 Layer: above ``config``; may import config, source, families, data, weights, flops, parallel,
-modules and batch_layout. Never the trainer: what a checkpoint holds is handed to it as state.
+modules, batch_layout and torch_private. Never the trainer: what a checkpoint holds is handed to
+it as state.
 """

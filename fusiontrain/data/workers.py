@@ -46,6 +46,8 @@ from typing import Any
 from torch.utils.data import IterableDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from fusiontrain.torch_private import shutdown_dataloader_workers
+
 #: How dataloader workers may start (``data.worker_start``); the first is the default.
 WORKER_START_METHODS = ("forkserver", "spawn", "fork")
 
@@ -136,20 +138,35 @@ class ClosableLoader(StatefulDataLoader):
         self.worker_start = worker_start
         self._live_iterators: weakref.WeakSet = weakref.WeakSet()
 
-    def _get_iterator(self) -> Any:
-        if self.num_workers:
-            start_worker_server(self.worker_start)
-        with _worker_signals_blocked():  # the workers start in here and inherit the mask
-            iterator = super()._get_iterator()
+    def __iter__(self) -> Iterator[Any]:
+        """A new iterator, whose workers start now with :data:`WORKER_BLOCKED_SIGNALS` blocked (the
+        loader's workers are not persistent: each iteration makes its own), remembered for
+        :meth:`close`."""
+        with self._workers_starting():
+            iterator = super().__iter__()
         self._live_iterators.add(iterator)
         return iterator
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's own state (StatefulDataLoader's). Called before the first iteration, it makes
+        the iterator that the next :meth:`__iter__` hands out (and :meth:`close` then knows): its
+        workers start here, so with the same mask."""
+        with self._workers_starting():
+            return super().state_dict()
 
     def close(self) -> None:
         """End the worker processes of every iterator made so far (no-op with 0 workers)."""
         for iterator in list(self._live_iterators):
-            shutdown = getattr(iterator, "_shutdown_workers", None)  # multiprocess iterators only
-            if shutdown is not None:
-                shutdown()
+            shutdown_dataloader_workers(iterator)
+
+    @contextmanager
+    def _workers_starting(self) -> Iterator[None]:
+        """A block in which workers may start: the forkserver helper runs (it starts it first), and
+        this thread blocks :data:`WORKER_BLOCKED_SIGNALS`, so that the workers inherit the mask."""
+        if self.num_workers:
+            start_worker_server(self.worker_start)
+        with _worker_signals_blocked():
+            yield
 
 
 def build_loader(stream: IterableDataset, *, num_workers: int = 0, worker_start: str = WORKER_START_METHODS[0]) -> ClosableLoader:

@@ -9,7 +9,8 @@
 
 To add a family, write its file here and add one line to the matching registry below (docs/adding-a-family.md).
 
-Layer: above ``data``; may import data, weights, flops, parallel, modules and batch_layout.
+Layer: above ``data``; may import data, weights, flops, parallel, modules, batch_layout and
+torch_private.
 """
 
 from __future__ import annotations

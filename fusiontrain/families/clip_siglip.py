@@ -23,6 +23,7 @@ from fusiontrain.families.hf_tower import (
 )
 from fusiontrain.flops.rules import Tally, any_trainable, conv_flops, count_attention_core, count_linear, unwrap
 from fusiontrain.modules import register_fusion_module
+from fusiontrain.torch_private import non_persistent_buffer_names
 
 
 class HFVisionTowerEncoder(nn.Module):
@@ -79,7 +80,7 @@ class HFVisionTowerEncoder(nn.Module):
         for name, buffer in self.tower.named_buffers():
             owner_name, _, local = name.rpartition(".")
             owner = self.tower.get_submodule(owner_name)
-            if local not in owner._non_persistent_buffers_set:
+            if local not in non_persistent_buffer_names(owner):
                 raise RuntimeError(
                     f"tower buffer {name!r} is persistent; HFVisionTowerEncoder only knows how to rebuild the "
                     "non-persistent position_ids of CLIP / SigLIP towers"

@@ -66,23 +66,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fusiontrain.flops.rules import unwrap
+from fusiontrain.torch_private import (
+    MODULE_HOOK_DICTS,
+    FakeTensor,
+    FakeTensorMode,
+    ModuleRegistries,
+    pytree,
+    read_module_registries,
+    write_module_registries,
+)
 
 __all__ = ["EncoderCost", "EncoderCountError", "clear_encoder_cache", "measure_encoder_flops"]
-
-# nn.Module attributes holding hooks (name -> OrderedDict of hook id -> callable).
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_hooks",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-)
 
 
 @dataclass(frozen=True)
@@ -260,17 +259,19 @@ def _shadow(module: nn.Module, fakes: _FakeFactory, memo: dict[int, nn.Module]) 
     shadow = object.__new__(cls)
     memo[id(module)] = shadow
     state = dict(module.__dict__)
-    for name in _HOOK_DICTS:
+    for name in MODULE_HOOK_DICTS:
         hooks = state.get(name)
         if hooks:
             state[name] = type(hooks)((k, h) for k, h in hooks.items() if not _is_distributed_hook(h))
-    state["_parameters"] = {
-        name: None if p is None else fakes.tensor(p, parameter=True) for name, p in module._parameters.items()
-    }
-    state["_buffers"] = {name: None if b is None else fakes.tensor(b) for name, b in module._buffers.items()}
-    state["_modules"] = {
-        name: None if child is None else _shadow(child, fakes, memo) for name, child in module._modules.items()
-    }
+    own = read_module_registries(module)
+    shadowed = ModuleRegistries(
+        parameters={name: None if p is None else fakes.tensor(p, parameter=True) for name, p in own.parameters.items()},
+        buffers={name: None if b is None else fakes.tensor(b) for name, b in own.buffers.items()},
+        submodules={
+            name: None if child is None else _shadow(child, fakes, memo) for name, child in own.submodules.items()
+        },
+    )
+    write_module_registries(state, shadowed)
     for name, value in list(state.items()):
         if isinstance(value, torch.Tensor):  # tensors kept as plain attributes
             state[name] = fakes.tensor(value)

@@ -19,6 +19,7 @@ from fusiontrain.modules.attention import MultiHeadAttention
 from fusiontrain.modules.layers import FeedForward
 from fusiontrain.modules.lora import LoRALinear
 from fusiontrain.modules.transformer import TransformerSelfAttentionLayer
+from fusiontrain.torch_private import checkpoint_wrapped_module, compiled_original_module
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,9 @@ class Tally:
 def unwrap(module: nn.Module) -> nn.Module:
     """The module inside activation-checkpoint and ``torch.compile`` wrappers."""
     while True:
-        inner = getattr(module, "_checkpoint_wrapped_module", None)
+        inner = checkpoint_wrapped_module(module)
         if inner is None:
-            inner = getattr(module, "_orig_mod", None)
+            inner = compiled_original_module(module)
         if inner is None:
             return module
         module = inner

@@ -2,5 +2,6 @@
 prompt's inputs, and KV-cached greedy or top-p decoding (``generation``); the ``generate`` command.
 
 Layer: above ``plan``; may import everything below it (checkpoint, config, source, families, data,
-weights, flops, parallel, modules). Training and planning never import it.
+weights, flops, parallel, modules, batch_layout, torch_private). Training and planning never
+import it.
 """

@@ -2,7 +2,8 @@
 packed and flex_attention seam), KV caches, RoPE, layers, transformer and fusion layers, the
 model's block stacks, and LoRA's linear.
 
-Layer: the lowest above ``batch_layout``; imports torch (and numpy) only."""
+Layer: the lowest above ``batch_layout``; imports torch (and numpy) only, private torch names
+through ``torch_private``."""
 
 from fusiontrain.modules.attention import MultiHeadAttention, attend, delete_kv_caches, disable_kv_cache
 from fusiontrain.modules.fusion import (

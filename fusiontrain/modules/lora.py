@@ -13,7 +13,8 @@ computes the base model exactly.
 :func:`select_lora_targets` picks the linears and :func:`wrap_linears` swaps them of a model (on any device, the meta device
 included) for :class:`LoRALinear`; the LoRA parameters then belong to whatever block holds the
 linear, so FSDP units, activation checkpointing and compile take them with it. Fusion
-parameters are never targeted: they train in full. Imports torch only.
+parameters are never targeted: they train in full. Imports torch only (the wrappers' name
+prefixes through :mod:`fusiontrain.torch_private`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 
 from fusiontrain.modules.blocks import block_stacks
 from fusiontrain.modules.fusion import get_fusion_params
+from fusiontrain.torch_private import without_wrapper_prefixes
 
 LORA_A, LORA_B = "lora_A", "lora_B"
 SIDES = ("decoder", "encoder")
@@ -81,7 +83,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            found[name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")] = module
+            found[without_wrapper_prefixes(name)] = module
     return found
 
 

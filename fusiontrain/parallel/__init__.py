@@ -2,6 +2,6 @@
 and compile (``fsdp``), activation offloading (``offload``), storage dtypes and mixed precision
 (``precision``), and process-tree lookups (``processes``).
 
-Layer: right above ``modules``; may import modules and batch_layout only. Model code never imports
-this package.
+Layer: right above ``modules``; may import modules, batch_layout and torch_private only. Model
+code never imports this package.
 """

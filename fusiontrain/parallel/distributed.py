@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from fusiontrain.batch_layout import mesh_shape
+from fusiontrain.torch_private import process_group_options
 
 
 # Default for ``distributed.timeout_s``: torch's own default for gloo (NCCL's is 10 minutes). A
@@ -171,12 +172,8 @@ def build_mesh(context: DistributedContext, dp_replicate: int, dp_shard: int) ->
 
 def _group_options(backend: str) -> Any:
     """Options of a new process group of ``backend`` carrying this process group's timeout."""
-    if backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-    else:
-        options = dist.ProcessGroupGloo._Options()
-    options._timeout = timedelta(seconds=_timeout_s if _timeout_s is not None else DEFAULT_TIMEOUT_S)
-    return options
+    timeout_s = _timeout_s if _timeout_s is not None else DEFAULT_TIMEOUT_S
+    return process_group_options(backend, timedelta(seconds=timeout_s))
 
 
 def collective(operation: str, what: str, call: Callable[[], Any]) -> Any:

@@ -17,11 +17,6 @@ from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    _CHECKPOINT_PREFIX,
-    CheckpointImpl,
-    checkpoint_wrapper,
-)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -29,12 +24,20 @@ from fusiontrain.modules import FusionLayer
 from fusiontrain.modules.blocks import block_stacks
 from fusiontrain.parallel.offload import MIN_OFFLOAD_BYTES, ActivationOffloader
 from fusiontrain.parallel.precision import computes_in_bf16
+from fusiontrain.torch_private import (
+    CheckpointImpl,
+    checkpoint_wrapped_module,
+    checkpoint_wrapper,
+    forget_pending_forward,
+    raise_recompile_limit,
+    without_wrapper_prefixes,
+)
 
 
 def canonical_name(name: str) -> str:
     """A parameter's name as the unwrapped model knows it (drops activation-checkpoint and
     compile wrappers' prefixes)."""
-    return name.replace(_CHECKPOINT_PREFIX, "").replace("_orig_mod.", "")
+    return without_wrapper_prefixes(name)
 
 
 def canonical_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -87,9 +90,7 @@ def apply_compile(model: nn.Module) -> None:
     packed layout. Dynamo's default limit of 8 entries was hit in the Trainer and made the rest
     run eagerly (with only a warning), so the limit is raised to ``RECOMPILE_LIMIT`` here.
     """
-    import torch._dynamo  # only when compiling (a second of import time otherwise)
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    raise_recompile_limit(RECOMPILE_LIMIT)  # imports torch._dynamo: only when compiling
     for _, stack in block_stacks(model):
         for block in stack:
             block.compile()
@@ -111,7 +112,9 @@ def mixed_precision_policy(
 
 
 def _unwrapped(block: nn.Module) -> nn.Module:
-    return getattr(block, "_checkpoint_wrapped_module", block)
+    """The module inside ``block``'s activation-checkpoint wrapper, or ``block`` when it has none."""
+    inner = checkpoint_wrapped_module(block)
+    return block if inner is None else inner
 
 
 def fsdp_units(model: nn.Module, *, split_fusion_layers: bool = False) -> list[tuple[str, nn.Module | list[nn.Module]]]:
@@ -165,21 +168,9 @@ def reshard(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-            _forget_pending_forward(module)
-
-
-def _forget_pending_forward(module: FSDPModule) -> None:
-    """Let a unit of several modules start its next forward afresh. torch <= 2.12 completes such a
-    unit's forward only once every member has run, so after an eval in which the output
-    projection never ran as a module (the chunked loss reads its weight) the unit still waits for
-    it, and would skip its next unshard (seen on torch 2.11 + CUDA: the next training step fails
-    with "mixed torch.Tensor and DTensor"). torch >= 2.13 completes such units at the end of the
-    root's forward, and then this finds nothing pending. FSDP2 has no public call for it before
-    2.13 (``reset_iter_state``), so this reads the private set, and only if it exists."""
-    state = module._get_fsdp_state()
-    pending = getattr(state, "_modules_to_run_forward", None)
-    if pending:
-        pending.clear()
+            # A unit of several modules would otherwise wait, on torch <= 2.12, for the member
+            # that never ran (the output projection, in an eval); see forget_pending_forward.
+            forget_pending_forward(module)
 
 
 def apply_activation_offloading(model: nn.Module, mode: str, offloader: ActivationOffloader) -> int:

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fusiontrain.torch_private import tensor_base, tensor_version
+
 OFFLOAD_MODES = ("none", "checkpointed", "all")
 MIN_OFFLOAD_BYTES = 1 << 20  # smaller saved tensors stay on the device
 
@@ -68,7 +70,7 @@ class _HostCopy:
 
 
 def _is_parameter(tensor: torch.Tensor) -> bool:
-    return isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)
+    return isinstance(tensor, nn.Parameter) or isinstance(tensor_base(tensor), nn.Parameter)
 
 
 class ActivationOffloader:
@@ -107,10 +109,10 @@ class ActivationOffloader:
             self.stats.kept_bytes += size
             return tensor
         known = self._copies.get(tensor)
-        if known is not None and known[0] == tensor._version:
+        if known is not None and known[0] == tensor_version(tensor):
             return known[1]
         copy = self._to_host(tensor)
-        self._copies[tensor] = (tensor._version, copy)
+        self._copies[tensor] = (tensor_version(tensor), copy)
         self.stats.offloaded_tensors += 1
         self.stats.offloaded_bytes += copy.host.untyped_storage().nbytes()
         return copy

@@ -32,11 +32,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch._guards import active_fake_mode
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
+
+from fusiontrain.torch_private import TorchDispatchMode, active_fake_mode, pytree, storage_id
 
 
 class TensorMemoryTracker(TorchDispatchMode):
@@ -159,13 +158,9 @@ class TensorMemoryTracker(TorchDispatchMode):
         label = (self._op_label(func) if self._op_label is not None else None) or self._labels[-1]
         # An output sharing an input's storage (a view, an in-place op) allocated nothing; the
         # input may even predate the tracker (a transposed weight).
-        inputs = {_storage_id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for value in tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor) and _storage_id(value) not in inputs:
+        inputs = {storage_id(t) for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for value in pytree.tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor) and storage_id(value) not in inputs:
                 self._track(value, label)
         self._update_peak()
         return out
-
-
-def _storage_id(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage()._cdata

@@ -41,6 +41,7 @@ from fusiontrain.flops.peak import PEAK_FLOPS, measure_matmul_flops
 from fusiontrain.parallel.fsdp import checkpoint_every, mixed_precision_policy
 from fusiontrain.parallel.precision import dtype_name
 from fusiontrain.plan.trace import OFFLOADED, StepTrace, simulate_step
+from fusiontrain.torch_private import storage_id
 from fusiontrain.train.setup import build_batch_layout
 
 GiB = 2**30
@@ -300,7 +301,7 @@ def _batch_bytes(batch: Batch) -> int:
     storages: dict[int, int] = {}
 
     def record(tensor: torch.Tensor) -> torch.Tensor:
-        storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+        storages[storage_id(tensor)] = tensor.untyped_storage().nbytes()
         return tensor
 
     batch.map(record)

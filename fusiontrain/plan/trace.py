@@ -20,10 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from fusiontrain.config import TrainConfig
 from fusiontrain.data import Batch, ImageFormat, collate_padded
@@ -36,6 +34,25 @@ from fusiontrain.parallel.offload import ActivationOffloader
 from fusiontrain.parallel.precision import StorageDtypes
 from fusiontrain.plan.memory import TensorMemoryTracker
 from fusiontrain.source.model_source import ModelSource
+from fusiontrain.torch_private import (
+    COLLECTIVE_OP_NAMESPACES,
+    LOCAL_SCALAR_DENSE,
+    FakeStore,
+    FakeTensor,
+    FakeTensorMode,
+    dtensor_sharding_rule_misses,
+    fsdp_group_is_unsharded,
+    fsdp_group_params,
+    fsdp_held_reduce_outputs,
+    fsdp_param_group,
+    fsdp_retained_reduce_scatter_inputs,
+    fsdp_sharded_data,
+    fsdp_unsharded_accumulated_grad,
+    fsdp_unsharded_param,
+    local_tensor,
+    storage_id,
+    unset_fake_temporarily,
+)
 from fusiontrain.train.model import build_meta_model
 from fusiontrain.train.nonfinite import NonFiniteGuard
 from fusiontrain.train.optim import build_lr_scheduler, build_optimizer
@@ -95,7 +112,7 @@ class _UnshardedParameters:
         self._groups = []
         for module in model.modules():
             if isinstance(module, FSDPModule):
-                group = module._get_fsdp_state()._fsdp_param_group
+                group = fsdp_param_group(module)
                 if group is not None:
                     self._groups.append(group)
         self._sizes: dict[int, int] = {}
@@ -103,31 +120,27 @@ class _UnshardedParameters:
     def _size(self, group: Any) -> int:
         size = self._sizes.get(id(group))
         if size is None:
-            sharded = {p._sharded_param_data.untyped_storage()._cdata for p in group.fsdp_params}
+            sharded = {storage_id(fsdp_sharded_data(p)) for p in fsdp_group_params(group)}
             storages = {}
-            for fsdp_param in group.fsdp_params:
-                storage = fsdp_param._unsharded_param.untyped_storage()
-                if storage._cdata not in sharded:  # one rank, same dtype: no copy is made
-                    storages[storage._cdata] = storage.nbytes()
+            for fsdp_param in fsdp_group_params(group):
+                unsharded = fsdp_unsharded_param(fsdp_param)  # set: the group is unsharded now
+                if storage_id(unsharded) not in sharded:  # one rank, same dtype: no copy is made
+                    storages[storage_id(unsharded)] = unsharded.untyped_storage().nbytes()
             size = self._sizes[id(group)] = sum(storages.values())
         return size
 
     def __call__(self) -> int:
-        return sum(self._size(group) for group in self._groups if group.is_unsharded)
+        return sum(self._size(group) for group in self._groups if fsdp_group_is_unsharded(group))
 
     def reduce_buffers(self) -> list[torch.Tensor]:
         """Gradient-reduction buffers FSDP2 holds on to: the reduce-scatter inputs it retains
         (unsharded, in the reduce dtype) and, with HSDP, each unit's all-reduce buffer, kept until
         its backward ends so that the allocator cannot reuse the block while the collective runs."""
         held = []
-        if self._groups:
-            held += [state.reduce_scatter_input for state in _retained_reduce_scatter_states(self._groups[0].comm_ctx)]
+        if self._groups:  # the groups share one communication context
+            held += fsdp_retained_reduce_scatter_inputs(self._groups[0])
         for group in self._groups:
-            state = getattr(group, "_all_reduce_state", None)
-            if state is not None:
-                held.append(state.all_reduce_input)
-            if getattr(group, "_partial_reduce_output", None) is not None:
-                held.append(group._partial_reduce_output)
+            held += fsdp_held_reduce_outputs(group)
         return held
 
     def gradients(self) -> list[torch.Tensor]:
@@ -135,9 +148,9 @@ class _UnshardedParameters:
         while gradient sync is off)."""
         grads = []
         for group in self._groups:
-            for fsdp_param in group.fsdp_params:
-                unsharded = getattr(fsdp_param, "_unsharded_param", None)  # absent until first unsharded
-                for grad in (getattr(unsharded, "grad", None), fsdp_param.unsharded_accumulated_grad):
+            for fsdp_param in fsdp_group_params(group):
+                unsharded = fsdp_unsharded_param(fsdp_param)  # None until first unsharded
+                for grad in (getattr(unsharded, "grad", None), fsdp_unsharded_accumulated_grad(fsdp_param)):
                     if grad is not None:
                         grads.append(grad)
         return grads
@@ -145,11 +158,11 @@ class _UnshardedParameters:
 
 def _collective_label(func: Any) -> str | None:
     namespace = getattr(func, "namespace", "")
-    return "FSDP all-gather / reduce-scatter buffers" if namespace in ("fsdp", "c10d", "_c10d_functional") else None
+    return "FSDP all-gather / reduce-scatter buffers" if namespace in COLLECTIVE_OP_NAMESPACES else None
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+    return local_tensor(tensor) if isinstance(tensor, DTensor) else tensor
 
 
 @dataclass
@@ -174,7 +187,7 @@ class PlanningFakeMode(ValueKeepingFakeMode):
     so the traced step takes the path that updates the weights, the one that needs memory."""
 
     def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+        if func is LOCAL_SCALAR_DENSE and isinstance(args[0], FakeTensor):
             return False if args[0].dtype == torch.bool else 0
         return super().dispatch(func, types, args, kwargs)
 
@@ -221,8 +234,8 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
         with PlanningFakeMode(allow_non_fake_inputs=True) as mode:
             model.to_empty(device="cpu")
             model.set_skip_output_projection(True)
-            storages = {_local(p).untyped_storage()._cdata: _local(p).untyped_storage().nbytes() for p in model.parameters()}
-            frozen = {_local(p).untyped_storage()._cdata for p in model.parameters() if not p.requires_grad}
+            storages = {storage_id(_local(p)): _local(p).untyped_storage().nbytes() for p in model.parameters()}
+            frozen = {storage_id(_local(p)) for p in model.parameters() if not p.requires_grad}
             optimizer = build_optimizer(model, config.optim, device)
             scheduler = build_lr_scheduler(optimizer, config.optim, config.max_steps)
             trainable = [p for p in model.parameters() if p.requires_grad]
@@ -245,13 +258,13 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
                 phase=label,
             )
             _warm_up(model, train_step, trainable)
-            if _sharding_rule_misses() is None:  # the cache cannot be watched: warm it the sure way
+            if dtensor_sharding_rule_misses() is None:  # the cache cannot be watched: warm it the sure way
                 train_step(0, [batch])
             state = [_local(v) for values in optimizer.state.values() for v in values.values() if isinstance(v, torch.Tensor)]
-            state_bytes = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in state}.values())
+            state_bytes = sum({storage_id(t): t.untyped_storage().nbytes() for t in state}.values())
             unsharded = _UnshardedParameters(model)
             for _ in range(2):  # a second time only if DTensor derived a sharding rule in the first
-                misses = _sharding_rule_misses()
+                misses = dtensor_sharding_rule_misses()
                 tracker = TensorMemoryTracker(
                     "decoder activations",
                     untracked={"FSDP unsharded parameters": unsharded, "optimizer state (AdamW)": lambda: state_bytes},
@@ -272,7 +285,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
                     train_step(1, [batch] * micro_batches)
                 for hook in hooks:
                     hook.remove()
-                if _sharding_rule_misses() == misses:
+                if dtensor_sharding_rule_misses() == misses:
                     break
     return StepTrace(
         parameters=sum(storages.values()),
@@ -300,16 +313,6 @@ def _warm_up(model: nn.Module, train_step: TrainStep, trainable: list[torch.Tens
     train_step.update(0, torch.zeros(()), 0)
 
 
-def _sharding_rule_misses() -> int | None:
-    """How often DTensor has derived a sharding rule so far (the misses of its rule cache: each one
-    ran the op on global-shape fake tensors), or None where the cache is not where torch 2.6-2.13
-    keep it (``DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding``)."""
-    dispatcher = getattr(DTensor, "_op_dispatcher", None)
-    cache = getattr(getattr(dispatcher, "sharding_propagator", None), "propagate_op_sharding", None)
-    info = getattr(cache, "cache_info", None)
-    return info().misses if callable(info) else None
-
-
 def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker | None) -> Batch:
     """``batch`` as fake tensors, each a fresh (tracked) allocation: inputs live on the device.
 
@@ -325,13 +328,3 @@ def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker
             for key, value in batch.encoder_input.items()
         }
     return fake
-
-
-def _retained_reduce_scatter_states(comm_ctx: Any) -> list[Any]:
-    """The reduce-scatter states FSDP2 retains: a list from torch 2.12 on
-    (``reduce_scatter_states``), one state or None before (``reduce_scatter_state``)."""
-    states = getattr(comm_ctx, "reduce_scatter_states", None)
-    if states is not None:
-        return list(states)
-    state = getattr(comm_ctx, "reduce_scatter_state", None)
-    return [] if state is None else [state]

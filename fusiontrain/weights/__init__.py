@@ -3,6 +3,6 @@
 (``pretrained``), LoRA settings and fresh adapters (``lora``), and PEFT adapter folders in and out
 (``peft``).
 
-Layer: above ``flops``; may import flops, parallel, modules and batch_layout. Nothing here knows a
-model family: families hand in their weight maps.
+Layer: above ``flops``; may import flops, parallel, modules, batch_layout and torch_private.
+Nothing here knows a model family: families hand in their weight maps.
 """

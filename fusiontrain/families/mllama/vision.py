@@ -26,13 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
 from fusiontrain.flops.rules import Tally, any_trainable, conv_flops, count_linear, count_self_attention_layer, unwrap
 from fusiontrain.modules.attention import MultiHeadAttention
 from fusiontrain.modules.fusion import register_fusion_module
 from fusiontrain.modules.layers import FeedForward, TanhGate
 from fusiontrain.modules.transformer import TransformerSelfAttentionLayer
+from fusiontrain.torch_private import DynamicOutputShapeException
 
 _PAD_MULTIPLE = 8
 
