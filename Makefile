@@ -1,12 +1,20 @@
-.PHONY: test demo clean env
+.PHONY: test test-fast demo clean env
 
 PYTHON := .venv/bin/python
+# Both use 2 pytest-xdist workers that steal work from each other when idle; the expensive
+# training runs several files compare against are made once per session (tests/helpers/shared.py).
+PYTEST := $(PYTHON) -m pytest tests -q -n 2 --dist worksteal
 
 env:
 	bash scripts/setup_env.sh
 
+# Everything (what CI runs).
 test: env
-	$(PYTHON) -m pytest tests -q -n 2 --dist loadfile
+	$(PYTEST)
+
+# For iteration: leaves out the files marked slow in tests/conftest.py (SLOW_FILES).
+test-fast: env
+	$(PYTEST) -m "not slow"
 
 demo: env
 	$(PYTHON) -m fusiontrain demo

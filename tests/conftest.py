@@ -106,7 +106,34 @@ LONGEST_FILES = (
 )
 
 
+# Files whose tests mostly launch multi-process training runs: marked ``slow``, so that
+# ``make test-fast`` (``-m "not slow"``, under 3 minutes) leaves them out; ``make test`` and CI run
+# everything.
+SLOW_FILES = frozenset(
+    {
+        "test_plan.py",
+        "test_shipped_configs.py",
+        "test_train.py",
+        "test_resume.py",
+        "test_elastic.py",
+        "test_preemption.py",
+        "test_hangs.py",
+        "test_streaming.py",
+        "test_train_data.py",
+        "test_qwen3_siglip2.py",
+        "test_checkpoint_safety.py",
+        "test_nonfinite.py",
+        "test_precision.py",
+        "test_launch.py",
+    }
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the files of ``LONGEST_FILES`` first, in its order; the rest keep theirs."""
+    """Mark the tests of ``SLOW_FILES`` slow; run the files of ``LONGEST_FILES`` first, in its
+    order (the rest keep theirs)."""
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
     rank = {name: index for index, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))

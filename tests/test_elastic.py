@@ -17,6 +17,7 @@ import torch
 
 from fusiontrain.checkpoint.parts import CheckpointPart
 from tests.helpers.launch import REPO_ROOT, run_torchrun
+from tests.helpers.shared import shared_folder
 
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 RUN = [
@@ -58,8 +59,9 @@ def runs(tmp_path_factory, tiny_mllama_dir) -> dict[int, Path]:
     """Output folders of the same 8-step run on 1, 2 and 4 ranks."""
     out = {}
     for nproc in (1, 2, 4):
-        out[nproc] = tmp_path_factory.mktemp(f"ranks{nproc}")
-        _train(out[nproc], nproc, tiny_mllama_dir)
+        # once per test session, whichever pytest-xdist worker asks first (tests/helpers/shared.py)
+        folder = shared_folder(tmp_path_factory, f"test_elastic_ranks{nproc}", lambda f, n=nproc: _train(f / "run", n, tiny_mllama_dir))
+        out[nproc] = folder / "run"
     return out
 
 

@@ -19,18 +19,35 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers.launch import REPO_ROOT, run_script_multinode, run_torchrun
+from tests.helpers.shared import shared_folder
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 COMMON = ["data.packing=false", "max_steps=4", "logging.every_n_steps=0", "eval.every_n_steps=2", "eval.num_samples=7", "batch.global_batch_size=8"]
 
 
-def _train(tmp_path: Path, name: str, nproc: int, model_args: list[str], *overrides: str) -> tuple[dict, dict]:
-    out = tmp_path / name
+def _run(out: Path, nproc: int, model_args: list[str], *overrides: str) -> None:
     args = [HARNESS, str(out), "--config", TINY_CONFIG, *model_args, f"output_dir={out}/run", *COMMON, *overrides]
     run_torchrun(args, nproc=nproc, timeout=300)
-    report = json.loads((out / "report.json").read_text())
-    return report, load_file(out / "trainable.safetensors")
+
+
+def _read(out: Path) -> tuple[dict, dict]:
+    """(the harness report, the final trainable weights) of a run in ``out``."""
+    return json.loads((out / "report.json").read_text()), load_file(out / "trainable.safetensors")
+
+
+def _train(tmp_path: Path, name: str, nproc: int, model_args: list[str], *overrides: str) -> tuple[dict, dict]:
+    _run(tmp_path / name, nproc, model_args, *overrides)
+    return _read(tmp_path / name)
+
+
+def _shared_train(
+    tmp_path_factory: pytest.TempPathFactory, name: str, nproc: int, model_args: list[str], *overrides: str
+) -> tuple[dict, dict]:
+    """:func:`_train`, run once per test session whichever pytest-xdist worker asks first
+    (tests/helpers/shared.py)."""
+    folder = shared_folder(tmp_path_factory, f"test_train_{name}", lambda f: _run(f / name, nproc, model_args, *overrides))
+    return _read(folder / name)
 
 
 def _assert_same_run(got: tuple[dict, dict], want: tuple[dict, dict], *, weight_atol: float = 2e-5) -> None:
@@ -55,7 +72,7 @@ def mllama_args(tiny_mllama_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, mllama_args: list[str]) -> tuple[dict, dict]:
     """One process, 4 micro-steps of 2 samples per step."""
-    return _train(tmp_path_factory.mktemp("reference"), "ref", 1, mllama_args, "batch.micro_batch_size=2")
+    return _shared_train(tmp_path_factory, "reference", 1, mllama_args, "batch.micro_batch_size=2")
 
 
 def test_reference_run_trains_only_fusion_parameters(reference: tuple[dict, dict]) -> None:
@@ -78,7 +95,7 @@ def test_fsdp_two_ranks_with_checkpointing_matches_one_process(tmp_path, mllama_
 @pytest.fixture(scope="module")
 def fsdp_four_ranks(tmp_path_factory: pytest.TempPathFactory, mllama_args: list[str]) -> tuple[dict, dict]:
     """FSDP over 4 ranks, 2 accumulated micro-batches of 1 sample per rank and step."""
-    return _train(tmp_path_factory.mktemp("fsdp4"), "fsdp4", 4, mllama_args, "batch.micro_batch_size=1")
+    return _shared_train(tmp_path_factory, "fsdp4", 4, mllama_args, "batch.micro_batch_size=1")
 
 
 def test_fsdp_four_ranks_matches_one_process(fsdp_four_ranks, reference) -> None:
