@@ -23,7 +23,12 @@ from tests.helpers.shared import shared_folder
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
-COMMON = ["data.packing=false", "max_steps=4", "logging.every_n_steps=0", "eval.every_n_steps=2", "eval.num_samples=7", "batch.global_batch_size=8"]
+# No dataloader worker: these runs compare sharding, accumulation, padding and compilation, not the
+# data path (tests/test_loader.py proves the batches are the same with and without workers).
+COMMON = [
+    "data.packing=false", "max_steps=4", "logging.every_n_steps=0", "eval.every_n_steps=2", "eval.num_samples=7",
+    "batch.global_batch_size=8", "data.num_workers=0",
+]
 
 
 def _run(out: Path, nproc: int, model_args: list[str], *overrides: str) -> None:

@@ -34,9 +34,11 @@ def test_an_unknown_start_method_is_refused_by_name() -> None:
         worker_context("threads")
 
 
-def _probe(method: str) -> dict:
+@pytest.fixture(scope="module")
+def probe() -> dict:
+    """One fresh interpreter that starts a loader under each method (tests/helpers/worker_start_probe.py)."""
     done = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.worker_start_probe", method],
+        [sys.executable, "-m", "tests.helpers.worker_start_probe", *WORKER_START_METHODS],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -47,7 +49,7 @@ def _probe(method: str) -> dict:
 
 
 @pytest.mark.parametrize("method", WORKER_START_METHODS)
-def test_workers_start_by_the_configured_method_with_the_preemption_signals_blocked(method: str) -> None:
+def test_workers_start_by_the_configured_method_with_the_preemption_signals_blocked(probe: dict, method: str) -> None:
     """A worker of ``fork`` is the training process's child; one of ``forkserver`` is the child of
     the helper (itself the training process's child), so it copies none of the training
     process's threads or locks; one of ``spawn`` is a fresh interpreter, the training process's
@@ -55,8 +57,7 @@ def test_workers_start_by_the_configured_method_with_the_preemption_signals_bloc
     had unblocked them before the loader started: a worker never dies of a preemption signal
     meant for the trainer (train/preemption.py). Under ``forkserver`` this fails if the resource
     tracker's start unblocks SIGTERM before the helper starts (the CPython trap in workers.py)."""
-    probe = _probe(method)
-    items = probe["items"]
+    items = probe["items"][method]
     assert len(items) == 2 and len({item["pid"] for item in items}) == 1
     worker = items[0]
     assert worker["pid"] != probe["rank_pid"]

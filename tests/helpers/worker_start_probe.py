@@ -1,6 +1,7 @@
 """Run as a fresh interpreter by tests/test_workers.py: does what the trainer does before its
 first loader (block the preemption signals, start the worker server, unblock them when the run
-starts), then prints, as one JSON line, where the items of a 1-worker loader were built."""
+starts), then, for each start method named on the command line, iterates a 1-worker loader, and
+prints one JSON line: where the items of each were built, and what this process still blocks."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ from fusiontrain.train.preemption import PreemptionWatcher
 from tests.helpers.worker_probe import WhereBuilt
 
 
-def main(method: str) -> None:
+def main(methods: list[str]) -> None:
     watcher = PreemptionWatcher().install()  # blocks SIGTERM / SIGUSR1, as Trainer.__init__ does
-    start_worker_server(method)
+    for method in methods:
+        start_worker_server(method)
     watcher.start()  # unblocks them in this process, as Trainer.run does
-    loader = build_loader(WhereBuilt(), num_workers=1, worker_start=method)
-    items = list(loader)
+    items = {method: list(build_loader(WhereBuilt(), num_workers=1, worker_start=method)) for method in methods}
     still_blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     watcher.uninstall()
     blocked = sorted(sig.name for sig in watcher.signals if sig in still_blocked)
@@ -27,4 +28,4 @@ def main(method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
