@@ -21,11 +21,12 @@ from safetensors.torch import load_file
 
 from fusiontrain.train.preemption import MARKER_ENV, PREEMPTED_EXIT_CODE, PreemptionWatcher
 from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_torchrun
-from tests.helpers.shared import MAX_STEPS, PACKED_RUN, uninterrupted_packed_run
+from tests.helpers.shared import MAX_STEPS, PACKED_RUN, WITH_WORKERS, uninterrupted_packed_run
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
-RUN = PACKED_RUN
+# With a dataloader worker per rank: the signals reach the workers too, and must not kill them.
+RUN = [*PACKED_RUN, WITH_WORKERS]
 
 
 def test_exit_code_is_distinct_from_a_signal_death() -> None:

@@ -22,14 +22,11 @@ from safetensors.torch import load_file, save_file
 from fusiontrain.checkpoint import layout
 from fusiontrain.parallel.processes import descendant_pids, parent_pid
 from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_torchrun
-from tests.helpers.shared import PACKED_RUN, uninterrupted_packed_run
+from tests.helpers.shared import PACKED_RUN, WITH_WORKERS, uninterrupted_packed_run
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 RUN = PACKED_RUN
-# For the tests that are not about the data path: no dataloader worker (nor the process it is
-# forked from) per rank, a few seconds of CPU less per launch on the 2-core CI machine.
-NO_WORKERS = "data.num_workers=0"
 
 
 def _harness(out: Path, output_dir: Path, nproc: int, *overrides: str, mllama: Path) -> tuple[dict, dict]:
@@ -94,7 +91,7 @@ def test_sigkilled_rank_restarts_and_resumes_to_the_same_weights(tmp_path, tiny_
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
         HARNESS, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
-        *RUN, "checkpoint.every_n_steps=2",
+        *RUN, WITH_WORKERS, "checkpoint.every_n_steps=2",
     ]
     log = (tmp_path / "torchrun.log").open("w")
     process = subprocess.Popen(command, env=launch_env(), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -124,9 +121,9 @@ def _train(output_dir: Path, nproc: int, mllama: Path, *overrides: str):
 def test_resume_refuses_another_base_or_data_order(tmp_path, tiny_mllama_dir) -> None:
     """(Another world size is fine: tests/test_elastic.py; so one rank shows the refusals.)"""
     run = tmp_path / "run"
-    _train(run, 1, tiny_mllama_dir, "checkpoint.every_n_steps=2", "stop_after_steps=2", NO_WORKERS)
+    _train(run, 1, tiny_mllama_dir, "checkpoint.every_n_steps=2", "stop_after_steps=2")
     with pytest.raises(AssertionError, match="another row plan.*seed: saved 0, now 1"):
-        _train(run, 1, tiny_mllama_dir, "checkpoint.every_n_steps=2", "seed=1", NO_WORKERS)
+        _train(run, 1, tiny_mllama_dir, "checkpoint.every_n_steps=2", "seed=1")
     other = tmp_path / "other_base"
     shutil.copytree(tiny_mllama_dir, other)
     tensors = load_file(other / "model.safetensors")
@@ -134,8 +131,8 @@ def test_resume_refuses_another_base_or_data_order(tmp_path, tiny_mllama_dir) ->
     tensors[key] = tensors[key] + 1e-3
     save_file(tensors, other / "model.safetensors")
     with pytest.raises(AssertionError, match="other base weights"):
-        _train(run, 1, other, "checkpoint.every_n_steps=2", NO_WORKERS)
-    _train(run, 1, other, "checkpoint.every_n_steps=2", "checkpoint.allow_base_mismatch=true", "max_steps=4", NO_WORKERS)
+        _train(run, 1, other, "checkpoint.every_n_steps=2")
+    _train(run, 1, other, "checkpoint.every_n_steps=2", "checkpoint.allow_base_mismatch=true", "max_steps=4")
 
 
 def _size(folder: Path) -> int:
@@ -146,7 +143,7 @@ def test_fusion_only_checkpoints_are_smaller_than_full_ones(tmp_path, tiny_mllam
     sizes = {}
     for mode in ("false", "true"):
         run = tmp_path / mode
-        _train(run, 1, tiny_mllama_dir, "checkpoint.every_n_steps=2", "max_steps=2", f"checkpoint.save_frozen={mode}", NO_WORKERS)
+        _train(run, 1, tiny_mllama_dir, "checkpoint.every_n_steps=2", "max_steps=2", f"checkpoint.save_frozen={mode}")
         step = run / "checkpoints" / "step_2"
         manifest = json.loads((step / "manifest.json").read_text())
         sizes[mode] = (sum(_size(step / part) for part in manifest["parts"]), _size(step))
@@ -210,7 +207,7 @@ def test_a_run_starts_from_a_fusiontrain_export_of_a_composed_model(tmp_path, ti
     from fusiontrain.models import load_fusiontrain_export
 
     composed = ["model.hf_mllama=null", f"model.compose.decoder={tiny_llama_dir}", f"model.compose.encoder={tiny_clip_dir}",
-                "model.compose.fusion_interval=2", "checkpoint.every_n_steps=2", "max_steps=2", "checkpoint.resume=null", NO_WORKERS]
+                "model.compose.fusion_interval=2", "checkpoint.every_n_steps=2", "max_steps=2", "checkpoint.resume=null"]
     args = [HARNESS, str(tmp_path / "h1"), "--config", TINY_CONFIG, f"output_dir={tmp_path / 'run1'}", *RUN, *composed]
     run_torchrun(args, nproc=1, timeout=240)
     trained = load_file(tmp_path / "h1" / "trainable.safetensors")
@@ -224,7 +221,7 @@ def test_a_run_starts_from_a_fusiontrain_export_of_a_composed_model(tmp_path, ti
 
     export(tmp_path / "run1" / "checkpoints" / "step_2", tmp_path / "export1")
     from_export = ["model.hf_mllama=null", f"model.fusiontrain_export={tmp_path / 'export1'}", "checkpoint.every_n_steps=1",
-                   "max_steps=1", "checkpoint.resume=null", NO_WORKERS]
+                   "max_steps=1", "checkpoint.resume=null"]
     args = [HARNESS, str(tmp_path / "h2"), "--config", TINY_CONFIG, f"output_dir={tmp_path / 'run2'}", *RUN, *from_export]
     run_torchrun(args, nproc=1, timeout=240)
     _assert_bitwise(load_file(tmp_path / "h2" / "initial.safetensors"), trained)
@@ -237,7 +234,7 @@ def test_a_run_starts_from_a_fusiontrain_export_of_a_composed_model(tmp_path, ti
 
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, tiny_mllama_dir) -> None:
     run = tmp_path / "run"
-    env_args = ["logging.wandb.mode=offline", "checkpoint.every_n_steps=1", "max_steps=2", NO_WORKERS]
+    env_args = ["logging.wandb.mode=offline", "checkpoint.every_n_steps=1", "max_steps=2"]
     _train(run, 1, tiny_mllama_dir, *env_args, "stop_after_steps=1")
     _train(run, 1, tiny_mllama_dir, *env_args)
     ids = [json.loads((run / "checkpoints" / f"step_{n}" / "manifest.json").read_text())["state"]["wandb_run_id"] for n in (1, 2)]
@@ -335,7 +332,7 @@ def test_async_checkpoints_survive_a_preemption_in_flight_and_resume_bitwise(tmp
     run = tmp_path / "run"
     command = _torchrun(
         2, "-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}",
-        f"output_dir={run}", *RUN, "checkpoint.async_save=true", "checkpoint.every_n_steps=2",
+        f"output_dir={run}", *RUN, WITH_WORKERS, "checkpoint.async_save=true", "checkpoint.every_n_steps=2",
     )
     log_path = tmp_path / "torchrun.log"
     in_flight = run / "checkpoints" / ".tmp-step_2"
