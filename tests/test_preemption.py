@@ -158,7 +158,8 @@ def _interrupted_run(tmp_path: Path, mllama: Path, deliver, *overrides: str) -> 
 
 def _resume_and_compare(tmp_path: Path, mllama: Path, uninterrupted: tuple[list[float], dict], step: int) -> None:
     out = tmp_path / "h"
-    args = [HARNESS, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={mllama}", f"output_dir={tmp_path / 'run'}", *RUN]
+    # The resumed part needs no worker (the signal reached the run before it): PACKED_RUN's none.
+    args = [HARNESS, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={mllama}", f"output_dir={tmp_path / 'run'}", *PACKED_RUN]
     result = run_torchrun(args, nproc=2, timeout=300)
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{step}'} at step {step}" in result.stdout
     first = [row["loss"] for row in _rows(tmp_path / "run" / "metrics.jsonl")][:step]

@@ -31,7 +31,7 @@ MAX_STEPS = 8
 # The packed run the resume, preemption and async-checkpoint tests share. Without dataloader
 # workers: each rank's worker costs about 3.6 s of CPU to start under forkserver (its imports), and
 # the 2-core CI machine runs hundreds of ranks. The tests about signals and restarts add
-# WITH_WORKERS; resumed with a worker, they still end bitwise at this run's weights.
+# WITH_WORKERS where the signal or the kill comes, and still end bitwise at this run's weights.
 PACKED_RUN = [
     f"max_steps={MAX_STEPS}", "data.packing=true", "data.synthetic_lengths=long_tail", "data.synthetic_max_text=30",
     "data.num_workers=0", "batch.micro_batch_size=2", "batch.global_batch_size=4", "logging.every_n_steps=0",
