@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from fusiontrain.config import DataConfig
-from fusiontrain.data.workers import WORKER_BLOCKED_SIGNALS, WORKER_START_METHODS, build_loader, worker_context
+from fusiontrain.data.workers import WORKER_BLOCKED_SIGNALS, WORKER_START_METHODS, worker_context
 from fusiontrain.train.preemption import PREEMPTION_SIGNALS
-from tests.helpers.worker_probe import WhereBuilt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,8 +66,3 @@ def test_workers_start_by_the_configured_method_with_the_preemption_signals_bloc
         assert worker["parent"] == probe["rank_pid"]
     assert worker["sigterm_blocked"] and worker["sigusr1_blocked"]
     assert probe["training_process_blocks"] == []  # the training process's own mask is left as it was
-
-
-def test_a_loader_in_this_process_yields_the_same_items_under_every_method() -> None:
-    counts = {method: len(list(build_loader(WhereBuilt(3), num_workers=1, worker_start=method))) for method in WORKER_START_METHODS}
-    assert counts == {method: 3 for method in WORKER_START_METHODS}
