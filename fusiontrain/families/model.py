@@ -149,9 +149,9 @@ class ModelFamily(ABC):
         export), to write it in the ``hf`` format."""
         raise NotImplementedError(f"the {self.name} family has no transformers layout")
 
-    def hf_uses_legacy_names(self, folder: str | Path) -> bool:
-        """Whether the base checkpoint in ``folder`` stores its tensors under an older naming of
-        the transformers class (an export in ``base`` naming then writes that naming too)."""
+    def hf_uses_legacy_names(self, folders: dict[str, Path]) -> bool:
+        """Whether the base checkpoint in ``folders`` (by role) stores its tensors under an older
+        naming of the transformers class (an export in ``base`` naming then writes that naming too)."""
         return False
 
     def hf_stored_name(self, name: str, *, legacy: bool) -> str:

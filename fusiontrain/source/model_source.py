@@ -161,13 +161,12 @@ class ModelSource:
         (source,) = pretrained.sources
         checkpoint = source.checkpoint
         if self.export is None:
-            (folder,) = self.folders.values()
             keys = {route.hf_key for route in source.routes}
             return HFLayout(
                 list(source.routes),
                 {key: tuple(checkpoint.shape(key)) for key in keys},
                 {key: checkpoint.dtype(key) for key in keys},
-                self.family.hf_uses_legacy_names(folder),
+                self.family.hf_uses_legacy_names({role: Path(folder) for role, folder in self.folders.items()}),
             )
         routes, shapes = self.family.hf_layout(self.configs())
         dtypes: dict[str, torch.dtype] = {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections.abc import Iterator
 
 from torch.utils.data import IterableDataset
@@ -14,7 +13,7 @@ from torch.utils.data import IterableDataset
 
 class WhereBuilt(IterableDataset):
     """Yields one dict per item: the building process's pid, its parent's pid, whether SIGTERM and
-    SIGUSR1 are blocked there, and how many threads it runs."""
+    SIGUSR1 are blocked there."""
 
     def __init__(self, items: int = 2) -> None:
         self.items = items
@@ -27,5 +26,4 @@ class WhereBuilt(IterableDataset):
                 "parent": os.getppid(),
                 "sigterm_blocked": signal.SIGTERM in blocked,
                 "sigusr1_blocked": signal.SIGUSR1 in blocked,
-                "threads": threading.active_count(),
             }

@@ -176,10 +176,10 @@ class MllamaFamily(ModelFamily):
             raise ValueError(f"transformers' Mllama holds tensors our weight map does not fill: {unrouted[:3]}")
         return routes, shapes
 
-    def hf_uses_legacy_names(self, folder: str | Path) -> bool:
+    def hf_uses_legacy_names(self, folders: dict[str, Path]) -> bool:
         """``language_model.model.*``: what transformers 5.23's ``save_pretrained`` writes and the
         Hub holds; the in-memory names are ``model.language_model.*`` (both load)."""
-        return any(key.startswith("language_model.") for key in HFCheckpoint(folder).keys())
+        return any(key.startswith("language_model.") for key in HFCheckpoint(folders["hf_mllama"]).keys())
 
     def hf_stored_name(self, name: str, *, legacy: bool) -> str:
         return legacy_mllama_key(name) if legacy else name
