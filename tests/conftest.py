@@ -16,6 +16,8 @@ from fusiontrain import tiny
 from fusiontrain.parallel.distributed import free_port
 from tests.helpers.strict_json import non_strict_lines
 
+pytest_plugins = ["tests.helpers.cpu_times"]  # pytest --cpu-times N: the tests that cost the most CPU
+
 # Under pytest-xdist (`make test` runs 2 workers) the workers share the cores: each takes its share
 # of intra-op threads, so that they do not oversubscribe the machine.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from fusiontrain.data.loader import Dealing, NoUsableSampleError, PlannedLoader,
 from fusiontrain.data.row_plan import DataPosition, RowLimits, RowPlan
 from fusiontrain.data.sizes import SampleSizes
 from fusiontrain.families.encoder import FixedSizeImage
+from fusiontrain.parallel.processes import descendant_pids
 from tests.helpers.launch import REPO_ROOT, run_ranks, run_torchrun
 
 SPEC = FixedSizeImage(image_size=4, tokens_per_image=3)
@@ -211,13 +213,42 @@ def test_only_rank_1_fails_and_rank_0_fails_in_its_all_reduce(tmp_path, tiny_mll
     assert elapsed < 150  # well under rank 0's 60 s timeout on top of the run itself
 
 
+def _unblock_the_fifo_once_a_rank_has_exited(fifo: Path, done: threading.Event) -> None:
+    """Wait until one of this test's two training ranks has exited (rank 0, timed out: rank 1 cannot
+    leave its blocked read), then keep giving the FIFO a writer until ``done``, so that rank 1's
+    reads return (each an empty image, a counted skip) and it fails fast on its dead peer. Without this, torchrun waits its
+    fixed 30 s before it SIGKILLs rank 1, which ignores SIGTERM while it is stuck (preemption
+    signals only set a flag: train/preemption.py). That wait is torchrun's, not what this test
+    proves."""
+    seen_both = False
+    while not done.wait(0.2):
+        ranks = [pid for pid in descendant_pids(os.getpid()) if _is_training_rank(pid)]
+        seen_both = seen_both or len(ranks) == 2
+        if seen_both and len(ranks) < 2:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader now
+                pass
+
+
+def _is_training_rank(pid: int) -> bool:
+    try:
+        args = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"fusiontrain" in args and b"torch.distributed.run" not in args
+
+
 def test_a_stuck_rank_makes_the_other_time_out_naming_rank_and_operation(tmp_path, tiny_mllama_dir) -> None:
     """Rank 1's images are a FIFO nobody writes: reading one blocks for ever (like a hung network
-    file system). Rank 0 ends after distributed.timeout_s with the clear message; torchrun then
-    ends rank 1."""
+    file system). Rank 0 ends after distributed.timeout_s with the clear message. (Then the test
+    unblocks rank 1, which ends on its dead peer, rather than wait for torchrun's SIGKILL.)"""
     fifo = tmp_path / "stuck.png"
     os.mkfifo(fifo)
     data = _records(tmp_path, set(_dealt(1, 1)), stuck_image=fifo)
+    done = threading.Event()
+    unblocker = threading.Thread(target=_unblock_the_fifo_once_a_rank_has_exited, args=(fifo, done), daemon=True)
+    unblocker.start()
     started = time.monotonic()
     try:
         result = run_torchrun(
@@ -225,6 +256,8 @@ def test_a_stuck_rank_makes_the_other_time_out_naming_rank_and_operation(tmp_pat
             nproc=2, timeout=200, check=False,
         )
     finally:
+        done.set()
+        unblocker.join()
         try:  # unblock a reader left behind, if any
             os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
         except OSError:

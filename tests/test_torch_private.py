@@ -44,13 +44,13 @@ from fusiontrain.torch_private import (
     compiled_original_module,
     dtensor_sharding_rule_misses,
     forget_pending_forward,
-    fsdp_group_is_unsharded,
     fsdp_group_params,
     fsdp_held_reduce_outputs,
     fsdp_param_group,
     fsdp_retained_reduce_scatter_inputs,
     fsdp_sharded_data,
     fsdp_unsharded_accumulated_grad,
+    fsdp_unsharded_groups,
     fsdp_unsharded_param,
     local_tensor,
     non_persistent_buffer_names,
@@ -313,11 +313,11 @@ def test_fsdp_internals_are_where_the_wrappers_read_them(mesh: DeviceMesh) -> No
     assert fsdp_unsharded_accumulated_grad(params[0]) is None
 
     model[0].unshard()
-    assert fsdp_group_is_unsharded(group)
+    assert fsdp_unsharded_groups([group, fsdp_param_group(model)]) == [group]  # not the root
     unsharded = fsdp_unsharded_param(params[0])
     assert unsharded is not None and torch.equal(unsharded, full_weight)
     model[0].reshard()
-    assert not fsdp_group_is_unsharded(group)
+    assert fsdp_unsharded_groups([group]) == []
 
     model(torch.ones(3, 4)).sum().backward()
     assert fsdp_held_reduce_outputs(group) == []  # released when the backward ended

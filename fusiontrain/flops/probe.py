@@ -70,6 +70,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from fusiontrain.dispatch_args import op_tensors
 from fusiontrain.flops.rules import unwrap
 from fusiontrain.torch_private import (
     MODULE_HOOK_DICTS,
@@ -289,7 +290,7 @@ class ValueKeepingFakeMode(FakeTensorMode):
 
     def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        tensors = [leaf for leaf in pytree.arg_tree_leaves(*args, **kwargs) if isinstance(leaf, torch.Tensor)]
+        tensors = op_tensors(args, kwargs)
         if tensors and not any(isinstance(t, FakeTensor) or t.device.type == "meta" for t in tensors):
             return func(*args, **kwargs)  # this mode is not active while it dispatches: a real kernel
         return super().dispatch(func, types, args, kwargs)

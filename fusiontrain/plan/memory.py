@@ -35,7 +35,8 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from fusiontrain.torch_private import TorchDispatchMode, active_fake_mode, pytree, storage_id
+from fusiontrain.dispatch_args import op_tensors
+from fusiontrain.torch_private import TorchDispatchMode, active_fake_mode, storage_id
 
 
 class TensorMemoryTracker(TorchDispatchMode):
@@ -158,9 +159,9 @@ class TensorMemoryTracker(TorchDispatchMode):
         label = (self._op_label(func) if self._op_label is not None else None) or self._labels[-1]
         # An output sharing an input's storage (a view, an in-place op) allocated nothing; the
         # input may even predate the tracker (a transposed weight).
-        inputs = {storage_id(t) for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for value in pytree.tree_flatten(out)[0]:
-            if isinstance(value, torch.Tensor) and storage_id(value) not in inputs:
+        inputs = {storage_id(t) for t in op_tensors(args, kwargs)}
+        for value in op_tensors(out):
+            if storage_id(value) not in inputs:
                 self._track(value, label)
         self._update_peak()
         return out

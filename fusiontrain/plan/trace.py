@@ -41,13 +41,13 @@ from fusiontrain.torch_private import (
     FakeTensor,
     FakeTensorMode,
     dtensor_sharding_rule_misses,
-    fsdp_group_is_unsharded,
     fsdp_group_params,
     fsdp_held_reduce_outputs,
     fsdp_param_group,
     fsdp_retained_reduce_scatter_inputs,
     fsdp_sharded_data,
     fsdp_unsharded_accumulated_grad,
+    fsdp_unsharded_groups,
     fsdp_unsharded_param,
     local_tensor,
     storage_id,
@@ -130,7 +130,7 @@ class _UnshardedParameters:
         return size
 
     def __call__(self) -> int:
-        return sum(self._size(group) for group in self._groups if fsdp_group_is_unsharded(group))
+        return sum(self._size(group) for group in fsdp_unsharded_groups(self._groups))
 
     def reduce_buffers(self) -> list[torch.Tensor]:
         """Gradient-reduction buffers FSDP2 holds on to: the reduce-scatter inputs it retains
