@@ -4,8 +4,11 @@ a helper that runs no thread of the training process, and with the preemption si
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -66,3 +69,39 @@ def test_workers_start_by_the_configured_method_with_the_preemption_signals_bloc
         assert worker["parent"] == probe["rank_pid"]
     assert worker["sigterm_blocked"] and worker["sigusr1_blocked"]
     assert probe["training_process_blocks"] == []  # the training process's own mask is left as it was
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("method", WORKER_START_METHODS)
+def test_workers_end_when_the_training_process_is_killed(method: str) -> None:
+    """SIGKILL the training process (as the OOM killer or a torchrun restart does): its worker ends
+    within seconds, and under ``forkserver`` the helper too. Before the worker watched the
+    training process, a ``forkserver`` worker and its helper lived on for good (PyTorch's check
+    looks at the worker's parent, the helper, which every worker keeps alive)."""
+    probe = subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.killed_trainer_probe", method],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        line = probe.stdout.readline()
+        assert line, "the probe printed nothing"
+        pids = json.loads(line)
+    finally:
+        probe.kill()
+        probe.wait()
+    watched = [pids["worker"]] + ([pids["parent"]] if method == "forkserver" else [])
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in watched) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in watched if _alive(pid)]
+    for pid in left:  # leave nothing behind, then fail
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"{method}: still running 30 s after the training process was killed: {left}"

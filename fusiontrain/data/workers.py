@@ -29,13 +29,23 @@ inherit its mask). One CPython trap is handled there: starting multiprocessing's
 the mask put back.
 
 **End.** :class:`ClosableLoader` can end its workers at once (after an error), which
-multiprocessing's exit hook cannot do for workers that block SIGTERM.
+multiprocessing's exit hook cannot do for workers that block SIGTERM. And a worker ends by itself
+once the training process is gone (:func:`end_with_the_training_process`), however it died:
+PyTorch's own check (is my parent still the one that started me?) never fires for a ``forkserver``
+worker, whose parent is the helper; the helper in turn outlives the training process, because
+every worker holds the pipe whose closing would end it. Without this a SIGKILLed rank (the OOM
+killer, a torchrun restart) would leave its workers and their shared memory on the node for good.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import os
+import select
 import signal
+import threading
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,6 +97,28 @@ def worker_context(method: str) -> BaseContext:
     return context
 
 
+def end_with_the_training_process(training_pid: int, worker_id: int) -> None:
+    """A dataloader worker's init function (bound to the training process's pid): a daemon thread
+    that ends this worker at once (exit code 1) when that process has exited. It waits on a pidfd
+    (Linux 5.3+), where there is none it polls the pid every second."""
+    del worker_id  # every worker watches the same process
+    threading.Thread(target=_exit_after, args=(training_pid,), name="training-process-watch", daemon=True).start()
+
+
+def _exit_after(pid: int) -> None:
+    try:
+        if hasattr(os, "pidfd_open"):
+            handle = os.pidfd_open(pid)
+            select.select([handle], [], [])  # readable once the process has exited
+        else:
+            while True:
+                os.kill(pid, 0)
+                time.sleep(1.0)
+    except ProcessLookupError:  # gone already
+        pass
+    os._exit(1)  # no one is left to take a batch; skip the interpreter's teardown
+
+
 @contextmanager
 def _worker_signals_blocked() -> Iterator[None]:
     """Block :data:`WORKER_BLOCKED_SIGNALS` in this thread for the block, then put back its mask
@@ -134,6 +166,7 @@ class ClosableLoader(StatefulDataLoader):
             prefetch_factor=2 if num_workers else None,
             persistent_workers=False,
             multiprocessing_context=worker_context(worker_start) if num_workers else None,
+            worker_init_fn=functools.partial(end_with_the_training_process, os.getpid()) if num_workers else None,
         )
         self.worker_start = worker_start
         self._live_iterators: weakref.WeakSet = weakref.WeakSet()
