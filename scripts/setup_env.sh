@@ -4,10 +4,6 @@
 # torch is pinned to the CPU build used on CPU machines and CI, and installed FIRST in its own
 # pip call, so the editable install that follows finds it already satisfied and pulls no CUDA.
 # Fast no-op when the stamp file is newer than pyproject.toml.
-#
-# --no-compile: pip byte-compiles every module it installs (torch and transformers hold thousands,
-# most never imported here), which was about 60% of the install's time (39.5 s -> 16.4 s on CI's
-# 2 cores). Python compiles a module at its first import and caches it in __pycache__ as usual.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,9 +32,9 @@ PIP=("$VENV/bin/python" -m pip)
 echo "[setup_env] upgrading pip"
 "${PIP[@]}" install --quiet --upgrade pip
 echo "[setup_env] installing $TORCH_PIN (own pip call, before anything else)"
-"${PIP[@]}" install --quiet --no-compile "$TORCH_PIN"
+"${PIP[@]}" install --quiet "$TORCH_PIN"
 echo "[setup_env] installing fusiontrain in editable mode with [dev,reference,peft] extras ($TORCH_PIN held)"
-"${PIP[@]}" install --quiet --no-compile -e ".[dev,reference,peft]" "$TORCH_PIN"
+"${PIP[@]}" install --quiet -e ".[dev,reference,peft]" "$TORCH_PIN"
 "$VENV/bin/python" -c 'import torch; print("[setup_env] torch", torch.__version__)'
 touch "$STAMP"
 echo "[setup_env] done"
