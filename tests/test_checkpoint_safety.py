@@ -228,6 +228,7 @@ def test_train_refuses_to_resume_from_a_pickle(poisoned, tiny_mllama_dir: Path, 
     config = str(REPO_ROOT / "configs" / "tiny.yaml")
     for path in (planted, old):
         train = _cli("train", "--config", config, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={tmp_path / 'train'}",
-                     "max_steps=1", "logging.every_n_steps=0", "eval.every_n_steps=0", f"checkpoint.resume={path}")
+                     "max_steps=1", "logging.every_n_steps=0", "eval.every_n_steps=0", "data.num_workers=0",
+                     f"checkpoint.resume={path}")
         assert train.returncode != 0 and "pickle" in train.stderr and "never unpickles" in train.stderr, train.stderr[-2000:]
     assert not marker.exists()
