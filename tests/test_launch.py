@@ -23,6 +23,7 @@ import yaml
 from tests.helpers.launch import (
     REPO_ROOT,
     free_port,
+    process_alive,
     run_command,
     run_script_multinode,
     run_torchrun,
@@ -144,15 +145,7 @@ def test_run_torchrun_timeout_kills_the_workers(tmp_path: Path) -> None:
     worker_pids = [int(p.name) for p in pids.iterdir()]
     assert len(worker_pids) == 2
     for pid in worker_pids:
-        assert not _alive(pid), f"worker {pid} survived the timeout"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+        assert not process_alive(pid), f"worker {pid} survived the timeout"
 
 
 # -- launch/torchrun.sh --------------------------------------------------------------------------

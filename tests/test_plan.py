@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from benchmarks.models import bench_mllama_config
 from fusiontrain import tiny
@@ -25,6 +24,7 @@ from fusiontrain.plan.trace import worst_case_batch
 from fusiontrain.plan.planner import planned_world_size
 from tests.helpers.launch import REPO_ROOT, run_command, run_commands
 from tests.helpers.peak_rss import peak_rss_bytes
+from tests.helpers.shipped_configs import load_raw, missing_folder_fixtures
 
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 REAL_MODEL_CONFIGS = [
@@ -181,13 +181,14 @@ PLAN_COMMENT = re.compile(
 HOST_MEMORY_BOUND = 4 * 2**30  # what `plan` may hold on a login node or laptop, at any world size
 
 
-def _plan_commands(path: Path, tiny_mllama_dir: Path) -> list[tuple[str, list[str]]]:
+def _plan_commands(path: Path, request: pytest.FixtureRequest) -> list[tuple[str, list[str]]]:
     """``(what, command)`` for the plans of one shipped config: ``train --dry-run`` with no flags
     (the config's own device kind and world size), and ``plan --gpus 1`` (its mesh, if it fixes
-    one, dropped) unless the first is at world 1 already. A config whose model folder is not in
-    the repository (tiny.yaml) plans the tiny Mllama."""
-    config = load_config(path, [f"model.hf_mllama={tiny_mllama_dir}"]) if _names_missing_folders(path) else load_config(path)
-    overrides = [f"model.hf_mllama={tiny_mllama_dir}"] if _names_missing_folders(path) else []
+    one, dropped) unless the first is at world 1 already. A model folder the config names that is
+    not in the repository (tiny.yaml's) is replaced by the tiny model of its family."""
+    missing = missing_folder_fixtures(load_raw(path))
+    overrides = [f"{key}={request.getfixturevalue(fixture)}" for key, fixture in missing.items()]
+    config = load_config(path, overrides)
     measure = [sys.executable, str(REPO_ROOT / "tests" / "helpers" / "peak_rss.py"), sys.executable, "-m", "fusiontrain"]
     commands = [("config's own world", [*measure, "train", "--dry-run", "--config", str(path), *overrides])]
     if planned_world_size(config, None, default=1) > 1:
@@ -196,21 +197,16 @@ def _plan_commands(path: Path, tiny_mllama_dir: Path) -> list[tuple[str, list[st
     return commands
 
 
-def _names_missing_folders(path: Path) -> bool:
-    folder = (yaml.safe_load(path.read_text()).get("model") or {}).get("hf_mllama")
-    return folder is not None and not (REPO_ROOT / folder).is_dir()
-
-
 @pytest.mark.timeout(900)  # nine planner traces of 8B-90B models, two at a time: about 3-4 minutes on 2 busy cores
 def test_shipped_configs_plan_within_the_host_memory_bound_and_their_plan_comments_are_current(
-    tiny_mllama_dir: Path, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every shipped config plans with its own defaults (device kind, world size) and at world 1,
     each plan holding under HOST_MEMORY_BOUND of host memory (the planner traces on fake tensors
     and never holds the model's bytes: before that was fixed, Qwen3 8B at world 1 grew past 23 GB);
     the plan pasted into a real-model config's header comment is what the planner prints today."""
     monkeypatch.chdir(REPO_ROOT)  # the configs name their model folders relative to the repository
-    runs = [(path, what, command) for path in SHIPPED_CONFIGS for what, command in _plan_commands(path, tiny_mllama_dir)]
+    runs = [(path, what, command) for path in SHIPPED_CONFIGS for what, command in _plan_commands(path, request)]
     assert len(runs) >= 2 * len(REAL_MODEL_CONFIGS) + 1
     # Two at a time, one per core: all nine at once took a quarter more CPU (cache and memory
     # contention: 198 against 163 CPU-s for this test on 2 cores), and the suite is CPU-bound.

@@ -17,6 +17,7 @@ import pytest
 from fusiontrain.config import DataConfig
 from fusiontrain.data.workers import WORKER_BLOCKED_SIGNALS, WORKER_START_METHODS, worker_context
 from fusiontrain.train.preemption import PREEMPTION_SIGNALS
+from tests.helpers.launch import process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,15 +72,6 @@ def test_workers_start_by_the_configured_method_with_the_preemption_signals_bloc
     assert probe["training_process_blocks"] == []  # the training process's own mask is left as it was
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("method", WORKER_START_METHODS)
 def test_workers_end_when_the_training_process_is_killed(method: str) -> None:
     """SIGKILL the training process (as the OOM killer or a torchrun restart does): its worker ends
@@ -99,9 +91,9 @@ def test_workers_end_when_the_training_process_is_killed(method: str) -> None:
         probe.wait()
     watched = [pids["worker"]] + ([pids["parent"]] if method == "forkserver" else [])
     deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in watched) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in watched) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = [pid for pid in watched if _alive(pid)]
+    left = [pid for pid in watched if process_alive(pid)]
     for pid in left:  # leave nothing behind, then fail
         os.kill(pid, signal.SIGKILL)
     assert not left, f"{method}: still running 30 s after the training process was killed: {left}"

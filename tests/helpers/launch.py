@@ -256,6 +256,15 @@ def _report(results: Sequence[subprocess.CompletedProcess]) -> str:
     return "\n\n".join(parts)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _signal(pids: Sequence[int], sig: signal.Signals) -> None:
     for pid in pids:
         try:

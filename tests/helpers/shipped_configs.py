@@ -29,6 +29,8 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw
 
+from fusiontrain.families import MODEL_FAMILIES
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORLD_SIZE = 2
 SEQ_LEN = 192  # tokens per row: several tiny samples with their images fit, as real ones fit 4096
@@ -45,8 +47,9 @@ TINY_FOLDER_FIXTURES = {
     "siglip2_vision_model": "tiny_siglip2_naflex_dir",
     "siglip2": "tiny_siglip2_naflex_dir",
 }
-# the config keys that name model folders
-FOLDER_KEYS = ("model.hf_mllama", "model.compose.decoder", "model.compose.encoder")
+# the config keys that name model folders, and the family each belongs to (the families declare them)
+FOLDER_KEY_FAMILIES = {key: family.name for family in MODEL_FAMILIES.values() for key in family.config_keys.values()}
+FOLDER_KEYS = tuple(FOLDER_KEY_FAMILIES)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 SHAPES = ("circle", "square", "bar")
@@ -85,7 +88,8 @@ def folder_fixtures(raw: dict[str, Any]) -> dict[str, str]:
         folder = _lookup(raw, key)
         if folder is None:
             continue
-        model_type = model_type_of(folder) or ("mllama" if key == "model.hf_mllama" else None)
+        # A folder not in the repository (tiny.yaml's) is read as its family's own name.
+        model_type = model_type_of(folder) or FOLDER_KEY_FAMILIES[key]
         fixture = TINY_FOLDER_FIXTURES.get(model_type)
         assert fixture is not None, (
             f"config key {key}={folder} (model_type {model_type!r}) has no tiny stand-in: add one to "
@@ -94,6 +98,12 @@ def folder_fixtures(raw: dict[str, Any]) -> dict[str, str]:
         found[key] = fixture
     assert found, f"the config names no model folder among {FOLDER_KEYS}"
     return found
+
+
+def missing_folder_fixtures(raw: dict[str, Any]) -> dict[str, str]:
+    """:func:`folder_fixtures` for the model folders the config names that are not in the
+    repository (tiny.yaml names those ``make-tiny`` writes)."""
+    return {key: fixture for key, fixture in folder_fixtures(raw).items() if model_type_of(_lookup(raw, key)) is None}
 
 
 def stand_in_overrides(
