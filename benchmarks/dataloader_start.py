@@ -2,12 +2,13 @@
 ``python benchmarks/dataloader_start.py [--workers 2] [--batches 40] [--rounds 3]``.
 
 Each measurement is a fresh process that does what a training rank does: it starts a one-rank
-gloo process group (whose threads a fork would copy), starts the forkserver helper first thing as
-the trainer does, builds the tiny Mllama's caption dataset (PNG images decoded and tiled in the
-workers) and the rank's loader, then iterates. It reports
+gloo process group (whose threads a fork would copy), builds the tiny Mllama's caption dataset
+(PNG images decoded and tiled in the workers) and the rank's loader, then iterates; the loader
+starts the forkserver helper (with the modules its stream needs) as the trainer's does. It reports
 
-- *setup*: from the process start to the loader built (the helper's imports overlap with it);
-- *first batch*: from ``iter()`` (the workers start) to the first micro-batch;
+- *setup*: from the process start to the loader built;
+- *first batch*: from ``iter()`` (the helper, under forkserver, and the workers start) to the
+  first micro-batch;
 - *steady*: micro-batches per second after the first;
 - the micro-batches are checked to be the same under every method (the tokens of all of them).
 
@@ -40,14 +41,11 @@ def measure_one(method: str, mllama: Path, data: Path, out: Path, workers: int, 
     import torch.distributed as dist
 
     from fusiontrain.config import load_config
-    from fusiontrain.data.workers import start_worker_server
     from fusiontrain.parallel.distributed import free_port
     from fusiontrain.source.model_source import ModelSource
     from fusiontrain.train.data import build_dataset, build_train_loader
 
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
-    if workers:
-        start_worker_server(method)
     overrides = [
         f"model.hf_mllama={mllama}", "data.format=caption", f"data.train.path={data}", f"output_dir={out}",
         f"data.num_workers={workers}", f"data.worker_start={method}", "batch.seq_len=64",

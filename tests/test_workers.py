@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fusiontrain.config import DataConfig
-from fusiontrain.data.workers import WORKER_BLOCKED_SIGNALS, WORKER_START_METHODS, worker_context
+from fusiontrain.data.workers import WORKER_BLOCKED_SIGNALS, WORKER_START_METHODS, modules_to_preload, worker_context
 from fusiontrain.train.preemption import PREEMPTION_SIGNALS
 from tests.helpers.launch import process_alive
 
@@ -35,6 +35,29 @@ def test_the_config_offers_exactly_the_start_methods_the_loader_knows() -> None:
 def test_an_unknown_start_method_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="data.worker_start must be one of"):
         worker_context("threads")
+
+
+def test_the_helper_preloads_the_modules_that_the_stream_pickle_names() -> None:
+    """What a worker would import to unpickle its stream, and no more: a synthetic stream names no
+    tokenizer, image-processor or datasets module; one that holds a tokenizer and tensors names
+    the tokenizer's class's module and torch's rebuild function."""
+    import numpy as np
+    import torch
+
+    from fusiontrain import tiny
+    from fusiontrain.data.synthetic import SyntheticImageText
+    from tests.helpers.worker_probe import WhereBuilt
+
+    synthetic = modules_to_preload(WhereBuilt())
+    assert "tests.helpers.worker_probe" in synthetic
+    assert not [m for m in synthetic if m.split(".")[0] in ("transformers", "datasets", "tokenizers")], synthetic
+
+    tokenizer = tiny.build_tiny_tokenizer()
+    real = modules_to_preload({"tokenizer": tokenizer, "table": torch.zeros(3), "sizes": np.zeros(2), "source": SyntheticImageText})
+    assert type(tokenizer).__module__ in real
+    assert {"torch._utils", "fusiontrain.data.synthetic"} <= set(real)
+    assert any(m.startswith("numpy") for m in real)
+    assert "__main__" not in real and "builtins" not in real
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +89,9 @@ def test_workers_start_by_the_configured_method_with_the_preemption_signals_bloc
     assert worker["pid"] != probe["rank_pid"]
     if method == "forkserver":
         assert worker["parent"] != probe["rank_pid"]
+        # The helper imported what this stream's pickle names (data/workers.py: modules_to_preload),
+        # not the tokenizer, image-processor and datasets modules that real-data streams need.
+        assert worker["unneeded_imports"] == []
     else:
         assert worker["parent"] == probe["rank_pid"]
     assert worker["sigterm_blocked"] and worker["sigusr1_blocked"]

@@ -47,7 +47,13 @@ from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.packing import PackedRow, collate_padding_free, collate_rows
 from fusiontrain.data.row_plan import DataPosition, NoUsableSampleError, PlannedRow, RowPlan
 from fusiontrain.data.sizes import SKIP_REASONS
-from fusiontrain.data.workers import WORKER_START_METHODS, ClosableLoader, build_loader
+from fusiontrain.data.workers import (
+    WORKER_START_METHODS,
+    ClosableLoader,
+    build_loader,
+    modules_to_preload,
+    start_worker_server,
+)
 
 __all__ = ["SKIP_REASONS", "NoUsableSampleError", "Dealing", "PlannedStream", "PlannedLoader", "StreamConfig"]
 
@@ -295,6 +301,8 @@ class PlannedLoader:
         self.start = DataPosition()
         self.position = self.start
         self._loaders: list[ClosableLoader] = []
+        if num_workers:  # now, so that the helper's imports overlap with the rest of the trainer's setup
+            start_worker_server(worker_start, modules_to_preload(make_stream(self.start)))
 
     def __iter__(self) -> Iterator[Batch]:
         """The micro-batches from the current start on. The dataloader's workers start here, at

@@ -4,10 +4,11 @@
 decoding and processing images) off the training loop. How it comes to life matters on a cluster:
 
 - ``forkserver`` (the default): one helper process per training process, a fresh interpreter
-  that imports the data modules once (:data:`PRELOAD`); every worker is forked from that helper,
-  which runs no other thread, and receives the dataset pickled. :func:`start_worker_server` starts
-  the helper ahead of the first loader (the trainer calls it first thing, so that its imports
-  overlap with building the model).
+  that imports once the modules the workers need (:func:`modules_to_preload`: those of the
+  objects in the stream they receive pickled); every worker is forked from that helper, which runs
+  no other thread. The helper starts with the first loader that has workers
+  (:func:`start_worker_server`), when the stream, and so what it needs, is known; its imports
+  overlap with what the trainer does before the first batch (the eval data, the resume).
 - ``spawn``: a fresh interpreter per worker, every import again (the slowest start).
 - ``fork``: the worker is a copy of the training process. Fastest to start, but by then the
   training process runs gloo's / NCCL's and the async checkpoint writer's threads, and a fork
@@ -42,12 +43,14 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import pickle
 import select
 import signal
 import threading
 import time
+import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing import forkserver, resource_tracker
 from multiprocessing.context import BaseContext
@@ -65,26 +68,55 @@ WORKER_START_METHODS = ("forkserver", "spawn", "fork")
 #: training process alone acts on (:data:`fusiontrain.train.preemption.PREEMPTION_SIGNALS`).
 WORKER_BLOCKED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-#: What the forkserver helper imports once, so that each worker forked from it has them already:
-#: the modules whose objects a worker unpickles (the streams, their sources, formats and image
-#: formats, the families' among them), and the libraries those build samples with. A family's own
-#: transformers processor module is left to the worker (a few ms once these are in).
-PRELOAD = [
-    "fusiontrain.data.loader",
-    "fusiontrain.data.streaming",
-    "fusiontrain.data.sources",
-    "fusiontrain.data.formats",
-    "fusiontrain.families",
-    "datasets",
-    "PIL.Image",
-    "transformers.tokenization_utils_tokenizers",
-    "transformers.image_processing_utils",
-    "transformers.image_utils",
-]
+
+class _ByteCounter:
+    """A file that keeps nothing: the sink of :func:`modules_to_preload`'s pickling pass."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
 
 
-def worker_context(method: str) -> BaseContext:
-    """The multiprocessing context that starts dataloader workers by ``method``.
+class _ModuleRecorder(pickle.Pickler):
+    """A pickler that notes the module of every class and function it meets, and of every object's
+    class: what an unpickler of the same object graph imports."""
+
+    def __init__(self) -> None:
+        super().__init__(_ByteCounter(), protocol=pickle.HIGHEST_PROTOCOL)
+        self.modules: set[str] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
+            module = getattr(obj, "__module__", None)  # pickled by reference: module and name
+        else:
+            module = type(obj).__module__
+        if isinstance(module, str):
+            self.modules.add(module)
+        return NotImplemented  # pickle as usual
+
+
+def modules_to_preload(stream: object) -> list[str]:
+    """The modules a worker imports as it unpickles ``stream``: those of every class and function
+    in its pickle (the stream, its dataset and source, the tokenizer, image processor and image
+    format it holds, numpy's and torch's rebuild functions), found by pickling it once into a
+    byte counter. The forkserver helper imports them once, so that no worker imports them itself;
+    a run on synthetic data then preloads no tokenizer, image-processor or ``datasets`` modules
+    (about 2.5 s of imports per helper that such a run never uses).
+
+    Raises:
+        Whatever pickling ``stream`` raises: its workers would fail the same way.
+    """
+    recorder = _ModuleRecorder()
+    recorder.dump(stream)
+    return sorted(module for module in recorder.modules if module not in ("__main__", "builtins"))
+
+
+def worker_context(method: str, preload: Sequence[str] = ()) -> BaseContext:
+    """The multiprocessing context that starts dataloader workers by ``method``; for
+    ``forkserver``, with ``preload`` (module names) for the helper to import when it starts.
 
     Raises:
         ValueError: ``method`` is not one of :data:`WORKER_START_METHODS`.
@@ -93,7 +125,7 @@ def worker_context(method: str) -> BaseContext:
         raise ValueError(f"data.worker_start must be one of {list(WORKER_START_METHODS)}, got {method!r}")
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(PRELOAD)  # read when the helper starts; no effect once it runs
+        context.set_forkserver_preload(list(preload))  # read when the helper starts; no effect once it runs
     return context
 
 
@@ -130,13 +162,13 @@ def _worker_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-def start_worker_server(method: str) -> None:
-    """Make ready what workers started by ``method`` need, now rather than at the first loader:
-    multiprocessing's resource tracker (not for ``fork``) and, for ``forkserver``, the helper,
-    started with :data:`WORKER_BLOCKED_SIGNALS` blocked. It returns at once; the helper imports
-    :data:`PRELOAD` meanwhile (the trainer calls it first thing, so that this overlaps with building
-    the model). No-op for what already runs. This thread's signal mask is the same afterwards."""
-    worker_context(method)
+def start_worker_server(method: str, preload: Sequence[str] = ()) -> None:
+    """Make ready what workers started by ``method`` need: multiprocessing's resource tracker (not
+    for ``fork``) and, for ``forkserver``, the helper, started with :data:`WORKER_BLOCKED_SIGNALS`
+    blocked, which imports ``preload`` (:func:`modules_to_preload`). It returns at once, the helper
+    importing meanwhile. No-op for what already runs (a helper that runs keeps its first preload).
+    This thread's signal mask is the same afterwards."""
+    worker_context(method, preload)
     if method == "fork":
         return
     with _worker_signals_blocked():
@@ -149,7 +181,9 @@ def start_worker_server(method: str) -> None:
 class ClosableLoader(StatefulDataLoader):
     """A StatefulDataLoader over an iterable stream of ready batches, built by ``num_workers``
     processes (in the calling process when 0) that start by ``worker_start`` with
-    :data:`WORKER_BLOCKED_SIGNALS` blocked; :meth:`close` ends them at once.
+    :data:`WORKER_BLOCKED_SIGNALS` blocked; :meth:`close` ends them at once. The worker server
+    (the forkserver helper, with the modules the stream needs) starts with the loader, so that its
+    imports overlap with whatever the caller does before the first batch.
 
     After an error the iterator (and its workers) usually stays alive, held by the traceback, until
     the interpreter exits; then multiprocessing's exit hook SIGTERMs the daemon workers and joins
@@ -159,17 +193,21 @@ class ClosableLoader(StatefulDataLoader):
     """
 
     def __init__(self, stream: IterableDataset, *, num_workers: int = 0, worker_start: str = WORKER_START_METHODS[0]) -> None:
+        # What the forkserver helper imports for the workers; read before the base class keeps the stream.
+        self._preload = modules_to_preload(stream) if num_workers and worker_start == "forkserver" else []
         super().__init__(
             stream,
             batch_size=None,
             num_workers=num_workers,
             prefetch_factor=2 if num_workers else None,
             persistent_workers=False,
-            multiprocessing_context=worker_context(worker_start) if num_workers else None,
+            multiprocessing_context=worker_context(worker_start, self._preload) if num_workers else None,
             worker_init_fn=functools.partial(end_with_the_training_process, os.getpid()) if num_workers else None,
         )
         self.worker_start = worker_start
         self._live_iterators: weakref.WeakSet = weakref.WeakSet()
+        if num_workers:
+            start_worker_server(worker_start, self._preload)
 
     def __iter__(self) -> Iterator[Any]:
         """A new iterator, whose workers start now with :data:`WORKER_BLOCKED_SIGNALS` blocked (the
@@ -197,7 +235,7 @@ class ClosableLoader(StatefulDataLoader):
         """A block in which workers may start: the forkserver helper runs (it starts it first), and
         this thread blocks :data:`WORKER_BLOCKED_SIGNALS`, so that the workers inherit the mask."""
         if self.num_workers:
-            start_worker_server(self.worker_start)
+            start_worker_server(self.worker_start, self._preload)
         with _worker_signals_blocked():
             yield
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusiontrain.modules.kv_cache import KVCache
-from fusiontrain.modules.packed import PackedLayout, attend_packed
+from fusiontrain.modules.packed import PackedLayout
+from fusiontrain.modules.packed_attention import attend_packed
 
 try:  # flex_attention is optional: present on recent torch, used only with a BlockMask.
     from torch.nn.attention.flex_attention import BlockMask

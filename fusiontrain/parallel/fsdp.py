@@ -80,7 +80,7 @@ def apply_compile(model: nn.Module) -> None:
     static first, then one recompile to dynamic sizes when a shape changes (the padded length,
     the number of images, the count of tokens that see an image).
 
-    On the CPU, the packed attention (``fusiontrain.modules.packed.attend_packed``) is opaque to
+    On the CPU, the packed attention (``fusiontrain.modules.packed_attention.attend_packed``) is opaque to
     dynamo, a graph break, so a new packed layout of the same ``[b, s]`` recompiles nothing.
     ``benchmarks/compile_cpu.py`` measures what it buys there (see ``parallel.compile``'s help).
 

@@ -29,7 +29,6 @@ from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import collate_padding_free
-from fusiontrain.data.workers import start_worker_server
 from fusiontrain.train.data import build_dataset, build_streaming_train_loader, build_train_loader
 from fusiontrain.flops.peak import device_peak_flops, mfu
 from fusiontrain.train.loss import count_targets
@@ -60,11 +59,8 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         # SIGTERM / SIGUSR1 stop the run at a step boundary with a checkpoint; blocked until run()
-        # starts (preemption.py). The process the dataloader workers are forked from starts now and
-        # imports the data modules while the model is built (data/workers.py).
+        # starts (preemption.py). Dataloader workers start with the first loader (data/workers.py).
         self.preemption = PreemptionWatcher().install()
-        if config.data.num_workers:
-            start_worker_server(config.data.worker_start)
         self.context = distributed.init_distributed(timeout_s=config.distributed.timeout_s)
         self.device = self.context.device
         torch.manual_seed(config.seed)

@@ -8,14 +8,13 @@ import json
 import sys
 import time
 
-from fusiontrain.data.workers import build_loader, start_worker_server
+from fusiontrain.data.workers import build_loader
 from fusiontrain.train.preemption import PreemptionWatcher
 from tests.helpers.worker_probe import WhereBuilt
 
 
 def main(method: str) -> None:
     watcher = PreemptionWatcher().install()
-    start_worker_server(method)
     watcher.start()
     iterator = iter(build_loader(WhereBuilt(items=1000), num_workers=1, worker_start=method))
     item = next(iterator)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Iterator
 
 from torch.utils.data import IterableDataset
@@ -13,7 +14,8 @@ from torch.utils.data import IterableDataset
 
 class WhereBuilt(IterableDataset):
     """Yields one dict per item: the building process's pid, its parent's pid, whether SIGTERM and
-    SIGUSR1 are blocked there."""
+    SIGUSR1 are blocked there, and which of the libraries that this stream does not need (but a
+    real-data stream would) are imported there."""
 
     def __init__(self, items: int = 2) -> None:
         self.items = items
@@ -26,4 +28,5 @@ class WhereBuilt(IterableDataset):
                 "parent": os.getppid(),
                 "sigterm_blocked": signal.SIGTERM in blocked,
                 "sigusr1_blocked": signal.SIGUSR1 in blocked,
+                "unneeded_imports": sorted({"transformers", "datasets", "torch._dynamo"} & set(sys.modules)),
             }
