@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusiontrain.data.batch import Batch  # noqa: E402
 from fusiontrain.data.packing import FirstFitPacker, collate_rows  # noqa: E402
 from fusiontrain.data.synthetic import SyntheticImageText  # noqa: E402
-from fusiontrain.families.encoder import FixedSizeImage  # noqa: E402
+from fusiontrain.families.fixed_size_image import FixedSizeImage  # noqa: E402
 from fusiontrain.families.llama import LlamaDecoderArgs, llama_cross_attention_layer  # noqa: E402
 from fusiontrain.modules.attention import attend  # noqa: E402
 from fusiontrain.modules.masks import block_causal_mask  # noqa: E402

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from fusiontrain.data import Batch, collate_padded  # noqa: E402
 from fusiontrain.data.packing import FirstFitPacker, collate_rows  # noqa: E402
 from fusiontrain.data.synthetic import SyntheticImageText  # noqa: E402
-from fusiontrain.families.mllama.family import MllamaTiles  # noqa: E402
+from fusiontrain.families.mllama.tiles import MllamaTiles  # noqa: E402
 from fusiontrain.train.loss import chunked_cross_entropy_sum  # noqa: E402
 from fusiontrain.plan.memory import TensorMemoryTracker  # noqa: E402
 from benchmarks.models import bench_mllama_config  # noqa: E402

@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from fusiontrain import tiny
-from fusiontrain.families.mllama.family import MllamaTiles
-from fusiontrain.families.encoder import FixedSizeImage
+from fusiontrain.families.mllama.tiles import MllamaTiles
+from fusiontrain.families.fixed_size_image import FixedSizeImage
 from fusiontrain.data.formats import IMAGE_PLACEHOLDER, BadSample, SampleBuilder, image_spans
 from fusiontrain.data.sources import Record, load_records
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from fusiontrain import tiny
-from fusiontrain.families.mllama.family import MllamaTiles
-from fusiontrain.families.encoder import FixedSizeImage
+from fusiontrain.families.mllama.tiles import MllamaTiles
+from fusiontrain.families.fixed_size_image import FixedSizeImage
 from fusiontrain.data.images import ImageTransform
 
 MLLAMA_SPEC = MllamaTiles(image_size=tiny.IMAGE_SIZE, tokens_per_tile=5, max_num_tiles=2)

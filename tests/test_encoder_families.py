@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from fusiontrain import tiny
-from fusiontrain.families.siglip2 import NaflexImage, Siglip2NaflexTowerEncoder, siglip2_vision_config_from_dict
+from fusiontrain.families.siglip2 import Siglip2NaflexTowerEncoder, siglip2_vision_config_from_dict
+from fusiontrain.families.siglip2_image import NaflexImage
 from fusiontrain.families.clip_siglip import HFVisionTowerEncoder
 from tests.helpers.encoder_cases import (
     ATOL,

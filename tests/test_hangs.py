@@ -37,7 +37,7 @@ from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import Dealing, NoUsableSampleError, PlannedLoader, PlannedStream, StreamConfig
 from fusiontrain.data.row_plan import DataPosition, RowLimits, RowPlan
 from fusiontrain.data.sizes import SampleSizes
-from fusiontrain.families.encoder import FixedSizeImage
+from fusiontrain.families.fixed_size_image import FixedSizeImage
 from fusiontrain.parallel.processes import descendant_pids
 from tests.helpers.launch import REPO_ROOT, run_ranks, run_torchrun
 

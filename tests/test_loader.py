@@ -14,7 +14,7 @@ from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import Dealing, PlannedLoader, PlannedStream, StreamConfig
 from fusiontrain.data.row_plan import DataPosition, RowLimits, RowPlan
 from fusiontrain.data.sizes import SampleSizes, measure
-from fusiontrain.families.encoder import FixedSizeImage
+from fusiontrain.families.fixed_size_image import FixedSizeImage
 
 SPEC = FixedSizeImage(image_size=4, tokens_per_image=3)
 NUM_SAMPLES = 60

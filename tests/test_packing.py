@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from fusiontrain.data.batch import Sample, collate_padded
 from fusiontrain.data.packing import FirstFitPacker, collate_padding_free, collate_rows
-from fusiontrain.families.encoder import FixedSizeImage
-from fusiontrain.families.mllama.family import MllamaTiles
+from fusiontrain.families.fixed_size_image import FixedSizeImage
+from fusiontrain.families.mllama.tiles import MllamaTiles
 from fusiontrain.modules.masks import block_causal_mask
 from fusiontrain.train.step import loss_sum
 from tests.helpers.tiny_models import IMAGE_TOKEN, random_mllama

@@ -31,7 +31,7 @@ from fusiontrain.data.formats import SampleBuilder
 from fusiontrain.data.packing import FirstFitPacker, collate_rows
 from fusiontrain.data.sources import Record
 from fusiontrain.families import model_family
-from fusiontrain.families.siglip2 import NaflexImage
+from fusiontrain.families.siglip2_image import NaflexImage
 from fusiontrain.inference.generation import generate
 from fusiontrain.inference.load import build_prompt_inputs, load_for_inference
 from fusiontrain.models import compose_from_hf

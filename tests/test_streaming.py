@@ -20,7 +20,7 @@ from fusiontrain.data.loader import StreamConfig
 from fusiontrain.data.sources import Record, open_image
 from fusiontrain.data.stream_sources import open_stream
 from fusiontrain.data.streaming import StreamingSampleStream, StreamResumeError, build_streaming_loader
-from fusiontrain.families.encoder import FixedSizeImage
+from fusiontrain.families.fixed_size_image import FixedSizeImage
 
 SPEC = FixedSizeImage(image_size=4, tokens_per_image=3)
 PER_SHARD = 5

@@ -7,55 +7,22 @@
 - A *model family* (:class:`~fusiontrain.families.model.ModelFamily`: ``mllama``, ``composed``) is
   what a run config selects and a checkpoint's manifest names.
 
-To add a family, write its file here and add one line to the matching registry below (docs/adding-a-family.md).
+To add a family, write its file here and add one line to the matching registry in
+:mod:`fusiontrain.families.registry` (docs/adding-a-family.md).
 
 Layer: above ``data``; may import data, weights, flops, parallel, modules, batch_layout and
 torch_private.
+
+The names below come from :mod:`fusiontrain.families.registry`, imported on first use (PEP 562),
+not with the package: a dataloader worker that unpickles an image format
+(:mod:`fusiontrain.families.mllama.tiles`, :mod:`~fusiontrain.families.fixed_size_image`,
+:mod:`~fusiontrain.families.siglip2_image`) then imports no model code.
 """
 
 from __future__ import annotations
 
-from torch import nn
-
-from fusiontrain.families.clip_siglip import ClipEncoder, SiglipEncoder
-from fusiontrain.families.composed.family import ComposedFamily, family_for_config
-from fusiontrain.families.decoder import DecoderFamily, LlamaDecoder
-from fusiontrain.families.dinov2 import DinoV2Encoder
-from fusiontrain.families.encoder import EncoderFamily
-from fusiontrain.families.mistral import MistralDecoder
-from fusiontrain.families.mllama.family import MllamaFamily
-from fusiontrain.families.model import InputFolders, ModelFamily, TrainableFlags
-from fusiontrain.families.qwen2 import Qwen2Decoder
-from fusiontrain.families.qwen3 import Qwen3Decoder
-from fusiontrain.families.siglip2 import Siglip2NaflexEncoder
-
-DECODER_FAMILIES: dict[str, DecoderFamily] = {
-    family.name: family
-    for family in (
-        LlamaDecoder(),
-        Qwen2Decoder(),
-        Qwen3Decoder(),
-        MistralDecoder(),
-    )
-}
-
-ENCODER_FAMILIES: dict[str, EncoderFamily] = {
-    family.name: family
-    for family in (
-        ClipEncoder(),
-        SiglipEncoder(),
-        DinoV2Encoder(),
-        Siglip2NaflexEncoder(),
-    )
-}
-
-MODEL_FAMILIES: dict[str, ModelFamily] = {
-    family.name: family
-    for family in (
-        MllamaFamily(),
-        ComposedFamily(DECODER_FAMILIES, ENCODER_FAMILIES),
-    )
-}
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "DECODER_FAMILIES",
@@ -70,35 +37,24 @@ __all__ = [
     "model_family_of",
 ]
 
-
-def decoder_family_for(config: dict) -> DecoderFamily:
-    """The decoder family that reads ``config`` (a ``config.json`` dict), by its ``model_type``."""
-    return family_for_config(DECODER_FAMILIES, config, "decoder")
-
-
-def encoder_family_for(config: dict) -> EncoderFamily:
-    """The encoder family that reads ``config`` (a ``config.json`` dict), by its ``model_type``."""
-    return family_for_config(ENCODER_FAMILIES, config, "encoder")
-
-
-def model_family(name: str) -> ModelFamily:
-    """The model family a manifest or export names.
-
-    Raises:
-        ValueError: no family has that name.
-    """
-    if name not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; known: {sorted(MODEL_FAMILIES)}")
-    return MODEL_FAMILIES[name]
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from fusiontrain.families.registry import (
+        DECODER_FAMILIES,
+        ENCODER_FAMILIES,
+        MODEL_FAMILIES,
+        InputFolders,
+        ModelFamily,
+        TrainableFlags,
+        decoder_family_for,
+        encoder_family_for,
+        model_family,
+        model_family_of,
+    )
 
 
-def model_family_of(model: nn.Module) -> ModelFamily:
-    """The family a built model belongs to.
-
-    Raises:
-        TypeError: no registered family recognises it.
-    """
-    for family in MODEL_FAMILIES.values():
-        if family.owns(model):
-            return family
-    raise TypeError(f"no registered model family recognises a model with a {type(getattr(model, 'encoder', None)).__name__} encoder")
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module("fusiontrain.families.registry"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value

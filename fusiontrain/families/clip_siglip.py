@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat
-from fusiontrain.families.encoder import EncoderFamily, FixedSizeImage
+from fusiontrain.families.encoder import EncoderFamily
+from fusiontrain.families.fixed_size_image import FixedSizeImage
 from fusiontrain.families.hf_tower import (
     MLPProjectionHead,
     build_vision_tower,

@@ -4,7 +4,7 @@ Each image gives the tower's ``last_hidden_state``: the class token, the registe
 checkpoint has them) and the patches, after the tower's final LayerNorm, projected to the
 decoder's width by a LLaVA-style :class:`~fusiontrain.families.hf_tower.MLPProjectionHead`.
 
-Images are fixed-size (:class:`~fusiontrain.families.encoder.FixedSizeImage`) at the config's
+Images are fixed-size (:class:`~fusiontrain.families.fixed_size_image.FixedSizeImage`) at the config's
 ``image_size``; there the tower's position-embedding interpolation is the identity. The
 processor's output size is checked against it by the data pipeline's probe.
 
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat
-from fusiontrain.families.encoder import EncoderFamily, FixedSizeImage
+from fusiontrain.families.encoder import EncoderFamily
+from fusiontrain.families.fixed_size_image import FixedSizeImage
 from fusiontrain.families.hf_tower import MLPProjectionHead
 from fusiontrain.modules import register_fusion_module
 

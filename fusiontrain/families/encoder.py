@@ -5,46 +5,20 @@ registered as a fusion module) from the family's ``config.json``, routes its sto
 gives its :class:`~fusiontrain.data.image_format.ImageFormat`. The encoder module itself lists its
 block stacks (``block_stacks()``) for activation checkpointing, FSDP units and compile.
 
-:class:`FixedSizeImage` is the format of every tower that takes one ``[3, H, W]`` image and
-yields a fixed number of tokens (CLIP, SigLIP, SigLIP2 fixed-resolution, DINOv2).
+:class:`~fusiontrain.families.fixed_size_image.FixedSizeImage` is the format of every tower that
+takes one ``[3, H, W]`` image and yields a fixed number of tokens (CLIP, SigLIP, SigLIP2
+fixed-resolution, DINOv2).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import torch
-from PIL import Image
 from torch import nn
 
-from fusiontrain.data.image_format import ImageFormat, ImageInput
+from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.weights.hf_checkpoint import TensorRoute
-
-
-class FixedSizeImage(ImageFormat):
-    """One ``pixel_values`` ``[3, H, W]`` per image (``H = W = image_size``), normalised by the
-    tower's own image processor, yielding ``tokens_per_image`` encoder tokens."""
-
-    def __init__(self, image_size: int, tokens_per_image: int) -> None:
-        self.image_size = image_size
-        self.max_tokens_per_image = tokens_per_image
-
-    def process(self, image_processor: Any, image: Image.Image) -> ImageInput:
-        pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"][0].float()
-        if pixels.dim() != 3 or pixels.shape[0] != 3:
-            raise ValueError(
-                f"the image processor {type(image_processor).__name__} gives pixel_values {list(pixels.shape)} per "
-                "image, which does not fit an encoder taking one [3, H, W] image: use the encoder's own processor"
-            )
-        return {"pixel_values": pixels}
-
-    def blank(self) -> ImageInput:
-        return {"pixel_values": torch.zeros(3, self.image_size, self.image_size)}
-
-    def synthetic(self, generator: torch.Generator, shift: float) -> ImageInput:
-        size = self.image_size
-        return {"pixel_values": torch.randn(3, size, size, generator=generator) * 0.5 + shift}
 
 
 class EncoderFamily(ABC):

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusiontrain.weights.hf_checkpoint import TensorRoute
-from fusiontrain.modules import register_fusion_module
 
 # config.json model_type -> (transformers config class, whether it is a full image + text model)
 _CONFIG_CLASSES = {

@@ -6,7 +6,7 @@ the ``siglip`` family; this family reads the NaFlex ones (``siglip2_vision_model
 
 The Siglip2 image processor resizes an image, keeping its aspect ratio, to at most
 ``max_num_patches`` (P) patches of ``p x p`` pixels and pads the patch sequence to P. An image thus
-yields a variable number of valid tokens. :class:`NaflexImage` packs a row's valid tokens: image k
+yields a variable number of valid tokens. :class:`~fusiontrain.families.siglip2_image.NaflexImage` packs a row's valid tokens: image k
 starts at the sum of the previous images' token counts, and ``collate`` adds ``token_index`` so
 :class:`Siglip2NaflexTowerEncoder` gathers the valid tokens of the tower's padded output.
 
@@ -19,11 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
 
-from fusiontrain.data.image_format import ImageFormat, ImageInput
+from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.families.encoder import EncoderFamily
+from fusiontrain.families.siglip2_image import NaflexImage
 from fusiontrain.families.hf_tower import MLPProjectionHead, canonical_vision_tower_key, vision_tower_tensor_names
 from fusiontrain.modules import register_fusion_module
 
@@ -43,131 +43,6 @@ def siglip2_vision_config_from_dict(config: dict) -> Any:
     if model_type == "siglip2":
         return transformers.Siglip2Config.from_dict(config).vision_config
     raise ValueError(f"expected a SigLIP2 NaFlex config (siglip2_vision_model or siglip2), got {model_type!r}")
-
-
-class NaflexImage(ImageFormat):
-    """One image = the Siglip2 processor's patch sequence, padded to P patches, of which the first
-    ``num_tokens`` are valid; a row's images are packed (no padding columns between them).
-
-    Per image: ``pixel_values`` ``[P, c]`` float, ``pixel_attention_mask`` ``[P]`` long,
-    ``spatial_shapes`` ``[2]`` long (patch rows, patch columns).
-
-    Args:
-        patch_size: ``p``.
-        max_num_patches: ``P``.
-        num_channels: image channels (3).
-    """
-
-    tokens_vary = True  # each image's patch grid follows its aspect ratio
-
-    def __init__(self, patch_size: int, max_num_patches: int, num_channels: int = 3) -> None:
-        self.image_size = 0  # variable resolution: no fixed-size probe
-        self.patch_size = patch_size
-        self.max_num_patches = max_num_patches
-        self.patch_dim = num_channels * patch_size * patch_size
-        self.max_tokens_per_image = max_num_patches
-
-    # -- one image ----------------------------------------------------------------------------------
-
-    def check_processor(self, image_processor: Any, folder: Any) -> None:
-        got = (getattr(image_processor, "patch_size", None), getattr(image_processor, "max_num_patches", None))
-        if got != (self.patch_size, self.max_num_patches):
-            raise ValueError(
-                f"the image processor in {folder} makes (patch_size, max_num_patches) = {got}, but the encoder takes "
-                f"{(self.patch_size, self.max_num_patches)}: use the Siglip2 processor saved with the model"
-            )
-
-    def process(self, image_processor: Any, image: Image.Image) -> ImageInput:
-        out = image_processor(images=[image], return_tensors="pt")
-        pixel_values = out["pixel_values"][0].float()
-        if tuple(pixel_values.shape) != (self.max_num_patches, self.patch_dim):
-            raise ValueError(
-                f"the image processor made pixel_values {list(pixel_values.shape)}, expected "
-                f"[{self.max_num_patches}, {self.patch_dim}]: use the Siglip2 processor saved with the model"
-            )
-        image_input = {
-            "pixel_values": pixel_values,
-            "pixel_attention_mask": out["pixel_attention_mask"][0].long(),
-            "spatial_shapes": out["spatial_shapes"][0].long(),
-        }
-        self._check(image_input)
-        return image_input
-
-    def _check(self, image: ImageInput) -> None:
-        """Raise unless the valid patches are a prefix matching ``spatial_shapes``."""
-        n = int(image["pixel_attention_mask"].sum())
-        rows, cols = (int(v) for v in image["spatial_shapes"])
-        if n < 1 or n != rows * cols or not bool(image["pixel_attention_mask"][:n].all()):
-            raise ValueError(f"invalid NaFlex image: {n} valid patches, spatial shape {rows}x{cols}")
-
-    def num_tokens(self, image: ImageInput) -> int:
-        return int(image["pixel_attention_mask"].sum())
-
-    def _image(self, rows: int, cols: int, patches: torch.Tensor | None = None) -> ImageInput:
-        n = rows * cols
-        pixel_values = torch.zeros(self.max_num_patches, self.patch_dim)
-        if patches is not None:
-            pixel_values[:n] = patches
-        mask = torch.zeros(self.max_num_patches, dtype=torch.long)
-        mask[:n] = 1
-        return {"pixel_values": pixel_values, "pixel_attention_mask": mask, "spatial_shapes": torch.tensor([rows, cols])}
-
-    def blank(self) -> ImageInput:
-        """One valid (zero) patch."""
-        return self._image(1, 1)
-
-    def pad_slot(self) -> ImageInput:
-        """One valid patch, so the tower never sees a fully masked sequence (its attention rows
-        would be NaN); :meth:`layout` gives padding slots no columns."""
-        return self.blank()
-
-    def synthetic(self, generator: torch.Generator, shift: float) -> ImageInput:
-        """A random patch grid of at most P patches, normal pixels times 0.5 plus ``shift``."""
-        rows = int(torch.randint(1, self.max_num_patches + 1, (), generator=generator))
-        cols = int(torch.randint(1, self.max_num_patches // rows + 1, (), generator=generator))
-        patches = torch.randn(rows * cols, self.patch_dim, generator=generator) * 0.5 + shift
-        return self._image(rows, cols, patches)
-
-    def worst_case(self) -> ImageInput:
-        """All P patches valid (the most columns and the most attention)."""
-        rows = max(r for r in range(1, int(self.max_num_patches**0.5) + 1) if self.max_num_patches % r == 0)
-        return self._image(rows, self.max_num_patches // rows)
-
-    # -- a batch ------------------------------------------------------------------------------------
-
-    def layout(self, per_row: list[list[ImageInput]]) -> tuple[list[list[int]], int]:
-        """Packed: image k of a row starts at the sum of the previous images' token counts;
-        ``s_e`` is the longest row's sum."""
-        offsets: list[list[int]] = []
-        width = 0
-        for images in per_row:
-            row, total = [], 0
-            for image in images:
-                row.append(total)
-                total += self.num_tokens(image)
-            offsets.append(row)
-            width = max(width, total)
-        return offsets, width
-
-    def collate(self, per_row: list[list[ImageInput]]) -> dict[str, torch.Tensor] | None:
-        """``pixel_values`` ``[b, i, P, c]``, ``pixel_attention_mask`` ``[b, i, P]``,
-        ``spatial_shapes`` ``[b, i, 2]`` (padding slots hold :meth:`pad_slot`), and
-        ``token_index`` ``[b, s_e]`` long: for each packed column, its patch's position in the
-        row's flattened ``[i * P]`` tower outputs (padding columns point at 0)."""
-        stacked = super().collate(per_row)
-        if stacked is None:
-            return None
-        offsets, width = self.layout(per_row)
-        token_index = torch.zeros(len(per_row), width, dtype=torch.long)
-        for row, images in enumerate(per_row):
-            for k, image in enumerate(images):
-                valid = image["pixel_attention_mask"].nonzero().flatten()
-                token_index[row, offsets[row][k] : offsets[row][k] + valid.numel()] = k * self.max_num_patches + valid
-        stacked["token_index"] = token_index
-        return stacked
-
-    def describe(self) -> str:
-        return f"NaFlex, up to {self.max_num_patches} patches of {self.patch_size} px"
 
 
 class Siglip2NaflexTowerEncoder(nn.Module):
