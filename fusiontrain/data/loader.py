@@ -302,7 +302,8 @@ class PlannedLoader:
         self.position = self.start
         self._loaders: list[ClosableLoader] = []
         if num_workers:  # now, so that the helper's imports overlap with the rest of the trainer's setup
-            start_worker_server(worker_start, modules_to_preload(make_stream(self.start)))
+            preload = modules_to_preload(make_stream(self.start)) if worker_start == "forkserver" else ()
+            start_worker_server(worker_start, preload)
 
     def __iter__(self) -> Iterator[Batch]:
         """The micro-batches from the current start on. The dataloader's workers start here, at
