@@ -124,6 +124,7 @@ SLOW_FILES = frozenset(
         "test_train_data.py",
         "test_qwen3_siglip2.py",
         "test_checkpoint_safety.py",
+        "test_step_collectives.py",
         "test_nonfinite.py",
         "test_precision.py",
         "test_launch.py",

@@ -84,20 +84,21 @@ def test_messages_name_the_step_and_the_ranks() -> None:
 
 
 def test_guard_counts_skips_and_restores_its_counts() -> None:
-    """Single process (no process group): the all-reduces are the identity."""
+    """Single process (no process group): the decision from the step's reduced values."""
+    cpu = torch.device("cpu")
     guard = NonFiniteGuard("skip", 2)
-    assert guard.check_step(0, torch.tensor(8.0), 4, 1.0, list) == (8.0, 1.0, False)
-    assert guard.check_step(1, torch.tensor(NAN), 4, NAN, list)[2] is True
-    assert guard.check_step(2, torch.tensor(6.0), 4, 0.5, list)[2] is False  # the count in a row resets
+    assert guard.check_step(0, 8.0, 4, 1.0, (), list, cpu) is False
+    assert guard.check_step(1, NAN, 4, NAN, (0,), list, cpu) is True
+    assert guard.check_step(2, 6.0, 4, 0.5, (), list, cpu) is False  # the count in a row resets
     inf_grads = [torch.tensor([1.0, math.inf])]
-    assert guard.check_step(3, torch.tensor(6.0), 4, math.inf, lambda: inf_grads)[2] is True
+    assert guard.check_step(3, 6.0, 4, math.inf, (), lambda: inf_grads, cpu) is True
     assert guard.state_dict() == {"skipped": 2, "consecutive": 1}
     resumed = NonFiniteGuard("skip", 2)
     resumed.load_state_dict(guard.state_dict())
     with pytest.raises(NonFiniteError, match=r"step 4: non-finite gradients .* ranks \[0\].*2 non-finite steps in a row"):
-        resumed.check_step(4, torch.tensor(6.0), 4, math.inf, lambda: inf_grads)
+        resumed.check_step(4, 6.0, 4, math.inf, (), lambda: inf_grads, cpu)
     with pytest.raises(NonFiniteError, match=r"step 0: non-finite loss first seen on ranks \[0\] \(loss=inf"):
-        NonFiniteGuard("stop", 3).check_step(0, torch.tensor(math.inf), 4, 1.0, list)
+        NonFiniteGuard("stop", 3).check_step(0, math.inf, 4, 1.0, (0,), list, cpu)
 
 
 def test_guard_refuses_to_save_non_finite_values() -> None:

@@ -64,10 +64,12 @@ def test_watcher_blocks_the_signals_for_forked_workers_until_started() -> None:
         _kill_from_elsewhere(worker.pid, "USR1")
         signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
         assert watcher.received is None  # blocked: pending, not delivered
-        assert watcher.agreed(torch.device("cpu")) is None
+        assert watcher.local_signal() == 0 and watcher.verdict([watcher.local_signal()]) is None
         watcher.start()
         assert watcher.received == signal.SIGUSR1
-        assert watcher.agreed(torch.device("cpu")) == "SIGUSR1"
+        assert watcher.verdict([watcher.local_signal()]) == "SIGUSR1"
+        # what the other ranks read from the step's all-reduce
+        assert PreemptionWatcher().verdict([0, int(signal.SIGUSR1)]) == "SIGUSR1 on another rank"
         worker.join(10)
         assert worker.exitcode == 0
     finally:

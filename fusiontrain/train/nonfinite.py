@@ -1,10 +1,10 @@
 """Non-finite losses and gradients: skip the step or stop the run, and never checkpoint a NaN.
 
 Every training step the trainer asks :class:`NonFiniteGuard` whether the step may update the
-weights (:meth:`NonFiniteGuard.check_step`). The answer comes from values every rank shares (one
-all-reduce carries the loss sum together with one "my loss is non-finite" flag per rank, and the
-grad norm is already global), so every rank takes the same decision and no rank is left waiting
-in a collective:
+weights (:meth:`NonFiniteGuard.check_step`). The answer comes from values every rank shares (the
+step's one all-reduce after backward, in :mod:`fusiontrain.train.step`, carries the loss sum, the
+grad norm's square and one "my loss is non-finite" flag per rank), so every rank takes the same
+decision and no rank is left waiting in a collective:
 
 - ``loss.nonfinite: skip`` (the default): a step whose global loss or global grad norm is NaN or
   inf leaves the weights and the optimizer state untouched (its gradients are dropped), is
@@ -214,48 +214,38 @@ class NonFiniteGuard:
     def check_step(
         self,
         step: int,
-        loss_sum: torch.Tensor,
+        loss_sum: float,
         targets: int,
-        grad_norm: torch.Tensor | float,
+        grad_norm: float,
+        loss_ranks: tuple[int, ...],
         local_grads: Callable[[], Iterable[torch.Tensor]],
-    ) -> tuple[float, float, bool]:
-        """All-reduce this rank's ``loss_sum`` with its non-finite flag and decide on the step.
-
-        The flag is computed on the device and read back together with the sums and the (already
-        global) ``grad_norm``: one all-reduce and one device-to-host read per step.
-
-        Returns ``(global loss sum, grad norm, skip)``; raises :class:`NonFiniteError` when the run
-        must stop. ``local_grads`` (this rank's gradient shards) is only called when the grad norm
-        is non-finite and every loss finite, to say where the bad gradients are.
+        device: torch.device,
+    ) -> bool:
+        """Decide on the step from values every rank shares (every rank calls it at the same
+        point): the global ``loss_sum`` and ``grad_norm``, and ``loss_ranks``, the ranks whose own
+        loss was non-finite. Returns whether to skip the update; raises :class:`NonFiniteError`
+        when the run must stop. ``local_grads`` (this rank's gradient shards) is only called when
+        the grad norm is non-finite and every loss finite, to say where the bad gradients are (one
+        more all-reduce, on that path only).
         """
-        rank, world = _rank_world()
-        device = loss_sum.device
-        packed = torch.zeros(1 + world, dtype=torch.float32, device=device)
-        packed[0] = loss_sum.detach().float()
-        packed[1 + rank] = (~torch.isfinite(loss_sum.detach())).float()
-        distributed.all_reduce_sum(packed)
-        norm = grad_norm.detach().float().reshape(1) if isinstance(grad_norm, torch.Tensor) else torch.tensor([float(grad_norm)])
-        values = torch.cat([packed, norm.to(device)]).tolist()
-        grad_norm = values[-1]
-        loss_ranks = tuple(r for r in range(world) if values[1 + r] > 0)
         grad_ranks: tuple[int, ...] = ()
         if not loss_ranks and not math.isfinite(grad_norm):  # grad_norm is global: every rank is here
             grad_ranks = _ranks_flagged(not _all_finite(local_grads()), device)
-        report = StepReport(step, values[0] / max(targets, 1), grad_norm, loss_ranks, grad_ranks)
+        report = StepReport(step, loss_sum / max(targets, 1), grad_norm, loss_ranks, grad_ranks)
         decision = decide(report, mode=self.mode, max_consecutive=self.max_consecutive, consecutive=self.consecutive)
         self.consecutive = decision.consecutive
         if decision.error is not None:
             _fail(decision.error)
         if decision.skip:
             self.skipped += 1
-            if rank == 0:
+            if _rank_world()[0] == 0:
                 logger.warning(
                     "%s; skipping the optimizer step (%d in a row, %d in the run; loss.nonfinite=skip)",
                     report.describe(),
                     self.consecutive,
                     self.skipped,
                 )
-        return values[0], grad_norm, decision.skip
+        return decision.skip
 
     def check_before_save(
         self,

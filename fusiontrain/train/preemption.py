@@ -2,10 +2,11 @@
 
 SLURM and Kubernetes announce a preemption or the end of a time slot with SIGTERM (or the signal
 that ``sbatch --signal=SIG@N`` names, usually SIGUSR1) and kill the job a little later. Every
-rank installs :class:`PreemptionWatcher`: the handler only records the signal. After each
-optimizer step the trainer all-reduces "a signal arrived here" over all ranks
-(:meth:`PreemptionWatcher.agreed`), so a signal that reached only some ranks stops all of them at
-the same step; they then write a checkpoint of that step together and leave with
+rank installs :class:`PreemptionWatcher`: the handler only records the signal. Each step's
+update all-reduces every rank's "signal that arrived here" (:meth:`PreemptionWatcher.local_signal`)
+together with the loss and the grad norm (:mod:`fusiontrain.train.step`: one all-reduce after
+backward), and the trainer reads the verdict from them (:meth:`PreemptionWatcher.verdict`), so a
+signal that reached only some ranks stops all of them at the same step; they then write a checkpoint of that step together and leave with
 :data:`PREEMPTED_EXIT_CODE`.
 
 Dataloader workers must not die of the signal: torchrun delivers SIGTERM to each worker's whole
@@ -24,12 +25,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-import torch
-
-from fusiontrain.parallel import distributed
 
 #: Exit code of a run that stopped because of a preemption signal, after writing its checkpoint:
 #: ``EX_TEMPFAIL`` of ``sysexits.h`` ("temporary failure; the user is invited to retry"). It is
@@ -72,8 +71,8 @@ class Preempted(Exception):
 
 
 class PreemptionWatcher:
-    """Records SIGTERM / SIGUSR1 on this rank; :meth:`agreed` tells every rank whether any rank
-    got one.
+    """Records SIGTERM / SIGUSR1 on this rank; :meth:`verdict` tells, from every rank's
+    :meth:`local_signal` (all-reduced by the training step), whether any rank got one.
 
     Only the main thread may install signal handlers; elsewhere (a trainer in a thread) the watcher
     stays inert and says so in :attr:`installed`.
@@ -119,14 +118,18 @@ class PreemptionWatcher:
         if self.received is None:
             self.received = signal.Signals(signum)
 
-    def agreed(self, device: torch.device) -> str | None:
-        """Collective (every rank calls it at the same point): the name of the signal when any
-        rank received one, else None. A rank that got none reports ``"signal on another rank"``."""
-        code = torch.tensor([int(self.received) if self.received is not None else 0], dtype=torch.int64, device=device)
-        distributed.all_reduce_max(code, "the preemption flag (did any rank get SIGTERM / SIGUSR1?)")
-        value = int(code.item())
-        if value == 0:
+    def local_signal(self) -> int:
+        """The number of the signal this rank received, 0 when none: what this rank contributes to
+        the step's all-reduce."""
+        return int(self.received) if self.received is not None else 0
+
+    def verdict(self, signals: Sequence[int]) -> str | None:
+        """From every rank's :meth:`local_signal` (the same on every rank once all-reduced): the
+        name of the signal when any rank received one, else None. A rank that got none reports
+        ``"<SIGNAL> on another rank"``."""
+        received = [value for value in signals if value]
+        if not received:
             return None
         if self.received is not None:
             return self.received.name
-        return f"{signal.Signals(value).name} on another rank"
+        return f"{signal.Signals(max(received)).name} on another rank"

@@ -14,9 +14,16 @@ copies), into one optimizer update:
    on CUDA; on a CPU the host copy is the device copy), runs forward, the chunked loss and
    backward, and is dropped before the next one comes. FSDP reduce-scatters gradients on the last
    micro-batch only (``parallel.defer_gradient_sync``; every micro-batch otherwise).
-3. Gradient clipping (global norm, kept on the device), then the non-finite check of
-   :mod:`fusiontrain.train.nonfinite` (its own all-reduce of the loss sum and per-rank flags, and the one
-   device-to-host read of the step), then the optimizer and LR-scheduler steps.
+3. ONE all-reduce after backward (:meth:`TrainStep.reduce_after_backward`) carries the loss sum,
+   the square of the grad norm (each rank's gradient shards, summed), one "my loss is non-finite"
+   flag per rank and one "I received a preemption signal" per rank; its result is the one
+   device-to-host read of the step. From it: the non-finite check of
+   :mod:`fusiontrain.train.nonfinite`, gradient clipping to the global norm, the optimizer and
+   LR-scheduler steps; the trainer reads the preemption verdict from the step's result.
+
+So a step issues two small all-reduces besides FSDP's own collectives (counted by
+``tests/test_step_collectives.py``), where clipping, the non-finite check and the preemption flag
+used to take one each.
 
 The planner (:mod:`fusiontrain.plan.planner`) runs this class on fake tensors: it passes its own
 ``to_device`` (a fake, tracked copy) and ``phase`` (the labels of its memory tracker), so that
@@ -25,12 +32,15 @@ what it counts is what the trainer runs.
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from fusiontrain.parallel import distributed
 from fusiontrain.data import Batch
@@ -81,6 +91,8 @@ class StepResult:
         skipped: bad samples skipped while the global batch was produced, per skip reason.
         flops: model FLOPs of the global batch, or None when some rank could not count them.
         skipped_step: the optimizer update was skipped (non-finite loss or grad norm).
+        preemption_signals: per rank, the preemption signal it had received by the step's update
+            (0: none); see :meth:`~fusiontrain.train.preemption.PreemptionWatcher.verdict`.
     """
 
     loss: float
@@ -92,6 +104,24 @@ class StepResult:
     skipped: tuple[int, ...]
     flops: float | None
     skipped_step: bool
+    preemption_signals: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReducedStep:
+    """What the step's one all-reduce after backward gave, the same on every rank.
+
+    Attributes:
+        loss_sum: the global loss sum over target tokens.
+        grad_norm: the global L2 norm of the trainable parameters' gradients (before clipping).
+        loss_ranks: the ranks whose own loss sum was NaN or inf.
+        preemption_signals: per rank, the signal number it had received (0: none).
+    """
+
+    loss_sum: float
+    grad_norm: float
+    loss_ranks: tuple[int, ...]
+    preemption_signals: tuple[int, ...]
 
 
 def loss_sum(
@@ -145,6 +175,9 @@ class TrainStep:
         skip_reasons: the order of the per-reason skip counts.
         to_device: host micro-batch -> device micro-batch (default :func:`device_transfer`).
         phase: ``phase(name)`` -> a context manager entered around each phase (``*_PHASE``).
+        rank: this rank's index (its slots in the all-reduce after backward).
+        preemption_signal: this rank's received preemption signal, 0 when none
+            (:meth:`~fusiontrain.train.preemption.PreemptionWatcher.local_signal`).
     """
 
     def __init__(
@@ -160,6 +193,8 @@ class TrainStep:
         skip_reasons: Sequence[str],
         to_device: Callable[[Batch], Batch] | None = None,
         phase: Callable[[str], AbstractContextManager] | None = None,
+        rank: int = 0,
+        preemption_signal: Callable[[], int] = lambda: 0,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -171,6 +206,8 @@ class TrainStep:
         self.skip_reasons = tuple(skip_reasons)
         self.to_device = to_device or device_transfer(device)
         self.phase = phase or (lambda _name: nullcontext())
+        self.rank = rank
+        self.preemption_signal = preemption_signal
 
     def stage(self, batch: Batch) -> Batch:
         """A host micro-batch ready for an asynchronous copy: in pinned memory on CUDA."""
@@ -229,11 +266,11 @@ class TrainStep:
             del batch_loss
 
         counts = totals.tolist()  # long arrived: issued before the first forward
-        global_loss, grad_norm, lr, skip = self.update(step, local_loss, int(counts[0]))
+        reduced, lr, skip = self.update(step, local_loss, int(counts[0]))
         slots = sum(batch.is_real.numel() for batch in host_batches) * self.world_size
         return StepResult(
-            loss=global_loss / max(int(counts[0]), 1),
-            grad_norm=grad_norm,
+            loss=reduced.loss_sum / max(int(counts[0]), 1),
+            grad_norm=reduced.grad_norm,
             lr=lr,
             targets=int(counts[0]),
             real_tokens=int(counts[1]),
@@ -241,31 +278,92 @@ class TrainStep:
             skipped=tuple(int(n) for n in counts[4:]),
             flops=counts[2] if counts[3] == 0 else None,
             skipped_step=skip,
+            preemption_signals=reduced.preemption_signals,
         )
 
-    def update(self, step: int, local_loss: torch.Tensor, targets: int) -> tuple[float, float, float, bool]:
-        """The step's update, once the gradients are in: clipping, the non-finite check (every rank
-        takes the same decision, see :mod:`fusiontrain.train.nonfinite`; raises to stop the run), the
-        optimizer step unless skipped, and the LR-scheduler step (a skipped step still counts: the
-        schedule follows the step index). Returns ``(global loss sum, grad norm, lr, skipped)``."""
+    def update(self, step: int, local_loss: torch.Tensor, targets: int) -> tuple[ReducedStep, float, bool]:
+        """The step's update, once the gradients are in: the all-reduce after backward
+        (:meth:`reduce_after_backward`), the non-finite check (every rank takes the same decision,
+        see :mod:`fusiontrain.train.nonfinite`; raises to stop the run), then, unless skipped,
+        clipping to the global norm and the optimizer step; the LR-scheduler step either way (a
+        skipped step still counts: the schedule follows the step index). Returns ``(what the
+        all-reduce gave, lr, skipped)``."""
         with self.phase(OPTIMIZER_PHASE):
-            norm = self._clip_gradients()
-            global_loss, grad_norm, skip = self.guard.check_step(step, local_loss, targets, norm, self._local_grads)
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            reduced = self.reduce_after_backward(step, local_loss, params)
+            skip = self.guard.check_step(
+                step, reduced.loss_sum, targets, reduced.grad_norm, reduced.loss_ranks, self._local_grads, self.device
+            )
             lr = self.scheduler.get_last_lr()[0]
             if not skip:
+                self._clip_gradients(params, reduced.grad_norm)
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-        return global_loss, grad_norm, lr, skip
+        return reduced, lr, skip
 
-    def _clip_gradients(self) -> torch.Tensor:
-        """Global grad norm over all trainable (sharded) parameters, clipped when configured; stays
-        on the device."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+    def reduce_after_backward(self, step: int, local_loss: torch.Tensor, params: list[torch.Tensor]) -> ReducedStep:
+        """One all-reduce (a sum) of ``[loss sum, squared grad norm, non-finite flag per rank,
+        preemption signal per rank]`` in float64, and one device-to-host read of its result; a
+        collective. Each rank puts in its own loss sum, the sum of squares of its gradient shards
+        (:func:`gradient_square_sum`) and its own two slots."""
+        world = self.world_size
+        packed = torch.zeros(2 + 2 * world, dtype=torch.float64, device=self.device)
+        loss = local_loss.detach()
+        packed[0] = loss.double()
+        packed[1] = gradient_square_sum(params, world, self.device)
+        packed[2 + self.rank] = (~torch.isfinite(loss)).double()
+        packed[2 + world + self.rank] = self.preemption_signal()
+        distributed.all_reduce_sum(
+            packed, f"loss, grad norm, non-finite and preemption flags of step {step}"
+        )
+        values = packed.tolist()
+        return ReducedStep(
+            loss_sum=values[0],
+            grad_norm=math.sqrt(values[1]) if values[1] >= 0 else math.nan,
+            loss_ranks=tuple(r for r in range(world) if values[2 + r] > 0),
+            preemption_signals=tuple(int(v) for v in values[2 + world :]),
+        )
+
+    def _clip_gradients(self, params: list[torch.Tensor], grad_norm: float) -> None:
+        """Scale the gradients by ``max_grad_norm / grad_norm`` when the global norm exceeds
+        ``optim.max_grad_norm`` (as ``torch.nn.utils.clip_grad_norm_``, whose coefficient this
+        is, with the norm that the all-reduce after backward already gave)."""
         max_norm = self.settings.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"))
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if max_norm is None or not params:
+            return
+        coefficient = max_norm / (grad_norm + 1e-6)
+        if coefficient < 1.0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(grad_norm, device=self.device))
 
     def _local_grads(self) -> list[torch.Tensor]:
         """This rank's gradient shards of the trainable parameters."""
         return [local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None]
+
+
+def gradient_square_sum(params: Sequence[torch.Tensor], world_size: int, device: torch.device) -> torch.Tensor:
+    """This rank's share of the squared global L2 norm of the ``params``' gradients: the sum of
+    squares of its gradient shards, each divided by the number of ranks that hold the same shard
+    (the replicas of HSDP; every rank for a gradient that is not a DTensor), so that the sum over
+    ranks is the squared global norm. A 0-dim float64 tensor on ``device``.
+
+    Raises:
+        ValueError: a gradient is a DTensor with a ``Partial`` placement (a sum still to be reduced:
+            FSDP's gradients are sharded or replicated, never partial).
+    """
+    by_copies: dict[int, list[torch.Tensor]] = defaultdict(list)
+    for param in params:
+        grad = param.grad
+        if isinstance(grad, DTensor):
+            if any(placement.is_partial() for placement in grad.placements):
+                raise ValueError(f"a gradient with placements {grad.placements} is not reduced yet; cannot take its norm")
+            mesh = grad.device_mesh
+            copies = math.prod(mesh.size(dim) for dim, placement in enumerate(grad.placements) if placement.is_replicate())
+            by_copies[copies].append(grad.to_local())
+        else:
+            by_copies[world_size].append(grad)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for copies, grads in by_copies.items():
+        norm = torch.nn.utils.get_total_norm(grads, 2.0).to(device=device, dtype=torch.float64)
+        total += norm.square() / copies
+    return total

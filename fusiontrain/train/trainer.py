@@ -123,7 +123,10 @@ class Trainer:
             device=self.device,
             world_size=self.context.world_size,
             skip_reasons=SKIP_REASONS,
+            rank=self.context.rank,
+            preemption_signal=self.preemption.local_signal,
         )
+        self.preempted_by: str | None = None  # the last step's preemption verdict
         self.start_step = 0
         self.tokens_seen = 0
         self.checkpointer = CheckpointManager(
@@ -200,11 +203,13 @@ class Trainer:
         return history
 
     def _stop_if_preempted(self, done: int, last: int, saved: bool) -> None:
-        """After step ``done``: if any rank got SIGTERM / SIGUSR1 (one small all-reduce, every
-        step), every rank checkpoints this step (also with ``checkpoint.every_n_steps: 0``) and
-        raises :class:`~fusiontrain.train.preemption.Preempted`. At the last step the run just ends, with
+        """After step ``done``: if any rank had got SIGTERM / SIGUSR1 by the step's update (the
+        step's all-reduce carries every rank's flag: :attr:`preempted_by`; a signal that comes
+        later, during an eval or a save, counts at the next step), every rank checkpoints this
+        step (also with ``checkpoint.every_n_steps: 0``) and raises
+        :class:`~fusiontrain.train.preemption.Preempted`. At the last step the run just ends, with
         its checkpoint, so that a requeued job finds it complete."""
-        reason = self.preemption.agreed(self.device)
+        reason = self.preempted_by
         if reason is None:
             return
         if not saved:
@@ -340,6 +345,7 @@ class Trainer:
             host_batches = self.next_host_batches()
         result = self.step(step, host_batches)
         elapsed = time.perf_counter() - started
+        self.preempted_by = self.preemption.verdict(result.preemption_signals)
         self.skipped_total += torch.tensor(result.skipped, dtype=torch.long, device=self.device)
         world = self.context.world_size
         flops = result.flops

@@ -1,0 +1,74 @@
+"""The collectives of a training step (fusiontrain/train/step.py), counted on 2 gloo ranks with the
+real Trainer (tests/helpers/step_collectives_probe.py): two small all-reduces per step (the counts
+before the forward; loss, grad norm, non-finite and preemption flags after backward), and the
+output projection gathered by the loss once per micro-batch. A change that adds a collective to
+every step fails here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.launch import REPO_ROOT, run_torchrun
+
+PROBE = str(REPO_ROOT / "tests" / "helpers" / "step_collectives_probe.py")
+TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
+STEPS = 4
+MICRO_BATCHES = 2  # per rank and step: global batch 8 = 2 ranks x 2 rows x 2 micro-batches
+
+
+def test_a_step_issues_two_small_all_reduces_and_gathers_the_projection_once_per_micro_batch(
+    tmp_path: Path, tiny_mllama_dir: Path
+) -> None:
+    out = tmp_path / "collectives.json"
+    run_torchrun(
+        [PROBE, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={tmp_path / 'run'}",
+         f"max_steps={STEPS}", "batch.micro_batch_size=2", "batch.global_batch_size=8", "eval.every_n_steps=0",
+         "logging.every_n_steps=0", "data.num_workers=0", "optim.max_grad_norm=0.1"],
+        nproc=2,
+        timeout=240,
+    )
+    steps = json.loads(out.read_text())
+    assert len(steps) == STEPS
+    for step, ops in enumerate(steps):
+        # c10d.allreduce_: the counts, then the one after backward (clipping, the non-finite
+        # check and the preemption flag used to take one each); DTensor issues none of its own.
+        assert ops.get("allreduce_") == 2, (step, ops)
+        assert "all_reduce" not in ops, (step, ops)
+        # the loss's full_tensor() of the output projection (a functional all-gather)
+        assert ops.get("all_gather_into_tensor") == MICRO_BATCHES, (step, ops)
+        # FSDP's own all-gathers and reduce-scatters: the same every step
+        assert ops.get("_allgather_base_") == steps[0].get("_allgather_base_") > 0, (step, ops)
+        assert ops.get("_reduce_scatter_base_") == steps[0].get("_reduce_scatter_base_") > 0, (step, ops)
+
+
+def test_the_norm_and_the_clipping_equal_torch_clip_grad_norm() -> None:
+    """One process, plain gradients: the squared-norm share (its sum over ranks is the global norm's
+    square) and the clipping with that norm give what torch.nn.utils.clip_grad_norm_ gives; and
+    a norm under the limit leaves the gradients bitwise as they were."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from fusiontrain.train.step import TrainStep, gradient_square_sum
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(shape)) for shape in ((5, 3), (7,), (2, 2, 2))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    norm = math.sqrt(gradient_square_sum(ours, 1, torch.device("cpu")).item())
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm=0.5)
+    assert norm == pytest.approx(expected.item(), rel=1e-6) and norm > 0.5
+    step = SimpleNamespace(settings=SimpleNamespace(max_grad_norm=0.5), device=torch.device("cpu"))
+    TrainStep._clip_gradients(step, ours, norm)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+    before = [p.grad.clone() for p in ours]
+    step.settings.max_grad_norm = 10.0
+    TrainStep._clip_gradients(step, ours, norm)
+    assert all(torch.equal(p.grad, g) for p, g in zip(ours, before))
