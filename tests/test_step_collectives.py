@@ -1,8 +1,9 @@
 """The collectives of a training step (fusiontrain/train/step.py), counted on 2 gloo ranks with the
 real Trainer (tests/helpers/step_collectives_probe.py): two small all-reduces per step (the counts
 before the forward; loss, grad norm, non-finite and preemption flags after backward), and the
-output projection gathered by the loss once per micro-batch. A change that adds a collective to
-every step fails here."""
+output projection gathered once per micro-batch, by its FSDP unit (it used to be gathered three
+times: the unit's forward, the loss's ``full_tensor()``, the unit's backward). A change that adds
+a collective to every step fails here."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ STEPS = 4
 MICRO_BATCHES = 2  # per rank and step: global batch 8 = 2 ranks x 2 rows x 2 micro-batches
 
 
-def test_a_step_issues_two_small_all_reduces_and_gathers_the_projection_once_per_micro_batch(
+def test_a_step_issues_two_small_all_reduces_and_gathers_the_output_projection_once_per_micro_batch(
     tmp_path: Path, tiny_mllama_dir: Path
 ) -> None:
     out = tmp_path / "collectives.json"
@@ -30,15 +31,17 @@ def test_a_step_issues_two_small_all_reduces_and_gathers_the_projection_once_per
         nproc=2,
         timeout=240,
     )
-    steps = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    steps = report["steps"]
     assert len(steps) == STEPS
+    assert report["output_unit_gathers"] == [MICRO_BATCHES] * STEPS
     for step, ops in enumerate(steps):
         # c10d.allreduce_: the counts, then the one after backward (clipping, the non-finite
         # check and the preemption flag used to take one each); DTensor issues none of its own.
         assert ops.get("allreduce_") == 2, (step, ops)
         assert "all_reduce" not in ops, (step, ops)
-        # the loss's full_tensor() of the output projection (a functional all-gather)
-        assert ops.get("all_gather_into_tensor") == MICRO_BATCHES, (step, ops)
+        # the loss takes the projection from its unit, unsharded: no all-gather of its own
+        assert "all_gather_into_tensor" not in ops, (step, ops)
         # FSDP's own all-gathers and reduce-scatters: the same every step
         assert ops.get("_allgather_base_") == steps[0].get("_allgather_base_") > 0, (step, ops)
         assert ops.get("_reduce_scatter_base_") == steps[0].get("_reduce_scatter_base_") > 0, (step, ops)

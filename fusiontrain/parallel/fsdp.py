@@ -139,12 +139,24 @@ def fsdp_units(model: nn.Module, *, split_fusion_layers: bool = False) -> list[t
         units.append(("decoder.tok_embeddings", decoder.tok_embeddings))
         # One unit: the norm runs in the root's forward and unshards it, so the chunked loss finds
         # the projection unsharded (a unit never called would break FSDP2's backward).
-        units.append(("decoder.norm+output", [decoder.norm, decoder.output]))
+        units.append((OUTPUT_UNIT, [decoder.norm, decoder.output]))
     projection = getattr(getattr(model, "encoder", None), "projection", None)
     if projection is not None:
         units.append(("encoder.projection", projection))
     units.append(("<root>", model))
     return units
+
+
+#: The FSDP unit of the decoder's final norm and output projection. With a frozen projection (the
+#: fusion-only default) it stays unsharded from the norm's forward (the end of the decoder's) until
+#: its backward (the first of the model's), which is when the chunked loss applies the projection:
+#: the projection's weight is then gathered once per micro-batch, by this unit, where resharding
+#: after forward would gather it three times (the unit's forward, the loss's own ``full_tensor()``,
+#: the unit's backward). The loss needs the whole weight over exactly that span anyway. A trainable
+#: projection runs through the ``output`` module under activation checkpointing, whose recompute in
+#: backward needs the unit to reshard as usual (kept unsharded, the unit is left with its unsharded
+#: parameters registered after backward, which the optimizer does not know).
+OUTPUT_UNIT = "decoder.norm+output"
 
 
 def shard_model(
@@ -156,8 +168,13 @@ def shard_model(
 ) -> list[str]:
     """``fully_shard`` every unit of :func:`fsdp_units`, innermost first; returns their names."""
     units = fsdp_units(model, split_fusion_layers=split_fusion_layers)
-    for _, module in units:
-        fully_shard(module, mesh=mesh, mp_policy=mp_policy)
+    output = getattr(getattr(model, "decoder", None), "output", None)
+    frozen_output = output is not None and not any(p.requires_grad for p in output.parameters())
+    for name, module in units:
+        # The others keep FSDP2's default (None, not True: with it the root stays unsharded after
+        # forward, as backward needs it at once).
+        keep = {"reshard_after_forward": False} if name == OUTPUT_UNIT and frozen_output else {}
+        fully_shard(module, mesh=mesh, mp_policy=mp_policy, **keep)
     return [name for name, _ in units]
 
 

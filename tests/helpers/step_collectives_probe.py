@@ -7,13 +7,16 @@ A ``TorchDispatchMode`` sees every c10d op (``c10d.*`` from ``torch.distributed`
 gloo; ``_c10d_functional.*`` from DTensor) dispatched while ``Trainer.run`` runs. The ops are
 counted per step: from the start of one ``Trainer.train_step`` to the start of the next, so a
 step's bucket holds its own collectives and whatever the loop does after it (eval, checkpoint,
-the preemption check) before the next step. Rank 0 writes ``OUT.json``: a list with one
-``{op name: count}`` per step.
+the preemption check) before the next step. Rank 0 writes ``OUT.json``: ``steps``, a list with
+one ``{op name: count}`` per step; ``output_unit_gathers``, per step, the all-gathers of the size
+of the decoder's norm + output projection unit (each parameter's first dimension padded to a
+multiple of the world size, as FSDP2 does).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -33,10 +36,14 @@ class CollectiveCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.steps: list[Counter] = [Counter()]  # the first bucket: before the first step
+        self.gather_sizes: list[Counter] = [Counter()]  # numel of each FSDP all-gather's output
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func.namespace in COLLECTIVE_NAMESPACES:
-            self.steps[-1][func.__name__.split(".")[0]] += 1
+            name = func.__name__.split(".")[0]
+            self.steps[-1][name] += 1
+            if name == "_allgather_base_":
+                self.gather_sizes[-1][args[0].numel()] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -48,13 +55,29 @@ def main(out: str, argv: list[str]) -> None:
 
     def counted_step(step: int, host_batches: Any = None) -> dict[str, Any]:
         counter.steps.append(Counter())
+        counter.gather_sizes.append(Counter())
         return step_once(step, host_batches)
+
+    world = trainer.context.world_size
+    decoder = trainer.model.decoder
+    output_unit = sum(
+        math.ceil(p.shape[0] / world) * world * math.prod(p.shape[1:])
+        for module in (decoder.norm, decoder.output)
+        for p in module.parameters()
+    )
 
     trainer.train_step = counted_step  # the loop calls self.train_step: a new bucket per step
     with counter:
         trainer.run()
     if trainer.context.is_main:
-        Path(out).write_text(json.dumps([dict(step) for step in counter.steps[1:]]))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "steps": [dict(step) for step in counter.steps[1:]],
+                    "output_unit_gathers": [sizes[output_unit] for sizes in counter.gather_sizes[1:]],
+                }
+            )
+        )
 
 
 if __name__ == "__main__":
