@@ -12,8 +12,10 @@ trains:
   the gradient with respect to them is computed in the forward pass (``softmax - one_hot``, times
   the weight) and kept (``[n, d]``: no gathered copy of all n rows ever exists); backward scales
   it and scatters it to ``[b, s, d]`` (zeros at non-target positions). No logits are kept and
-  none are recomputed. A weight sharded as a DTensor (FSDP2) is gathered once per call, in the
-  compute dtype of the hidden states.
+  none are recomputed. In training the weight comes unsharded from its FSDP unit, which keeps it
+  from the norm's forward to its backward (``fusiontrain.parallel.fsdp.OUTPUT_UNIT``); a weight
+  still sharded as a DTensor (FSDP2) is gathered once per call, in the compute dtype of the
+  hidden states.
 - **trainable projection**: the n rows are gathered (``[n, d]``, kept until backward, like an
   activation), and each chunk of them runs through the ``output`` module under non-reentrant
   activation checkpointing, so backward recomputes the chunk's logits (one extra projection).
