@@ -51,8 +51,7 @@ from fusiontrain.data.workers import (
     WORKER_START_METHODS,
     ClosableLoader,
     build_loader,
-    modules_to_preload,
-    start_worker_server,
+    prepare_worker_server,
 )
 
 __all__ = ["SKIP_REASONS", "NoUsableSampleError", "Dealing", "PlannedStream", "PlannedLoader", "StreamConfig"]
@@ -302,8 +301,7 @@ class PlannedLoader:
         self.position = self.start
         self._loaders: list[ClosableLoader] = []
         if num_workers:  # now, so that the helper's imports overlap with the rest of the trainer's setup
-            preload = modules_to_preload(make_stream(self.start)) if worker_start == "forkserver" else ()
-            start_worker_server(worker_start, preload)
+            prepare_worker_server(make_stream(self.start), worker_start)
 
     def __iter__(self) -> Iterator[Batch]:
         """The micro-batches from the current start on. The dataloader's workers start here, at

@@ -124,7 +124,7 @@ def worker_context(method: str, preload: Sequence[str] = ()) -> BaseContext:
     if method not in WORKER_START_METHODS:
         raise ValueError(f"data.worker_start must be one of {list(WORKER_START_METHODS)}, got {method!r}")
     context = multiprocessing.get_context(method)
-    if method == "forkserver":
+    if method == "forkserver" and preload:
         context.set_forkserver_preload(list(preload))  # read when the helper starts; no effect once it runs
     return context
 
@@ -162,6 +162,10 @@ def _worker_signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+#: The start methods whose worker server this process has started (:func:`start_worker_server`).
+_servers_started: set[str] = set()
+
+
 def start_worker_server(method: str, preload: Sequence[str] = ()) -> None:
     """Make ready what workers started by ``method`` need: multiprocessing's resource tracker (not
     for ``fork``) and, for ``forkserver``, the helper, started with :data:`WORKER_BLOCKED_SIGNALS`
@@ -176,6 +180,17 @@ def start_worker_server(method: str, preload: Sequence[str] = ()) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_BLOCKED_SIGNALS)
         if method == "forkserver":
             forkserver.ensure_running()
+    _servers_started.add(method)
+
+
+def prepare_worker_server(stream: object, method: str) -> None:
+    """Start the worker server of ``method`` for workers that will receive ``stream``, unless this
+    process has started it already: for ``forkserver`` the helper preloads
+    :func:`modules_to_preload` of ``stream``, so the stream is pickled for that once per process,
+    not again at every loader or epoch (a running helper keeps its preload anyway)."""
+    if method in _servers_started:
+        return
+    start_worker_server(method, modules_to_preload(stream) if method == "forkserver" else ())
 
 
 class ClosableLoader(StatefulDataLoader):
@@ -193,21 +208,19 @@ class ClosableLoader(StatefulDataLoader):
     """
 
     def __init__(self, stream: IterableDataset, *, num_workers: int = 0, worker_start: str = WORKER_START_METHODS[0]) -> None:
-        # What the forkserver helper imports for the workers; read before the base class keeps the stream.
-        self._preload = modules_to_preload(stream) if num_workers and worker_start == "forkserver" else []
         super().__init__(
             stream,
             batch_size=None,
             num_workers=num_workers,
             prefetch_factor=2 if num_workers else None,
             persistent_workers=False,
-            multiprocessing_context=worker_context(worker_start, self._preload) if num_workers else None,
+            multiprocessing_context=worker_context(worker_start) if num_workers else None,
             worker_init_fn=functools.partial(end_with_the_training_process, os.getpid()) if num_workers else None,
         )
         self.worker_start = worker_start
         self._live_iterators: weakref.WeakSet = weakref.WeakSet()
         if num_workers:
-            start_worker_server(worker_start, self._preload)
+            prepare_worker_server(stream, worker_start)
 
     def __iter__(self) -> Iterator[Any]:
         """A new iterator, whose workers start now with :data:`WORKER_BLOCKED_SIGNALS` blocked (the
@@ -235,7 +248,7 @@ class ClosableLoader(StatefulDataLoader):
         """A block in which workers may start: the forkserver helper runs (it starts it first), and
         this thread blocks :data:`WORKER_BLOCKED_SIGNALS`, so that the workers inherit the mask."""
         if self.num_workers:
-            start_worker_server(self.worker_start, self._preload)
+            start_worker_server(self.worker_start)  # restarts a helper that died, with its first preload
         with _worker_signals_blocked():
             yield
 

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from fusiontrain.families.clip_siglip import ClipEncoder, SiglipEncoder
@@ -14,51 +16,20 @@ from fusiontrain.families.dinov2 import DinoV2Encoder
 from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.mistral import MistralDecoder
 from fusiontrain.families.mllama.family import MllamaFamily
-from fusiontrain.families.model import InputFolders, ModelFamily, TrainableFlags
+from fusiontrain.families.model import InputFolders, ModelFamily, TrainableFlags  # noqa: F401 - re-exported
 from fusiontrain.families.qwen2 import Qwen2Decoder
 from fusiontrain.families.qwen3 import Qwen3Decoder
 from fusiontrain.families.siglip2 import Siglip2NaflexEncoder
 
-DECODER_FAMILIES: dict[str, DecoderFamily] = {
-    family.name: family
-    for family in (
-        LlamaDecoder(),
-        Qwen2Decoder(),
-        Qwen3Decoder(),
-        MistralDecoder(),
-    )
-}
 
-ENCODER_FAMILIES: dict[str, EncoderFamily] = {
-    family.name: family
-    for family in (
-        ClipEncoder(),
-        SiglipEncoder(),
-        DinoV2Encoder(),
-        Siglip2NaflexEncoder(),
-    )
-}
+def _by_name(*families: Any) -> dict[str, Any]:
+    return {family.name: family for family in families}
 
-MODEL_FAMILIES: dict[str, ModelFamily] = {
-    family.name: family
-    for family in (
-        MllamaFamily(),
-        ComposedFamily(DECODER_FAMILIES, ENCODER_FAMILIES),
-    )
-}
 
-__all__ = [
-    "DECODER_FAMILIES",
-    "ENCODER_FAMILIES",
-    "MODEL_FAMILIES",
-    "InputFolders",
-    "ModelFamily",
-    "TrainableFlags",
-    "decoder_family_for",
-    "encoder_family_for",
-    "model_family",
-    "model_family_of",
-]
+DECODER_FAMILIES: dict[str, DecoderFamily] = _by_name(LlamaDecoder(), Qwen2Decoder(), Qwen3Decoder(), MistralDecoder())
+ENCODER_FAMILIES: dict[str, EncoderFamily] = _by_name(ClipEncoder(), SiglipEncoder(), DinoV2Encoder(), Siglip2NaflexEncoder())
+MODEL_FAMILIES: dict[str, ModelFamily] = _by_name(MllamaFamily(), ComposedFamily(DECODER_FAMILIES, ENCODER_FAMILIES))
+# What this module offers is listed once, in fusiontrain.families.__all__ (which re-exports it).
 
 
 def decoder_family_for(config: dict) -> DecoderFamily:
