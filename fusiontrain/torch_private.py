@@ -26,7 +26,6 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import (
-    DynamicOutputShapeException,
     FakeTensor,
     FakeTensorMode,
     unset_fake_temporarily,
@@ -54,7 +53,6 @@ __all__ = [
     "LOCAL_SCALAR_DENSE",
     "MODULE_HOOK_DICTS",
     "CheckpointImpl",
-    "DynamicOutputShapeException",
     "FakeStore",
     "FakeTensor",
     "FakeTensorMode",
@@ -286,8 +284,8 @@ def tensor_version(tensor: torch.Tensor) -> int:
 
 # -- fake tensors and dispatch ---------------------------------------------------------------------
 
-# Re-exported above: ``FakeTensor``, ``FakeTensorMode``, ``unset_fake_temporarily`` and
-# ``DynamicOutputShapeException`` (``torch._subclasses.fake_tensor``); ``active_fake_mode``
+# Re-exported above: ``FakeTensor``, ``FakeTensorMode`` and ``unset_fake_temporarily``
+# (``torch._subclasses.fake_tensor``); ``active_fake_mode``
 # (``torch._guards``); ``TorchDispatchMode`` (``torch.utils._python_dispatch``); ``FakeStore``, the
 # store of the "fake" process-group backend (``torch.testing._internal.distributed.fake_pg``);
 # ``pytree``, torch's pytree module (``torch.utils._pytree``: tree_flatten, tree_map, tree_leaves,

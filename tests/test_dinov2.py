@@ -23,6 +23,7 @@ from tests.helpers.encoder_cases import (
     check_fixed_size_tower_matches_hf,
     check_images_reach_only_later_text,
     check_meta_build_has_no_unknown_buffers,
+    check_padding_slots_are_not_encoded,
     save_tower,
     save_towers,
 )
@@ -94,3 +95,8 @@ def test_open_gates_images_reach_only_later_text(tiny_llama_dir: Path, tower_dir
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_meta_build_has_no_unknown_buffers(tower_dirs: dict[str, Path], case: EncoderCase) -> None:
     check_meta_build_has_no_unknown_buffers(case, tower_dirs[case.name])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_padding_slots_are_not_encoded(tiny_llama_dir: Path, tower_dirs: dict[str, Path], case: EncoderCase) -> None:
+    check_padding_slots_are_not_encoded(case, tiny_llama_dir, tower_dirs[case.name])

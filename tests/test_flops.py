@@ -549,6 +549,7 @@ def test_generic_count_equals_analytic_mllama_encoder(flags: dict) -> None:
 
     model = _training_model(**flags)
     pixels = random_pixels(IMAGES)
+    pixels["image_slots"] = (pixels["aspect_ratio_ids"].flatten() > 0).nonzero().squeeze(1)  # as the collator lists them
     # 3 images: the padding slot is not encoded; each row still has 2 slots' columns
     analytic = flops.step_flops(model, num_rows=B, seq_len=S, images=3, encoder_seq_len=2 * 2 * 5).parts
     cost = flop_probe.measure_encoder_flops(model.encoder, pixels)

@@ -7,6 +7,7 @@ fail (see test_images_change_the_logits).
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -79,32 +80,39 @@ def test_images_change_the_logits(hf_model, our_model) -> None:
 
 
 def test_padding_image_slots_are_not_encoded(our_model) -> None:
-    """Row 0 holds one image in two slots: the ViT sees the 3 real images only, each one's
-    embeddings equal it encoded alone, and the padding slot's columns are zero. (The logits test
-    above runs the same batch against transformers, which encodes the padding slot.)"""
+    """Row 0 holds one image in two slots, and ``image_slots`` lists the 3 real ones: the ViT sees
+    those only, each one's embeddings equal it encoded alone, and the padding slot's columns are
+    zero. (The logits test above runs the same batch against transformers, which encodes the
+    padding slot.) The skip reads no index value: it runs on the meta device."""
     _, pixels, _ = mllama_batch_where_every_row_sees_an_image()
     assert pixels["aspect_ratio_ids"][0, 1] == 0 and (pixels["aspect_ratio_ids"].flatten() > 0).sum() == 3
+    image_slots = torch.tensor([0, 2, 3])
     seen: list[torch.Size] = []
     hook = our_model.encoder.vision.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[:2]))
     try:
         with torch.no_grad():
-            got = our_model.encoder(**pixels)
+            got = our_model.encoder(**pixels, image_slots=image_slots)
+            every_slot = our_model.encoder(**pixels)
             alone = {
                 (row, slot): our_model.encoder(**{key: value[row, slot][None, None] for key, value in pixels.items()})[0]
                 for row, slot in [(0, 0), (1, 0), (1, 1)]
             }
     finally:
         hook.remove()
-    assert seen[0] == (1, 3)  # the batch's real images, in one batch of 3
-    per_slot = got.view(2, 2, -1, got.shape[-1])
+    assert seen[:2] == [(1, 3), (2, 2)]  # the batch's real images, in one batch of 3; then all 4 slots
+    per_slot, every = got.view(2, 2, -1, got.shape[-1]), every_slot.view(2, 2, -1, got.shape[-1])
     for (row, slot), embeddings in alone.items():
         torch.testing.assert_close(per_slot[row, slot], embeddings, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(every[row, slot], embeddings, atol=1e-5, rtol=1e-5)
     assert per_slot[0, 1].eq(0).all() and all(e.abs().max() > 0 for e in alone.values())
+    on_meta = copy.deepcopy(our_model.encoder).to("meta")
+    out = on_meta(**{key: value.to("meta") for key, value in pixels.items()}, image_slots=image_slots.to("meta"))
+    assert out.device.type == "meta" and out.shape == got.shape
 
 
 def test_padding_image_slots_skipped_keep_the_projection_gradient(our_model) -> None:
-    """The projection head trains: its gradient through the batch with a padding slot equals the
-    sum of its gradients through each real image alone."""
+    """The projection head trains: its gradient through the batch with a padding slot skipped
+    equals the sum of its gradients through each real image alone."""
     _, pixels, _ = mllama_batch_where_every_row_sees_an_image()
     head = list(our_model.encoder.projection.parameters())
     assert head and all(p.requires_grad for p in head)
@@ -115,7 +123,7 @@ def test_padding_image_slots_skipped_keep_the_projection_gradient(our_model) -> 
     def grads(loss: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.autograd.grad(loss, head))
 
-    batch = our_model.encoder(**pixels).view(2, 2, columns, -1)
+    batch = our_model.encoder(**pixels, image_slots=torch.tensor([0, 2, 3])).view(2, 2, columns, -1)
     got = grads((batch * weights).sum())
     want = [torch.zeros_like(p) for p in head]
     for row, slot in [(0, 0), (1, 0), (1, 1)]:

@@ -93,7 +93,9 @@ class ImageFormat(ABC):
         """The encoder's keyword arguments for ``b`` rows of images, or None without any image.
 
         The default stacks each key into ``[b, i, ...]``, zero-padding rows with fewer images
-        (:meth:`pad_slot` fills a padding slot).
+        (:meth:`pad_slot` fills a padding slot). When some slot is padding, ``image_slots`` lists
+        the real ones, ``[n]`` int64 flat indices ``row * i + k``: the encoder runs on those only
+        (:mod:`fusiontrain.modules.image_slots`; the key is absent when every slot holds an image).
         """
         max_images = max((len(images) for images in per_row), default=0)
         if max_images == 0:
@@ -106,6 +108,11 @@ class ImageFormat(ABC):
             for index, image in enumerate(images):
                 for key, value in image.items():
                     stacked[key][row, index] = value
+        if any(len(images) < max_images for images in per_row):
+            stacked["image_slots"] = torch.tensor(
+                [row * max_images + k for row, images in enumerate(per_row) for k in range(len(images))],
+                dtype=torch.int64,
+            )
         return stacked
 
     def pad_slot(self) -> ImageInput:

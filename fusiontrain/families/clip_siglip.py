@@ -6,8 +6,6 @@ tower's ``last_hidden_state``; the tower helpers other families share are in
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +22,7 @@ from fusiontrain.families.hf_tower import (
 )
 from fusiontrain.flops.rules import Tally, any_trainable, conv_flops, count_attention_core, count_linear, unwrap
 from fusiontrain.modules import register_fusion_module
+from fusiontrain.modules.image_slots import check_image_slots, place_slots, select_slots
 from fusiontrain.torch_private import non_persistent_buffer_names
 
 
@@ -95,18 +94,20 @@ class HFVisionTowerEncoder(nn.Module):
                     "build; extend HFVisionTowerEncoder.init_buffers"
                 )
 
-    def count_flops(self, tally: Tally, images: int, encoder_input: Mapping[str, Any] | None) -> tuple[int, bool]:
+    def count_flops(self, tally: Tally, images: int) -> tuple[int, bool]:
         """This encoder's model FLOPs (the analytic count :mod:`fusiontrain.flops.count` asks an
-        encoder for) over ``images`` images, added to ``tally``: every slot runs, so
-        ``encoder_input`` changes nothing. Returns (tokens per image, whether the embeddings
-        require grad)."""
+        encoder for) over the ``images`` images it encodes, added to ``tally``. Returns (tokens per
+        image, whether the embeddings require grad)."""
         return _count_tower_encoder(tally, self, images)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, image_slots: torch.Tensor | None = None) -> torch.Tensor:
         """Args:
             pixel_values: ``[b, i, 3, H, W]`` (``i`` images per sample) or ``[b, 3, H, W]`` (one
                 image per sample), normalised by the tower's own HF image processor, with
                 ``H == W == image_size``.
+            image_slots: ``[n]`` flat indices of the slots that hold an image, or None for all:
+                only those run, the others' columns are zeros
+                (:mod:`fusiontrain.modules.image_slots`).
 
         Returns:
             ``[b, i * n_tok, d]`` (``i = 1`` for 4-dim input).
@@ -122,11 +123,18 @@ class HFVisionTowerEncoder(nn.Module):
                 "(stack a sample's images along dim 1)"
             )
         b, i = pixel_values.shape[:2]
-        images = pixel_values.reshape(b * i, channels, size, size)
+        if image_slots is None:
+            images = pixel_values.reshape(b * i, channels, size, size)
+        else:
+            check_image_slots(image_slots, b, i)
+            images = select_slots(pixel_values, image_slots)  # [n, 3, H, W]
         needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
-            features = self.tower(pixel_values=images).last_hidden_state  # [b*i, n_tok, d_e]
-        return self.projection(features).reshape(b, i * features.shape[1], self.decoder_dim)
+            features = self.tower(pixel_values=images).last_hidden_state  # [b*i or n, n_tok, d_e]
+        embeddings = self.projection(features)
+        if image_slots is not None:
+            embeddings = place_slots(embeddings, image_slots, b, i)
+        return embeddings.reshape(b, i * features.shape[1], self.decoder_dim)
 
 
 def _count_tower_layer(tally: Tally, layer: nn.Module, *, tokens: int, pairs: int, x_grad: bool) -> bool:

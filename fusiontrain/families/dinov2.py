@@ -25,6 +25,7 @@ from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.fixed_size_image import FixedSizeImage
 from fusiontrain.families.hf_tower import MLPProjectionHead
 from fusiontrain.modules import register_fusion_module
+from fusiontrain.modules.image_slots import check_image_slots, place_slots, select_slots
 
 # config.json model_type -> transformers (config class, model class)
 _CLASSES = {
@@ -149,9 +150,18 @@ class DinoV2TowerEncoder(nn.Module):
             hidden = self.tower(pixel_values=pixel_values.reshape(b * i, channels, size, size)).last_hidden_state
         return hidden.reshape(b, i * hidden.shape[1], hidden.shape[2])  # [b*i, n_tok, d_e] -> [b, i*n_tok, d_e]
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``pixel_values`` ``[b, i, 3, H, W]`` (or ``[b, 3, H, W]``) -> ``[b, i * n_tok, d]``."""
-        return self.projection(self.features(pixel_values))
+    def forward(self, pixel_values: torch.Tensor, image_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """``pixel_values`` ``[b, i, 3, H, W]`` (or ``[b, 3, H, W]``) -> ``[b, i * n_tok, d]``.
+
+        With ``image_slots`` (``[n]`` flat indices of the slots that hold an image) only those run,
+        the others' columns are zeros (:mod:`fusiontrain.modules.image_slots`)."""
+        if image_slots is None:
+            return self.projection(self.features(pixel_values))
+        b, i = pixel_values.shape[:2]
+        check_image_slots(image_slots, b, i)
+        embeddings = self.projection(self.features(select_slots(pixel_values, image_slots)[None]))  # [1, n * n_tok, d]
+        per_image = embeddings.reshape(len(image_slots), -1, embeddings.shape[-1])  # [n, n_tok, d]
+        return place_slots(per_image, image_slots, b, i).reshape(b, i * per_image.shape[1], -1)
 
 
 class DinoV2Encoder(EncoderFamily):

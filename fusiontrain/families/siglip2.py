@@ -26,6 +26,7 @@ from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.siglip2_image import NaflexImage
 from fusiontrain.families.hf_tower import MLPProjectionHead, canonical_vision_tower_key, vision_tower_tensor_names
 from fusiontrain.modules import register_fusion_module
+from fusiontrain.modules.image_slots import check_image_slots, place_slots, select_slots
 
 
 def siglip2_vision_config_from_dict(config: dict) -> Any:
@@ -90,6 +91,7 @@ class Siglip2NaflexTowerEncoder(nn.Module):
         pixel_attention_mask: torch.Tensor,
         spatial_shapes: torch.Tensor,
         token_index: torch.Tensor,
+        image_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The packed tower output before the projection.
 
@@ -98,6 +100,9 @@ class Siglip2NaflexTowerEncoder(nn.Module):
             pixel_attention_mask: ``[b, i, P]`` (1 for valid patches).
             spatial_shapes: ``[b, i, 2]``.
             token_index: ``[b, s_e]`` long, indices into each row's ``[i * P]`` tower outputs.
+            image_slots: ``[n]`` flat indices of the slots that hold an image, or None for all:
+                only those run through the tower, the others' outputs are zeros (no column points
+                at them; :mod:`fusiontrain.modules.image_slots`).
 
         Returns:
             ``[b, s_e, d_e]``.
@@ -108,13 +113,19 @@ class Siglip2NaflexTowerEncoder(nn.Module):
                 f"{list(pixel_values.shape)} and {list(pixel_attention_mask.shape)}"
             )
         b, i, p, c = pixel_values.shape
+        inputs = (pixel_values, pixel_attention_mask, spatial_shapes)
+        if image_slots is None:
+            pixels, patch_mask, shapes = (x.flatten(0, 1) for x in inputs)  # b*i images
+        else:
+            check_image_slots(image_slots, b, i)
+            pixels, patch_mask, shapes = (select_slots(x, image_slots) for x in inputs)  # n images
         needs_grad = pixel_values.requires_grad or any(q.requires_grad for q in self.tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
             hidden = self.tower(
-                pixel_values=pixel_values.reshape(b * i, p, c),
-                pixel_attention_mask=pixel_attention_mask.reshape(b * i, p),
-                spatial_shapes=spatial_shapes.reshape(b * i, 2),
-            ).last_hidden_state  # [b*i, P, d_e]
+                pixel_values=pixels, pixel_attention_mask=patch_mask, spatial_shapes=shapes
+            ).last_hidden_state  # [b*i or n, P, d_e]
+        if image_slots is not None:
+            hidden = place_slots(hidden, image_slots, b, i)
         hidden = hidden.reshape(b, i * p, hidden.shape[-1])
         return torch.gather(hidden, 1, token_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
@@ -124,9 +135,10 @@ class Siglip2NaflexTowerEncoder(nn.Module):
         pixel_attention_mask: torch.Tensor,
         spatial_shapes: torch.Tensor,
         token_index: torch.Tensor,
+        image_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See :meth:`features`; returns ``[b, s_e, d]``."""
-        return self.projection(self.features(pixel_values, pixel_attention_mask, spatial_shapes, token_index))
+        return self.projection(self.features(pixel_values, pixel_attention_mask, spatial_shapes, token_index, image_slots))
 
 
 class Siglip2NaflexEncoder(EncoderFamily):

@@ -20,7 +20,7 @@ What is counted (forward; ``T = b * s`` token slots, ``P`` attended self-attenti
   "recompute" below;
 - encoder: the patch convolution, every ViT / tower layer (dense attention over the tokens of an
   image: Mllama's ``t * p_pad`` padded tile tokens, all ``max_num_tiles`` tiles of every image
-  slot, padding slots included, because that is what runs), SigLIP's attention-pooling head (it
+  slot the encoder runs on: padding slots only when ``image_slots`` does not list the real ones), SigLIP's attention-pooling head (it
   runs in forward although its output is unused), and the projection head.
 
 Encoders. Mllama's tiled ViT and the HF CLIP / SigLIP towers (their modules' ``count_flops``) are counted
@@ -177,19 +177,24 @@ def _decoder(
 def _known_encoder_counter(encoder: nn.Module) -> Any:
     """The encoder's own analytic count, or None for an encoder counted generically: a family
     whose encoder it can count analytically gives the module a method
-    ``count_flops(tally, images, encoder_input) -> (tokens per image slot, embeddings require grad)``
+    ``count_flops(tally, images) -> (tokens per image slot, embeddings require grad)``
     (Mllama's ViT, the CLIP / SigLIP towers)."""
     method = getattr(encoder, "count_flops", None)
     return method if callable(method) else None
 
 
-def _image_slots(encoder_input: Mapping[str, Any], num_rows: int) -> int:
-    """Image slots of a known encoder's input: ``b * i`` for ``pixel_values`` ``[b, i, ...]`` (Mllama
-    ``[b, i, t, c, h, w]``, HF towers ``[b, i, c, h, w]``), ``b`` for one image per row ``[b, c, h, w]``."""
+def _image_slots(encoder_input: Mapping[str, Any], num_rows: int) -> tuple[int, int]:
+    """``(slots, encoded)`` of a known encoder's input: its image slots, ``b * i`` for
+    ``pixel_values`` ``[b, i, ...]`` (Mllama ``[b, i, t, c, h, w]``, HF towers ``[b, i, c, h, w]``)
+    or ``b`` for one image per row ``[b, c, h, w]``; and those the encoder runs on, the real ones
+    when ``image_slots`` lists them (padding slots are not encoded,
+    :mod:`fusiontrain.modules.image_slots`)."""
     pixels = encoder_input.get("pixel_values")
     if not isinstance(pixels, torch.Tensor):
         raise ValueError(f"encoder_input has no pixel_values tensor (keys: {sorted(encoder_input)})")
-    return num_rows * (pixels.shape[1] if pixels.dim() >= 5 else 1)
+    slots = num_rows * (pixels.shape[1] if pixels.dim() >= 5 else 1)
+    image_slots = encoder_input.get("image_slots")
+    return slots, (slots if image_slots is None else len(image_slots))
 
 def _encoder(
     tally: Tally,
@@ -205,21 +210,20 @@ def _encoder(
     embeddings require grad).
 
     Known encoders are counted analytically by their family from ``images`` (or, when 0, the image
-    slots of ``encoder_input["pixel_values"]``, given to the family's counter with the input: Mllama
-    counts only the slots it encodes); any other encoder generically from ``encoder_input``, its
-    output ``[b, s_e, d]`` giving ``s_e``.
+    slots the encoder runs on for ``encoder_input``: its real ones when ``image_slots`` lists them);
+    any other encoder generically from ``encoder_input``, its output ``[b, s_e, d]`` giving ``s_e``.
     """
     encoder = unwrap(encoder)
     known = _known_encoder_counter(encoder)
     if known is not None:
-        read_from = None
+        slots = images
         if not images:
-            images, read_from = _image_slots(encoder_input, num_rows), encoder_input
-        tokens_per_image, grad = known(tally, images, read_from)
+            slots, images = _image_slots(encoder_input, num_rows)
+        tokens_per_image, grad = known(tally, images)
         if encoder_seq_len is None:
-            if images % num_rows:
-                raise ValueError(f"images ({images}) is not a multiple of num_rows ({num_rows}): pass encoder_seq_len")
-            encoder_seq_len = images // num_rows * tokens_per_image
+            if slots % num_rows:
+                raise ValueError(f"images ({slots}) is not a multiple of num_rows ({num_rows}): pass encoder_seq_len")
+            encoder_seq_len = slots // num_rows * tokens_per_image
         return encoder_seq_len, grad
 
     if encoder_input is None:
@@ -285,7 +289,7 @@ def step_flops(
         images: image slots the encoder processes (``b * i`` with ``i`` the padded images per
             row; Mllama runs all ``max_num_tiles`` tiles of each), for the analytically counted
             encoders (Mllama, HF CLIP / SigLIP towers); 0 there means: from
-            ``encoder_input["pixel_values"]`` when given (Mllama: its real images only). Other encoders ignore it. With
+            ``encoder_input`` when given (its real images only, when ``image_slots`` lists them). Other encoders ignore it. With
             ``images == 0`` and no ``encoder_input``, a text-only micro-batch: neither the encoder
             nor the cross-attention layers run.
         encoder_seq_len: encoder tokens ``s_e`` per row that cross-attention sees; by default

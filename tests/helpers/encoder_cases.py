@@ -7,6 +7,7 @@ loaded from the same folder. A family's test file declares its cases and calls t
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -158,7 +159,8 @@ def check_fixed_size_tower_matches_hf(case: EncoderCase, llama_dir: Path, folder
     assert per_row[0][0]["pixel_values"].shape == (3, size, size)
     with torch.no_grad():
         reference = hf(pixel_values=processor(images=images, return_tensors="pt")["pixel_values"]).last_hidden_state
-        encoder_input = fmt.collate(per_row)
+        # every slot encoded, the padding one too (check_padding_slots_are_not_encoded covers the skip)
+        encoder_input = {key: value for key, value in fmt.collate(per_row).items() if key != "image_slots"}
         if case.has_features:
             got = model.encoder.features(**encoder_input)
         else:
@@ -218,3 +220,55 @@ def check_meta_build_has_no_unknown_buffers(case: EncoderCase, folder: Path) -> 
     encoder.tower.register_buffer("stray", torch.zeros(1), persistent=False)
     with pytest.raises(RuntimeError, match="buffers"):
         family.init_buffers(encoder)
+
+
+def check_padding_slots_are_not_encoded(case: EncoderCase, llama_dir: Path, folder: Path) -> None:
+    """Rows of two and one images: the collated input lists the three real slots in
+    ``image_slots``, the tower runs on those three images only, and the model's logits and its
+    trainable parameters' gradients equal those of the same batch with every slot encoded (no
+    token sees a padding slot). A fixed-size tower leaves the padding slot's columns zero, and its
+    skip reads no index value: it runs on the meta device (a read would need the data; on an
+    accelerator it would wait for the device)."""
+    model, processor = compose(llama_dir, folder), hf_processor(folder)
+    open_gates(model)
+    fmt = image_format(model)
+    s, start = 10, 3
+    tokens = torch.randint(0, tiny.TEXT_VOCAB_SIZE, (2, s), generator=torch.Generator().manual_seed(1))
+    tokens[:, start] = model.decoder.tok_embeddings.vocab_size  # the image token
+    images = random_images(5, [(40, 30), (31, 50), (28, 28)])
+    per_row = [[fmt.process(processor, images[0]), fmt.process(processor, images[1])], [fmt.process(processor, images[2])]]
+    mask, encoder_input = encoder_mask_rows(per_row, [[(start, s), (start + 2, s)], [(start, s)]], fmt, s)
+    assert encoder_input["image_slots"].tolist() == [0, 1, 2]
+    every_slot = {key: value for key, value in encoder_input.items() if key != "image_slots"}
+
+    first_block = model.get_submodule(case.blocks)[0]
+    seen: list[int] = []
+    hook = first_block.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable
+
+    def run(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        embeddings = model.encoder(**inputs)
+        logits = model(tokens, encoder_input=inputs, encoder_mask=mask)
+        grads = torch.autograd.grad(logits.square().mean(), trainable, allow_unused=True)
+        return embeddings.detach(), logits.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(trainable, grads)]
+
+    try:
+        skipped, padded = run(encoder_input), run(every_slot)
+    finally:
+        hook.remove()
+    assert seen == [3, 3, 4, 4]  # real images only, then all four slots
+    assert max_diff(skipped[1], padded[1]) <= ATOL
+    assert any(g.abs().max() > 0 for g in padded[2])
+    for got, want in zip(skipped[2], padded[2]):
+        assert max_diff(got, want) <= 1e-4 * max(1.0, want.abs().max().item())
+    if case.tokens_per_image is None:
+        return
+    n = case.tokens_per_image
+    assert skipped[0][1, n:].eq(0).all() and padded[0][1, n:].abs().max() > 0
+    assert max_diff(skipped[0][0], padded[0][0]) <= ATOL and max_diff(skipped[0][1, :n], padded[0][1, :n]) <= ATOL
+    on_meta = copy.deepcopy(model.encoder).to("meta")
+    out = on_meta(**{key: value.to("meta") for key, value in encoder_input.items()})
+    assert out.device.type == "meta" and out.shape == skipped[0].shape

@@ -19,9 +19,7 @@ d decoder width, s_e = i * t * p encoder tokens per sample.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +28,9 @@ from torch import nn
 from fusiontrain.flops.rules import Tally, any_trainable, conv_flops, count_linear, count_self_attention_layer, unwrap
 from fusiontrain.modules.attention import MultiHeadAttention
 from fusiontrain.modules.fusion import register_fusion_module
+from fusiontrain.modules.image_slots import check_image_slots, place_slots, select_slots
 from fusiontrain.modules.layers import FeedForward, TanhGate
 from fusiontrain.modules.transformer import TransformerSelfAttentionLayer
-from fusiontrain.torch_private import DynamicOutputShapeException
 
 _PAD_MULTIPLE = 8
 
@@ -259,34 +257,17 @@ class MllamaProjectionHead(nn.Module):
         return self.output(x.reshape(features.batch_size, features.num_images * t * p, -1))
 
 
-def _real_image_slots(aspect_ratio_ids: torch.Tensor) -> torch.Tensor | None:
-    """``[n]`` flat indices of the real image slots of ``aspect_ratio_ids`` ``[b, i]`` (id > 0), or
-    None to encode every slot: when all are real, when none is (a placeholder slot), or when the
-    ids hold no values (meta tensors, or a plain fake-tensor trace, where ``nonzero`` has no
-    output shape: such a trace sees the padding slots encoded, which only costs more; the planner
-    and the FLOP probe run integer inputs for real, and skip as training does)."""
-    if aspect_ratio_ids.is_meta:
-        return None
-    try:
-        real = torch.nonzero(aspect_ratio_ids.reshape(-1) > 0).squeeze(1)
-    except DynamicOutputShapeException:
-        return None
-    return real if 0 < len(real) < aspect_ratio_ids.numel() else None
-
-
 class MllamaVisionEncoder(nn.Module):
     """Tiled ViT + projection head. Takes the HF image processor's outputs as keyword arguments.
 
     When no parameter of the ViT trains and the pixels need no gradient, the ViT runs under
     ``torch.no_grad()``, so none of its activations are kept for backward.
 
-    Padding image slots (aspect-ratio id 0: rows with fewer images than the batch's widest, in
-    padded or packed rows) are not encoded: each image is encoded on its own, and no token sees a
-    padding slot, so the encoder runs on the real images only and returns zeros in the padding
-    slots' columns. A batch with no real image (a placeholder slot, which keeps FSDP's collectives
-    in step on a rank without images) runs its slots as given. Finding the real slots reads
-    ``aspect_ratio_ids`` on the host (one device sync per micro-batch on an accelerator; the
-    planner and the FLOP probe keep integer inputs as real CPU tensors).
+    Padding image slots (rows with fewer images than the batch's widest, in padded or packed rows)
+    are not encoded when ``image_slots`` lists the real ones (the collator does): each image is
+    encoded on its own, and no token sees a padding slot, so the encoder runs on the real images
+    only and returns zeros in the padding slots' columns (:mod:`fusiontrain.modules.image_slots`:
+    the count is the index's shape, so the skip costs no device sync).
     """
 
     def __init__(self, args: MllamaVisionArgs, decoder_dim: int) -> None:
@@ -299,43 +280,30 @@ class MllamaVisionEncoder(nn.Module):
         pixel_values: torch.Tensor,
         aspect_ratio_ids: torch.Tensor,
         aspect_ratio_mask: torch.Tensor,
+        image_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args:
             pixel_values: ``[b, i, t, c, h, w]``.
             aspect_ratio_ids: ``[b, i]``.
             aspect_ratio_mask: ``[b, i, t]``.
+            image_slots: ``[n]`` flat indices of the slots that hold an image, or None for all.
 
         Returns:
             ``[b, s_e, d]`` with ``s_e = i * t * p``.
         """
+        if image_slots is None:
+            return self._encode(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         b, i = aspect_ratio_ids.shape
-        real = _real_image_slots(aspect_ratio_ids)
-        if real is not None:
-            embeddings = self._encode(
-                pixel_values.flatten(0, 1).index_select(0, real)[None],
-                aspect_ratio_ids.reshape(b * i).index_select(0, real)[None],
-                aspect_ratio_mask.flatten(0, 1).index_select(0, real)[None],
-            )  # [1, n * t * p, d]
-            per_image = embeddings.reshape(len(real), -1, embeddings.shape[-1])  # [n, t * p, d]
-            slots = per_image.new_zeros(b * i, *per_image.shape[1:]).index_copy(0, real, per_image)
-            return slots.reshape(b, i * per_image.shape[1], -1)
-        return self._encode(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        check_image_slots(image_slots, b, i)
+        real = [select_slots(x, image_slots)[None] for x in (pixel_values, aspect_ratio_ids, aspect_ratio_mask)]
+        embeddings = self._encode(*real)  # [1, n * t * p, d]
+        per_image = embeddings.reshape(len(image_slots), -1, embeddings.shape[-1])  # [n, t * p, d]
+        return place_slots(per_image, image_slots, b, i).reshape(b, i * per_image.shape[1], -1)
 
-    @staticmethod
-    def encoded_images(pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor) -> int:
-        """Image slots :meth:`forward` runs the tower on for these inputs (see
-        :func:`_real_image_slots`; :meth:`count_flops` asks, on the host batch)."""
-        real = _real_image_slots(aspect_ratio_ids)
-        return aspect_ratio_ids.numel() if real is None else len(real)
-
-    def count_flops(self, tally: Tally, images: int, encoder_input: Mapping[str, Any] | None) -> tuple[int, bool]:
+    def count_flops(self, tally: Tally, images: int) -> tuple[int, bool]:
         """This encoder's model FLOPs (the analytic count :mod:`fusiontrain.flops.count` asks an
-        encoder for): tiled ViT + projection head over ``images`` image slots, or, when they were read
-        from ``encoder_input``, over the slots the encoder runs on (its real images: padding slots are
-        not encoded, :meth:`encoded_images`); added to ``tally``. Returns (tokens per image slot,
-        whether the embeddings require grad)."""
-        if encoder_input is not None:
-            images = self.encoded_images(**encoder_input)
+        encoder for): tiled ViT + projection head over the ``images`` image slots it encodes,
+        added to ``tally``. Returns (tokens per image slot, whether the embeddings require grad)."""
         vision, head = self.vision, self.projection
         args = vision.args
         tiles = images * args.max_num_tiles
