@@ -1,7 +1,7 @@
 """GPU readiness check: ``python scripts/gpu_check.py [--out DIR]`` on a machine with one CUDA GPU.
 
 CI runs on CPUs only, so the CUDA path of fusiontrain is exercised nowhere else. This script
-proves it in about five minutes on one GPU and prints one table, a row per check:
+proves it in five to eight minutes on one GPU and prints one table, a row per check:
 
 - ``env``: torch, CUDA, the GPU and its capability (no pass/fail).
 - ``nccl``: the Trainer's process group is nccl (a world of one: one GPU cannot show inter-GPU
@@ -29,6 +29,18 @@ proves it in about five minutes on one GPU and prints one table, a row per check
 - ``async_checkpoints_nccl``: an fp32 run with ``checkpoint.async_save`` every 5 steps under the
   nccl default group (the saves run on the gloo checkpoint group): every checkpoint intact, the
   losses those of the synchronous run (relative 1e-4).
+- ``features_gpu_vs_cpu``: the features merged since the first GPU run, together, as a user turns
+  them on: LoRA (rank 4), padding-free rows, activation checkpointing of every block with the
+  checkpointed activations offloaded to pinned host memory on a side stream, and ``torch.compile``
+  of every block (encoder and fusion layers included), fp32 on the GPU, against the same run on
+  the CPU (no compile, no offloading): every step's loss within 1e-3 relative.
+- ``padded_gpu_vs_cpu``: padded rows (``data.packing=false``, ``data.padding_free=false``), whose
+  rows with fewer images than the batch's widest leave padding image slots that the encoder skips
+  through the host-known ``image_slots`` index: GPU against CPU, every step's loss within 1e-3.
+- ``bf16_question/{fp32,bf16}``: ``benchmarks/gpu_scale.py --shapes 1b --skip-hf`` in each
+  precision: real tokens/s, MFU, the per-phase split of a step (host, forward, loss, backward,
+  optimizer, each between ``torch.cuda.synchronize`` calls) and one profiled step's top operators
+  by CUDA time, so that a bf16 step slower than fp32 names where its time goes.
 - ``plan_vs_cuda_peak/<config>``: ``python -m fusiontrain plan --gpu h200`` against the CUDA
   allocator's measured peak (``torch.cuda.max_memory_allocated``) of 3 training steps of the
   benchmark Mllama, for a few configurations (error reported; within 10% passes).
@@ -381,6 +393,10 @@ def worst_relative(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
+FEATURES = ["parallel.mixed_precision=fp32", "model.lora.rank=4", "data.packing=false", "data.padding_free=true",
+            "parallel.activation_checkpointing=full"]
+PADDED = ["parallel.mixed_precision=fp32", "data.packing=false", "data.padding_free=false"]
+
 PLAN_CONFIGS: dict[str, list[str]] = {
     "packed": ["batch.global_batch_size=2"],
     "packed_full_ac": ["batch.global_batch_size=2", "parallel.activation_checkpointing=full"],
@@ -445,6 +461,19 @@ def vs_hf_check(out: Path, precision: str) -> Check:
                  f"step-0 losses agree within {result['step0']['rtol']:.0e}", seconds, details=result)
 
 
+def bf16_question(out: Path, precision: str) -> Check:
+    """``benchmarks/gpu_scale.py`` on the 1B shape, ours only, in ``precision``, with the per-phase
+    split and one profiled step (INFO: the figures are the answer, there is no bound)."""
+    json_path = out / f"gpu_scale_1b_{precision}.json"
+    launch = Launch(f"bf16_question_{precision}", [str(REPO / "benchmarks" / "gpu_scale.py"), "--shapes", "1b", "--skip-hf",
+                                                   "--steps", "4", "--precision", precision, "--profile", "--json", str(json_path)], out)
+    seconds = launch.wait()
+    entry = json.loads(json_path.read_text())["shapes"]["1b"]["fusiontrain"]
+    phases = ", ".join(f"{name} {value * 1e3:.0f} ms" for name, value in entry["phases_s"].items())
+    return Check(f"bf16_question/{precision}", "INFO", f"{entry['real_tokens_per_s']:,.0f} real tok/s, MFU {entry['mfu']:.1%}; "
+                 f"{phases}", "", seconds, details=entry)
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -481,6 +510,13 @@ def main() -> None:
         "async": train("async", args.out, tiny_folder, ["parallel.mixed_precision=fp32", "checkpoint.async_save=true",
                                                           "checkpoint.every_n_steps=5", "checkpoint.keep_last_n=0"]),
     }
+    # Features merged since the first GPU run, together (LoRA, padding-free, offloading, compile),
+    # and padded rows with padding image slots: GPU against CPU.
+    runs["features"] = train("features", args.out, tiny_folder, [*FEATURES, "parallel.activation_offloading=checkpointed",
+                                                                    "parallel.compile=true"])
+    runs["features_cpu"] = train("features_cpu", args.out, tiny_folder, FEATURES, cpu=True)
+    runs["padded"] = train("padded", args.out, tiny_folder, PADDED)
+    runs["padded_cpu"] = train("padded_cpu", args.out, tiny_folder, PADDED, cpu=True)
     plans = plan_launches(args.out, bench)
     report.run("env", check_env)
     report.run("nccl", check_nccl)
@@ -541,9 +577,15 @@ def main() -> None:
                      f"{worst:.1e} relative", f"steps {steps} intact, {RESUME_RTOL:.0e} relative")
 
     report.run("async_checkpoints_nccl", async_checkpoints)
+    report.run("features_gpu_vs_cpu", lambda: compare("features_gpu_vs_cpu", "features", "features_cpu", GPU_VS_CPU_RTOL,
+                                                      f"{GPU_VS_CPU_RTOL:.0e} relative"))
+    report.run("padded_gpu_vs_cpu", lambda: compare("padded_gpu_vs_cpu", "padded", "padded_cpu", GPU_VS_CPU_RTOL,
+                                                    f"{GPU_VS_CPU_RTOL:.0e} relative"))
     report.run("plan_vs_cuda_peak", lambda: plan_checks(args.out, plans))
     for launch in [*runs.values(), *(launch for pair in plans.values() for launch in pair)]:
         launch.settle()  # nothing else may run on the GPU while vs_hf times its steps
+    for precision in ("fp32", "bf16"):
+        report.run(f"bf16_question/{precision}", lambda precision=precision: bf16_question(args.out, precision))
     if not args.skip_vs_hf:
         for precision in ("fp32", "bf16"):
             report.run(f"vs_hf/{precision}", lambda precision=precision: vs_hf_check(args.out, precision))
