@@ -114,6 +114,7 @@ LONGEST_FILES = (
 SLOW_FILES = frozenset(
     {
         "test_plan.py",
+        "test_gpu_scale.py",
         "test_shipped_configs.py",
         "test_train.py",
         "test_resume.py",
