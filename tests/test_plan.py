@@ -23,7 +23,7 @@ from fusiontrain.plan.memory import TensorMemoryTracker
 from fusiontrain.plan.trace import worst_case_batch
 from fusiontrain.plan.planner import planned_world_size
 from tests.helpers.launch import REPO_ROOT, run_command, run_commands
-from tests.helpers.peak_rss import peak_rss_bytes
+from tests.helpers import plan_many
 from tests.helpers.shipped_configs import load_raw, missing_folder_fixtures
 
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -182,22 +182,22 @@ HOST_MEMORY_BOUND = 4 * 2**30  # what `plan` may hold on a login node or laptop,
 
 
 def _plan_commands(path: Path, request: pytest.FixtureRequest) -> list[tuple[str, list[str]]]:
-    """``(what, command)`` for the plans of one shipped config: ``train --dry-run`` with no flags
-    (the config's own device kind and world size), and ``plan --gpus 1`` (its mesh, if it fixes
-    one, dropped) unless the first is at world 1 already. A model folder the config names that is
-    not in the repository (tiny.yaml's) is replaced by the tiny model of its family."""
+    """``(what, arguments of python -m fusiontrain)`` for the plans of one shipped config:
+    ``train --dry-run`` with no flags (the config's own device kind and world size), and
+    ``plan --gpus 1`` (its mesh, if it fixes one, dropped) unless the first is at world 1 already.
+    A model folder the config names that is not in the repository (tiny.yaml's) is replaced by the
+    tiny model of its family."""
     missing = missing_folder_fixtures(load_raw(path))
     overrides = [f"{key}={request.getfixturevalue(fixture)}" for key, fixture in missing.items()]
     config = load_config(path, overrides)
-    measure = [sys.executable, str(REPO_ROOT / "tests" / "helpers" / "peak_rss.py"), sys.executable, "-m", "fusiontrain"]
-    commands = [("config's own world", [*measure, "train", "--dry-run", "--config", str(path), *overrides])]
+    commands = [("config's own world", ["train", "--dry-run", "--config", str(path), *overrides])]
     if planned_world_size(config, None, default=1) > 1:
         mesh = ["parallel.dp_replicate=1", "parallel.dp_shard=-1"] if config.parallel.dp_shard != -1 else []
-        commands.append(("world 1", [*measure, "plan", "--config", str(path), "--gpus", "1", *overrides, *mesh]))
+        commands.append(("world 1", ["plan", "--config", str(path), "--gpus", "1", *overrides, *mesh]))
     return commands
 
 
-@pytest.mark.timeout(900)  # nine planner traces of 8B-90B models, two at a time: about 3-4 minutes on 2 busy cores
+@pytest.mark.timeout(900)  # nine planner traces of 8B-90B models in two processes: about 2-3 minutes on 2 busy cores
 def test_shipped_configs_plan_within_the_host_memory_bound_and_their_plan_comments_are_current(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -208,23 +208,31 @@ def test_shipped_configs_plan_within_the_host_memory_bound_and_their_plan_commen
     monkeypatch.chdir(REPO_ROOT)  # the configs name their model folders relative to the repository
     runs = [(path, what, command) for path in SHIPPED_CONFIGS for what, command in _plan_commands(path, request)]
     assert len(runs) >= 2 * len(REAL_MODEL_CONFIGS) + 1
-    # Two at a time, one per core: all nine at once took a quarter more CPU (cache and memory
-    # contention: 198 against 163 CPU-s for this test on 2 cores), and the suite is CPU-bound.
-    commands = [command for _, _, command in runs]
-    results = [result for i in range(0, len(commands), 2) for result in run_commands(commands[i : i + 2], timeout=300)]
+    # Two processes, one per core, each planning every other config in turn (tests/helpers/
+    # plan_many.py): nine processes cost 9 interpreter and torch starts and cold fake-tensor caches;
+    # all at once took a quarter more CPU (cache and memory contention: 198 against 163 CPU-s on 2
+    # cores), and the suite is CPU-bound. A process's peak RSS after a plan bounds that plan's own.
+    helper = [sys.executable, str(REPO_ROOT / "tests" / "helpers" / "plan_many.py")]
+    groups = [runs[0::2], runs[1::2]]
+    commands = [[*helper, *[arg for _, _, args in group for arg in [*args, "---"]]] for group in groups]
+    outputs = [plan_many.outputs(result.stdout) for result in run_commands(commands, timeout=600)]
+    results = {id(run): output for group, output in zip(groups, outputs) for run, output in zip(group, output, strict=True)}
     peaks = []
-    for (path, what, _), result in zip(runs, results):
-        assert "memory per device" in result.stdout, result.stdout[-3000:]
-        peak = peak_rss_bytes(result.stdout)
+    for run in runs:
+        path, what, _ = run
+        text, code, peak = results[id(run)]
+        assert code == 0 and "memory per device" in text, text[-3000:]
         peaks.append(f"{path.name} ({what}): {peak / 2**20:.0f} MiB")
         assert peak < HOST_MEMORY_BOUND, f"planning {path.name} at {what} held {peak / 2**30:.1f} GiB of host memory"
-    print("planner host peaks: " + "; ".join(peaks))
-    for (path, what, _), result in zip(runs, results):
+    print("planner host peaks (each process's high-water mark so far): " + "; ".join(peaks))
+    for run in runs:
+        path, what, _ = run
+        text = results[id(run)][0]
         comment = PLAN_COMMENT.search(path.read_text())
         if what == "config's own world" and comment is not None:
             assert comment.group(1) == f"configs/{path.name}", comment.group(0)
-            assert ": fits" in result.stdout, result.stdout[-3000:]
-            assert _peak_line(path.read_text()) == _peak_line(result.stdout), (
+            assert ": fits" in text, text[-3000:]
+            assert _peak_line(path.read_text()) == _peak_line(text), (
                 f"configs/{path.name}: its plan comment is stale; run python scripts/refresh_config_plans.py"
             )
     assert {path.name for path in SHIPPED_CONFIGS if PLAN_COMMENT.search(path.read_text())} == set(REAL_MODEL_CONFIGS)
