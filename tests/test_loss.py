@@ -11,7 +11,8 @@ from torch import nn
 
 from fusiontrain.data import Batch
 from fusiontrain.data.batch import target_positions
-from fusiontrain.train.loss import chunked_cross_entropy_sum, count_targets, full_cross_entropy_sum
+from fusiontrain.torch_private import TorchDispatchMode
+from fusiontrain.train.loss import chunked_cross_entropy_sum, count_targets, full_cross_entropy_sum, loss_chunk_rows
 
 B, S, D, V = 2, 10, 16, 50  # S = 10 is divisible by neither 3 nor 4
 
@@ -330,3 +331,47 @@ def test_batch_carries_the_target_index() -> None:
     meta = torch.empty(b, s, 4, device="meta")
     with pytest.raises(ValueError, match="pass target_index"):  # the loss cannot count them either
         chunked_cross_entropy_sum(meta, labels.to("meta"), nn.Linear(4, 40, device="meta"), num_chunks=2)
+
+
+class _ProjectionRows(TorchDispatchMode):
+    """Records the rows of every matmul whose output has ``V`` columns (the output projection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - the dispatch protocol
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape[-1] == V:
+            self.rows.append(out.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen projection", "trainable projection"])
+def test_chunks_of_bounded_rows_give_the_same_loss_and_fewer_larger_projections(trainable: bool) -> None:
+    """``chunk_rows`` (the trainer's: what ``k`` chunks give a micro-batch whose every slot is a
+    target) projects the n < b * s targets in ceil(n / rows) chunks of at most that many rows,
+    not in k smaller ones; loss and gradients equal the full-logits reference."""
+    hidden, labels, output = _inputs(torch.float32, seed=4)
+    ref_loss, ref_grad, ref_weight_grad = _reference(hidden, labels, output)
+    output.zero_grad(set_to_none=True)
+    output.weight.requires_grad_(trainable)
+    k = 4
+    rows = loss_chunk_rows(B * S, k)
+    n = int((labels != -100).sum())
+    assert (rows, n) == (5, 12)  # k chunks of the worst case (20 targets) are 5 rows; this batch has 12
+    leaf = hidden.detach().clone().requires_grad_(True)
+    with _ProjectionRows() as forward:
+        loss = chunked_cross_entropy_sum(leaf, labels, output, num_chunks=k, chunk_rows=rows)
+    assert forward.rows == [5, 5, 2]  # ceil(12 / 5) = 3 chunks, not k = 4 chunks of 3
+    with _ProjectionRows() as backward:
+        loss.backward()
+    assert all(r <= rows for r in backward.rows)  # a trainable projection recomputes its chunks
+    torch.testing.assert_close(loss.detach(), ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(leaf.grad, ref_grad, atol=1e-5, rtol=1e-5)
+    if trainable:
+        output.zero_grad(set_to_none=True)
+        again = hidden.detach().clone().requires_grad_(True)
+        chunked_cross_entropy_sum(again, labels, output, num_chunks=k, chunk_rows=rows).backward()
+        torch.testing.assert_close(output.weight.grad, ref_weight_grad, atol=1e-5, rtol=1e-5)
+    assert loss_chunk_rows(B * S, 1) is None and loss_chunk_rows(B * S, 0) is None

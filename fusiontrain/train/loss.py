@@ -5,8 +5,11 @@ loss gathers the rows of the ``n`` target positions (label != ignore index; prom
 and padding positions are dropped) and projects only those: the projection costs ``2 n d v``
 rather than ``2 b s d v``. It projects one chunk of those rows at a time, upcasts that chunk's
 logits to fp32 and takes its cross-entropy, so at most one chunk of fp32 logits ``[n / k, v]``
-exists at any time, never the whole ``[n, v]``. Two ways, chosen by whether the projection
-trains:
+exists at any time, never the whole ``[n, v]``. In training a chunk has the rows ``k`` chunks
+give a micro-batch whose every slot is a target (:func:`loss_chunk_rows`), so a micro-batch with
+fewer targets (short padding-free rows, prompts) takes fewer, larger chunks under the same bound
+(on the CPU, 8 chunks of ~44 rows cost ~11% of a padding-free step of ``benchmarks/vs_hf.py``
+against 2). Two ways, chosen by whether the projection trains:
 
 - **frozen projection** (fusion-only training, the default): each chunk gathers its own rows;
   the gradient with respect to them is computed in the forward pass (``softmax - one_hot``, times
@@ -46,10 +49,11 @@ from torch.utils.checkpoint import checkpoint
 from fusiontrain.data.batch import target_positions
 
 
-def _row_chunks(n: int, num_chunks: int) -> list[slice]:
-    """``num_chunks`` (or fewer) consecutive row ranges covering ``n`` rows; at least one (maybe
-    empty), so that a micro-batch without targets still runs the projection once."""
-    size = max(1, -(-n // num_chunks))
+def _row_chunks(n: int, num_chunks: int, chunk_rows: int | None = None) -> list[slice]:
+    """Consecutive row ranges covering ``n`` rows: of ``chunk_rows`` rows each when given, else
+    ``num_chunks`` (or fewer); at least one (maybe empty), so that a micro-batch without targets
+    still runs the projection once."""
+    size = max(1, chunk_rows if chunk_rows else -(-n // num_chunks))
     return [slice(start, start + size) for start in range(0, max(n, 1), size)]
 
 
@@ -73,12 +77,13 @@ class _FrozenProjectionCrossEntropy(torch.autograd.Function):
         index: torch.Tensor,
         weight: torch.Tensor,
         num_chunks: int,
+        chunk_rows: int | None,
         ignore_index: int,
     ) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=flat.device)
         n = index.shape[0]
         grad = flat.new_empty(n, flat.shape[1]) if ctx.needs_input_grad[0] else None
-        for chunk in _row_chunks(n, num_chunks):
+        for chunk in _row_chunks(n, num_chunks, chunk_rows):
             logits = (flat.index_select(0, index[chunk]) @ weight.T).float()  # [n / k, v], fp32
             # an index may hold ignored positions too (a superset of the targets): they count nothing
             valid = targets[chunk] != ignore_index
@@ -100,7 +105,14 @@ class _FrozenProjectionCrossEntropy(torch.autograd.Function):
         grad_flat = None
         if grad is not None:  # zeros at every position that is not a target
             grad_flat = grad.new_zeros(ctx.flat_shape).index_add_(0, index, grad * grad_total.to(grad.dtype))
-        return grad_flat, None, None, None, None, None
+        return grad_flat, None, None, None, None, None, None
+
+
+def loss_chunk_rows(slots: int, num_chunks: int) -> int | None:
+    """Rows per chunk of the output projection for micro-batches of at most ``slots`` token slots
+    (rows x ``seq_len``): what ``num_chunks`` chunks give a micro-batch whose every slot is a
+    target; None when the loss is not chunked (``num_chunks <= 1``)."""
+    return -(-slots // num_chunks) if num_chunks > 1 else None
 
 
 def _full_weight(output: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -118,6 +130,7 @@ def chunked_cross_entropy_sum(
     num_chunks: int,
     ignore_index: int = -100,
     target_index: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``output(hidden)`` against ``labels``, projecting the target
     positions only.
@@ -132,6 +145,11 @@ def chunked_cross_entropy_sum(
         target_index: ``[n]`` int64, :func:`~fusiontrain.data.batch.target_positions` of ``labels`` (computed on the
             host, on the device of ``hidden``); None computes it here from ``labels``. Positions
             left out of it count nothing, so it must hold every target.
+        chunk_rows: with ``num_chunks > 1``, rows per chunk instead of ``n / num_chunks``: the
+            trainer passes the chunk of a micro-batch whose every slot is a target
+            (:func:`loss_chunk_rows`), so a micro-batch with fewer targets takes fewer chunks of
+            that size rather than ``num_chunks`` smaller ones: the same largest chunk of logits
+            (the planner's worst case), larger matmuls.
 
     Returns:
         A 0-dim fp32 tensor: the sum of per-token losses.
@@ -147,12 +165,12 @@ def chunked_cross_entropy_sum(
     targets = labels.reshape(-1).index_select(0, target_index)  # [n]
     if num_chunks > 1 and not output.weight.requires_grad and getattr(output, "bias", None) is None:
         weight = _full_weight(output, hidden.dtype)
-        return _FrozenProjectionCrossEntropy.apply(flat, targets, target_index, weight, num_chunks, ignore_index)
+        return _FrozenProjectionCrossEntropy.apply(flat, targets, target_index, weight, num_chunks, chunk_rows, ignore_index)
     rows = flat.index_select(0, target_index)  # [n, d]; its backward scatters the gradient to [b * s, d]
     if num_chunks <= 1:
         return _chunk_loss_sum(rows, targets, output, ignore_index)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for chunk in _row_chunks(rows.shape[0], num_chunks):
+    for chunk in _row_chunks(rows.shape[0], num_chunks, chunk_rows):
         chunk_loss = checkpoint(_chunk_loss_sum, rows[chunk], targets[chunk], output, ignore_index, use_reentrant=False)
         total = total + chunk_loss
     return total

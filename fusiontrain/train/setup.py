@@ -14,6 +14,7 @@ from fusiontrain.config import BatchConfig, ParallelConfig, TrainConfig
 from fusiontrain.parallel.fsdp import parallelize
 from fusiontrain.parallel.offload import ActivationOffloader
 from fusiontrain.parallel.precision import StorageDtypes, storage_dtypes, store_parameters
+from fusiontrain.train.loss import loss_chunk_rows
 from fusiontrain.train.step import StepSettings
 
 
@@ -76,11 +77,15 @@ def build_parallel_model(
 
 def step_settings(config: TrainConfig, *, flex_attention: bool) -> StepSettings:
     """The step's settings from the config; ``flex_attention``: packed rows attend through a
-    flex_attention BlockMask (CUDA training) instead of the CPU's packed layouts."""
+    flex_attention BlockMask (CUDA training) instead of the CPU's packed layouts. A micro-batch has
+    at most ``micro_batch_size x seq_len`` token slots (padded, packed or padding-free): the loss's
+    chunks have the rows ``loss.num_output_chunks`` chunks give that many targets."""
+    slots = config.batch.micro_batch_size * config.batch.seq_len
     return StepSettings(
         ignore_index=config.loss.ignore_index,
         num_output_chunks=config.loss.num_output_chunks,
         max_grad_norm=config.optim.max_grad_norm,
         defer_gradient_sync=config.parallel.defer_gradient_sync,
         flex_attention=flex_attention,
+        loss_chunk_rows=loss_chunk_rows(slots, config.loss.num_output_chunks),
     )

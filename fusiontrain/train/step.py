@@ -64,6 +64,8 @@ class StepSettings:
     Attributes:
         ignore_index: label value with no loss (``loss.ignore_index``).
         num_output_chunks: chunks of the output projection (``loss.num_output_chunks``).
+        loss_chunk_rows: rows per chunk: those ``num_output_chunks`` chunks give a micro-batch
+            whose every slot is a target (``fusiontrain.train.loss.loss_chunk_rows``), or None.
         max_grad_norm: clip the global grad norm to this; None = no clipping (``optim.max_grad_norm``).
         defer_gradient_sync: reduce-scatter on the last micro-batch only (``parallel.defer_gradient_sync``).
         flex_attention: packed rows attend through a flex_attention BlockMask (CUDA) rather than
@@ -75,6 +77,7 @@ class StepSettings:
     max_grad_norm: float | None
     defer_gradient_sync: bool
     flex_attention: bool
+    loss_chunk_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ def loss_sum(
     ignore_index: int,
     flex_attention: bool,
     loss_phase: AbstractContextManager | None = None,
+    loss_chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy over the target tokens of ``batch`` (on the model's device): the model
     (with its output projection skipped) gives ``[b, s, d]``, the chunked loss gathers the target
@@ -147,6 +151,7 @@ def loss_sum(
             num_chunks=num_output_chunks,
             ignore_index=ignore_index,
             target_index=batch.target_index,
+            chunk_rows=loss_chunk_rows,
         )
 
 
@@ -257,6 +262,7 @@ class TrainStep:
                 ignore_index=settings.ignore_index,
                 flex_attention=settings.flex_attention,
                 loss_phase=self.phase(LOSS_PHASE),
+                loss_chunk_rows=settings.loss_chunk_rows,
             )
             del batch
             batch_loss = self.guard.inject(batch_loss, step)  # a test seam; see nonfinite.py

@@ -394,6 +394,7 @@ class Trainer:
             num_output_chunks=settings.num_output_chunks,
             ignore_index=settings.ignore_index,
             flex_attention=settings.flex_attention,
+            loss_chunk_rows=settings.loss_chunk_rows,
         )
 
     @torch.no_grad()
