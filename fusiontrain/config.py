@@ -257,7 +257,8 @@ class LossConfig:
     num_output_chunks: int = _field(
         8,
         "Chunks of the output projection for the cross-entropy, over the target positions only (labels that are "
-        "not ignore_index; 0 or 1 = all targets at once).",
+        "not ignore_index; 0 or 1 = all targets at once). A chunk has the rows k chunks give a micro-batch whose every "
+        "slot is a target; one with fewer targets takes fewer chunks of that size.",
     )
     ignore_index: int = _field(-100, "Label value excluded from the loss (prompt and padding).")
     nonfinite: Literal["skip", "stop"] = _field(
