@@ -185,16 +185,16 @@ def reset_peak(device: torch.device) -> None:
 @torch.no_grad()
 def random_init(model: torch.nn.Module) -> None:
     """Normal(0, 0.02) weights, unit norm scales, zero biases; the local shards of a sharded
-    model. Tanh gates at 0.5, so that the fusion layers' work reaches the loss."""
+    model. The one-element parameters (the tanh gates: ours and HF's, decoder and vision) at 0.5,
+    so that the gated layers' work reaches the loss."""
     for name, param in model.named_parameters():
         local = param.to_local() if hasattr(param, "to_local") else param
-        leaf = name.rsplit(".", 1)[-1]
-        if "norm" in name and local.dim() == 1:
-            local.fill_(1.0)
-        elif leaf == "bias":
-            local.zero_()
-        elif "gate" in name:
+        if param.numel() == 1:
             local.fill_(0.5)
+        elif "norm" in name and param.dim() == 1:
+            local.fill_(1.0)
+        elif name.endswith(".bias"):
+            local.zero_()
         else:
             local.normal_(0.0, INIT_STD)
 
