@@ -328,8 +328,7 @@ class HFLoop:
         if checkpointing:
             self.model.gradient_checkpointing_enable()
         self.params, self.trainable = hf_trainable(self.model)
-        kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0, **kind)
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0, fused=True)
         self.batches, self.spec = trainer_stream(config)
 
     def step(self) -> Batch:

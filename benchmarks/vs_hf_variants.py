@@ -53,9 +53,9 @@ class Setup:
         return contextlib.nullcontext()
 
     def adamw_kind(self) -> dict[str, bool]:
-        """fused on a GPU (HF's Trainer default ``adamw_torch_fused``, what fusiontrain and
-        torchtune's configs use), foreach on the CPU."""
-        return {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        """fused: HF's Trainer default (``adamw_torch_fused`` since torch 2.8, on every device),
+        what fusiontrain's step and torchtune's configs use."""
+        return {"fused": True}
 
     def agreement_rtol(self) -> float:
         return BF16_AGREEMENT_RTOL if self.precision == "bf16" else AGREEMENT_RTOL
