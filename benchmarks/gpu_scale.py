@@ -215,13 +215,21 @@ def summarise(step_seconds: list[float], real_tokens: list[int], flops: list[flo
 
 def advised_checkpointing(make_config: Any, device: torch.device) -> tuple[str, dict[str, Any]]:
     """The least activation checkpointing (:data:`CHECKPOINTING_CHOICES`) whose plan fits the
-    device, and that plan's numbers."""
-    hardware = hardware_for(machine_gpu_kind()) if device.type == "cuda" else cpu_hardware()
+    device (on a GPU: 95% of the memory the driver reports, which is less than the nominal size
+    the planner's hardware table gives), and that plan's numbers."""
+    if device.type == "cuda":
+        kind = machine_gpu_kind()
+        if kind is None:
+            raise ValueError(f"the planner knows no GPU like {torch.cuda.get_device_name(device)!r}; add it to fusiontrain.plan.planner.GPUS")
+        hardware, limit = hardware_for(kind), int(0.95 * torch.cuda.get_device_properties(device).total_memory)
+    else:
+        hardware = cpu_hardware()
+        limit = hardware.memory_bytes
     for choice in CHECKPOINTING_CHOICES:
         plan = plan_run(make_config(choice), gpus=1, hardware=hardware)
-        if plan.peak_bytes <= hardware.memory_bytes or choice == CHECKPOINTING_CHOICES[-1]:
-            return choice, {"checkpointing": choice, "peak_bytes": plan.peak_bytes, "fits": plan.peak_bytes <= hardware.memory_bytes,
-                            "device_memory_bytes": hardware.memory_bytes, "hardware": hardware.name}
+        if plan.peak_bytes <= limit or choice == CHECKPOINTING_CHOICES[-1]:
+            return choice, {"checkpointing": choice, "peak_bytes": plan.peak_bytes, "fits": plan.peak_bytes <= limit,
+                            "memory_limit_bytes": limit, "hardware": hardware.name}
     raise AssertionError("unreachable")
 
 
