@@ -188,7 +188,7 @@ class TorchtuneVariant(Variant):
         params = list(self.model.parameters())
         self.params_total = sum(p.numel() for p in params)
         self.params_trainable = self.params_requires_grad = sum(p.numel() for p in params if p.requires_grad)
-        self.optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, **setup.adamw_kind())
+        self.optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, fused=True)
         self.optimizer.zero_grad()
         self.batches, _ = trainer_stream(config)
         ratios = json.loads((folder / "config.json").read_text())["vision_config"]["supported_aspect_ratios"]

@@ -52,11 +52,6 @@ class Setup:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def adamw_kind(self) -> dict[str, bool]:
-        """fused: HF's Trainer default (``adamw_torch_fused`` since torch 2.8, on every device),
-        what fusiontrain's step and torchtune's configs use."""
-        return {"fused": True}
-
     def agreement_rtol(self) -> float:
         return BF16_AGREEMENT_RTOL if self.precision == "bf16" else AGREEMENT_RTOL
 
@@ -205,9 +200,8 @@ class HFVariant(Variant):
         self.params, self.params_trainable = hf_trainable(self.model)
         self.params_total = sum(p.numel() for p in self.model.parameters())
         self.params_requires_grad = sum(p.numel() for p in self.params)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, **setup.adamw_kind()
-        )
+        # fused: HF's Trainer default (adamw_torch_fused since torch 2.8, on every device)
+        self.optimizer = torch.optim.AdamW(self.params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0, fused=True)
         self.batches, self.spec = trainer_stream(config)
         self.reference_loss = hf_loss_without_39379(self.model, first, self.spec, setup)
         gc.collect()
