@@ -101,6 +101,28 @@ class ModelConfig:
 
 
 @dataclass
+class ColumnsConfig:
+    """Record fields of a conversation format (llava, sharegpt, cauldron), as LLaMA-Factory's
+    ``columns``; null keeps the format's own names."""
+
+    messages: str | None = _field(None, "Column of the turns (llava/sharegpt: conversations; cauldron: texts).")
+    images: str | None = _field(None, "Column of the image references (llava: image; sharegpt/cauldron: images).")
+    system: str | None = _field(None, "Column of a system prompt (llava/sharegpt: system).")
+
+
+@dataclass
+class TagsConfig:
+    """Keys and role names inside a turn of a conversation format, as LLaMA-Factory's ``tags``;
+    null keeps the format's own."""
+
+    role_tag: str | None = _field(None, "A turn's key naming its speaker (llava: from; sharegpt: from or role).")
+    content_tag: str | None = _field(None, "A turn's key holding its text (llava: value; sharegpt: value or content).")
+    user_tag: str | None = _field(None, "The user's name (llava: human; sharegpt: human or user; cauldron: the exchange's key, user).")
+    assistant_tag: str | None = _field(None, "The assistant's name (llava: gpt; sharegpt: gpt or assistant; cauldron: the exchange's key, assistant).")
+    system_tag: str | None = _field(None, "A system turn's name (llava/sharegpt: system).")
+
+
+@dataclass
 class DataSplitConfig:
     path: str | None = _field(
         None,
@@ -108,16 +130,32 @@ class DataSplitConfig:
         "webdataset .tar shards, a file or glob like /data/shards/*.tar.",
     )
     split: str = _field("train", "Split to read from a hub dataset (local files have only 'train').")
+    subset: str | None = _field(
+        None, "The hub dataset's configuration (its subset, e.g. 'ai2d' of HuggingFaceM4/the_cauldron); null: its default."
+    )
+    format: Literal["caption", "chat", "llava", "sharegpt", "cauldron"] | None = _field(
+        None, "This source's record format; null: data.format."
+    )
+    columns: ColumnsConfig = _field(ColumnsConfig, "llava/sharegpt/cauldron: the record's field names, where they differ from the format's.")
+    tags: TagsConfig = _field(TagsConfig, "llava/sharegpt/cauldron: the keys and role names inside a turn, where they differ.")
+    placeholder: str | None = _field(
+        None, "llava/sharegpt: the text that marks an image's position in a turn; null: '<image>'."
+    )
+    image_root: str | None = _field(
+        None,
+        "The folder relative image paths are relative to (LLaVA's image folder); null: the data file's folder.",
+    )
 
 
 @dataclass
 class DataConfig:
     train: DataSplitConfig = _field(DataSplitConfig, "Training split.")
     eval: DataSplitConfig = _field(DataSplitConfig, "Held-out split for the periodic eval loss.")
-    format: Literal["caption", "chat", "synthetic"] = _field(
+    format: Literal["caption", "chat", "llava", "sharegpt", "cauldron", "synthetic"] = _field(
         "synthetic",
-        "Sample format: 'caption' ({image, text}), 'chat' ({images, messages}), or 'synthetic' "
-        "(deterministic generated samples, no files).",
+        "Sample format: 'caption' ({image, text}), 'chat' ({images, messages}), 'llava' ({image, conversations}), "
+        "'sharegpt' ({conversations or messages, images}), 'cauldron' ({images, texts}) (docs/data.md: Formats), or "
+        "'synthetic' (deterministic generated samples, no files). A source's own format (data.train.format) wins.",
     )
     train_on: Literal["assistant", "all"] = _field(
         "assistant", "Positions trained on: assistant turns (or the caption) only, or every text token."
@@ -495,8 +533,7 @@ def validate(config: TrainConfig) -> None:
             "ones; drop model.frozen_dtype (it follows model.dtype), or set model.dtype=float32 with "
             "model.frozen_dtype=bfloat16"
         )
-    if config.data.format != "synthetic" and config.data.train.path is None:
-        raise ConfigError(f"config key 'data.train.path' is required for data.format={config.data.format!r}")
+    _validate_sources(config.data)
     _validate_streaming(config.data)
     ac = config.parallel.activation_checkpointing
     if ac not in ("none", "full") and not (ac.isascii() and ac.isdecimal() and int(ac) >= 1):
@@ -596,10 +633,37 @@ def _validate_lora(model: ModelConfig) -> None:
             )
 
 
+_CONVERSATION_FORMATS = ("llava", "sharegpt", "cauldron")
+
+
+def _validate_sources(data: DataConfig) -> None:
+    """Each source's format resolves (its own, else data.format) to one its settings fit."""
+    for split in ("train", "eval"):
+        source: DataSplitConfig = getattr(data, split)
+        format = source.format or data.format
+        if split == "train" and format != "synthetic" and source.path is None:
+            raise ConfigError(f"config key 'data.train.path' is required for format {format!r}")
+        if format == "synthetic" and source.path is not None:
+            raise ConfigError(
+                f"config key 'data.{split}.path' is set but its format is synthetic (data.format, the default): set "
+                f"data.{split}.format or data.format to the records' format (caption, chat, llava, sharegpt, cauldron)"
+            )
+        mapped = [f"columns.{k}" for k, v in vars(source.columns).items() if v is not None]
+        mapped += [f"tags.{k}" for k, v in vars(source.tags).items() if v is not None]
+        mapped += ["placeholder"] if source.placeholder is not None else []
+        if mapped and format not in _CONVERSATION_FORMATS:
+            raise ConfigError(
+                f"config key 'data.{split}.{mapped[0]}' maps a conversation format's fields, but the format is "
+                f"{format!r}; it applies to {', '.join(_CONVERSATION_FORMATS)}"
+            )
+        if source.placeholder == "":
+            raise ConfigError(f"config key 'data.{split}.placeholder' must be non-empty text, e.g. '<image>'")
+
+
 def _validate_streaming(data: DataConfig) -> None:
     """Streaming needs real (not synthetic) train data; .tar shards are read only as a stream."""
-    if data.streaming and data.format == "synthetic":
-        raise ConfigError("config key 'data.streaming' needs real data: set data.format (caption or chat) and data.train.path")
+    if data.streaming and (data.train.format or data.format) == "synthetic":
+        raise ConfigError("config key 'data.streaming' needs real data: set data.format (caption, chat, ...) and data.train.path")
     if not data.streaming and str(data.train.path).lower().endswith(".tar"):
         raise ConfigError(f"config key 'data.train.path'={data.train.path} names .tar shards: set data.streaming=true to read them")
     if str(data.eval.path).lower().endswith(".tar"):

@@ -129,6 +129,13 @@ def _new_value(key: str, current: Any, folder: Path) -> tuple[Any, list[str]]:
     if key == "data.format":  # formats other than synthetic read a training file
         value = "caption" if current != "caption" else "chat"
         return value, [f"data.train.path={folder / 'train.jsonl'}"]
+    if key in ("data.train.path", "data.eval.path"):  # a path needs a record format (not synthetic)
+        return str(folder / "records.jsonl"), ["data.format=chat", f"data.train.path={folder / 'train.jsonl'}"]
+    if key == "data.train.format":  # a real format reads a training file
+        return "llava", [f"data.train.path={folder / 'train.jsonl'}"]
+    split, _, field = key.removeprefix("data.").partition(".")
+    if split in ("train", "eval") and field.partition(".")[0] in ("columns", "tags", "placeholder"):
+        return f"custom-{key.replace('.', '-')}", ["data.format=sharegpt", f"data.train.path={folder / 'train.jsonl'}"]
     if key == "data.streaming":  # streams real data only
         return (not current), ["data.format=caption", f"data.train.path={folder / 'shards' / '*.tar'}"]
     kind = _strip_optional(_field_type(key))

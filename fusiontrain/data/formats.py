@@ -1,6 +1,8 @@
 """Records -> :class:`~fusiontrain.data.batch.Sample` s: tokens, shifted labels, images, image spans.
 
-Two record formats (``data.format``):
+Two record formats of our own (``data.format``), and three that open data ships in (``llava``,
+``sharegpt``, ``cauldron``: :mod:`fusiontrain.data.conversations` reads each record of those as a
+``chat`` record, then it goes the ``chat`` way):
 
 - ``caption``: ``{"image": <ref>, "text": "..."}``. Tokens: BOS (when the tokenizer has one), the
   image token, the caption, EOS. This is Meta's Llama 3.2 layout (``ChatFormat.encode_content``:
@@ -12,7 +14,9 @@ Two record formats (``data.format``):
   ``{"type": "text", "text": ...}`` items; the k-th image item (in rendering order) is
   ``images[k]``. Roles: system, user, assistant. Rendered with the model's chat template
   (``apply_chat_template(..., tokenize=False)``), then tokenized without adding special tokens
-  (the template writes BOS), as HF's ``apply_chat_template(tokenize=True)`` does.
+  (the template writes BOS), as HF's ``apply_chat_template(tokenize=True)`` does. A record with
+  images and nothing that places them (no image item, no image token as text) gets them at the
+  start of its first user turn, as the_cauldron's records need.
 
 Image tokens:
 
@@ -57,6 +61,12 @@ from typing import Any, Literal
 import torch
 
 from fusiontrain.data.batch import Sample
+from fusiontrain.data.conversations import (
+    CONVERSATION_FORMATS,
+    ConversationLayout,
+    conversation_layout,
+    images_first_when_unplaced,
+)
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.errors import REASONS, BadSample
 from fusiontrain.data.images import ImageTransform
@@ -72,7 +82,8 @@ __all__ = [
     "image_spans",
 ]
 
-Format = Literal["caption", "chat"]
+Format = Literal["caption", "chat", "llava", "sharegpt", "cauldron"]
+FORMATS: tuple[str, ...] = ("caption", "chat", *CONVERSATION_FORMATS)
 TrainOn = Literal["assistant", "all"]
 TooLong = Literal["skip", "truncate"]
 
@@ -134,7 +145,10 @@ class SampleBuilder:
         image_format: the encoder's image format.
         image_dir: the folder with the image processor when the tokenizer has no image token (a
             composed model's vision tower); None or ``text_dir`` otherwise.
-        format: ``"caption"`` or ``"chat"`` (see the module docstring).
+        format: ``"caption"``, ``"chat"``, ``"llava"``, ``"sharegpt"`` or ``"cauldron"`` (see the
+            module docstring).
+        layout: for ``llava``, ``sharegpt`` and ``cauldron``, the record layout with a mapping's
+            names (:func:`~fusiontrain.data.conversations.conversation_layout`); None: the format's own.
         train_on: ``"assistant"`` or ``"all"``.
         max_len: most tokens per sample.
         too_long: ``"skip"`` or ``"truncate"``.
@@ -154,6 +168,7 @@ class SampleBuilder:
         *,
         image_dir: str | Path | None = None,
         format: Format = "chat",
+        layout: ConversationLayout | None = None,
         train_on: TrainOn = "assistant",
         max_len: int,
         too_long: TooLong = "skip",
@@ -162,8 +177,13 @@ class SampleBuilder:
     ) -> None:
         from transformers import AutoProcessor, AutoTokenizer
 
-        if format not in ("caption", "chat"):
-            raise ValueError(f"format must be 'caption' or 'chat', got {format!r}")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
+        if layout is not None and layout.format != format:
+            raise ValueError(f"a {layout.format!r} layout given for format {format!r}")
+        if format in CONVERSATION_FORMATS and layout is None:
+            layout = conversation_layout(format)
+        self.layout = layout
         if train_on not in ("assistant", "all"):
             raise ValueError(f"train_on must be 'assistant' or 'all', got {train_on!r}")
         if too_long not in ("skip", "truncate"):
@@ -202,13 +222,13 @@ class SampleBuilder:
             self.transform = ImageTransform.from_pretrained(image_dir, image_format)
 
         self.chat_template: str | None = None
-        if format == "chat":
+        if format != "caption":
             if isinstance(template, dict):
                 if "default" not in template:
                     raise ValueError(f"{template_owner} has several chat templates and none named 'default'")
                 template = template["default"]
             if not template:
-                raise ValueError(f"format 'chat' needs a chat template, and {template_owner} has none")
+                raise ValueError(f"format {format!r} needs a chat template, and {template_owner} has none")
             self.chat_template = template
         if format == "caption" and self.tokenizer.eos_token_id is None:
             raise ValueError(f"format 'caption' ends each caption with EOS, and the tokenizer in {text_dir} has none")
@@ -257,8 +277,10 @@ class SampleBuilder:
             raise BadSample("bad_record", f"expected a record object, got {type(data).__name__}")
         if self.format == "caption":
             tokens, trained, images = self._caption(data)
+        elif self.layout is not None:
+            tokens, trained, images = self._chat(self.layout.to_chat(data, image_token_text=self.image_placeholder))
         else:
-            tokens, trained, images = self._chat(data)
+            tokens, trained, images = self._chat(images_first_when_unplaced(data, image_token_text=self.image_placeholder))
 
         n_image_tokens = tokens.count(self.image_token_id)
         if n_image_tokens != len(images):

@@ -100,7 +100,9 @@ class RecordSource:
         return f"RecordSource({self.name!r}, kind={self.kind!r}, records={len(self)})"
 
 
-def load_records(path: str | Path, *, split: str = "train") -> RecordSource:
+def load_records(
+    path: str | Path, *, split: str = "train", subset: str | None = None, image_root: str | Path | None = None
+) -> RecordSource:
     """The records at ``path``.
 
     Args:
@@ -110,17 +112,24 @@ def load_records(path: str | Path, *, split: str = "train") -> RecordSource:
             ``image`` field); anything that is not an existing path is a hub dataset name, given to
             ``datasets.load_dataset(name, split=split)``.
         split: the split to read. A local file is a single split named ``"train"``.
+        subset: a hub dataset's configuration (``datasets.load_dataset(name, subset, ...)``).
+        image_root: the folder relative image paths are relative to, instead of the data file's
+            folder (LLaVA's annotations name images under a separate image folder).
 
     Raises:
-        ValueError: an existing path of a kind not listed above.
+        ValueError: an existing path of a kind not listed above, or a subset for a local file.
     """
     import datasets
 
     local = Path(path)
+    root = None if image_root is None else Path(image_root)
     if not local.exists():
         name = str(path)
-        dataset = datasets.load_dataset(name, split=split)
-        return RecordSource(_without_image_decoding(dataset), name=name, kind="hub", base_dir=None)
+        dataset = datasets.load_dataset(name, subset, split=split)
+        label = name if subset is None else f"{name}/{subset}"
+        return RecordSource(_without_image_decoding(dataset), name=label, kind="hub", base_dir=root)
+    if subset is not None:
+        raise ValueError(f"subset={subset!r} names a hub dataset's configuration, but {path} is a local path; drop it")
 
     name = str(local)
     if local.is_dir():
@@ -129,14 +138,14 @@ def load_records(path: str | Path, *, split: str = "train") -> RecordSource:
                 f"{name} is a directory without metadata.jsonl: an imagefolder needs one to give each image its text"
             )
         dataset = datasets.load_dataset("imagefolder", data_dir=name, split=split)
-        return RecordSource(_without_image_decoding(dataset), name=name, kind="imagefolder", base_dir=local)
+        return RecordSource(_without_image_decoding(dataset), name=name, kind="imagefolder", base_dir=root or local)
 
     kind = _SUFFIX_KINDS.get(local.suffix.lower())
     if kind is None:
         raise ValueError(f"cannot read {name}: expected a .jsonl, .json or .parquet file or an imagefolder directory")
     builder = {"jsonl": "text", "json": "json", "parquet": "parquet"}[kind]
     dataset = datasets.load_dataset(builder, data_files=name, split=split)
-    return RecordSource(_without_image_decoding(dataset), name=name, kind=kind, base_dir=local.parent)
+    return RecordSource(_without_image_decoding(dataset), name=name, kind=kind, base_dir=root or local.parent)
 
 
 def _parse_json_line(line: str) -> tuple[dict[str, Any] | None, BadSample | None]:

@@ -97,20 +97,29 @@ class StreamSource:
         return Record(data=example, origin=origin, base_dir=self.base_dir)
 
 
-def open_stream(path: str, *, split: str = "train") -> StreamSource:
+def open_stream(
+    path: str, *, split: str = "train", subset: str | None = None, image_root: str | Path | None = None
+) -> StreamSource:
     """The stream of records at ``path`` (see the module docstring).
 
     Args:
         path: ``.tar`` shards (a file or glob), a local ``.jsonl`` / ``.json`` / ``.parquet`` file
             or glob, or a hub dataset name.
         split: the split of a hub dataset (local files have only ``"train"``).
+        subset: a hub dataset's configuration.
+        image_root: the folder relative image paths are relative to, instead of the files' folder.
     """
     import datasets
+
+    root = None if image_root is None else Path(image_root)
+    hub = not is_tar_shards(path) and Path(path).suffix.lower() not in _FILE_BUILDERS and not Path(path).is_dir()
+    if subset is not None and not hub:
+        raise ValueError(f"subset={subset!r} names a hub dataset's configuration, but {path} is local data; drop it")
 
     if is_tar_shards(path):
         shards = expand_shards(path)
         dataset = datasets.IterableDataset.from_generator(read_tar_shards, gen_kwargs={"shards": shards})
-        return StreamSource(dataset, str(path), "tar", len(shards))
+        return StreamSource(dataset, str(path), "tar", len(shards), base_dir=root)
     suffix = Path(path).suffix.lower()
     if Path(path).is_dir():
         raise ValueError(
@@ -121,9 +130,10 @@ def open_stream(path: str, *, split: str = "train") -> StreamSource:
         reader, builder = _FILE_BUILDERS[suffix]
         files = expand_shards(path)
         dataset = _without_image_decoding(datasets.load_dataset(builder, data_files=files, split="train", streaming=True))
-        return StreamSource(dataset, str(path), reader, dataset.num_shards, base_dir=Path(path).parent)
-    dataset = _without_image_decoding(datasets.load_dataset(str(path), split=split, streaming=True))
-    return StreamSource(dataset, str(path), "hub", dataset.num_shards)
+        return StreamSource(dataset, str(path), reader, dataset.num_shards, base_dir=root or Path(path).parent)
+    dataset = _without_image_decoding(datasets.load_dataset(str(path), subset, split=split, streaming=True))
+    name = str(path) if subset is None else f"{path}/{subset}"
+    return StreamSource(dataset, name, "hub", dataset.num_shards, base_dir=root)
 
 
 def _without_image_decoding(dataset: Any) -> Any:

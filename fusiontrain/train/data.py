@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusiontrain.config import BatchConfig, DataConfig, TrainConfig
+from fusiontrain.config import BatchConfig, DataConfig, DataSplitConfig, TrainConfig
+from fusiontrain.data.conversations import CONVERSATION_FORMATS, ConversationLayout, conversation_layout
 from fusiontrain.data.formats import RecordDataset, SampleBuilder
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.loader import Dealing, PlannedLoader, PlannedStream, StreamConfig
@@ -85,7 +86,8 @@ def build_dataset(
         split: "train" or "eval".
     """
     data = config.data
-    if data.format == "synthetic":
+    source = data.train if split == "train" else data.eval
+    if source_format(data, source) == "synthetic":
         vocab_size = model.decoder.tok_embeddings.vocab_size
         num_samples = data.synthetic_samples if split == "train" else max(64, data.synthetic_samples // 8)
         return SyntheticImageText(
@@ -97,20 +99,38 @@ def build_dataset(
             lengths=data.synthetic_lengths,
             seed=config.seed if split == "train" else config.seed + 7919,
         )
-    source = data.train if split == "train" else data.eval
     if source.path is None:
         return None
-    return RecordDataset(load_records(source.path, split=source.split), sample_builder(config, image_format, inputs))
+    records = load_records(source.path, split=source.split, subset=source.subset, image_root=source.image_root)
+    return RecordDataset(records, sample_builder(config, image_format, inputs, source))
 
 
-def sample_builder(config: TrainConfig, image_format: ImageFormat, inputs: InputFolders) -> SampleBuilder:
-    """Turns the configured data's records into samples (tokens, labels, images)."""
+def source_format(data: DataConfig, source: DataSplitConfig) -> str:
+    """The record format of ``source``: its own, else ``data.format``."""
+    return source.format or data.format
+
+
+def record_layout(data: DataConfig, source: DataSplitConfig) -> ConversationLayout | None:
+    """The conversation layout of ``source`` with its mapping (llava, sharegpt, cauldron), else None."""
+    format = source_format(data, source)
+    if format not in CONVERSATION_FORMATS:
+        return None
+    return conversation_layout(
+        format, columns=vars(source.columns), tags=vars(source.tags), placeholder=source.placeholder
+    )
+
+
+def sample_builder(
+    config: TrainConfig, image_format: ImageFormat, inputs: InputFolders, source: DataSplitConfig
+) -> SampleBuilder:
+    """Turns the records of ``source`` into samples (tokens, labels, images)."""
     data = config.data
     return SampleBuilder(
         inputs.text_dir,
         image_format,
         image_dir=inputs.image_dir,
-        format=data.format,
+        format=source_format(data, source),
+        layout=record_layout(data, source),
         train_on=data.train_on,
         max_len=config.batch.seq_len,
         too_long=data.too_long,
@@ -121,11 +141,13 @@ def sample_builder(config: TrainConfig, image_format: ImageFormat, inputs: Input
 def data_description(config: DataConfig, split: str) -> str:
     """Names the configured data of ``split`` ("train" or "eval") for people, in config terms:
     ``data.train.path=/data/train.jsonl (data.format=chat)``, or the synthetic set's size."""
-    if config.format == "synthetic":
-        return f"the synthetic data (data.synthetic_samples={config.synthetic_samples})"
     source = config.train if split == "train" else config.eval
+    if source_format(config, source) == "synthetic":
+        return f"the synthetic data (data.synthetic_samples={config.synthetic_samples})"
     hub_split = f", split {source.split!r}" if source.split != "train" else ""
-    return f"data.{split}.path={source.path} (data.format={config.format}{hub_split})"
+    subset = f", subset {source.subset!r}" if source.subset is not None else ""
+    format_key = f"data.{split}.format" if source.format is not None else "data.format"
+    return f"data.{split}.path={source.path} ({format_key}={source_format(config, source)}{subset}{hub_split})"
 
 
 def sizes_key_parts(config: TrainConfig, dataset: Dataset, image_format: ImageFormat, inputs: InputFolders) -> dict[str, Any]:
@@ -155,8 +177,11 @@ def sizes_key_parts(config: TrainConfig, dataset: Dataset, image_format: ImageFo
         source["files"] = files_identity(local)
     else:
         source["datasets_fingerprint"] = getattr(records.dataset, "_fingerprint", None)
+    layout = record_layout(data, data.train)
     samples = {
-        "format": data.format,
+        "format": source_format(data, data.train),
+        "layout": None if layout is None else {**vars(layout)},
+        "image_root": data.train.image_root,
         "train_on": data.train_on,
         "seq_len": config.batch.seq_len,
         "too_long": data.too_long,
@@ -167,7 +192,8 @@ def sizes_key_parts(config: TrainConfig, dataset: Dataset, image_format: ImageFo
 
 
 def _dirs(config: TrainConfig) -> list[Path]:
-    return cache_dirs(config.data.train.path if config.data.format != "synthetic" else None, config.output_dir)
+    synthetic = source_format(config.data, config.data.train) == "synthetic"
+    return cache_dirs(None if synthetic else config.data.train.path, config.output_dir)
 
 
 def prepare_sizes(
@@ -300,8 +326,8 @@ def build_streaming_train_loader(
     :mod:`fusiontrain.data.streaming`). Its position is per rank, unlike the row plan's."""
     data = config.data
     stream = StreamingSampleStream(
-        open_stream(data.train.path, split=data.train.split),
-        sample_builder(config, image_format, inputs),
+        open_stream(data.train.path, split=data.train.split, subset=data.train.subset, image_root=data.train.image_root),
+        sample_builder(config, image_format, inputs, data.train),
         image_format,
         build_stream_config(data, config.batch, image_format, ignore_index=ignore_index),
         rank=rank,
