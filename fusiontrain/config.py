@@ -145,12 +145,26 @@ class DataSplitConfig:
         None,
         "The folder relative image paths are relative to (LLaVA's image folder); null: the data file's folder.",
     )
+    name: str | None = _field(
+        None,
+        "In a list of sources: the name its metrics are reported under; null: the file's stem or the hub name "
+        "(with its subset).",
+    )
+    weight: float | None = _field(
+        None,
+        "In a list of training sources: its share of each epoch's samples, relative to the others' (set on every "
+        "source or none; none: each source once per epoch). docs/data.md: Mixtures.",
+    )
 
 
 @dataclass
 class DataConfig:
-    train: DataSplitConfig = _field(DataSplitConfig, "Training split.")
-    eval: DataSplitConfig = _field(DataSplitConfig, "Held-out split for the periodic eval loss.")
+    train: DataSplitConfig | tuple[DataSplitConfig, ...] = _field(
+        DataSplitConfig, "Training data: one source, or a list of sources mixed by their weights (docs/data.md: Mixtures)."
+    )
+    eval: DataSplitConfig | tuple[DataSplitConfig, ...] = _field(
+        DataSplitConfig, "Held-out data for the periodic eval loss: one source, or a list, each reported under its name."
+    )
     format: Literal["caption", "chat", "llava", "sharegpt", "cauldron", "synthetic"] = _field(
         "synthetic",
         "Sample format: 'caption' ({image, text}), 'chat' ({images, messages}), 'llava' ({image, conversations}), "
@@ -456,7 +470,10 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if isinstance(value, (list, tuple)):  # a list: its own option's error is the one to report
+            options.sort(key=lambda option: typing.get_origin(option) is not tuple)
+        for option in options:
             try:
                 return _coerce(option, value, key)
             except ConfigError as error:
@@ -636,41 +653,97 @@ def _validate_lora(model: ModelConfig) -> None:
 _CONVERSATION_FORMATS = ("llava", "sharegpt", "cauldron")
 
 
+def data_sources(data: DataConfig, split: str) -> tuple[DataSplitConfig, ...]:
+    """The sources of ``split`` ("train" or "eval"), a list of one for a single source."""
+    sources = getattr(data, split)
+    return sources if isinstance(sources, tuple) else (sources,)
+
+
+def source_key(data: DataConfig, split: str, index: int) -> str:
+    """The config key of source ``index`` of ``split``, for messages: ``data.train`` for a single
+    source, ``data.train[1]`` in a list."""
+    return f"data.{split}" if not isinstance(getattr(data, split), tuple) else f"data.{split}[{index}]"
+
+
+def source_name(source: DataSplitConfig) -> str:
+    """The name a source's metrics go under: its ``name``, else the file's stem, else the hub
+    name (its last part) with its subset."""
+    if source.name:
+        return source.name
+    if source.path is None:
+        return "synthetic"
+    path = Path(source.path)
+    if path.exists() or path.suffix:
+        return path.stem if path.is_file() or path.suffix else path.name
+    base = str(source.path).rstrip("/").rpartition("/")[2]
+    return base if source.subset is None else f"{base}/{source.subset}"
+
+
 def _validate_sources(data: DataConfig) -> None:
-    """Each source's format resolves (its own, else data.format) to one its settings fit."""
+    """Each source's format resolves (its own, else data.format) to one its settings fit; a list
+    has distinct names and weights on every source or none."""
     for split in ("train", "eval"):
-        source: DataSplitConfig = getattr(data, split)
-        format = source.format or data.format
-        if split == "train" and format != "synthetic" and source.path is None:
-            raise ConfigError(f"config key 'data.train.path' is required for format {format!r}")
-        if format == "synthetic" and source.path is not None:
+        sources = data_sources(data, split)
+        if not sources:
+            raise ConfigError(f"config key 'data.{split}' is an empty list; give one source or more, or drop the key")
+        for index, source in enumerate(sources):
+            key = source_key(data, split, index)
+            format = source.format or data.format
+            if split == "train" and format != "synthetic" and source.path is None:
+                raise ConfigError(f"config key '{key}.path' is required for format {format!r}")
+            if format == "synthetic" and source.path is not None:
+                raise ConfigError(
+                    f"config key '{key}.path' is set but its format is synthetic (data.format, the default): set "
+                    f"{key}.format or data.format to the records' format (caption, chat, llava, sharegpt, cauldron)"
+                )
+            if len(sources) > 1 and source.path is None:
+                raise ConfigError(f"config key '{key}.path' is required: every source of a list reads data")
+            mapped = [f"columns.{k}" for k, v in vars(source.columns).items() if v is not None]
+            mapped += [f"tags.{k}" for k, v in vars(source.tags).items() if v is not None]
+            mapped += ["placeholder"] if source.placeholder is not None else []
+            if mapped and format not in _CONVERSATION_FORMATS:
+                raise ConfigError(
+                    f"config key '{key}.{mapped[0]}' maps a conversation format's fields, but the format is "
+                    f"{format!r}; it applies to {', '.join(_CONVERSATION_FORMATS)}"
+                )
+            if source.placeholder == "":
+                raise ConfigError(f"config key '{key}.placeholder' must be non-empty text, e.g. '<image>'")
+            if source.weight is not None and not (source.weight > 0 and math.isfinite(source.weight)):
+                raise ConfigError(f"config key '{key}.weight' must be a positive number; got {source.weight}")
+            if source.weight is not None and split == "eval":
+                raise ConfigError(f"config key '{key}.weight': eval sources are each evaluated whole; drop the weight")
+        names = [source_name(source) for source in sources]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if len(sources) > 1 and repeated:
             raise ConfigError(
-                f"config key 'data.{split}.path' is set but its format is synthetic (data.format, the default): set "
-                f"data.{split}.format or data.format to the records' format (caption, chat, llava, sharegpt, cauldron)"
+                f"config key 'data.{split}': two sources are named {repeated[0]!r}; give each a distinct 'name'"
             )
-        mapped = [f"columns.{k}" for k, v in vars(source.columns).items() if v is not None]
-        mapped += [f"tags.{k}" for k, v in vars(source.tags).items() if v is not None]
-        mapped += ["placeholder"] if source.placeholder is not None else []
-        if mapped and format not in _CONVERSATION_FORMATS:
-            raise ConfigError(
-                f"config key 'data.{split}.{mapped[0]}' maps a conversation format's fields, but the format is "
-                f"{format!r}; it applies to {', '.join(_CONVERSATION_FORMATS)}"
-            )
-        if source.placeholder == "":
-            raise ConfigError(f"config key 'data.{split}.placeholder' must be non-empty text, e.g. '<image>'")
+        weighted = [source.weight is not None for source in sources]
+        if any(weighted) and not all(weighted):
+            missing = source_key(data, split, weighted.index(False))
+            raise ConfigError(f"config key '{missing}.weight' is missing: set a weight on every source of the list or on none")
 
 
 def _validate_streaming(data: DataConfig) -> None:
     """Streaming needs real (not synthetic) train data; .tar shards are read only as a stream."""
-    if data.streaming and (data.train.format or data.format) == "synthetic":
-        raise ConfigError("config key 'data.streaming' needs real data: set data.format (caption, chat, ...) and data.train.path")
-    if not data.streaming and str(data.train.path).lower().endswith(".tar"):
-        raise ConfigError(f"config key 'data.train.path'={data.train.path} names .tar shards: set data.streaming=true to read them")
-    if str(data.eval.path).lower().endswith(".tar"):
+    train = data_sources(data, "train")
+    if data.streaming and len(train) > 1:
         raise ConfigError(
-            f"config key 'data.eval.path'={data.eval.path} names .tar shards, but eval data is read map-style: give it a "
-            "json/jsonl/parquet file, an imagefolder or a hub name"
+            "config key 'data.streaming' reads one training source; a list of sources is mixed map-style "
+            "(data.streaming=false)"
         )
+    if data.streaming and (train[0].format or data.format) == "synthetic":
+        raise ConfigError("config key 'data.streaming' needs real data: set data.format (caption, chat, ...) and data.train.path")
+    for index, source in enumerate(train):
+        if not data.streaming and str(source.path).lower().endswith(".tar"):
+            key = source_key(data, "train", index)
+            raise ConfigError(f"config key '{key}.path'={source.path} names .tar shards: set data.streaming=true to read them")
+    for index, source in enumerate(data_sources(data, "eval")):
+        if str(source.path).lower().endswith(".tar"):
+            raise ConfigError(
+                f"config key '{source_key(data, 'eval', index)}.path'={source.path} names .tar shards, but eval data is "
+                "read map-style: give it a json/jsonl/parquet file, an imagefolder or a hub name"
+            )
 
 
 # -- writing and describing -----------------------------------------------------------------------
@@ -694,14 +767,27 @@ def save_config(config: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
+def section_type(kind: Any) -> type | None:
+    """The section (dataclass) a field of type ``kind`` holds: the dataclass itself, or ``X`` of
+    ``X | tuple[X, ...]`` (a section, or a list of them); None for a leaf."""
+    if dataclasses.is_dataclass(kind):
+        return kind
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        sections = [arg for arg in typing.get_args(kind) if dataclasses.is_dataclass(arg)]
+        if len(sections) == 1:
+            return sections[0]
+    return None
+
+
 def describe(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted key, default, help)`` for every leaf field, in declaration order."""
+    """``(dotted key, default, help)`` for every leaf field, in declaration order (the keys of a
+    section that may also be a list are described once, as the section's)."""
     rows = []
     for spec in dataclasses.fields(cls):
         key = f"{prefix}{spec.name}"
         hints = typing.get_type_hints(cls)
-        if dataclasses.is_dataclass(hints[spec.name]):
-            rows += describe(hints[spec.name], prefix=f"{key}.")
+        if section_type(hints[spec.name]) is not None:
+            rows += describe(section_type(hints[spec.name]), prefix=f"{key}.")
         else:
             default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
             rows.append((key, json.dumps(default), spec.metadata["help"]))

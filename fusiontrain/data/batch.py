@@ -37,6 +37,8 @@ class Sample:
             rule: from its image token until the next image token, consecutive image tokens
             sharing the later span); tokens outside every span see no image.
         origin: where the sample came from (``file:line``), for messages.
+        source: the index of the data source it came from, in a mixture of sources
+            (:mod:`fusiontrain.data.mixture`); 0 otherwise.
     """
 
     tokens: torch.Tensor
@@ -44,6 +46,7 @@ class Sample:
     images: list[dict[str, torch.Tensor]] = field(default_factory=list)
     image_spans: list[tuple[int, int]] = field(default_factory=list)
     origin: str = ""
+    source: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -84,6 +87,12 @@ class Batch:
             the ignore index (the loss projects only those), or None; set from the host labels by
             :meth:`with_target_index` and carried by :meth:`map` and :meth:`to`. It belongs to
             ``labels``: a batch whose labels are replaced needs a new one.
+        sample_sources: the source index of each sample in the micro-batch (host metadata, for
+            per-source metrics; all 0 without a mixture).
+        source_ids: ``[b, s]`` int64, the source index of each position's sample (-1 on
+            padding), or None when every sample is of source 0 (always so for one source).
+        target_sources: ``[n]`` int64, the source of each position of ``target_index``; set with
+            it from the host ``source_ids`` (None without them).
     """
 
     tokens: torch.Tensor
@@ -96,6 +105,9 @@ class Batch:
     skipped: dict[str, int] = field(default_factory=dict)
     layouts: PackedLayouts | None = field(default=None, repr=False, compare=False)
     target_index: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    sample_sources: tuple[int, ...] = ()
+    source_ids: torch.Tensor | None = None
+    target_sources: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def self_attention_mask(self, *, flex: bool = False) -> Any:
         """None (causal) for unpacked rows; for packed rows the block-diagonal causal mask, dense
@@ -163,7 +175,9 @@ class Batch:
                 f"the target index is computed from the host labels, and these are a {type(labels).__name__} on "
                 f"{labels.device}; call with_target_index() on the host batch before moving or mapping it"
             )
-        return replace(self, target_index=target_positions(labels, ignore_index))
+        index = target_positions(labels, ignore_index)
+        sources = None if self.source_ids is None else self.source_ids.reshape(-1).index_select(0, index)
+        return replace(self, target_index=index, target_sources=sources)
 
     def to(self, device: torch.device | str) -> Batch:
         """A copy on ``device``. For a CPU device the packed layouts are built first; CUDA steps
@@ -189,6 +203,8 @@ class Batch:
             encoder_input=encoder_input,
             encoder_mask=encoder_mask,
             target_index=apply(self.target_index),
+            source_ids=apply(self.source_ids),
+            target_sources=apply(self.target_sources),
             layouts=None
             if layouts is None
             else PackedLayouts(
@@ -242,6 +258,10 @@ def collate_padded(
         [sample.images for sample in samples], [sample.image_spans for sample in samples], image_format, seq_len
     )
     input_pos = torch.arange(seq_len).expand(b, seq_len).clone()
+    sources = tuple(sample.source for sample in samples)
+    source_ids = None
+    if any(sources):
+        source_ids = torch.where(is_real, torch.tensor(sources, dtype=torch.long)[:, None], -1)
     return Batch(
         tokens=tokens,
         labels=labels,
@@ -249,4 +269,6 @@ def collate_padded(
         is_real=is_real,
         encoder_input=encoder_input,
         encoder_mask=encoder_mask,
+        sample_sources=sources,
+        source_ids=source_ids,
     )

@@ -185,6 +185,8 @@ def collate_rows(
     input_pos = torch.zeros(b, seq_len, dtype=torch.long)
     segment_ids = torch.zeros(b, seq_len, dtype=torch.long)
     is_real = torch.zeros(b, seq_len, dtype=torch.bool)
+    source_ids = torch.full((b, seq_len), -1, dtype=torch.long)
+    sample_sources: list[int] = []
     images_per_row: list[list[dict[str, torch.Tensor]]] = []
     spans_per_row: list[list[tuple[int, int]]] = []
     for r, row in enumerate(rows):
@@ -198,6 +200,8 @@ def collate_rows(
             input_pos[r, offset : offset + n] = torch.arange(n)
             segment_ids[r, offset : offset + n] = segment
             is_real[r, offset : offset + n] = True
+            source_ids[r, offset : offset + n] = sample.source
+            sample_sources.append(sample.source)
             images_per_row[r] += sample.images
             spans_per_row[r] += [(offset + start, offset + end) for start, end in sample.image_spans]
             offset += n
@@ -213,6 +217,8 @@ def collate_rows(
         segment_ids=segment_ids,
         encoder_input=encoder_input,
         encoder_mask=encoder_mask,
+        sample_sources=tuple(sample_sources),
+        source_ids=source_ids if any(sample_sources) else None,
     )
 
 

@@ -5,7 +5,8 @@ samples, so every rank computes the same plan without decoding an image, and the
 function of ``(seed, sizes, limits)`` only, not of the number of ranks:
 
 1. Epoch ``e`` visits every sample id once, in the order of ``randperm(n)`` seeded with
-   ``seed * 1_000_003 + e``.
+   ``seed * 1_000_003 + e`` (a mixture of sources gives its own order instead, in which each
+   source's ids appear as often as its weight says: :mod:`fusiontrain.data.mixture`).
 2. Samples that cannot be used are dropped there and counted once per epoch: those the size pass
    found bad (a malformed line, a template problem, ...), and those that can never fit a row
    (``too_long``: more than ``seq_len`` tokens; ``too_many_images``: more images than
@@ -25,6 +26,7 @@ How a step's rows are dealt to ranks and built is the loader's business
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -107,10 +109,22 @@ class RowPlan:
         seed: the run's seed.
         name: what the data is, for messages.
         strict: raise on the first unusable sample instead of skipping it.
+        order: ``order(epoch)`` -> the sample ids the epoch visits, in order (a mixture's); None:
+            every id once, shuffled by the seed.
     """
 
-    def __init__(self, sizes: SampleSizes, limits: RowLimits, seed: int, *, name: str = "", strict: bool = False) -> None:
+    def __init__(
+        self,
+        sizes: SampleSizes,
+        limits: RowLimits,
+        seed: int,
+        *,
+        name: str = "",
+        strict: bool = False,
+        order: Callable[[int], list[int]] | None = None,
+    ) -> None:
         self.sizes = sizes
+        self._order = order
         self.limits = limits
         self.seed = seed
         self.name = name or f"a dataset of {len(sizes)} samples"
@@ -118,7 +132,10 @@ class RowPlan:
         self._epochs: dict[int, EpochRows] = {}
 
     def order(self, epoch: int) -> list[int]:
-        """Every sample id, in the order epoch ``epoch`` visits them."""
+        """The sample ids epoch ``epoch`` visits, in order: every id once, unless a mixture's
+        ``order`` says otherwise."""
+        if self._order is not None:
+            return self._order(epoch)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.sizes), generator=generator).tolist()
 

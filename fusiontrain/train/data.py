@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from functools import partial
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusiontrain.config import BatchConfig, DataConfig, DataSplitConfig, TrainConfig
+from fusiontrain.config import BatchConfig, DataConfig, DataSplitConfig, TrainConfig, data_sources, source_key, source_name
 from fusiontrain.data.conversations import CONVERSATION_FORMATS, ConversationLayout, conversation_layout
 from fusiontrain.data.formats import RecordDataset, SampleBuilder
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.loader import Dealing, PlannedLoader, PlannedStream, StreamConfig
+from fusiontrain.data.mixture import MixedDataset, SourceMixture
 from fusiontrain.data.row_plan import DataPosition, RowLimits, RowPlan
 from fusiontrain.data.stream_sources import open_stream
 from fusiontrain.data.streaming import StreamingLoader, StreamingSampleStream, build_streaming_loader
@@ -46,7 +49,7 @@ from fusiontrain.train.setup import build_batch_layout
 
 logger = logging.getLogger("fusiontrain.data")
 
-Dataset = RecordDataset | SyntheticImageText
+Dataset = RecordDataset | SyntheticImageText | MixedDataset
 # Sums an int64 tensor over the data-parallel ranks (identity on one process).
 Combine = Callable[[torch.Tensor], torch.Tensor]
 
@@ -74,8 +77,10 @@ def build_stream_config(
 
 def build_dataset(
     config: TrainConfig, image_format: ImageFormat, inputs: InputFolders, model: nn.Module, *, split: str
-) -> RecordDataset | SyntheticImageText | None:
+) -> Dataset | None:
     """The configured dataset for ``split`` ("train" or "eval"); None when no eval split is set.
+    A list of training sources gives their :class:`~fusiontrain.data.mixture.MixedDataset`; a list
+    of eval sources is :func:`build_eval_sets`' business.
 
     Args:
         config: the run config (``data``, ``batch.seq_len`` and ``seed`` are read).
@@ -86,7 +91,15 @@ def build_dataset(
         split: "train" or "eval".
     """
     data = config.data
-    source = data.train if split == "train" else data.eval
+    sources = data_sources(data, split)
+    if len(sources) > 1:
+        if split != "train":
+            raise ValueError("several eval sources are evaluated one by one: use build_eval_sets")
+        datasets = [_record_dataset(config, image_format, inputs, source) for source in sources]
+        names = tuple(source_name(source) for source in sources)
+        weights = None if sources[0].weight is None else tuple(float(source.weight) for source in sources)
+        return MixedDataset(datasets, SourceMixture(names, tuple(len(d) for d in datasets), weights))
+    source = sources[0]
     if source_format(data, source) == "synthetic":
         vocab_size = model.decoder.tok_embeddings.vocab_size
         num_samples = data.synthetic_samples if split == "train" else max(64, data.synthetic_samples // 8)
@@ -101,6 +114,24 @@ def build_dataset(
         )
     if source.path is None:
         return None
+    return _record_dataset(config, image_format, inputs, source)
+
+
+def build_eval_sets(
+    config: TrainConfig, image_format: ImageFormat, inputs: InputFolders, model: nn.Module
+) -> list[tuple[str, Dataset]]:
+    """The eval sets, each with the name its loss is reported under: one (``eval_loss``) for a
+    single source, none without one, else one per source of ``data.eval``."""
+    sources = data_sources(config.data, "eval")
+    if len(sources) == 1:
+        dataset = build_dataset(config, image_format, inputs, model, split="eval")
+        return [] if dataset is None else [(source_name(sources[0]), dataset)]
+    return [(source_name(source), _record_dataset(config, image_format, inputs, source)) for source in sources]
+
+
+def _record_dataset(
+    config: TrainConfig, image_format: ImageFormat, inputs: InputFolders, source: DataSplitConfig
+) -> RecordDataset:
     records = load_records(source.path, split=source.split, subset=source.subset, image_root=source.image_root)
     return RecordDataset(records, sample_builder(config, image_format, inputs, source))
 
@@ -138,22 +169,34 @@ def sample_builder(
     )
 
 
-def data_description(config: DataConfig, split: str) -> str:
+def data_description(config: DataConfig, split: str, index: int | None = None) -> str:
     """Names the configured data of ``split`` ("train" or "eval") for people, in config terms:
-    ``data.train.path=/data/train.jsonl (data.format=chat)``, or the synthetic set's size."""
-    source = config.train if split == "train" else config.eval
+    ``data.train.path=/data/train.jsonl (data.format=chat)``, the synthetic set's size, or a
+    mixture's sources; ``index`` names one source of a list."""
+    sources = data_sources(config, split)
+    if index is None and len(sources) > 1:
+        return f"the mixture of {len(sources)} sources of data.{split} ({', '.join(source_name(s) for s in sources)})"
+    index = index or 0
+    source, key = sources[index], source_key(config, split, index)
     if source_format(config, source) == "synthetic":
         return f"the synthetic data (data.synthetic_samples={config.synthetic_samples})"
     hub_split = f", split {source.split!r}" if source.split != "train" else ""
     subset = f", subset {source.subset!r}" if source.subset is not None else ""
-    format_key = f"data.{split}.format" if source.format is not None else "data.format"
-    return f"data.{split}.path={source.path} ({format_key}={source_format(config, source)}{subset}{hub_split})"
+    format_key = f"{key}.format" if source.format is not None else "data.format"
+    return f"{key}.path={source.path} ({format_key}={source_format(config, source)}{subset}{hub_split})"
 
 
-def sizes_key_parts(config: TrainConfig, dataset: Dataset, image_format: ImageFormat, inputs: InputFolders) -> dict[str, Any]:
-    """What the training split's sample sizes depend on (JSON-able): the data (files' names,
-    sizes and mtimes, or the hub dataset's fingerprint), the sample format and ``batch.seq_len``,
-    the tokenizer and image-processor files, and the image format."""
+def sizes_key_parts(
+    config: TrainConfig,
+    dataset: Dataset,
+    image_format: ImageFormat,
+    inputs: InputFolders,
+    source: DataSplitConfig | None = None,
+) -> dict[str, Any]:
+    """What one source's sample sizes depend on (JSON-able): the data (files' names, sizes and
+    mtimes, or the hub dataset's fingerprint), the sample format and its layout, ``batch.seq_len``,
+    the tokenizer and image-processor files, and the image format. ``source``: the source's config
+    (default: the single ``data.train``)."""
     encoder = {
         "image_format": type(image_format).__name__,
         "describe": image_format.describe(),
@@ -170,51 +213,95 @@ def sizes_key_parts(config: TrainConfig, dataset: Dataset, image_format: ImageFo
             "vocab_size": dataset.vocab_size,
         }
         return {"synthetic": synthetic, "encoder": encoder}
+    source = source or data_sources(data, "train")[0]
     records = dataset.records
-    local = Path(data.train.path)
-    source = {"name": records.name, "kind": records.kind, "split": data.train.split, "num_records": len(records)}
+    local = Path(source.path)
+    identity = {"name": records.name, "kind": records.kind, "split": source.split, "num_records": len(records)}
     if local.exists():
-        source["files"] = files_identity(local)
+        identity["files"] = files_identity(local)
     else:
-        source["datasets_fingerprint"] = getattr(records.dataset, "_fingerprint", None)
-    layout = record_layout(data, data.train)
+        identity["datasets_fingerprint"] = getattr(records.dataset, "_fingerprint", None)
+    layout = record_layout(data, source)
     samples = {
-        "format": source_format(data, data.train),
+        "format": source_format(data, source),
         "layout": None if layout is None else {**vars(layout)},
-        "image_root": data.train.image_root,
+        "image_root": source.image_root,
         "train_on": data.train_on,
         "seq_len": config.batch.seq_len,
         "too_long": data.too_long,
         "image_token_id": inputs.image_token_id,
     }
     processors = {"text_dir": folder_digest(inputs.text_dir), "image_dir": folder_digest(inputs.image_dir)}
-    return {"data": source, "samples": samples, "processors": processors, "encoder": encoder}
+    return {"data": identity, "samples": samples, "processors": processors, "encoder": encoder}
 
 
-def _dirs(config: TrainConfig) -> list[Path]:
-    synthetic = source_format(config.data, config.data.train) == "synthetic"
-    return cache_dirs(None if synthetic else config.data.train.path, config.output_dir)
+@dataclass(frozen=True)
+class SizedSource:
+    """One source whose sizes are measured and cached on their own (so that adding a source to a
+    mixture measures that source only): its dataset, key parts and cache folders."""
+
+    name: str
+    dataset: Dataset
+    parts: dict[str, Any]
+    dirs: list[Path]
+
+    @property
+    def key(self) -> str:
+        return fingerprint(self.parts)
+
+
+def sized_sources(config: TrainConfig, dataset: Dataset, image_format: ImageFormat, inputs: InputFolders) -> list[SizedSource]:
+    """The training data's sources, one for a single source (synthetic included)."""
+    data = config.data
+    if isinstance(dataset, MixedDataset):
+        pairs = list(zip(dataset.datasets, data_sources(data, "train")))
+    else:
+        pairs = [(dataset, data_sources(data, "train")[0])]
+    out = []
+    for part, source in pairs:
+        synthetic = isinstance(part, SyntheticImageText)
+        out.append(
+            SizedSource(
+                name=source_name(source),
+                dataset=part,
+                parts=sizes_key_parts(config, part, image_format, inputs, None if synthetic else source),
+                dirs=cache_dirs(None if synthetic else source.path, config.output_dir),
+            )
+        )
+    return out
+
+
+def data_fingerprint(config: TrainConfig, sources: list[SizedSource], dataset: Dataset) -> str:
+    """The key of the training data's sizes: the source's own, or for a mixture one over the
+    sources' keys, names and weights (what the row plan depends on besides the seed and limits)."""
+    if not isinstance(dataset, MixedDataset):
+        return sources[0].key
+    mixture = dataset.mixture
+    return fingerprint({"sources": [s.key for s in sources], "names": list(mixture.names), "weights": mixture.weights})
 
 
 def prepare_sizes(
     config: TrainConfig, dataset: Dataset, image_format: ImageFormat, inputs: InputFolders
-) -> tuple[SampleSizes, Path, float]:
-    """Measure every training sample in this process and write the size cache.
+) -> tuple[list[tuple[SizedSource, SampleSizes, Path]], float]:
+    """Measure every training sample in this process and write each source's size cache.
 
     Returns:
-        the table, the cache file written, and the seconds the measuring took.
+        per source, its table and the cache file written; and the seconds the measuring took.
     """
-    parts = sizes_key_parts(config, dataset, image_format, inputs)
     started = time.perf_counter()
-    sizes = SampleSizes(measure(dataset.size, len(dataset), range(len(dataset)), strict=config.data.strict))
-    seconds = time.perf_counter() - started
-    return sizes, save_cache(sizes, _dirs(config), fingerprint(parts), parts), seconds
+    out = []
+    for source in sized_sources(config, dataset, image_format, inputs):
+        part = source.dataset
+        sizes = SampleSizes(measure(part.size, len(part), range(len(part)), strict=config.data.strict))
+        out.append((source, sizes, save_cache(sizes, source.dirs, source.key, source.parts)))
+    return out, time.perf_counter() - started
 
 
 def prepare_from_config(config: TrainConfig) -> str:
     """``python -m fusiontrain prepare``: build the model on the meta device (for its image
     format, tokenizer folders and vocabulary; no weights are read), measure every training sample
-    and write the size cache. Returns a report for people."""
+    and write the size caches. Returns a report for people: per source, its records, bad records
+    by reason, tokens, images, and (in a mixture) its share of each epoch."""
     source = ModelSource.from_config(config.model)
     model = build_meta_model(config.model, source)
     image_format = source.family.image_format(model)
@@ -222,15 +309,26 @@ def prepare_from_config(config: TrainConfig) -> str:
     dataset = build_dataset(config, image_format, inputs, model, split="train")
     if dataset is None:
         raise ValueError("prepare needs training data: set data.train.path (or data.format=synthetic)")
-    sizes, path, seconds = prepare_sizes(config, dataset, image_format, inputs)
-    skipped = sizes.skip_counts()
-    usable = len(sizes) - sum(skipped.values())
-    rate = len(sizes) / seconds if seconds > 0 else float("inf")
-    return (
-        f"measured {len(sizes)} samples of {data_description(config.data, 'train')} in {seconds:.2f} s "
-        f"({rate:.0f} samples/s, one process); {usable} usable, skipped {skipped or 'none'}\n"
-        f"size cache: {path}"
-    )
+    measured, seconds = prepare_sizes(config, dataset, image_format, inputs)
+    total = sum(len(sizes) for _, sizes, _ in measured)
+    rate = total / seconds if seconds > 0 else float("inf")
+    lines = [f"measured {total} samples of {data_description(config.data, 'train')} in {seconds:.2f} s ({rate:.0f} samples/s, one process)"]
+    per_epoch = dataset.mixture.counts_per_epoch() if isinstance(dataset, MixedDataset) else None
+    epoch_total = sum(per_epoch.values()) if per_epoch else 0
+    for index, (sized, sizes, path) in enumerate(measured):
+        skipped = sizes.skip_counts()
+        usable = sizes.table[:, 3] == 0
+        tokens, images = int(sizes.table[usable, 0].sum()), int(sizes.table[usable, 1].sum())
+        line = (
+            f"{sized.name}: {len(sizes)} records, {int(usable.sum())} usable, bad {skipped or 'none'}; "
+            f"{tokens} tokens and {images} images in the usable ones"
+        )
+        if per_epoch is not None:
+            count = per_epoch[sized.name]
+            line += f"; {count} samples per epoch ({count / epoch_total:.1%} of the mixture, {count / len(sizes):.2f}x its records)"
+        where = data_description(config.data, "train", index if per_epoch is not None else None)
+        lines += [f"  {line}", f"    {where}; size cache: {path}"]
+    return "\n".join(lines)
 
 
 def load_or_measure_sizes(
@@ -243,28 +341,33 @@ def load_or_measure_sizes(
     world: int,
     combine: Combine,
 ) -> tuple[SampleSizes, str]:
-    """The training split's size table and its fingerprint: from the cache when every rank finds
-    it, else measured by all ranks together (rank ``r`` measures samples ``r, r + world, ...``;
-    the tables are summed over ranks), then written by rank 0."""
-    parts = sizes_key_parts(config, dataset, image_format, inputs)
-    key = fingerprint(parts)
-    dirs = _dirs(config)
-    cached = load_cached(dirs, key, len(dataset))
-    found = combine(torch.tensor([int(cached is not None)], dtype=torch.long))
-    if int(found) == world:
-        logger.info("sample sizes from %s", cached[1])
-        return cached[0], key
-    started = time.perf_counter()
-    local = measure(dataset.size, len(dataset), range(rank, len(dataset), world), strict=config.data.strict)
-    sizes = SampleSizes(combine(local))
-    if rank == 0:
-        path = save_cache(sizes, dirs, key, parts)
-        logger.warning(
-            "measured the sizes of %d samples in %.1f s on %d ranks (no cache; `python -m fusiontrain prepare` "
-            "writes it ahead of time); cached in %s",
-            len(dataset), time.perf_counter() - started, world, path,
-        )
-    return sizes, key
+    """The training data's size table and its fingerprint (:func:`data_fingerprint`): per source,
+    from its cache when every rank finds it, else measured by all ranks together (rank ``r``
+    measures samples ``r, r + world, ...``; the tables are summed over ranks) and written by rank
+    0; a mixture's tables end to end, in its id order."""
+    sources = sized_sources(config, dataset, image_format, inputs)
+    tables = []
+    for source in sources:
+        part = source.dataset
+        cached = load_cached(source.dirs, source.key, len(part))
+        found = combine(torch.tensor([int(cached is not None)], dtype=torch.long))
+        if int(found) == world:
+            logger.info("sample sizes of %s from %s", source.name, cached[1])
+            tables.append(cached[0].table)
+            continue
+        started = time.perf_counter()
+        local = measure(part.size, len(part), range(rank, len(part), world), strict=config.data.strict)
+        sizes = SampleSizes(combine(local))
+        tables.append(sizes.table)
+        if rank == 0:
+            path = save_cache(sizes, source.dirs, source.key, source.parts)
+            logger.warning(
+                "measured the sizes of %d samples of %s in %.1f s on %d ranks (no cache; `python -m fusiontrain "
+                "prepare` writes it ahead of time); cached in %s",
+                len(part), source.name, time.perf_counter() - started, world, path,
+            )
+    table = tables[0] if len(tables) == 1 else torch.cat(tables)
+    return SampleSizes(table), data_fingerprint(config, sources, dataset)
 
 
 def build_train_loader(
@@ -293,7 +396,9 @@ def build_train_loader(
         open_rows=stream_config.max_open_rows,
     )
     name = data_description(config.data, "train")
-    plan = RowPlan(sizes, limits, config.seed, name=name, strict=config.data.strict)
+    # picklable: the plan travels to the dataloader workers
+    order = partial(dataset.mixture.order, seed=config.seed) if isinstance(dataset, MixedDataset) else None
+    plan = RowPlan(sizes, limits, config.seed, name=name, strict=config.data.strict, order=order)
     plan.epoch(0)  # fails early (on every rank alike) when no sample is usable
     layout = build_batch_layout(config.batch, config.parallel, world)  # the one place of the global-batch arithmetic
     dealing = Dealing(layout.global_batch_size, rank, world, config.batch.micro_batch_size)

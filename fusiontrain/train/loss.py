@@ -35,6 +35,11 @@ sync on an accelerator; impossible on fake tensors).
 
 Losses are *sums* over target tokens; the caller divides by the global number of target tokens
 (over ranks and accumulation steps), so gradients do not depend on how tokens are split.
+
+Per source (a mixture of data sources, :mod:`fusiontrain.data.mixture`): given the source of each
+target row (``target_sources``, from the host like the index) and an accumulator ``per_source``
+``[k]``, each chunk adds its rows' losses to their sources' sums as it computes them (detached: a
+metric, no extra pass and no extra projection).
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ class _FrozenProjectionCrossEntropy(torch.autograd.Function):
         num_chunks: int,
         chunk_rows: int | None,
         ignore_index: int,
+        target_sources: torch.Tensor | None,
+        per_source: torch.Tensor | None,
     ) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=flat.device)
         n = index.shape[0]
@@ -89,7 +96,10 @@ class _FrozenProjectionCrossEntropy(torch.autograd.Function):
             valid = targets[chunk] != ignore_index
             target = torch.where(valid, targets[chunk], 0)
             log_norm = torch.logsumexp(logits, dim=-1)
-            total += ((log_norm - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+            row_losses = (log_norm - logits.gather(1, target[:, None]).squeeze(1)) * valid
+            total += row_losses.sum()
+            if per_source is not None:
+                _add_per_source(per_source, row_losses, target_sources, chunk)
             if grad is not None:  # d loss / d logits = softmax - one_hot, on valid rows only
                 probs = logits.sub_(log_norm[:, None]).exp_()
                 probs[torch.arange(len(target), device=probs.device), target] -= 1.0
@@ -105,7 +115,26 @@ class _FrozenProjectionCrossEntropy(torch.autograd.Function):
         grad_flat = None
         if grad is not None:  # zeros at every position that is not a target
             grad_flat = grad.new_zeros(ctx.flat_shape).index_add_(0, index, grad * grad_total.to(grad.dtype))
-        return grad_flat, None, None, None, None, None, None
+        return grad_flat, None, None, None, None, None, None, None, None
+
+
+def _add_per_source(
+    per_source: torch.Tensor, row_losses: torch.Tensor, target_sources: torch.Tensor | None, chunk: slice
+) -> None:
+    """Add one chunk's per-row losses ``[rows]`` (detached) to their sources' sums ``[k]``; rows
+    without a source map (every sample of source 0) all go to source 0."""
+    losses = row_losses.detach().float()
+    if target_sources is None:
+        per_source[0] += losses.sum()
+    else:
+        per_source.index_add_(0, target_sources[chunk], losses)
+
+
+def _chunk_losses(hidden: torch.Tensor, labels: torch.Tensor, output: nn.Module, ignore_index: int) -> torch.Tensor:
+    """Per-row cross-entropy ``[rows]`` (0 at ignored rows) of ``output(hidden)``: what
+    :func:`_chunk_loss_sum` sums, kept per row for per-source sums."""
+    logits = output(hidden.reshape(-1, hidden.shape[-1])).float()
+    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="none")
 
 
 def loss_chunk_rows(slots: int, num_chunks: int) -> int | None:
@@ -131,6 +160,8 @@ def chunked_cross_entropy_sum(
     ignore_index: int = -100,
     target_index: torch.Tensor | None = None,
     chunk_rows: int | None = None,
+    target_sources: torch.Tensor | None = None,
+    per_source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy of ``output(hidden)`` against ``labels``, projecting the target
     positions only.
@@ -150,6 +181,10 @@ def chunked_cross_entropy_sum(
             (:func:`loss_chunk_rows`), so a micro-batch with fewer targets takes fewer chunks of
             that size rather than ``num_chunks`` smaller ones: the same largest chunk of logits
             (the planner's worst case), larger matmuls.
+        target_sources: ``[n]`` int64, the data source of each row of ``target_index``
+            (``Batch.target_sources``); None: every row is of source 0.
+        per_source: ``[k]`` fp32 accumulator (on the device of ``hidden``): each row's loss is
+            added to its source's entry (detached); None: no per-source sums.
 
     Returns:
         A 0-dim fp32 tensor: the sum of per-token losses.
@@ -165,13 +200,24 @@ def chunked_cross_entropy_sum(
     targets = labels.reshape(-1).index_select(0, target_index)  # [n]
     if num_chunks > 1 and not output.weight.requires_grad and getattr(output, "bias", None) is None:
         weight = _full_weight(output, hidden.dtype)
-        return _FrozenProjectionCrossEntropy.apply(flat, targets, target_index, weight, num_chunks, chunk_rows, ignore_index)
+        return _FrozenProjectionCrossEntropy.apply(
+            flat, targets, target_index, weight, num_chunks, chunk_rows, ignore_index, target_sources, per_source
+        )
     rows = flat.index_select(0, target_index)  # [n, d]; its backward scatters the gradient to [b * s, d]
     if num_chunks <= 1:
-        return _chunk_loss_sum(rows, targets, output, ignore_index)
+        if per_source is None:
+            return _chunk_loss_sum(rows, targets, output, ignore_index)
+        losses = _chunk_losses(rows, targets, output, ignore_index)
+        _add_per_source(per_source, losses, target_sources, slice(None))
+        return losses.sum()
     total = hidden.new_zeros((), dtype=torch.float32)
     for chunk in _row_chunks(rows.shape[0], num_chunks, chunk_rows):
-        chunk_loss = checkpoint(_chunk_loss_sum, rows[chunk], targets[chunk], output, ignore_index, use_reentrant=False)
+        if per_source is None:
+            chunk_loss = checkpoint(_chunk_loss_sum, rows[chunk], targets[chunk], output, ignore_index, use_reentrant=False)
+        else:  # per row out of the checkpointed function: its recompute in backward adds nothing twice
+            losses = checkpoint(_chunk_losses, rows[chunk], targets[chunk], output, ignore_index, use_reentrant=False)
+            _add_per_source(per_source, losses, target_sources, chunk)
+            chunk_loss = losses.sum()
         total = total + chunk_loss
     return total
 

@@ -36,7 +36,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -96,6 +96,8 @@ class StepResult:
         skipped_step: the optimizer update was skipped (non-finite loss or grad norm).
         preemption_signals: per rank, the preemption signal it had received by the step's update
             (0: none); see :meth:`~fusiontrain.train.preemption.PreemptionWatcher.verdict`.
+        sources: with several data sources, per source name: its ``loss`` (per target token),
+            ``targets``, ``real_tokens`` and ``samples`` in the global batch; empty otherwise.
     """
 
     loss: float
@@ -108,6 +110,7 @@ class StepResult:
     flops: float | None
     skipped_step: bool
     preemption_signals: tuple[int, ...] = ()
+    sources: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,12 +122,14 @@ class ReducedStep:
         grad_norm: the global L2 norm of the trainable parameters' gradients (before clipping).
         loss_ranks: the ranks whose own loss sum was NaN or inf.
         preemption_signals: per rank, the signal number it had received (0: none).
+        source_loss_sums: per data source, its global loss sum (empty with one source).
     """
 
     loss_sum: float
     grad_norm: float
     loss_ranks: tuple[int, ...]
     preemption_signals: tuple[int, ...]
+    source_loss_sums: tuple[float, ...] = ()
 
 
 def loss_sum(
@@ -136,12 +141,14 @@ def loss_sum(
     flex_attention: bool,
     loss_phase: AbstractContextManager | None = None,
     loss_chunk_rows: int | None = None,
+    per_source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy over the target tokens of ``batch`` (on the model's device): the model
     (with its output projection skipped) gives ``[b, s, d]``, the chunked loss gathers the target
     positions (``batch.target_index``, set on the host by ``Batch.with_target_index``; without it
     the loss finds them from the labels) and applies the projection to them chunk by chunk (inside
-    ``loss_phase`` when given)."""
+    ``loss_phase`` when given), adding each target's loss to its source's entry of ``per_source``
+    when given (``batch.target_sources``)."""
     hidden = model(batch.tokens, **batch.model_inputs(flex=flex_attention))
     with loss_phase or nullcontext():
         return chunked_cross_entropy_sum(
@@ -152,6 +159,8 @@ def loss_sum(
             ignore_index=ignore_index,
             target_index=batch.target_index,
             chunk_rows=loss_chunk_rows,
+            target_sources=batch.target_sources,
+            per_source=per_source,
         )
 
 
@@ -183,6 +192,8 @@ class TrainStep:
         rank: this rank's index (its slots in the all-reduce after backward).
         preemption_signal: this rank's received preemption signal, 0 when none
             (:meth:`~fusiontrain.train.preemption.PreemptionWatcher.local_signal`).
+        source_names: the data sources of a mixture, in order (their metrics are counted and
+            reduced with the step's own); fewer than two: nothing per source.
     """
 
     def __init__(
@@ -200,6 +211,7 @@ class TrainStep:
         phase: Callable[[str], AbstractContextManager] | None = None,
         rank: int = 0,
         preemption_signal: Callable[[], int] = lambda: 0,
+        source_names: Sequence[str] = (),
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -213,6 +225,7 @@ class TrainStep:
         self.phase = phase or (lambda _name: nullcontext())
         self.rank = rank
         self.preemption_signal = preemption_signal
+        self.source_names = tuple(source_names) if len(source_names) > 1 else ()
 
     def stage(self, batch: Batch) -> Batch:
         """A host micro-batch ready for an asynchronous copy: in pinned memory on CUDA."""
@@ -223,10 +236,14 @@ class TrainStep:
         return tensor.pin_memory() if self.device.type == "cuda" else tensor
 
     def host_counts(self, batches: Sequence[Batch]) -> torch.Tensor:
-        """``[targets, real tokens, FLOPs, uncounted micro-batches, *skips per reason]`` of this
-        rank's host micro-batches (float64 on the host: exact up to 2**53)."""
-        counts = torch.zeros(4 + len(self.skip_reasons), dtype=torch.float64)
+        """``[targets, real tokens, FLOPs, uncounted micro-batches, *skips per reason, *per source
+        (targets, real tokens, samples)]`` of this rank's host micro-batches (float64 on the host:
+        exact up to 2**53)."""
+        k, base = len(self.source_names), 4 + len(self.skip_reasons)
+        counts = torch.zeros(base + 3 * k, dtype=torch.float64)
         for batch in batches:
+            if k:
+                counts[base : base + 3 * k] += source_counts(batch, k).reshape(-1)
             counts[0] += int(count_targets(batch.labels, self.settings.ignore_index))
             counts[1] += int(batch.is_real.sum())
             flops = micro_batch_flops_or_none(self.model, batch)  # host copies: no device syncs
@@ -251,6 +268,8 @@ class TrainStep:
 
         settings = self.settings
         local_loss = torch.zeros((), device=self.device)
+        k = len(self.source_names)
+        per_source = torch.zeros(k, dtype=torch.float32, device=self.device) if k else None
         last = len(host_batches) - 1
         for index, host_batch in enumerate(host_batches):
             set_gradient_sync(self.model, index == last or not settings.defer_gradient_sync)
@@ -263,6 +282,7 @@ class TrainStep:
                 flex_attention=settings.flex_attention,
                 loss_phase=self.phase(LOSS_PHASE),
                 loss_chunk_rows=settings.loss_chunk_rows,
+                per_source=per_source,
             )
             del batch
             batch_loss = self.guard.inject(batch_loss, step)  # a test seam; see nonfinite.py
@@ -272,8 +292,14 @@ class TrainStep:
             del batch_loss
 
         counts = totals.tolist()  # long arrived: issued before the first forward
-        reduced, lr, skip = self.update(step, local_loss, int(counts[0]))
+        reduced, lr, skip = self.update(step, local_loss, int(counts[0]), per_source)
         slots = sum(batch.is_real.numel() for batch in host_batches) * self.world_size
+        base = 4 + len(self.skip_reasons)
+        sources = {}
+        for index, name in enumerate(self.source_names):
+            targets, real_tokens, samples = counts[base + 3 * index : base + 3 * index + 3]
+            loss = reduced.source_loss_sums[index] / targets if targets else None  # no target of it this step
+            sources[name] = {"loss": loss, "targets": int(targets), "real_tokens": int(real_tokens), "samples": int(samples)}
         return StepResult(
             loss=reduced.loss_sum / max(int(counts[0]), 1),
             grad_norm=reduced.grad_norm,
@@ -281,13 +307,16 @@ class TrainStep:
             targets=int(counts[0]),
             real_tokens=int(counts[1]),
             slots=slots,
-            skipped=tuple(int(n) for n in counts[4:]),
+            skipped=tuple(int(n) for n in counts[4:base]),
             flops=counts[2] if counts[3] == 0 else None,
             skipped_step=skip,
             preemption_signals=reduced.preemption_signals,
+            sources=sources,
         )
 
-    def update(self, step: int, local_loss: torch.Tensor, targets: int) -> tuple[ReducedStep, float, bool]:
+    def update(
+        self, step: int, local_loss: torch.Tensor, targets: int, per_source: torch.Tensor | None = None
+    ) -> tuple[ReducedStep, float, bool]:
         """The step's update, once the gradients are in: the all-reduce after backward
         (:meth:`reduce_after_backward`), the non-finite check (every rank takes the same decision,
         see :mod:`fusiontrain.train.nonfinite`; raises to stop the run), then, unless skipped,
@@ -296,7 +325,7 @@ class TrainStep:
         all-reduce gave, lr, skipped)``."""
         with self.phase(OPTIMIZER_PHASE):
             params = [p for p in self.model.parameters() if p.grad is not None]
-            reduced = self.reduce_after_backward(step, local_loss, params)
+            reduced = self.reduce_after_backward(step, local_loss, params, per_source)
             skip = self.guard.check_step(
                 step, reduced.loss_sum, targets, reduced.grad_norm, reduced.loss_ranks, self._local_grads, self.device
             )
@@ -308,18 +337,24 @@ class TrainStep:
             self.scheduler.step()
         return reduced, lr, skip
 
-    def reduce_after_backward(self, step: int, local_loss: torch.Tensor, params: list[torch.Tensor]) -> ReducedStep:
+    def reduce_after_backward(
+        self, step: int, local_loss: torch.Tensor, params: list[torch.Tensor], per_source: torch.Tensor | None = None
+    ) -> ReducedStep:
         """One all-reduce (a sum) of ``[loss sum, squared grad norm, non-finite flag per rank,
-        preemption signal per rank]`` in float64, and one device-to-host read of its result; a
-        collective. Each rank puts in its own loss sum, the sum of squares of its gradient shards
-        (:func:`gradient_square_sum`) and its own two slots."""
+        preemption signal per rank, loss sum per data source]`` in float64, and one device-to-host
+        read of its result; a collective. Each rank puts in its own loss sum, the sum of squares of
+        its gradient shards (:func:`gradient_square_sum`), its own two slots and its per-source
+        loss sums (none with one source)."""
         world = self.world_size
-        packed = torch.zeros(2 + 2 * world, dtype=torch.float64, device=self.device)
+        k = 0 if per_source is None else per_source.numel()
+        packed = torch.zeros(2 + 2 * world + k, dtype=torch.float64, device=self.device)
         loss = local_loss.detach()
         packed[0] = loss.double()
         packed[1] = gradient_square_sum(params, world, self.device)
         packed[2 + self.rank] = (~torch.isfinite(loss)).double()
         packed[2 + world + self.rank] = self.preemption_signal()
+        if k:
+            packed[2 + 2 * world :] = per_source.double()
         distributed.all_reduce_sum(
             packed, f"loss, grad norm, non-finite and preemption flags of step {step}"
         )
@@ -328,7 +363,8 @@ class TrainStep:
             loss_sum=values[0],
             grad_norm=math.sqrt(values[1]) if values[1] >= 0 else math.nan,
             loss_ranks=tuple(r for r in range(world) if values[2 + r] > 0),
-            preemption_signals=tuple(int(v) for v in values[2 + world :]),
+            preemption_signals=tuple(int(v) for v in values[2 + world : 2 + 2 * world]),
+            source_loss_sums=tuple(values[2 + 2 * world :]),
         )
 
     def _clip_gradients(self, params: list[torch.Tensor], grad_norm: float) -> None:
@@ -345,6 +381,23 @@ class TrainStep:
     def _local_grads(self) -> list[torch.Tensor]:
         """This rank's gradient shards of the trainable parameters."""
         return [local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None]
+
+
+def source_counts(batch: Batch, num_sources: int) -> torch.Tensor:
+    """``[num_sources, 3]`` float64: per data source, the target tokens, real tokens and samples
+    of a host micro-batch (all of source 0 when the batch carries no source map)."""
+    counts = torch.zeros(num_sources, 3, dtype=torch.float64)
+    if batch.source_ids is None:
+        counts[0, 0] = float(batch.target_index.numel()) if batch.target_index is not None else 0.0
+        counts[0, 1] = float(batch.is_real.sum())
+    else:
+        if batch.target_sources is not None:
+            counts[:, 0] = torch.bincount(batch.target_sources, minlength=num_sources)[:num_sources].double()
+        real = batch.source_ids[batch.is_real]
+        counts[:, 1] = torch.bincount(real, minlength=num_sources)[:num_sources].double()
+    for source in batch.sample_sources:
+        counts[source, 2] += 1
+    return counts
 
 
 def gradient_square_sum(params: Sequence[torch.Tensor], world_size: int, device: torch.device) -> torch.Tensor:

@@ -29,7 +29,8 @@ from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import collate_padding_free
-from fusiontrain.train.data import build_dataset, build_streaming_train_loader, build_train_loader
+from fusiontrain.data.mixture import MixedDataset
+from fusiontrain.train.data import Dataset, build_dataset, build_eval_sets, build_streaming_train_loader, build_train_loader
 from fusiontrain.flops.peak import device_peak_flops, mfu
 from fusiontrain.train.loss import count_targets
 from fusiontrain.train.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
@@ -92,7 +93,8 @@ class Trainer:
         inputs = self.source.input_folders(self.model)
         streaming = config.data.streaming  # streamed train data has no table: the stream reads it (data/streaming.py)
         self.train_data = None if streaming else build_dataset(config, self.image_format, inputs, self.model, split="train")
-        self.eval_data = build_dataset(config, self.image_format, inputs, self.model, split="eval")
+        # (name, dataset) per eval set: one reports eval_loss, several eval_loss/<name> each too
+        self.eval_sets = build_eval_sets(config, self.image_format, inputs, self.model)
         dp_rank, dp_size = self.context.rank, self.context.world_size
         self.grad_accum_steps = self.layout.grad_accum_steps
         if streaming:
@@ -125,6 +127,7 @@ class Trainer:
             skip_reasons=SKIP_REASONS,
             rank=self.context.rank,
             preemption_signal=self.preemption.local_signal,
+            source_names=self.train_data.mixture.names if isinstance(self.train_data, MixedDataset) else (),
         )
         self.preempted_by: str | None = None  # the last step's preemption verdict
         self.start_step = 0
@@ -180,8 +183,8 @@ class Trainer:
             for step in range(self.start_step, last):
                 metrics = self.train_step(step)
                 self.tokens_seen += metrics["real_tokens"]
-                if self.eval_data is not None and self._due(self.config.eval.every_n_steps, step):
-                    metrics["eval_loss"] = self.evaluate()
+                if self.eval_sets and self._due(self.config.eval.every_n_steps, step):
+                    metrics.update(self.evaluate_all())
                 self.metrics.log(step, metrics)
                 history.append(metrics)
                 done = step + 1
@@ -364,6 +367,16 @@ class Trainer:
             "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, self.skipped_total) if n},
             "skipped_step": result.skipped_step,
             "nonfinite_skipped": self.nonfinite.skipped,
+            **{
+                f"source/{name}/{key}": value
+                for name, stats in result.sources.items()
+                for key, value in (
+                    ("loss", stats["loss"]),
+                    ("tokens", stats["targets"]),
+                    ("real_tokens", stats["real_tokens"]),
+                    ("samples", stats["samples"]),
+                )
+            },
         }
 
     def _complete(self, batch: Batch) -> Batch:
@@ -378,10 +391,10 @@ class Trainer:
         this rank's device."""
         return self._complete(batch).with_target_index(self.config.loss.ignore_index).to(self.device)
 
-    def _eval_sample(self, index: int) -> Sample:
+    def _eval_sample(self, dataset: Dataset, index: int) -> Sample:
         """Held-out sample ``index``, or a placeholder that trains nothing if it is bad."""
         try:
-            return self.eval_data[index]
+            return dataset[index]
         except BadSample as error:
             logger.warning("eval: skipping a sample (%s): %s", error.reason, error)
             return _PLACEHOLDER
@@ -397,13 +410,27 @@ class Trainer:
             loss_chunk_rows=settings.loss_chunk_rows,
         )
 
-    @torch.no_grad()
+    def evaluate_all(self) -> dict[str, float]:
+        """The eval metrics: ``eval_loss`` over every eval set (per target token, all sets'
+        tokens together) and, with several sets, ``eval_loss/<name>`` of each."""
+        sums = [self.evaluate_sums(dataset) for _, dataset in self.eval_sets]
+        metrics = {"eval_loss": sum(loss for loss, _ in sums) / max(1, sum(targets for _, targets in sums))}
+        if len(self.eval_sets) > 1:
+            for (name, _), (loss, targets) in zip(self.eval_sets, sums):
+                metrics[f"eval_loss/{name}"] = loss / max(1, targets)
+        return metrics
+
     def evaluate(self) -> float:
-        """Mean per-token loss over the first ``eval.num_samples`` held-out samples (rank r takes
-        every r-th), so the value does not depend on the world size."""
+        """The eval loss over every eval set (see :meth:`evaluate_all`)."""
+        return self.evaluate_all()["eval_loss"]
+
+    @torch.no_grad()
+    def evaluate_sums(self, dataset: Dataset) -> tuple[float, int]:
+        """``(loss sum, target tokens)`` over the first ``eval.num_samples`` samples of
+        ``dataset`` (rank r takes every r-th), so the values do not depend on the world size."""
         self.model.eval()
         rank, size = self.context.rank, self.context.world_size
-        total = min(self.config.eval.num_samples, len(self.eval_data))
+        total = min(self.config.eval.num_samples, len(dataset))
         micro = self.config.batch.micro_batch_size
         per_rank = -(-total // size)
         # Every rank runs the same number of forwards (FSDP's collectives need all ranks); slots
@@ -413,7 +440,7 @@ class Trainer:
         targets = torch.zeros((), dtype=torch.long, device=self.device)
         collate = collate_padding_free if self.config.data.padding_free else collate_padded
         for start in range(0, len(slots), micro):
-            samples = [self._eval_sample(i) if i < total else _PLACEHOLDER for i in slots[start : start + micro]]
+            samples = [self._eval_sample(dataset, i) if i < total else _PLACEHOLDER for i in slots[start : start + micro]]
             batch = self._on_device(
                 collate(samples, self.config.batch.seq_len, self.image_format, ignore_index=self.config.loss.ignore_index)
             )
@@ -421,9 +448,9 @@ class Trainer:
             targets += count_targets(batch.labels, self.config.loss.ignore_index)
         reshard(self.model)
         self.model.train()
-        return distributed.all_reduce_sum(loss_sum, "eval loss").item() / max(
-            1, distributed.all_reduce_sum(targets, "eval target count").item()
-        )
+        sums = torch.stack([loss_sum.double(), targets.double()])
+        loss, count = distributed.all_reduce_sum(sums, "eval loss and target count").tolist()
+        return loss, int(count)
 
     @staticmethod
     def _due(every: int, step: int) -> bool:
