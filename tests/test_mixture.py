@@ -1,0 +1,243 @@
+"""Mixtures of data sources: the weighted shares of each epoch, the same sample ids at any world
+size and across an elastic resume, per-source losses that add up to the loss, the per-source
+split inside the chunked loss, and a mixed run of every format's example file on 2 ranks whose
+bad records are counted by reason while it goes on."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fusiontrain.config import ConfigError, load_config
+from fusiontrain.data.mixture import SourceMixture
+from fusiontrain.data.row_plan import RowLimits, RowPlan
+from fusiontrain.data.sizes import SampleSizes
+from fusiontrain.train.loss import chunked_cross_entropy_sum
+from tests.helpers.launch import run_torchrun
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "data"
+TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
+
+
+# -- the mixture's epochs ----------------------------------------------------------------------------
+
+
+def test_a_3_to_1_mixture_gives_its_shares_per_epoch_and_binomial_shares_within_a_window() -> None:
+    """Two sources of 1,200 and 800 samples at weights 3:1: each epoch of 2,000 draws exactly
+    1,500 and 500 (the larger source repeats, the smaller is sub-sampled), a source's samples
+    come round again only after all of them have, and any window of consecutive samples holds
+    the weights' shares within binomial tolerance (the draws are shuffled together)."""
+    mixture = SourceMixture(("big", "small"), (1200, 800), (3.0, 1.0))
+    assert mixture.quotas() == (1500, 500)
+    seen = {0: [], 1: []}
+    for epoch in range(3):
+        order = mixture.order(epoch, seed=7)
+        assert len(order) == 2000
+        by_source = {0: [], 1: []}
+        for sample_id in order:
+            source, index = mixture.source_of(sample_id)
+            by_source[source].append(index)
+        assert len(by_source[0]) == 1500 and len(by_source[1]) == 500
+        for source in (0, 1):
+            seen[source] += sorted(by_source[source])  # a set per epoch; laps checked below
+        window = [mixture.source_of(i)[0] for i in order[:400]]
+        share = window.count(0) / 400
+        assert abs(share - 0.75) < 4 * math.sqrt(0.75 * 0.25 / 400), share
+    # big: 4,500 draws over 3 epochs = laps of 1,200: every sample 3 or 4 times, never 2 apart
+    counts = torch.bincount(torch.tensor(seen[0]), minlength=1200)
+    assert set(counts.tolist()) <= {3, 4} and int(counts.sum()) == 4500
+    # small: 1,500 draws of 800: every sample once or twice
+    counts = torch.bincount(torch.tensor(seen[1]), minlength=800)
+    assert set(counts.tolist()) <= {1, 2} and int(counts.sum()) == 1500
+    assert mixture.order(0, seed=7) == mixture.order(0, seed=7) != mixture.order(1, seed=7)
+    assert mixture.order(0, seed=7) != mixture.order(0, seed=8)
+
+
+def test_within_a_source_no_sample_repeats_before_all_have_come() -> None:
+    mixture = SourceMixture(("a", "b"), (10, 7), (5.0, 1.0))
+    stream = []
+    for epoch in range(6):
+        stream += [mixture.source_of(i)[1] for i in mixture.order(epoch, seed=1) if mixture.source_of(i)[0] == 0]
+    # positions in the source's own stream: laps of 10 distinct samples, whatever the epochs
+    draws = [mixture._draws(0, epoch, seed=1) for epoch in range(6)]
+    flat = [int(i) for d in draws for i in d]
+    for lap in range(len(flat) // 10):
+        assert sorted(flat[lap * 10 : (lap + 1) * 10]) == list(range(10))
+    assert sorted(stream) == sorted(flat)
+
+
+def test_unweighted_sources_are_each_visited_once_per_epoch() -> None:
+    mixture = SourceMixture(("a", "b", "c"), (5, 3, 4))
+    assert mixture.quotas() == (5, 3, 4)
+    assert sorted(mixture.order(2, seed=0)) == list(range(12))
+
+
+def test_the_row_plan_packs_a_mixture_and_counts_its_bad_samples() -> None:
+    """The plan takes the mixture's order: with packing each epoch's rows hold exactly the drawn
+    usable samples; a bad sample drawn is counted (so its source gives a little less)."""
+    mixture = SourceMixture(("a", "b"), (30, 20), (1.0, 1.0))
+    table = torch.zeros(50, 4, dtype=torch.long)
+    table[:, 0] = torch.arange(50) % 7 + 3  # tokens
+    table[:, 1] = 1  # one image each
+    table[:, 2] = 5
+    table[3, 3] = 1  # sample 3 (of source a) is bad: skip code 1
+    limits = RowLimits(seq_len=32, max_images=4, max_encoder_tokens=None, packing=True, open_rows=4)
+    plan = RowPlan(SampleSizes(table), limits, seed=3, order=lambda epoch: mixture.order(epoch, seed=3))
+    for epoch in range(3):
+        rows = plan.epoch(epoch)
+        drawn = mixture.order(epoch, seed=3)
+        packed = sorted(i for row in rows.rows for i in row)
+        assert packed == sorted(i for i in drawn if i != 3)
+        assert sum(rows.skipped.values()) == drawn.count(3)
+
+
+def test_mixture_config_validation(tiny_mllama_dir: Path) -> None:
+    model = f"model.hf_mllama={tiny_mllama_dir}"
+    two = "data.train=[{path: a.jsonl, format: llava, weight: 3}, {path: b.jsonl, format: chat, weight: 1}]"
+    config = load_config(TINY_CONFIG, [model, two])
+    assert [source.weight for source in config.data.train] == [3.0, 1.0]
+    errors = {
+        "data.train=[{path: a.jsonl, format: llava, weight: 3}, {path: b.jsonl, format: chat}]": "'data.train[1].weight' is missing",
+        "data.train=[{path: x/a.jsonl, format: llava}, {path: y/a.jsonl, format: chat}]": "two sources are named 'a'",
+        "data.train=[{path: a.jsonl, format: llava, weight: -1}, {path: b.jsonl, format: chat, weight: 1}]": "must be a positive number",
+        "data.train=[{path: a.jsonl, format: llava}, {format: chat}]": "'data.train[1].path' is required",
+        "data.train=[{path: a.jsonl, format: llava}, {path: b.jsonl, fromat: chat}]": "unknown config key 'data.train[1].fromat'",
+        "data.eval=[{path: a.jsonl, format: chat, weight: 2}, {path: b.jsonl, format: chat}]": "eval sources are each evaluated whole",
+        "data.train=[]": "empty list",
+    }
+    for override, message in errors.items():
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_config(TINY_CONFIG, [model, override])
+    streaming = [model, two, "data.streaming=true"]
+    with pytest.raises(ConfigError, match="reads one training source"):
+        load_config(TINY_CONFIG, streaming)
+
+
+# -- the per-source split inside the chunked loss ---------------------------------------------------
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+@pytest.mark.parametrize("num_chunks", [1, 3])
+def test_per_source_loss_sums_equal_each_source_alone_and_add_up(trainable: bool, num_chunks: int) -> None:
+    torch.manual_seed(0)
+    d, v, b, s = 16, 50, 2, 12
+    output = nn.Linear(d, v, bias=False)
+    output.weight.requires_grad_(trainable)
+    hidden = torch.randn(b, s, d, requires_grad=True)
+    labels = torch.randint(0, v, (b, s))
+    labels[:, :3] = -100
+    sources = torch.randint(0, 3, (b, s))
+    flat_labels = labels.reshape(-1)
+    index = torch.nonzero(flat_labels != -100).squeeze(1)
+    per_source = torch.zeros(3)
+    total = chunked_cross_entropy_sum(
+        hidden, labels, output, num_chunks=num_chunks, target_index=index,
+        target_sources=sources.reshape(-1)[index], per_source=per_source,
+    )
+    plain = chunked_cross_entropy_sum(hidden, labels, output, num_chunks=num_chunks, target_index=index)
+    torch.testing.assert_close(total, plain, atol=1e-5, rtol=0)
+    for k in range(3):
+        alone = torch.where(sources == k, labels, -100)
+        want = torch.nn.functional.cross_entropy(output(hidden).reshape(-1, v).float(), alone.reshape(-1), reduction="sum")
+        torch.testing.assert_close(per_source[k], want.detach(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(per_source.sum(), total.detach(), atol=1e-4, rtol=1e-6)
+    total.backward()  # the split adds nothing to the graph
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+# -- a mixed run, as users run it ------------------------------------------------------------------
+
+
+def _chat_records(path: Path, count: int) -> Path:
+    """``count`` short chat records about the example images, two of them bad (a missing image,
+    an unknown role)."""
+    images = ["images/ring.png", "images/wide_ring.png", "images/blue.png"]
+    lines = []
+    for k in range(count):
+        record = {
+            "images": [images[k % 3]],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Picture {k}?"}]},
+                {"role": "assistant", "content": f"Answer {k % 5}."},
+            ],
+        }
+        if k == 5:
+            record["images"] = ["images/nowhere.png"]
+        if k == 9:
+            record["messages"][1]["role"] = "critic"
+        lines.append(json.dumps(record))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _run(out: Path, nproc: int, data: Path, *overrides: str) -> list[dict]:
+    sources = (
+        f"data.train=[{{path: {data / 'llava.jsonl'}, format: llava, weight: 1}}, "
+        f"{{path: {data / 'cauldron.parquet'}, format: cauldron, weight: 1}}, "
+        f"{{path: {data / 'chat.jsonl'}, format: chat, name: questions, weight: 2}}]"
+    )
+    run_torchrun(
+        ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={data / 'mllama'}", f"output_dir={out}",
+         sources, f"data.eval=[{{path: {data / 'sharegpt.jsonl'}, format: sharegpt}}, {{path: {data / 'chat.jsonl'}, format: chat, name: questions}}]",
+         "batch.seq_len=128", "batch.global_batch_size=4", "batch.micro_batch_size=2", "max_steps=4",
+         "checkpoint.every_n_steps=2", "eval.every_n_steps=2", "eval.num_samples=4", "logging.every_n_steps=0",
+         "data.log_sample_ids=true", "data.num_workers=1", *overrides],
+        nproc=nproc,
+        timeout=300,
+    )
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sample_ids(out: Path) -> dict[int, list]:
+    """Step -> every sample id the step's rows held, over all ranks (sorted)."""
+    by_step: dict[int, list] = {}
+    for log in sorted((out / "sample_ids").glob("rank_*.jsonl")):
+        for line in log.read_text().splitlines():
+            entry = json.loads(line)
+            by_step.setdefault(entry["step"], []).extend(i for _, ids in entry["rows"] for i in ids)
+    return {step: sorted(ids) for step, ids in by_step.items()}
+
+
+@pytest.mark.timeout(600)
+def test_a_mixed_run_on_2_ranks_resumed_on_1_continues_the_same_samples_and_reports_each_source(
+    tmp_path: Path, tiny_mllama_dir: Path
+) -> None:
+    """llava, cauldron and chat sources at weights 1:1:2, packed, on 2 ranks with a worker each:
+    4 steps, checkpoints after 2 and 4. Then the step-2 checkpoint resumed on 1 rank (elastic):
+    steps 2-3 hold the same sample ids and give the same losses. Every step reports each source,
+    and the per-source losses weighted by their tokens sum to the loss; the eval sets report
+    under their names; the bad records of every format are counted by reason while the run goes on."""
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLES, data)
+    shutil.copytree(tiny_mllama_dir, data / "mllama")
+    _chat_records(data / "chat.jsonl", 24)
+    first = _run(tmp_path / "two", 2, data)
+    assert [row["step"] for row in first] == [0, 1, 2, 3]
+    for row in first:
+        names = ("llava", "cauldron", "questions")
+        weighted = sum(row[f"source/{n}/loss"] * row[f"source/{n}/tokens"] for n in names if row[f"source/{n}/tokens"])
+        assert math.isclose(weighted, row["loss"] * row["tokens"], rel_tol=1e-5), row
+        assert sum(row[f"source/{n}/tokens"] for n in names) == row["tokens"]
+        assert sum(row[f"source/{n}/real_tokens"] for n in names) == row["real_tokens"]
+    assert {"eval_loss", "eval_loss/sharegpt", "eval_loss/questions"} <= set(first[1])
+    skipped = first[-1]["skipped"]
+    for reason in ("malformed_json", "unknown_role", "image_count_mismatch", "missing_image", "corrupt_image"):
+        assert skipped.get(reason, 0) > 0, (reason, skipped)
+    samples = [sum(row[f"source/{n}/samples"] for row in first) for n in ("llava", "cauldron", "questions")]
+    assert samples[2] > max(samples[:2]), samples  # the weight-2 source gives the most samples
+
+    resumed = _run(tmp_path / "one", 1, data, f"checkpoint.resume={tmp_path / 'two' / 'checkpoints' / 'step_2'}")
+    assert [row["step"] for row in resumed] == [2, 3]
+    ids_two, ids_one = _sample_ids(tmp_path / "two"), _sample_ids(tmp_path / "one")
+    assert ids_one[2] == ids_two[2] and ids_one[3] == ids_two[3]
+    for got, want in zip(resumed, first[2:]):
+        assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5, abs_tol=1e-6), (got["loss"], want["loss"])
+        for name in ("llava", "cauldron", "questions"):
+            assert got[f"source/{name}/samples"] == want[f"source/{name}/samples"]
