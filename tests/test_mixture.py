@@ -241,3 +241,35 @@ def test_a_mixed_run_on_2_ranks_resumed_on_1_continues_the_same_samples_and_repo
         assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5, abs_tol=1e-6), (got["loss"], want["loss"])
         for name in ("llava", "cauldron", "questions"):
             assert got[f"source/{name}/samples"] == want[f"source/{name}/samples"]
+
+
+def test_prepare_reports_each_source_and_adding_a_source_measures_only_that_one(
+    tmp_path: Path, tiny_mllama_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """prepare: per source, records, bad records by reason, usable tokens and images, samples per
+    epoch and share; a second mixture that adds a source finds the first two sources' caches."""
+    from fusiontrain.data.sizes import load_cached
+    from fusiontrain.train.data import build_dataset, sized_sources
+    from fusiontrain.train.data import prepare_from_config
+    from fusiontrain.source.model_source import ModelSource
+    from fusiontrain.train.model import build_meta_model
+
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLES, data)
+    two = f"data.train=[{{path: {data / 'llava.jsonl'}, format: llava, weight: 3}}, {{path: {data / 'cauldron.parquet'}, format: cauldron, weight: 1}}]"
+    base = [f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={tmp_path / 'run'}", "batch.seq_len=128"]
+    report = prepare_from_config(load_config(TINY_CONFIG, [*base, two]))
+    lines = report.splitlines()
+    assert lines[0].startswith("measured 11 samples of the mixture of 2 sources of data.train (llava, cauldron)"), report
+    assert "llava: 7 records, 4 usable, bad {'image_count_mismatch': 1, 'malformed_json': 1, 'unknown_role': 1}" in report
+    assert "8 samples per epoch (72.7% of the mixture, 1.14x its records)" in report  # 11 * 3 / 4 = 8.25 -> 8
+    assert "cauldron: 4 records, 4 usable, bad none" in report and "3 samples per epoch (27.3% of the mixture" in report
+
+    three = two[:-1] + f", {{path: {data / 'sharegpt.jsonl'}, format: sharegpt, weight: 1}}]"
+    config = load_config(TINY_CONFIG, [*base, three])
+    source = ModelSource.from_config(config.model)
+    model = build_meta_model(config.model, source)
+    image_format, inputs = source.family.image_format(model), source.input_folders(model)
+    dataset = build_dataset(config, image_format, inputs, model, split="train")
+    found = [load_cached(s.dirs, s.key, len(s.dataset)) is not None for s in sized_sources(config, dataset, image_format, inputs)]
+    assert found == [True, True, False]
