@@ -243,6 +243,30 @@ def test_a_mixed_run_on_2_ranks_resumed_on_1_continues_the_same_samples_and_repo
             assert got[f"source/{name}/samples"] == want[f"source/{name}/samples"]
 
 
+def test_padding_free_rows_and_the_planner_take_a_mixture(tmp_path: Path, tiny_mllama_dir: Path, capsys) -> None:
+    """Without packing (padding-free rows, in the training process) each source's samples and
+    tokens are counted and its losses add up to the loss; ``plan`` sizes a mixture's run as any."""
+    from fusiontrain.cli import main as cli_main
+
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLES, data)
+    shutil.copytree(tiny_mllama_dir, data / "mllama")
+    _chat_records(data / "chat.jsonl", 12)
+    rows = _run(
+        tmp_path / "padding_free", 1, data, "data.packing=false", "data.num_workers=0", "max_steps=2",
+        "checkpoint.every_n_steps=0", "eval.every_n_steps=0", "data.log_sample_ids=false",
+    )
+    names = ("llava", "cauldron", "questions")
+    for row in rows:
+        # global batch 4, one sample per slot; a sample found bad as it is built (a missing image) leaves its slot empty
+        assert 1 <= sum(row[f"source/{n}/samples"] for n in names) <= 4
+        weighted = sum(row[f"source/{n}/loss"] * row[f"source/{n}/tokens"] for n in names if row[f"source/{n}/tokens"])
+        assert math.isclose(weighted, row["loss"] * row["tokens"], rel_tol=1e-5), row
+    mixture = f"data.train=[{{path: {data / 'llava.jsonl'}, format: llava, weight: 1}}, {{path: {data / 'chat.jsonl'}, format: chat, weight: 2}}]"
+    code = cli_main(["plan", "--config", TINY_CONFIG, "--gpus", "2", f"model.hf_mllama={data / 'mllama'}", "batch.seq_len=128", mixture])
+    assert code == 0 and "memory per device" in capsys.readouterr().out
+
+
 def test_prepare_reports_each_source_and_adding_a_source_measures_only_that_one(
     tmp_path: Path, tiny_mllama_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -6,7 +6,8 @@ copies), into one optimizer update:
 1. Counts from the host copies, with no device work: the target positions of each micro-batch
    (``Batch.with_target_index``: the loss projects only those, and their number is known on the
    host), target tokens, real tokens, bad samples skipped per reason and model FLOPs
-   (:func:`~fusiontrain.flops.count.micro_batch_flops_or_none`).
+   (:func:`~fusiontrain.flops.count.micro_batch_flops_or_none`), and with a mixture of data
+   sources each source's targets, real tokens and samples.
    They travel in ONE all-reduce, issued before the first forward; the loss scale (world size /
    global target tokens, since FSDP averages gradients over ranks) is taken from its result on
    the device, so nothing waits for it before the first backward.
@@ -16,7 +17,8 @@ copies), into one optimizer update:
    micro-batch only (``parallel.defer_gradient_sync``; every micro-batch otherwise).
 3. ONE all-reduce after backward (:meth:`TrainStep.reduce_after_backward`) carries the loss sum,
    the square of the grad norm (each rank's gradient shards, summed), one "my loss is non-finite"
-   flag per rank and one "I received a preemption signal" per rank; its result is the one
+   flag per rank, one "I received a preemption signal" per rank and, with a mixture, each
+   source's loss sum (added up inside the chunked loss); its result is the one
    device-to-host read of the step. From it: the non-finite check of
    :mod:`fusiontrain.train.nonfinite`, gradient clipping to the global norm, the optimizer and
    LR-scheduler steps; the trainer reads the preemption verdict from the step's result.
