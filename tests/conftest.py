@@ -92,6 +92,7 @@ LONGEST_FILES = (
     "test_train.py",
     "test_resume.py",
     "test_elastic.py",
+    "test_mixture_runs.py",
     "test_lora.py",
     "test_launch.py",
     "test_hangs.py",
@@ -129,6 +130,7 @@ SLOW_FILES = frozenset(
         "test_nonfinite.py",
         "test_precision.py",
         "test_launch.py",
+        "test_mixture_runs.py",
     }
 )
 
