@@ -153,7 +153,8 @@ class DataSplitConfig:
     weight: float | None = _field(
         None,
         "In a list of training sources: its share of each epoch's samples, relative to the others' (set on every "
-        "source or none; none: each source once per epoch). docs/data.md: Mixtures.",
+        "source or none; none: each source once per epoch); streamed, its probability of giving the next record. "
+        "docs/data.md: Mixtures.",
     )
 
 
@@ -727,11 +728,6 @@ def _validate_sources(data: DataConfig) -> None:
 def _validate_streaming(data: DataConfig) -> None:
     """Streaming needs real (not synthetic) train data; .tar shards are read only as a stream."""
     train = data_sources(data, "train")
-    if data.streaming and len(train) > 1:
-        raise ConfigError(
-            "config key 'data.streaming' reads one training source; a list of sources is mixed map-style "
-            "(data.streaming=false)"
-        )
     if data.streaming and (train[0].format or data.format) == "synthetic":
         raise ConfigError("config key 'data.streaming' needs real data: set data.format (caption, chat, ...) and data.train.path")
     for index, source in enumerate(train):

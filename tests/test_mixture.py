@@ -112,9 +112,6 @@ def test_mixture_config_validation(tiny_mllama_dir: Path) -> None:
     for override, message in errors.items():
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             load_config(TINY_CONFIG, [model, override])
-    streaming = [model, two, "data.streaming=true"]
-    with pytest.raises(ConfigError, match="reads one training source"):
-        load_config(TINY_CONFIG, streaming)
 
 
 # -- the per-source split inside the chunked loss ---------------------------------------------------

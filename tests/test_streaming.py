@@ -275,3 +275,62 @@ def test_streamed_parquet_images_are_decoded_by_the_stream(tmp_path: Path) -> No
     got = batches(loader, 3)
     assert [ids_of(batch) for batch in got] == [[0], [1], [3]]
     assert got[2].skipped == {"corrupt_image": 1}
+
+
+# -- a mixture of streamed sources ---------------------------------------------------------------------
+
+
+def build_second(record: Record) -> Sample:
+    """:func:`build`, with token ids 5000 + n (a second source's samples, told apart in a batch)."""
+    sample = build(record)
+    sample.tokens = sample.tokens + 4000
+    sample.labels = torch.where(sample.labels == -100, -100, sample.labels + 4000)
+    return sample
+
+
+def mixed_stream(patterns: list[str], rank: int, world: int, num_workers: int, weights=(3.0, 1.0)) -> StreamingSampleStream:
+    """Two tar sources interleaved at ``weights``; source 1's samples get token ids 5000 + n so
+    that a batch tells the sources apart (and SourceBuilders is seen to pick each one's builder)."""
+    from fusiontrain.data.mixture import SourceBuilders
+    from fusiontrain.data.stream_sources import MixedStreamSource
+
+    source = MixedStreamSource([open_stream(p) for p in patterns], ("first", "second"), weights)
+    config = StreamConfig(seq_len=24, micro_batch_size=2, packing=True, max_images=3)
+    return StreamingSampleStream(
+        source, SourceBuilders([build, build_second]), SPEC, config, rank=rank, world=world, num_workers=num_workers, seed=5
+    )
+
+
+@pytest.fixture(scope="module")
+def second_shards(tmp_path_factory) -> str:
+    return write_shards(tmp_path_factory.mktemp("second"), 4)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_streamed_mixture_interleaves_by_weight_tags_sources_and_resumes_exactly(
+    shards: str, second_shards: str, num_workers: int
+) -> None:
+    """Two tar sources at 3:1 on rank 1 of 2: every sample is built by its own source's builder
+    and tagged with its source, the sources come in about their shares, and a loader restored
+    mid-pass continues bitwise."""
+    total = 12
+    uninterrupted = batches(build_streaming_loader(mixed_stream([shards, second_shards], 1, 2, num_workers)), total)
+    def source_ids(batch) -> torch.Tensor:  # None: every sample of the batch is of source 0
+        return torch.zeros_like(batch.tokens) if batch.source_ids is None else batch.source_ids
+
+    sources = [int(s) for batch in uninterrupted for s, real in zip(source_ids(batch).reshape(-1), batch.is_real.reshape(-1)) if real]
+    from_tokens = [int(t >= 5000) for batch in uninterrupted for t, real in zip(batch.tokens.reshape(-1), batch.is_real.reshape(-1)) if real]
+    assert sources == from_tokens  # the tag agrees with the builder that made each token
+    samples = [s for batch in uninterrupted for s in batch.sample_sources]
+    share = samples.count(0) / len(samples)
+    assert 0 < samples.count(1) and abs(share - 0.75) < 4 * (0.75 * 0.25 / len(samples)) ** 0.5, (share, len(samples))
+    first = build_streaming_loader(mixed_stream([shards, second_shards], 1, 2, num_workers))
+    head = batches(first, 4)
+    state = first.state_dict()
+    resumed = build_streaming_loader(mixed_stream([shards, second_shards], 1, 2, num_workers))
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    tail = batches(resumed, total - 4)
+    assert all(same_batch(a, b) for a, b in zip(head + tail, uninterrupted, strict=True))
+    other = build_streaming_loader(mixed_stream([shards, second_shards], 1, 2, num_workers, weights=(1.0, 1.0)))
+    with pytest.raises(StreamResumeError, match=r"at weights \[3.0, 1.0\]', now .* at weights \[1.0, 1.0\]"):
+        other.load_state_dict(json.loads(json.dumps(state)))

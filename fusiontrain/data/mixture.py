@@ -148,3 +148,17 @@ class MixedDataset:
     def size(self, sample_id: int) -> tuple[int, int, int]:
         source, index = self.mixture.source_of(sample_id)
         return self.datasets[source].size(index)
+
+
+class SourceBuilders:
+    """Builds each record with its own source's builder (a streamed mixture's records carry their
+    ``source``; the sources' formats differ), and marks the sample with its source."""
+
+    def __init__(self, builders: Sequence) -> None:
+        self.builders = list(builders)
+
+    def __call__(self, record) -> Sample:
+        sample = self.builders[record.source](record)
+        sample.source = record.source
+        return sample
+

@@ -46,12 +46,14 @@ class Record:
         base_dir: the folder relative image paths are relative to (the data file's folder, or the
             imagefolder itself); None for hub datasets.
         error: why the record could not be read (``malformed_json``, ``empty_line``), else None.
+        source: the index of its source in a streamed mixture of sources; 0 otherwise.
     """
 
     data: dict[str, Any] | None
     origin: str
     base_dir: Path | None
     error: BadSample | None = None
+    source: int = 0
 
 
 class RecordSource:

@@ -38,7 +38,8 @@ import glob
 import json
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +96,78 @@ class StreamSource:
             error = None if error is None else error.at(origin)
             return Record(data=data, origin=origin, base_dir=self.base_dir, error=error)
         return Record(data=example, origin=origin, base_dir=self.base_dir)
+
+    def split(self, rank: int, world: int, strategy: str, *, seed: int) -> Any:
+        """Rank ``rank``'s part of the stream (``split_dataset_by_node``, ``strategy`` "shards" or
+        "examples"); ``seed`` is a mixture's (unused here)."""
+        from datasets.distributed import split_dataset_by_node
+
+        return split_dataset_by_node(self.dataset, rank=rank, world_size=world, strategy=strategy)
+
+
+#: The column a mixture's interleaved examples carry their source's index in.
+SOURCE_COLUMN = "fusiontrain_source"
+
+
+def _tag(source: int, example: dict[str, Any]) -> dict[str, Any]:
+    return {SOURCE_COLUMN: source}
+
+
+@dataclass
+class MixedStreamSource:
+    """Several streamed sources interleaved record by record (``datasets.interleave_datasets``):
+    each record comes from source ``k`` with probability ``weights[k] / sum(weights)`` (without
+    weights, the sources take turns), until every source has run out once in the pass
+    (``stopping_strategy="all_exhausted"``: the smaller sources come round again meanwhile). Each
+    source is split over the ranks first, so every rank interleaves its own part of every source.
+
+    Attributes:
+        sources: the sources, in order (a record's ``source`` is its index here).
+        names: their names (for messages and the resume identity).
+        weights: their weights, or None.
+    """
+
+    sources: list[StreamSource]
+    names: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+
+    @property
+    def name(self) -> str:
+        weights = "" if self.weights is None else f" at weights {list(self.weights)}"
+        return f"the mixture of {', '.join(self.names)}{weights}"
+
+    @property
+    def num_shards(self) -> int:
+        """What the ranks and workers divide: the fewest shards of a source."""
+        return min(source.num_shards for source in self.sources)
+
+    def split(self, rank: int, world: int, strategy: str, *, seed: int) -> Any:
+        """Rank ``rank``'s interleaving of its part of every source, the draw seeded by ``seed``.
+        The sources' columns may differ: ``datasets`` aligns them (a column another source has
+        comes as None), so the sources' columns must not clash in type."""
+        import datasets
+
+        parts = [
+            source.split(rank, world, strategy, seed=seed).map(partial(_tag, index))
+            for index, source in enumerate(self.sources)
+        ]
+        probabilities = None if self.weights is None else [w / sum(self.weights) for w in self.weights]
+        try:
+            return datasets.interleave_datasets(
+                parts, probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted"
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"cannot interleave the streamed sources {list(self.names)}: {error}. Sources whose columns share a "
+                "name must give them the same type; stream them from files of one layout, or mix them map-style"
+            ) from error
+
+    def record(self, example: dict[str, Any], where: str) -> Record:
+        """The record of an interleaved example, read by its own source, with its ``source`` set;
+        the columns only other sources have (None here) are dropped."""
+        index = int(example[SOURCE_COLUMN])
+        own = {key: value for key, value in example.items() if key != SOURCE_COLUMN and value is not None}
+        return replace(self.sources[index].record(own, f"{self.names[index]}, {where}"), source=index)
 
 
 def open_stream(

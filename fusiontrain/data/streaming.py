@@ -26,6 +26,12 @@ differ (write shards already shuffled).
 
 The union over ranks and workers of one pass is the data, each record once.
 
+Several sources (a mixture, :class:`~fusiontrain.data.stream_sources.MixedStreamSource`) are split
+over the ranks one by one and interleaved on each rank by ``datasets.interleave_datasets``, seeded
+per pass; a pass then ends when every source has run out once, and the smaller sources' records
+come more than once in it. The interleaving's state is part of ``datasets``' state, so the resume
+below is exact for a mixture too.
+
 Exact resume. The position of a worker is the ``datasets`` state (``IterableDataset.state_dict()``:
 shard index and record index within the shard) plus our own count of records. Samples waiting in
 the packer's open rows or in rows not yet yielded are not stored: the state keeps the ``datasets``
@@ -59,7 +65,7 @@ from fusiontrain.data.loader import NoUsableSampleError, StreamConfig, collate_m
 from fusiontrain.data.workers import WORKER_START_METHODS, ClosableLoader
 from fusiontrain.data.packing import FirstFitPacker, PackedRow, misfit_reason
 from fusiontrain.data.sources import Record
-from fusiontrain.data.stream_sources import StreamSource
+from fusiontrain.data.stream_sources import MixedStreamSource, StreamSource
 
 logger = logging.getLogger("fusiontrain.data")
 
@@ -157,7 +163,7 @@ class StreamingSampleStream(IterableDataset):
     """One rank's infinite stream of micro-batches from a streamed source (see the module docstring).
 
     Args:
-        source: the records, as shards.
+        source: the records, as shards (or several sources interleaved: a mixture).
         build: turns a record into a sample (raises :class:`BadSample`); runs in the workers.
         image_format: the encoder's image format.
         config: batching (the same as map-style data's).
@@ -173,7 +179,7 @@ class StreamingSampleStream(IterableDataset):
 
     def __init__(
         self,
-        source: StreamSource,
+        source: StreamSource | MixedStreamSource,
         build: Callable[[Record], Sample],
         image_format: ImageFormat,
         config: StreamConfig,
@@ -238,9 +244,7 @@ class StreamingSampleStream(IterableDataset):
         """This rank's records of pass ``epoch`` as a ``datasets.IterableDataset``, from ``state``
         (a ``datasets`` state of this pass) or from the start. Iterated in a dataloader worker,
         ``datasets`` keeps the worker's shards."""
-        from datasets.distributed import split_dataset_by_node
-
-        dataset = split_dataset_by_node(self.source.dataset, rank=self.rank, world_size=self.world, strategy=self.stream_split)
+        dataset = self.source.split(self.rank, self.world, self.stream_split, seed=_pass_seed(self.seed, epoch))
         dataset.set_epoch(_pass_seed(self.seed, epoch))
         if state is not None:
             dataset.load_state_dict(state)

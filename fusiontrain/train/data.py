@@ -26,9 +26,9 @@ from fusiontrain.data.conversations import CONVERSATION_FORMATS, ConversationLay
 from fusiontrain.data.formats import RecordDataset, SampleBuilder
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.loader import Dealing, PlannedLoader, PlannedStream, StreamConfig
-from fusiontrain.data.mixture import MixedDataset, SourceMixture
+from fusiontrain.data.mixture import MixedDataset, SourceBuilders, SourceMixture
 from fusiontrain.data.row_plan import DataPosition, RowLimits, RowPlan
-from fusiontrain.data.stream_sources import open_stream
+from fusiontrain.data.stream_sources import MixedStreamSource, open_stream
 from fusiontrain.data.streaming import StreamingLoader, StreamingSampleStream, build_streaming_loader
 from fusiontrain.data.sizes import (
     SampleSizes,
@@ -430,9 +430,21 @@ def build_streaming_train_loader(
     over ranks (``data.stream_split``) and ``data.num_workers`` workers, packed per worker (see
     :mod:`fusiontrain.data.streaming`). Its position is per rank, unlike the row plan's."""
     data = config.data
+    sources = data_sources(data, "train")
+    streams = [
+        open_stream(source.path, split=source.split, subset=source.subset, image_root=source.image_root)
+        for source in sources
+    ]
+    builders = [sample_builder(config, image_format, inputs, source) for source in sources]
+    if len(sources) > 1:
+        weights = None if sources[0].weight is None else tuple(float(source.weight) for source in sources)
+        stream_source = MixedStreamSource(streams, tuple(source_name(source) for source in sources), weights)
+        build = SourceBuilders(builders)
+    else:
+        stream_source, build = streams[0], builders[0]
     stream = StreamingSampleStream(
-        open_stream(data.train.path, split=data.train.split, subset=data.train.subset, image_root=data.train.image_root),
-        sample_builder(config, image_format, inputs, data.train),
+        stream_source,
+        build,
         image_format,
         build_stream_config(data, config.batch, image_format, ignore_index=ignore_index),
         rank=rank,

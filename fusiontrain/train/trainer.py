@@ -23,13 +23,12 @@ from fusiontrain.checkpoint.fingerprint import fingerprint
 from fusiontrain.checkpoint.manager import CheckpointManager
 from fusiontrain.checkpoint.optimizer_state import OptimizerState
 from fusiontrain.checkpoint.parts import load_part
-from fusiontrain.config import TrainConfig, config_to_dict, save_config
+from fusiontrain.config import TrainConfig, config_to_dict, data_sources, save_config, source_name
 from fusiontrain.data import Batch, collate_padded
 from fusiontrain.data.batch import Sample, with_placeholder_image
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import collate_padding_free
-from fusiontrain.data.mixture import MixedDataset
 from fusiontrain.train.data import Dataset, build_dataset, build_eval_sets, build_streaming_train_loader, build_train_loader
 from fusiontrain.flops.peak import device_peak_flops, mfu
 from fusiontrain.train.loss import count_targets
@@ -127,7 +126,7 @@ class Trainer:
             skip_reasons=SKIP_REASONS,
             rank=self.context.rank,
             preemption_signal=self.preemption.local_signal,
-            source_names=self.train_data.mixture.names if isinstance(self.train_data, MixedDataset) else (),
+            source_names=[source_name(source) for source in data_sources(config.data, "train")],
         )
         self.preempted_by: str | None = None  # the last step's preemption verdict
         self.start_step = 0
