@@ -32,8 +32,14 @@ def step_metrics(step: int) -> dict[str, Any]:
         "peak_memory_bytes": 123_456_789,
         "skipped": {"too_long": 2, "missing_image": step} if step >= 2 else {},
     }
+    # a mixture's per-source metrics (llava holds no target at step 0: its loss is None)
+    metrics["source/llava/loss"] = None if step == 0 else 2.4 - 0.2 * step
+    metrics["source/llava/tokens"] = 0 if step == 0 else 1000
+    metrics["source/cauldron/loss"] = 2.6 - 0.25 * step
+    metrics["source/cauldron/samples"] = 7 + step
     if step == 1:
         metrics["eval_loss"] = 2.2
+        metrics["eval_loss/cauldron"] = 2.1
     return metrics
 
 

@@ -45,6 +45,7 @@ def _run(out: Path, nproc: int, data: Path, *overrides: str) -> list[dict]:
     sources = (
         f"data.train=[{{path: {data / 'llava.jsonl'}, format: llava, weight: 1}}, "
         f"{{path: {data / 'cauldron.parquet'}, format: cauldron, weight: 1}}, "
+        f"{{path: {data / 'sharegpt.jsonl'}, format: sharegpt, weight: 1}}, "
         f"{{path: {data / 'chat.jsonl'}, format: chat, name: questions, weight: 2}}]"
     )
     run_torchrun(
@@ -73,7 +74,7 @@ def _sample_ids(out: Path) -> dict[int, list]:
 def test_a_mixed_run_on_2_ranks_resumed_on_1_continues_the_same_samples_and_reports_each_source(
     tmp_path: Path, tiny_mllama_dir: Path
 ) -> None:
-    """llava, cauldron and chat sources at weights 1:1:2, packed, on 2 ranks with a worker each:
+    """llava, cauldron, sharegpt and chat sources at weights 1:1:1:2, packed, on 2 ranks with a worker each:
     4 steps, checkpoints after 2 and 4. Then the step-2 checkpoint resumed on 1 rank (elastic):
     steps 2-3 hold the same sample ids and give the same losses. Every step reports each source,
     and the per-source losses weighted by their tokens sum to the loss; the eval sets report
@@ -85,7 +86,7 @@ def test_a_mixed_run_on_2_ranks_resumed_on_1_continues_the_same_samples_and_repo
     first = _run(tmp_path / "two", 2, data)
     assert [row["step"] for row in first] == [0, 1, 2, 3]
     for row in first:
-        names = ("llava", "cauldron", "questions")
+        names = ("llava", "cauldron", "sharegpt", "questions")
         weighted = sum(row[f"source/{n}/loss"] * row[f"source/{n}/tokens"] for n in names if row[f"source/{n}/tokens"])
         assert math.isclose(weighted, row["loss"] * row["tokens"], rel_tol=1e-5), row
         assert sum(row[f"source/{n}/tokens"] for n in names) == row["tokens"]
@@ -94,8 +95,8 @@ def test_a_mixed_run_on_2_ranks_resumed_on_1_continues_the_same_samples_and_repo
     skipped = first[-1]["skipped"]
     for reason in ("malformed_json", "unknown_role", "image_count_mismatch", "missing_image", "corrupt_image"):
         assert skipped.get(reason, 0) > 0, (reason, skipped)
-    samples = [sum(row[f"source/{n}/samples"] for row in first) for n in ("llava", "cauldron", "questions")]
-    assert samples[2] > max(samples[:2]), samples  # the weight-2 source gives the most samples
+    samples = [sum(row[f"source/{n}/samples"] for row in first) for n in ("llava", "cauldron", "sharegpt", "questions")]
+    assert samples[3] > max(samples[:3]), samples  # the weight-2 source gives the most samples
 
     resumed = _run(tmp_path / "one", 1, data, f"checkpoint.resume={tmp_path / 'two' / 'checkpoints' / 'step_2'}")
     assert [row["step"] for row in resumed] == [2, 3]
@@ -103,7 +104,7 @@ def test_a_mixed_run_on_2_ranks_resumed_on_1_continues_the_same_samples_and_repo
     assert ids_one[2] == ids_two[2] and ids_one[3] == ids_two[3]
     for got, want in zip(resumed, first[2:]):
         assert math.isclose(got["loss"], want["loss"], rel_tol=1e-5, abs_tol=1e-6), (got["loss"], want["loss"])
-        for name in ("llava", "cauldron", "questions"):
+        for name in ("llava", "cauldron", "sharegpt", "questions"):
             assert got[f"source/{name}/samples"] == want[f"source/{name}/samples"]
 
 
@@ -120,7 +121,7 @@ def test_padding_free_rows_and_the_planner_take_a_mixture(tmp_path: Path, tiny_m
         tmp_path / "padding_free", 1, data, "data.packing=false", "data.num_workers=0", "max_steps=2",
         "checkpoint.every_n_steps=0", "eval.every_n_steps=0", "data.log_sample_ids=false",
     )
-    names = ("llava", "cauldron", "questions")
+    names = ("llava", "cauldron", "sharegpt", "questions")
     for row in rows:
         # global batch 4, one sample per slot; a sample found bad as it is built (a missing image) leaves its slot empty
         assert 1 <= sum(row[f"source/{n}/samples"] for n in names) <= 4
