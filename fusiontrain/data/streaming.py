@@ -79,7 +79,7 @@ _IDENTITY = {
     "num_workers": "data.num_workers",
     "stream_split": "data.stream_split",
     "seed": "seed",
-    "source": "data.train.path",
+    "source": "data.train (its path, or a mixture's sources and weights)",
     "num_shards": "the number of shards",
 }
 
