@@ -1,4 +1,6 @@
-"""Data: records -> sizes -> a global row plan -> each rank's packed or padded batches, resumable at any world size.
+"""Data: records (caption, chat, and LLaVA / ShareGPT / the_cauldron layouts read as chat) -> sizes -> a
+global row plan, of one source or a weighted mixture -> each rank's packed or padded batches, resumable at
+any world size.
 
 Layer: above ``weights``; may import weights, flops, parallel, modules, batch_layout and
 torch_private.
