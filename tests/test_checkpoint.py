@@ -227,3 +227,21 @@ def test_checksums_on_several_processes_equal_one_reader(tmp_path: Path) -> None
         path.write_bytes(bytes([index]) * (1000 + index))
         paths.append(path)
     assert checksums_of(paths, workers=3) == [checksum(path) for path in paths] == checksums_of(paths)
+
+
+def test_skip_counts_are_saved_by_reason_and_older_positional_counts_still_load() -> None:
+    """The trainer's checkpointed skip counts: by reason name (a reason added later leaves the
+    others in place), or the positional list of older checkpoints; an unknown reason, or a list of
+    another length, is refused naming the cause."""
+    from fusiontrain.data.loader import SKIP_REASONS
+    from fusiontrain.train.trainer import skip_counts
+
+    by_name = {"too_long": 3, "missing_image": 1}
+    counts = skip_counts(by_name)
+    assert counts == [by_name.get(reason, 0) for reason in SKIP_REASONS] and sum(counts) == 4
+    positional = list(range(len(SKIP_REASONS)))
+    assert skip_counts(positional) == positional
+    with pytest.raises(ValueError, match="does not know: \\['missing_audio'\\]"):
+        skip_counts({"missing_audio": 2})
+    with pytest.raises(ValueError, match="counts 2 skip reasons by position"):
+        skip_counts([1, 2])

@@ -271,7 +271,8 @@ class Trainer:
                 "step": step,
                 "tokens_seen": self.tokens_seen,
                 "scheduler": self.scheduler.state_dict(),
-                "skipped": self.skipped_total.tolist(),
+                # by reason name: a reason added in a later version leaves older counts in place
+                "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, self.skipped_total.tolist())},
                 # The row plan's position is global (the same on every rank, loadable at any world
                 # size); a stream's is per rank and goes in the rank's own state above.
                 "data": {"streaming": True} if self.config.data.streaming else self.train_loader.state_dict(),
@@ -291,7 +292,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_step = state["step"]
         self.tokens_seen = state["tokens_seen"]
-        self.skipped_total = torch.tensor(state["skipped"], dtype=torch.long, device=self.device)
+        self.skipped_total = torch.tensor(skip_counts(state["skipped"]), dtype=torch.long, device=self.device)
         if "nonfinite" in state:  # absent from checkpoints written before non-finite steps were counted
             self.nonfinite.load_state_dict(state["nonfinite"])
         self.wandb_run_id = state.get("wandb_run_id")
@@ -468,3 +469,21 @@ class Trainer:
         """Leave the process group (and give SIGTERM / SIGUSR1 back, for a trainer never run)."""
         self.preemption.uninstall()
         distributed.shutdown()
+
+
+def skip_counts(saved: dict[str, int] | list[int]) -> list[int]:
+    """The skipped-sample counts of a checkpoint, in :data:`SKIP_REASONS` order: saved by reason
+    name (a reason unknown here is an error naming it), or as the positional list that checkpoints
+    written before 2026-12-06 hold (in the reason order of that time, which was this one)."""
+    if isinstance(saved, list):
+        if len(saved) != len(SKIP_REASONS):
+            raise ValueError(
+                f"the checkpoint counts {len(saved)} skip reasons by position, this version knows {len(SKIP_REASONS)}; "
+                "resume it with the fusiontrain version that wrote it"
+            )
+        return [int(n) for n in saved]
+    unknown = sorted(set(saved) - set(SKIP_REASONS))
+    if unknown:
+        raise ValueError(f"the checkpoint counts skipped samples of reasons this version does not know: {unknown}")
+    return [int(saved.get(reason, 0)) for reason in SKIP_REASONS]
+
