@@ -82,7 +82,6 @@ SIGLIP2_NAFLEX = EncoderCase(
     encoder_class=Siglip2NaflexTowerEncoder,
     blocks="encoder.tower.encoder.layers",
     tokens_per_image=None,
-    host_reads_inputs=True,  # transformers' tower reads spatial_shapes to resize its position embeddings
 )
 CASES = [SIGLIP2_FIXED, SIGLIP2_NAFLEX]
 FIXED_SIZE_CASES = [case for case in CASES if case.tokens_per_image is not None]

@@ -178,7 +178,7 @@ class ConversationLayout:
         for index, turn in enumerate(self._turn_list(data)):
             if not isinstance(turn, dict):
                 raise BadSample("bad_record", f"turn {index} is a {type(turn).__name__}, not an object")
-            speaker, text = self._column(turn, self.role_tag), self._column(turn, self.content_tag)
+            speaker = self._column(turn, self.role_tag)
             role = self._role(speaker)
             if role is None:
                 known = [*self.system_tag, *self.user_tag, *self.assistant_tag]
@@ -187,10 +187,7 @@ class ConversationLayout:
                     f"turn {index} has {_names(self.role_tag)} {speaker!r}; format {self.format!r} knows {known} "
                     "(a mapping's tags name others)",
                 )
-            if not isinstance(text, str):
-                found = "none" if text is None else type(text).__name__
-                raise BadSample("bad_record", f"turn {index} needs a string under {_names(self.content_tag)}, got {found}")
-            turns.append((role, text))
+            turns.append((role, _string(self._column(turn, self.content_tag), f"turn {index}", self.content_tag)))
         return turns
 
     def _exchanges(self, data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -200,11 +197,7 @@ class ConversationLayout:
             if not isinstance(exchange, dict):
                 raise BadSample("bad_record", f"exchange {index} is a {type(exchange).__name__}, not an object")
             for role, names in (("user", self.user_tag), ("assistant", self.assistant_tag)):
-                text = self._column(exchange, names)
-                if not isinstance(text, str):
-                    found = "none" if text is None else type(text).__name__
-                    raise BadSample("bad_record", f"exchange {index} needs a string under {_names(names)}, got {found}")
-                turns.append((role, text))
+                turns.append((role, _string(self._column(exchange, names), f"exchange {index}", names)))
         return turns
 
     def _role(self, speaker: Any) -> str | None:
@@ -228,6 +221,14 @@ class ConversationLayout:
 
 def _names(names: tuple[str, ...]) -> str:
     return " or ".join(repr(name) for name in names)
+
+
+def _string(value: Any, where: str, names: tuple[str, ...]) -> str:
+    """``value`` when it is a string, else a ``bad_record`` naming ``where`` and the keys read."""
+    if not isinstance(value, str):
+        found = "none" if value is None else type(value).__name__
+        raise BadSample("bad_record", f"{where} needs a string under {_names(names)}, got {found}")
+    return value
 
 
 _PRESETS: dict[str, ConversationLayout] = {

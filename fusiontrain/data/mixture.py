@@ -34,6 +34,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ class SourceMixture:
             if len(self.weights) != len(self.names) or not all(w > 0 for w in self.weights):
                 raise ValueError(f"a mixture needs one positive weight per source, got {self.weights}")
 
-    @property
+    @cached_property  # asked once per sample read (source_of): computed once
     def offsets(self) -> np.ndarray:
         """``[k + 1]``: source ``k``'s ids start at ``offsets[k]``; ``offsets[-1]`` is the total."""
         return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
@@ -79,6 +80,10 @@ class SourceMixture:
 
     def quotas(self) -> tuple[int, ...]:
         """Samples each source gives per epoch (summing to the epoch's size)."""
+        return self._quotas
+
+    @cached_property
+    def _quotas(self) -> tuple[int, ...]:
         total = len(self)
         if self.weights is None:
             return self.sizes

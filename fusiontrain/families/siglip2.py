@@ -59,6 +59,11 @@ class Siglip2NaflexTowerEncoder(nn.Module):
         max_num_patches: ``P`` (the processor's; defaults to the config's ``num_patches``).
     """
 
+    #: transformers' tower reads ``spatial_shapes`` on the host (to resize its position
+    #: embeddings): a device-to-host sync per forward on a GPU, and no run on the meta device.
+    #: Encoders without this attribute read no input's values.
+    reads_input_values_on_host = True
+
     def __init__(self, tower: nn.Module, decoder_dim: int, max_num_patches: int | None = None) -> None:
         super().__init__()
         from transformers import Siglip2VisionModel
