@@ -202,9 +202,9 @@ def test_manifests_are_complete_when_a_rank_lists_wrong_and_resume_splits_the_ch
     while rank 1's directory listings miss every other file: the manifest is the gather of what
     each rank wrote, so it names every file on disk and the checkpoint verifies. Resuming then
     reads each file's checksum on one rank only, every rank its share."""
-    from tests.helpers.launch import REPO_ROOT, run_torchrun
+    from tests.helpers.launch import REPO_ROOT, run_world
 
-    run_torchrun([str(REPO_ROOT / "tests" / "helpers" / "checkpoint_ranks.py"), str(tmp_path)], nproc=2, timeout=180)
+    run_world([str(REPO_ROOT / "tests" / "helpers" / "checkpoint_ranks.py"), str(tmp_path)], nproc=2, timeout=180)
     result = json.loads((tmp_path / "result.json").read_text())
     for step in ("1", "2"):
         folder = tmp_path / "checkpoints" / f"step_{step}"

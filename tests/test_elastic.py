@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fusiontrain.checkpoint.parts import CheckpointPart
-from tests.helpers.launch import REPO_ROOT, run_torchrun
+from tests.helpers.launch import REPO_ROOT, run_world
 from tests.helpers.shared import shared_folder
 
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
@@ -32,7 +32,7 @@ RUN = [
 
 def _train(output_dir: Path, nproc: int, mllama: Path, *overrides: str) -> None:
     args = ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={mllama}", f"output_dir={output_dir}", *RUN, *overrides]
-    run_torchrun(args, nproc=nproc, timeout=300)
+    run_world(args, nproc=nproc, timeout=300)
 
 
 def _losses(run: Path) -> dict[int, float]:

@@ -31,7 +31,7 @@ from fusiontrain.families.mllama.model import legacy_mllama_key, mllama_args_fro
 from fusiontrain.weights.lora import LoraSettings, add_lora, init_lora_params, lora_settings_of
 from fusiontrain.modules import get_fusion_params
 from fusiontrain.modules.lora import LoRALinear, is_lora_parameter, select_lora_targets
-from tests.helpers.launch import REPO_ROOT, launch_env, run_torchrun
+from tests.helpers.launch import REPO_ROOT, launch_env, run_world
 from tests.helpers.tiny_models import mllama_batch_where_every_row_sees_an_image, open_gates
 
 TOKENS_PER_TILE = 5  # (28 // 14) ** 2 + 1
@@ -345,7 +345,7 @@ CLI_RUN = [
 
 
 def _train(tiny_mllama_dir: Path, output_dir: Path, *overrides: str) -> list[dict]:
-    run_torchrun(
+    run_world(
         ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={output_dir}", *CLI_RUN, *overrides],
         nproc=2,
         timeout=240,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.launch import run_torchrun
+from tests.helpers.launch import run_world
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "data"
@@ -48,7 +48,7 @@ def _run(out: Path, nproc: int, data: Path, *overrides: str) -> list[dict]:
         f"{{path: {data / 'sharegpt.jsonl'}, format: sharegpt, weight: 1}}, "
         f"{{path: {data / 'chat.jsonl'}, format: chat, name: questions, weight: 2}}]"
     )
-    run_torchrun(
+    run_world(
         ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={data / 'mllama'}", f"output_dir={out}",
          sources, f"data.eval=[{{path: {data / 'sharegpt.jsonl'}, format: sharegpt}}, {{path: {data / 'chat.jsonl'}, format: chat, name: questions}}]",
          "batch.seq_len=128", "batch.global_batch_size=4", "batch.micro_batch_size=2", "max_steps=4",

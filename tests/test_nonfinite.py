@@ -28,7 +28,7 @@ from fusiontrain.train.nonfinite import (
     injection_from_env,
     parse_injection,
 )
-from tests.helpers.launch import REPO_ROOT, run_torchrun
+from tests.helpers.launch import REPO_ROOT, run_torchrun, run_world
 from tests.helpers.strict_json import loads_strict
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
@@ -177,7 +177,7 @@ def test_skip_leaves_the_weights_of_a_nan_step_untouched_and_goes_on(tmp_path, t
     out, run = tmp_path / "h", tmp_path / "run"
     args = [HARNESS, str(out), "--dump-every-step", "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}",
             f"output_dir={run}", "max_steps=5", *RUN]
-    run_torchrun(args, nproc=2, timeout=120, env={INJECT_ENV: "step=2,rank=1"})
+    run_world(args, nproc=2, timeout=120, env={INJECT_ENV: "step=2,rank=1"})
     rows = _rows(run)
     assert [row["skipped_step"] for row in rows] == [False, False, True, False, False]
     assert [row["nonfinite_skipped"] for row in rows] == [0, 0, 1, 1, 1]
@@ -249,7 +249,7 @@ def test_a_checkpoint_with_a_nan_on_one_rank_is_refused(tmp_path, tiny_mllama_di
     out, run = tmp_path / "h", tmp_path / "run"
     args = [SAVE_HELPER, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
             "max_steps=2", "checkpoint.every_n_steps=1", "checkpoint.keep_last_n=0", *RUN]
-    run_torchrun(args, nproc=2, timeout=120)
+    run_world(args, nproc=2, timeout=120)
     results = [json.loads((out / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
     corrupted = results[1]["corrupted"]
     assert corrupted

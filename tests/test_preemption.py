@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from fusiontrain.train.preemption import MARKER_ENV, PREEMPTED_EXIT_CODE, PreemptionWatcher
-from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_torchrun
+from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_world
 from tests.helpers.shared import MAX_STEPS, PACKED_RUN, WITH_WORKERS, uninterrupted_packed_run
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
@@ -162,7 +162,7 @@ def _resume_and_compare(tmp_path: Path, mllama: Path, uninterrupted: tuple[list[
     out = tmp_path / "h"
     # The resumed part needs no worker (the signal reached the run before it): PACKED_RUN's none.
     args = [HARNESS, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={mllama}", f"output_dir={tmp_path / 'run'}", *PACKED_RUN]
-    result = run_torchrun(args, nproc=2, timeout=300)
+    result = run_world(args, nproc=2, timeout=300)
     assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{step}'} at step {step}" in result.stdout
     first = [row["loss"] for row in _rows(tmp_path / "run" / "metrics.jsonl")][:step]
     second = json.loads((out / "report.json").read_text())["losses"]

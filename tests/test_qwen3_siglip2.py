@@ -35,7 +35,7 @@ from fusiontrain.families.siglip2_image import NaflexImage
 from fusiontrain.inference.generation import generate
 from fusiontrain.inference.load import build_prompt_inputs, load_for_inference
 from fusiontrain.models import compose_from_hf
-from tests.helpers.launch import REPO_ROOT, launch_env, run_torchrun
+from tests.helpers.launch import REPO_ROOT, launch_env, run_world
 from tests.helpers.tiny_models import open_gates
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
@@ -75,7 +75,7 @@ def _train(out: Path, nproc: int, model_args: list[str]) -> tuple[dict, dict]:
         "max_steps=3", "batch.micro_batch_size=2", "batch.global_batch_size=4", "logging.every_n_steps=0",
         "eval.every_n_steps=0", "data.num_workers=0",
     ]
-    run_torchrun(args, nproc=nproc, timeout=240)
+    run_world(args, nproc=nproc, timeout=240)
     return json.loads((out / "report.json").read_text()), load_file(out / "trainable.safetensors")
 
 
@@ -246,7 +246,7 @@ def test_cli_trains_exports_and_generates(
     tmp_path: Path, composed_args: list[str], caption_data: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "run"
-    run_torchrun(
+    run_world(
         ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, *composed_args, f"output_dir={out}", "data.format=caption",
          f"data.train.path={caption_data}", "data.packing=true", "data.num_workers=0", "batch.seq_len=48",
          "batch.micro_batch_size=1", "batch.global_batch_size=2", "max_steps=3", "optim.lr=2e-2", "optim.warmup_steps=0",

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from fusiontrain.checkpoint import layout
 from fusiontrain.parallel.processes import descendant_pids, parent_pid
-from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_torchrun
+from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_world
 from tests.helpers.shared import PACKED_RUN, WITH_WORKERS, uninterrupted_packed_run
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
@@ -31,7 +31,7 @@ RUN = PACKED_RUN
 
 def _harness(out: Path, output_dir: Path, nproc: int, *overrides: str, mllama: Path) -> tuple[dict, dict]:
     args = [HARNESS, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={mllama}", f"output_dir={output_dir}", *RUN, *overrides]
-    run_torchrun(args, nproc=nproc, timeout=300)
+    run_world(args, nproc=nproc, timeout=300)
     return json.loads((out / "report.json").read_text()), load_file(out / "trainable.safetensors")
 
 
@@ -115,7 +115,7 @@ def test_sigkilled_rank_restarts_and_resumes_to_the_same_weights(tmp_path, tiny_
 
 def _train(output_dir: Path, nproc: int, mllama: Path, *overrides: str):
     args = ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={mllama}", f"output_dir={output_dir}", *RUN, *overrides]
-    return run_torchrun(args, nproc=nproc, timeout=240)
+    return run_world(args, nproc=nproc, timeout=240)
 
 
 def test_resume_refuses_another_base_or_data_order(tmp_path, tiny_mllama_dir) -> None:
@@ -209,7 +209,7 @@ def test_a_run_starts_from_a_fusiontrain_export_of_a_composed_model(tmp_path, ti
     composed = ["model.hf_mllama=null", f"model.compose.decoder={tiny_llama_dir}", f"model.compose.encoder={tiny_clip_dir}",
                 "model.compose.fusion_interval=2", "checkpoint.every_n_steps=2", "max_steps=2", "checkpoint.resume=null"]
     args = [HARNESS, str(tmp_path / "h1"), "--config", TINY_CONFIG, f"output_dir={tmp_path / 'run1'}", *RUN, *composed]
-    run_torchrun(args, nproc=1, timeout=240)
+    run_world(args, nproc=1, timeout=240)
     trained = load_file(tmp_path / "h1" / "trainable.safetensors")
 
     def export(checkpoint: Path, out: Path) -> None:
@@ -223,7 +223,7 @@ def test_a_run_starts_from_a_fusiontrain_export_of_a_composed_model(tmp_path, ti
     from_export = ["model.hf_mllama=null", f"model.fusiontrain_export={tmp_path / 'export1'}", "checkpoint.every_n_steps=1",
                    "max_steps=1", "checkpoint.resume=null"]
     args = [HARNESS, str(tmp_path / "h2"), "--config", TINY_CONFIG, f"output_dir={tmp_path / 'run2'}", *RUN, *from_export]
-    run_torchrun(args, nproc=1, timeout=240)
+    run_world(args, nproc=1, timeout=240)
     _assert_bitwise(load_file(tmp_path / "h2" / "initial.safetensors"), trained)
     export(tmp_path / "run2" / "checkpoints" / "step_1", tmp_path / "export2")
     reloaded = load_fusiontrain_export(tmp_path / "export2")
@@ -257,7 +257,7 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_and_still_matches(tmp_p
     assert verify.returncode == 1 and "step_6: DAMAGED" in verify.stdout and "newest intact: step_4" in verify.stdout
     args = [HARNESS, str(tmp_path / "h2"), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
             *RUN, "checkpoint.every_n_steps=2"]
-    result = run_torchrun(args, nproc=2, timeout=300)
+    result = run_world(args, nproc=2, timeout=300)
     log = result.stdout
     assert f"skipping checkpoint {newest}" in log and "truncated" in log, log[-3000:]
     assert "resumed from" in log and "step_4 at step 4" in log, log[-3000:]
@@ -375,7 +375,7 @@ def test_async_checkpoints_on_four_ranks_finish_intact(tmp_path, tiny_mllama_dir
     """4 gloo ranks, an async save after every step (each next save waits for the one before):
     the run ends, and every checkpoint is complete with every checksum right."""
     run = tmp_path / "run"
-    run_torchrun(
+    run_world(
         ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
          *RUN, "max_steps=3", "batch.micro_batch_size=1", "checkpoint.async_save=true", "checkpoint.every_n_steps=1",
          "checkpoint.keep_last_n=0"],

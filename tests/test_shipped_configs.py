@@ -23,7 +23,7 @@ import torch
 
 from fusiontrain.cli import main as cli_main
 from fusiontrain.inference.load import load_for_inference
-from tests.helpers.launch import run_torchrun
+from tests.helpers.launch import run_world
 from tests.helpers.shipped_configs import (
     WORLD_SIZE,
     folder_fixtures,
@@ -62,7 +62,7 @@ def test_shipped_config_trains_resumes_and_exports(
     # Uninterrupted: 3 steps, checkpoints after steps 2 and 3.
     run = tmp_path / "run"
     overrides = stand_in_overrides(raw, folders=folders, data=tiny_data, output_dir=run, max_steps=3)
-    run_torchrun([*train, *overrides], nproc=WORLD_SIZE, timeout=300)
+    run_world([*train, *overrides], nproc=WORLD_SIZE, timeout=300)
     rows = _metrics(run)
     assert [row["step"] for row in rows] == [0, 1, 2]
     assert all(row["loss"] == row["loss"] and row["loss"] > 0 for row in rows), rows  # finite, trained
@@ -72,7 +72,7 @@ def test_shipped_config_trains_resumes_and_exports(
     # Resumed from step 2 in a fresh folder: step 3 again, bitwise.
     resumed = tmp_path / "resumed"
     overrides = stand_in_overrides(raw, folders=folders, data=tiny_data, output_dir=resumed, max_steps=3)
-    result = run_torchrun([*train, *overrides, f"checkpoint.resume={step_2}"], nproc=WORLD_SIZE, timeout=300)
+    result = run_world([*train, *overrides, f"checkpoint.resume={step_2}"], nproc=WORLD_SIZE, timeout=300)
     assert "resum" in result.stdout.lower(), result.stdout[-2000:]
     again = _metrics(resumed)
     assert [row["step"] for row in again] == [2] and again[0]["loss"] == rows[2]["loss"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.launch import REPO_ROOT, run_torchrun
+from tests.helpers.launch import REPO_ROOT, run_world
 
 PROBE = str(REPO_ROOT / "tests" / "helpers" / "step_collectives_probe.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
@@ -24,7 +24,7 @@ def test_a_step_issues_two_small_all_reduces_and_gathers_the_output_projection_o
     tmp_path: Path, tiny_mllama_dir: Path
 ) -> None:
     out = tmp_path / "collectives.json"
-    run_torchrun(
+    run_world(
         [PROBE, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={tmp_path / 'run'}",
          f"max_steps={STEPS}", "batch.micro_batch_size=2", "batch.global_batch_size=8", "eval.every_n_steps=0",
          "logging.every_n_steps=0", "data.num_workers=0", "optim.max_grad_norm=0.1"],

@@ -210,7 +210,7 @@ def test_cli_streaming_run_resumes_bitwise_and_counts_skips(tmp_path: Path, tiny
     resume a second run from step 2: its steps 3-4 have exactly the losses of the uninterrupted
     run (each loss depends on the weights and the data before it). The bad members appear in the
     run's skip metrics."""
-    from tests.helpers.launch import REPO_ROOT, run_torchrun
+    from tests.helpers.launch import REPO_ROOT, run_world
 
     shards = _caption_shards(tmp_path / "shards")
 
@@ -221,7 +221,7 @@ def test_cli_streaming_run_resumes_bitwise_and_counts_skips(tmp_path: Path, tiny
             f"data.train.path={shards}", "data.num_workers=1", "batch.seq_len=48", "batch.global_batch_size=4",
             "max_steps=4", "checkpoint.every_n_steps=2", "eval.every_n_steps=0", "logging.every_n_steps=0", *extra,
         ]
-        run_torchrun(args, nproc=2, timeout=300)
+        run_world(args, nproc=2, timeout=300)
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     uninterrupted = train(tmp_path / "a")

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.launch import REPO_ROOT, run_script_multinode, run_torchrun
+from tests.helpers.launch import REPO_ROOT, run_script_multinode, run_world
 from tests.helpers.shared import shared_folder
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
@@ -36,7 +36,7 @@ COMMON = [
 
 def _run(out: Path, nproc: int, model_args: list[str], *overrides: str) -> None:
     args = [HARNESS, str(out), "--config", TINY_CONFIG, *model_args, f"output_dir={out}/run", *COMMON, *overrides]
-    run_torchrun(args, nproc=nproc, timeout=300)
+    run_world(args, nproc=nproc, timeout=300)
 
 
 def _read(out: Path) -> tuple[dict, dict]:
@@ -148,7 +148,7 @@ def test_compiled_step_equals_eager(tmp_path, mllama_args) -> None:
 
 def test_run_folder_has_config_and_metrics(tmp_path, mllama_args, reference) -> None:
     out = tmp_path / "plain"
-    run_torchrun(["-m", "fusiontrain", "train", "--config", TINY_CONFIG, *mllama_args, f"output_dir={out}", *COMMON], nproc=2)
+    run_world(["-m", "fusiontrain", "train", "--config", TINY_CONFIG, *mllama_args, f"output_dir={out}", *COMMON], nproc=2)
     assert (out / "config.yaml").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [0, 1, 2, 3]
@@ -173,7 +173,7 @@ def test_text_only_micro_batches_on_one_rank_keep_ranks_in_step(tmp_path, mllama
     """With 0-2 images per sample and one sample per micro-batch, a rank often has a text-only
     batch while the other has images; both must still run the encoder's collectives."""
     out = tmp_path / "mixed"
-    run_torchrun(
+    run_world(
         ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, *mllama_args, f"output_dir={out}",
          "data.synthetic_lengths=long_tail", "data.synthetic_max_text=30", "batch.micro_batch_size=1",
          "batch.global_batch_size=2", "max_steps=6", "logging.every_n_steps=0", "eval.every_n_steps=3", "eval.num_samples=3"],
@@ -189,7 +189,7 @@ def test_eval_then_checkpoint_with_a_trainable_decoder(tmp_path, mllama_args) ->
     its FSDP unit must be resharded, or the optimizer's state no longer matches the parameters
     (a KeyError in get_optimizer_state_dict at the next checkpoint)."""
     out = tmp_path / "eval_ckpt"
-    run_torchrun(
+    run_world(
         ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, *mllama_args, f"output_dir={out}", "max_steps=2",
          "model.decoder_trainable=true", "eval.every_n_steps=1", "checkpoint.every_n_steps=1", "logging.every_n_steps=0"],
         nproc=2,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.helpers.launch import REPO_ROOT, run_torchrun
+from tests.helpers.launch import REPO_ROOT, run_world
 
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
@@ -61,7 +61,7 @@ def _train(tmp_path: Path, data: Path, mllama_dir: Path, *overrides: str, nproc:
         f"data.eval.path={data}", "batch.seq_len=64", "batch.global_batch_size=4", "max_steps=12",
         "eval.every_n_steps=6", "eval.num_samples=8", "logging.every_n_steps=0", *overrides,
     ]
-    result = run_torchrun(args, nproc=nproc, timeout=300)
+    result = run_world(args, nproc=nproc, timeout=300)
     return result, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -30,6 +30,7 @@ from fusiontrain.parallel.processes import descendant_pids
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MULTINODE_SH = REPO_ROOT / "launch" / "multinode.sh"
 TAIL_LINES = 80
+FAILURE_GRACE_S = 5.0  # run_world: how long the other ranks may take to report a rank's failure
 
 
 def free_port() -> int:
@@ -125,6 +126,39 @@ def run_ranks(
     return _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check)
 
 
+def run_world(
+    args: Sequence[str],
+    *,
+    nproc: int,
+    timeout: float = 240,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run ``python <args>`` as one world of ``nproc`` ranks started directly, the way srun, mpirun
+    or a Kubernetes job starts them: no torchrun agent, the process-group variables (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) set per rank and the
+    rendezvous through ``env://`` (rank 0 hosts the store).
+
+    For tests whose subject is what the ranks do, not the launcher: torchrun's agent costs about
+    1.6 CPU-s and 1.8 s of wall time per launch on this machine, and the suite launches about a
+    hundred. The torchrun path (its agent's store, restarts, signals, ``--tee``) keeps tests of its
+    own (:func:`run_torchrun`). As torchrun does, a rank's failure ends the others (after a short
+    grace in which they may report it themselves). Returns one completed process whose output is
+    every rank's, in rank order, and whose exit code is a failed rank's own (else 0); raises
+    ``AssertionError`` on timeout, and on a non-zero exit unless ``check`` is false.
+    """
+    base = launch_env(env)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    envs = [{**base, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(nproc)]
+    cmds = [[sys.executable, *args] for _ in range(nproc)]
+    results = _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, end_all_on_failure=True)
+    codes = [r.returncode for r in results]
+    # A rank's own failure before the signals with which the others were ended.
+    code = next((c for c in codes if c > 0), next((c for c in codes if c != 0), 0))
+    output = "".join(r.stdout if r.stdout.endswith("\n") or not r.stdout else r.stdout + "\n" for r in results)
+    return subprocess.CompletedProcess(cmds[0], code, output, None)
+
+
 def run_script_multinode(
     args: Sequence[str],
     *,
@@ -191,9 +225,11 @@ def _run_all(
     timeout: float,
     cwd: Path,
     check: bool = True,
+    end_all_on_failure: bool = False,
 ) -> list[subprocess.CompletedProcess]:
     """Start every command at once (each in its own session), wait for all with one deadline,
-    and check the exit codes (unless ``check`` is false; a timeout always raises)."""
+    and check the exit codes (unless ``check`` is false; a timeout always raises). With
+    ``end_all_on_failure``, a command that exits non-zero ends the others FAILURE_GRACE_S later."""
     envs = [env] * len(cmds) if isinstance(env, Mapping) else list(env)
     logs = [tempfile.TemporaryFile(mode="w+b") for _ in cmds]
     procs: list[subprocess.Popen] = []
@@ -211,13 +247,22 @@ def _run_all(
                 )
             )
         deadline = time.monotonic() + timeout
-        timed_out = False
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                break
+        if end_all_on_failure:
+            failed_at = None
+            while None in (codes := [proc.poll() for proc in procs]) and time.monotonic() < deadline:
+                if failed_at is None and any(code not in (None, 0) for code in codes):
+                    failed_at = time.monotonic()
+                if failed_at is not None and time.monotonic() > failed_at + FAILURE_GRACE_S:
+                    for proc in procs:
+                        _kill_tree(proc)
+                time.sleep(0.05)
+        else:
+            for proc in procs:
+                try:
+                    proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+                except subprocess.TimeoutExpired:
+                    break
+        timed_out = any(proc.poll() is None for proc in procs)
         if timed_out:
             for proc in procs:
                 _kill_tree(proc)

@@ -23,7 +23,7 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file
 
-from tests.helpers.launch import REPO_ROOT, run_torchrun
+from tests.helpers.launch import REPO_ROOT, run_world
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
@@ -66,7 +66,7 @@ def uninterrupted_packed_run(tmp_path_factory: pytest.TempPathFactory, mllama: P
     def produce(folder: Path) -> None:
         args = [HARNESS, str(folder / "h"), "--config", TINY_CONFIG, f"model.hf_mllama={mllama}",
                 f"output_dir={folder / 'run'}", *PACKED_RUN, "checkpoint.every_n_steps=4"]
-        run_torchrun(args, nproc=2, timeout=300)
+        run_world(args, nproc=2, timeout=300)
 
     folder = shared_folder(tmp_path_factory, "uninterrupted_packed_run", produce)
     report = json.loads((folder / "h" / "report.json").read_text())
