@@ -129,16 +129,32 @@ def _cli(*argv: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_export_generate_and_verify_refuse_a_pickle_from_the_command_line(poisoned, tmp_path: Path) -> None:
+def _cli_here(capsys: pytest.CaptureFixture, *argv: str) -> subprocess.CompletedProcess:
+    """The command line's ``main`` in this process (what ``python -m fusiontrain`` runs, less an
+    interpreter start of about 3 CPU-s), with its exit code and captured output."""
+    from fusiontrain.cli import main as cli_main
+
+    capsys.readouterr()
+    code = cli_main(list(argv))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["fusiontrain", *argv], code, out, err)
+
+
+def test_export_generate_and_verify_refuse_a_pickle_from_the_command_line(poisoned, tmp_path: Path, capsys) -> None:
+    """Each command refuses both poisoned checkpoints with its exit code, naming the pickle; one
+    through a real ``python -m fusiontrain`` process (the code reaches the shell), the others
+    through the same ``main`` in this process."""
     planted, old, marker, _ = poisoned
     image = tmp_path / "image.png"
     Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
+    export = _cli("export", "--checkpoint", str(planted), "--out", str(tmp_path / "out"))
+    assert export.returncode == 2 and "pickle" in export.stderr and str(planted) in export.stderr, export.stderr
     for path in (planted, old):
-        export = _cli("export", "--checkpoint", str(path), "--out", str(tmp_path / "out"))
+        export = _cli_here(capsys, "export", "--checkpoint", str(path), "--out", str(tmp_path / "out"))
         assert export.returncode == 2 and "pickle" in export.stderr and str(path) in export.stderr, export.stderr
-        generate = _cli("generate", "--model", str(path), "--image", str(image), "--prompt", "<|image|>hi")
+        generate = _cli_here(capsys, "generate", "--model", str(path), "--image", str(image), "--prompt", "<|image|>hi")
         assert generate.returncode == 2 and "pickle" in generate.stderr, generate.stderr
-        checked = _cli("verify", str(path))
+        checked = _cli_here(capsys, "verify", str(path))
         assert checked.returncode == 1 and "DAMAGED" in checked.stdout and "pickle" in checked.stdout, checked.stdout
     assert not marker.exists() and not (tmp_path / "out").exists()
 

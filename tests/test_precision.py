@@ -5,7 +5,6 @@ the dtypes, unit by unit, is tested in test_parallel.py."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,9 @@ from fusiontrain.checkpoint.export import export_checkpoint
 from fusiontrain.checkpoint.parts import CheckpointPart
 from fusiontrain.families.mllama.model import MLLAMA_FUSION_VOCAB_SIZE
 from fusiontrain.parallel.precision import StorageDtypes, storage_dtypes, store_parameters
-from tests.helpers.launch import REPO_ROOT, run_commands
+from tests.helpers.launch import REPO_ROOT, run_world
 
-HARNESS = REPO_ROOT / "tests" / "helpers" / "train_harness.py"
+HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -72,7 +71,7 @@ def test_describe() -> None:
 def _train(out: Path, model_dir: Path, *overrides: str) -> list[str]:
     """The harness (the real Trainer) on 2 ranks: fusion-only, bf16 compute, 3 steps."""
     return [
-        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", HARNESS, str(out)),
+        *(HARNESS, str(out)),
         *("--config", str(TINY_CONFIG), f"model.hf_mllama={model_dir}", f"output_dir={out}/run", "max_steps=3"),
         *("parallel.mixed_precision=bf16", "eval.every_n_steps=0", "logging.every_n_steps=0", "data.num_workers=0"),
         *overrides,
@@ -90,14 +89,12 @@ def test_two_rank_run_with_bf16_frozen_storage_equals_fp32_storage_and_resumes_a
     untrained ones the base's rounded to bf16 (what the run computed with, from the frozen part)."""
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     frozen_bf16 = ["model.frozen_dtype=bfloat16", "checkpoint.save_frozen=true", "checkpoint.every_n_steps=2"]
-    run_commands(
-        [
-            _train(fp32, tiny_mllama_dir, "checkpoint.every_n_steps=3"),
-            _train(bf16, tiny_mllama_dir, *frozen_bf16, "stop_after_steps=2"),
-        ],
-        timeout=300,
+    run_world(_train(fp32, tiny_mllama_dir, "checkpoint.every_n_steps=3"), nproc=2, timeout=300)
+    run_world(_train(bf16, tiny_mllama_dir, *frozen_bf16, "stop_after_steps=2"), nproc=2, timeout=300)
+    run_world(
+        _train(bf16 / "resumed", tiny_mllama_dir, *frozen_bf16, f"output_dir={bf16}/run", "checkpoint.resume=auto"),
+        nproc=2, timeout=300,
     )
-    run_commands([_train(bf16 / "resumed", tiny_mllama_dir, *frozen_bf16, f"output_dir={bf16}/run", "checkpoint.resume=auto")], timeout=300)
 
     want = json.loads((fp32 / "report.json").read_text())
     stopped, resumed = (json.loads((folder / "report.json").read_text()) for folder in (bf16, bf16 / "resumed"))

@@ -133,7 +133,8 @@ def run_world(
     timeout: float = 240,
     env: Mapping[str, str] | None = None,
     check: bool = True,
-) -> subprocess.CompletedProcess:
+    beside: Sequence[Sequence[str]] = (),
+) -> subprocess.CompletedProcess | tuple[subprocess.CompletedProcess, list[subprocess.CompletedProcess]]:
     """Run ``python <args>`` as one world of ``nproc`` ranks started directly, the way srun, mpirun
     or a Kubernetes job starts them: no torchrun agent, the process-group variables (``RANK``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) set per rank and the
@@ -146,17 +147,23 @@ def run_world(
     grace in which they may report it themselves). Returns one completed process whose output is
     every rank's, in rank order, and whose exit code is a failed rank's own (else 0); raises
     ``AssertionError`` on timeout, and on a non-zero exit unless ``check`` is false.
+
+    ``beside``: other commands (e.g. a ``plan`` of the same config) run at the same time, outside
+    the world and with the launch environment; then ``(world result, their results)`` is returned.
     """
     base = launch_env(env)
+    plain = dict(base)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
-    envs = [{**base, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(nproc)]
-    cmds = [[sys.executable, *args] for _ in range(nproc)]
-    results = _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, end_all_on_failure=True)
+    envs = [{**base, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(nproc)] + [plain] * len(beside)
+    cmds = [[sys.executable, *args] for _ in range(nproc)] + [list(command) for command in beside]
+    every = _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, end_all_on_failure=True)
+    results, others = every[:nproc], every[nproc:]
     codes = [r.returncode for r in results]
     # A rank's own failure before the signals with which the others were ended.
     code = next((c for c in codes if c > 0), next((c for c in codes if c != 0), 0))
     output = "".join(r.stdout if r.stdout.endswith("\n") or not r.stdout else r.stdout + "\n" for r in results)
-    return subprocess.CompletedProcess(cmds[0], code, output, None)
+    world = subprocess.CompletedProcess(cmds[0], code, output, None)
+    return (world, others) if beside else world
 
 
 def run_script_multinode(

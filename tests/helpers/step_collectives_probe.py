@@ -25,6 +25,7 @@ from typing import Any
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fusiontrain.config import load_config
+from fusiontrain.parallel import distributed
 from fusiontrain.train.trainer import Trainer
 
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional")
@@ -78,6 +79,10 @@ def main(out: str, argv: list[str]) -> None:
                 }
             )
         )
+    trainer.close()
+    # As the train command ends: no interpreter teardown after the group is gone (it now and then
+    # aborts a finished worker, "terminate called without an active exception").
+    distributed.exit_promptly(0)
 
 
 if __name__ == "__main__":
