@@ -36,10 +36,10 @@ for version in "${versions[@]}"; do
         "$PY" -m venv "$venv"
     fi
     if [[ ! -f "$stamp" || "$ROOT/pyproject.toml" -nt "$stamp" ]]; then
-        echo "[compat] installing torch==$version, then fusiontrain[dev,reference,peft] with $LOWEST_DATASETS"
+        echo "[compat] installing torch==$version, then fusiontrain[dev,reference,peft,audio] with $LOWEST_DATASETS"
         "$venv/bin/python" -m pip install --quiet --upgrade pip
         "$venv/bin/python" -m pip install --quiet "torch==$version"
-        "$venv/bin/python" -m pip install --quiet -e ".[dev,reference,peft]" "torch==$version" "$LOWEST_DATASETS"
+        "$venv/bin/python" -m pip install --quiet -e ".[dev,reference,peft,audio]" "torch==$version" "$LOWEST_DATASETS"
         touch "$stamp"
     fi
     versions_line="$("$venv/bin/python" -c 'import torch, datasets, transformers; print(f"torch {torch.__version__}, datasets {datasets.__version__}, transformers {transformers.__version__}")' 2>/dev/null)"

@@ -38,8 +38,8 @@ echo "[setup_env] upgrading pip"
 "${PIP[@]}" install --quiet --upgrade pip
 echo "[setup_env] installing $TORCH_PIN (own pip call, before anything else)"
 "${PIP[@]}" install --quiet --no-compile "$TORCH_PIN"
-echo "[setup_env] installing fusiontrain in editable mode with [dev,reference,peft] extras ($TORCH_PIN held)"
-"${PIP[@]}" install --quiet --no-compile -e ".[dev,reference,peft]" "$TORCH_PIN"
+echo "[setup_env] installing fusiontrain in editable mode with [dev,reference,peft,audio] extras ($TORCH_PIN held)"
+"${PIP[@]}" install --quiet --no-compile -e ".[dev,reference,peft,audio]" "$TORCH_PIN"
 echo "[setup_env] byte-compiling the environment on every core"
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')"
 # torch ships one module in Python 3.12 syntax, for 3.12 only; pip's own compile skips it too.
