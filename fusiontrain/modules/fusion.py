@@ -10,17 +10,26 @@
 - :func:`get_fusion_params` and :func:`set_trainable_params` select what trains.
 - :class:`DeepFusionModel` runs the encoder and hands its embeddings to the decoder.
 
+Several encoders (a fusiontrain extension; torchtune's model takes one): a
+:class:`DeepFusionModel` given a mapping from modality to encoder (``{"image": ..., "audio":
+...}``) takes ``encoder_input`` and ``encoder_mask`` as mappings with those keys, any of which may
+be absent from a batch. Each modality has fusion layers of its own: a :class:`FusionLayer` given
+a mapping from modality to fusion layer runs each on its modality's embeddings and mask only. With
+one encoder and one fusion layer per :class:`FusionLayer`, everything is as in torchtune.
+
 State-dict keys are always the parameter names (no key-renaming hooks): a fused layer's
-pretrained half lives under ``layer.`` and its new half under ``fusion_layer.``. Keeping the two
-identical is what FSDP2, ``torch.distributed.checkpoint`` and optimizer state rely on; weight maps
-in :mod:`fusiontrain.models` translate checkpoints of other layouts.
+pretrained half lives under ``layer.`` and its new half under ``fusion_layer.`` (one encoder) or
+``fusion_layer.<modality>.`` (several); the encoders under ``encoder.`` or
+``encoder.<modality>.``. Keeping the two identical is what FSDP2,
+``torch.distributed.checkpoint`` and optimizer state rely on; weight maps translate checkpoints of
+other layouts.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -113,41 +122,88 @@ def set_trainable_params(model: nn.Module, trainable: dict[str, Any] | set[str])
         param.requires_grad_(name in names)
 
 
+_Value = TypeVar("_Value")
+
+
+def by_modality(value: Mapping[str, _Value] | _Value | None, modality: str, what: str) -> _Value | None:
+    """``value``'s entry for ``modality`` (None when the mapping lacks it, or ``value`` is None).
+
+    Raises:
+        TypeError: ``value`` is not a mapping: a model with several encoders takes ``what`` (e.g.
+            ``encoder_input``) as a mapping from modality to value.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"this model has an encoder per modality: pass {what} as a mapping from modality to value "
+            f"(e.g. {{{modality!r}: ...}}), not a {type(value).__name__}"
+        )
+    return value.get(modality)
+
+
 class FusionLayer(nn.Module):
-    """A pretrained decoder layer joined with a new fusion layer.
+    """A pretrained decoder layer joined with a new fusion layer, or one per modality.
+
+    With a mapping (``{"image": ..., "audio": ...}``), the fusion layers run one after the other in
+    the mapping's order, each given its own modality's ``encoder_input`` and ``encoder_mask`` (and
+    ``encoder_max_seq_len`` when that is a mapping too): a fusion layer attends only to its
+    modality's encoder. A modality absent from the batch leaves its fusion layer a no-op (as a
+    cross-attention layer is without encoder input).
 
     Args:
         layer: the pretrained layer (keeps its parameters under ``layer.``).
-        fusion_layer: the new layer (parameters under ``fusion_layer.``; all are fusion params).
-        fusion_first: run the fusion layer before the pretrained layer (Llama 3.2 Vision and
+        fusion_layer: the new layer (parameters under ``fusion_layer.``; all are fusion params),
+            or a mapping from modality to new layer (under ``fusion_layer.<modality>.``).
+        fusion_first: run the fusion layer(s) before the pretrained layer (Llama 3.2 Vision and
             Flamingo do) or after it.
     """
 
-    def __init__(self, layer: nn.Module, fusion_layer: nn.Module, fusion_first: bool = True) -> None:
+    def __init__(
+        self, layer: nn.Module, fusion_layer: nn.Module | Mapping[str, nn.Module], fusion_first: bool = True
+    ) -> None:
         super().__init__()
         self.layer = layer
-        self.fusion_layer = fusion_layer
+        per_modality = isinstance(fusion_layer, (Mapping, nn.ModuleDict))
+        if per_modality and len(fusion_layer) == 0:
+            raise ValueError("FusionLayer needs at least one fusion layer; got an empty mapping")
+        self.fusion_layer = nn.ModuleDict(fusion_layer) if per_modality else fusion_layer
+        #: The modalities of the fusion layers, in the order they run; None for a single one.
+        self.modalities: tuple[str, ...] | None = tuple(self.fusion_layer) if per_modality else None
         self.fusion_first = fusion_first
 
     def fusion_params(self) -> list[str]:
-        """Local names of the fusion layer's parameters."""
+        """Local names of the fusion layers' parameters."""
         return [f"fusion_layer.{name}" for name, _ in self.fusion_layer.named_parameters()]
+
+    def _fusion_parts(self) -> list[tuple[str | None, nn.Module]]:
+        if self.modalities is None:
+            return [(None, self.fusion_layer)]
+        return [(modality, self.fusion_layer[modality]) for modality in self.modalities]
 
     def setup_caches(
         self,
         batch_size: int,
         dtype: torch.dtype,
         *,
-        encoder_max_seq_len: int,
+        encoder_max_seq_len: int | Mapping[str, int],
         decoder_max_seq_len: int,
     ) -> None:
-        for part in (self.layer, self.fusion_layer):
-            part.setup_caches(
-                batch_size,
-                dtype,
-                encoder_max_seq_len=encoder_max_seq_len,
-                decoder_max_seq_len=decoder_max_seq_len,
-            )
+        """Caches of both halves. With several fusion layers, ``encoder_max_seq_len`` may be a
+        mapping from modality to its encoder's longest output (each fusion layer's cache length)."""
+        self.layer.setup_caches(
+            batch_size, dtype, encoder_max_seq_len=encoder_max_seq_len, decoder_max_seq_len=decoder_max_seq_len
+        )
+        for modality, part in self._fusion_parts():
+            length = encoder_max_seq_len
+            if modality is not None and isinstance(encoder_max_seq_len, Mapping):
+                if modality not in encoder_max_seq_len:
+                    raise ValueError(
+                        f"encoder_max_seq_len names {sorted(encoder_max_seq_len)} but not {modality!r}, "
+                        "which this layer fuses; give every modality a length (or one int for all)"
+                    )
+                length = encoder_max_seq_len[modality]
+            part.setup_caches(batch_size, dtype, encoder_max_seq_len=length, decoder_max_seq_len=decoder_max_seq_len)
 
     def caches_are_setup(self) -> bool:
         return self.layer.caches_are_setup()
@@ -157,13 +213,28 @@ class FusionLayer(nn.Module):
 
     def reset_cache(self) -> None:
         self.layer.reset_cache()
-        self.fusion_layer.reset_cache()
+        for _, part in self._fusion_parts():
+            part.reset_cache()
+
+    def _fuse(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        if self.modalities is None:
+            return self.fusion_layer(x, **kwargs)
+        encoder_input, encoder_mask = kwargs.get("encoder_input"), kwargs.get("encoder_mask")
+        for modality in self.modalities:
+            own = {
+                **kwargs,
+                "encoder_input": by_modality(encoder_input, modality, "encoder_input"),
+                "encoder_mask": by_modality(encoder_mask, modality, "encoder_mask"),
+            }
+            x = self.fusion_layer[modality](x, **own)
+        return x
 
     def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """``x`` ``[b, s, d]`` -> ``[b, s, d]``; ``kwargs`` go to both layers."""
+        """``x`` ``[b, s, d]`` -> ``[b, s, d]``; ``kwargs`` go to both halves (each fusion layer
+        of several gets its own modality's encoder arguments)."""
         if self.fusion_first:
-            return self.layer(self.fusion_layer(x, **kwargs), **kwargs)
-        return self.fusion_layer(self.layer(x, **kwargs), **kwargs)
+            return self.layer(self._fuse(x, kwargs), **kwargs)
+        return self._fuse(self.layer(x, **kwargs), kwargs)
 
 
 class FusionEmbedding(nn.Module):
@@ -204,35 +275,48 @@ class FusionEmbedding(nn.Module):
 
 
 class DeepFusionModel(nn.Module):
-    """A pretrained encoder fused into a pretrained decoder.
+    """A pretrained encoder, or one per modality, fused into a pretrained decoder.
 
     The encoder turns ``encoder_input`` (a dict of its keyword arguments, e.g. what an HF image
     processor returns) into embeddings ``[b, s_e, d]``; the decoder's fusion layers attend to
     them. Same methods and forward signature as :class:`TransformerDecoder`.
 
+    With a mapping of encoders (``{"image": ..., "audio": ...}``; a fusiontrain extension),
+    ``encoder_input`` maps modality -> that encoder's keyword arguments and ``encoder_mask``
+    modality -> its mask, over the same modalities; a modality may be absent from a batch (its
+    fusion layers then pass the tokens through). Each modality's embeddings ``[b, s_e(m), d]``
+    reach only that modality's fusion layers (:class:`FusionLayer`).
+
     Args:
         decoder: the decoder, with fusion layers and a fusion embedding as needed.
-        encoder: the encoder, ending in a registered fusion module that maps to width ``d``.
+        encoder: the encoder, ending in a registered fusion module that maps to width ``d``; or a
+            mapping from modality to such an encoder (kept as an ``nn.ModuleDict``: parameters
+            under ``encoder.<modality>.``).
         decoder_trainable: train the decoder's pretrained parameters.
-        encoder_trainable: train the encoder's pretrained parameters.
+        encoder_trainable: train the encoders' pretrained parameters.
         fusion_trainable: train the fusion parameters (wins over the two flags above).
     """
 
     def __init__(
         self,
         decoder: TransformerDecoder,
-        encoder: nn.Module,
+        encoder: nn.Module | Mapping[str, nn.Module],
         *,
         decoder_trainable: bool = False,
         encoder_trainable: bool = False,
         fusion_trainable: bool = True,
     ) -> None:
         super().__init__()
+        per_modality = isinstance(encoder, (Mapping, nn.ModuleDict))
+        if per_modality and len(encoder) == 0:
+            raise ValueError("DeepFusionModel needs an encoder; got an empty mapping of encoders")
         self.decoder = decoder
-        self.encoder = encoder
+        self.encoder = nn.ModuleDict(encoder) if per_modality else encoder
+        #: The modalities of the encoders, in order; None for a single encoder (torchtune's case).
+        self.modalities: tuple[str, ...] | None = tuple(self.encoder) if per_modality else None
         trainable: set[str] = set()
         if encoder_trainable:
-            trainable |= {f"encoder.{name}" for name, _ in encoder.named_parameters()}
+            trainable |= {f"encoder.{name}" for name, _ in self.encoder.named_parameters()}
         if decoder_trainable:
             trainable |= {f"decoder.{name}" for name, _ in decoder.named_parameters()}
         fusion = set(get_fusion_params(self))
@@ -252,10 +336,14 @@ class DeepFusionModel(nn.Module):
         batch_size: int,
         dtype: torch.dtype,
         *,
-        encoder_max_seq_len: int | None = None,
+        encoder_max_seq_len: int | Mapping[str, int] | None = None,
         decoder_max_seq_len: int | None = None,
     ) -> None:
-        """Allocate the decoder's KV caches (see :meth:`TransformerDecoder.setup_caches`)."""
+        """Allocate the decoder's KV caches (see :meth:`TransformerDecoder.setup_caches`). With an
+        encoder per modality, ``encoder_max_seq_len`` may map each modality to its encoder's
+        longest output (its fusion layers' cache length); one int serves them all."""
+        if isinstance(encoder_max_seq_len, Mapping):
+            self._check_modalities(encoder_max_seq_len, "encoder_max_seq_len")
         self.decoder.setup_caches(
             batch_size,
             dtype,
@@ -275,13 +363,32 @@ class DeepFusionModel(nn.Module):
         """Zero the KV caches and their positions, keeping the allocations."""
         self.decoder.reset_caches()
 
+    def _check_modalities(self, value: Mapping[str, Any], what: str) -> None:
+        """Raise when ``value`` (a mapping by modality) is given to a one-encoder model, or names a
+        modality this model has no encoder for."""
+        if self.modalities is None:
+            raise TypeError(f"this model has one encoder: pass {what} as it is, not as a mapping by modality")
+        unknown = sorted(set(value) - set(self.modalities))
+        if unknown:
+            raise ValueError(f"{what} names {unknown}, for which this model has no encoder; it has {list(self.modalities)}")
+
+    def encode(self, encoder_input: dict[str, Any] | Mapping[str, dict[str, Any] | None]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The encoder embeddings ``[b, s_e, d]`` of ``encoder_input``; with an encoder per
+        modality, a dict of them for the modalities present (a missing or None entry is absent)."""
+        if self.modalities is None:
+            return self.encoder(**encoder_input)
+        if not isinstance(encoder_input, Mapping):
+            by_modality(encoder_input, self.modalities[0], "encoder_input")  # raises, naming the fix
+        self._check_modalities(encoder_input, "encoder_input")
+        return {modality: self.encoder[modality](**inputs) for modality, inputs in encoder_input.items() if inputs is not None}
+
     def forward(
         self,
         tokens: torch.Tensor,
         *,
         mask: AttentionMask | None = None,
-        encoder_input: dict[str, Any] | None = None,
-        encoder_mask: torch.Tensor | Any | None = None,
+        encoder_input: dict[str, Any] | Mapping[str, dict[str, Any] | None] | None = None,
+        encoder_mask: torch.Tensor | Any | Mapping[str, Any] | None = None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Args:
@@ -289,15 +396,21 @@ class DeepFusionModel(nn.Module):
             mask: ``[b, s, s]`` bool self-attention mask (True = attend), a ``PackedLayout`` or
                 a ``BlockMask`` (see ``Batch.model_inputs``); None means causal.
             encoder_input: keyword arguments for the encoder, or None (text only, or decoding
-                from cached encoder keys/values).
+                from cached encoder keys/values). With an encoder per modality, a mapping from
+                modality to those (modalities absent from the batch left out, or None).
             encoder_mask: ``[b, s, s_e]`` bool, True where token i may attend embedding j; or a
-                ``CrossAttentionLayout`` / ``EncoderBlockMask`` standing for it.
+                ``CrossAttentionLayout`` / ``EncoderBlockMask`` standing for it. With an encoder
+                per modality, a mapping from modality to that modality's mask.
             input_pos: ``[b, s]`` positions, restarting per packed sample.
 
         Returns:
             fp32 logits ``[b, s, v]``, or a list (output chunks / hidden states).
         """
-        encoder_embeddings = None if encoder_input is None else self.encoder(**encoder_input)
+        if self.modalities is not None and encoder_mask is not None:
+            if not isinstance(encoder_mask, Mapping):
+                by_modality(encoder_mask, self.modalities[0], "encoder_mask")  # raises, naming the fix
+            self._check_modalities(encoder_mask, "encoder_mask")
+        encoder_embeddings = None if encoder_input is None else self.encode(encoder_input)
         return self.decoder(
             tokens,
             mask=mask,
