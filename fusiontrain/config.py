@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ class ConfigError(ValueError):
 
 
 def _field(default: Any, help: str) -> Any:
-    if isinstance(default, type) and dataclasses.is_dataclass(default):
+    if (isinstance(default, type) and dataclasses.is_dataclass(default)) or default is dict:
         return field(default_factory=default, metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
@@ -45,6 +46,19 @@ class ComposeConfig:
         "HF vision model folder of a registered encoder family: CLIP, SigLIP (SigLIP2 fixed-resolution checkpoints are SigLIP), SigLIP2 NaFlex, DINOv2 (with or without registers).",
     )
     fusion_interval: int = _field(4, "Fuse a new cross-attention layer into every N-th decoder layer.")
+    encoders: dict[str, str] = _field(
+        dict,
+        "Several encoders, one per modality, instead of `encoder`: {image: HF vision folder, audio: HF Whisper folder}. "
+        "Each modality gets cross-attention layers of its own and a placeholder token <|modality|>.",
+    )
+    fusion_intervals: dict[str, int] = _field(
+        dict, "With `encoders`: a modality's fusion interval, e.g. {audio: 8} (default: fusion_interval)."
+    )
+    fusion_offsets: dict[str, int] = _field(
+        dict,
+        "With `encoders`: the decoder layers a modality fuses are those with index % interval == offset, e.g. "
+        "{audio: 1} (default: interval - 1, the last layer of each interval, as with one encoder).",
+    )
 
 
 @dataclass
@@ -484,6 +498,10 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(map(repr, args))}; got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, e.g. {{image: ..., audio: ...}}; got {value!r}")
+        return {str(_coerce(args[0], k, key)): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, e.g. [q_proj, v_proj]; got {value!r}")
@@ -524,22 +542,66 @@ def _value_at(config: Any, dotted_key: str) -> Any:
     return value
 
 
+def _validate_model_folders(config: TrainConfig, groups: list[tuple[str, ...]]) -> None:
+    """Exactly one group of model keys is set, all of it, each key to an existing folder (or to a
+    mapping of them, e.g. ``model.compose.encoders``; an empty mapping is unset)."""
+    values = {key: _value_at(config, key) for group in groups for key in group}
+    is_set = {key: bool(value) if isinstance(value, dict) else value is not None for key, value in values.items()}
+    complete = [group for group in groups if all(is_set[key] for key in group)]
+    set_keys = {key for key, on in is_set.items() if on}
+    choices = ", or ".join(" + ".join(group) for group in groups)
+    if len(complete) > 1 or (complete and not set_keys <= set(complete[0])):
+        raise ConfigError(f"set exactly one of {choices}; set now: {sorted(set_keys)}")
+    if not complete:
+        for group in groups:  # the first group partly set names what it lacks
+            if any(is_set[key] for key in group):
+                missing = next(key for key in group if not is_set[key])
+                others = [other for other in group if other != missing]
+                raise ConfigError(f"config key '{missing}' is required with {others}; set it to a HF model folder")
+        raise ConfigError(f"set exactly one of {choices}")
+    for key in complete[0]:
+        value = values[key]
+        for name, folder in (value.items() if isinstance(value, dict) else [(None, value)]):
+            where = key if name is None else f"{key}.{name}"
+            if not Path(folder).is_dir():
+                raise ConfigError(f"config key '{where}': folder {folder} does not exist; point it at a HF model folder")
+
+
+MODALITY_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def _validate_modalities(compose: ComposeConfig) -> None:
+    """The per-modality keys of ``model.compose`` name modalities of ``encoders``, with usable
+    intervals and offsets; modality names are lower-case identifiers (``<|audio|>``)."""
+    for name in compose.encoders:
+        if not MODALITY_NAME.fullmatch(name):
+            raise ConfigError(
+                f"config key 'model.compose.encoders.{name}': a modality is a lower-case name such as image or audio"
+            )
+    for key in ("fusion_intervals", "fusion_offsets"):
+        unknown = sorted(set(getattr(compose, key)) - set(compose.encoders))
+        if unknown:
+            raise ConfigError(
+                f"config key 'model.compose.{key}' names {unknown}, which model.compose.encoders does not "
+                f"({sorted(compose.encoders) or 'it is empty'})"
+            )
+    for name in compose.encoders:
+        interval = compose.fusion_intervals.get(name, compose.fusion_interval)
+        offset = compose.fusion_offsets.get(name, interval - 1)
+        if interval < 1 or not 0 <= offset < interval:
+            raise ConfigError(
+                f"config keys 'model.compose.fusion_intervals.{name}'={interval} and 'model.compose.fusion_offsets.{name}'="
+                f"{offset}: need an interval >= 1 and 0 <= offset < interval"
+            )
+
+
 def validate(config: TrainConfig) -> None:
     """Cross-field checks; raises ConfigError."""
     from fusiontrain.source.model_source import config_key_groups  # the families declare their keys
 
     model = config.model
-    given = [[(key, _value_at(config, key)) for key in keys] for keys in config_key_groups()]
-    chosen = [source for source in given if any(folder is not None for _, folder in source)]
-    if len(chosen) != 1:
-        choices = ", or ".join(" + ".join(key for key, _ in group) for group in given)
-        raise ConfigError(f"set exactly one of {choices}")
-    for key, folder in chosen[0]:
-        if folder is None:
-            others = [other for other, _ in chosen[0] if other != key]
-            raise ConfigError(f"config key '{key}' is required with {others}; set it to a HF model folder")
-        if not Path(folder).is_dir():
-            raise ConfigError(f"config key '{key}': folder {folder} does not exist; point it at a HF model folder")
+    _validate_model_folders(config, config_key_groups())
+    _validate_modalities(model.compose)
     if model.fusion_init is not None and not Path(model.fusion_init).is_dir():
         raise ConfigError(
             f"config key 'model.fusion_init': folder {model.fusion_init} does not exist; point it at a checkpoint folder"

@@ -88,6 +88,8 @@ def _yaml_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_yaml_text(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -102,6 +104,15 @@ def _new_value(key: str, current: Any, folder: Path) -> tuple[Any, list[str]]:
         target = folder / key.rpartition(".")[2]
         target.mkdir(exist_ok=True)
         return str(target), ["model.hf_mllama=null", f"{sibling}={folder}"]
+    if key == "model.compose.encoders":  # several encoders, one per modality, with a decoder
+        for modality in ("image", "audio"):
+            (folder / modality).mkdir(exist_ok=True)
+        return {"image": str(folder / "image"), "audio": str(folder / "audio")}, ["model.hf_mllama=null", f"model.compose.decoder={folder}"]
+    if key in ("model.compose.fusion_intervals", "model.compose.fusion_offsets"):  # per modality of the encoders
+        (folder / "audio").mkdir(exist_ok=True)
+        value = {"audio": 8} if key.endswith("intervals") else {"audio": 1}
+        encoders = f"model.compose.encoders={{audio: {folder / 'audio'}}}"
+        return value, ["model.hf_mllama=null", f"model.compose.decoder={folder}", encoders]
     if key == "parallel.activation_offloading":  # 'checkpointed' needs checkpointed blocks
         return "all", []
     if key == "parallel.activation_checkpointing":
@@ -416,6 +427,30 @@ def test_exactly_one_model_source(tmp_path: Path) -> None:
 def test_composed_model_with_both_folders_loads(tmp_path: Path) -> None:
     config = load_config(None, [f"model.compose.decoder={tmp_path}", f"model.compose.encoder={tmp_path}"])
     assert config.model.hf_mllama is None and config.model.compose.decoder == str(tmp_path)
+
+
+def test_an_encoder_per_modality_is_configured_beside_the_one_encoder_shorthand(tmp_path: Path) -> None:
+    """model.compose.encoders (modality -> folder) with per-modality intervals and offsets; it
+    excludes model.compose.encoder; each mistake names its key."""
+    decoder, image, audio = (tmp_path / name for name in ("decoder", "image", "audio"))
+    for folder in (decoder, image, audio):
+        folder.mkdir()
+    both = [f"model.compose.decoder={decoder}", f"model.compose.encoders={{image: {image}, audio: {audio}}}"]
+    config = load_config(None, [*both, "model.compose.fusion_intervals={audio: 8}", "model.compose.fusion_offsets={audio: 2}"])
+    assert config.model.compose.encoders == {"image": str(image), "audio": str(audio)}
+    assert (config.model.compose.fusion_intervals, config.model.compose.fusion_offsets) == ({"audio": 8}, {"audio": 2})
+    shorthand_too = _error(None, [*both, f"model.compose.encoder={image}"])
+    assert "exactly one" in shorthand_too and "model.compose.encoders" in shorthand_too
+    missing = _error(None, [f"model.compose.decoder={decoder}", f"model.compose.encoders={{audio: {tmp_path / 'none'}}}"])
+    assert "'model.compose.encoders.audio'" in missing and "does not exist" in missing
+    unknown = _error(None, [*both, "model.compose.fusion_offsets={video: 1}"])
+    assert "'model.compose.fusion_offsets' names ['video']" in unknown
+    offset = _error(None, [*both, "model.compose.fusion_intervals={audio: 4}", "model.compose.fusion_offsets={audio: 4}"])
+    assert "'model.compose.fusion_offsets.audio'=4" in offset and "0 <= offset < interval" in offset
+    name = _error(None, [f"model.compose.decoder={decoder}", f"model.compose.encoders={{Audio: {audio}}}"])
+    assert "'model.compose.encoders.Audio'" in name and "lower-case" in name
+    no_decoder = _error(None, [f"model.compose.encoders={{audio: {audio}}}"])
+    assert "'model.compose.decoder' is required" in no_decoder
 
 
 # -- round trip -------------------------------------------------------------------------------------

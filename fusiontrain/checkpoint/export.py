@@ -349,7 +349,7 @@ def _write_hf(
 def _write_fusiontrain(
     base: _Base, params: _Parameters, folder: Path, dtypes: _OutputDtypes, max_shard_bytes: int, provenance: dict
 ) -> None:
-    files = base.family.config_files
+    files = {role: base.family.config_file_of(role) for role in base.family.roles_of(base.configs)}
     export_config: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,

@@ -224,11 +224,16 @@ class FusedSlot:
             (Mllama), the slot's own index for a new cross-attention layer (composed models, where
             no weight map reads it), or None for a plain layer.
         fusion_first: whether the cross-attention layer runs before the self-attention layer.
+        modalities: for a model with an encoder per modality, the modalities whose new
+            cross-attention layers this slot fuses, in the order they run (the fused layer then
+            holds one per modality: :class:`~fusiontrain.modules.FusionLayer`); None for a model
+            with one encoder.
     """
 
     self_index: int
     cross_index: int | None = None
     fusion_first: bool = True
+    modalities: tuple[str, ...] | None = None
 
 
 def fuse_layer_stack(num_layers: int, cross_attention_layers: list[int] | tuple[int, ...]) -> list[FusedSlot]:
@@ -267,7 +272,12 @@ def llama_fused_decoder(
     for slot in slots:
         layer = llama_self_attention_layer(args)
         if slot.cross_index is not None:
-            layer = FusionLayer(layer, llama_cross_attention_layer(args), fusion_first=slot.fusion_first)
+            fusion: nn.Module | dict[str, nn.Module] = (
+                llama_cross_attention_layer(args)
+                if slot.modalities is None
+                else {modality: llama_cross_attention_layer(args) for modality in slot.modalities}
+            )
+            layer = FusionLayer(layer, fusion, fusion_first=slot.fusion_first)
         layers.append(layer)
     return TransformerDecoder(
         tok_embeddings=FusionEmbedding(args.vocab_size, fusion_vocab_size, args.hidden_size),

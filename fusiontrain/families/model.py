@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -93,6 +94,27 @@ class ModelFamily(ABC):
     config_files: ClassVar[dict[str, str]]
     hf_export: ClassVar[bool] = False
     hf_model_types: ClassVar[tuple[str, ...]] = ()
+
+    # -- roles ------------------------------------------------------------------------------------
+
+    def roles_of(self, folders: Mapping[str, Any]) -> tuple[str, ...]:
+        """The roles of one model of this family, whose folders (or configs) by role are
+        ``folders``: :attr:`roles`, unless the family's roles vary from model to model (a composed
+        model with an encoder per modality)."""
+        return self.roles
+
+    def config_key_of(self, role: str) -> str:
+        """The run-config key that names ``role``'s folder (for messages)."""
+        return self.config_keys[role]
+
+    def config_file_of(self, role: str) -> str:
+        """The file name ``role``'s ``config.json`` takes inside a fusiontrain export."""
+        return self.config_files[role]
+
+    def config_key_groups(self) -> list[tuple[str, ...]]:
+        """The groups of run-config keys that each name a model of this family (all the keys of
+        one group go together; a key may hold a mapping of folders)."""
+        return [tuple(self.config_keys[role] for role in self.roles)]
 
     # -- from the run config ----------------------------------------------------------------------
 

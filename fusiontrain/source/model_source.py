@@ -41,7 +41,7 @@ def config_key_groups() -> list[tuple[str, ...]]:
     """The groups of ``model.*`` config keys that each name a model a run can start from: one per
     family (its folders' keys, which go together), and the fusiontrain export's. A run config sets
     exactly one group (:func:`fusiontrain.config.validate` asks)."""
-    groups = [tuple(family.config_keys[role] for role in family.roles) for family in MODEL_FAMILIES.values()]
+    groups = [group for family in MODEL_FAMILIES.values() for group in family.config_key_groups()]
     return [*groups, (EXPORT_CONFIG_KEY,)]
 
 
@@ -129,7 +129,7 @@ class ModelSource:
         """The folders a manifest's ``base`` must name: a fusiontrain export, or its family's roles."""
         if EXPORT_ROLE in base["folders"]:
             return (EXPORT_ROLE,)
-        return model_family(base["family"]).roles
+        return model_family(base["family"]).roles_of(base["folders"])
 
     # -- what it is -------------------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class ModelSource:
         if self.export is not None:
             return read_export_config(self.export)["config_dicts"]
         return {
-            role: read_config_json(folder, f"config key '{self.family.config_keys[role]}'")
+            role: read_config_json(folder, f"config key '{self.family.config_key_of(role)}'")
             for role, folder in self.folders.items()
         }
 
@@ -231,5 +231,5 @@ class ModelSource:
 
     def input_folders(self, model: nn.Module) -> InputFolders:
         """Where ``model``'s tokenizer and image processor are (an export holds both)."""
-        folders = {role: self.folder_of(role) for role in self.family.roles}
+        folders = {role: self.folder_of(role) for role in self.family.roles_of(self.folders if self.export is None else self.configs())}
         return self.family.input_folders(folders, model)

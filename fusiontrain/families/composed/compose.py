@@ -1,7 +1,8 @@
 """Compose a :class:`DeepFusionModel` from a HF causal LM and a HF vision model, of any registered
 decoder and encoder family (:mod:`fusiontrain.families`).
 
-- :func:`fusion_slots` places a new cross-attention layer in every ``fusion_interval``-th layer.
+- :func:`fusion_slots` places a new cross-attention layer in every ``fusion_interval``-th layer;
+  :func:`modality_fusion_slots` places one per modality, at that modality's interval and offset.
 - :func:`init_fusion_params` gives the new (fusion) parameters their deterministic initial values.
 - :func:`image_token_layout` tells a data pipeline the image token id and tokens per image.
 
@@ -14,6 +15,7 @@ Shapes: b batch, s tokens, s_e encoder tokens, d decoder width, d_e tower width,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +51,34 @@ def fusion_slots(num_layers: int, fusion_interval: int) -> list[FusedSlot]:
         FusedSlot(index, index if (index + 1) % fusion_interval == 0 else None, fusion_first=True)
         for index in range(num_layers)
     ]
+
+
+def modality_fusion_slots(num_layers: int, placements: Mapping[str, tuple[int, int]]) -> list[FusedSlot]:
+    """One slot per decoder layer for a model with an encoder per modality: layer ``index`` gets
+    a new cross-attention layer for modality ``m`` (run before the layer, in ``placements``'
+    order) when ``index % interval == offset``, ``(interval, offset) = placements[m]``. An offset
+    of ``interval - 1`` is :func:`fusion_slots`' placement.
+
+    Raises:
+        ValueError: an interval below 1, an offset outside ``[0, interval)``, or a modality that
+            no layer would fuse.
+    """
+    for modality, (interval, offset) in placements.items():
+        if interval < 1 or not 0 <= offset < interval:
+            raise ValueError(
+                f"modality {modality!r}: fusion interval {interval} and offset {offset} must satisfy interval >= 1 and "
+                "0 <= offset < interval"
+            )
+        if offset >= num_layers:
+            raise ValueError(
+                f"modality {modality!r}: fusion offset {offset} is past the decoder's {num_layers} layers, so no layer "
+                f"would fuse it; use an offset below {num_layers}"
+            )
+    slots = []
+    for index in range(num_layers):
+        modalities = tuple(m for m, (interval, offset) in placements.items() if index % interval == offset)
+        slots.append(FusedSlot(index, index if modalities else None, fusion_first=True, modalities=modalities or None))
+    return slots
 
 
 # -- fusion parameters ------------------------------------------------------------------------------
