@@ -31,13 +31,26 @@ def block_stacks(model: nn.Module) -> Iterator[tuple[str, nn.ModuleList]]:
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and (id(module) in declared or name.rpartition(".")[2] == "layers")
     ]
-    encoder = getattr(model, "encoder", None)
-    if encoder is not None and any(True for _ in encoder.parameters()):
+    for prefix, encoder in encoders_by_prefix(model):
+        if not any(True for _ in encoder.parameters()):
+            continue
         inside = {id(module) for module in encoder.modules()}
         if not any(id(stack) in inside for _, stack in stacks):
             raise ValueError(
-                f"the encoder ({type(encoder).__name__}) has no block stack: its family must name its transformer "
-                "blocks with a block_lists() method (or keep them in an nn.ModuleList called 'layers'), or activation "
-                "checkpointing, compile and FSDP would treat the whole encoder as one block"
+                f"the encoder {prefix} ({type(encoder).__name__}) has no block stack: its family must name its "
+                "transformer blocks with a block_lists() method (or keep them in an nn.ModuleList called 'layers'), or "
+                "activation checkpointing, compile and FSDP would treat the whole encoder as one block"
             )
     yield from stacks
+
+
+def encoders_by_prefix(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name prefix, encoder)`` of each of ``model``'s encoders: ``[("encoder", encoder)]`` for
+    one, ``[("encoder.image", ...), ("encoder.audio", ...)]`` for one per modality (a
+    :class:`~fusiontrain.modules.DeepFusionModel` given a mapping), none for a model without."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None:
+        return []
+    if isinstance(encoder, nn.ModuleDict):
+        return [(f"encoder.{modality}", module) for modality, module in encoder.items()]
+    return [("encoder", encoder)]

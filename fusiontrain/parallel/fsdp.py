@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fusiontrain.modules import FusionLayer
-from fusiontrain.modules.blocks import block_stacks
+from fusiontrain.modules.blocks import block_stacks, encoders_by_prefix
 from fusiontrain.parallel.offload import MIN_OFFLOAD_BYTES, ActivationOffloader
 from fusiontrain.parallel.precision import computes_in_bf16
 from fusiontrain.torch_private import (
@@ -119,7 +119,7 @@ def _unwrapped(block: nn.Module) -> nn.Module:
 
 def fsdp_units(model: nn.Module, *, split_fusion_layers: bool = False) -> list[tuple[str, nn.Module | list[nn.Module]]]:
     """The FSDP units of ``model`` in the order they are sharded: each block, then the decoder's
-    embeddings, its norm + output, the projection head, and the root (which holds every
+    embeddings, its norm + output, each encoder's projection head, and the root (which holds every
     parameter no other unit does). ``(name, module or modules)`` per unit.
 
     With ``split_fusion_layers``, a ``FusionLayer``'s pretrained and fusion halves are two units
@@ -131,7 +131,11 @@ def fsdp_units(model: nn.Module, *, split_fusion_layers: bool = False) -> list[t
             inner = _unwrapped(block)
             if split_fusion_layers and isinstance(inner, FusionLayer):
                 units.append((f"{stack_name}.{index}.layer", inner.layer))
-                units.append((f"{stack_name}.{index}.fusion_layer", inner.fusion_layer))
+                if inner.modalities is None:
+                    units.append((f"{stack_name}.{index}.fusion_layer", inner.fusion_layer))
+                else:  # one unit per modality's layer (a unit must be a module that is called)
+                    for modality in inner.modalities:
+                        units.append((f"{stack_name}.{index}.fusion_layer.{modality}", inner.fusion_layer[modality]))
             else:
                 units.append((f"{stack_name}.{index}", block))
     decoder = getattr(model, "decoder", None)
@@ -140,9 +144,10 @@ def fsdp_units(model: nn.Module, *, split_fusion_layers: bool = False) -> list[t
         # One unit: the norm runs in the root's forward and unshards it, so the chunked loss finds
         # the projection unsharded (a unit never called would break FSDP2's backward).
         units.append((OUTPUT_UNIT, [decoder.norm, decoder.output]))
-    projection = getattr(getattr(model, "encoder", None), "projection", None)
-    if projection is not None:
-        units.append(("encoder.projection", projection))
+    for prefix, encoder in encoders_by_prefix(model):
+        projection = getattr(encoder, "projection", None)
+        if projection is not None:
+            units.append((f"{prefix}.projection", projection))
     units.append(("<root>", model))
     return units
 
