@@ -14,11 +14,13 @@ inference never import it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from fusiontrain.families import TrainableFlags, model_family
+from fusiontrain.families.composed.family import MODALITY_ROLE
 from fusiontrain.families.mllama.model import build_mllama, encoder_mask_from_cross_attention_mask, mllama_args_from_config
 from fusiontrain.modules import DeepFusionModel
 from fusiontrain.source.model_source import ModelSource
@@ -83,9 +85,10 @@ def load_fusiontrain_export(
 
 def compose_from_hf(
     decoder_path: str | Path,
-    encoder_path: str | Path,
+    encoder_path: str | Path | Mapping[str, str | Path],
     *,
     fusion_interval: int = 4,
+    fusion_placements: Mapping[str, tuple[int, int]] | None = None,
     fusion_vocab_size: int = 8,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
@@ -119,8 +122,15 @@ def compose_from_hf(
             one safetensors file or shards with an index).
         encoder_path: folder of a ``CLIPVisionModel`` / ``SiglipVisionModel`` (model_type
             ``clip_vision_model`` / ``siglip_vision_model``), or of a full ``CLIPModel`` /
-            ``SiglipModel`` (only its ``vision_model`` tensors are used).
+            ``SiglipModel`` (only its ``vision_model`` tensors are used); or a mapping from
+            modality to the folder of its encoder (``{"image": ..., "audio": <Whisper>}``): the
+            model then has an encoder per modality (``model.encoder[m]``), each with its own
+            cross-attention layers and placeholder row
+            (:func:`~fusiontrain.families.composed.family.placeholder_rows`).
         fusion_interval: fuse a cross-attention layer into every this-many decoder layers.
+        fusion_placements: with an encoder per modality, ``modality -> (interval, offset)``: its
+            cross-attention layers go into the layers with ``index % interval == offset``
+            (default for a modality left out: ``(fusion_interval, fusion_interval - 1)``).
         fusion_vocab_size: new embedding rows (at least 1, the image token).
         dtype: parameter dtype.
         device: where the parameters live.
@@ -132,10 +142,20 @@ def compose_from_hf(
         ValueError: a config of the wrong model_type or with unsupported features, or a checkpoint
             whose tensors do not match its config.
     """
-    source = ModelSource(
-        model_family("composed"),
-        {"decoder": Path(decoder_path), "encoder": Path(encoder_path)},
-        {"fusion_interval": fusion_interval, "fusion_vocab_size": fusion_vocab_size},
-    )
+    settings: dict[str, object] = {"fusion_interval": fusion_interval, "fusion_vocab_size": fusion_vocab_size}
+    if isinstance(encoder_path, Mapping):
+        placements = dict(fusion_placements or {})
+        unknown = sorted(set(placements) - set(encoder_path))
+        if unknown:
+            raise ValueError(f"fusion_placements names {unknown}, which have no encoder folder ({sorted(encoder_path)})")
+        settings["fusion_placements"] = {
+            m: list(placements.get(m, (fusion_interval, fusion_interval - 1))) for m in encoder_path
+        }
+        folders = {"decoder": Path(decoder_path), **{MODALITY_ROLE + m: Path(f) for m, f in encoder_path.items()}}
+    elif fusion_placements is not None:
+        raise ValueError("fusion_placements places an encoder per modality: give encoder_path as a mapping by modality")
+    else:
+        folders = {"decoder": Path(decoder_path), "encoder": Path(encoder_path)}
+    source = ModelSource(model_family("composed"), folders, settings)
     flags = TrainableFlags(decoder_trainable, encoder_trainable, fusion_trainable)
     return source.load(flags, dtype=dtype, device=device, seed=seed)  # type: ignore[return-value]
