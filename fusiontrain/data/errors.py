@@ -1,8 +1,9 @@
 """The one error a bad record raises on its way to a sample: :class:`BadSample`.
 
 It lives in its own module because both the record readers (:mod:`fusiontrain.data.sources`:
-malformed JSON lines, unreadable images) and the sample builder (:mod:`fusiontrain.data.formats`:
-too long, image-token count mismatch, ...) raise it. :mod:`fusiontrain.data.formats` re-exports it.
+malformed JSON lines, unreadable images; :mod:`fusiontrain.data.audio`: unreadable audio) and the
+sample builder (:mod:`fusiontrain.data.formats`: too long, image-token count mismatch, ...) raise
+it. :mod:`fusiontrain.data.formats` re-exports it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ class BadSample(Exception):
 
     Attributes:
         reason: a short machine key, one of :data:`REASONS`.
-        detail: what is wrong, for people (names the image file where one is involved).
+        detail: what is wrong, for people (names the image or audio file where one is involved).
         origin: where the record came from (``file:line`` for JSON Lines, ``file[index]`` for
             other sources); empty until the record is known (see :meth:`at`).
     """
@@ -47,6 +48,10 @@ REASONS: frozenset[str] = frozenset(
         "missing_image",  # an image file that does not exist
         "unreadable_image",  # an image file that exists but cannot be read (permissions, ...)
         "corrupt_image",  # image data that is not a complete image (garbage, truncated)
+        "missing_audio",  # an audio file that does not exist
+        "corrupt_audio",  # audio data that cannot be read or decoded (not an audio format soundfile reads, garbage)
+        "empty_audio",  # an audio clip with no samples (at its own rate, or left after resampling)
+        "bad_sample_rate",  # an audio clip whose sample rate is not a positive number, or that soxr cannot resample
         "empty_text",  # no text to train on (blank caption, blank assistant turn, no messages)
         "unknown_role",  # a message role other than system / user / assistant
         "image_count_mismatch",  # number of image tokens != number of images

@@ -35,8 +35,10 @@ from fusiontrain.data.errors import REASONS, BadSample
 
 logger = logging.getLogger("fusiontrain.data")
 
-# Bumped whenever what a size means changes: every older cache is then ignored.
-SIZES_VERSION = 1
+# Bumped whenever what a size means changes, or the skip codes do (they are positions in the sorted
+# REASONS: a reason added shifts them): every older cache is then ignored.
+# 2: the audio reasons (missing_audio, corrupt_audio, empty_audio, bad_sample_rate).
+SIZES_VERSION = 2
 SKIP_REASONS = tuple(sorted(REASONS))
 COLUMNS = ("tokens", "images", "encoder_tokens", "skip")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
