@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from fusiontrain.data.image_format import ImageFormat, ImageInput
+from fusiontrain.data.input_format import packed_layout, packed_token_index
 
 
 class NaflexImage(ImageFormat):
@@ -107,32 +108,19 @@ class NaflexImage(ImageFormat):
     def layout(self, per_row: list[list[ImageInput]]) -> tuple[list[list[int]], int]:
         """Packed: image k of a row starts at the sum of the previous images' token counts;
         ``s_e`` is the longest row's sum."""
-        offsets: list[list[int]] = []
-        width = 0
-        for images in per_row:
-            row, total = [], 0
-            for image in images:
-                row.append(total)
-                total += self.num_tokens(image)
-            offsets.append(row)
-            width = max(width, total)
-        return offsets, width
+        return packed_layout([[self.num_tokens(image) for image in images] for images in per_row])
 
     def collate(self, per_row: list[list[ImageInput]]) -> dict[str, torch.Tensor] | None:
         """``pixel_values`` ``[b, i, P, c]``, ``pixel_attention_mask`` ``[b, i, P]``,
         ``spatial_shapes`` ``[b, i, 2]`` (padding slots hold :meth:`pad_slot`), and
         ``token_index`` ``[b, s_e]`` long: for each packed column, its patch's position in the
-        row's flattened ``[i * P]`` tower outputs (padding columns point at 0)."""
+        row's flattened ``[i * P]`` tower outputs (padding columns point at 0; an image's valid
+        patches are a prefix of its P, :meth:`_check`)."""
         stacked = super().collate(per_row)
         if stacked is None:
             return None
-        offsets, width = self.layout(per_row)
-        token_index = torch.zeros(len(per_row), width, dtype=torch.long)
-        for row, images in enumerate(per_row):
-            for k, image in enumerate(images):
-                valid = image["pixel_attention_mask"].nonzero().flatten()
-                token_index[row, offsets[row][k] : offsets[row][k] + valid.numel()] = k * self.max_num_patches + valid
-        stacked["token_index"] = token_index
+        counts = [[self.num_tokens(image) for image in images] for images in per_row]
+        stacked["token_index"] = packed_token_index(counts, self.max_num_patches)
         return stacked
 
     def describe(self) -> str:
