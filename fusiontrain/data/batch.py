@@ -1,17 +1,24 @@
 """The batch the trainer feeds the model, and padded collation of token samples.
 
+A model with one encoder takes one encoder input and mask; a model with an encoder per modality
+takes them by modality (:class:`~fusiontrain.modules.DeepFusionModel`). The collators do the
+latter when given the input formats by modality (``{"image": ImageFormat, "audio":
+AudioFormat}``): a sample's images are the ``image`` modality's items, its other modalities' are in
+:attr:`Sample.other_items`, and a modality with no item in a batch is absent from its mappings.
+
 Shapes: b rows, s tokens per row, s_e encoder tokens per row, i images per row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
+from fusiontrain.data.image_format import ImageFormat
+from fusiontrain.data.input_format import EncoderInputFormat, ItemInput, encoder_mask_rows
 from fusiontrain.modules.masks import block_causal_block_mask, block_causal_mask, encoder_block_mask
 from fusiontrain.modules.packed import CrossAttentionLayout, PackedLayout, cross_attention_layout, self_attention_layout
 
@@ -39,6 +46,10 @@ class Sample:
         origin: where the sample came from (``file:line``), for messages.
         source: the index of the data source it came from, in a mixture of sources
             (:mod:`fusiontrain.data.mixture`); 0 otherwise.
+        other_items: for a model with an encoder per modality, the items of the modalities other
+            than ``image`` (e.g. ``{"audio": [clip inputs, ...]}``), each processed by its
+            modality's input format.
+        other_spans: their token spans, by modality, by the same rule as ``image_spans``.
     """
 
     tokens: torch.Tensor
@@ -47,9 +58,44 @@ class Sample:
     image_spans: list[tuple[int, int]] = field(default_factory=list)
     origin: str = ""
     source: int = 0
+    other_items: dict[str, list[ItemInput]] = field(default_factory=dict)
+    other_spans: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def items(self, modality: str) -> tuple[list[ItemInput], list[tuple[int, int]]]:
+        """The sample's items of ``modality`` and their spans (``image``: :attr:`images`)."""
+        if modality == IMAGE:
+            return self.images, self.image_spans
+        return self.other_items.get(modality, []), self.other_spans.get(modality, [])
+
+
+#: The modality of a sample's :attr:`Sample.images`, and of a one-encoder model's encoder.
+IMAGE = "image"
+#: The input formats a collator is given: one encoder's, or one per modality.
+InputFormats = EncoderInputFormat | Mapping[str, EncoderInputFormat]
+
+
+def encoder_rows(
+    per_row: list[list[tuple[Sample, int]]], input_formats: InputFormats, seq_len: int
+) -> tuple[Any, Any]:
+    """The encoder mask and inputs of ``b`` rows, each a list of ``(sample, offset in the row)``:
+    for one format (one encoder), the ``[b, s, s_e]`` mask and the encoder's keyword arguments
+    (both None without an image); for formats by modality, both as dicts by modality, holding the
+    modalities with an item in these rows only (None when none has any)."""
+    modalities = [IMAGE] if isinstance(input_formats, EncoderInputFormat) else list(input_formats)
+    masks, inputs = {}, {}
+    for modality in modalities:
+        items = [[item for sample, _ in row for item in sample.items(modality)[0]] for row in per_row]
+        spans = [[(offset + a, offset + b) for sample, offset in row for a, b in sample.items(modality)[1]] for row in per_row]
+        fmt = input_formats if isinstance(input_formats, EncoderInputFormat) else input_formats[modality]
+        mask, encoder_input = encoder_mask_rows(items, spans, fmt, seq_len)
+        if encoder_input is not None:
+            masks[modality], inputs[modality] = mask, encoder_input
+    if isinstance(input_formats, EncoderInputFormat):
+        return masks.get(IMAGE), inputs.get(IMAGE)
+    return (masks or None), (inputs or None)
 
 
 @dataclass(frozen=True)
@@ -58,9 +104,9 @@ class PackedLayouts:
     tensors they were built from: a layout belongs to those tensors only."""
 
     segment_ids: torch.Tensor | None
-    encoder_mask: torch.Tensor | None
+    encoder_mask: torch.Tensor | dict[str, torch.Tensor] | None
     self_attention: PackedLayout | None
-    cross_attention: CrossAttentionLayout | None
+    cross_attention: CrossAttentionLayout | dict[str, CrossAttentionLayout] | None
 
     def belongs_to(self, batch: Batch) -> bool:
         return self.segment_ids is batch.segment_ids and self.encoder_mask is batch.encoder_mask
@@ -77,8 +123,9 @@ class Batch:
         is_real: ``[b, s]`` bool, False on padding.
         segment_ids: ``[b, s]`` which packed sample each token belongs to (padding is a segment
             of its own), or None for one sample per row (plain causal attention).
-        encoder_input: the encoder's keyword arguments, or None (no image in the batch).
-        encoder_mask: ``[b, s, s_e]`` bool, or None.
+        encoder_input: the encoder's keyword arguments, or None (no image in the batch); for a
+            model with an encoder per modality, a dict of them by modality.
+        encoder_mask: ``[b, s, s_e]`` bool, or None; by modality as ``encoder_input`` is.
         skipped: bad samples skipped while producing this batch, by reason.
         layouts: the packed attention layouts (the CPU path), built from the host tensors by
             :meth:`packed_layouts` (:meth:`to` a CPU device builds them) and carried along by
@@ -100,8 +147,8 @@ class Batch:
     input_pos: torch.Tensor
     is_real: torch.Tensor
     segment_ids: torch.Tensor | None = None
-    encoder_input: dict[str, torch.Tensor] | None = None
-    encoder_mask: torch.Tensor | None = None
+    encoder_input: dict[str, Any] | None = None
+    encoder_mask: torch.Tensor | dict[str, torch.Tensor] | None = None
     skipped: dict[str, int] = field(default_factory=dict)
     layouts: PackedLayouts | None = field(default=None, repr=False, compare=False)
     target_index: torch.Tensor | None = field(default=None, repr=False, compare=False)
@@ -126,7 +173,8 @@ class Batch:
                 batch first, then map it (as the planner does).
         """
         if self.layouts is None or not self.layouts.belongs_to(self):
-            sources = [t for t in (self.segment_ids, self.encoder_mask) if t is not None]
+            masks = list(self.encoder_mask.values()) if isinstance(self.encoder_mask, dict) else [self.encoder_mask]
+            sources = [t for t in (self.segment_ids, *masks) if t is not None]
             if any(type(t) is not torch.Tensor or t.is_meta for t in sources):
                 raise ValueError(
                     "packed layouts are built from real host values; call packed_layouts() on the host batch "
@@ -136,7 +184,7 @@ class Batch:
                 self.segment_ids,
                 self.encoder_mask,
                 None if self.segment_ids is None else self_attention_layout(self.segment_ids),
-                None if self.encoder_mask is None else cross_attention_layout(self.encoder_mask),
+                _by_modality(self.encoder_mask, cross_attention_layout),
             )
         return self.layouts
 
@@ -150,7 +198,7 @@ class Batch:
         ``segment_ids`` and ``encoder_mask``. Then encoder inputs and positions."""
         if flex:
             mask = self.self_attention_mask(flex=True)
-            encoder_mask = None if self.encoder_mask is None else encoder_block_mask(self.encoder_mask)
+            encoder_mask = _by_modality(self.encoder_mask, encoder_block_mask)
         else:
             layouts = self.packed_layouts()
             mask, encoder_mask = layouts.self_attention, layouts.cross_attention
@@ -191,8 +239,13 @@ class Batch:
         packed layouts' indices included)."""
         apply = lambda t: None if t is None else fn(t)  # noqa: E731
         layouts = self.layouts if self.layouts is not None and self.layouts.belongs_to(self) else None
-        encoder_input = None if self.encoder_input is None else {k: apply(v) for k, v in self.encoder_input.items()}
-        segment_ids, encoder_mask = apply(self.segment_ids), apply(self.encoder_mask)
+        encoder_input = None
+        if self.encoder_input is not None:  # one encoder's keyword arguments, or a dict of them by modality
+            encoder_input = {
+                k: {key: apply(t) for key, t in v.items()} if isinstance(v, dict) else apply(v)
+                for k, v in self.encoder_input.items()
+            }
+        segment_ids, encoder_mask = apply(self.segment_ids), _by_modality(self.encoder_mask, fn)
         return replace(
             self,
             tokens=apply(self.tokens),
@@ -211,9 +264,34 @@ class Batch:
                 segment_ids,
                 encoder_mask,
                 None if layouts.self_attention is None else layouts.self_attention.map(fn),
-                None if layouts.cross_attention is None else layouts.cross_attention.map(fn),
+                _by_modality(layouts.cross_attention, lambda layout: layout.map(fn)),
             ),
         )
+
+
+def _by_modality(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn(value)``, or ``fn`` of each value of a dict by modality; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {modality: fn(v) for modality, v in value.items()}
+    return fn(value)
+
+
+def with_placeholder_items(batch: Batch, input_formats: Mapping[str, EncoderInputFormat]) -> Batch:
+    """:func:`with_placeholder_image` for a model with an encoder per modality: one blank,
+    fully masked slot per row for every modality the batch has no item of."""
+    b, s = batch.tokens.shape
+    inputs, masks = dict(batch.encoder_input or {}), dict(batch.encoder_mask or {})
+    for modality, fmt in input_formats.items():
+        if modality in inputs:
+            continue
+        per_row = [[fmt.blank()] for _ in range(b)]
+        _, width = fmt.layout(per_row)
+        inputs[modality] = fmt.collate(per_row)
+        masks[modality] = torch.zeros(b, s, width, dtype=torch.bool)
+    batch.encoder_input, batch.encoder_mask = inputs, masks
+    return batch
 
 
 def with_placeholder_image(batch: Batch, image_format: ImageFormat) -> Batch:
@@ -238,11 +316,13 @@ PAD_TO_MULTIPLE = 8
 
 
 def collate_padded(
-    samples: list[Sample], seq_len: int, image_format: ImageFormat, *, pad_id: int = 0, ignore_index: int = -100
+    samples: list[Sample], seq_len: int, image_format: InputFormats, *, pad_id: int = 0, ignore_index: int = -100
 ) -> Batch:
     """One sample per row, right-padded to the longest sample of the batch (rounded up to a
     multiple of 8, at most ``seq_len``), as a padding collator does. Padding is masked from the
-    loss and sees no image; causal attention keeps it from affecting real tokens."""
+    loss and sees no image; causal attention keeps it from affecting real tokens.
+    ``image_format``: the encoder's input format, or the formats by modality (see the module
+    docstring)."""
     b = len(samples)
     longest = max(len(sample.tokens) for sample in samples)
     if longest > seq_len:
@@ -254,9 +334,7 @@ def collate_padded(
     for row, sample in enumerate(samples):
         n = len(sample.tokens)
         tokens[row, :n], labels[row, :n], is_real[row, :n] = sample.tokens, sample.labels, True
-    encoder_mask, encoder_input = encoder_mask_rows(
-        [sample.images for sample in samples], [sample.image_spans for sample in samples], image_format, seq_len
-    )
+    encoder_mask, encoder_input = encoder_rows([[(sample, 0)] for sample in samples], image_format, seq_len)
     input_pos = torch.arange(seq_len).expand(b, seq_len).clone()
     sources = tuple(sample.source for sample in samples)
     source_ids = None

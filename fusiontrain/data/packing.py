@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from fusiontrain.data.batch import PAD_TO_MULTIPLE, Batch, Sample
-from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
+from fusiontrain.data.batch import PAD_TO_MULTIPLE, Batch, InputFormats, Sample, encoder_rows
+from fusiontrain.data.image_format import ImageFormat
 
 
 def misfit_reason(
@@ -175,10 +175,11 @@ class FirstFitPacker:
 
 
 def collate_rows(
-    rows: list[PackedRow], seq_len: int, image_format: ImageFormat, *, pad_id: int = 0, ignore_index: int = -100
+    rows: list[PackedRow], seq_len: int, image_format: InputFormats, *, pad_id: int = 0, ignore_index: int = -100
 ) -> Batch:
     """A batch of packed rows: ``segment_ids`` mark the samples, ``input_pos`` restarts per
-    sample, ``encoder_mask`` keeps each token to its own sample's images."""
+    sample, ``encoder_mask`` keeps each token to its own sample's images (with formats by
+    modality, each modality's mask keeps it to its own sample's items of that modality)."""
     b = len(rows)
     tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((b, seq_len), ignore_index, dtype=torch.long)
@@ -187,12 +188,10 @@ def collate_rows(
     is_real = torch.zeros(b, seq_len, dtype=torch.bool)
     source_ids = torch.full((b, seq_len), -1, dtype=torch.long)
     sample_sources: list[int] = []
-    images_per_row: list[list[dict[str, torch.Tensor]]] = []
-    spans_per_row: list[list[tuple[int, int]]] = []
+    placed: list[list[tuple[Sample, int]]] = []  # each row's samples with their offsets
     for r, row in enumerate(rows):
         offset = 0
-        images_per_row.append([])
-        spans_per_row.append([])
+        placed.append([])
         for segment, sample in enumerate(row.samples):
             n = len(sample)
             tokens[r, offset : offset + n] = sample.tokens
@@ -202,13 +201,12 @@ def collate_rows(
             is_real[r, offset : offset + n] = True
             source_ids[r, offset : offset + n] = sample.source
             sample_sources.append(sample.source)
-            images_per_row[r] += sample.images
-            spans_per_row[r] += [(offset + start, offset + end) for start, end in sample.image_spans]
+            placed[r].append((sample, offset))
             offset += n
         pad = seq_len - offset
         input_pos[r, offset:] = torch.arange(pad)
         segment_ids[r, offset:] = len(row.samples)  # padding: a segment of its own
-    encoder_mask, encoder_input = encoder_mask_rows(images_per_row, spans_per_row, image_format, seq_len)
+    encoder_mask, encoder_input = encoder_rows(placed, image_format, seq_len)
     return Batch(
         tokens=tokens,
         labels=labels,
@@ -223,7 +221,7 @@ def collate_rows(
 
 
 def collate_padding_free(
-    samples: list[Sample], seq_len: int, image_format: ImageFormat, *, pad_id: int = 0, ignore_index: int = -100
+    samples: list[Sample], seq_len: int, image_format: InputFormats, *, pad_id: int = 0, ignore_index: int = -100
 ) -> Batch:
     """The samples a padded micro-batch would give one row each, back to back in a single row
     instead (the padding-free layout of ``data.padding_free``): the same samples per step and the
