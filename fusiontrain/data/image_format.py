@@ -17,8 +17,11 @@ from typing import Any
 
 from PIL import Image
 
-from fusiontrain.data.input_format import EncoderInputFormat, ItemInput
-from fusiontrain.data.input_format import encoder_mask_rows  # noqa: F401 - re-exported (batch, packing, inference)
+from fusiontrain.data.input_format import EncoderInputFormat, ItemInput, encoder_mask_rows
+
+# encoder_mask_rows is every modality's; it is re-exported here, where batch, packing and inference
+# import it.
+__all__ = ["ImageFormat", "ImageInput", "encoder_mask_rows"]
 
 ImageInput = ItemInput
 
