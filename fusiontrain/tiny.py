@@ -18,7 +18,9 @@ Shared shapes (kept in sync on purpose so fixtures can be combined):
   rows (HF Mllama allocates ``vocab_size + 8`` rows, torchtune uses a fusion embedding);
 * chat: Llama 3 header / end-of-turn specials and a Llama-3.2-Vision-style chat template
   (:data:`TINY_CHAT_TEMPLATE`) saved with the tokenizer and the Mllama processor;
-* vision side: 28x28 tiles of 14x14 patches -> 4 patches + 1 CLS = 5 tokens per tile.
+* vision side: 28x28 tiles of 14x14 patches -> 4 patches + 1 CLS = 5 tokens per tile;
+* audio side (Whisper): 16 kHz, 16 mel bins, a 1 s window of 100 frames -> at most 50 tokens per
+  clip.
 """
 
 from __future__ import annotations
@@ -558,4 +560,75 @@ def save_tiny_siglip2_naflex(folder: str | Path, *, seed: int = 0) -> tuple[Path
     model.eval()
     model.save_pretrained(path)
     Siglip2ImageProcessorPil(patch_size=config.patch_size, max_num_patches=config.num_patches).save_pretrained(path)
+    return path, model
+
+
+# --------------------------------------------------------------------------------------------
+# Whisper audio encoder
+# --------------------------------------------------------------------------------------------
+
+# A 1 s window at 16 kHz: 100 frames of 10 ms, 50 encoder positions (real checkpoints: 30 s, 3000,
+# 1500), so tests run the tower on a short window.
+WHISPER_CHUNK_SECONDS = 1
+WHISPER_MEL_BINS = 16
+WHISPER_SOURCE_POSITIONS = 50
+
+
+def tiny_whisper_config(**overrides: Any) -> Any:
+    """A tiny ``transformers.WhisperConfig``: width 32, 2 encoder and 2 decoder layers of 4 heads,
+    :data:`WHISPER_MEL_BINS` mel bins and a window of ``2 x`` :data:`WHISPER_SOURCE_POSITIONS`
+    frames; a 64-token decoder vocabulary with its special ids inside it."""
+    from transformers import WhisperConfig
+
+    kwargs: dict[str, Any] = {
+        "vocab_size": 64,
+        "num_mel_bins": WHISPER_MEL_BINS,
+        "d_model": 32,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+        "max_source_positions": WHISPER_SOURCE_POSITIONS,
+        "max_target_positions": 32,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "decoder_start_token_id": 3,
+        "suppress_tokens": None,
+        "begin_suppress_tokens": None,
+    }
+    kwargs.update(overrides)
+    return WhisperConfig(**kwargs)
+
+
+def save_tiny_whisper(folder: str | Path, *, seed: int = 0) -> tuple[Path, Any]:
+    """Build, seed and save a tiny ``WhisperModel`` (:func:`tiny_whisper_config`) plus a
+    ``WhisperFeatureExtractor`` for its window: :data:`WHISPER_MEL_BINS` mel bins, 16 kHz, a
+    :data:`WHISPER_CHUNK_SECONDS` s chunk (100 frames of 160 samples).
+
+    Every LayerNorm weight and bias is perturbed (``1 + 0.3 N(0, 1)`` and ``0.3 N(0, 1)``): HF
+    initialises them to ones and zeros, which would hide a missing or misplaced one.
+
+    Returns:
+        ``(path, model)`` with the model in eval mode, exactly as saved.
+    """
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    path = _prepare_folder(folder)
+    config = tiny_whisper_config()
+    torch.manual_seed(seed)
+    model = WhisperModel(config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name:
+                noise = 0.3 * torch.randn(param.shape, generator=generator)
+                param.copy_(1.0 + noise if name.endswith("weight") else noise)
+    model.eval()
+    model.save_pretrained(path)
+    WhisperFeatureExtractor(
+        feature_size=config.num_mel_bins, sampling_rate=16_000, hop_length=160, chunk_length=WHISPER_CHUNK_SECONDS
+    ).save_pretrained(path)
     return path, model

@@ -36,6 +36,10 @@ TINY_FOLDERS = {
         tiny.save_tiny_siglip2_naflex,
         "a tiny SigLIP2 NaFlex vision tower (4 px patches, at most 16) and its PIL processor",
     ),
+    "tiny_whisper_dir": (
+        tiny.save_tiny_whisper,
+        "a tiny WhisperModel (16 mel bins, a 1 s window of 100 frames) and its WhisperFeatureExtractor",
+    ),
 }
 
 

@@ -20,6 +20,7 @@ from fusiontrain.families.model import InputFolders, ModelFamily, TrainableFlags
 from fusiontrain.families.qwen2 import Qwen2Decoder
 from fusiontrain.families.qwen3 import Qwen3Decoder
 from fusiontrain.families.siglip2 import Siglip2NaflexEncoder
+from fusiontrain.families.whisper import WhisperAudioEncoder
 
 
 def _by_name(*families: Any) -> dict[str, Any]:
@@ -27,7 +28,9 @@ def _by_name(*families: Any) -> dict[str, Any]:
 
 
 DECODER_FAMILIES: dict[str, DecoderFamily] = _by_name(LlamaDecoder(), Qwen2Decoder(), Qwen3Decoder(), MistralDecoder())
-ENCODER_FAMILIES: dict[str, EncoderFamily] = _by_name(ClipEncoder(), SiglipEncoder(), DinoV2Encoder(), Siglip2NaflexEncoder())
+ENCODER_FAMILIES: dict[str, EncoderFamily] = _by_name(
+    ClipEncoder(), SiglipEncoder(), DinoV2Encoder(), Siglip2NaflexEncoder(), WhisperAudioEncoder()
+)
 MODEL_FAMILIES: dict[str, ModelFamily] = _by_name(MllamaFamily(), ComposedFamily(DECODER_FAMILIES, ENCODER_FAMILIES))
 # What this module offers is listed once, in fusiontrain.families.__all__ (which re-exports it).
 

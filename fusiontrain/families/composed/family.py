@@ -105,6 +105,22 @@ class ComposedFamily(ModelFamily):
     def encoder_family(self, config: dict) -> EncoderFamily:
         return family_for_config(self.encoders, config, "encoder")
 
+    def _shorthand_encoder_family(self, config: dict) -> EncoderFamily:
+        """The family of the one encoder ``model.compose.encoder`` names: an image encoder.
+
+        Raises:
+            ValueError: an encoder of another modality (Whisper's audio): those go under
+                ``model.compose.encoders``, by modality.
+        """
+        family = self.encoder_family(config)
+        if family.modality != "image":
+            raise ValueError(
+                f"config key 'model.compose.encoder' names a {family.name} checkpoint, which encodes {family.modality}; "
+                f"that key takes one image encoder: put {family.modality} encoders under model.compose.encoders: "
+                f"{{{family.modality}: <folder>}} (beside image: <folder> for a vision encoder)"
+            )
+        return family
+
     def _encoder_family_of(self, encoder: nn.Module) -> EncoderFamily:
         for family in self.encoders.values():
             if family.owns(encoder):
@@ -200,7 +216,7 @@ class ComposedFamily(ModelFamily):
         if fusion_placements is None:
             slots = fusion_slots(num_layers, fusion_interval)
             decoder = llama_fused_decoder(args, slots, fusion_vocab_size=fusion_vocab_size)
-            encoder = self.encoder_family(encoder_config).build(encoder_config, args.hidden_size)
+            encoder = self._shorthand_encoder_family(encoder_config).build(encoder_config, args.hidden_size)
             return DeepFusionModel(decoder, encoder, **flags.as_kwargs())
         if set(fusion_placements) != set(encoder_config):
             raise ValueError(
