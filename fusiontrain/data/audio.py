@@ -34,6 +34,10 @@ from fusiontrain.data.errors import BadSample
 # What a record may hold for one clip (see the module docstring).
 AudioRef = str | Path | bytes | bytearray | memoryview | Mapping[str, Any]
 
+# The highest rate a file can state (libsndfile's sample rate is a C int). soxr never returns on an
+# infinite or NaN rate, nor on finite ones from about 1e15 Hz, so no other rate reaches it.
+MAX_SAMPLE_RATE = 2**31 - 1
+
 
 def load_audio(ref: AudioRef, sampling_rate: int, *, base_dir: Path | None = None) -> np.ndarray:
     """The clip ``ref`` refers to, decoded, mixed down to mono and resampled to ``sampling_rate``.
@@ -115,27 +119,38 @@ def decode_audio(data: bytes, what: str) -> tuple[np.ndarray, int]:
 
 
 def resample(waveform: np.ndarray, rate: Any, target_rate: int, what: str) -> np.ndarray:
-    """``waveform`` (float32 ``[n]`` at ``rate`` Hz) at ``target_rate`` Hz, by ``soxr.resample``;
-    unchanged when the rates are equal.
+    """``waveform`` at ``target_rate`` Hz, by ``soxr.resample``; unchanged when the rates are equal.
 
     Args:
+        waveform: float32 ``[n]``, mono.
+        rate: its rate in Hz (as a file or a record says it: checked here).
+        target_rate: the rate wanted, in Hz.
         what: words naming the clip in errors (its file).
 
+    Returns:
+        float32 ``[n']``, ``n' ~ n * target_rate / rate``.
+
     Raises:
-        BadSample: ``bad_sample_rate`` (``rate`` is not a finite positive number, or soxr fails
-            on it), ``empty_audio`` (no sample is left at ``target_rate``).
+        BadSample: ``bad_sample_rate`` (``rate`` is not a positive number, is above
+            :data:`MAX_SAMPLE_RATE`, or soxr fails on it), ``empty_audio`` (no sample is left at
+            ``target_rate``).
     """
     real = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool)
     if not real or not math.isfinite(rate) or rate <= 0:
-        # checked here: soxr hangs on an infinite or NaN rate
         raise BadSample("bad_sample_rate", f"{what} has sample rate {rate!r}, not a positive number of Hz")
+    if rate > MAX_SAMPLE_RATE:
+        raise BadSample(
+            "bad_sample_rate", f"{what} has sample rate {rate!r} Hz, above the {MAX_SAMPLE_RATE} Hz a file can state"
+        )
     if rate == target_rate:
         return waveform
     soxr = _audio_module("soxr")
     try:
         resampled = soxr.resample(waveform, rate, target_rate)
     except (ValueError, RuntimeError, MemoryError) as error:  # MemoryError: an absurd ratio (1e-3 Hz)
-        raise BadSample("bad_sample_rate", f"soxr cannot resample {what} from {rate} Hz to {target_rate} Hz: {error}") from error
+        raise BadSample(
+            "bad_sample_rate", f"soxr cannot resample {what} from {rate} Hz to {target_rate} Hz: {error}"
+        ) from error
     if resampled.shape[0] == 0:
         raise BadSample(
             "empty_audio", f"{what} has no sample left at {target_rate} Hz ({waveform.shape[0]} samples at {rate} Hz)"
