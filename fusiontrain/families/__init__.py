@@ -3,7 +3,7 @@
 - A *decoder family* (:class:`~fusiontrain.families.decoder.DecoderFamily`) turns a HF causal LM
   into our decoder.
 - An *encoder family* (:class:`~fusiontrain.families.encoder.EncoderFamily`) turns a HF vision
-  model into our encoder and says what its inputs are.
+  or audio model into our encoder and says what its inputs are.
 - A *model family* (:class:`~fusiontrain.families.model.ModelFamily`: ``mllama``, ``composed``) is
   what a run config selects and a checkpoint's manifest names.
 
@@ -14,9 +14,10 @@ Layer: above ``data``; may import data, weights, flops, parallel, modules, batch
 torch_private.
 
 The names below come from :mod:`fusiontrain.families.registry`, imported on first use (PEP 562),
-not with the package: a dataloader worker that unpickles an image format
+not with the package: a dataloader worker that unpickles an input format
 (:mod:`fusiontrain.families.mllama.tiles`, :mod:`~fusiontrain.families.fixed_size_image`,
-:mod:`~fusiontrain.families.siglip2_image`) then imports no model code.
+:mod:`~fusiontrain.families.siglip2_image`, :mod:`~fusiontrain.families.whisper_audio`) then
+imports no model code.
 """
 
 from __future__ import annotations
