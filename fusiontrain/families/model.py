@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat
+from fusiontrain.data.input_format import EncoderInputFormat
 from fusiontrain.weights.hf_checkpoint import TensorRoute
 from fusiontrain.weights.pretrained import PretrainedModel
 
@@ -151,6 +152,11 @@ class ModelFamily(ABC):
     @abstractmethod
     def image_format(self, model: nn.Module) -> ImageFormat:
         """How the model's encoder takes images."""
+
+    def input_formats(self, model: nn.Module) -> dict[str, EncoderInputFormat]:
+        """How each of the model's encoders takes its items, by modality: ``{"image":
+        image_format(model)}`` for a model with one (image) encoder."""
+        return {"image": self.image_format(model)}
 
     @abstractmethod
     def input_folders(self, folders: dict[str, str | Path], model: nn.Module) -> InputFolders:

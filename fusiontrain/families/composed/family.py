@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat
+from fusiontrain.data.input_format import EncoderInputFormat
 from fusiontrain.families.decoder import DecoderFamily
 from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.model import InputFolders, ModelFamily, TrainableFlags
@@ -225,8 +226,25 @@ class ComposedFamily(ModelFamily):
             )
         placements = {m: (int(fusion_placements[m][0]), int(fusion_placements[m][1])) for m in encoder_config}
         decoder = llama_fused_decoder(args, modality_fusion_slots(num_layers, placements), fusion_vocab_size=fusion_vocab_size)
-        encoders = {m: self.encoder_family(config).build(config, args.hidden_size) for m, config in encoder_config.items()}
+        encoders = {m: self._modality_encoder_family(m, config).build(config, args.hidden_size) for m, config in encoder_config.items()}
         return DeepFusionModel(decoder, encoders, **flags.as_kwargs())
+
+    def _modality_encoder_family(self, modality: str, config: dict) -> EncoderFamily:
+        """The family of modality ``modality``'s encoder: one that encodes that modality when it
+        is one a registered family encodes (an audio model under ``image`` is an error); any
+        family for a modality of the user's own naming (``video`` frames by a vision tower).
+
+        Raises:
+            ValueError: a known modality given an encoder of another.
+        """
+        family = self.encoder_family(config)
+        known = {f.modality for f in self.encoders.values()}
+        if modality in known and family.modality != modality:
+            raise ValueError(
+                f"config key 'model.compose.encoders.{modality}' names a {family.name} checkpoint, which encodes "
+                f"{family.modality}, not {modality}"
+            )
+        return family
 
     def prepare(
         self, folders: dict[str, str | Path], settings: dict[str, Any], flags: TrainableFlags, *, seed: int
@@ -301,6 +319,11 @@ class ComposedFamily(ModelFamily):
                 "encoder (model.compose.encoder)"
             )
         return self._encoder_family_of(model.encoder).image_format(model.encoder)
+
+    def input_formats(self, model: nn.Module) -> dict[str, EncoderInputFormat]:
+        if getattr(model, "modalities", None) is None:
+            return super().input_formats(model)
+        return {m: self._encoder_family_of(model.encoder[m]).input_format(model.encoder[m]) for m in model.modalities}
 
     def input_folders(self, folders: dict[str, str | Path], model: nn.Module) -> InputFolders:
         image_token_id = model.decoder.tok_embeddings.vocab_size  # the first new row
