@@ -167,6 +167,15 @@ def test_the_family_loads_every_encoder_tensor(
         assert torch.equal(loaded.encoder["audio"].tower.state_dict()[name], tensor), name
 
 
+def test_a_trainable_encoder_keeps_the_fixed_position_table_frozen(tiny_llama_dir: Path, tiny_whisper_dir: Path) -> None:
+    """transformers freezes WhisperEncoder.embed_positions (sinusoids); encoder_trainable trains
+    every other tower parameter and leaves it so (the encoder declares it in frozen_params())."""
+    model = compose_from_hf(tiny_llama_dir, {"audio": tiny_whisper_dir}, fusion_interval=2, encoder_trainable=True)
+    tower = {name: p.requires_grad for name, p in model.named_parameters() if name.startswith("encoder.audio.tower.")}
+    assert not tower.pop("encoder.audio.tower.embed_positions.weight")
+    assert tower and all(tower.values())
+
+
 def test_the_one_encoder_shorthand_refuses_whisper(
     tiny_llama_dir: Path, tiny_whisper_dir: Path, model: torch.nn.Module
 ) -> None:

@@ -55,6 +55,7 @@ REASONS: frozenset[str] = frozenset(
         "empty_text",  # no text to train on (blank caption, blank assistant turn, no messages)
         "unknown_role",  # a message role other than system / user / assistant
         "image_count_mismatch",  # number of image tokens != number of images
+        "item_count_mismatch",  # number of placeholders of another modality (audio) != its items
         "template_unstable",  # the chat template renders a prefix of the conversation differently
         "no_target",  # no position would be trained on
         "too_long",  # more tokens than max_len (too_long="skip"), or nothing trainable left after truncation

@@ -49,12 +49,23 @@ the template's header into one token (with Llama 3's tokenizer, a reply that sta
 Length (``too_long``): ``"skip"`` rejects a sample of more than ``max_len`` tokens (``too_long``);
 ``"truncate"`` keeps its first ``max_len`` tokens and the images whose image token survives, and
 rejects it (``too_long``) only when no trained position is left.
+
+Other modalities (a composed model with an encoder per modality; :class:`OtherModality`): a
+modality ``m`` (``audio``) is spelled in records as images are, ``m`` for a caption record's item
+(``{"audio": <ref>, "text": ...}``; an ``image`` may come too), ``m + "s"`` for a chat record's list
+(``"audios"``) and ``{"type": m}`` for a content item; its placeholder text is ``<|m|>`` and its
+token id the caller's (its new embedding row). Its items are decoded and processed by its input
+format (audio: :func:`fusiontrain.data.audio.load_audio`, then the model's feature extractor) into
+``Sample.other_items[m]``, seen by the same span rule as images (``Sample.other_spans[m]``). A
+count of placeholders that differs from the record's items is ``item_count_mismatch``; a caption
+item comes after the image in the prompt; truncation keeps the items whose placeholder survives.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,13 +81,15 @@ from fusiontrain.data.conversations import (
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.errors import REASONS, BadSample
 from fusiontrain.data.images import ImageTransform
-from fusiontrain.data.sources import ImageRef, Record, RecordSource, open_image
+from fusiontrain.data.other_modality import OtherModality
+from fusiontrain.data.sources import ImageRef, Record, open_image
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
     "REASONS",
     "ROLES",
     "BadSample",
+    "OtherModality",
     "SampleBuilder",
     "TokenizedRecord",
     "image_spans",
@@ -125,6 +138,7 @@ class TokenizedRecord:
     images: list[ImageRef]
     origin: str
     base_dir: Path | None
+    others: dict[str, list[Any]] = field(default_factory=dict)  # other modalities' item references
 
     def labels(self, ignore_index: int) -> list[int]:
         """Shifted labels: ``labels[j] = tokens[j + 1]`` where that token is trained, the ignore
@@ -155,6 +169,8 @@ class SampleBuilder:
         ignore_index: label of untrained positions.
         image_token_id: the id to insert for each image, for a tokenizer that has no image token
             (composed models); None to use the processor's own image token.
+        other_modalities: the modalities beside images a composed model's records may hold
+            (needs ``image_token_id``); see the module docstring.
 
     Raises:
         ValueError: inconsistent arguments or folders (no chat template for ``chat``, no EOS for
@@ -174,8 +190,9 @@ class SampleBuilder:
         too_long: TooLong = "skip",
         ignore_index: int = -100,
         image_token_id: int | None = None,
+        other_modalities: Sequence[OtherModality] = (),
     ) -> None:
-        from transformers import AutoProcessor, AutoTokenizer
+        from transformers import AutoFeatureExtractor, AutoProcessor, AutoTokenizer
 
         if format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))}, got {format!r}")
@@ -221,6 +238,25 @@ class SampleBuilder:
             template_owner, template = f"the tokenizer in {text_dir}", self.tokenizer.chat_template
             self.transform = ImageTransform.from_pretrained(image_dir, image_format)
 
+        if other_modalities and image_token_id is None:
+            raise ValueError("other modalities (audio) need a composed model's tokenizer and image_token_id")
+        self.others: dict[str, OtherModality] = {}
+        self.feature_extractors: dict[str, Any] = {}
+        for other in other_modalities:
+            if other.name in self.others or other.name == "image":
+                raise ValueError(f"modality {other.name!r} given twice (or as an other modality)")
+            extractor = AutoFeatureExtractor.from_pretrained(other.folder, trust_remote_code=False)
+            other.input_format.check_feature_extractor(extractor, other.folder)
+            self.others[other.name] = OtherModality(
+                other.name, other.input_format.with_too_long(too_long), Path(other.folder), other.token_id
+            )
+            self.feature_extractors[other.name] = extractor
+        # placeholder text -> token id, for the split-and-join encoding
+        self.placeholder_ids = {self.image_placeholder: self.image_token_id} | {
+            other.placeholder: other.token_id for other in self.others.values()
+        }
+        self._placeholder_pattern = re.compile("(" + "|".join(map(re.escape, self.placeholder_ids)) + ")")
+
         self.chat_template: str | None = None
         if format != "caption":
             if isinstance(template, dict):
@@ -242,19 +278,27 @@ class SampleBuilder:
             BadSample: naming ``record.origin``.
         """
         tokenized = self.tokenize(record)
-        images = []
-        for ref in tokenized.images:
-            try:
+        images, other_items = [], {}
+        try:
+            for ref in tokenized.images:
                 images.append(self.transform(open_image(ref, tokenized.base_dir)))
-            except BadSample as error:
-                raise error.at(record.origin) from error
+            for name, refs in tokenized.others.items():
+                other_items[name] = [self._process_other(name, ref, tokenized.base_dir) for ref in refs]
+        except BadSample as error:
+            raise error.at(record.origin) from error
         return Sample(
             tokens=torch.tensor(tokenized.tokens, dtype=torch.long),
             labels=torch.tensor(tokenized.labels(self.ignore_index), dtype=torch.long),
             images=images,
             image_spans=image_spans(tokenized.tokens, self.image_token_id),
             origin=record.origin,
+            other_items=other_items,
+            other_spans={name: image_spans(tokenized.tokens, self.others[name].token_id) for name in other_items},
         )
+
+    def _process_other(self, name: str, ref: Any, base_dir: Path | None) -> dict[str, torch.Tensor]:
+        """One item of modality ``name`` (audio: decoded, resampled, through the feature extractor)."""
+        return self.others[name].process(self.feature_extractors[name], ref, base_dir)
 
     def tokenize(self, record: Record) -> TokenizedRecord:
         """The tokens and targets of ``record``, after the length policy; images not decoded.
@@ -276,20 +320,27 @@ class SampleBuilder:
         if not isinstance(data, dict):
             raise BadSample("bad_record", f"expected a record object, got {type(data).__name__}")
         if self.format == "caption":
-            tokens, trained, images = self._caption(data)
+            tokens, trained, images, others = self._caption(data)
         elif self.layout is not None:
-            tokens, trained, images = self._chat(self.layout.to_chat(data, image_token_text=self.image_placeholder))
+            tokens, trained, images, others = self._chat(self.layout.to_chat(data, image_token_text=self.image_placeholder))
         else:
-            tokens, trained, images = self._chat(images_first_when_unplaced(data, image_token_text=self.image_placeholder))
+            tokens, trained, images, others = self._chat(
+                images_first_when_unplaced(data, image_token_text=self.image_placeholder)
+            )
 
         n_image_tokens = tokens.count(self.image_token_id)
         if n_image_tokens != len(images):
             raise BadSample(
                 "image_count_mismatch", f"{n_image_tokens} image tokens in the text but {len(images)} images"
             )
+        for name, refs in others.items():
+            count = tokens.count(self.others[name].token_id)
+            if count != len(refs):
+                raise BadSample("item_count_mismatch", f"{count} {name} placeholders in the text but {len(refs)} {name} items")
         if self.train_on == "all":
             trained = [True] * len(tokens)
-        trained = [flag and token != self.image_token_id for token, flag in zip(tokens, trained)]
+        placeholders = set(self.placeholder_ids.values())
+        trained = [flag and token not in placeholders for token, flag in zip(tokens, trained)]
         if not any(trained[1:]):
             raise BadSample("no_target", "no token to train on")
 
@@ -298,9 +349,11 @@ class SampleBuilder:
                 raise BadSample("too_long", f"{len(tokens)} tokens, more than max_len={self.max_len}")
             tokens, trained = tokens[: self.max_len], trained[: self.max_len]
             images = images[: tokens.count(self.image_token_id)]
+            others = {name: refs[: tokens.count(self.others[name].token_id)] for name, refs in others.items()}
             if not any(trained[1:]):
                 raise BadSample("too_long", f"nothing to train on in the first max_len={self.max_len} tokens")
-        return TokenizedRecord(tokens, trained, images, record.origin, record.base_dir)
+        others = {name: refs for name, refs in others.items() if refs}
+        return TokenizedRecord(tokens, trained, images, record.origin, record.base_dir, others)
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation rendered with the chat template and the generation prompt
@@ -309,35 +362,44 @@ class SampleBuilder:
         return self._encode(self._render(self._messages(messages), generation_prompt=True))
 
     def _encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added), with ``image_token_id`` at every
-        image placeholder."""
+        """Token ids of ``text`` (no special tokens added), with each placeholder's id (the image
+        token's, and each other modality's) where the placeholder stands."""
         ids: list[int] = []
-        for index, piece in enumerate(text.split(self.image_placeholder)):
-            if index:
-                ids.append(self.image_token_id)
-            if piece:
+        for piece in self._placeholder_pattern.split(text):
+            if piece in self.placeholder_ids:
+                ids.append(self.placeholder_ids[piece])
+            elif piece:
                 ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
         return ids
 
-    def _caption(self, data: dict) -> tuple[list[int], list[bool], list[ImageRef]]:
+    def _caption(self, data: dict) -> tuple[list[int], list[bool], list[ImageRef], dict[str, list[Any]]]:
         text, image = data.get("text"), data.get("image")
+        others = {name: [data[name]] for name in self.others if data.get(name) is not None}
         if not isinstance(text, str):
             raise BadSample("bad_record", f"a caption record needs a string 'text', got {type(text).__name__}")
-        if image is None:
-            raise BadSample("bad_record", "a caption record needs an 'image'")
+        if image is None and not others:
+            wanted = " or ".join(repr(name) for name in ["image", *self.others])
+            raise BadSample("bad_record", f"a caption record needs an {wanted}")
         if not text.strip():
             raise BadSample("empty_text", "blank caption")
         bos = [] if self.tokenizer.bos_token_id is None else [self.tokenizer.bos_token_id]
-        prompt = bos + [self.image_token_id]
+        prompt = bos + ([] if image is None else [self.image_token_id]) + [self.others[name].token_id for name in others]
         caption = self._encode(text) + [self.tokenizer.eos_token_id]
-        return prompt + caption, [False] * len(prompt) + [True] * len(caption), [image]
+        images = [] if image is None else [image]
+        return prompt + caption, [False] * len(prompt) + [True] * len(caption), images, others
 
-    def _chat(self, data: dict) -> tuple[list[int], list[bool], list[ImageRef]]:
+    def _chat(self, data: dict) -> tuple[list[int], list[bool], list[ImageRef], dict[str, list[Any]]]:
         messages = self._messages(data.get("messages"))
         images = data.get("images")
         images = [] if images is None else images
         if not isinstance(images, list):
             raise BadSample("bad_record", f"'images' must be a list, got {type(images).__name__}")
+        others = {}
+        for name in self.others:
+            refs = data.get(f"{name}s")
+            if refs is not None and not isinstance(refs, list):
+                raise BadSample("bad_record", f"'{name}s' must be a list, got {type(refs).__name__}")
+            others[name] = refs or []
 
         tokens = self._encode(self._render(messages, generation_prompt=False))
         trained = [False] * len(tokens)
@@ -358,7 +420,7 @@ class SampleBuilder:
                         "tokens cannot be located",
                     )
                 trained[len(start) : len(end)] = [True] * (len(end) - len(start))
-        return tokens, trained, images
+        return tokens, trained, images, others
 
     def _render(self, messages: list[dict], *, generation_prompt: bool) -> str:
         from jinja2 import TemplateError
@@ -395,15 +457,17 @@ class SampleBuilder:
             if isinstance(content, list):
                 content = [{key: value for key, value in item.items() if value is not None} for item in content]
                 if self.flatten_content:
-                    placeholder = self.image_placeholder
-                    content = "".join(item["text"] if item["type"] == "text" else placeholder for item in content)
+                    content = "".join(item["text"] if item["type"] == "text" else self._placeholder(item["type"]) for item in content)
             cleaned.append({**message, "content": content})
         if not any_text:
             raise BadSample("empty_text", "no message has text")
         return cleaned
 
-    @staticmethod
-    def _content_text(content: Any, index: int) -> str:
+    def _placeholder(self, kind: str) -> str:
+        """The placeholder text of a content item of type ``kind`` (``image``, or a modality)."""
+        return self.image_placeholder if kind == "image" else self.others[kind].placeholder
+
+    def _content_text(self, content: Any, index: int) -> str:
         """The text of one message's content; raises ``bad_record`` on a malformed content."""
         if isinstance(content, str):
             return content
@@ -418,39 +482,7 @@ class SampleBuilder:
                 if not isinstance(item.get("text"), str):
                     raise BadSample("bad_record", f"message {index}: a text item without a string 'text'")
                 texts.append(item["text"])
-            elif kind != "image":
-                raise BadSample(
-                    "bad_record", f"message {index}: content items must be {{'type': 'text' | 'image'}}, got {item!r}"
-                )
+            elif kind != "image" and kind not in self.others:
+                kinds = " | ".join(repr(k) for k in ["text", "image", *self.others])
+                raise BadSample("bad_record", f"message {index}: content items must be {{'type': {kinds}}}, got {item!r}")
         return "".join(texts)
-
-
-class RecordDataset:
-    """Samples built from records on demand (in dataloader workers): ``dataset[i]`` reads record
-    ``i``, tokenizes it and decodes its images, or raises BadSample."""
-
-    def __init__(self, records: RecordSource, builder: SampleBuilder) -> None:
-        self.records = records
-        self.builder = builder
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> Sample:
-        return self.builder(self.records[index])
-
-    def size(self, index: int) -> tuple[int, int, int]:
-        """Sample ``index``'s text tokens, images and encoder tokens, from its tokens alone when
-        every image yields the same token count, else with its images decoded and processed.
-
-        Raises:
-            BadSample: naming the record.
-        """
-        builder = self.builder
-        image_format = builder.image_format
-        if image_format.tokens_vary:
-            sample = builder(self.records[index])
-            return len(sample), len(sample.images), sum(image_format.num_tokens(image) for image in sample.images)
-        tokenized = builder.tokenize(self.records[index])
-        images = len(tokenized.images)
-        return len(tokenized.tokens), images, images * image_format.max_tokens_per_image

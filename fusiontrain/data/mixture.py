@@ -130,7 +130,7 @@ class MixedDataset:
 
     Args:
         datasets: one per source, in the mixture's order; each has ``__len__``, ``__getitem__``
-            and ``size`` (as :class:`~fusiontrain.data.formats.RecordDataset`).
+            and ``size`` (as :class:`~fusiontrain.data.record_dataset.RecordDataset`).
         mixture: the sources' names, sizes and weights.
     """
 

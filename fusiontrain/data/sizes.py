@@ -37,7 +37,8 @@ logger = logging.getLogger("fusiontrain.data")
 
 # Bumped whenever what a size means changes, or the skip codes do (they are positions in the sorted
 # REASONS: a reason added shifts them): every older cache is then ignored.
-# 2: the audio reasons (missing_audio, corrupt_audio, empty_audio, bad_sample_rate).
+# 2: the audio reasons (missing_audio, corrupt_audio, empty_audio, bad_sample_rate) and
+#    item_count_mismatch.
 SIZES_VERSION = 2
 SKIP_REASONS = tuple(sorted(REASONS))
 COLUMNS = ("tokens", "images", "encoder_tokens", "skip")

@@ -83,6 +83,11 @@ class WhisperTowerEncoder(nn.Module):
         """``F``: the frames of the window the tower takes."""
         return 2 * self.tower.config.max_source_positions
 
+    def frozen_params(self) -> list[str]:
+        """The sinusoidal position table, which transformers' ``WhisperEncoder`` keeps frozen:
+        ``encoder_trainable`` leaves it so (:class:`~fusiontrain.modules.DeepFusionModel`)."""
+        return ["tower.embed_positions.weight"]
+
     def block_lists(self) -> list[nn.ModuleList]:
         """The tower's transformer blocks (``layers``)."""
         return [self.tower.layers]

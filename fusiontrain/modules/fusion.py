@@ -274,6 +274,22 @@ class FusionEmbedding(nn.Module):
         return f"{self.vocab_size} + {self.fusion_vocab_size}, {self.embed_dim}"
 
 
+_FROZEN_PARAMS_METHOD = "frozen_params"
+
+
+def _never_trained(module: nn.Module, prefix: str) -> set[str]:
+    """Names (under ``prefix``) of the parameters that submodules of ``module`` declare fixed by a
+    ``frozen_params()`` method returning local names (e.g. an encoder's sinusoidal position table,
+    which its reference implementation never trains): ``encoder_trainable`` leaves them frozen."""
+    names: set[str] = set()
+    for module_name, child in module.named_modules():
+        method = getattr(child, _FROZEN_PARAMS_METHOD, None)
+        if callable(method):
+            local = f"{module_name}." if module_name else ""
+            names |= {f"{prefix}{local}{name}" for name in method()}
+    return names
+
+
 class DeepFusionModel(nn.Module):
     """A pretrained encoder, or one per modality, fused into a pretrained decoder.
 
@@ -293,7 +309,8 @@ class DeepFusionModel(nn.Module):
             mapping from modality to such an encoder (kept as an ``nn.ModuleDict``: parameters
             under ``encoder.<modality>.``).
         decoder_trainable: train the decoder's pretrained parameters.
-        encoder_trainable: train the encoders' pretrained parameters.
+        encoder_trainable: train the encoders' pretrained parameters, but those a submodule
+            declares fixed with a ``frozen_params()`` method (a fusiontrain extension).
         fusion_trainable: train the fusion parameters (wins over the two flags above).
     """
 
@@ -316,7 +333,7 @@ class DeepFusionModel(nn.Module):
         self.modalities: tuple[str, ...] | None = tuple(self.encoder) if per_modality else None
         trainable: set[str] = set()
         if encoder_trainable:
-            trainable |= {f"encoder.{name}" for name, _ in self.encoder.named_parameters()}
+            trainable |= {f"encoder.{name}" for name, _ in self.encoder.named_parameters()} - _never_trained(self.encoder, "encoder.")
         if decoder_trainable:
             trainable |= {f"decoder.{name}" for name, _ in decoder.named_parameters()}
         fusion = set(get_fusion_params(self))

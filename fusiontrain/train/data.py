@@ -23,7 +23,8 @@ from torch import nn
 
 from fusiontrain.config import BatchConfig, DataConfig, DataSplitConfig, TrainConfig, data_sources, source_key, source_name
 from fusiontrain.data.conversations import CONVERSATION_FORMATS, ConversationLayout, conversation_layout
-from fusiontrain.data.formats import RecordDataset, SampleBuilder
+from fusiontrain.data.formats import SampleBuilder
+from fusiontrain.data.record_dataset import RecordDataset
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.loader import Dealing, PlannedLoader, PlannedStream, StreamConfig
 from fusiontrain.data.mixture import MixedDataset, SourceBuilders, SourceMixture
