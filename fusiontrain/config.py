@@ -688,6 +688,8 @@ def _validate_plan(config: TrainConfig) -> None:
 
 def _validate_lora(model: ModelConfig) -> None:
     """LoRA's numbers, sides and folder; LoRA beside full training of the same side is refused."""
+    from fusiontrain.modules.lora import side_of  # the side names are the LoRA module's
+
     lora = model.lora
     if lora.init_from is not None and not Path(lora.init_from).is_dir():
         raise ConfigError(f"config key 'model.lora.init_from': folder {lora.init_from} does not exist; point it at a PEFT adapter folder")
@@ -699,18 +701,29 @@ def _validate_lora(model: ModelConfig) -> None:
         raise ConfigError(f"config key 'model.lora.alpha' must be a number > 0; got {lora.alpha}")
     if not 0.0 <= lora.dropout < 1.0:
         raise ConfigError(f"config key 'model.lora.dropout' must be in [0, 1); got {lora.dropout}")
-    if not lora.sides or any(side not in ("decoder", "encoder") for side in lora.sides):
-        raise ConfigError(f"config key 'model.lora.sides' must list 'decoder' and/or 'encoder'; got {list(lora.sides)}")
+    if not lora.sides or any(side_of(side) is None for side in lora.sides):
+        raise ConfigError(
+            "config key 'model.lora.sides' must list 'decoder' and/or 'encoder' (or encoder.<modality>: one encoder of "
+            f"model.compose.encoders); got {list(lora.sides)}"
+        )
     if not lora.targets:
         raise ConfigError("config key 'model.lora.targets' must name at least one linear (e.g. [q_proj, v_proj]) or be [all-linear]")
     if "all-linear" in lora.targets and len(lora.targets) > 1:
         raise ConfigError(f"config key 'model.lora.targets': all-linear takes every linear already; list it alone, not with {list(lora.targets)}")
     for side in lora.sides:
-        if getattr(model, f"{side}_trainable"):
+        base = side_of(side)
+        if getattr(model, f"{base}_trainable"):
             raise ConfigError(
-                f"config keys 'model.lora.sides' and 'model.{side}_trainable' both train the {side}: LoRA adapts a frozen "
-                f"side; set model.{side}_trainable=false or drop {side!r} from model.lora.sides"
+                f"config keys 'model.lora.sides' and 'model.{base}_trainable' both train the {base}: LoRA adapts a frozen "
+                f"side; set model.{base}_trainable=false or drop {side!r} from model.lora.sides"
             )
+        modality = side.partition(".")[2]
+        if modality and modality not in model.compose.encoders:
+            raise ConfigError(
+                f"config key 'model.lora.sides' names {side!r}, but model.compose.encoders has no {modality!r} "
+                f"({sorted(model.compose.encoders) or 'it is empty'})"
+            )
+
 
 
 _CONVERSATION_FORMATS = ("llava", "sharegpt", "cauldron")

@@ -451,6 +451,10 @@ def test_an_encoder_per_modality_is_configured_beside_the_one_encoder_shorthand(
     assert "'model.compose.encoders.Audio'" in name and "lower-case" in name
     no_decoder = _error(None, [f"model.compose.encoders={{audio: {audio}}}"])
     assert "'model.compose.decoder' is required" in no_decoder
+    lora = load_config(None, [*both, "model.lora.rank=4", "model.lora.sides=[encoder.audio]"])
+    assert lora.model.lora.sides == ("encoder.audio",)
+    video = _error(None, [*both, "model.lora.rank=4", "model.lora.sides=[decoder, encoder.video]"])
+    assert "'encoder.video'" in video and "model.compose.encoders has no 'video'" in video
 
 
 # -- round trip -------------------------------------------------------------------------------------

@@ -267,3 +267,17 @@ def test_sharded_and_checkpointed_equals_the_plain_model(mesh) -> None:
     assert {name.replace("._checkpoint_wrapped_module", "") for name in got} == set(want) == set(get_fusion_params(reference))
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name.replace("._checkpoint_wrapped_module", "")], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_lora_adapts_one_encoder_of_several_or_both() -> None:
+    """LoRA side encoder.<modality> adapts that encoder's blocks only; side encoder adapts every
+    encoder's; fusion layers never."""
+    from fusiontrain.modules.lora import select_lora_targets
+
+    model = _model()
+    audio = select_lora_targets(model, sides=("encoder.audio",), targets=("all-linear",))
+    assert audio == ["encoder.audio.layers.0.0", "encoder.audio.layers.1.0"]
+    both = select_lora_targets(model, sides=("encoder",), targets=("all-linear",))
+    assert sorted(both) == sorted([*audio, "encoder.image.layers.0.0", "encoder.image.layers.1.0"])
+    with pytest.raises(ValueError, match="unknown LoRA side"):
+        select_lora_targets(model, sides=("encoder.audio.x",), targets=("all-linear",))

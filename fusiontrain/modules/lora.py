@@ -34,6 +34,15 @@ LORA_A, LORA_B = "lora_A", "lora_B"
 SIDES = ("decoder", "encoder")
 
 
+def side_of(side: str) -> str | None:
+    """The side a LoRA side name adapts (``decoder``, ``encoder``, or ``encoder.<modality>``: one
+    encoder of a model with an encoder per modality), or None for a name that is none of them."""
+    base, _, modality = side.partition(".")
+    if base in SIDES and (not modality or (base == "encoder" and "." not in modality)):
+        return base
+    return None
+
+
 class LoRALinear(nn.Linear):
     """A linear layer with a LoRA update (see the module docstring).
 
@@ -95,23 +104,23 @@ def _matches(name: str, target: str) -> bool:
 
 
 def lora_candidates(model: nn.Module, sides: Sequence[str]) -> list[str]:
-    """Names of the linears of ``model``'s ``sides`` (``decoder`` / ``encoder``) that LoRA may
-    target: every ``nn.Linear`` inside a block stack (:func:`~fusiontrain.modules.blocks.block_stacks`:
-    the attention and MLP projections of the transformer blocks) whose weight is not a fusion
-    parameter.
+    """Names of the linears of ``model``'s ``sides`` (``decoder`` / ``encoder``, or
+    ``encoder.<modality>`` for one encoder of several) that LoRA may target: every ``nn.Linear``
+    inside a block stack (:func:`~fusiontrain.modules.blocks.block_stacks`: the attention and MLP
+    projections of the transformer blocks) whose weight is not a fusion parameter.
 
     Linears outside the blocks are left out: the decoder's output projection (the chunked loss
     reads its weight directly, so an adapter there would never be applied), a tower's pooling
     head (a fusion encoder reads hidden states, so the head never runs) and a patch embedding.
     """
-    unknown = [side for side in sides if side not in SIDES]
+    unknown = [side for side in sides if side_of(side) is None]
     if unknown:
-        raise ValueError(f"unknown LoRA side(s) {unknown}; choose from {list(SIDES)}")
+        raise ValueError(f"unknown LoRA side(s) {unknown}; choose from {list(SIDES)} or encoder.<modality>")
     fusion = set(get_fusion_params(model))
     return [
         f"{stack_name}.{inner}"
         for stack_name, stack in block_stacks(model)
-        if stack_name.partition(".")[0] in sides
+        if any(stack_name.startswith(f"{side}.") for side in sides)
         for inner, module in stack.named_modules()
         if isinstance(module, nn.Linear)
         and not isinstance(module, LoRALinear)
