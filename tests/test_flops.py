@@ -649,3 +649,52 @@ def test_generic_count_of_fsdp_sharded_meta_encoder() -> None:
         got = flop_probe.measure_encoder_flops(sharded, encoder_input)
     assert got == expected
     assert calls == {"user": 1, "distributed": 0}
+
+
+@pytest.mark.parametrize("encoder_trainable", [False, True], ids=["fusion-only", "encoders-trained"])
+def test_an_encoder_per_modality_matches_counter(encoder_trainable: bool) -> None:
+    """Vision (SigLIP) and audio (Whisper, counted analytically: every clip runs the whole window,
+    the projection only the packed real tokens) on one decoder, each modality's cross-attention
+    over its own s_e, exactly as FlopCounterMode sees the step; a batch without audio runs neither
+    the audio encoder nor its cross-attention."""
+    from fusiontrain import tiny
+    from fusiontrain.data.batch import Sample, collate_padded
+    from fusiontrain.families import TrainableFlags, model_family
+
+    family = model_family("composed")
+    torch.manual_seed(0)
+    model = family.build(
+        tiny.tiny_llama_config().to_dict(),
+        {"image": tiny.tiny_siglip_vision_config().to_dict(), "audio": tiny.tiny_whisper_config().to_dict()},
+        fusion_interval=2,
+        fusion_vocab_size=2,
+        fusion_placements={"image": [2, 1], "audio": [4, 0]},
+        flags=TrainableFlags(encoder_trainable=encoder_trainable),
+    ).train()
+    model.set_skip_output_projection(True)
+    formats = family.input_formats(model)
+    generator = torch.Generator().manual_seed(1)
+
+    def clip(frames: int) -> dict:
+        return formats["audio"]._clip(frames, torch.randn(tiny.WHISPER_MEL_BINS, frames, generator=generator))
+
+    image = {"pixel_values": torch.randn(3, 28, 28, generator=generator)}
+    samples = [
+        Sample(tokens=torch.randint(0, 128, (12,)), labels=torch.zeros(12, dtype=torch.long), images=[image],
+               image_spans=[(1, 12)], other_items={"audio": [clip(37), clip(100)]}, other_spans={"audio": [(3, 6), (6, 12)]}),
+        Sample(tokens=torch.randint(0, 128, (10,)), labels=torch.zeros(10, dtype=torch.long),
+               other_items={"audio": [clip(9)]}, other_spans={"audio": [(2, 10)]}),
+    ]
+    batch = collate_padded(samples, 16, formats)
+    assert batch.encoder_mask["audio"].shape[-1] == 19 + 50  # the first row's real tokens: ceil(37/2) + 50
+    inputs = {"tokens": batch.tokens, "encoder_input": batch.encoder_input, "encoder_mask": batch.encoder_mask}
+    forward, backward = _measure(model, inputs)
+    count = flops.micro_batch_flops(model, batch, attention_pairs=batch.tokens.numel() * batch.tokens.shape[1])
+    assert (count.forward, count.backward) == (forward, backward)
+    assert count.parts["encoder.audio"][0] > 0 and (count.parts["encoder.audio"][1] > 0) == encoder_trainable
+
+    image_only = collate_padded([Sample(tokens=samples[0].tokens, labels=samples[0].labels, images=[image], image_spans=[(1, 12)])], 16, formats)
+    inputs = {"tokens": image_only.tokens, "encoder_input": image_only.encoder_input, "encoder_mask": image_only.encoder_mask}
+    forward, backward = _measure(model, inputs)
+    count = flops.micro_batch_flops(model, image_only, attention_pairs=image_only.tokens.numel() * image_only.tokens.shape[1])
+    assert (count.forward, count.backward) == (forward, backward) and "encoder.audio" not in count.parts

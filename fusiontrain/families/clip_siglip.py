@@ -94,10 +94,11 @@ class HFVisionTowerEncoder(nn.Module):
                     "build; extend HFVisionTowerEncoder.init_buffers"
                 )
 
-    def count_flops(self, tally: Tally, images: int) -> tuple[int, bool]:
+    def count_flops(self, tally: Tally, images: int, columns: int | None = None) -> tuple[int, bool]:
         """This encoder's model FLOPs (the analytic count :mod:`fusiontrain.flops.count` asks an
-        encoder for) over the ``images`` images it encodes, added to ``tally``. Returns (tokens per
-        image, whether the embeddings require grad)."""
+        encoder for) over the ``images`` images it encodes, added to ``tally`` (``columns`` is not
+        needed: every image yields all its tokens). Returns (tokens per image, whether the
+        embeddings require grad)."""
         return _count_tower_encoder(tally, self, images)
 
     def forward(self, pixel_values: torch.Tensor, image_slots: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.hf_tower import MLPProjectionHead
 from fusiontrain.families.whisper_audio import WhisperClips
+from fusiontrain.flops.rules import Tally, any_trainable, count_attention_core, count_linear, unwrap
 from fusiontrain.modules import register_fusion_module
 from fusiontrain.modules.image_slots import check_image_slots, place_slots, select_slots
 from fusiontrain.weights.hf_checkpoint import TensorRoute
@@ -136,6 +137,46 @@ class WhisperTowerEncoder(nn.Module):
             hidden = place_slots(hidden, clip_slots, b, i)
         hidden = hidden.reshape(b, i * hidden.shape[-2], hidden.shape[-1])
         return torch.gather(hidden, 1, token_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+    #: The encoder input a FLOP count reads the item slots from (``[b, i, ...]``), and the key of
+    #: the real ones (:mod:`fusiontrain.flops.count`).
+    item_input_key, item_slots_key = "input_features", "clip_slots"
+
+    def count_flops(self, tally: Tally, clips: int, columns: int | None = None) -> tuple[int, bool]:
+        """This encoder's model FLOPs over ``clips`` clips (the analytic count
+        :mod:`fusiontrain.flops.count` asks an encoder for), added to ``tally``: every clip runs the
+        whole window, ``F`` frames through ``conv1`` and ``T = F / 2`` positions through ``conv2``,
+        and the transformer layers, whatever its real length; the projection head runs on the
+        packed columns that keep the clips' real tokens (``columns``, all of the batch's rows'
+        ``s_e``; when None, every position: an upper bound). Returns (``T``, the most tokens a
+        clip yields; whether the embeddings require grad)."""
+        tower = self.tower
+        frames, positions = self.num_frames, self.num_frames // 2
+        x = False
+        for conv, length in ((tower.conv1, frames), (tower.conv2, positions)):
+            flops = 2 * clips * length * conv.out_channels * conv.in_channels * conv.kernel_size[0] // conv.groups
+            weight_grad = conv.weight.requires_grad
+            tally.add("encoder.audio", flops, int(x) + int(weight_grad))
+            x = x or weight_grad or (conv.bias is not None and conv.bias.requires_grad)
+        x = x or any_trainable(tower.embed_positions)
+        tokens, pairs = clips * positions, clips * positions * positions
+        for layer in tower.layers:
+            layer = unwrap(layer)
+            attn = layer.self_attn
+            normed = x or any_trainable(layer.self_attn_layer_norm)
+            q = count_linear(tally, "encoder.audio", attn.q_proj, tokens, normed)
+            k = count_linear(tally, "encoder.audio", attn.k_proj, tokens, normed)
+            v = count_linear(tally, "encoder.audio", attn.v_proj, tokens, normed)
+            out = count_attention_core(tally, "encoder.audio", unwrap(attn.q_proj).out_features, pairs, q, k, v)
+            h = count_linear(tally, "encoder.audio", attn.out_proj, tokens, out) or x
+            hidden = count_linear(tally, "encoder.audio", layer.fc1, tokens, h or any_trainable(layer.final_layer_norm))
+            mlp = count_linear(tally, "encoder.audio", layer.fc2, tokens, hidden)
+            x = h or mlp
+        x = x or any_trainable(tower.layer_norm)
+        projection = self.projection
+        projected = tokens if columns is None else columns
+        hidden = count_linear(tally, "encoder.projection", projection.linear_1, projected, x)
+        return positions, count_linear(tally, "encoder.projection", projection.linear_2, projected, hidden)
 
     def forward(
         self,

@@ -135,31 +135,39 @@ def _decoder(
     num_rows: int,
     seq_len: int,
     attention_pairs: int,
-    encoder_seq_len: int,
-    encoder_grad: bool,
+    encoder_seq_len: int | Mapping[str, int],
+    encoder_grad: bool | Mapping[str, bool],
     targets: int | None,
 ) -> None:
+    """The decoder's FLOPs; with an encoder per modality, ``encoder_seq_len`` and ``encoder_grad``
+    by modality (a modality absent from them: its cross-attention layers do not run)."""
     tokens = num_rows * seq_len
     h = any_trainable(decoder.tok_embeddings)
 
-    def layer_flops(layer: nn.Module, h: bool) -> bool:
+    def layer_flops(layer: nn.Module, h: bool, modality: str | None = None) -> bool:
         layer = unwrap(layer)
         if isinstance(layer, FusionLayer):
-            order = (layer.fusion_layer, layer.layer) if layer.fusion_first else (layer.layer, layer.fusion_layer)
-            for part in order:
-                h = layer_flops(part, h)
-            return h
+            fused = [(None, layer.fusion_layer)] if layer.modalities is None else [
+                (m, layer.fusion_layer[m]) for m in layer.modalities
+            ]
+            if not layer.fusion_first:
+                h = layer_flops(layer.layer, h)
+            for m, part in fused:
+                h = layer_flops(part, h, m)
+            return layer_flops(layer.layer, h) if layer.fusion_first else h
         if isinstance(layer, TransformerCrossAttentionLayer):
-            if not encoder_seq_len:  # no encoder input: the layer returns its input
+            seen = encoder_seq_len.get(modality, 0) if isinstance(encoder_seq_len, Mapping) else encoder_seq_len
+            if not seen:  # no encoder input: the layer returns its input
                 return h
+            grad = encoder_grad.get(modality, False) if isinstance(encoder_grad, Mapping) else encoder_grad
             return _cross_attention_layer(
                 tally,
                 layer,
                 tokens=tokens,
-                encoder_tokens=num_rows * encoder_seq_len,
-                pairs=tokens * encoder_seq_len,
+                encoder_tokens=num_rows * seen,
+                pairs=tokens * seen,
                 x_grad=h,
-                encoder_grad=encoder_grad,
+                encoder_grad=grad,
             )
         if isinstance(layer, TransformerSelfAttentionLayer):
             return count_self_attention_layer(
@@ -177,24 +185,30 @@ def _decoder(
 def _known_encoder_counter(encoder: nn.Module) -> Any:
     """The encoder's own analytic count, or None for an encoder counted generically: a family
     whose encoder it can count analytically gives the module a method
-    ``count_flops(tally, images) -> (tokens per image slot, embeddings require grad)``
-    (Mllama's ViT, the CLIP / SigLIP towers)."""
+    ``count_flops(tally, images, columns=None) -> (tokens per image slot, embeddings require
+    grad)``, ``columns`` the batch's encoder columns when known (Mllama's ViT, the CLIP / SigLIP
+    towers, Whisper, which packs its clips' real tokens and projects those only)."""
     method = getattr(encoder, "count_flops", None)
     return method if callable(method) else None
 
 
-def _image_slots(encoder_input: Mapping[str, Any], num_rows: int) -> tuple[int, int]:
-    """``(slots, encoded)`` of a known encoder's input: its image slots, ``b * i`` for
+def _image_slots(encoder_input: Mapping[str, Any], num_rows: int, encoder: nn.Module | None = None) -> tuple[int, int]:
+    """``(slots, encoded)`` of a known encoder's input: its item slots, ``b * i`` for
     ``pixel_values`` ``[b, i, ...]`` (Mllama ``[b, i, t, c, h, w]``, HF towers ``[b, i, c, h, w]``)
     or ``b`` for one image per row ``[b, c, h, w]``; and those the encoder runs on, the real ones
     when ``image_slots`` lists them (padding slots are not encoded,
-    :mod:`fusiontrain.modules.image_slots`)."""
-    pixels = encoder_input.get("pixel_values")
-    if not isinstance(pixels, torch.Tensor):
-        raise ValueError(f"encoder_input has no pixel_values tensor (keys: {sorted(encoder_input)})")
-    slots = num_rows * (pixels.shape[1] if pixels.dim() >= 5 else 1)
-    image_slots = encoder_input.get("image_slots")
-    return slots, (slots if image_slots is None else len(image_slots))
+    :mod:`fusiontrain.modules.image_slots`). An encoder of other inputs names the input and the
+    slots key it reads (``item_input_key``, ``item_slots_key``: Whisper's ``input_features``
+    ``[b, i, n_mels, F]`` and ``clip_slots``)."""
+    key = getattr(encoder, "item_input_key", "pixel_values")
+    slots_key = getattr(encoder, "item_slots_key", "image_slots")
+    items = encoder_input.get(key)
+    if not isinstance(items, torch.Tensor):
+        raise ValueError(f"encoder_input has no {key} tensor (keys: {sorted(encoder_input)})")
+    per_row = items.shape[1] if (items.dim() >= 5 or key != "pixel_values") else 1
+    slots = num_rows * per_row
+    real = encoder_input.get(slots_key)
+    return slots, (slots if real is None else len(real))
 
 def _encoder(
     tally: Tally,
@@ -218,8 +232,9 @@ def _encoder(
     if known is not None:
         slots = images
         if not images:
-            slots, images = _image_slots(encoder_input, num_rows)
-        tokens_per_image, grad = known(tally, images)
+            slots, images = _image_slots(encoder_input, num_rows, encoder)
+        columns = None if encoder_seq_len is None else num_rows * encoder_seq_len
+        tokens_per_image, grad = known(tally, images, columns=columns)
         if encoder_seq_len is None:
             if slots % num_rows:
                 raise ValueError(f"images ({slots}) is not a multiple of num_rows ({num_rows}): pass encoder_seq_len")
@@ -269,7 +284,7 @@ def step_flops(
     seq_len: int,
     attention_pairs: int | None = None,
     images: int = 0,
-    encoder_seq_len: int | None = None,
+    encoder_seq_len: int | Mapping[str, int] | None = None,
     encoder_input: Mapping[str, Any] | None = None,
     targets: int | None = None,
 ) -> FlopCount:
@@ -302,6 +317,10 @@ def step_flops(
             (:func:`fusiontrain.flops.probe.measure_encoder_flops`). Giving it means the encoder runs.
         targets: target positions ``n`` the output projection runs on; None: every token slot.
 
+    A model with an encoder per modality takes ``encoder_input`` (and ``encoder_seq_len``, if
+    given) by modality: each encoder is counted on its own input, and each modality's
+    cross-attention layers over its own ``s_e``; ``images`` is for one encoder.
+
     Returns:
         The forward and backward FLOPs.
 
@@ -321,8 +340,21 @@ def step_flops(
     else:
         decoder, encoder = unwrap(model.decoder), getattr(model, "encoder", None)
 
-    encoder_grad = False
-    if images or encoder_input is not None:
+    encoder_grad: bool | dict[str, bool] = False
+    if getattr(model, "modalities", None) is not None:  # an encoder per modality: each counted alone
+        if images:
+            raise ValueError("images counts one encoder's slots; a model with an encoder per modality takes encoder_input")
+        lengths: dict[str, int] = {}
+        encoder_grad = {}
+        for modality, inputs in (encoder_input or {}).items():
+            if inputs is None:
+                continue
+            given = encoder_seq_len.get(modality) if isinstance(encoder_seq_len, Mapping) else None
+            lengths[modality], encoder_grad[modality] = _encoder(
+                tally, encoder[modality], num_rows=num_rows, images=0, encoder_input=inputs, encoder_seq_len=given
+            )
+        encoder_seq_len = lengths
+    elif images or encoder_input is not None:
         if encoder is None or not num_rows:
             raise ValueError(f"images={images} / encoder_input need an encoder and num_rows > 0")
         encoder_seq_len, encoder_grad = _encoder(
@@ -368,7 +400,8 @@ def micro_batch_flops(model: nn.Module, batch: Any, *, attention_pairs: int | No
         attention_pairs = packed_attention_pairs(batch.segment_ids)
     encoder_seq_len = None
     if batch.encoder_input is not None and batch.encoder_mask is not None:
-        encoder_seq_len = batch.encoder_mask.shape[-1]
+        mask = batch.encoder_mask
+        encoder_seq_len = {m: t.shape[-1] for m, t in mask.items()} if isinstance(mask, dict) else mask.shape[-1]
     return step_flops(
         model,
         num_rows=num_rows,

@@ -300,10 +300,12 @@ class MllamaVisionEncoder(nn.Module):
         per_image = embeddings.reshape(len(image_slots), -1, embeddings.shape[-1])  # [n, t * p, d]
         return place_slots(per_image, image_slots, b, i).reshape(b, i * per_image.shape[1], -1)
 
-    def count_flops(self, tally: Tally, images: int) -> tuple[int, bool]:
+    def count_flops(self, tally: Tally, images: int, columns: int | None = None) -> tuple[int, bool]:
         """This encoder's model FLOPs (the analytic count :mod:`fusiontrain.flops.count` asks an
         encoder for): tiled ViT + projection head over the ``images`` image slots it encodes,
-        added to ``tally``. Returns (tokens per image slot, whether the embeddings require grad)."""
+        added to ``tally`` (``columns``, the encoder columns of the batch, is not needed: every
+        slot's tokens are computed). Returns (tokens per image slot, whether the embeddings
+        require grad)."""
         vision, head = self.vision, self.projection
         args = vision.args
         tiles = images * args.max_num_tiles
