@@ -179,3 +179,24 @@ def test_the_recorded_source_rebuilds_the_same_model(
 def test_a_known_modality_takes_only_an_encoder_of_that_modality(tiny_llama_dir: Path, tiny_whisper_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"'model.compose.encoders.image' names a whisper checkpoint, which encodes audio, not image"):
         compose_from_hf(tiny_llama_dir, {"image": tiny_whisper_dir})
+
+
+def test_kv_cached_generation_with_an_image_and_a_clip_follows_the_full_forward(model_and_formats, processors) -> None:
+    """generate() with the prompt's encoder inputs and masks by modality: each greedy token is the
+    argmax of the full (uncached) forward over the prompt and the tokens before it."""
+    from fusiontrain.inference.generation import generate
+
+    model, formats = model_and_formats
+    model = copy.deepcopy(model)
+    init_fusion_params(model, seed=2, std=0.3)
+    _open_gates(model)
+    sample = _sample(12, 5, image=_image(processors, formats, (90, 90, 200)), image_at=1,
+                     clip=_clip(processors, formats, 520.0, 0.3), clip_at=5)
+    batch = collate_padded([sample], 12, formats)
+    with torch.no_grad():
+        out = generate(model, batch.tokens, max_new_tokens=5, encoder_input=batch.encoder_input, encoder_mask=batch.encoder_mask)
+        assert out.shape == (1, 17)
+        for n in range(12, 17):
+            masks = {m: torch.cat([mask, mask[:, -1:].expand(1, n - 12, -1)], dim=1) for m, mask in batch.encoder_mask.items()}
+            full = model(out[:, :n], encoder_input=batch.encoder_input, encoder_mask=masks)
+            assert int(full[0, -1].argmax()) == int(out[0, n])

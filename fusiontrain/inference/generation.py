@@ -39,7 +39,7 @@ def generate(
     *,
     max_new_tokens: int,
     encoder_input: dict[str, Any] | None = None,
-    encoder_mask: torch.Tensor | None = None,
+    encoder_mask: torch.Tensor | dict[str, torch.Tensor] | None = None,
     stop_token_ids: tuple[int, ...] = (),
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -51,8 +51,11 @@ def generate(
         model: a DeepFusionModel (caches are set up here and deleted afterwards).
         prompt: prompt token ids; all rows have the same length (no padding).
         max_new_tokens: tokens to add.
-        encoder_input: encoder keyword arguments (e.g. the image processor's outputs), or None.
-        encoder_mask: ``[b, s, s_e]`` bool for the prompt; new tokens reuse its last row.
+        encoder_input: encoder keyword arguments (e.g. the image processor's outputs), or None;
+            by modality for a model with an encoder per modality.
+        encoder_mask: ``[b, s, s_e]`` bool for the prompt; new tokens reuse its last row. By
+            modality with ``encoder_input`` (each modality's fusion layers then cache that
+            modality's ``s_e`` keys and values).
         stop_token_ids: a row stops once it emits one of these (later positions repeat it).
         temperature, top_p, generator: sampling; ``temperature=0`` is greedy.
 
@@ -62,7 +65,14 @@ def generate(
     b, s = prompt.shape
     device = prompt.device
     dtype = next(model.parameters()).dtype
-    encoder_length = None if encoder_mask is None else encoder_mask.shape[-1]
+    if isinstance(encoder_mask, dict):
+        encoder_length: Any = {modality: mask.shape[-1] for modality, mask in encoder_mask.items()}
+        for modality in getattr(model, "modalities", None) or ():  # a modality absent from the prompt: no cache of it
+            encoder_length.setdefault(modality, 1)
+        step_encoder_mask: Any = {modality: mask[:, -1:] for modality, mask in encoder_mask.items()}
+    else:
+        encoder_length = None if encoder_mask is None else encoder_mask.shape[-1]
+        step_encoder_mask = None if encoder_mask is None else encoder_mask[:, -1:]
     model.setup_caches(b, dtype, encoder_max_seq_len=encoder_length, decoder_max_seq_len=s + max_new_tokens)
     try:
         logits = model(
@@ -71,7 +81,6 @@ def generate(
             encoder_mask=encoder_mask,
             input_pos=torch.arange(s, device=device).expand(b, s),
         )
-        step_encoder_mask = None if encoder_mask is None else encoder_mask[:, -1:]
         tokens = [prompt]
         finished = torch.zeros(b, 1, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
