@@ -254,7 +254,13 @@ def test_bad_audio_raises_its_reason_naming_the_file(tmp_path: Path) -> None:
         with pytest.raises(BadSample) as error:
             load_audio({"bytes": None, "path": str(file)}, RATE)
         assert error.value.reason == reason and str(file) in error.value.detail
-    for rate in (0, -8_000, float("nan"), float("inf"), 1e15, "16k"):  # soxr would hang on nan, inf and 1e15
+    # soxr would hang on nan, inf and 1e15; 1 Hz would resample to 16,000 times the samples
+    for rate in (0, -8_000, 1, 999, float("nan"), float("inf"), 1e15, "16k"):
         with pytest.raises(BadSample) as error:
             resample(noise(100, 0), rate, RATE, f"audio file {tmp_path / 'clip.wav'}")
         assert error.value.reason == "bad_sample_rate" and "clip.wav" in error.value.detail
+    low = tmp_path / "one_hertz.wav"
+    low.write_bytes(encoded(noise(100, 0)[:, None], 1, "WAV"))  # a file may state 1 Hz
+    with pytest.raises(BadSample, match=r"sample rate 1 Hz, below the 1000 Hz") as error:
+        load_audio(low, RATE)
+    assert error.value.reason == "bad_sample_rate" and str(low) in error.value.detail

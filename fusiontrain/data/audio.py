@@ -37,6 +37,10 @@ AudioRef = str | Path | bytes | bytearray | memoryview | Mapping[str, Any]
 # The highest rate a file can state (libsndfile's sample rate is a C int). soxr never returns on an
 # infinite or NaN rate, nor on finite ones from about 1e15 Hz, so no other rate reaches it.
 MAX_SAMPLE_RATE = 2**31 - 1
+# The lowest rate taken: below any audio codec's (telephony's 8 kHz, the lowest in use, has half
+# again as many). A file that states a rate of a few Hz would otherwise be resampled into an array
+# thousands of times its size (1 Hz to 16 kHz: 16,000x) before its length could be refused.
+MIN_SAMPLE_RATE = 1_000
 
 
 def load_audio(ref: AudioRef, sampling_rate: int, *, base_dir: Path | None = None) -> np.ndarray:
@@ -131,13 +135,17 @@ def resample(waveform: np.ndarray, rate: Any, target_rate: int, what: str) -> np
         float32 ``[n']``, ``n' ~ n * target_rate / rate``.
 
     Raises:
-        BadSample: ``bad_sample_rate`` (``rate`` is not a positive number, is above
-            :data:`MAX_SAMPLE_RATE`, or soxr fails on it), ``empty_audio`` (no sample is left at
+        BadSample: ``bad_sample_rate`` (``rate`` is not a positive number, is below
+            :data:`MIN_SAMPLE_RATE` or above :data:`MAX_SAMPLE_RATE`, or soxr fails on it), ``empty_audio`` (no sample is left at
             ``target_rate``).
     """
     real = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool)
     if not real or not math.isfinite(rate) or rate <= 0:
         raise BadSample("bad_sample_rate", f"{what} has sample rate {rate!r}, not a positive number of Hz")
+    if rate < MIN_SAMPLE_RATE:
+        raise BadSample(
+            "bad_sample_rate", f"{what} has sample rate {rate!r} Hz, below the {MIN_SAMPLE_RATE} Hz of any audio format"
+        )
     if rate > MAX_SAMPLE_RATE:
         raise BadSample(
             "bad_sample_rate", f"{what} has sample rate {rate!r} Hz, above the {MAX_SAMPLE_RATE} Hz a file can state"

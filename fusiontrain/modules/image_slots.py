@@ -20,9 +20,9 @@ def check_image_slots(image_slots: torch.Tensor, b: int, i: int) -> None:
     slots (its values are not read: that would sync the device)."""
     if image_slots.dim() != 1 or image_slots.dtype not in (torch.int64, torch.int32) or len(image_slots) > b * i:
         raise ValueError(
-            f"image_slots must be the [n] int64 flat indices (row * i + k) of the real ones among the b * i = "
-            f"{b * i} image slots, got {image_slots.dtype} {list(image_slots.shape)}: take encoder_input from the "
-            "image format's collate"
+            f"the item slots (image_slots, clip_slots) must be the [n] int64 flat indices (row * i + k) of the real "
+            f"ones among the b * i = {b * i} slots, got {image_slots.dtype} {list(image_slots.shape)}: take "
+            "encoder_input from the input format's collate"
         )
 
 
