@@ -122,3 +122,77 @@ def test_truncation_keeps_the_clips_whose_placeholder_survives(formats, folders,
     with pytest.raises(BadSample) as error:
         _builder("caption", formats, *folders, max_len=20)(Record(record, "caption:2", files))
     assert error.value.reason == "too_long"
+
+
+def test_sizes_count_each_modalitys_items_and_tokens(formats, folders, files) -> None:
+    """RecordDataset.size gives the audio items and their encoder tokens after the image columns
+    (clips decoded: Whisper's token count varies with a clip's length); the size table and its
+    cache carry them in columns of their own."""
+    from fusiontrain.data.record_dataset import RecordDataset
+    from fusiontrain.data.sizes import SampleSizes, columns, load_cached, measure, save_cache
+
+    records = [
+        Record({"audio": "tone.wav", "text": "a tone"}, "r:0", files),
+        Record({"image": "red.png", "audio": "chirp.flac", "text": "red and a chirp"}, "r:1", files),
+        Record({"image": "red.png", "text": "only red"}, "r:2", files),
+        Record({"audio": "gone.wav", "text": "missing"}, "r:3", files),
+    ]
+    dataset = RecordDataset(records, _builder("caption", formats, *folders))
+    samples = [dataset[k] for k in range(3)]
+    sizes = [dataset.size(k) for k in range(3)]
+    for sample, size in zip(samples, sizes):
+        clips = sample.other_items.get("audio", [])
+        assert size == (len(sample), len(sample.images), len(sample.images) * formats["image"].max_tokens_per_image,
+                        len(clips), sum(formats["audio"].num_tokens(c) for c in clips))
+    assert sizes[0][4] == formats["audio"].num_tokens(samples[0].other_items["audio"][0]) < 50  # 0.4 s of the 1 s window
+    table = measure(dataset.size, 4, range(4), others=("audio",))
+    assert table.shape == (4, 6) and columns(("audio",))[4:] == ("audio_items", "audio_encoder_tokens")
+    assert table[:3, 4:].tolist() == [list(s[3:]) for s in sizes] and table[3, 3] != 0  # missing_audio's code
+    table_sizes = SampleSizes(table, ("audio",))
+    assert table_sizes.reason(3) == "missing_audio" and table_sizes.other_sizes(table[1].tolist()) == [tuple(sizes[1][3:])]
+    folder = files / "cache"
+    save_cache(table_sizes, [folder], "k" * 64, {})
+    cached, _ = load_cached([folder], "k" * 64, 4, ("audio",))
+    assert torch.equal(cached.table, table) and cached.others == ("audio",)
+    assert load_cached([folder], "k" * 64, 4) is None  # another width: the image-only table it is not
+
+
+def test_the_row_plan_holds_each_modality_to_its_row_limits() -> None:
+    """Audio items and tokens per row are limited like images (first-fit packing on sizes); a
+    sample over them alone is skipped as too_many_items; the limits are recorded only when set."""
+    from fusiontrain.data.row_plan import RowLimits, RowPlan
+    from fusiontrain.data.sizes import SampleSizes
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for k in range(60):
+        clips = int(torch.randint(0, 3, (), generator=generator))
+        tokens = sum(int(torch.randint(5, 51, (), generator=generator)) for _ in range(clips))
+        rows.append([int(torch.randint(6, 30, (), generator=generator)), k % 2, 4 * (k % 2), 0, clips, tokens])
+    rows[7] = [10, 0, 0, 0, 3, 60]  # three clips: more than a row holds
+    sizes = SampleSizes(torch.tensor(rows), ("audio",))
+    limits = RowLimits(seq_len=64, max_images=2, max_encoder_tokens=None, packing=True, open_rows=4, other_limits=((2, 80),))
+    plan = RowPlan(sizes, limits, seed=0)
+    epoch = plan.epoch(0)
+    over = [i for i, row in enumerate(rows) if row[4] > 2 or row[5] > 80]  # sample 7, and two long clips
+    assert 7 in over and epoch.skipped == {"too_many_items": len(over)}
+    assert sorted(i for row in epoch.rows for i in row) == [i for i in range(60) if i not in over]
+    for row in epoch.rows:
+        assert sum(rows[i][0] for i in row) <= 64 and sum(rows[i][1] for i in row) <= 2
+        assert sum(rows[i][4] for i in row) <= 2 and sum(rows[i][5] for i in row) <= 80
+    assert max(len(row) for row in epoch.rows) > 1  # packed
+    assert limits.identity()["other_limits"] == ((2, 80),)
+    assert "other_limits" not in RowLimits(64, 2, None, True, 4).identity()
+    with pytest.raises(ValueError, match="row limits for 0 other modalities"):
+        RowPlan(sizes, RowLimits(64, 2, None, True, 4), seed=0).epoch(0)
+
+
+def test_the_packer_sizes_built_samples_by_their_formats(formats, folders, files) -> None:
+    from fusiontrain.data.packing import FirstFitPacker
+
+    builder = _builder("caption", formats, *folders)
+    samples = [builder(Record({"audio": name, "text": "a sound"}, f"r:{k}", files)) for k, name in enumerate(["tone.wav", "chirp.flac"] * 2)]
+    packer = FirstFitPacker(96, 1, 2, other_limits=((1, None),), other_formats=(("audio", formats["audio"]),))
+    closed = [row for key, sample in enumerate(samples) for row in packer.add(key, sample)] + packer.flush()
+    assert all(row.others == [(1, formats["audio"].num_tokens(row.samples[0].other_items["audio"][0]))] for row in closed)
+    assert len(closed) == 4  # one clip a row

@@ -60,5 +60,6 @@ REASONS: frozenset[str] = frozenset(
         "no_target",  # no position would be trained on
         "too_long",  # more tokens than max_len (too_long="skip"), or nothing trainable left after truncation
         "too_many_images",  # more images than a packed row holds (raised by the loader)
+        "too_many_items",  # more items (or their encoder tokens) of another modality (audio) than a row holds
     }
 )

@@ -22,6 +22,7 @@ Shapes: b rows, s tokens per row (``seq_len``), s_e = image slots x tokens per i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,19 +30,46 @@ import torch
 
 from fusiontrain.data.batch import PAD_TO_MULTIPLE, Batch, InputFormats, Sample, encoder_rows
 from fusiontrain.data.image_format import ImageFormat
+from fusiontrain.data.input_format import EncoderInputFormat
+
+
+#: Per other modality (audio), what one row holds: ``(items, encoder tokens or None for no limit)``.
+OtherLimits = Sequence[tuple[int, int | None]]
+#: Per other modality, a sample's or a row's ``(items, encoder tokens)``.
+OtherSizes = Sequence[tuple[int, int]]
 
 
 def misfit_reason(
-    num_tokens: int, num_images: int, encoder_tokens: int, *, seq_len: int, max_images: int, max_encoder_tokens: int | None
+    num_tokens: int,
+    num_images: int,
+    encoder_tokens: int,
+    *,
+    seq_len: int,
+    max_images: int,
+    max_encoder_tokens: int | None,
+    others: OtherSizes = (),
+    other_limits: OtherLimits = (),
 ) -> str | None:
     """Why a sample of these sizes cannot fit even an empty row (a skip reason of
-    :mod:`fusiontrain.data.errors`: ``"too_long"`` or ``"too_many_images"``, the latter also for
-    too many encoder tokens), or None when it fits."""
+    :mod:`fusiontrain.data.errors`: ``"too_long"``, ``"too_many_images"``, the latter also for
+    too many encoder tokens, or ``"too_many_items"`` for another modality's, ``others`` against
+    ``other_limits``), or None when it fits."""
     if num_tokens > seq_len:
         return "too_long"
     if num_images > max_images or (max_encoder_tokens is not None and encoder_tokens > max_encoder_tokens):
         return "too_many_images"
+    if not _others_fit(others, other_limits):
+        return "too_many_items"
     return None
+
+
+def _others_fit(others: OtherSizes, limits: OtherLimits) -> bool:
+    """Whether every other modality's ``(items, encoder tokens)`` is within its limits (a
+    modality past the sizes given counts as none)."""
+    for (items, tokens), (max_items, max_tokens) in zip(others, limits):
+        if items > max_items or (max_tokens is not None and tokens > max_tokens):
+            return False
+    return True
 
 
 @dataclass
@@ -59,18 +87,26 @@ class PackedRow:
     encoder_tokens: int = 0
     num_tokens: int = 0
     num_images: int = 0
+    others: list[tuple[int, int]] = field(default_factory=list)  # per other modality: (items, encoder tokens)
 
-    def add(self, key: Any, sample: Sample, encoder_tokens: int = 0) -> None:
+    def add(self, key: Any, sample: Sample, encoder_tokens: int = 0, others: OtherSizes = ()) -> None:
         """Append ``sample`` (identified by ``key``)."""
-        self.add_sized(key, len(sample), len(sample.images), encoder_tokens)
+        self.add_sized(key, len(sample), len(sample.images), encoder_tokens, others)
         self.samples.append(sample)
 
-    def add_sized(self, key: Any, num_tokens: int, num_images: int, encoder_tokens: int) -> None:
+    def add_sized(self, key: Any, num_tokens: int, num_images: int, encoder_tokens: int, others: OtherSizes = ()) -> None:
         """Append the sample ``key`` by its sizes only (its sample is built later)."""
         self.keys.append(key)
         self.num_tokens += num_tokens
         self.num_images += num_images
         self.encoder_tokens += encoder_tokens
+        self.others = self.with_sample(others)
+
+    def with_sample(self, others: OtherSizes) -> list[tuple[int, int]]:
+        """The row's other-modality sizes with a sample's ``others`` added."""
+        width = max(len(self.others), len(others))
+        mine, theirs = [*self.others, *[(0, 0)] * width], [*others, *[(0, 0)] * width]
+        return [(mine[k][0] + theirs[k][0], mine[k][1] + theirs[k][1]) for k in range(width)]
 
 
 class FirstFitPacker:
@@ -85,6 +121,10 @@ class FirstFitPacker:
             only; :meth:`add_sized` is given the counts).
         max_encoder_tokens: encoder-token capacity of a row (``s_e``); None for no limit beyond
             ``max_images``.
+        other_limits: for a model with an encoder per modality, each other modality's row
+            capacity, ``(items, encoder tokens or None)``, in the order the sizes give them.
+        other_formats: those modalities' ``(name, input format)``, to size built samples
+            (:meth:`add`; :meth:`add_sized` is given the sizes).
     """
 
     def __init__(
@@ -95,14 +135,20 @@ class FirstFitPacker:
         *,
         image_format: ImageFormat | None = None,
         max_encoder_tokens: int | None = None,
+        other_limits: OtherLimits = (),
+        other_formats: Sequence[tuple[str, EncoderInputFormat]] = (),
     ) -> None:
         if max_open_rows < 1:
             raise ValueError(f"max_open_rows must be >= 1, got {max_open_rows}")
+        if other_formats and len(other_formats) != len(other_limits):
+            raise ValueError(f"{len(other_formats)} other formats for {len(other_limits)} other modalities' limits")
         self.seq_len = seq_len
         self.max_images = max_images
         self.max_open_rows = max_open_rows
         self.image_format = image_format
         self.max_encoder_tokens = max_encoder_tokens
+        self.other_limits = tuple(other_limits)
+        self.other_formats = tuple(other_formats)
         self.open_rows: list[PackedRow] = []
 
     def encoder_tokens(self, sample: Sample) -> int:
@@ -113,37 +159,59 @@ class FirstFitPacker:
             raise ValueError("max_encoder_tokens needs the image_format that counts each image's tokens (or use add_sized)")
         return sum(self.image_format.num_tokens(image) for image in sample.images)
 
-    def _fits(self, row: PackedRow, num_tokens: int, num_images: int, encoder_tokens: int) -> bool:
+    def other_sizes(self, sample: Sample) -> list[tuple[int, int]]:
+        """``(items, encoder tokens)`` of ``sample`` in each other modality (:attr:`other_formats`)."""
+        return [
+            (len(items), sum(fmt.num_tokens(item) for item in items))
+            for name, fmt in self.other_formats
+            for items in [sample.items(name)[0]]
+        ]
+
+    def _fits(self, row: PackedRow, num_tokens: int, num_images: int, encoder_tokens: int, others: OtherSizes = ()) -> bool:
         return (
             row.num_tokens + num_tokens <= self.seq_len
             and row.num_images + num_images <= self.max_images
             and (self.max_encoder_tokens is None or row.encoder_tokens + encoder_tokens <= self.max_encoder_tokens)
+            and _others_fit(row.with_sample(others), self.other_limits)
         )
 
-    def fits_alone(self, num_tokens: int, num_images: int, encoder_tokens: int) -> bool:
+    def fits_alone(self, num_tokens: int, num_images: int, encoder_tokens: int, others: OtherSizes = ()) -> bool:
         """Whether a sample of these sizes fits an empty row."""
-        return self._fits(PackedRow(), num_tokens, num_images, encoder_tokens)
+        return self._fits(PackedRow(), num_tokens, num_images, encoder_tokens, others)
 
     def add(self, key: Any, sample: Sample) -> list[PackedRow]:
         """Place ``sample`` (identified by ``key``); returns the rows this closed, in order."""
         encoder_tokens = self.encoder_tokens(sample)
-        return self._place(key, len(sample), len(sample.images), encoder_tokens, sample, sample.origin or key)
+        others = self.other_sizes(sample)
+        return self._place(key, len(sample), len(sample.images), encoder_tokens, others, sample, sample.origin or key)
 
-    def add_sized(self, key: Any, num_tokens: int, num_images: int, encoder_tokens: int) -> list[PackedRow]:
+    def add_sized(
+        self, key: Any, num_tokens: int, num_images: int, encoder_tokens: int, others: OtherSizes = ()
+    ) -> list[PackedRow]:
         """Place sample ``key`` by its sizes alone (rows hold keys, no samples); returns the rows
         this closed, in order. Same rule as :meth:`add`."""
-        return self._place(key, num_tokens, num_images, encoder_tokens, None, key)
+        return self._place(key, num_tokens, num_images, encoder_tokens, others, None, key)
 
     def _place(
-        self, key: Any, num_tokens: int, num_images: int, encoder_tokens: int, sample: Sample | None, name: Any
+        self,
+        key: Any,
+        num_tokens: int,
+        num_images: int,
+        encoder_tokens: int,
+        others: OtherSizes,
+        sample: Sample | None,
+        name: Any,
     ) -> list[PackedRow]:
-        if not self.fits_alone(num_tokens, num_images, encoder_tokens):
+        if not self.fits_alone(num_tokens, num_images, encoder_tokens, others):
             raise ValueError(
                 f"sample {name} ({num_tokens} tokens, {num_images} images, {encoder_tokens} "
-                f"encoder tokens) cannot fit a row of {self.seq_len} tokens, {self.max_images} images and "
-                f"{self.max_encoder_tokens} encoder tokens"
+                f"encoder tokens, other modalities' (items, encoder tokens) {list(others)}) cannot fit a row of "
+                f"{self.seq_len} tokens, {self.max_images} images, {self.max_encoder_tokens} encoder tokens and "
+                f"{list(self.other_limits)}"
             )
-        target = next((row for row in self.open_rows if self._fits(row, num_tokens, num_images, encoder_tokens)), None)
+        target = next(
+            (row for row in self.open_rows if self._fits(row, num_tokens, num_images, encoder_tokens, others)), None
+        )
         closed = []
         if target is None:
             if len(self.open_rows) == self.max_open_rows:
@@ -153,9 +221,9 @@ class FirstFitPacker:
             target = PackedRow()
             self.open_rows.append(target)
         if sample is None:
-            target.add_sized(key, num_tokens, num_images, encoder_tokens)
+            target.add_sized(key, num_tokens, num_images, encoder_tokens, others)
         else:
-            target.add(key, sample, encoder_tokens)
+            target.add(key, sample, encoder_tokens, others)
         return closed + self._close_full_rows()
 
     def _close_full_rows(self) -> list[PackedRow]:

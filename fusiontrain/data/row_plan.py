@@ -39,6 +39,7 @@ from fusiontrain.data.sizes import SKIP_REASONS, SampleSizes
 _FIXES = {
     "too_long": "raise batch.seq_len or set data.too_long=truncate",
     "too_many_images": "raise data.max_images_per_row or data.max_encoder_tokens_per_row",
+    "too_many_items": "raise the row limits of the other modalities (audio)",
 }
 
 
@@ -57,6 +58,8 @@ class RowLimits:
         max_encoder_tokens: encoder tokens per row (None: only ``max_images`` limits).
         packing: several samples per row (first-fit) or one.
         open_rows: rows the first-fit packer keeps open.
+        other_limits: for a model with an encoder per modality, each other modality's (the size
+            table's ``others``, in order) ``(items, encoder tokens or None)`` per row.
     """
 
     seq_len: int
@@ -64,6 +67,16 @@ class RowLimits:
     max_encoder_tokens: int | None
     packing: bool
     open_rows: int
+    other_limits: tuple[tuple[int, int | None], ...] = ()
+
+    def identity(self) -> dict:
+        """What a run records of these limits (a resume must find the same): every field, but
+        ``other_limits`` only when set (a one-encoder run records what it did before there were
+        other modalities)."""
+        fields = asdict(self)
+        if not self.other_limits:
+            fields.pop("other_limits")
+        return fields
 
 
 @dataclass(frozen=True)
@@ -162,14 +175,22 @@ class RowPlan:
 
     def _plan(self, epoch: int) -> EpochRows:
         limits, table = self.limits, self.sizes.table.tolist()
-        packer = FirstFitPacker(limits.seq_len, limits.max_images, limits.open_rows, max_encoder_tokens=limits.max_encoder_tokens)
+        if len(limits.other_limits) != len(self.sizes.others):
+            raise ValueError(
+                f"row limits for {len(limits.other_limits)} other modalities, sizes of {list(self.sizes.others)}"
+            )
+        packer = FirstFitPacker(
+            limits.seq_len, limits.max_images, limits.open_rows, max_encoder_tokens=limits.max_encoder_tokens,
+            other_limits=limits.other_limits,
+        )
         skipped: Counter[str] = Counter()
         rows: list[tuple[int, ...]] = []
         for index in self.order(epoch):
-            tokens, images, encoder_tokens, code = table[index]
+            tokens, images, encoder_tokens, code = table[index][:4]
+            others = self.sizes.other_sizes(table[index])
             reason = (SKIP_REASONS[code - 1] if code else None) or misfit_reason(
                 tokens, images, encoder_tokens, seq_len=limits.seq_len, max_images=limits.max_images,
-                max_encoder_tokens=limits.max_encoder_tokens,
+                max_encoder_tokens=limits.max_encoder_tokens, others=others, other_limits=limits.other_limits,
             )
             if reason is not None:
                 if self.strict:
@@ -177,7 +198,7 @@ class RowPlan:
                 skipped[reason] += 1
                 continue
             if limits.packing:
-                rows += [tuple(row.keys) for row in packer.add_sized(index, tokens, images, encoder_tokens)]
+                rows += [tuple(row.keys) for row in packer.add_sized(index, tokens, images, encoder_tokens, others)]
             else:
                 rows.append((index,))
         rows += [tuple(row.keys) for row in packer.flush()]

@@ -9,7 +9,8 @@ when the encoder's token count varies from image to image, see ``ImageFormat.tok
 A table is computed once and cached, keyed by a fingerprint of everything the sizes depend on
 (the data files, the tokenizer and image-processor files, the sample format, ``batch.seq_len``,
 the image format), so a changed input gives another key and is measured anew. A cache is two
-files, ``sizes-<key>.npy`` (int64 ``[n, 4]``: tokens, images, encoder tokens, skip code; read with
+files, ``sizes-<key>.npy`` (int64 ``[n, 4]``: tokens, images, encoder tokens, skip code, then two
+columns per other modality of a model with an encoder per modality (:func:`columns`); read with
 ``allow_pickle=False``) and ``sizes-<key>.json`` (the fingerprint's parts, the reason names of the
 skip codes). Nothing is unpickled.
 
@@ -37,15 +38,22 @@ logger = logging.getLogger("fusiontrain.data")
 
 # Bumped whenever what a size means changes, or the skip codes do (they are positions in the sorted
 # REASONS: a reason added shifts them): every older cache is then ignored.
-# 2: the audio reasons (missing_audio, corrupt_audio, empty_audio, bad_sample_rate) and
-#    item_count_mismatch.
+# 2: the audio reasons (missing_audio, corrupt_audio, empty_audio, bad_sample_rate),
+#    item_count_mismatch and too_many_items; other modalities' columns after the four.
 SIZES_VERSION = 2
 SKIP_REASONS = tuple(sorted(REASONS))
 COLUMNS = ("tokens", "images", "encoder_tokens", "skip")
+
+
+def columns(others: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The table's columns: :data:`COLUMNS`, then each other modality's ``<m>_items`` and
+    ``<m>_encoder_tokens`` (a model with an encoder per modality)."""
+    return COLUMNS + tuple(f"{m}_{part}" for m in others for part in ("items", "encoder_tokens"))
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
 
-# Measures one sample: (text tokens, images, encoder tokens); raises BadSample.
-SizeFn = Callable[[int], tuple[int, int, int]]
+# Measures one sample: (text tokens, images, encoder tokens, then each other modality's items and
+# encoder tokens); raises BadSample.
+SizeFn = Callable[[int], tuple[int, ...]]
 
 
 @dataclass
@@ -53,10 +61,16 @@ class SampleSizes:
     """The size table of a dataset.
 
     Attributes:
-        table: int64 ``[n, 4]``, columns :data:`COLUMNS`.
+        table: int64 ``[n, 4 + 2 k]``, columns :func:`columns` of ``others``.
+        others: the other modalities (beyond images) whose items the table counts, in order.
     """
 
     table: torch.Tensor
+    others: tuple[str, ...] = ()
+
+    def other_sizes(self, row: list[int]) -> list[tuple[int, int]]:
+        """``(items, encoder tokens)`` per other modality of one table row (as a list)."""
+        return [(row[4 + 2 * k], row[5 + 2 * k]) for k in range(len(self.others))]
 
     def __len__(self) -> int:
         return int(self.table.shape[0])
@@ -72,17 +86,24 @@ class SampleSizes:
         return {SKIP_REASONS[code - 1]: n for code, n in sorted(codes.items()) if code}
 
 
-def measure(size_of: SizeFn, num_samples: int, indices: Iterable[int], *, strict: bool = False) -> torch.Tensor:
-    """Sizes of the samples ``indices`` as an int64 ``[num_samples, 4]`` table, zero elsewhere
-    (so that the tables of disjoint index sets add up to the whole one).
+def measure(
+    size_of: SizeFn, num_samples: int, indices: Iterable[int], *, strict: bool = False, others: tuple[str, ...] = ()
+) -> torch.Tensor:
+    """Sizes of the samples ``indices`` as an int64 ``[num_samples, 4 + 2 k]`` table (``k``
+    other modalities), zero elsewhere (so that the tables of disjoint index sets add up to the
+    whole one).
 
     A sample that raises :class:`BadSample` gets its reason's code (and a logged warning), or the
     error propagates with ``strict``.
     """
-    table = torch.zeros(num_samples, len(COLUMNS), dtype=torch.long)
+    table = torch.zeros(num_samples, len(columns(others)), dtype=torch.long)
     for index in indices:
         try:
-            table[index, :3] = torch.tensor(size_of(index))
+            sizes = size_of(index)
+            if len(sizes) != 3 + 2 * len(others):
+                raise ValueError(f"a size of {len(sizes)} values for {len(others)} other modalities (3 + 2 each)")
+            table[index, :3] = torch.tensor(sizes[:3])
+            table[index, 4:] = torch.tensor(sizes[3:], dtype=torch.long)
         except BadSample as error:
             if strict:
                 raise
@@ -138,7 +159,7 @@ def _files(folder: Path, key: str) -> tuple[Path, Path]:
     return folder / f"sizes-{key[:24]}.npy", folder / f"sizes-{key[:24]}.json"
 
 
-def load_cached(dirs: list[Path], key: str, num_samples: int) -> tuple[SampleSizes, Path] | None:
+def load_cached(dirs: list[Path], key: str, num_samples: int, others: tuple[str, ...] = ()) -> tuple[SampleSizes, Path] | None:
     """The cached table of fingerprint ``key`` in the first of ``dirs`` holding one, and its file;
     None when none does. A cache whose fingerprint, shape or reason names do not match is ignored
     (logged)."""
@@ -152,10 +173,10 @@ def load_cached(dirs: list[Path], key: str, num_samples: int) -> tuple[SampleSiz
             info.get("fingerprint") == key
             and tuple(info.get("reasons", ())) == SKIP_REASONS
             and table.dtype == torch.long
-            and tuple(table.shape) == (num_samples, len(COLUMNS))
+            and tuple(table.shape) == (num_samples, len(columns(others)))
         )
         if good:
-            return SampleSizes(table), table_file
+            return SampleSizes(table, others), table_file
         logger.warning("ignoring the size cache %s: it does not match this data (fingerprint, shape or reasons)", table_file)
     return None
 
@@ -190,7 +211,7 @@ def _info(sizes: SampleSizes, key: str, parts: dict[str, Any]) -> dict[str, Any]
     return {
         "fingerprint": key,
         "version": SIZES_VERSION,
-        "columns": list(COLUMNS),
+        "columns": list(columns(sizes.others)),
         "reasons": list(SKIP_REASONS),
         "num_samples": len(sizes),
         "skipped": sizes.skip_counts(),

@@ -406,7 +406,7 @@ def build_train_loader(
     identity = {
         "seed": config.seed,
         "data_fingerprint": key,
-        "limits": {**vars(limits)},
+        "limits": limits.identity(),
         "rows_per_step": dealing.rows_per_step,
     }
     log = Path(config.output_dir) / "sample_ids" / f"rank_{rank}.jsonl" if config.data.log_sample_ids else None
