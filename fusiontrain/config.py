@@ -210,6 +210,16 @@ class DataConfig:
         "Encoder tokens a packed row may hold (variable-resolution encoders give each image its own count); "
         "null = max_images_per_row x the most tokens one image yields.",
     )
+    max_items_per_row: dict[str, int] = _field(
+        dict,
+        "With model.compose.encoders: items of each modality beside images per row, e.g. {audio: 4} "
+        "(default: max_images_per_row).",
+    )
+    max_item_tokens_per_row: dict[str, int] = _field(
+        dict,
+        "With model.compose.encoders: encoder tokens of each modality beside images per row, e.g. {audio: 3000} "
+        "(default: its items per row x the most tokens one item yields).",
+    )
     strict: bool = _field(False, "Stop at the first bad sample instead of skipping (and counting) it.")
     streaming: bool = _field(
         False,
@@ -570,9 +580,10 @@ def _validate_model_folders(config: TrainConfig, groups: list[tuple[str, ...]]) 
 MODALITY_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
-def _validate_modalities(compose: ComposeConfig) -> None:
-    """The per-modality keys of ``model.compose`` name modalities of ``encoders``, with usable
-    intervals and offsets; modality names are lower-case identifiers (``<|audio|>``)."""
+def _validate_modalities(compose: ComposeConfig, data: DataConfig) -> None:
+    """The per-modality keys (``model.compose``'s, the data's row limits) name modalities of
+    ``model.compose.encoders``, with usable values; modality names are lower-case identifiers
+    (``<|audio|>``)."""
     for name in compose.encoders:
         if not MODALITY_NAME.fullmatch(name):
             raise ConfigError(
@@ -585,6 +596,17 @@ def _validate_modalities(compose: ComposeConfig) -> None:
                 f"config key 'model.compose.{key}' names {unknown}, which model.compose.encoders does not "
                 f"({sorted(compose.encoders) or 'it is empty'})"
             )
+    beside_images = sorted(set(compose.encoders) - {"image"})
+    for key in ("max_items_per_row", "max_item_tokens_per_row"):
+        values = getattr(data, key)
+        unknown = sorted(set(values) - set(beside_images))
+        if unknown:
+            raise ConfigError(
+                f"config key 'data.{key}' names {unknown}, which model.compose.encoders has not beside images "
+                f"({beside_images or 'none'}; images take data.max_images_per_row)"
+            )
+        if any(value < 1 for value in values.values()):
+            raise ConfigError(f"config key 'data.{key}' maps modalities to counts >= 1; got {values}")
     for name in compose.encoders:
         interval = compose.fusion_intervals.get(name, compose.fusion_interval)
         offset = compose.fusion_offsets.get(name, interval - 1)
@@ -601,7 +623,7 @@ def validate(config: TrainConfig) -> None:
 
     model = config.model
     _validate_model_folders(config, config_key_groups())
-    _validate_modalities(model.compose)
+    _validate_modalities(model.compose, config.data)
     if model.fusion_init is not None and not Path(model.fusion_init).is_dir():
         raise ConfigError(
             f"config key 'model.fusion_init': folder {model.fusion_init} does not exist; point it at a checkpoint folder"

@@ -135,6 +135,7 @@ SLOW_FILES = frozenset(
         "test_precision.py",
         "test_launch.py",
         "test_mixture_runs.py",
+        "test_audio_vision_runs.py",
     }
 )
 

@@ -181,7 +181,7 @@ def test_the_row_plan_holds_each_modality_to_its_row_limits() -> None:
         assert sum(rows[i][0] for i in row) <= 64 and sum(rows[i][1] for i in row) <= 2
         assert sum(rows[i][4] for i in row) <= 2 and sum(rows[i][5] for i in row) <= 80
     assert max(len(row) for row in epoch.rows) > 1  # packed
-    assert limits.identity()["other_limits"] == ((2, 80),)
+    assert limits.identity()["other_limits"] == [[2, 80]]
     assert "other_limits" not in RowLimits(64, 2, None, True, 4).identity()
     with pytest.raises(ValueError, match="row limits for 0 other modalities"):
         RowPlan(sizes, RowLimits(64, 2, None, True, 4), seed=0).epoch(0)

@@ -113,6 +113,11 @@ def _new_value(key: str, current: Any, folder: Path) -> tuple[Any, list[str]]:
         value = {"audio": 8} if key.endswith("intervals") else {"audio": 1}
         encoders = f"model.compose.encoders={{audio: {folder / 'audio'}}}"
         return value, ["model.hf_mllama=null", f"model.compose.decoder={folder}", encoders]
+    if key in ("data.max_items_per_row", "data.max_item_tokens_per_row"):  # a modality beside images
+        for modality in ("image", "audio"):
+            (folder / modality).mkdir(exist_ok=True)
+        encoders = f"model.compose.encoders={{image: {folder / 'image'}, audio: {folder / 'audio'}}}"
+        return {"audio": 3}, ["model.hf_mllama=null", f"model.compose.decoder={folder}", encoders]
     if key == "parallel.activation_offloading":  # 'checkpointed' needs checkpointed blocks
         return "all", []
     if key == "parallel.activation_checkpointing":
@@ -451,6 +456,10 @@ def test_an_encoder_per_modality_is_configured_beside_the_one_encoder_shorthand(
     assert "'model.compose.encoders.Audio'" in name and "lower-case" in name
     no_decoder = _error(None, [f"model.compose.encoders={{audio: {audio}}}"])
     assert "'model.compose.decoder' is required" in no_decoder
+    limits = _error(None, [*both, "data.max_items_per_row={image: 2}"])
+    assert "'data.max_items_per_row' names ['image']" in limits and "data.max_images_per_row" in limits
+    zero = _error(None, [*both, "data.max_item_tokens_per_row={audio: 0}"])
+    assert "'data.max_item_tokens_per_row' maps modalities to counts >= 1" in zero
     lora = load_config(None, [*both, "model.lora.rank=4", "model.lora.sides=[encoder.audio]"])
     assert lora.model.lora.sides == ("encoder.audio",)
     video = _error(None, [*both, "model.lora.rank=4", "model.lora.sides=[decoder, encoder.video]"])

@@ -41,9 +41,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fusiontrain.data.batch import Batch, Sample, collate_padded
+from fusiontrain.data.batch import Batch, InputFormats, Sample, collate_padded
 from fusiontrain.data.errors import BadSample
-from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.packing import PackedRow, collate_padding_free, collate_rows
 from fusiontrain.data.row_plan import DataPosition, NoUsableSampleError, PlannedRow, RowPlan
 from fusiontrain.data.sizes import SKIP_REASONS
@@ -90,7 +89,7 @@ class StreamConfig:
     ignore_index: int = -100
 
 
-def collate_micro_batch(rows: list[PackedRow], config: StreamConfig, image_format: ImageFormat) -> Batch:
+def collate_micro_batch(rows: list[PackedRow], config: StreamConfig, image_format: InputFormats) -> Batch:
     """A micro-batch of planned rows, laid out as ``config`` says: packed rows; or without packing
     (one sample per planned row) padding-free, all samples in one row, or one padded row each.
 
@@ -177,7 +176,8 @@ class PlannedStream(IterableDataset):
     Args:
         plan: the global row plan.
         fetch: ``fetch(i)`` builds sample ``i`` (raises :class:`BadSample`); runs in workers.
-        image_format: the encoder's image format.
+        image_format: the encoder's image format, or the input formats by modality (a model with
+            an encoder per modality: the batches then hold each modality's inputs and masks).
         config: collation.
         dealing: which rows of a step are this rank's.
         start: where in the row stream to begin.
@@ -187,7 +187,7 @@ class PlannedStream(IterableDataset):
         self,
         plan: RowPlan,
         fetch: Callable[[int], Sample],
-        image_format: ImageFormat,
+        image_format: InputFormats,
         config: StreamConfig,
         dealing: Dealing,
         start: DataPosition,

@@ -70,11 +70,13 @@ class RowLimits:
     other_limits: tuple[tuple[int, int | None], ...] = ()
 
     def identity(self) -> dict:
-        """What a run records of these limits (a resume must find the same): every field, but
-        ``other_limits`` only when set (a one-encoder run records what it did before there were
-        other modalities)."""
+        """What a run records of these limits (a resume must find the same, after a JSON round trip):
+        every field, but ``other_limits`` only when set (a one-encoder run records what it did
+        before there were other modalities)."""
         fields = asdict(self)
-        if not self.other_limits:
+        if self.other_limits:
+            fields["other_limits"] = [list(pair) for pair in self.other_limits]  # as JSON gives it back
+        else:
             fields.pop("other_limits")
         return fields
 

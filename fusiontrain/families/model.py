@@ -26,6 +26,7 @@ from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.input_format import EncoderInputFormat
+from fusiontrain.data.other_modality import OtherModality
 from fusiontrain.weights.hf_checkpoint import TensorRoute
 from fusiontrain.weights.pretrained import PretrainedModel
 
@@ -58,11 +59,14 @@ class InputFolders:
             ``text_dir`` holds a whole multimodal processor.
         image_token_id: the id to insert for each image when the tokenizer has none; None to use
             the processor's own image token.
+        others: for a model with an encoder per modality, the modalities beside images: each
+            one's input format, feature-extractor folder and placeholder id.
     """
 
     text_dir: Path
     image_dir: Path | None
     image_token_id: int | None
+    others: tuple[OtherModality, ...] = ()
 
 
 def read_config_json(folder: str | Path, what: str) -> dict:

@@ -45,6 +45,7 @@ from fusiontrain.data.sources import load_records
 from fusiontrain.data.synthetic import SyntheticImageText
 from fusiontrain.families import InputFolders
 from fusiontrain.source.model_source import ModelSource
+from fusiontrain.train.model_inputs import collate_formats, model_inputs, other_limits, other_names
 from fusiontrain.train.model import build_meta_model
 from fusiontrain.train.setup import build_batch_layout
 
@@ -167,6 +168,7 @@ def sample_builder(
         max_len=config.batch.seq_len,
         too_long=data.too_long,
         image_token_id=inputs.image_token_id,
+        other_modalities=inputs.others,
     )
 
 
@@ -233,7 +235,13 @@ def sizes_key_parts(
         "image_token_id": inputs.image_token_id,
     }
     processors = {"text_dir": folder_digest(inputs.text_dir), "image_dir": folder_digest(inputs.image_dir)}
-    return {"data": identity, "samples": samples, "processors": processors, "encoder": encoder}
+    parts = {"data": identity, "samples": samples, "processors": processors, "encoder": encoder}
+    if inputs.others:  # only then: the keys of one-encoder runs stay what they were
+        parts["others"] = [
+            {"name": o.name, "format": o.input_format.describe(), "token_id": o.token_id, "folder": folder_digest(o.folder)}
+            for o in inputs.others
+        ]
+    return parts
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,8 @@ def prepare_sizes(
     out = []
     for source in sized_sources(config, dataset, image_format, inputs):
         part = source.dataset
-        sizes = SampleSizes(measure(part.size, len(part), range(len(part)), strict=config.data.strict))
+        names = other_names(inputs)
+        sizes = SampleSizes(measure(part.size, len(part), range(len(part)), strict=config.data.strict, others=names), names)
         out.append((source, sizes, save_cache(sizes, source.dirs, source.key, source.parts)))
     return out, time.perf_counter() - started
 
@@ -305,8 +314,7 @@ def prepare_from_config(config: TrainConfig) -> str:
     by reason, tokens, images, and (in a mixture) its share of each epoch."""
     source = ModelSource.from_config(config.model)
     model = build_meta_model(config.model, source)
-    image_format = source.family.image_format(model)
-    inputs = source.input_folders(model)
+    image_format, inputs, _ = model_inputs(config, source, model)
     dataset = build_dataset(config, image_format, inputs, model, split="train")
     if dataset is None:
         raise ValueError("prepare needs training data: set data.train.path (or data.format=synthetic)")
@@ -347,18 +355,19 @@ def load_or_measure_sizes(
     measures samples ``r, r + world, ...``; the tables are summed over ranks) and written by rank
     0; a mixture's tables end to end, in its id order."""
     sources = sized_sources(config, dataset, image_format, inputs)
+    names = other_names(inputs)
     tables = []
     for source in sources:
         part = source.dataset
-        cached = load_cached(source.dirs, source.key, len(part))
+        cached = load_cached(source.dirs, source.key, len(part), names)
         found = combine(torch.tensor([int(cached is not None)], dtype=torch.long))
         if int(found) == world:
             logger.info("sample sizes of %s from %s", source.name, cached[1])
             tables.append(cached[0].table)
             continue
         started = time.perf_counter()
-        local = measure(part.size, len(part), range(rank, len(part), world), strict=config.data.strict)
-        sizes = SampleSizes(combine(local))
+        local = measure(part.size, len(part), range(rank, len(part), world), strict=config.data.strict, others=names)
+        sizes = SampleSizes(combine(local), names)
         tables.append(sizes.table)
         if rank == 0:
             path = save_cache(sizes, source.dirs, source.key, source.parts)
@@ -368,7 +377,7 @@ def load_or_measure_sizes(
                 len(part), source.name, time.perf_counter() - started, world, path,
             )
     table = tables[0] if len(tables) == 1 else torch.cat(tables)
-    return SampleSizes(table), data_fingerprint(config, sources, dataset)
+    return SampleSizes(table, names), data_fingerprint(config, sources, dataset)
 
 
 def build_train_loader(
@@ -395,6 +404,7 @@ def build_train_loader(
         max_encoder_tokens=stream_config.max_encoder_tokens,
         packing=stream_config.packing,
         open_rows=stream_config.max_open_rows,
+        other_limits=other_limits(config.data, inputs),
     )
     name = data_description(config.data, "train")
     # picklable: the plan travels to the dataloader workers
@@ -412,7 +422,7 @@ def build_train_loader(
     log = Path(config.output_dir) / "sample_ids" / f"rank_{rank}.jsonl" if config.data.log_sample_ids else None
 
     def make_stream(start: DataPosition) -> PlannedStream:
-        return PlannedStream(plan, dataset.__getitem__, image_format, stream_config, dealing, start)
+        return PlannedStream(plan, dataset.__getitem__, collate_formats(image_format, inputs), stream_config, dealing, start)
 
     return PlannedLoader(
         make_stream,

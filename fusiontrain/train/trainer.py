@@ -25,11 +25,18 @@ from fusiontrain.checkpoint.optimizer_state import OptimizerState
 from fusiontrain.checkpoint.parts import load_part
 from fusiontrain.config import TrainConfig, config_to_dict, data_sources, save_config, source_name
 from fusiontrain.data import Batch, collate_padded
-from fusiontrain.data.batch import Sample, with_placeholder_image
+from fusiontrain.data.batch import Sample, with_placeholder_image, with_placeholder_items
 from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import collate_padding_free
-from fusiontrain.train.data import Dataset, build_dataset, build_eval_sets, build_streaming_train_loader, build_train_loader
+from fusiontrain.train.data import (
+    Dataset,
+    build_dataset,
+    build_eval_sets,
+    build_streaming_train_loader,
+    build_train_loader,
+)
+from fusiontrain.train.model_inputs import model_inputs
 from fusiontrain.flops.peak import device_peak_flops, mfu
 from fusiontrain.train.loss import count_targets
 from fusiontrain.train.metrics import MetricsLogger, host_rss_bytes, peak_memory_bytes, reset_peak_memory
@@ -88,8 +95,7 @@ class Trainer:
         # After model init every rank draws from its own stream (dropout, sampling), reproducibly.
         torch.manual_seed(config.seed + 1 + self.context.rank)
 
-        self.image_format = self.source.family.image_format(self.model)
-        inputs = self.source.input_folders(self.model)
+        self.image_format, inputs, self.collate_formats = model_inputs(config, self.source, self.model)
         streaming = config.data.streaming  # streamed train data has no table: the stream reads it (data/streaming.py)
         self.train_data = None if streaming else build_dataset(config, self.image_format, inputs, self.model, split="train")
         # (name, dataset) per eval set: one reports eval_loss, several eval_loss/<name> each too
@@ -383,6 +389,8 @@ class Trainer:
         """``batch`` as every rank must run it: with several ranks, never without an image slot
         (see :func:`~fusiontrain.data.batch.with_placeholder_image`)."""
         if self.context.world_size > 1:
+            if isinstance(self.collate_formats, dict):  # every modality's encoder runs on every rank
+                return with_placeholder_items(batch, self.collate_formats)
             batch = with_placeholder_image(batch, self.image_format)
         return batch
 
@@ -442,7 +450,7 @@ class Trainer:
         for start in range(0, len(slots), micro):
             samples = [self._eval_sample(dataset, i) if i < total else _PLACEHOLDER for i in slots[start : start + micro]]
             batch = self._on_device(
-                collate(samples, self.config.batch.seq_len, self.image_format, ignore_index=self.config.loss.ignore_index)
+                collate(samples, self.config.batch.seq_len, self.collate_formats, ignore_index=self.config.loss.ignore_index)
             )
             loss_sum += self._loss_sum(batch)
             targets += count_targets(batch.labels, self.config.loss.ignore_index)

@@ -24,6 +24,7 @@ from torch import nn
 
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.input_format import EncoderInputFormat
+from fusiontrain.data.other_modality import OtherModality
 from fusiontrain.families.decoder import DecoderFamily
 from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.model import InputFolders, ModelFamily, TrainableFlags
@@ -314,9 +315,9 @@ class ComposedFamily(ModelFamily):
     def image_format(self, model: nn.Module) -> ImageFormat:
         if getattr(model, "modalities", None) is not None:
             raise NotImplementedError(
-                f"a composed model with an encoder per modality ({', '.join(model.modalities)}) builds, loads and runs, "
-                "but its data pipeline (a sample's items and masks per modality) is not built yet; train it with one "
-                "encoder (model.compose.encoder)"
+                f"a composed model with an encoder per modality ({', '.join(model.modalities)}) takes its inputs by "
+                "modality (input_formats); what asked for one image format (the planner, generate's command line) "
+                "does not size or feed such a model yet"
             )
         return self._encoder_family_of(model.encoder).image_format(model.encoder)
 
@@ -326,9 +327,19 @@ class ComposedFamily(ModelFamily):
         return {m: self._encoder_family_of(model.encoder[m]).input_format(model.encoder[m]) for m in model.modalities}
 
     def input_folders(self, folders: dict[str, str | Path], model: nn.Module) -> InputFolders:
-        image_token_id = model.decoder.tok_embeddings.vocab_size  # the first new row
+        vocab_size = model.decoder.tok_embeddings.vocab_size  # new rows start there
         image_folder = folders.get("encoder", folders.get(MODALITY_ROLE + "image"))
-        return InputFolders(Path(folders["decoder"]), None if image_folder is None else Path(image_folder), image_token_id)
+        others: list[OtherModality] = []
+        modalities = getattr(model, "modalities", None)
+        if modalities is not None:
+            rows, formats = placeholder_rows(modalities), self.input_formats(model)
+            others = [
+                OtherModality(m, formats[m], Path(folders[MODALITY_ROLE + m]), vocab_size + rows[m])
+                for m in modalities
+                if m != "image"
+            ]
+        image = None if image_folder is None else Path(image_folder)
+        return InputFolders(Path(folders["decoder"]), image, vocab_size + placeholder_rows(["image"])["image"], tuple(others))
 
     def owns(self, model: nn.Module) -> bool:
         embeddings = getattr(getattr(model, "decoder", None), "tok_embeddings", None)
