@@ -1,6 +1,6 @@
 """Training a composed model with an image and an audio encoder through the command line: a 2-rank
 packed run on caption records that hold images, clips or both, with checkpoints; a resumed run
-continues it bitwise. (One run and one resume: the slow file budget; the model-level proofs are in
+continues it bitwise, and elastically on 1 rank with the same rows and loss. (One run and one resume: the slow file budget; the model-level proofs are in
 tests/test_audio_vision_model.py.)"""
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.mark.timeout(300)
-def test_a_2_rank_packed_run_with_images_and_clips_trains_and_resumes_bitwise(
+def test_a_2_rank_packed_run_with_images_and_clips_trains_resumes_bitwise_and_on_1_rank(
     tmp_path: Path, tiny_llama_dir: Path, tiny_siglip_dir: Path, tiny_whisper_dir: Path
 ) -> None:
     data = _records(tmp_path / "data")
@@ -77,3 +77,10 @@ def test_a_2_rank_packed_run_with_images_and_clips_trains_and_resumes_bitwise(
     run_world([*args, f"output_dir={resumed}", f"checkpoint.resume={run / 'checkpoints' / 'step_2'}"], nproc=2, timeout=240)
     again = _metrics(resumed)
     assert [row["step"] for row in again] == [2] and again[0]["loss"] == rows[2]["loss"]
+
+    # Elastic: the same checkpoint resumed on 1 rank takes the same rows for step 3 (the row plan
+    # does not depend on the world size), so its loss is the 2-rank run's up to the sums' order.
+    elastic = tmp_path / "elastic"
+    run_world([*args, f"output_dir={elastic}", f"checkpoint.resume={run / 'checkpoints' / 'step_2'}"], nproc=1, timeout=240)
+    (one,) = _metrics(elastic)
+    assert one["step"] == 2 and abs(one["loss"] - rows[2]["loss"]) <= 2e-6 * max(1.0, abs(rows[2]["loss"]))
