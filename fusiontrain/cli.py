@@ -308,7 +308,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 
 def _run_generate(args: argparse.Namespace) -> int:
     """Handler of ``generate``: its own parser lives with the inference code (imported lazily)."""
-    from fusiontrain.inference.load import main as generate_main
+    from fusiontrain.inference.command import main as generate_main
 
     return generate_main(args.args)
 

@@ -84,3 +84,27 @@ def test_a_2_rank_packed_run_with_images_and_clips_trains_resumes_bitwise_and_on
     run_world([*args, f"output_dir={elastic}", f"checkpoint.resume={run / 'checkpoints' / 'step_2'}"], nproc=1, timeout=240)
     (one,) = _metrics(elastic)
     assert one["step"] == 2 and abs(one["loss"] - rows[2]["loss"]) <= 2e-6 * max(1.0, abs(rows[2]["loss"]))
+
+    # Export the checkpoint in fusiontrain's format, then generate from it with an image and a clip:
+    # the export gives the checkpoint's logits, and the command line prints a reply.
+    import torch
+
+    from fusiontrain.cli import main as cli_main
+    from fusiontrain.inference.load import build_prompt_inputs, load_for_inference
+
+    checkpoint, export = run / "checkpoints" / "step_2", tmp_path / "export"
+    assert cli_main(["export", "--checkpoint", str(checkpoint), "--out", str(export), "--format", "fusiontrain"]) == 0
+    assert (export / "encoder_audio_config.json").is_file() and (export / "encoder_image_config.json").is_file()
+    logits = []
+    for folder in (checkpoint, export):
+        loaded = load_for_inference(folder)
+        tokens, encoder_input, encoder_mask = build_prompt_inputs(
+            loaded, [tmp_path / "data" / "red.png"], "what do you see and hear?", [tmp_path / "data" / "low.wav"]
+        )
+        assert set(encoder_input) == {"image", "audio"} and encoder_mask["audio"].shape[-1] == 15
+        with torch.no_grad():
+            logits.append(loaded.model(tokens, encoder_input=encoder_input, encoder_mask=encoder_mask))
+    assert torch.equal(logits[0], logits[1])
+    generate = ["generate", "--model", str(export), "--image", str(tmp_path / "data" / "blue.png"),
+                "--audio", str(tmp_path / "data" / "high.wav"), "--prompt", "describe", "--max-new-tokens", "3"]
+    assert cli_main(generate) == 0

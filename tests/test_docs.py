@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fusiontrain.cli import build_parser
 from fusiontrain.config import describe
-from fusiontrain.inference.load import build_parser as generate_parser
+from fusiontrain.inference.command import build_parser as generate_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -17,12 +17,8 @@ from fusiontrain.checkpoint.export import export_checkpoint
 from fusiontrain.data.image_format import encoder_mask_rows
 from fusiontrain.data.formats import image_spans
 from fusiontrain.inference.generation import generate
-from fusiontrain.inference.load import (
-    InferenceError,
-    build_prompt_inputs,
-    load_for_inference,
-    main,
-)
+from fusiontrain.inference.command import main
+from fusiontrain.inference.load import InferenceError, build_prompt_inputs, load_for_inference
 from fusiontrain.models import compose_from_hf, encoder_mask_from_cross_attention_mask, load_hf_mllama
 from fusiontrain.modules import get_fusion_params
 from tests.helpers.checkpoints import STEP, perturb, write_checkpoint

@@ -108,6 +108,7 @@ TOKENIZER_FILES = (
 TOKENIZER_FOLDERS = ("additional_chat_templates",)
 # Image processor side (an Mllama folder's processor_config.json embeds its image processor):
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
 GENERATION_CONFIG = "generation_config.json"
 
 HF_NAMINGS = ("base", "legacy", "current")  # see ModelFamily.hf_stored_name
@@ -367,6 +368,10 @@ def _write_fusiontrain(
     inputs = base.source.input_folders(base.model)
     copy_files(inputs.text_dir, folder, TOKENIZER_FILES + (GENERATION_CONFIG,), TOKENIZER_FOLDERS)
     copy_files(inputs.image_dir or inputs.text_dir, folder, PROCESSOR_FILES)
+    for other in inputs.others:  # each other modality's feature extractor in a folder of its own
+        sub = folder / base.family.export_subfolder(f"encoder.{other.name}")
+        sub.mkdir(exist_ok=True)
+        copy_files(other.folder, sub, PROCESSOR_FILES)
 
     writer = ShardWriter(folder, max_shard_bytes)
     for name in params.names():

@@ -116,6 +116,11 @@ class ModelFamily(ABC):
         """The file name ``role``'s ``config.json`` takes inside a fusiontrain export."""
         return self.config_files[role]
 
+    def export_subfolder(self, role: str) -> str | None:
+        """The subfolder of a fusiontrain export that holds ``role``'s processor files, or None
+        for the export's top (the tokenizer's and the image processor's)."""
+        return None
+
     def config_key_groups(self) -> list[tuple[str, ...]]:
         """The groups of run-config keys that each name a model of this family (all the keys of
         one group go together; a key may hold a mapping of folders)."""

@@ -13,11 +13,12 @@
 
   The result, a :class:`LoadedModel`, carries the model and what builds its inputs: the tokenizer
   (and chat template) folder, the image processor folder, the :class:`ImageSpec`.
-- :func:`build_prompt_inputs` turns images and a prompt into one user turn rendered with the
-  model's chat template and the generation prompt (the assistant header), exactly as training
-  renders conversations (:class:`~fusiontrain.data.formats.SampleBuilder`): same tokenization,
-  same image processing, same image-token placement.
-- :func:`main` is the ``generate`` command: it prints the continuation.
+- :func:`build_prompt_inputs` turns images (and clips, for a model with an audio encoder) and a
+  prompt into one user turn rendered with the model's chat template and the generation prompt (the
+  assistant header), exactly as training renders conversations
+  (:class:`~fusiontrain.data.formats.SampleBuilder`): same tokenization, same image and audio
+  processing, same placeholder placement.
+- The ``generate`` command on them is :mod:`fusiontrain.inference.command`.
 
 For Mllama, a token attends to the real tiles of the images it sees, not to their padding tiles,
 as ``MllamaProcessor``'s ``cross_attention_mask`` says (and Meta's and torchtune's code do);
@@ -26,7 +27,6 @@ as ``MllamaProcessor``'s ``cross_attention_mask`` says (and Meta's and torchtune
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -39,7 +39,7 @@ from torch import nn
 
 from fusiontrain.checkpoint import layout
 from fusiontrain.checkpoint.layout import CheckpointError
-from fusiontrain.data.image_format import ImageFormat, encoder_mask_rows
+from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.errors import BadSample
 
 if TYPE_CHECKING:
@@ -77,7 +77,10 @@ class LoadedModel:
         image_dir: the folder with the image processor (Mllama: ``text_dir``).
         image_format: how the encoder takes one image.
         image_token_id: the id of the image token in the prompt.
-        builder: renders and tokenizes prompts, and processes images (the training pipeline's).
+        builder: renders and tokenizes prompts, and processes images (the training pipeline's),
+            and the clips of a model with an audio encoder too (``builder.others``).
+        input_formats: what the collators take: ``image_format``, or (a model with an encoder per
+            modality) the input formats by modality.
     """
 
     model: DeepFusionModel
@@ -89,6 +92,7 @@ class LoadedModel:
     image_format: ImageFormat
     image_token_id: int
     builder: SampleBuilder
+    input_formats: Any = None
 
     @property
     def tokenizer(self) -> Any:
@@ -254,7 +258,10 @@ def _load_base(
 def _with_inputs(model: DeepFusionModel, *, source: ModelSource, kind: str, path: Path) -> LoadedModel:
     from fusiontrain.data.formats import SampleBuilder
 
-    image_format = source.family.image_format(model)
+    formats = source.family.input_formats(model)
+    if "image" not in formats:
+        raise InferenceError(f"{path} holds a model whose encoders take {sorted(formats)}; generate needs an image encoder among them")
+    image_format = formats["image"]
     inputs = source.input_folders(model)
     try:
         builder = SampleBuilder(
@@ -264,6 +271,7 @@ def _with_inputs(model: DeepFusionModel, *, source: ModelSource, kind: str, path
             format="chat",
             max_len=int(model.decoder.max_seq_len),
             image_token_id=inputs.image_token_id,
+            other_modalities=inputs.others,
         )
     except (OSError, ValueError, TypeError) as error:
         raise InferenceError(
@@ -279,6 +287,7 @@ def _with_inputs(model: DeepFusionModel, *, source: ModelSource, kind: str, path
         image_format=image_format,
         image_token_id=builder.image_token_id,
         builder=builder,
+        input_formats=formats if inputs.others else image_format,
     )
 
 
@@ -333,9 +342,10 @@ def open_images(images: Sequence[str | Path | Image.Image]) -> list[Image.Image]
     return decoded
 
 
-def prompt_messages(num_images: int, prompt: str) -> list[dict]:
-    """One user turn: ``num_images`` image items, then the prompt text."""
-    return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]}]
+def prompt_messages(num_images: int, prompt: str, num_audios: int = 0) -> list[dict]:
+    """One user turn: ``num_images`` image items, ``num_audios`` audio items, then the prompt text."""
+    items = [{"type": "image"}] * num_images + [{"type": "audio"}] * num_audios
+    return [{"role": "user", "content": items + [{"type": "text", "text": prompt}]}]
 
 
 def prompt_tokens(builder: SampleBuilder, messages: list[dict]) -> list[int]:
@@ -349,150 +359,59 @@ def prompt_tokens(builder: SampleBuilder, messages: list[dict]) -> list[int]:
 
 
 def build_prompt_inputs(
-    loaded: LoadedModel, images: Sequence[str | Path | Image.Image], prompt: str
-) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, torch.Tensor | None]:
-    """The model inputs of one user turn with ``images`` then ``prompt``, ready for
+    loaded: LoadedModel, images: Sequence[str | Path | Image.Image], prompt: str, audios: Sequence[str | Path] = ()
+) -> tuple[torch.Tensor, Any, Any]:
+    """The model inputs of one user turn with ``images``, then ``audios`` (audio files, for a
+    model with an audio encoder), then ``prompt``, ready for
     :func:`~fusiontrain.inference.generation.generate`.
 
     Returns:
         ``(tokens [1, s], encoder_input, encoder_mask [1, s, s_e])`` on the model's device
-        (floating encoder inputs in its dtype); the last two are None without images.
+        (floating encoder inputs in its dtype); the last two are None without images (and
+        clips), and by modality for a model with an encoder per modality.
 
     Raises:
-        InferenceError: an image cannot be read, the prompt is empty, or it holds image tokens.
+        InferenceError: an image or a clip cannot be read, the model takes no audio, the prompt
+            is empty, or it holds placeholder tokens.
     """
+    from fusiontrain.data.batch import Sample, encoder_rows
     from fusiontrain.data.formats import image_spans
 
     if not prompt.strip():
         raise InferenceError("the prompt is empty")
+    builder = loaded.builder
+    if audios and "audio" not in builder.others:
+        raise InferenceError(f"--audio given, but {loaded.path} has no audio encoder")
     pictures = open_images(images)
-    tokens = prompt_tokens(loaded.builder, prompt_messages(len(pictures), prompt))
-    found = tokens.count(loaded.image_token_id)
-    if found != len(pictures):
-        raise InferenceError(
-            f"the rendered prompt has {found} image tokens for {len(pictures)} images: does the prompt text contain "
-            f"{loaded.builder.image_placeholder!r}?"
-        )
+    tokens = prompt_tokens(builder, prompt_messages(len(pictures), prompt, len(audios)))
+    counts = [("image", loaded.image_token_id, len(pictures))]
+    if "audio" in builder.others:
+        counts.append(("audio", builder.others["audio"].token_id, len(audios)))
+    for name, token_id, given in counts:
+        if tokens.count(token_id) != given:
+            placeholder = builder.image_placeholder if name == "image" else builder.others[name].placeholder
+            raise InferenceError(
+                f"the rendered prompt has {tokens.count(token_id)} {name} tokens for {given} {name}s: does the prompt "
+                f"text contain {placeholder!r}?"
+            )
     device, dtype = loaded.device, loaded.dtype
     token_tensor = torch.tensor([tokens], dtype=torch.long, device=device)
-    if not pictures:
+    if not pictures and not audios:
         return token_tensor, None, None
-    processed = [loaded.builder.transform(picture) for picture in pictures]
-    spans = image_spans(tokens, loaded.image_token_id)
-    mask, encoder_input = encoder_mask_rows([processed], [spans], loaded.image_format, len(tokens))
-    assert encoder_input is not None and mask is not None
-    encoder_input = {
-        key: value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-        for key, value in encoder_input.items()
-    }
-    return token_tensor, encoder_input, mask.to(device)
+    sample = Sample(token_tensor[0].cpu(), token_tensor[0].cpu(), images=[builder.transform(p) for p in pictures])
+    sample.image_spans = image_spans(tokens, loaded.image_token_id)
+    if audios:
+        audio = builder.others["audio"]
+        try:
+            clips = [audio.process(builder.feature_extractors["audio"], Path(clip).absolute(), None) for clip in audios]
+        except BadSample as error:
+            raise InferenceError(error.detail) from None
+        sample.other_items, sample.other_spans = {"audio": clips}, {"audio": image_spans(tokens, audio.token_id)}
+    mask, encoder_input = encoder_rows([[(sample, 0)]], loaded.input_formats, len(tokens))
 
+    def on_device(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
-# -- CLI --------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``generate`` command's options to ``parser``."""
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="a HF Mllama folder, a fusiontrain export, a training checkpoint (.../checkpoints/step_N) or a run's "
-        "output_dir (its latest checkpoint)",
-    )
-    parser.add_argument(
-        "--adapter",
-        default=None,
-        help="a PEFT LoRA adapter folder (python -m fusiontrain export --format peft) to apply on the HF base --model",
-    )
-    parser.add_argument(
-        "--image", action="append", default=[], metavar="PATH", help="an image file; repeat for several images"
-    )
-    parser.add_argument("--prompt", required=True, help="the user's text, after the images")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: top-p sampling")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus size for sampling (default 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
-    parser.add_argument(
-        "--dtype", choices=tuple(DTYPES), default=None, help="parameter dtype (default: bf16 on CUDA, fp32 on CPU)"
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument(
-        "--allow-base-mismatch",
-        action="store_true",
-        help="load a checkpoint even if its base files changed since training",
-    )
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(
-        argparse.ArgumentParser(
-            prog="python -m fusiontrain generate",
-            description="Continue a user turn (images, then a prompt) with a model folder, an export or a checkpoint; "
-            "prints the reply.",
-        )
-    )
-
-
-def _check_numbers(args: argparse.Namespace) -> str | None:
-    if args.max_new_tokens < 1:
-        return f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"
-    if not args.temperature >= 0.0:
-        return f"--temperature must be >= 0, got {args.temperature}"
-    if not 0.0 < args.top_p <= 1.0:
-        return f"--top-p must be in (0, 1], got {args.top_p}"
-    return None
-
-
-def run(args: argparse.Namespace) -> int:
-    """Handler of ``generate`` for parsed arguments; 0 on success, 2 with a one-line error."""
-    from fusiontrain.inference.generation import generate
-
-    problem = _check_numbers(args)
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        print(f"error: --device: {error}", file=sys.stderr)
-        return 2
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    try:
-        pictures = open_images(args.image)  # before the (slow) model load
-        loaded = load_for_inference(
-            args.model, dtype=dtype, device=device, allow_base_mismatch=args.allow_base_mismatch, adapter=args.adapter
-        )
-        tokens, encoder_input, encoder_mask = build_prompt_inputs(loaded, pictures, args.prompt)
-        if tokens.shape[1] + args.max_new_tokens > loaded.max_seq_len:
-            raise InferenceError(
-                f"{tokens.shape[1]} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
-                f"{loaded.max_seq_len} positions"
-            )
-    except (InferenceError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    output = generate(
-        loaded.model,
-        tokens,
-        max_new_tokens=args.max_new_tokens,
-        encoder_input=encoder_input,
-        encoder_mask=encoder_mask,
-        stop_token_ids=loaded.stop_token_ids(),
-        temperature=args.temperature,
-        top_p=args.top_p,
-        generator=generator,
-    )
-    print(loaded.tokenizer.decode(output[0, tokens.shape[1] :].tolist(), skip_special_tokens=True))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fusiontrain generate --model DIR --image PATH [--image PATH2] --prompt TEXT
-    [--max-new-tokens 64] [--temperature 0] [--top-p 1.0] [--seed 0] [--dtype fp32|bf16]``."""
-    return run(build_parser().parse_args(None if argv is None else list(argv)))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if isinstance(mask, dict):
+        return token_tensor, {m: on_device(i) for m, i in encoder_input.items()}, {m: t.to(device) for m, t in mask.items()}
+    return token_tensor, on_device(encoder_input), mask.to(device)

@@ -176,8 +176,11 @@ class ModelSource:
 
     def folder_of(self, role: str) -> Path:
         """The folder that holds role ``role``'s config, tokenizer or processor files (an export
-        holds every role's)."""
-        return self.export or Path(self.folders[role])
+        holds every role's: at its top, or in the subfolder its family names for the role)."""
+        if self.export is None:
+            return Path(self.folders[role])
+        sub = self.family.export_subfolder(role)
+        return self.export if sub is None else self.export / sub
 
     def manifest_entry(self) -> dict[str, Any]:
         """What a checkpoint's manifest records in ``base``: the family, the folders (absolute)

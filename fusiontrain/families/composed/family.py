@@ -153,6 +153,12 @@ class ComposedFamily(ModelFamily):
     def config_key_groups(self) -> list[tuple[str, ...]]:
         return [*super().config_key_groups(), ("model.compose.decoder", "model.compose.encoders")]
 
+    def export_subfolder(self, role: str) -> str | None:
+        """A modality beside images keeps its feature extractor in ``processor_<m>/`` of an export
+        (its ``preprocessor_config.json`` would clash with the image processor's at the top)."""
+        modality = role.removeprefix(MODALITY_ROLE) if role.startswith(MODALITY_ROLE) else None
+        return None if modality in (None, "image") else f"processor_{modality}"
+
     # -- from the run config ----------------------------------------------------------------------
 
     def folders_from_config(self, model_config: Any) -> dict[str, str] | None:
