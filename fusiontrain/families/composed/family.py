@@ -322,8 +322,8 @@ class ComposedFamily(ModelFamily):
         if getattr(model, "modalities", None) is not None:
             raise NotImplementedError(
                 f"a composed model with an encoder per modality ({', '.join(model.modalities)}) takes its inputs by "
-                "modality (input_formats); what asked for one image format (the planner, generate's command line) "
-                "does not size or feed such a model yet"
+                "modality (input_formats); the planner, which asked for one image format, does not size such a "
+                "model yet"
             )
         return self._encoder_family_of(model.encoder).image_format(model.encoder)
 
