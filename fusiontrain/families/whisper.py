@@ -138,9 +138,9 @@ class WhisperTowerEncoder(nn.Module):
         hidden = hidden.reshape(b, i * hidden.shape[-2], hidden.shape[-1])
         return torch.gather(hidden, 1, token_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
-    #: The encoder input a FLOP count reads the item slots from (``[b, i, ...]``), and the key of
-    #: the real ones (:mod:`fusiontrain.flops.count`).
-    item_input_key, item_slots_key = "input_features", "clip_slots"
+    #: The encoder input a FLOP count reads the item slots from (``[b, i, n_mels, F]``: one item's
+    #: is 2-dim), and the key of the real ones (:mod:`fusiontrain.flops.count`).
+    item_input_key, item_input_dims, item_slots_key = "input_features", 2, "clip_slots"
 
     def count_flops(self, tally: Tally, clips: int, columns: int | None = None) -> tuple[int, bool]:
         """This encoder's model FLOPs over ``clips`` clips (the analytic count

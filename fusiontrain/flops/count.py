@@ -147,12 +147,9 @@ def _decoder(
     def layer_flops(layer: nn.Module, h: bool, modality: str | None = None) -> bool:
         layer = unwrap(layer)
         if isinstance(layer, FusionLayer):
-            fused = [(None, layer.fusion_layer)] if layer.modalities is None else [
-                (m, layer.fusion_layer[m]) for m in layer.modalities
-            ]
             if not layer.fusion_first:
                 h = layer_flops(layer.layer, h)
-            for m, part in fused:
+            for m, part in layer.fusion_parts():
                 h = layer_flops(part, h, m)
             return layer_flops(layer.layer, h) if layer.fusion_first else h
         if isinstance(layer, TransformerCrossAttentionLayer):
@@ -193,19 +190,19 @@ def _known_encoder_counter(encoder: nn.Module) -> Any:
 
 
 def _image_slots(encoder_input: Mapping[str, Any], num_rows: int, encoder: nn.Module | None = None) -> tuple[int, int]:
-    """``(slots, encoded)`` of a known encoder's input: its item slots, ``b * i`` for
-    ``pixel_values`` ``[b, i, ...]`` (Mllama ``[b, i, t, c, h, w]``, HF towers ``[b, i, c, h, w]``)
-    or ``b`` for one image per row ``[b, c, h, w]``; and those the encoder runs on, the real ones
-    when ``image_slots`` lists them (padding slots are not encoded,
-    :mod:`fusiontrain.modules.image_slots`). An encoder of other inputs names the input and the
-    slots key it reads (``item_input_key``, ``item_slots_key``: Whisper's ``input_features``
-    ``[b, i, n_mels, F]`` and ``clip_slots``)."""
+    """``(slots, encoded)`` of a known encoder's input: its item slots, ``b * i`` for an input
+    ``[b, i, *item]`` or ``b`` for one item per row ``[b, *item]``; and those the encoder runs
+    on, the real ones when the slots key lists them (padding slots are not encoded,
+    :mod:`fusiontrain.modules.image_slots`). The encoder says which input it reads, how many
+    dims one item's input has and its slots key (``item_input_key``, ``item_input_dims``,
+    ``item_slots_key``; by default ``pixel_values`` of ``[c, h, w]`` images and ``image_slots``)."""
     key = getattr(encoder, "item_input_key", "pixel_values")
+    item_dims = getattr(encoder, "item_input_dims", 3)
     slots_key = getattr(encoder, "item_slots_key", "image_slots")
     items = encoder_input.get(key)
     if not isinstance(items, torch.Tensor):
         raise ValueError(f"encoder_input has no {key} tensor (keys: {sorted(encoder_input)})")
-    per_row = items.shape[1] if (items.dim() >= 5 or key != "pixel_values") else 1
+    per_row = items.shape[1] if items.dim() == item_dims + 2 else 1
     slots = num_rows * per_row
     real = encoder_input.get(slots_key)
     return slots, (slots if real is None else len(real))

@@ -176,7 +176,8 @@ class FusionLayer(nn.Module):
         """Local names of the fusion layers' parameters."""
         return [f"fusion_layer.{name}" for name, _ in self.fusion_layer.named_parameters()]
 
-    def _fusion_parts(self) -> list[tuple[str | None, nn.Module]]:
+    def fusion_parts(self) -> list[tuple[str | None, nn.Module]]:
+        """``(modality, fusion layer)`` in the order they run; ``[(None, fusion_layer)]`` for one."""
         if self.modalities is None:
             return [(None, self.fusion_layer)]
         return [(modality, self.fusion_layer[modality]) for modality in self.modalities]
@@ -194,7 +195,7 @@ class FusionLayer(nn.Module):
         self.layer.setup_caches(
             batch_size, dtype, encoder_max_seq_len=encoder_max_seq_len, decoder_max_seq_len=decoder_max_seq_len
         )
-        for modality, part in self._fusion_parts():
+        for modality, part in self.fusion_parts():
             length = encoder_max_seq_len
             if modality is not None and isinstance(encoder_max_seq_len, Mapping):
                 if modality not in encoder_max_seq_len:
@@ -213,7 +214,7 @@ class FusionLayer(nn.Module):
 
     def reset_cache(self) -> None:
         self.layer.reset_cache()
-        for _, part in self._fusion_parts():
+        for _, part in self.fusion_parts():
             part.reset_cache()
 
     def _fuse(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -131,11 +131,10 @@ def fsdp_units(model: nn.Module, *, split_fusion_layers: bool = False) -> list[t
             inner = _unwrapped(block)
             if split_fusion_layers and isinstance(inner, FusionLayer):
                 units.append((f"{stack_name}.{index}.layer", inner.layer))
-                if inner.modalities is None:
-                    units.append((f"{stack_name}.{index}.fusion_layer", inner.fusion_layer))
-                else:  # one unit per modality's layer (a unit must be a module that is called)
-                    for modality in inner.modalities:
-                        units.append((f"{stack_name}.{index}.fusion_layer.{modality}", inner.fusion_layer[modality]))
+                # one unit per modality's layer (a unit must be a module that is called)
+                for modality, part in inner.fusion_parts():
+                    suffix = "" if modality is None else f".{modality}"
+                    units.append((f"{stack_name}.{index}.fusion_layer{suffix}", part))
             else:
                 units.append((f"{stack_name}.{index}", block))
     decoder = getattr(model, "decoder", None)

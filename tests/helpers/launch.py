@@ -119,11 +119,18 @@ def run_ranks(
     is its own. Returns one completed process per rank, in rank order; raises ``AssertionError``
     on timeout, and on a non-zero exit unless ``check`` is false.
     """
-    base = launch_env(env)
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc))
-    envs = [{**base, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(nproc)]
+    envs = _rank_envs(nproc, env)
     cmds = [[sys.executable, *args] for _ in range(nproc)]
     return _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check)
+
+
+def _rank_envs(nproc: int, env: Mapping[str, str] | None) -> list[dict[str, str]]:
+    """The launch environment of each of ``nproc`` ranks started by hand: the process-group
+    variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT`` on a fresh port) over :func:`launch_env`."""
+    base = launch_env(env)
+    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
+    return [{**base, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(nproc)]
 
 
 def run_world(
@@ -151,10 +158,7 @@ def run_world(
     ``beside``: other commands (e.g. a ``plan`` of the same config) run at the same time, outside
     the world and with the launch environment; then ``(world result, their results)`` is returned.
     """
-    base = launch_env(env)
-    plain = dict(base)
-    base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
-    envs = [{**base, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(nproc)] + [plain] * len(beside)
+    envs = _rank_envs(nproc, env) + [launch_env(env)] * len(beside)
     cmds = [[sys.executable, *args] for _ in range(nproc)] + [list(command) for command in beside]
     every = _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, end_all_on_failure=True)
     results, others = every[:nproc], every[nproc:]

@@ -270,6 +270,9 @@ class MllamaVisionEncoder(nn.Module):
     the count is the index's shape, so the skip costs no device sync).
     """
 
+    #: One image's ``pixel_values`` is ``[t, c, h, w]`` (its tiles), for the FLOP count's slots.
+    item_input_dims = 4
+
     def __init__(self, args: MllamaVisionArgs, decoder_dim: int) -> None:
         super().__init__()
         self.vision = TiledVisionTransformer(args)
