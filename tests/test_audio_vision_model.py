@@ -200,3 +200,29 @@ def test_kv_cached_generation_with_an_image_and_a_clip_follows_the_full_forward(
             masks = {m: torch.cat([mask, mask[:, -1:].expand(1, n - 12, -1)], dim=1) for m, mask in batch.encoder_mask.items()}
             full = model(out[:, :n], encoder_input=batch.encoder_input, encoder_mask=masks)
             assert int(full[0, -1].argmax()) == int(out[0, n])
+
+
+def test_the_step_counts_each_modality_items_and_seen_tokens_but_not_placeholders(model_and_formats, processors) -> None:
+    """The per-modality metrics (``modality/<m>/items``, ``/encoder_tokens``) of a packed batch:
+    every real item and its seen columns; the blank slots every rank runs count nothing."""
+    from fusiontrain.data.batch import with_placeholder_items
+    from fusiontrain.train.step import modality_counts
+
+    _, formats = model_and_formats
+    clips = [_clip(processors, formats, 660.0, 0.2), _clip(processors, formats, 300.0, 0.61)]
+    images = [_image(processors, formats, (10, 200, 10)), _image(processors, formats, (10, 10, 220))]
+    rows = [PackedRow(), PackedRow()]
+    rows[0].add(0, _sample(9, 1, image=images[0], image_at=1))
+    rows[0].add(1, _sample(11, 2, clip=clips[0], clip_at=3))
+    rows[1].add(2, _sample(14, 3, image=images[1], clip=clips[1], clip_at=6))
+    counts = modality_counts(collate_rows(rows, SEQ, formats), formats)
+    clip_tokens = sum(formats["audio"].num_tokens(clip) for clip in clips)
+    assert clip_tokens == 10 + 31  # 0.2 s and 0.61 s: ceil(frames / 2) of 100 frames a second
+    image_tokens = sum(formats["image"].num_tokens(image) for image in images)
+    assert counts.tolist() == [[2, image_tokens], [2, clip_tokens]]
+
+    text_only = PackedRow()
+    text_only.add(0, _sample(7, 5))
+    blanks = with_placeholder_items(collate_rows([text_only], SEQ, formats), formats)
+    assert set(blanks.encoder_input) == {"image", "audio"}
+    assert modality_counts(blanks, formats).tolist() == [[0, 0], [0, 0]]

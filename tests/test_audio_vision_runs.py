@@ -69,6 +69,26 @@ def test_a_2_rank_packed_run_with_images_and_clips_trains_resumes_bitwise_and_on
     columns = json.loads(info.read_text())["columns"]
     assert columns[4:] == ["audio_items", "audio_encoder_tokens"] and table[:, 4].sum() == 16
     assert sorted(set(table[:, 5].tolist())) == [0, 15, 30]  # 0.3 s and 0.6 s of a 1 s window of 50 tokens
+    # per modality, the items and the encoder tokens text sees: a clip 15 or 30, an image 4 (28 px, 14 px patches)
+    for row in rows:
+        clips, clip_tokens = row["modality/audio/items"], row["modality/audio/encoder_tokens"]
+        assert 15 * clips <= clip_tokens <= 30 * clips and clip_tokens % 15 == 0, row
+        assert row["modality/image/encoder_tokens"] == 4 * row["modality/image/items"], row
+    assert sum(row["modality/audio/items"] for row in rows) > 0 and sum(row["modality/image/items"] for row in rows) > 0
+
+    # The same run on 1 rank, its loader in 2 worker processes, from scratch: the same rows (the row
+    # plan does not depend on the world size), so the same losses up to the sums' order, and the
+    # same items; the placeholders a 2-rank run adds to a rank without clips count nothing.
+    single = tmp_path / "single"
+    run_world([*args[:-1], "data.num_workers=2", f"output_dir={single}", "checkpoint.every_n_steps=0"], nproc=1, timeout=240)
+    alone = _metrics(single)
+    assert [row["step"] for row in alone] == [0, 1, 2]
+    for one, two in zip(alone, rows):
+        assert abs(one["loss"] - two["loss"]) <= 2e-6 * max(1.0, abs(two["loss"])), (one, two)
+        assert {k: v for k, v in one.items() if k.startswith("modality/")} == {
+            k: v for k, v in two.items() if k.startswith("modality/")
+        }
+
     manifest = json.loads((run / "checkpoints" / "step_2" / "manifest.json").read_text())
     assert set(manifest["base"]["folders"]) == {"decoder", "encoder.image", "encoder.audio"}
     assert manifest["base"]["fusion_placements"] == {"image": [2, 1], "audio": [4, 0]}

@@ -18,6 +18,7 @@ Shapes: b rows, i items per row, s_e encoder tokens per row, s text tokens per r
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -105,6 +106,19 @@ class EncoderInputFormat(ABC):
                 dtype=torch.int64,
             )
         return stacked
+
+    def item_count(self, collated: dict[str, torch.Tensor]) -> int:
+        """Items a :meth:`collate` result holds: the slots its :attr:`slots_key` lists when some
+        slot is padding, else every slot (``b * i``)."""
+        if self.slots_key in collated:
+            return int(collated[self.slots_key].numel())
+        b, i = collated[self._item_key].shape[:2]
+        return b * i
+
+    @cached_property
+    def _item_key(self) -> str:
+        """A key that :meth:`collate` stacks as ``[b, i, ...]``: one of an item's own."""
+        return next(iter(self.blank()))
 
     def pad_slot(self) -> ItemInput:
         """What fills an item slot that holds no item: zeros shaped like :meth:`blank`."""

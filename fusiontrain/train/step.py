@@ -7,7 +7,8 @@ copies), into one optimizer update:
    (``Batch.with_target_index``: the loss projects only those, and their number is known on the
    host), target tokens, real tokens, bad samples skipped per reason and model FLOPs
    (:func:`~fusiontrain.flops.count.micro_batch_flops_or_none`), and with a mixture of data
-   sources each source's targets, real tokens and samples.
+   sources each source's targets, real tokens and samples, and per modality the items and the
+   encoder tokens that text sees.
    They travel in ONE all-reduce, issued before the first forward; the loss scale (world size /
    global target tokens, since FSDP averages gradients over ranks) is taken from its result on
    the device, so nothing waits for it before the first backward.
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ from torch.distributed.tensor import DTensor
 
 from fusiontrain.parallel import distributed
 from fusiontrain.data import Batch
+from fusiontrain.data.input_format import EncoderInputFormat
 from fusiontrain.flops.count import micro_batch_flops_or_none
 from fusiontrain.train.loss import chunked_cross_entropy_sum, count_targets
 from fusiontrain.train.nonfinite import NonFiniteGuard
@@ -100,6 +102,8 @@ class StepResult:
             (0: none); see :meth:`~fusiontrain.train.preemption.PreemptionWatcher.verdict`.
         sources: with several data sources, per source name: its ``loss`` (per target token),
             ``targets``, ``real_tokens`` and ``samples`` in the global batch; empty otherwise.
+        modalities: per modality the step was given formats of, the ``items`` of the global batch
+            and their ``encoder_tokens`` that text sees (:func:`modality_counts`).
     """
 
     loss: float
@@ -113,6 +117,7 @@ class StepResult:
     skipped_step: bool
     preemption_signals: tuple[int, ...] = ()
     sources: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    modalities: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,8 @@ class TrainStep:
             (:meth:`~fusiontrain.train.preemption.PreemptionWatcher.local_signal`).
         source_names: the data sources of a mixture, in order (their metrics are counted and
             reduced with the step's own); fewer than two: nothing per source.
+        input_formats: the formats of the modalities whose items and encoder tokens are counted
+            per step (``{"image": ...}`` for a model with one encoder); empty: none.
     """
 
     def __init__(
@@ -214,6 +221,7 @@ class TrainStep:
         rank: int = 0,
         preemption_signal: Callable[[], int] = lambda: 0,
         source_names: Sequence[str] = (),
+        input_formats: Mapping[str, EncoderInputFormat] | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -228,6 +236,7 @@ class TrainStep:
         self.rank = rank
         self.preemption_signal = preemption_signal
         self.source_names = tuple(source_names) if len(source_names) > 1 else ()
+        self.input_formats = dict(input_formats or {})
 
     def stage(self, batch: Batch) -> Batch:
         """A host micro-batch ready for an asynchronous copy: in pinned memory on CUDA."""
@@ -239,13 +248,15 @@ class TrainStep:
 
     def host_counts(self, batches: Sequence[Batch]) -> torch.Tensor:
         """``[targets, real tokens, FLOPs, uncounted micro-batches, *skips per reason, *per source
-        (targets, real tokens, samples)]`` of this rank's host micro-batches (float64 on the host:
-        exact up to 2**53)."""
-        k, base = len(self.source_names), 4 + len(self.skip_reasons)
-        counts = torch.zeros(base + 3 * k, dtype=torch.float64)
+        (targets, real tokens, samples), *per modality (items, encoder tokens seen)]`` of this
+        rank's host micro-batches (float64 on the host: exact up to 2**53)."""
+        k, base, m = len(self.source_names), 4 + len(self.skip_reasons), len(self.input_formats)
+        counts = torch.zeros(base + 3 * k + 2 * m, dtype=torch.float64)
         for batch in batches:
             if k:
                 counts[base : base + 3 * k] += source_counts(batch, k).reshape(-1)
+            if m:
+                counts[base + 3 * k :] += modality_counts(batch, self.input_formats).reshape(-1)
             counts[0] += int(count_targets(batch.labels, self.settings.ignore_index))
             counts[1] += int(batch.is_real.sum())
             flops = micro_batch_flops_or_none(self.model, batch)  # host copies: no device syncs
@@ -302,6 +313,11 @@ class TrainStep:
             targets, real_tokens, samples = counts[base + 3 * index : base + 3 * index + 3]
             loss = reduced.source_loss_sums[index] / targets if targets else None  # no target of it this step
             sources[name] = {"loss": loss, "targets": int(targets), "real_tokens": int(real_tokens), "samples": int(samples)}
+        per_modality = counts[base + 3 * len(self.source_names) :]
+        modalities = {
+            modality: {"items": int(per_modality[2 * index]), "encoder_tokens": int(per_modality[2 * index + 1])}
+            for index, modality in enumerate(self.input_formats)
+        }
         return StepResult(
             loss=reduced.loss_sum / max(int(counts[0]), 1),
             grad_norm=reduced.grad_norm,
@@ -314,6 +330,7 @@ class TrainStep:
             skipped_step=skip,
             preemption_signals=reduced.preemption_signals,
             sources=sources,
+            modalities=modalities,
         )
 
     def update(
@@ -399,6 +416,24 @@ def source_counts(batch: Batch, num_sources: int) -> torch.Tensor:
         counts[:, 1] = torch.bincount(real, minlength=num_sources)[:num_sources].double()
     for source in batch.sample_sources:
         counts[source, 2] += 1
+    return counts
+
+
+def modality_counts(batch: Batch, input_formats: Mapping[str, EncoderInputFormat]) -> torch.Tensor:
+    """``[m, 2]`` float64: per modality of ``input_formats`` (in order), the items of a host
+    micro-batch and the encoder-token columns some text token sees (``encoder_mask.any(dim=1)``
+    summed over rows). A modality that only fills the blank slots no token sees (every rank runs
+    every encoder, :func:`~fusiontrain.data.batch.with_placeholder_items`) counts nothing."""
+    inputs, masks = batch.encoder_input, batch.encoder_mask
+    if not isinstance(masks, dict):  # one encoder: its inputs are the images'
+        inputs, masks = {"image": inputs}, {"image": masks}
+    counts = torch.zeros(len(input_formats), 2, dtype=torch.float64)
+    for index, (modality, input_format) in enumerate(input_formats.items()):
+        mask = masks.get(modality)
+        if mask is None or not bool(mask.any()):
+            continue
+        counts[index, 0] = input_format.item_count(inputs[modality])
+        counts[index, 1] = int(mask.any(dim=1).sum())
     return counts
 
 

@@ -133,6 +133,7 @@ class Trainer:
             rank=self.context.rank,
             preemption_signal=self.preemption.local_signal,
             source_names=[source_name(source) for source in data_sources(config.data, "train")],
+            input_formats=self.collate_formats if isinstance(self.collate_formats, dict) else {"image": self.image_format},
         )
         self.preempted_by: str | None = None  # the last step's preemption verdict
         self.start_step = 0
@@ -382,6 +383,11 @@ class Trainer:
                     ("real_tokens", stats["real_tokens"]),
                     ("samples", stats["samples"]),
                 )
+            },
+            **{
+                f"modality/{modality}/{key}": value
+                for modality, stats in result.modalities.items()
+                for key, value in stats.items()
             },
         }
 
