@@ -22,14 +22,20 @@ member's bytes; :meth:`StreamSource.record` then builds the record:
   no ``.json`` member;
 - the image members (``jpg``, ``png``, ``webp``, ...; several per sample as ``000.0.jpg``,
   ``000.1.jpg``) become ``images`` in member-name order, and ``image`` when there is exactly one;
-  a ``.json`` that has its own ``image`` / ``images`` key as well is a ``bad_record``;
+  the audio members (``wav``, ``flac``, ``ogg``, ``mp3``, ...) likewise become ``audios`` and
+  ``audio`` (clips for a model with an audio encoder; records of other models ignore them); a
+  ``.json`` that has its own ``image`` / ``images`` key as well as image members (or ``audio`` /
+  ``audios`` as well as audio members) is a ``bad_record``;
 - the record's origin is ``<shard path>:<key>``.
 
 Any other path goes to ``datasets.load_dataset(path, split=split, streaming=True)`` (a hub name,
 or a local ``.jsonl`` / ``.json`` / ``.parquet`` file or glob, read with the ``text`` / ``json`` /
 ``parquet`` builders; JSON Lines through ``text`` so that a malformed line is one bad record;
-relative image paths are relative to the folder of the path or glob).
-There an example ``datasets`` itself cannot decode ends the stream with datasets' error.
+relative image and audio paths are relative to the folder of the path or glob). Their ``Image``
+and ``Audio`` columns are read undecoded (:mod:`fusiontrain.data.hf_features`): the stream decodes
+each image and clip itself (an ``Audio`` column's bytes, or its file when the bytes are None), so a
+bad one is a counted skip. There an example ``datasets`` itself cannot read ends the stream with
+datasets' error.
 """
 
 from __future__ import annotations
@@ -44,12 +50,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fusiontrain.data.errors import BadSample
-from fusiontrain.data.sources import Record, _no_decode, _parse_json_line
+from fusiontrain.data.hf_features import without_decoding
+from fusiontrain.data.sources import Record, _parse_json_line
 
 StreamReader = Literal["tar", "jsonl", "json", "parquet", "hub"]
 
 # Image member extensions (lower case) of a webdataset sample.
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"})
+# Audio member extensions (lower case): what libsndfile reads (fusiontrain.data.audio).
+AUDIO_EXTENSIONS = frozenset({"wav", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff"})
+# Per media kind, its member extensions; a sample's members of a kind become its record's
+# ``<kind>s`` list (and ``<kind>`` when there is one), as records spell images and clips.
+MEDIA_MEMBERS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS}
 _FILE_BUILDERS = {".jsonl": ("jsonl", "text"), ".json": ("json", "json"), ".parquet": ("parquet", "parquet")}
 
 
@@ -75,8 +87,8 @@ class StreamSource:
         name: the configured path or hub name.
         reader: which reader turns its examples into records.
         num_shards: how many shards it has (what ranks and workers divide).
-        base_dir: the folder relative image paths are relative to (local files: the folder of
-            the path or glob); None for tar shards and hub datasets.
+        base_dir: the folder relative image and audio paths are relative to (local files: the
+            folder of the path or glob); None for tar shards and hub datasets.
     """
 
     dataset: Any
@@ -202,22 +214,11 @@ def open_stream(
     if suffix in _FILE_BUILDERS:
         reader, builder = _FILE_BUILDERS[suffix]
         files = expand_shards(path)
-        dataset = _without_image_decoding(datasets.load_dataset(builder, data_files=files, split="train", streaming=True))
+        dataset = without_decoding(datasets.load_dataset(builder, data_files=files, split="train", streaming=True))
         return StreamSource(dataset, str(path), reader, dataset.num_shards, base_dir=root or Path(path).parent)
-    dataset = _without_image_decoding(datasets.load_dataset(str(path), subset, split=split, streaming=True))
+    dataset = without_decoding(datasets.load_dataset(str(path), subset, split=split, streaming=True))
     name = str(path) if subset is None else f"{path}/{subset}"
     return StreamSource(dataset, name, "hub", dataset.num_shards, base_dir=root)
-
-
-def _without_image_decoding(dataset: Any) -> Any:
-    """``dataset`` with its ``Image`` features (if it knows its features) left undecoded: rows hold
-    ``{"bytes", "path"}``, which :func:`~fusiontrain.data.sources.open_image` decodes in the stream,
-    so that a corrupt image is one bad record rather than an error inside ``datasets``."""
-    for column, feature in (dataset.features or {}).items():
-        plain = _no_decode(feature)
-        if plain != feature:
-            dataset = dataset.cast_column(column, plain)
-    return dataset
 
 
 # -- webdataset shards ------------------------------------------------------------------------------
@@ -284,13 +285,17 @@ def tar_record(example: dict[str, Any]) -> Record:
     else:
         return bad("bad_record", f"no .json or .txt member (members: {sorted(members)})")
 
-    images = [
-        {"bytes": data_, "path": f"{origin}.{extension}"}
-        for extension, data_ in sorted(members.items())
-        if extension.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-    ]
-    if images:
-        if "image" in data or "images" in data:
-            return bad("bad_record", "the .json member has an 'image'/'images' key and the sample has image members too")
-        data = {**data, "images": images, **({"image": images[0]} if len(images) == 1 else {})}
+    for kind, extensions in MEDIA_MEMBERS.items():
+        items = [
+            {"bytes": data_, "path": f"{origin}.{extension}"}
+            for extension, data_ in sorted(members.items())
+            if extension.rsplit(".", 1)[-1].lower() in extensions
+        ]
+        if not items:
+            continue
+        if kind in data or f"{kind}s" in data:
+            return bad(
+                "bad_record", f"the .json member has a '{kind}'/'{kind}s' key and the sample has {kind} members too"
+            )
+        data = {**data, f"{kind}s": items, **({kind: items[0]} if len(items) == 1 else {})}
     return Record(data=data, origin=origin, base_dir=None)

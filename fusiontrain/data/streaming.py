@@ -26,6 +26,13 @@ differ (write shards already shuffled).
 
 The union over ranks and workers of one pass is the data, each record once.
 
+A model with an encoder per modality (audio beside images) streams with the same builder as its
+record files: each sample carries its clips (``Sample.other_items``), a bad clip is a skip counted
+under its reason (``missing_audio``, ``corrupt_audio``, ...), the packer holds each modality to its
+own row limits (``other_limits``; a sample over them on its own is a ``too_many_items`` skip), and
+the batches hold each modality's inputs and masks (the input formats by modality). The position
+below stores record keys only, so a resumed worker rebuilds the clips with the rest of the sample.
+
 Several sources (a mixture, :class:`~fusiontrain.data.stream_sources.MixedStreamSource`) are split
 over the ranks one by one and interleaved on each rank by ``datasets.interleave_datasets``, seeded
 per pass; a pass then ends when every source has run out once, and the smaller sources' records
@@ -53,17 +60,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from fusiontrain.data.batch import Batch, Sample
+from fusiontrain.data.batch import IMAGE, Batch, InputFormats, Sample
 from fusiontrain.data.errors import BadSample
-from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.data.loader import NoUsableSampleError, StreamConfig, collate_micro_batch
 from fusiontrain.data.workers import WORKER_START_METHODS, ClosableLoader
-from fusiontrain.data.packing import FirstFitPacker, PackedRow, misfit_reason
+from fusiontrain.data.packing import FirstFitPacker, OtherLimits, PackedRow, misfit_reason
 from fusiontrain.data.sources import Record
 from fusiontrain.data.stream_sources import MixedStreamSource, StreamSource
 
@@ -81,6 +87,8 @@ _IDENTITY = {
     "seed": "seed",
     "source": "data.train (its path, or a mixture's sources and weights)",
     "num_shards": "the number of shards",
+    # only in the state of a model with an encoder per modality (one-encoder positions resume as before)
+    "other_limits": "data.max_items_per_row / data.max_item_tokens_per_row (the other modalities' row limits)",
 }
 
 
@@ -90,11 +98,12 @@ class StreamResumeError(ValueError):
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Raise :class:`StreamResumeError` naming every identity field (world size, workers, split,
-    seed, source, shard count) in which the ``saved`` worker state differs from ``current``."""
+    seed, source, shard count, other modalities' row limits) in which the ``saved`` worker state
+    differs from ``current``."""
     differences = [
-        f"{what}: saved {saved.get(field)!r}, now {current[field]!r}"
+        f"{what}: saved {saved.get(field)!r}, now {current.get(field)!r}"
         for field, what in _IDENTITY.items()
-        if saved.get(field) != current[field]
+        if saved.get(field) != current.get(field)
     ]
     if differences:
         raise StreamResumeError(
@@ -165,23 +174,27 @@ class StreamingSampleStream(IterableDataset):
     Args:
         source: the records, as shards (or several sources interleaved: a mixture).
         build: turns a record into a sample (raises :class:`BadSample`); runs in the workers.
-        image_format: the encoder's image format.
+        image_format: the encoder's image format, or (a model with an encoder per modality) the
+            input formats by modality: ``"image"``'s, then the others' in ``other_limits``' order.
         config: batching (the same as map-style data's).
         rank, world: this rank's data-parallel coordinate and the number of ranks.
         num_workers: the dataloader workers of this rank (0: in the training process).
         seed: the shard-order shuffle seed.
         stream_split: how ranks divide the shards (``"shards"`` or ``"examples"``).
         name: what the data is, for messages.
+        other_limits: each modality beside images' row limits, ``(items, encoder tokens or
+            None)`` (:func:`~fusiontrain.train.model_inputs.other_limits`).
 
     Raises:
-        ValueError: too few shards for the ranks and workers, naming the counts and the fix.
+        ValueError: too few shards for the ranks and workers, naming the counts and the fix; input
+            formats without ``"image"``, or not one row limit per other modality.
     """
 
     def __init__(
         self,
         source: StreamSource | MixedStreamSource,
         build: Callable[[Record], Sample],
-        image_format: ImageFormat,
+        image_format: InputFormats,
         config: StreamConfig,
         *,
         rank: int,
@@ -190,6 +203,7 @@ class StreamingSampleStream(IterableDataset):
         seed: int,
         stream_split: StreamSplit = "shards",
         name: str = "",
+        other_limits: OtherLimits = (),
     ) -> None:
         readers = max(1, num_workers)
         shards = source.num_shards
@@ -201,9 +215,17 @@ class StreamingSampleStream(IterableDataset):
                 f"the data in more shards, lower data.num_workers"
                 + (", or set data.stream_split=examples" if stream_split == "shards" else "")
             )
+        formats = dict(image_format) if isinstance(image_format, Mapping) else {IMAGE: image_format}
+        others = tuple((modality, fmt) for modality, fmt in formats.items() if modality != IMAGE)
+        if IMAGE not in formats or len(others) != len(other_limits):
+            raise ValueError(
+                f"streaming needs an 'image' input format and one row limit per other modality; got the formats "
+                f"{sorted(formats)} and {len(other_limits)} other modalities' limits"
+            )
         self.source = source
         self.build = build
-        self.image_format = image_format
+        self.input_formats, self.image_format = image_format, formats[IMAGE]
+        self.other_formats, self.other_limits = others, tuple(other_limits)
         self.config = config
         self.rank, self.world, self.num_workers = rank, world, num_workers
         self.seed = seed
@@ -216,6 +238,7 @@ class StreamingSampleStream(IterableDataset):
 
     def identity(self) -> dict[str, Any]:
         """What a saved position must match to be resumed here (see :func:`check_resumable`)."""
+        others = {"other_limits": [list(limit) for limit in self.other_limits]} if self.other_limits else {}
         return {
             "world": self.world,
             "rank": self.rank,
@@ -224,6 +247,7 @@ class StreamingSampleStream(IterableDataset):
             "seed": self.seed,
             "source": self.source.name,
             "num_shards": self.source.num_shards,
+            **others,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -275,7 +299,7 @@ class StreamingSampleStream(IterableDataset):
                 if not usable:  # the next passes are the same records: it would never yield
                     raise NoUsableSampleError(self._no_usable_sample(epoch, skipped, worker, readers))
                 epoch, usable = key[0], 0
-            sample = self._build(self._record(key, example, worker), skipped)
+            sample = self._build(self._record(key, example, worker), skipped, packer)
             if sample is not None:
                 usable += 1
                 befores[key] = before
@@ -319,7 +343,8 @@ class StreamingSampleStream(IterableDataset):
         def row(keys: list) -> PackedRow:
             packed = PackedRow()
             for key in map(tuple, keys):
-                packed.add(key, samples[key], packer.encoder_tokens(samples[key]))
+                sample = samples[key]
+                packed.add(key, sample, packer.encoder_tokens(sample), packer.other_sizes(sample))
             return packed
 
         return [row(keys) for keys in state["open_rows"]], [row(keys) for keys in state["ready_rows"]]
@@ -344,23 +369,30 @@ class StreamingSampleStream(IterableDataset):
         where = f"pass {key[0]}, record {key[1]} of rank {self.rank} worker {worker}"
         return self.source.record(example, where)
 
-    def _build(self, record: Record, skipped: Counter) -> Sample | None:
+    def _build(self, record: Record, skipped: Counter, packer: FirstFitPacker) -> Sample | None:
         """The sample of ``record``, or None when it is bad or does not fit a row (counted, logged
-        with its origin; raised with ``strict``)."""
+        with its origin; raised with ``strict``); ``packer`` sizes its other modalities' items."""
         config = self.config
         try:
             sample = self.build(record)
             encoder_tokens = sum(self.image_format.num_tokens(image) for image in sample.images)
+            others = packer.other_sizes(sample)
             reason = misfit_reason(
                 len(sample), len(sample.images), encoder_tokens, seq_len=config.seq_len,
                 max_images=config.max_images, max_encoder_tokens=config.max_encoder_tokens,
+                others=others, other_limits=self.other_limits,
             )
             if reason is not None:
+                names = [modality for modality, _ in self.other_formats]
+                per_modality = (
+                    f"; (items, encoder tokens) {dict(zip(names, others))} against the row's "
+                    f"{dict(zip(names, self.other_limits))} (data.max_items_per_row, data.max_item_tokens_per_row)"
+                )
                 raise BadSample(
                     reason,
                     f"{len(sample)} tokens, {len(sample.images)} images and {encoder_tokens} encoder tokens do not "
                     f"fit a row of {config.seq_len} tokens, {config.max_images} images and {config.max_encoder_tokens} "
-                    "encoder tokens (data.max_encoder_tokens_per_row)",
+                    "encoder tokens (data.max_encoder_tokens_per_row)" + (per_modality if names else ""),
                     origin=record.origin,
                 )
         except BadSample as error:
@@ -379,10 +411,12 @@ class StreamingSampleStream(IterableDataset):
             config.max_open_rows,
             image_format=self.image_format,
             max_encoder_tokens=config.max_encoder_tokens,
+            other_limits=self.other_limits,
+            other_formats=self.other_formats,
         )
 
     def _collate(self, rows: list[PackedRow]) -> Batch:
-        return collate_micro_batch(rows, self.config, self.image_format)
+        return collate_micro_batch(rows, self.config, self.input_formats)
 
     def _where(self, worker: int, readers: int) -> str:
         where = f"rank {self.rank} of {self.world}"

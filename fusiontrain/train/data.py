@@ -439,7 +439,8 @@ def build_streaming_train_loader(
 ) -> StreamingLoader:
     """This rank's loader of the streamed ``data.train`` (``data.streaming``): its shards split
     over ranks (``data.stream_split``) and ``data.num_workers`` workers, packed per worker (see
-    :mod:`fusiontrain.data.streaming`). Its position is per rank, unlike the row plan's."""
+    :mod:`fusiontrain.data.streaming`), each modality beside images held to its row limits. Its
+    position is per rank, unlike the row plan's."""
     data = config.data
     sources = data_sources(data, "train")
     streams = [
@@ -456,7 +457,7 @@ def build_streaming_train_loader(
     stream = StreamingSampleStream(
         stream_source,
         build,
-        image_format,
+        collate_formats(image_format, inputs),
         build_stream_config(data, config.batch, image_format, ignore_index=ignore_index),
         rank=rank,
         world=world,
@@ -464,5 +465,6 @@ def build_streaming_train_loader(
         seed=config.seed,
         stream_split=data.stream_split,
         name=data_description(data, "train"),
+        other_limits=other_limits(data, inputs),
     )
     return build_streaming_loader(stream, config.data.worker_start)

@@ -37,7 +37,7 @@ def model_inputs(config: TrainConfig, source: ModelSource, model: nn.Module) -> 
 
     Raises:
         NotImplementedError: a model without an image encoder, or one with other modalities on
-            synthetic or streamed data (image-text only).
+            synthetic data (image-text only).
     """
     formats = source.family.input_formats(model)
     if "image" not in formats:
@@ -46,10 +46,10 @@ def model_inputs(config: TrainConfig, source: ModelSource, model: nn.Module) -> 
             "(model.compose.encoders: {image: <vision folder>, ...})"
         )
     inputs = source.input_folders(model)
-    if inputs.others and (config.data.streaming or config.data.format == "synthetic"):
+    if inputs.others and config.data.format == "synthetic":
         raise NotImplementedError(
-            f"a model with an encoder per modality ({', '.join(formats)}) trains on record files "
-            "(data.format caption or chat, data.streaming=false): synthetic data and streams are image-text only"
+            f"a model with an encoder per modality ({', '.join(formats)}) trains on records, from files or "
+            "streamed (data.format caption or chat): synthetic data is image-text only"
         )
     return formats["image"], inputs, collate_formats(formats["image"], inputs)
 
