@@ -250,3 +250,21 @@ def test_the_trainers_streaming_loader_carries_clips_under_the_configured_row_li
     assert all(_same(a, b) for a, b in zip(got, want, strict=True))
     assert any("audio" in batch.encoder_input for batch in got)
     assert '"other_limits": [[2, 40]]' in json.dumps(loader.state_dict())
+
+
+def test_map_style_parquet_records_with_an_audio_column_read_it_undecoded(data, builder, formats) -> None:
+    """load_records reads a parquet file's HF ``Audio`` column undecoded too (``datasets`` would
+    decode it with torchcodec): its samples are those of the JSON Lines records, bad clips alike."""
+    by_reader = []
+    for reader in ("jsonl", "parquet"):
+        records, got = RecordDataset(load_records(data[reader]), builder), []
+        for k in range(len(records)):
+            try:
+                got.append(collate_micro_batch([PackedRow([k], [records[k]])], UNPACKED, formats))
+            except BadSample as error:
+                got.append(error.reason)
+        by_reader.append(got)
+    jsonl, parquet = by_reader
+    assert len(jsonl) == len(parquet) and sum(isinstance(x, str) for x in jsonl) == sum(BAD.values())
+    for a, b in zip(jsonl, parquet):
+        assert a == b if isinstance(a, str) else _same(a, b)

@@ -2,9 +2,10 @@
 Hugging Face ``datasets``; and opening the images records refer to.
 
 :func:`load_records` gives a :class:`RecordSource`, a sequence of :class:`Record` s. Nothing is
-decoded up front: a JSON Lines line is parsed when its record is read, and images stay references
-(a path, bytes, or HF ``Image`` storage ``{"bytes", "path"}``) until :func:`open_image` decodes
-them, in the dataloader workers.
+decoded up front: a JSON Lines line is parsed when its record is read, and images and clips stay
+references (a path, bytes, or HF ``Image`` / ``Audio`` storage ``{"bytes", "path"}``,
+:mod:`fusiontrain.data.hf_features`) until :func:`open_image` or
+:func:`~fusiontrain.data.audio.load_audio` decodes them, in the dataloader workers.
 
 JSON Lines files are read with the ``"text"`` builder, one row per line, so one malformed line
 becomes one bad record naming its line instead of failing the file. A blank line is a bad record
@@ -28,6 +29,7 @@ from typing import Any, Literal
 from PIL import Image, ImageFile, ImageOps
 
 from fusiontrain.data.errors import BadSample
+from fusiontrain.data.hf_features import without_decoding
 
 SourceKind = Literal["jsonl", "json", "parquet", "imagefolder", "hub"]
 
@@ -129,7 +131,7 @@ def load_records(
         name = str(path)
         dataset = datasets.load_dataset(name, subset, split=split)
         label = name if subset is None else f"{name}/{subset}"
-        return RecordSource(_without_image_decoding(dataset), name=label, kind="hub", base_dir=root)
+        return RecordSource(without_decoding(dataset), name=label, kind="hub", base_dir=root)
     if subset is not None:
         raise ValueError(f"subset={subset!r} names a hub dataset's configuration, but {path} is a local path; drop it")
 
@@ -140,14 +142,14 @@ def load_records(
                 f"{name} is a directory without metadata.jsonl: an imagefolder needs one to give each image its text"
             )
         dataset = datasets.load_dataset("imagefolder", data_dir=name, split=split)
-        return RecordSource(_without_image_decoding(dataset), name=name, kind="imagefolder", base_dir=root or local)
+        return RecordSource(without_decoding(dataset), name=name, kind="imagefolder", base_dir=root or local)
 
     kind = _SUFFIX_KINDS.get(local.suffix.lower())
     if kind is None:
         raise ValueError(f"cannot read {name}: expected a .jsonl, .json or .parquet file or an imagefolder directory")
     builder = {"jsonl": "text", "json": "json", "parquet": "parquet"}[kind]
     dataset = datasets.load_dataset(builder, data_files=name, split=split)
-    return RecordSource(_without_image_decoding(dataset), name=name, kind=kind, base_dir=root or local.parent)
+    return RecordSource(without_decoding(dataset), name=name, kind=kind, base_dir=root or local.parent)
 
 
 def _parse_json_line(line: str) -> tuple[dict[str, Any] | None, BadSample | None]:
@@ -160,33 +162,6 @@ def _parse_json_line(line: str) -> tuple[dict[str, Any] | None, BadSample | None
     if not isinstance(data, dict):
         return None, BadSample("malformed_json", f"expected a JSON object, got {type(data).__name__}")
     return data, None
-
-
-def _without_image_decoding(dataset: Any) -> Any:
-    """``dataset`` with every (possibly nested) ``Image`` feature set to ``decode=False``, so rows
-    hold ``{"bytes", "path"}`` references instead of PIL images."""
-    for column, feature in dataset.features.items():
-        plain = _no_decode(feature)
-        if plain != feature:
-            dataset = dataset.cast_column(column, plain)
-    return dataset
-
-
-def _no_decode(feature: Any) -> Any:
-    from datasets import Image as ImageFeature
-    from datasets import LargeList, List
-
-    if isinstance(feature, ImageFeature):
-        return ImageFeature(mode=feature.mode, decode=False)
-    if isinstance(feature, dict):
-        return {key: _no_decode(value) for key, value in feature.items()}
-    if isinstance(feature, LargeList):
-        return LargeList(_no_decode(feature.feature))
-    if isinstance(feature, List):
-        return List(_no_decode(feature.feature), length=feature.length)
-    if isinstance(feature, list):
-        return [_no_decode(value) for value in feature]
-    return feature
 
 
 # -- images ------------------------------------------------------------------------------------------

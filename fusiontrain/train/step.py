@@ -40,6 +40,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -118,6 +119,18 @@ class StepResult:
     preemption_signals: tuple[int, ...] = ()
     sources: dict[str, dict[str, float | None]] = field(default_factory=dict)
     modalities: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def breakdown(self) -> dict[str, Any]:
+        """The per-source and per-modality counts as flat metrics: ``source/<name>/loss``,
+        ``/tokens`` (targets), ``/real_tokens``, ``/samples``; ``modality/<m>/items``,
+        ``/encoder_tokens``."""
+        metrics: dict[str, Any] = {}
+        for name, stats in self.sources.items():
+            for key, value in (("loss", "loss"), ("tokens", "targets"), ("real_tokens", "real_tokens"), ("samples", "samples")):
+                metrics[f"source/{name}/{key}"] = stats[value]
+        for modality, stats in self.modalities.items():
+            metrics.update({f"modality/{modality}/{key}": value for key, value in stats.items()})
+        return metrics
 
 
 @dataclass(frozen=True)

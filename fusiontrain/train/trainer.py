@@ -374,21 +374,7 @@ class Trainer:
             "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, self.skipped_total) if n},
             "skipped_step": result.skipped_step,
             "nonfinite_skipped": self.nonfinite.skipped,
-            **{
-                f"source/{name}/{key}": value
-                for name, stats in result.sources.items()
-                for key, value in (
-                    ("loss", stats["loss"]),
-                    ("tokens", stats["targets"]),
-                    ("real_tokens", stats["real_tokens"]),
-                    ("samples", stats["samples"]),
-                )
-            },
-            **{
-                f"modality/{modality}/{key}": value
-                for modality, stats in result.modalities.items()
-                for key, value in stats.items()
-            },
+            **result.breakdown(),
         }
 
     def _complete(self, batch: Batch) -> Batch:
