@@ -5,20 +5,22 @@ neither a GPU nor the weights. It builds the configured model on the meta device
 ``config.json`` files, shards it with the real FSDP2 code (``parallelize``) over a fake process
 group of N ranks, and runs the trainer's own training step (:mod:`fusiontrain.train.step`) on fake
 tensors (``FakeTensorMode``: shapes only, nothing allocated; :mod:`fusiontrain.plan.trace`): the
-worst-case micro-batch (every row full, every image slot filled with all its tiles), the
-configured activation checkpointing and offloading, precision, chunked loss, gradient
-accumulation (two micro-batches are enough to show it) and AdamW, after an untracked warm-up in
-which FSDP and AdamW allocate their lazy state (no forward or backward: one unshard per unit and
-one update on zero gradients). The step's micro-batches wait in pinned host
-memory, and offloaded activations live there: the plan lists them as host memory per device.
+worst-case micro-batch (every row full, every image slot filled with all its tiles; with an
+encoder per modality, every modality's item slots filled at its row limits), the configured
+activation checkpointing and offloading, precision, chunked loss, gradient accumulation (two
+micro-batches are enough to show it) and AdamW, after an untracked warm-up in which FSDP and AdamW
+allocate their lazy state (no forward or backward: one unshard per unit and one update on zero
+gradients). The step's micro-batches wait in pinned host memory, and offloaded activations live
+there: the plan lists them as host memory per device.
 
 A :class:`~fusiontrain.plan.memory.TensorMemoryTracker` counts every tensor alive on rank 0
 (the rank with the largest shards) and keeps the breakdown at the peak: parameter shards (from the
-sharded parameters), inputs, encoder, decoder activations, loss chunk, backward working set,
-optimizer state and step temporaries, gradients, FSDP's unsharded parameters (polled: FSDP2
-resizes their storages in place, which no op reports), its unsharded gradients and its
-gradient-reduction buffers. On CPU the prediction is checked against measured training runs
-(tests/test_plan.py, benchmarks/plan_accuracy.py).
+sharded parameters), inputs, the encoder (each encoder, with one per modality), decoder
+activations, loss chunk, backward working set, optimizer state and step temporaries, gradients,
+FSDP's unsharded parameters (polled: FSDP2 resizes their storages in place, which no op reports),
+its unsharded gradients and its gradient-reduction buffers. On CPU the prediction is checked
+against measured training runs (tests/test_plan.py, tests/test_plan_multi_encoder.py,
+benchmarks/plan_accuracy.py).
 
 The step time is a model, not a measurement: the model FLOPs of :mod:`fusiontrain.flops.count` plus the
 forward recomputed by activation checkpointing, at an assumed fraction of the device's peak
@@ -36,6 +38,7 @@ import torch
 
 from fusiontrain.config import DataConfig, TrainConfig
 from fusiontrain.data import Batch
+from fusiontrain.data.batch import IMAGE
 from fusiontrain.flops.count import micro_batch_flops
 from fusiontrain.flops.peak import PEAK_FLOPS, measure_matmul_flops
 from fusiontrain.parallel.fsdp import checkpoint_every, mixed_precision_policy
@@ -255,8 +258,6 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         shard_grads = reduced / max(shards - 1, 1)
         communication += 2 * shard_grads * (parallel.dp_replicate - 1) / parallel.dp_replicate / hardware.inter_node_bandwidth
 
-    images = batch.encoder_input["pixel_values"].shape[1] if batch.encoder_input is not None else 0
-    image_format = trace.image_format
     summary = [
         f"devices: {gpus} x {hardware.name}; FSDP over {shards}"
         + (f", {parallel.dp_replicate} replicas (HSDP)" if parallel.dp_replicate > 1 else ""),
@@ -265,9 +266,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         f"{dtype_name(compute_dtype)}; activation checkpointing {parallel.activation_checkpointing}; "
         f"{config.loss.num_output_chunks} loss chunks",
         f"micro-batch per device (worst case): {_row_layout(config.data, batch_config.micro_batch_size, batch_config.seq_len)}, "
-        f"{images} images {'in the row' if _padding_free(config.data) else 'per row'} of {image_format.describe()} "
-        f"({batch.encoder_mask.shape[-1] if batch.encoder_mask is not None else 0} encoder tokens); "
-        f"{accum} micro-batches per step",
+        f"{_items_per_row(trace, config.data, batch_config.micro_batch_size)}; {accum} micro-batches per step",
     ]
     return Plan(
         config_summary=summary,
@@ -356,6 +355,26 @@ def format_plan(plan: Plan) -> str:
     ]
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
+
+
+def _items_per_row(trace: StepTrace, data: DataConfig, micro_batch_size: int) -> str:
+    """The worst-case micro-batch's items in words, per modality, e.g. ``'4 images per row of
+    <format> (3136 encoder tokens), 2 audio items per row of <format> (3000 encoder tokens)'``:
+    each modality's item slots (padding-free: all of the micro-batch's, in its one row), what its
+    format says of itself, and a row's encoder-token columns."""
+    batch = trace.batch
+    masks = batch.encoder_mask if isinstance(batch.encoder_mask, dict) else {IMAGE: batch.encoder_mask}
+    padding_free = _padding_free(data)
+    parts = []
+    for modality, input_format in trace.input_formats.items():
+        items = trace.items_per_row[modality] * (micro_batch_size if padding_free else 1)
+        mask = masks.get(modality)
+        noun = "images" if modality == IMAGE else f"{modality} items"
+        parts.append(
+            f"{items} {noun} {'in the row' if padding_free else 'per row'} of {input_format.describe()} "
+            f"({mask.shape[-1] if mask is not None else 0} encoder tokens)"
+        )
+    return ", ".join(parts)
 
 
 def _padding_free(data: DataConfig) -> bool:

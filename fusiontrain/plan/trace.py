@@ -12,7 +12,7 @@ are labelled as host memory on a GPU. :mod:`fusiontrain.plan.planner` turns the 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +24,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from fusiontrain.config import TrainConfig
-from fusiontrain.data import Batch, ImageFormat, collate_padded
-from fusiontrain.data.batch import Sample
+from fusiontrain.data import Batch, collate_padded
+from fusiontrain.data.batch import IMAGE, InputFormats, Sample
+from fusiontrain.data.input_format import EncoderInputFormat, ItemInput
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import PackedRow, collate_padding_free, collate_rows
 from fusiontrain.flops.probe import ValueKeepingFakeMode
@@ -54,41 +55,99 @@ from fusiontrain.torch_private import (
     unset_fake_temporarily,
 )
 from fusiontrain.train.model import build_meta_model
+from fusiontrain.train.model_inputs import model_inputs, other_limits, other_names
 from fusiontrain.train.nonfinite import NonFiniteGuard
 from fusiontrain.train.optim import build_lr_scheduler, build_optimizer
 from fusiontrain.train.setup import build_parallel_model, run_storage_dtypes, step_settings
 from fusiontrain.train.step import BACKWARD_PHASE, HOST_PHASE, LOSS_PHASE, OPTIMIZER_PHASE, TrainStep
 
 
+def worst_case_items(input_format: EncoderInputFormat, items: int, max_tokens: int | None) -> list[ItemInput]:
+    """One row's worst case of a modality held to ``items`` item slots and ``max_tokens`` encoder
+    tokens (None: no limit beyond the slots): the format's most expensive item
+    (:meth:`EncoderInputFormat.worst_case`) in as many slots as the tokens allow, then its
+    :meth:`~EncoderInputFormat.blank` item (Whisper's and SigLIP2's: one token; a fixed-size
+    encoder's costs as many as any item) in as many of the rest as they still allow: the most
+    slots the encoder runs, and nearly the most columns text attends over (a real row may spread
+    the tokens left after the full items over its other slots)."""
+    chosen: list[ItemInput] = []
+    used = 0
+    for make in (input_format.worst_case, input_format.blank):
+        tokens = input_format.num_tokens(make())
+        while len(chosen) < items and (max_tokens is None or used + tokens <= max_tokens):
+            chosen.append(make())
+            used += tokens
+    return chosen
+
+
 def worst_case_batch(
-    image_format: ImageFormat, *, rows: int, seq_len: int, images_per_row: int, packing: bool, padding_free: bool = False
+    input_formats: InputFormats,
+    *,
+    rows: int,
+    seq_len: int,
+    images_per_row: int,
+    packing: bool,
+    padding_free: bool = False,
+    other_limits: Mapping[str, tuple[int, int | None]] | None = None,
 ) -> Batch:
     """The largest micro-batch the loader can produce: every row full, every image slot holding the
     encoder's most expensive image (:meth:`ImageFormat.worst_case`: all tiles, all patches; packed:
     one image per sample, ``images_per_row`` samples a row; padding-free: the ``rows`` padded rows'
-    samples in one row)."""
+    samples in one row).
 
-    def image() -> dict[str, torch.Tensor]:
-        return image_format.worst_case()
+    Args:
+        input_formats: what the collators take: the image format, or (a model with an encoder per
+            modality) the input formats by modality.
+        rows: ``b``, the micro-batch's rows.
+        seq_len: ``s``, tokens per row.
+        images_per_row: image slots per row (``data.max_images_per_row``).
+        packing: packed rows (``data.packing``), else padded ones.
+        padding_free: unpacked samples back to back in one row (``data.padding_free``).
+        other_limits: with formats by modality, each modality beside images' row limits,
+            ``(items, encoder tokens or None)`` (``data.max_items_per_row`` and
+            ``data.max_item_tokens_per_row``): every row holds its :func:`worst_case_items`
+            (packed: dealt to the row's samples in turn; unpacked: in every sample).
 
-    def sample(length: int, num_images: int) -> Sample:
+    Raises:
+        ValueError: ``other_limits`` that do not name exactly the modalities beside images.
+    """
+    by_modality = not isinstance(input_formats, EncoderInputFormat)
+    limits = dict(other_limits or {})
+    beside_images = [m for m in input_formats if m != IMAGE] if by_modality else []
+    if sorted(limits) != sorted(beside_images):
+        raise ValueError(f"other_limits names {sorted(limits)}; the modalities beside images are {sorted(beside_images)}")
+    image_format = input_formats[IMAGE] if by_modality else input_formats
+
+    def row_items() -> dict[str, list[ItemInput]]:
+        return {m: worst_case_items(input_formats[m], items, tokens) for m, (items, tokens) in limits.items()}
+
+    def sample(length: int, num_images: int, others: dict[str, list[ItemInput]]) -> Sample:
         tokens = torch.zeros(length, dtype=torch.long)
         spans = [(0, length)] * num_images
-        return Sample(tokens=tokens, labels=tokens.clone(), images=[image() for _ in range(num_images)], image_spans=spans)
+        return Sample(
+            tokens=tokens,
+            labels=tokens.clone(),
+            images=[image_format.worst_case() for _ in range(num_images)],
+            image_spans=spans,
+            other_items=others,
+            other_spans={m: [(0, length)] * len(items) for m, items in others.items()},
+        )
 
     if not packing:
         collate = collate_padding_free if padding_free else collate_padded
-        return collate([sample(seq_len, images_per_row) for _ in range(rows)], seq_len, image_format)
+        return collate([sample(seq_len, images_per_row, row_items()) for _ in range(rows)], seq_len, input_formats)
     packed = []
     for _ in range(rows):
         row = PackedRow()
         per_row = max(1, images_per_row)
         lengths = [seq_len // per_row] * per_row
         lengths[-1] += seq_len - sum(lengths)
+        others = row_items()
         for index, length in enumerate(lengths):
-            row.add(index, sample(length, 1 if images_per_row else 0))
+            dealt = {m: items[index::per_row] for m, items in others.items()}
+            row.add(index, sample(length, 1 if images_per_row else 0, dealt))
         packed.append(row)
-    return collate_rows(packed, seq_len, image_format)
+    return collate_rows(packed, seq_len, input_formats)
 
 
 @contextmanager
@@ -175,7 +234,8 @@ class StepTrace:
     tracker: TensorMemoryTracker
     batch: Batch  # the worst-case micro-batch (real, CPU)
     model: nn.Module  # the sharded model, on fake tensors
-    image_format: ImageFormat  # how the model's encoder takes images
+    input_formats: dict[str, EncoderInputFormat]  # how each encoder takes its items, by modality ("image" for one)
+    items_per_row: dict[str, int]  # each modality's item slots per worst-case row (per sample when padding-free)
 
 
 class PlanningFakeMode(ValueKeepingFakeMode):
@@ -222,15 +282,23 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
         model = build_parallel_model(
             config, build_meta_model(config.model, source), mesh, device, offloader=offloader, compile=False
         )
-        image_format = source.family.image_format(model)
+        # The trainer's own formats and row limits (the input formats by modality, from the family).
+        _, inputs, collated = model_inputs(config, source, model)
+        limits = dict(zip(other_names(inputs), other_limits(config.data, inputs)))
+        formats = source.family.input_formats(model)
         batch = worst_case_batch(
-            image_format,
+            collated,
             rows=config.batch.micro_batch_size,
             seq_len=config.batch.seq_len,
             images_per_row=config.data.max_images_per_row,
             packing=config.data.packing,
             padding_free=config.data.padding_free,
+            other_limits=limits,
         )
+        items_per_row = {
+            IMAGE: config.data.max_images_per_row,
+            **{m: len(worst_case_items(formats[m], items, tokens)) for m, (items, tokens) in limits.items()},
+        }
         with PlanningFakeMode(allow_non_fake_inputs=True) as mode:
             model.to_empty(device="cpu")
             model.set_skip_output_projection(True)
@@ -278,8 +346,12 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
                 )
                 tracking[:] = [tracker]
                 hooks = [
-                    model.encoder.register_forward_pre_hook(lambda *_: tracker.push("encoder")),
-                    model.encoder.register_forward_hook(lambda *_: tracker.pop()),
+                    hook
+                    for label, encoder in _encoders(model).items()
+                    for hook in (
+                        encoder.register_forward_pre_hook(lambda *_, label=label: tracker.push(label)),
+                        encoder.register_forward_hook(lambda *_: tracker.pop()),
+                    )
                 ]
                 with tracker:
                     train_step(1, [batch] * micro_batches)
@@ -294,8 +366,17 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
         tracker=tracker,
         batch=batch,
         model=model,
-        image_format=image_format,
+        input_formats=formats,
+        items_per_row=items_per_row,
     )
+
+
+def _encoders(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's encoders by the label their activations get in the breakdown: ``encoder`` for
+    one, ``<modality> encoder`` each for an encoder per modality."""
+    if model.modalities is None:
+        return {"encoder": model.encoder}
+    return {f"{m} encoder": model.encoder[m] for m in model.modalities}
 
 
 def _warm_up(model: nn.Module, train_step: TrainStep, trainable: list[torch.Tensor]) -> None:
@@ -316,15 +397,19 @@ def _warm_up(model: nn.Module, train_step: TrainStep, trainable: list[torch.Tens
 def _fake_batch(batch: Batch, mode: FakeTensorMode, tracker: TensorMemoryTracker | None) -> Batch:
     """``batch`` as fake tensors, each a fresh (tracked) allocation: inputs live on the device.
 
-    The encoder's integer inputs stay real (CPU copies): an encoder may read their values (SigLIP2
+    The encoders' integer inputs stay real (CPU copies): an encoder may read their values (SigLIP2
     NaFlex sizes its position embeddings from ``spatial_shapes``), which fake tensors cannot give.
-    They are a few bytes per image, and are left out of the count."""
+    They are a few bytes per item (Whisper's ``token_index``: per encoder token), and are left out
+    of the count."""
     batch.packed_layouts()  # from the host values, as Batch.to does: the traced step attends through them
     with tracker.label("inputs") if tracker is not None else nullcontext():
         fake = batch.map(lambda t: mode.from_tensor(t).clone())
-    if batch.encoder_input is not None:
-        fake.encoder_input = {
-            key: value.clone() if not value.is_floating_point() else fake.encoder_input[key]
-            for key, value in batch.encoder_input.items()
-        }
+
+    def keep_integers(real: dict[str, torch.Tensor], faked: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {key: value.clone() if not value.is_floating_point() else faked[key] for key, value in real.items()}
+
+    if isinstance(batch.encoder_mask, dict):  # inputs by modality
+        fake.encoder_input = {m: keep_integers(batch.encoder_input[m], fake.encoder_input[m]) for m in batch.encoder_input}
+    elif batch.encoder_input is not None:
+        fake.encoder_input = keep_integers(batch.encoder_input, fake.encoder_input)
     return fake

@@ -91,6 +91,9 @@ def build_dataset(
         model: the model (synthetic data reads its vocabulary; the image token is the first new
             embedding row unless the tokenizer has its own).
         split: "train" or "eval".
+
+    Synthetic data for a model with an encoder per modality holds items of every modality
+    beside images too, each marked by its placeholder id (:attr:`InputFolders.others`).
     """
     data = config.data
     sources = data_sources(data, split)
@@ -113,6 +116,7 @@ def build_dataset(
             max_text=data.synthetic_max_text,
             lengths=data.synthetic_lengths,
             seed=config.seed if split == "train" else config.seed + 7919,
+            others={other.name: (other.input_format, other.token_id) for other in inputs.others},
         )
     if source.path is None:
         return None
@@ -215,6 +219,11 @@ def sizes_key_parts(
             "seed": dataset.seed,
             "vocab_size": dataset.vocab_size,
         }
+        if dataset.others:  # only then: the keys of image-text synthetic data stay what they were
+            synthetic["others"] = [
+                {"name": name, "format": input_format.describe(), "token_id": token_id}
+                for name, (input_format, token_id) in dataset.others.items()
+            ]
         return {"synthetic": synthetic, "encoder": encoder}
     source = source or data_sources(data, "train")[0]
     records = dataset.records

@@ -36,8 +36,7 @@ def model_inputs(config: TrainConfig, source: ModelSource, model: nn.Module) -> 
     processors, the other modalities'), and what the collators take (:func:`collate_formats`).
 
     Raises:
-        NotImplementedError: a model without an image encoder, or one with other modalities on
-            synthetic data (image-text only).
+        NotImplementedError: a model without an image encoder.
     """
     formats = source.family.input_formats(model)
     if "image" not in formats:
@@ -46,11 +45,6 @@ def model_inputs(config: TrainConfig, source: ModelSource, model: nn.Module) -> 
             "(model.compose.encoders: {image: <vision folder>, ...})"
         )
     inputs = source.input_folders(model)
-    if inputs.others and config.data.format == "synthetic":
-        raise NotImplementedError(
-            f"a model with an encoder per modality ({', '.join(formats)}) trains on records, from files or "
-            "streamed (data.format caption or chat): synthetic data is image-text only"
-        )
     return formats["image"], inputs, collate_formats(formats["image"], inputs)
 
 

@@ -319,13 +319,21 @@ class ComposedFamily(ModelFamily):
     # -- what the model takes ---------------------------------------------------------------------
 
     def image_format(self, model: nn.Module) -> ImageFormat:
-        if getattr(model, "modalities", None) is not None:
-            raise NotImplementedError(
-                f"a composed model with an encoder per modality ({', '.join(model.modalities)}) takes its inputs by "
-                "modality (input_formats); the planner, which asked for one image format, does not size such a "
-                "model yet"
+        """The image encoder's format: the one encoder's, or with an encoder per modality the
+        ``image`` encoder's (:meth:`input_formats` gives every modality's).
+
+        Raises:
+            ValueError: a model with an encoder per modality, none of which takes images.
+        """
+        modalities = getattr(model, "modalities", None)
+        if modalities is None:
+            return self._encoder_family_of(model.encoder).image_format(model.encoder)
+        if "image" not in modalities:
+            raise ValueError(
+                f"this composed model's encoders take {', '.join(modalities)}, and none takes images: "
+                "ask input_formats for their formats"
             )
-        return self._encoder_family_of(model.encoder).image_format(model.encoder)
+        return self._encoder_family_of(model.encoder["image"]).image_format(model.encoder["image"])
 
     def input_formats(self, model: nn.Module) -> dict[str, EncoderInputFormat]:
         if getattr(model, "modalities", None) is None:
