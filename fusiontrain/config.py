@@ -250,7 +250,8 @@ class DataConfig:
     synthetic_lengths: Literal["uniform", "fixed", "long_tail"] = _field(
         "uniform",
         "Synthetic mix: 'uniform' (one image, 4..max_text tokens), 'fixed' (one image, max_text tokens) "
-        "or 'long_tail' (0-2 images, Pareto alpha 1.1 scale 24 text lengths capped at max_text).",
+        "or 'long_tail' (0-2 images, Pareto alpha 1.1 scale 24 text lengths capped at max_text); a model with an "
+        "encoder per modality gets as many items of each other modality (one, or 0-2).",
     )
 
 

@@ -210,16 +210,6 @@ def bench_composed_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return llama, root / "siglip", root / "whisper"
 
 
-# The training run imports the towers' transformers code before the trainer takes its RSS baseline:
-# on a CPU the peak is the RSS above that baseline, and importing SigLIP's and Whisper's modeling
-# code (which the composed model's towers run) adds about 54 MB of code and Python objects to it,
-# runtime like the Python and torch the baseline leaves out, which the plan (tensors) does not count.
-TRAIN_WITH_TOWER_CODE = (
-    "import sys, transformers.models.siglip.modeling_siglip, transformers.models.whisper.modeling_whisper; "
-    "from fusiontrain.cli import main; sys.exit(main())"
-)
-
-
 @pytest.mark.slow  # a training run beside a plan (the file's other tests take seconds: it is not in SLOW_FILES)
 @pytest.mark.timeout(300)
 def test_plan_predicts_the_measured_peak_within_10_percent_with_both_encoders(
@@ -236,7 +226,7 @@ def test_plan_predicts_the_measured_peak_within_10_percent_with_both_encoders(
     ]
     plan_command = [sys.executable, "-m", "fusiontrain", "plan", "--config", str(TINY_CONFIG), "--json", "--gpus", "1", "--gpu", "cpu"]
     train_args = [
-        *("-c", TRAIN_WITH_TOWER_CODE, "train", "--config", str(TINY_CONFIG), *overrides),
+        *("-m", "fusiontrain", "train", "--config", str(TINY_CONFIG), *overrides),
         *(f"output_dir={tmp_path}", "max_steps=2", "data.num_workers=0", "eval.every_n_steps=0"),
     ]
     _, (plan_run,) = run_world(

@@ -60,8 +60,8 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory_bytes(device: torch.device, host_baseline: int = 0) -> int:
     """Peak memory since :func:`reset_peak_memory`: the CUDA allocator's peak on a GPU (tensor
     bytes, what ``python -m fusiontrain plan`` predicts); on a CPU the RSS high-water mark minus
-    ``host_baseline`` (pass the RSS from before the model was built, leaving out the Python and
-    torch runtime)."""
+    ``host_baseline`` (pass the RSS from before the model holds memory, leaving out the Python
+    and torch runtime and the model's code)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return _proc_status_bytes("VmHWM") - host_baseline

@@ -84,9 +84,6 @@ class Trainer:
         except ValueError as error:  # a GPU outside the peak table: no MFU rather than a wrong one
             logger.warning("MFU unavailable: %s", error)
             self.peak_flops = None
-        # CPU peaks are measured above the RSS before the model exists (runtime and process group
-        # excluded), from after loading: the numbers the planner predicts.
-        self.host_baseline = host_rss_bytes() if self.device.type == "cpu" else 0
         self.source = ModelSource.from_config(config.model)
         self.model = self._build_model()
         reset_peak_memory(self.device)
@@ -171,6 +168,10 @@ class Trainer:
         """Meta build -> parallelize -> allocate shards -> fill from the pretrained files."""
         config = self.config
         pretrained = prepare_model(config.model, self.source, seed=config.seed)
+        # CPU peaks are measured above the RSS before the model holds memory (the runtime, the
+        # process group and the model's code, transformers' for HF towers, excluded), from after
+        # loading: the numbers the planner predicts.
+        self.host_baseline = host_rss_bytes() if self.device.type == "cpu" else 0
         model = build_parallel_model(config, pretrained.model, self.mesh, self.device)  # still on the meta device
         materialize(model, self.device)
         pretrained.load(canonical_parameters(model))
