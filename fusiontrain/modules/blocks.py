@@ -44,13 +44,23 @@ def block_stacks(model: nn.Module) -> Iterator[tuple[str, nn.ModuleList]]:
     yield from stacks
 
 
-def encoders_by_prefix(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name prefix, encoder)`` of each of ``model``'s encoders: ``[("encoder", encoder)]`` for
-    one, ``[("encoder.image", ...), ("encoder.audio", ...)]`` for one per modality (a
-    :class:`~fusiontrain.modules.DeepFusionModel` given a mapping), none for a model without."""
+def encoders_by_modality(model: nn.Module) -> dict[str | None, nn.Module]:
+    """``model``'s encoders by modality: ``{None: encoder}`` for one, ``{"image": ..., "audio":
+    ...}`` for one per modality (a :class:`~fusiontrain.modules.DeepFusionModel` given a
+    mapping), empty for a model without."""
     encoder = getattr(model, "encoder", None)
     if encoder is None:
-        return []
+        return {}
     if isinstance(encoder, nn.ModuleDict):
-        return [(f"encoder.{modality}", module) for modality, module in encoder.items()]
-    return [("encoder", encoder)]
+        return dict(encoder.items())
+    return {None: encoder}
+
+
+def encoders_by_prefix(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name prefix, encoder)`` of each of ``model``'s encoders (:func:`encoders_by_modality`):
+    ``[("encoder", encoder)]`` for one, ``[("encoder.image", ...), ("encoder.audio", ...)]`` for
+    one per modality."""
+    return [
+        ("encoder" if modality is None else f"encoder.{modality}", module)
+        for modality, module in encoders_by_modality(model).items()
+    ]

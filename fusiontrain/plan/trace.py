@@ -30,6 +30,7 @@ from fusiontrain.data.input_format import EncoderInputFormat, ItemInput
 from fusiontrain.data.loader import SKIP_REASONS
 from fusiontrain.data.packing import PackedRow, collate_padding_free, collate_rows
 from fusiontrain.flops.probe import ValueKeepingFakeMode
+from fusiontrain.modules.blocks import encoders_by_modality
 from fusiontrain.parallel.distributed import DistributedContext, build_mesh
 from fusiontrain.parallel.offload import ActivationOffloader
 from fusiontrain.parallel.precision import StorageDtypes
@@ -374,9 +375,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
 def _encoders(model: nn.Module) -> dict[str, nn.Module]:
     """The model's encoders by the label their activations get in the breakdown: ``encoder`` for
     one, ``<modality> encoder`` each for an encoder per modality."""
-    if model.modalities is None:
-        return {"encoder": model.encoder}
-    return {f"{m} encoder": model.encoder[m] for m in model.modalities}
+    return {"encoder" if m is None else f"{m} encoder": encoder for m, encoder in encoders_by_modality(model).items()}
 
 
 def _warm_up(model: nn.Module, train_step: TrainStep, trainable: list[torch.Tensor]) -> None:

@@ -38,6 +38,7 @@ from fusiontrain.weights.hf_checkpoint import HFCheckpoint
 from fusiontrain.families.llama import llama_fused_decoder
 from fusiontrain.weights.pretrained import PretrainedModel, WeightSource, check_routes_cover
 from fusiontrain.modules import DeepFusionModel, FusionEmbedding, get_fusion_params
+from fusiontrain.modules.blocks import encoders_by_modality
 
 # New token rows a composed model adds (the image token is the first); checkpoints record it.
 COMPOSED_FUSION_VOCAB_SIZE = 8
@@ -131,8 +132,7 @@ class ComposedFamily(ModelFamily):
 
     def _encoders_of(self, model: nn.Module) -> dict[str | None, nn.Module]:
         """The model's encoders by modality (``{None: encoder}`` for one encoder)."""
-        modalities = getattr(model, "modalities", None)
-        return {None: model.encoder} if modalities is None else {m: model.encoder[m] for m in modalities}
+        return encoders_by_modality(model)
 
     # -- roles ------------------------------------------------------------------------------------
 
