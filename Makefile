@@ -1,4 +1,4 @@
-.PHONY: test test-fast demo clean env
+.PHONY: test test-fast demo demo-audio-vision clean env
 
 PYTHON := .venv/bin/python
 # Both use 2 pytest-xdist workers that steal work from each other when idle; the expensive
@@ -24,6 +24,10 @@ test-fast: env
 
 demo: env
 	$(PYTHON) -m fusiontrain demo
+
+# The demo of a model with two encoders: a tiny Llama with SigLIP and Whisper.
+demo-audio-vision: env
+	$(PYTHON) -m fusiontrain demo --audio-vision
 
 clean:
 	rm -rf .venv build dist *.egg-info .pytest_cache

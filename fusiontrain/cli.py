@@ -17,9 +17,15 @@ from typing import NoReturn
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    """Handler of ``demo``: runs :func:`fusiontrain.demo.main` (imported lazily)."""
-    from fusiontrain import demo as demo_module
+    """Handler of ``demo``: runs :func:`fusiontrain.demo.main`, or with ``--audio-vision``
+    :func:`fusiontrain.demo_audio_vision.main` (imported lazily)."""
+    if args.audio_vision:
+        from fusiontrain import demo_audio_vision as demo_module
+    else:
+        from fusiontrain import demo as demo_module
 
+    if args.output_dir is None:
+        args.output_dir = "demo_output/audio_vision" if args.audio_vision else "demo_output"
     result = demo_module.main(args)
     return int(result) if isinstance(result, int) else 0
 
@@ -345,7 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the end-to-end demo job on tiny, locally built models.",
     )
     demo.add_argument(
-        "--output-dir", default="demo_output", help="where the demo writes its outputs"
+        "--output-dir",
+        default=None,
+        help="where the demo writes its outputs (default: demo_output; demo_output/audio_vision with --audio-vision)",
+    )
+    demo.add_argument(
+        "--audio-vision",
+        action="store_true",
+        help="run the demo of a model with two encoders instead: a tiny Llama with SigLIP and Whisper, captioning "
+        "drawn shapes, synthesized clips and both",
     )
     demo.set_defaults(func=_run_demo)
 

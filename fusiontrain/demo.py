@@ -46,11 +46,36 @@ DEMO_CONFIG = "demo.yaml"  # package data of fusiontrain ([tool.setuptools.packa
 KILL_AFTER_CHECKPOINT = 300  # of 500 steps, checkpointed every 100 (fusiontrain/demo.yaml)
 
 
-def demo_config() -> contextlib.AbstractContextManager[Path]:
-    """The demo's training config as a file path, for the ``with`` block that uses it: it is read
-    from the installed package (not from a source checkout), extracted to a temporary file only
-    when the package is not on disk (e.g. imported from a zip)."""
-    return resources.as_file(resources.files("fusiontrain").joinpath(DEMO_CONFIG))
+def demo_config(name: str = DEMO_CONFIG) -> contextlib.AbstractContextManager[Path]:
+    """A demo's training config (package data ``name``) as a file path, for the ``with`` block that
+    uses it: it is read from the installed package (not from a source checkout), extracted to a
+    temporary file only when the package is not on disk (e.g. imported from a zip)."""
+    return resources.as_file(resources.files("fusiontrain").joinpath(name))
+
+
+def torchrun_command(config: Path, overrides: list[str], *, max_restarts: int = 0) -> list[str]:
+    """``train`` with ``config`` and ``overrides`` on 2 local ranks under torchrun, which restarts
+    the whole job up to ``max_restarts`` times after a rank dies."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "--max-restarts", str(max_restarts), "-m", "fusiontrain", "train", "--config", str(config), *overrides,
+    ]
+
+
+def training_env() -> dict[str, str]:
+    """The environment of a demo's training job: one thread per rank (2 ranks on 2 cores would
+    otherwise fight over them) and no wandb."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+
+
+def print_losses(run: Path, every: int = 50) -> None:
+    """The training loss of every ``every``-th step and of the last in ``run``'s ``metrics.jsonl``,
+    and each eval loss."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if row["step"] % every == 0 or "eval_loss" in row or row is rows[-1]:
+            extra = f"  eval loss {row['eval_loss']:.3f}" if "eval_loss" in row else ""
+            print(f"      step {row['step']:3d}  loss {row['loss']:.3f}{extra}")
 
 
 def training_overrides(base: Path, out: Path) -> list[str]:
@@ -116,9 +141,8 @@ def _rank_one(pid: int, agent: int) -> bool:
 def train_with_a_kill(command: list[str], run: Path, log: Path) -> None:
     """Run ``command`` (torchrun with --max-restarts 1) and SIGKILL rank 1 once the checkpoint
     of step KILL_AFTER_CHECKPOINT exists; torchrun restarts and the run resumes by itself."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     with log.open("w") as sink:
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=training_env(), stdout=sink, stderr=subprocess.STDOUT)
         marker = run / "checkpoints" / f"step_{KILL_AFTER_CHECKPOINT}" / "manifest.json"
         while not marker.is_file() and process.poll() is None:
             time.sleep(0.05)
@@ -169,16 +193,9 @@ def main(args: argparse.Namespace) -> int:
     print("[2/4] training on 2 ranks (gloo) with packing and checkpoints; one rank gets killed")
     run = out / "run"
     with demo_config() as config_path:
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
-            "-m", "fusiontrain", "train", "--config", str(config_path), *training_overrides(base, out),
-        ]
+        command = torchrun_command(config_path, training_overrides(base, out), max_restarts=1)
         train_with_a_kill(command, run, out / "train.log")
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        if row["step"] % 50 == 0 or "eval_loss" in row:
-            extra = f"  eval loss {row['eval_loss']:.3f}" if "eval_loss" in row else ""
-            print(f"      step {row['step']:3d}  loss {row['loss']:.3f}{extra}")
+    print_losses(run)
     resumed = "resumed from" in (out / "train.log").read_text()
     print(f"      the restarted job resumed from its checkpoint: {resumed}")
 
