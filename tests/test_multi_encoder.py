@@ -153,6 +153,24 @@ def test_an_absent_modality_leaves_its_fusion_layers_a_no_op() -> None:
     assert torch.equal(text_only, all_shut)
 
 
+def test_the_encoders_run_in_the_models_order_whatever_the_inputs_order() -> None:
+    """Under FSDP every rank must meet the encoders' collectives in one order; a rank whose batch
+    held only clips lists its blank image slot after them (with_placeholder_items), so the order
+    of ``encoder_input`` must not decide which encoder runs first (it hung or crashed gloo)."""
+    tokens, encoder_input, masks = _inputs()
+    model = _model()
+    ran: list[str] = []
+    for modality in model.modalities:
+        model.encoder[modality].register_forward_pre_hook(lambda *_, m=modality: ran.append(m))
+    with torch.no_grad():
+        forward = model(tokens, encoder_input=encoder_input, encoder_mask=masks)
+        reversed_input = dict(reversed(list(encoder_input.items())))
+        assert list(reversed_input) != list(model.modalities)
+        backward = model(tokens, encoder_input=reversed_input, encoder_mask=dict(reversed(list(masks.items()))))
+    assert ran == [*model.modalities, *model.modalities]
+    assert torch.equal(forward, backward)
+
+
 def test_kv_cached_decoding_equals_the_full_forward_for_both_modalities() -> None:
     """Prefill with both encoders, then one token at a time from the cached encoder keys and
     values (no encoder input), each step's masks the rows of the full masks; after

@@ -290,7 +290,9 @@ def with_placeholder_items(batch: Batch, input_formats: Mapping[str, EncoderInpu
         _, width = fmt.layout(per_row)
         inputs[modality] = fmt.collate(per_row)
         masks[modality] = torch.zeros(b, s, width, dtype=torch.bool)
-    batch.encoder_input, batch.encoder_mask = inputs, masks
+    # in the formats' order on every rank, whichever modalities the batch held
+    batch.encoder_input = {m: inputs[m] for m in input_formats}
+    batch.encoder_mask = {m: masks[m] for m in input_formats}
     return batch
 
 

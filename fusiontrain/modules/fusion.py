@@ -392,13 +392,22 @@ class DeepFusionModel(nn.Module):
 
     def encode(self, encoder_input: dict[str, Any] | Mapping[str, dict[str, Any] | None]) -> torch.Tensor | dict[str, torch.Tensor]:
         """The encoder embeddings ``[b, s_e, d]`` of ``encoder_input``; with an encoder per
-        modality, a dict of them for the modalities present (a missing or None entry is absent)."""
+        modality, a dict of them for the modalities present (a missing or None entry is absent).
+
+        The encoders run in the model's order of modalities, whatever the order of
+        ``encoder_input``: under FSDP every rank must issue the same collectives in the same
+        order, and two ranks' batches may list their modalities differently (one holds clips and
+        gets a blank image slot added after them)."""
         if self.modalities is None:
             return self.encoder(**encoder_input)
         if not isinstance(encoder_input, Mapping):
             by_modality(encoder_input, self.modalities[0], "encoder_input")  # raises, naming the fix
         self._check_modalities(encoder_input, "encoder_input")
-        return {modality: self.encoder[modality](**inputs) for modality, inputs in encoder_input.items() if inputs is not None}
+        return {
+            modality: self.encoder[modality](**encoder_input[modality])
+            for modality in self.modalities
+            if encoder_input.get(modality) is not None
+        }
 
     def forward(
         self,
