@@ -55,7 +55,9 @@ def test_a_2_rank_packed_run_with_images_and_clips_trains_resumes_bitwise_and_on
         "model.compose.fusion_intervals={image: 2, audio: 4}", "model.compose.fusion_offsets={audio: 0}",
         "data.format=caption", f"data.train.path={data}", "data.packing=true", "data.max_items_per_row={audio: 2}",
         "batch.seq_len=48", "batch.micro_batch_size=1", "batch.global_batch_size=4", "max_steps=3",
-        "checkpoint.every_n_steps=2", "eval.every_n_steps=0", "logging.every_n_steps=0", "data.num_workers=0",
+        "checkpoint.every_n_steps=2", "eval.every_n_steps=0", "logging.every_n_steps=0",
+        # both towers trained: the export must take Whisper's fixed positions from its base folder
+        "model.encoder_trainable=true", "data.num_workers=0",
     ]
     run = tmp_path / "run"
     run_world([*args, f"output_dir={run}"], nproc=2, timeout=240)

@@ -87,6 +87,7 @@ from fusiontrain.checkpoint.export_files import (
 from fusiontrain.weights.peft import peft_layout, write_adapter
 from fusiontrain.weights.lora import LoraSettings, lora_shapes
 from fusiontrain.modules import DeepFusionModel, get_fusion_params
+from fusiontrain.modules.fusion import never_trained
 from fusiontrain.modules.lora import is_lora_parameter, merged_weight
 
 FORMATS = ("hf", "fusiontrain", "peft")
@@ -179,18 +180,22 @@ def _open_trained(
 ) -> dict[str, CheckpointPart]:
     """The checkpoint's DCP parts, each checked to hold exactly the base model's parameters of
     that part (``fusion``: the fusion parameters; ``decoder`` / ``encoder``: the others; ``lora``:
-    the LoRA matrices of the manifest's ``lora``)."""
+    the LoRA matrices of the manifest's ``lora``). A parameter the model declares never trained
+    (``frozen_params()``: Whisper's sinusoidal positions) may be absent from its part: a trained
+    encoder's part leaves it out unless ``checkpoint.save_frozen``; the base folder gives it."""
     shapes = {name: param.shape for name, param in model.named_parameters()}
     if lora is not None:
         shapes.update(lora_shapes(model, lora))
     fusion = set(get_fusion_params(model))
+    fixed = never_trained(model)
     opened = open_parts(checkpoint, parts)
     if (lora is None) != ("lora" not in opened):
         raise ExportError(f"checkpoint {checkpoint}: its manifest's 'lora' and its parts {list(parts)} disagree")
     for part in opened.values():
         expected = {name: shape for name, shape in shapes.items() if _part_of(name, fusion) == part.name}
+        required = {name: shape for name, shape in expected.items() if name not in fixed or name in part.entries}
         try:
-            part.check_shapes(expected, whole=True, what="the base model")
+            part.check_shapes(required, whole=True, what="the base model")
         except PartMismatch as error:
             raise ExportError(str(error)) from None
     return opened

@@ -38,7 +38,9 @@ class HFVisionTowerEncoder(nn.Module):
 
     The tower's pooling parts (CLIP's ``post_layernorm``, SigLIP's attention-pooling ``head``) are
     kept so the tower stays a faithful, re-exportable HF module, but they do not feed
-    ``last_hidden_state``: with ``encoder_trainable`` they get no gradient.
+    ``last_hidden_state``: they are declared never trained (:meth:`frozen_params`), so that
+    ``encoder_trainable`` leaves them frozen rather than in the optimizer with no gradient (and
+    no AdamW state, which a resume then found missing).
 
     Args:
         tower: a ``CLIPVisionModel`` or ``SiglipVisionModel``.
@@ -56,6 +58,14 @@ class HFVisionTowerEncoder(nn.Module):
         self.tower = tower
         self.projection = register_fusion_module(MLPProjectionHead(tower.config.hidden_size, decoder_dim))
         self.decoder_dim = decoder_dim
+
+    def frozen_params(self) -> list[str]:
+        """The pooling parts' parameters (see the class doc): CLIP's ``post_layernorm``, SigLIP's
+        ``head``."""
+        from transformers import CLIPVisionModel
+
+        pooling = "post_layernorm" if isinstance(self.tower, CLIPVisionModel) else "head"
+        return [f"tower.{name}" for name, _ in self.tower.named_parameters() if pooling in name.split(".")]
 
     @property
     def image_size(self) -> int:

@@ -278,7 +278,7 @@ class FusionEmbedding(nn.Module):
 _FROZEN_PARAMS_METHOD = "frozen_params"
 
 
-def _never_trained(module: nn.Module, prefix: str) -> set[str]:
+def never_trained(module: nn.Module, prefix: str = "") -> set[str]:
     """Names (under ``prefix``) of the parameters that submodules of ``module`` declare fixed by a
     ``frozen_params()`` method returning local names (e.g. an encoder's sinusoidal position table,
     which its reference implementation never trains): ``encoder_trainable`` leaves them frozen."""
@@ -334,7 +334,7 @@ class DeepFusionModel(nn.Module):
         self.modalities: tuple[str, ...] | None = tuple(self.encoder) if per_modality else None
         trainable: set[str] = set()
         if encoder_trainable:
-            trainable |= {f"encoder.{name}" for name, _ in self.encoder.named_parameters()} - _never_trained(self.encoder, "encoder.")
+            trainable |= {f"encoder.{name}" for name, _ in self.encoder.named_parameters()} - never_trained(self.encoder, "encoder.")
         if decoder_trainable:
             trainable |= {f"decoder.{name}" for name, _ in decoder.named_parameters()}
         fusion = set(get_fusion_params(self))
