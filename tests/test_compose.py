@@ -272,8 +272,12 @@ def test_fusion_params_and_trainable_flags(
             want = decoder_trainable
         else:
             assert name.startswith("encoder.tower.")
-            want = encoder_trainable
+            # SigLIP's pooling head does not feed last_hidden_state: never trained (no gradient, no AdamW state)
+            want = encoder_trainable and not name.startswith("encoder.tower.head.")
         assert param.requires_grad == want, name
+    if encoder_trainable:
+        frozen = {name for name, param in model.named_parameters() if name.startswith("encoder.tower.") and not param.requires_grad}
+        assert frozen and all(".head." in name for name in frozen)
 
 
 @pytest.mark.parametrize("fusion_interval", [1, 2, 3, 4])
