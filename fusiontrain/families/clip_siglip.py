@@ -26,6 +26,10 @@ from fusiontrain.modules.image_slots import check_image_slots, place_slots, sele
 from fusiontrain.torch_private import non_persistent_buffer_names
 
 
+# The submodule of each tower that pools and does not feed ``last_hidden_state``.
+_POOLING_PARTS = {"CLIPVisionModel": "post_layernorm", "SiglipVisionModel": "head"}
+
+
 class HFVisionTowerEncoder(nn.Module):
     """A HF CLIP / SigLIP vision tower followed by a projection head to the decoder's width.
 
@@ -62,9 +66,7 @@ class HFVisionTowerEncoder(nn.Module):
     def frozen_params(self) -> list[str]:
         """The pooling parts' parameters (see the class doc): CLIP's ``post_layernorm``, SigLIP's
         ``head``."""
-        from transformers import CLIPVisionModel
-
-        pooling = "post_layernorm" if isinstance(self.tower, CLIPVisionModel) else "head"
+        pooling = _POOLING_PARTS[type(self.tower).__name__]
         return [f"tower.{name}" for name, _ in self.tower.named_parameters() if pooling in name.split(".")]
 
     @property
