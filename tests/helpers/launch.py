@@ -15,6 +15,7 @@ Every launch:
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fusiontrain.parallel.processes import descendant_pids
+from tests.helpers.zygote import ForkedProcess, Zygote, forkable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MULTINODE_SH = REPO_ROOT / "launch" / "multinode.sh"
@@ -53,12 +55,16 @@ def _is_launch_var(name: str) -> bool:
     return name in _LAUNCH_VARS or name.startswith(("RDZV_", "TORCHELASTIC_", "SLURM_"))
 
 
-def launch_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+#: This process's environment when the module was imported, before any test changed it.
+_START_ENVIRON = dict(os.environ)
+
+
+def launch_env(env: Mapping[str, str] | None = None, *, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a launched run: ours without launcher / process-group variables
     (``RANK``, ``NODE_RANK``, ``RDZV_*``, ``SLURM_*``, ...), ``OMP_NUM_THREADS=1``, the repo root
     first on ``PYTHONPATH``, this interpreter as ``PYTHON`` (read by the launch scripts), then
-    ``env``."""
-    out = {k: v for k, v in os.environ.items() if not _is_launch_var(k)}
+    ``env``. ``base``: the environment to start from (default: this process's, now)."""
+    out = {k: v for k, v in (os.environ if base is None else base).items() if not _is_launch_var(k)}
     out["OMP_NUM_THREADS"] = "1"
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), out.get("PYTHONPATH", "")) if p)
     out["PYTHON"] = sys.executable
@@ -121,7 +127,7 @@ def run_ranks(
     """
     envs = _rank_envs(nproc, env)
     cmds = [[sys.executable, *args] for _ in range(nproc)]
-    return _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check)
+    return _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, ranks=nproc)
 
 
 def _rank_envs(nproc: int, env: Mapping[str, str] | None) -> list[dict[str, str]]:
@@ -160,7 +166,7 @@ def run_world(
     """
     envs = _rank_envs(nproc, env) + [launch_env(env)] * len(beside)
     cmds = [[sys.executable, *args] for _ in range(nproc)] + [list(command) for command in beside]
-    every = _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, end_all_on_failure=True)
+    every = _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, end_all_on_failure=True, ranks=nproc)
     results, others = every[:nproc], every[nproc:]
     codes = [r.returncode for r in results]
     # A rank's own failure before the signals with which the others were ended.
@@ -237,15 +243,27 @@ def _run_all(
     cwd: Path,
     check: bool = True,
     end_all_on_failure: bool = False,
+    ranks: int = 0,
 ) -> list[subprocess.CompletedProcess]:
     """Start every command at once (each in its own session), wait for all with one deadline,
     and check the exit codes (unless ``check`` is false; a timeout always raises). With
-    ``end_all_on_failure``, a command that exits non-zero ends the others FAILURE_GRACE_S later."""
+    ``end_all_on_failure``, a command that exits non-zero ends the others FAILURE_GRACE_S later.
+    The first ``ranks`` commands are ranks of a world: those :func:`forkable` are forked from the
+    session's :class:`~tests.helpers.zygote.Zygote` (:func:`rank_zygote`)."""
     envs = [env] * len(cmds) if isinstance(env, Mapping) else list(env)
     logs = [tempfile.TemporaryFile(mode="w+b") for _ in cmds]
-    procs: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen | ForkedProcess] = []
+    zygote = rank_zygote() if ranks else None
     try:
-        for cmd, proc_env, log in zip(cmds, envs, logs):
+        for index, (cmd, proc_env, log) in enumerate(zip(cmds, envs, logs)):
+            if (
+                zygote is not None
+                and index < ranks
+                and cmd[0] == sys.executable
+                and forkable(cmd[1:], proc_env, zygote.env)
+            ):
+                procs.append(zygote.start(cmd[1:], proc_env, cwd, log.fileno()))
+                continue
             procs.append(
                 subprocess.Popen(
                     list(cmd),
@@ -291,6 +309,25 @@ def _run_all(
     return results
 
 
+#: Set to 0 to start every rank as a fresh interpreter (to compare, or to rule the zygote out).
+FORK_RANKS_VARIABLE = "FUSIONTRAIN_TESTS_FORK_RANKS"
+_zygote: Zygote | None = None
+
+
+def rank_zygote() -> Zygote | None:
+    """This process's :class:`~tests.helpers.zygote.Zygote`, started on first use under
+    :func:`launch_env` of the environment this process started with (not one a test changed for
+    itself) and stopped at exit; None when :data:`FORK_RANKS_VARIABLE` is 0. Forking a rank from
+    it skips the 2.7 CPU-s of imports a fresh interpreter pays."""
+    global _zygote
+    if os.environ.get(FORK_RANKS_VARIABLE, "1") == "0":
+        return None
+    if _zygote is None:
+        _zygote = Zygote(launch_env(base=_START_ENVIRON), REPO_ROOT)
+        atexit.register(_zygote.close)
+    return _zygote
+
+
 def _read(log) -> str:
     log.seek(0)
     text = log.read().decode("utf-8", errors="replace")
@@ -329,7 +366,7 @@ def _signal(pids: Sequence[int], sig: signal.Signals) -> None:
             pass
 
 
-def _kill_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
+def _kill_tree(proc: subprocess.Popen | ForkedProcess, grace: float = 5.0) -> None:
     """SIGTERM the process and every descendant (torchrun's workers live in sessions of their
     own, so the process group alone does not reach them), then SIGKILL what is left."""
     if proc.poll() is not None:

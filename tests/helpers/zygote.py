@@ -1,0 +1,265 @@
+"""Start the suite's ranks by forking a process that has imported torch and fusiontrain already.
+
+Every launched rank of a tiny run spends most of its CPU importing: torch, FSDP2 and DTensor,
+dynamo (torch's optimizers import it at their first step), the model families, about 2.7 CPU-s on
+this machine, against well under a second of training. The suite starts a few hundred ranks.
+:class:`Zygote` is a server process, one per pytest worker, started with the launch environment
+(:func:`tests.helpers.launch.launch_env`), that imports those modules once and then forks a child
+for every rank asked of it. A child starts as ``python <args>`` would: its own session, the
+environment, working folder, ``sys.argv`` and ``sys.path[0]`` of that command, its output to the
+caller's file, the module or script run as ``__main__``, and on return the interpreter's normal
+exit (``atexit`` handlers, non-daemon threads joined). Only what the imports themselves did is
+shared, so a command whose environment changes what happens at import or at interpreter start
+(``MALLOC_*``, ``OMP_NUM_THREADS``, ``TORCH_LOGS``, ...) is not forked:
+:func:`forkable` says which are.
+
+The protocol, over a Unix socket: the caller sends one JSON request (``argv``, ``env``, ``cwd``)
+with its output file's descriptor (``SCM_RIGHTS``); the server forks, answers ``pid N``, and
+answers ``exit CODE`` (``-SIGNAL`` for a signal, as ``subprocess`` reports it) when it has reaped
+that child. :class:`ForkedProcess` gives the caller ``subprocess.Popen``'s ``pid``, ``poll``,
+``wait`` and ``returncode``.
+
+Run as a script, this file is the server: ``python zygote.py SOCKET_PATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+#: What the server imports before it forks: every rank imports these (the trainer, the model
+#: families, FSDP2, DCP; dynamo through torch's optimizers).
+PRELOAD = (
+    "torch",
+    "torch._dynamo",
+    "torch.distributed.checkpoint",
+    "torch.distributed.fsdp",
+    "fusiontrain.cli",
+    "fusiontrain.train.trainer",
+    "fusiontrain.source.model_source",
+    "fusiontrain.families.registry",
+)
+#: Environment variables a forked rank may differ in from the server: read when the code runs, not
+#: when a module is imported or the interpreter starts. The process-group variables are set per
+#: rank; ``FUSIONTRAIN_*`` are the trainer's own (fault injection, the entry point);
+#: ``PYTEST_CURRENT_TEST`` is pytest's note of the test running.
+RUNTIME_VARIABLES = frozenset(
+    {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTEST_CURRENT_TEST"}
+)
+RUNTIME_PREFIXES = ("FUSIONTRAIN_", "WANDB_")
+_MAX_REQUEST = 1 << 20
+
+
+def forkable(args: Sequence[str], env: Mapping[str, str], server_env: Mapping[str, str]) -> bool:
+    """Whether ``python <args>`` under ``env`` may be forked from a server started under
+    ``server_env``: a module (``-m``) or a script, and no variable that differs between the two
+    environments is one read at import or interpreter start."""
+    if not args or (args[0].startswith("-") and args[0] != "-m") or (args[0] == "-m" and len(args) < 2):
+        return False
+    differing = {key for key in set(env) | set(server_env) if env.get(key) != server_env.get(key)}
+    return all(key in RUNTIME_VARIABLES or key.startswith(RUNTIME_PREFIXES) for key in differing)
+
+
+class ForkedProcess:
+    """A rank forked by the :class:`Zygote`, with ``subprocess.Popen``'s ``pid``, ``poll()``,
+    ``wait()`` and ``returncode``. The rank runs in a session of its own (``pid`` is its process
+    group), as ``Popen(start_new_session=True)`` starts one."""
+
+    def __init__(self, connection: socket.socket, pid: int, args: list[str]) -> None:
+        self._connection = connection
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._connection], [], [], 0)[0]:
+            self._read_exit()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            ready = select.select([self._connection], [], [], timeout)[0]
+            if not ready:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            self._read_exit()
+        assert self.returncode is not None
+        return self.returncode
+
+    def _read_exit(self) -> None:
+        message = _read_line(self._connection)
+        self._connection.close()
+        if not message.startswith("exit "):
+            raise RuntimeError(f"the zygote ended before rank {self.pid} did (it said {message!r})")
+        self.returncode = int(message.split()[1])
+
+
+class Zygote:
+    """The caller's side: starts the server on first use and keeps it for the session."""
+
+    def __init__(self, env: Mapping[str, str], cwd: Path) -> None:
+        self.env = dict(env)
+        self._folder = tempfile.TemporaryDirectory(prefix="zygote-")
+        self._path = str(Path(self._folder.name) / "socket")
+        self._log = tempfile.TemporaryFile(mode="w+b")
+        self._server = subprocess.Popen(
+            [sys.executable, __file__, self._path],
+            env=self.env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start(self, args: Sequence[str], env: Mapping[str, str], cwd: Path, output: int) -> ForkedProcess:
+        """Fork ``python <args>`` with environment ``env`` in folder ``cwd``, its stdout and stderr
+        going to the open file descriptor ``output``."""
+        connection = self._connect()
+        request = json.dumps({"argv": list(args), "env": dict(env), "cwd": str(cwd)}).encode() + b"\n"
+        socket.send_fds(connection, [request], [output])
+        message = _read_line(connection)
+        if not message.startswith("pid "):
+            connection.close()
+            raise RuntimeError(f"the zygote could not start {list(args)}: {message}")
+        return ForkedProcess(connection, int(message.split()[1]), [sys.executable, *args])
+
+    def _connect(self, timeout: float = 60.0) -> socket.socket:
+        deadline = time.monotonic() + timeout
+        while True:
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                connection.connect(self._path)
+                return connection
+            except (FileNotFoundError, ConnectionRefusedError):
+                connection.close()
+                if self._server.poll() is not None or time.monotonic() > deadline:
+                    self._log.seek(0)
+                    raise RuntimeError("the zygote did not start:\n" + self._log.read().decode(errors="replace")[-3000:])
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        if self._server.poll() is None:
+            self._server.terminate()
+            try:
+                self._server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._server.kill()
+                self._server.wait()
+        self._log.close()
+        self._folder.cleanup()
+
+
+def _read_line(connection: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = connection.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+# -- the server ---------------------------------------------------------------------------------------
+
+
+def serve(path: str) -> list[str]:
+    """Import :data:`PRELOAD`, then fork a child per request until SIGTERM. Returns only in a
+    child: the command's arguments (what follows ``python``), which its caller then runs."""
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path + ".tmp")
+    listener.listen(64)
+    os.rename(path + ".tmp", path)  # callers connect only once it listens
+    waiting: dict[int, socket.socket] = {}  # child pid -> its caller's connection
+    caller = os.getppid()
+    while True:
+        readable = select.select([listener], [], [], 0.02)[0]
+        if os.getppid() != caller:  # the pytest process that started this is gone (killed)
+            os._exit(0)
+        for pid, connection in list(waiting.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                _send(connection, f"exit {os.waitstatus_to_exitcode(status)}")
+                connection.close()
+                del waiting[pid]
+        if not readable:
+            continue
+        connection, _ = listener.accept()
+        message, fds, _, _ = socket.recv_fds(connection, _MAX_REQUEST, 1)
+        request = json.loads(message)
+        ready_read, ready_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            listener.close()
+            for other in waiting.values():
+                other.close()
+            connection.close()
+            os.close(ready_read)
+            _become(request, fds[0], ready_write)
+            return request["argv"]
+        os.close(fds[0])
+        os.close(ready_write)
+        os.read(ready_read, 1)  # the child has its own session: the caller may signal its group
+        os.close(ready_read)
+        _send(connection, f"pid {pid}")
+        waiting[pid] = connection
+
+
+def _send(connection: socket.socket, message: str) -> None:
+    try:
+        connection.sendall(message.encode() + b"\n")
+    except OSError:  # the caller is gone (its test ended): nothing to tell
+        pass
+
+
+def _become(request: dict, output: int, ready: int) -> None:
+    """In the forked child: take on the command's session (then say so on the pipe ``ready``),
+    output, folder, environment and arguments."""
+    os.setsid()
+    os.write(ready, b"1")
+    os.close(ready)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(null)
+    os.close(output)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    argv = request["argv"]
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        sys.path[0] = os.getcwd()
+    else:
+        sys.argv = list(argv)
+        sys.path[0] = str(Path(argv[0]).resolve().parent)
+
+
+def run_command(argv: list[str]) -> None:
+    """In the forked child: run ``python <argv>``'s module or script as ``__main__``."""
+    import runpy
+
+    if argv[0] == "-m":
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(argv[0], run_name="__main__")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # the server: leave at once
+    command = serve(sys.argv[1])
+    run_command(command)  # only a child gets here; the interpreter then exits as after `python <args>`

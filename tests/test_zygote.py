@@ -1,0 +1,105 @@
+"""The ranks the suite forks from a preloaded server (tests/helpers/zygote.py) run as ``python
+<args>`` would, and train exactly as fresh interpreters do."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.launch import FORK_RANKS_VARIABLE, REPO_ROOT, rank_zygote, run_world
+from tests.helpers.zygote import forkable
+
+TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
+
+
+def test_only_commands_whose_differences_are_read_at_run_time_are_forkable() -> None:
+    server = {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    assert forkable(["-m", "fusiontrain", "train"], {**server, "RANK": "1", "MASTER_PORT": "5"}, server)
+    assert forkable(["script.py"], {**server, "FUSIONTRAIN_INJECT_NONFINITE": "step=2"}, server)
+    # Read when the interpreter or a module starts: a fresh interpreter is needed.
+    assert not forkable(["script.py"], {**server, "MALLOC_MMAP_THRESHOLD_": "65536"}, server)
+    assert not forkable(["script.py"], {**server, "OMP_NUM_THREADS": "2"}, server)
+    assert not forkable(["script.py"], {"PATH": "/bin"}, server)  # a variable the server has, unset
+    # Not a module or a script.
+    assert not forkable(["-c", "print(1)"], server, server)
+    assert not forkable(["-m"], server, server)
+    assert not forkable([], server, server)
+
+
+def _start(tmp_path: Path, args: list[str], env: dict[str, str] | None = None):
+    zygote = rank_zygote()
+    assert zygote is not None, f"{FORK_RANKS_VARIABLE}=0 is set"
+    log = tempfile.TemporaryFile(mode="w+b")
+    proc = zygote.start(args, {**zygote.env, **(env or {})}, tmp_path, log.fileno())
+    return proc, log
+
+
+def _output(log) -> str:
+    log.seek(0)
+    return log.read().decode()
+
+
+def test_a_forked_script_gets_its_arguments_folder_environment_session_and_exit(tmp_path: Path) -> None:
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import atexit, os, sys, threading, time\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "def late():\n"
+        "    time.sleep(0.3)\n"
+        "    print('thread joined', flush=True)\n"
+        "threading.Thread(target=late).start()  # not a daemon: the exit waits for it\n"
+        "print('argv', sys.argv)\n"
+        "print('cwd', os.getcwd())\n"
+        "print('path0', sys.path[0])\n"
+        "print('rank', os.environ['RANK'], 'fault', os.environ.get('FUSIONTRAIN_X'))\n"
+        "print('own session', os.getsid(0) == os.getpid())\n"
+        "print('name', __name__)\n"
+        "sys.exit(3)\n"
+    )
+    proc, log = _start(tmp_path, [str(script), "a", "b"], {"RANK": "1", "FUSIONTRAIN_X": "y"})
+    assert proc.wait(timeout=60) == 3 and proc.returncode == 3
+    lines = _output(log).splitlines()
+    assert lines[:6] == [
+        f"argv {[str(script), 'a', 'b']}",
+        f"cwd {tmp_path}",
+        f"path0 {tmp_path}",
+        "rank 1 fault y",
+        "own session True",
+        "name __main__",
+    ]
+    assert lines[6:] == ["thread joined", "atexit ran"]
+
+
+def test_a_forked_module_runs_as_main_and_a_signal_shows_as_subprocess_reports_it(tmp_path: Path) -> None:
+    proc, log = _start(tmp_path, ["-m", "fusiontrain", "--help"])
+    assert proc.wait(timeout=60) == 0, _output(log)
+    assert "usage:" in _output(log)
+
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\nprint('started', flush=True)\ntime.sleep(120)\n")
+    proc, log = _start(tmp_path, [str(script)])
+    assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)  # its own process group, as Popen(start_new_session=True)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def test_forked_ranks_train_bitwise_as_fresh_interpreters(
+    tmp_path: Path, tiny_mllama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", "max_steps=2"]
+    args += ["data.num_workers=0", "eval.every_n_steps=0", "checkpoint.every_n_steps=0"]
+    runs = {}
+    for fork in ("1", "0"):
+        monkeypatch.setenv(FORK_RANKS_VARIABLE, fork)
+        out = tmp_path / f"fork{fork}"
+        result = run_world([*args, f"output_dir={out}"], nproc=2, timeout=240)
+        runs[fork] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert f"{sys.executable}" in " ".join(map(str, result.args))
+    keys = ("loss", "grad_norm", "tokens", "real_tokens")
+    assert [[row[k] for k in keys] for row in runs["1"]] == [[row[k] for k in keys] for row in runs["0"]]
