@@ -4,7 +4,9 @@ With 2 cores shared by 2 xdist workers and the training runs they launch, a test
 (``--durations``) mostly says what else ran beside it. Its CPU time says what it costs: this
 process's user + system time over the test (setup, call and teardown) plus that of every
 descendant process reaped meanwhile (torchrun, its ranks, their dataloader workers), from
-``getrusage`` (a forkserver helper, orphaned when its rank exits, is not counted). Each xdist worker measures its own tests and sends the numbers back with the
+``getrusage`` (a forkserver helper, orphaned when its rank exits, is not counted), and that of
+every rank forked for it by the zygote (``tests/helpers/zygote.py``: not a descendant, so the
+zygote reports each rank's CPU time when it ends). Each xdist worker measures its own tests and sends the numbers back with the
 reports; the controller prints the table.
 """
 
@@ -14,6 +16,8 @@ import resource
 from collections import defaultdict
 
 import pytest
+
+from tests.helpers import zygote
 
 _PROPERTY = "cpu_seconds"
 _START = pytest.StashKey[float]()
@@ -29,7 +33,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + zygote.forked_cpu_seconds
 
 
 @pytest.hookimpl(hookwrapper=True)

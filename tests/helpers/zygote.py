@@ -15,8 +15,8 @@ shared, so a command whose environment changes what happens at import or at inte
 
 The protocol, over a Unix socket: the caller sends one JSON request (``argv``, ``env``, ``cwd``)
 with its output file's descriptor (``SCM_RIGHTS``); the server forks, answers ``pid N``, and
-answers ``exit CODE`` (``-SIGNAL`` for a signal, as ``subprocess`` reports it) when it has reaped
-that child. :class:`ForkedProcess` gives the caller ``subprocess.Popen``'s ``pid``, ``poll``,
+answers ``exit CODE CPU_SECONDS`` (``-SIGNAL`` for a signal, as ``subprocess`` reports it; the
+child's CPU time from ``wait4``) when it has reaped that child. :class:`ForkedProcess` gives the caller ``subprocess.Popen``'s ``pid``, ``poll``,
 ``wait`` and ``returncode``.
 
 Run as a script, this file is the server: ``python zygote.py SOCKET_PATH``.
@@ -57,6 +57,9 @@ RUNTIME_VARIABLES = frozenset(
 )
 RUNTIME_PREFIXES = ("FUSIONTRAIN_", "WANDB_")
 _MAX_REQUEST = 1 << 20
+#: The CPU time (user + system) of every rank this process had forked that has ended, with the
+#: descendants each reaped (its dataloader workers): ``pytest --cpu-times`` adds it to the tests'.
+forked_cpu_seconds = 0.0
 
 
 def forkable(args: Sequence[str], env: Mapping[str, str], server_env: Mapping[str, str]) -> bool:
@@ -95,11 +98,14 @@ class ForkedProcess:
         return self.returncode
 
     def _read_exit(self) -> None:
+        global forked_cpu_seconds
         message = _read_line(self._connection)
         self._connection.close()
         if not message.startswith("exit "):
             raise RuntimeError(f"the zygote ended before rank {self.pid} did (it said {message!r})")
-        self.returncode = int(message.split()[1])
+        _, code, cpu_seconds = message.split()
+        self.returncode = int(code)
+        forked_cpu_seconds += float(cpu_seconds)
 
 
 class Zygote:
@@ -189,9 +195,9 @@ def serve(path: str) -> list[str]:
         if os.getppid() != caller:  # the pytest process that started this is gone (killed)
             os._exit(0)
         for pid, connection in list(waiting.items()):
-            done, status = os.waitpid(pid, os.WNOHANG)
+            done, status, usage = os.wait4(pid, os.WNOHANG)
             if done:
-                _send(connection, f"exit {os.waitstatus_to_exitcode(status)}")
+                _send(connection, f"exit {os.waitstatus_to_exitcode(status)} {usage.ru_utime + usage.ru_stime:.3f}")
                 connection.close()
                 del waiting[pid]
         if not readable:
