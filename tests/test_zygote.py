@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -103,3 +104,17 @@ def test_forked_ranks_train_bitwise_as_fresh_interpreters(
         assert f"{sys.executable}" in " ".join(map(str, result.args))
     keys = ("loss", "grad_norm", "tokens", "real_tokens")
     assert [[row[k] for k in keys] for row in runs["1"]] == [[row[k] for k in keys] for row in runs["0"]]
+
+
+def test_a_malformed_request_is_answered_and_the_server_goes_on(tmp_path: Path) -> None:
+    zygote = rank_zygote()
+    assert zygote is not None
+    for request in (b"not json\n", b""):  # garbage, and a caller that leaves without a word
+        connection = zygote.connect()
+        if request:
+            connection.sendall(request)
+        connection.shutdown(socket.SHUT_WR)
+        assert connection.recv(4096).startswith(b"error "), request
+        connection.close()
+    proc, log = _start(tmp_path, ["-m", "fusiontrain", "--help"])
+    assert proc.wait(timeout=60) == 0, _output(log)

@@ -129,7 +129,7 @@ class Zygote:
     def start(self, args: Sequence[str], env: Mapping[str, str], cwd: Path, output: int) -> ForkedProcess:
         """Fork ``python <args>`` with environment ``env`` in folder ``cwd``, its stdout and stderr
         going to the open file descriptor ``output``."""
-        connection = self._connect()
+        connection = self.connect()
         request = json.dumps({"argv": list(args), "env": dict(env), "cwd": str(cwd)}).encode() + b"\n"
         socket.send_fds(connection, [request], [output])
         message = _read_line(connection)
@@ -138,7 +138,7 @@ class Zygote:
             raise RuntimeError(f"the zygote could not start {list(args)}: {message}")
         return ForkedProcess(connection, int(message.split()[1]), [sys.executable, *args])
 
-    def _connect(self, timeout: float = 60.0) -> socket.socket:
+    def connect(self, timeout: float = 60.0) -> socket.socket:
         deadline = time.monotonic() + timeout
         while True:
             connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -203,8 +203,15 @@ def serve(path: str) -> list[str]:
         if not readable:
             continue
         connection, _ = listener.accept()
-        message, fds, _, _ = socket.recv_fds(connection, _MAX_REQUEST, 1)
-        request = json.loads(message)
+        try:
+            message, fds, _, _ = socket.recv_fds(connection, _MAX_REQUEST, 1)
+            request = json.loads(message)
+            if len(fds) != 1 or not request.get("argv"):
+                raise ValueError(f"a request needs argv and one output descriptor, got {len(fds)} descriptors")
+        except (OSError, ValueError) as error:  # a caller that went away, or a malformed request
+            _send(connection, f"error {error}")
+            connection.close()
+            continue
         ready_read, ready_write = os.pipe()
         pid = os.fork()
         if pid == 0:
