@@ -29,7 +29,8 @@ from fusiontrain.data.packing import PackedRow
 from fusiontrain.data.record_dataset import RecordDataset
 from fusiontrain.data.sources import load_records
 from fusiontrain.data.stream_sources import open_stream
-from fusiontrain.data.streaming import StreamingSampleStream, StreamResumeError, build_streaming_loader
+from fusiontrain.data.stream_position import StreamResumeError
+from fusiontrain.data.streaming import StreamingSampleStream, build_streaming_loader
 from fusiontrain.families import model_family
 from fusiontrain.models import compose_from_hf
 

@@ -19,7 +19,8 @@ from fusiontrain.data.errors import BadSample
 from fusiontrain.data.loader import StreamConfig
 from fusiontrain.data.sources import Record, open_image
 from fusiontrain.data.stream_sources import open_stream
-from fusiontrain.data.streaming import StreamingSampleStream, StreamResumeError, build_streaming_loader
+from fusiontrain.data.stream_position import StreamResumeError
+from fusiontrain.data.streaming import StreamingSampleStream, build_streaming_loader
 from fusiontrain.families.fixed_size_image import FixedSizeImage
 
 SPEC = FixedSizeImage(image_size=4, tokens_per_image=3)
@@ -177,6 +178,33 @@ def test_resume_with_another_split_is_refused(shards: str) -> None:
         build_streaming_loader(stream(shards, 0, 1)).load_state_dict(state)
     with pytest.raises(StreamResumeError, match=r"data.num_workers: saved 0, now 2"):
         build_streaming_loader(stream(shards, 0, 2, 2)).load_state_dict(state)
+
+
+def test_resume_under_other_row_limits_is_refused_and_an_older_position_resumes(shards: str) -> None:
+    """The open rows of a position were filled under its row limits: another seq_len, image
+    limit or packing setting is refused, naming the keys. A position saved before the limits were
+    recorded resumes as it did (to the same batches)."""
+    loader = build_streaming_loader(stream(shards, 0, 2))
+    batches(loader, 2)
+    state = loader.state_dict()
+    with pytest.raises(StreamResumeError, match=r"the rows' limits \(batch.seq_len.*'seq_len': 24.*'seq_len': 32"):
+        build_streaming_loader(stream(shards, 0, 2, seq_len=32)).load_state_dict(state)
+    with pytest.raises(StreamResumeError, match=r"'max_images': 3.*'max_images': 2"):
+        build_streaming_loader(stream(shards, 0, 2, max_images=2)).load_state_dict(state)
+    with pytest.raises(StreamResumeError, match=r"'packing': True.*'packing': False"):
+        build_streaming_loader(stream(shards, 0, 2, packing=False)).load_state_dict(state)
+
+    def without_rows(value):
+        if isinstance(value, dict):
+            return {key: without_rows(inner) for key, inner in value.items() if key != "rows"}
+        return value
+
+    older = without_rows(state)
+    assert "'rows'" in repr(state) and "'rows'" not in repr(older)
+    expected, resumed = build_streaming_loader(stream(shards, 0, 2)), build_streaming_loader(stream(shards, 0, 2))
+    expected.load_state_dict(state)
+    resumed.load_state_dict(older)
+    assert all(same_batch(a, b) for a, b in zip(batches(expected, 3), batches(resumed, 3), strict=True))
 
 
 def test_too_few_shards_for_the_readers_is_refused(tmp_path: Path) -> None:

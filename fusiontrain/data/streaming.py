@@ -50,7 +50,8 @@ the state of every worker.
 What streaming cannot do (each refused at resume time with the saved and current values):
 
 - resume with another world size, rank, number of dataloader workers, ``data.stream_split``, seed,
-  data path or shard count: the per-worker positions belong to one split of the shards;
+  data path or shard count: the per-worker positions belong to one split of the shards; or under
+  other row limits (:mod:`fusiontrain.data.stream_position`);
 - global, world-size-independent packing (map-style data can do it): each worker packs its own
   records;
 - know the epoch length (the number of records) in advance: a pass ends when its shards do.
@@ -71,47 +72,13 @@ from fusiontrain.data.loader import NoUsableSampleError, StreamConfig, collate_m
 from fusiontrain.data.workers import WORKER_START_METHODS, ClosableLoader
 from fusiontrain.data.packing import FirstFitPacker, OtherLimits, PackedRow, misfit_reason
 from fusiontrain.data.sources import Record
+from fusiontrain.data.stream_position import check_resumable, start_state, worker_states
 from fusiontrain.data.stream_sources import MixedStreamSource, StreamSource
 
 logger = logging.getLogger("fusiontrain.data")
 
 StreamSplit = Literal["shards", "examples"]
 Key = tuple[int, int]  # (pass, index of the record in this worker's pass)
-
-# The fields of a worker's state that must match the resuming run, with the config key to restore.
-_IDENTITY = {
-    "world": "the number of ranks",
-    "rank": "the rank",
-    "num_workers": "data.num_workers",
-    "stream_split": "data.stream_split",
-    "seed": "seed",
-    "source": "data.train (its path, or a mixture's sources and weights)",
-    "num_shards": "the number of shards",
-    # only in the state of a model with an encoder per modality (one-encoder positions resume as before)
-    "other_limits": "data.max_items_per_row / data.max_item_tokens_per_row (the other modalities' row limits)",
-}
-
-
-class StreamResumeError(ValueError):
-    """A saved streaming position that this run cannot continue (another split of the shards)."""
-
-
-def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise :class:`StreamResumeError` naming every identity field (world size, workers, split,
-    seed, source, shard count, other modalities' row limits) in which the ``saved`` worker state
-    differs from ``current``."""
-    differences = [
-        f"{what}: saved {saved.get(field)!r}, now {current.get(field)!r}"
-        for field, what in _IDENTITY.items()
-        if saved.get(field) != current.get(field)
-    ]
-    if differences:
-        raise StreamResumeError(
-            "cannot resume the streamed data position: " + "; ".join(differences) + ". A streamed position belongs "
-            "to one split of the shards over ranks and dataloader workers and cannot be re-split. Resume with the "
-            "saved values (same number of ranks, data.num_workers, data.stream_split, seed and data), or start "
-            "the data from the beginning with a fresh output_dir (or model.fusion_init to keep the weights)"
-        )
 
 
 def _pass_seed(seed: int, epoch: int) -> int:
@@ -247,6 +214,13 @@ class StreamingSampleStream(IterableDataset):
             "seed": self.seed,
             "source": self.source.name,
             "num_shards": self.source.num_shards,
+            "rows": {
+                "seq_len": self.config.seq_len,
+                "max_images": self.config.max_images,
+                "max_encoder_tokens": self.config.max_encoder_tokens,
+                "max_open_rows": self.config.max_open_rows,
+                "packing": self.config.packing,
+            },
             **others,
         }
 
@@ -254,13 +228,13 @@ class StreamingSampleStream(IterableDataset):
         """The position of this worker (taken by StatefulDataLoader in the worker); JSON-able."""
         state = self._live if self._live is not None else self._restored
         if state is None:
-            state = _start_state()
+            state = start_state()
         return {**state, **self.identity()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``; raises :class:`StreamResumeError` for a state of another split."""
+        """Continue from ``state``; raises :class:`~fusiontrain.data.stream_position.StreamResumeError` for a state of another split."""
         check_resumable(state, self.identity())
-        self._restored = {key: state[key] for key in _start_state()}
+        self._restored = {key: state[key] for key in start_state()}
 
     # -- iteration --------------------------------------------------------------------------------
 
@@ -279,7 +253,7 @@ class StreamingSampleStream(IterableDataset):
         worker, readers = (info.id, info.num_workers) if info is not None else (0, 1)
         if readers != max(1, self.num_workers):
             raise RuntimeError(f"the stream was built for {self.num_workers} workers but runs in {readers}")
-        state = self._restored or _start_state()
+        state = self._restored or start_state()
         anchor = state["anchor"]
         cursor = _RecordCursor(self._open_pass, anchor["epoch"], anchor["index"], anchor["datasets_state"])
         packer = self._packer()
@@ -438,55 +412,16 @@ class StreamingSampleStream(IterableDataset):
         )
 
 
-def _start_state() -> dict[str, Any]:
-    return {
-        "anchor": {"epoch": 0, "index": 0, "datasets_state": None},
-        "position": [0, 0],
-        "usable": 0,
-        "open_rows": [],
-        "ready_rows": [],
-        "skipped": {},
-    }
-
-
 class StreamingLoader(ClosableLoader):
     """The StatefulDataLoader of a :class:`StreamingSampleStream`: :meth:`load_state_dict` checks
     the saved positions against this run (world size, workers, split, seed, data) in the training
-    process, before any worker starts, and raises :class:`StreamResumeError` naming both."""
+    process, before any worker starts, and raises :class:`~fusiontrain.data.stream_position.StreamResumeError` naming both."""
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         current = self.dataset.identity()
-        for saved in _worker_states(state_dict):
+        for saved in worker_states(state_dict):
             check_resumable(saved, current)
         super().load_state_dict(state_dict)
-
-
-def _worker_states(loader_state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The stream states inside a StatefulDataLoader state (one per worker that had reported one,
-    or the one of a loader without workers). A map-style stream's state there is refused."""
-    found: list[dict[str, Any]] = []
-    map_style = False
-
-    def walk(value: Any) -> None:
-        nonlocal map_style
-        if isinstance(value, dict):
-            if "anchor" in value and "position" in value:
-                found.append(value)
-                return
-            if "rows_per_step" in value and "position" in value:  # the row plan's (map-style) state
-                map_style = True
-                return
-            for inner in value.values():
-                walk(inner)
-
-    walk(loader_state)
-    if map_style:
-        raise StreamResumeError(
-            "the checkpoint's data position is a map-style one (saved with data.streaming=false) and this run streams "
-            "its data (data.streaming=true): resume with data.streaming=false, or start the data afresh in a new "
-            "output_dir (model.fusion_init keeps the weights)"
-        )
-    return found
 
 
 def build_streaming_loader(stream: StreamingSampleStream, worker_start: str = WORKER_START_METHODS[0]) -> StreamingLoader:
