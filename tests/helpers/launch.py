@@ -1,5 +1,8 @@
-"""Launch multi-process runs from tests: torchrun on one machine, or several "nodes" of
-``launch/multinode.sh`` on 127.0.0.1.
+"""Launch multi-process runs from tests: a world's ranks started directly (:func:`run_world`,
+:func:`run_ranks`), torchrun on one machine, or several "nodes" of ``launch/multinode.sh`` on
+127.0.0.1. Directly started ranks are forked from a server that has imported torch and
+fusiontrain already (:mod:`tests.helpers.zygote`) unless their environment needs a fresh
+interpreter.
 
 Every launch:
 
