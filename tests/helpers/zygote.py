@@ -19,7 +19,8 @@ answers ``exit CODE CPU_SECONDS`` (``-SIGNAL`` for a signal, as ``subprocess`` r
 child's CPU time from ``wait4``) when it has reaped that child. :class:`ForkedProcess` gives the caller ``subprocess.Popen``'s ``pid``, ``poll``,
 ``wait`` and ``returncode``.
 
-Run as a script, this file is the server: ``python zygote.py SOCKET_PATH``.
+Run as a script, this file is the server: ``python zygote.py NAME``, listening on the abstract
+Unix socket ``NAME`` (Linux: no file, so no path-length limit and nothing left behind).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import secrets
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -113,11 +115,10 @@ class Zygote:
 
     def __init__(self, env: Mapping[str, str], cwd: Path) -> None:
         self.env = dict(env)
-        self._folder = tempfile.TemporaryDirectory(prefix="zygote-")
-        self._path = str(Path(self._folder.name) / "socket")
+        self._name = f"fusiontrain-zygote-{os.getpid()}-{secrets.token_hex(8)}"
         self._log = tempfile.TemporaryFile(mode="w+b")
         self._server = subprocess.Popen(
-            [sys.executable, __file__, self._path],
+            [sys.executable, __file__, self._name],
             env=self.env,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
@@ -143,7 +144,7 @@ class Zygote:
         while True:
             connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                connection.connect(self._path)
+                connection.connect(_abstract(self._name))
                 return connection
             except (FileNotFoundError, ConnectionRefusedError):
                 connection.close()
@@ -161,7 +162,6 @@ class Zygote:
                 self._server.kill()
                 self._server.wait()
         self._log.close()
-        self._folder.cleanup()
 
 
 def _read_line(connection: socket.socket) -> str:
@@ -177,17 +177,21 @@ def _read_line(connection: socket.socket) -> str:
 # -- the server ---------------------------------------------------------------------------------------
 
 
-def serve(path: str) -> list[str]:
+def _abstract(name: str) -> str:
+    """The address of the abstract Unix socket ``name``."""
+    return "\0" + name
+
+
+def serve(name: str) -> list[str]:
     """Import :data:`PRELOAD`, then fork a child per request until SIGTERM. Returns only in a
     child: the command's arguments (what follows ``python``), which its caller then runs."""
     import importlib
 
-    for name in PRELOAD:
-        importlib.import_module(name)
+    for module in PRELOAD:
+        importlib.import_module(module)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path + ".tmp")
+    listener.bind(_abstract(name))  # a caller that connects before listen() is refused, and retries
     listener.listen(64)
-    os.rename(path + ".tmp", path)  # callers connect only once it listens
     waiting: dict[int, socket.socket] = {}  # child pid -> its caller's connection
     caller = os.getppid()
     while True:
