@@ -16,8 +16,8 @@ shared, so a command whose environment changes what happens at import or at inte
 The protocol, over a Unix socket: the caller sends one JSON request (``argv``, ``env``, ``cwd``)
 with its output file's descriptor (``SCM_RIGHTS``); the server forks, answers ``pid N``, and
 answers ``exit CODE CPU_SECONDS`` (``-SIGNAL`` for a signal, as ``subprocess`` reports it; the
-child's CPU time from ``wait4``) when it has reaped that child. :class:`ForkedProcess` gives the caller ``subprocess.Popen``'s ``pid``, ``poll``,
-``wait`` and ``returncode``.
+child's CPU time from ``wait4``) when it has reaped that child. :class:`ForkedProcess` gives the
+caller ``subprocess.Popen``'s ``pid``, ``poll``, ``wait`` and ``returncode``.
 
 Run as a script, this file is the server: ``python zygote.py NAME``, listening on the abstract
 Unix socket ``NAME`` (Linux: no file, so no path-length limit and nothing left behind).
@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import select
 import signal
 import socket
 import subprocess
 import sys
-import secrets
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
