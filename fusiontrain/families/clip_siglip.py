@@ -26,10 +26,6 @@ from fusiontrain.modules.image_slots import check_image_slots, place_slots, sele
 from fusiontrain.torch_private import non_persistent_buffer_names
 
 
-# The submodule of each tower that pools and does not feed ``last_hidden_state``.
-_POOLING_PARTS = {"CLIPVisionModel": "post_layernorm", "SiglipVisionModel": "head"}
-
-
 class HFVisionTowerEncoder(nn.Module):
     """A HF CLIP / SigLIP vision tower followed by a projection head to the decoder's width.
 
@@ -49,9 +45,10 @@ class HFVisionTowerEncoder(nn.Module):
     Args:
         tower: a ``CLIPVisionModel`` or ``SiglipVisionModel``.
         decoder_dim: decoder width ``d``.
+        pooling_part: the tower's submodule that pools (its family's :attr:`_HFTowerFamily.pooling_part`).
     """
 
-    def __init__(self, tower: nn.Module, decoder_dim: int) -> None:
+    def __init__(self, tower: nn.Module, decoder_dim: int, *, pooling_part: str) -> None:
         super().__init__()
         from transformers import CLIPVisionModel, SiglipVisionModel
 
@@ -62,12 +59,11 @@ class HFVisionTowerEncoder(nn.Module):
         self.tower = tower
         self.projection = register_fusion_module(MLPProjectionHead(tower.config.hidden_size, decoder_dim))
         self.decoder_dim = decoder_dim
+        self.pooling_part = pooling_part
 
     def frozen_params(self) -> list[str]:
-        """The pooling parts' parameters (see the class doc): CLIP's ``post_layernorm``, SigLIP's
-        ``head``."""
-        pooling = _POOLING_PARTS[type(self.tower).__name__]
-        return [f"tower.{name}" for name, _ in self.tower.named_parameters() if pooling in name.split(".")]
+        """The pooling part's parameters (see the class doc)."""
+        return [f"tower.{name}" for name, _ in self.tower.named_parameters() if self.pooling_part in name.split(".")]
 
     @property
     def image_size(self) -> int:
@@ -214,9 +210,11 @@ class _HFTowerFamily(EncoderFamily):
     """What CLIP and SigLIP share: the unmodified HF tower and a LLaVA-style projection head."""
 
     tower_class: str
+    pooling_part: str  # the tower's submodule that pools and does not feed ``last_hidden_state``
 
     def build(self, config: dict, decoder_dim: int) -> nn.Module:
-        return HFVisionTowerEncoder(build_vision_tower(vision_tower_config_from_dict(config)), decoder_dim=decoder_dim)
+        tower = build_vision_tower(vision_tower_config_from_dict(config))
+        return HFVisionTowerEncoder(tower, decoder_dim=decoder_dim, pooling_part=self.pooling_part)
 
     def image_format(self, encoder: nn.Module) -> ImageFormat:
         return FixedSizeImage(encoder.image_size, encoder.tokens_per_image)
@@ -237,6 +235,7 @@ class ClipEncoder(_HFTowerFamily):
     name = "clip"
     model_types = ("clip_vision_model", "clip")
     tower_class = "CLIPVisionModel"
+    pooling_part = "post_layernorm"
 
 
 class SiglipEncoder(_HFTowerFamily):
@@ -245,3 +244,4 @@ class SiglipEncoder(_HFTowerFamily):
     name = "siglip"
     model_types = ("siglip_vision_model", "siglip")
     tower_class = "SiglipVisionModel"
+    pooling_part = "head"
