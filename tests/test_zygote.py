@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import zygote as zygote_module
 from tests.helpers.launch import FORK_RANKS_VARIABLE, REPO_ROOT, rank_zygote, run_world
 from tests.helpers.zygote import forkable
 
@@ -23,6 +24,8 @@ def test_only_commands_whose_differences_are_read_at_run_time_are_forkable() -> 
     server = {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
     assert forkable(["-m", "fusiontrain", "train"], {**server, "RANK": "1", "MASTER_PORT": "5"}, server)
     assert forkable(["script.py"], {**server, "FUSIONTRAIN_INJECT_NONFINITE": "step=2"}, server)
+    # inductor writes its default cache folder into the environment of a process that compiled
+    assert forkable(["script.py"], {**server, "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_me"}, server)
     # Read when the interpreter or a module starts: a fresh interpreter is needed.
     assert not forkable(["script.py"], {**server, "MALLOC_MMAP_THRESHOLD_": "65536"}, server)
     assert not forkable(["script.py"], {**server, "OMP_NUM_THREADS": "2"}, server)
@@ -99,9 +102,12 @@ def test_forked_ranks_train_bitwise_as_fresh_interpreters(
     for fork in ("1", "0"):
         monkeypatch.setenv(FORK_RANKS_VARIABLE, fork)
         out = tmp_path / f"fork{fork}"
+        forked_before = zygote_module.forked_cpu_seconds
         result = run_world([*args, f"output_dir={out}"], nproc=2, timeout=240)
         runs[fork] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert f"{sys.executable}" in " ".join(map(str, result.args))
+        # Only ranks the zygote forked report CPU time to it: the first world was forked, the second not.
+        assert (zygote_module.forked_cpu_seconds > forked_before) == (fork == "1")
     keys = ("loss", "grad_norm", "tokens", "real_tokens")
     assert [[row[k] for k in keys] for row in runs["1"]] == [[row[k] for k in keys] for row in runs["0"]]
 

@@ -53,9 +53,14 @@ PRELOAD = (
 #: Environment variables a forked rank may differ in from the server: read when the code runs, not
 #: when a module is imported or the interpreter starts. The process-group variables are set per
 #: rank; ``FUSIONTRAIN_*`` are the trainer's own (fault injection, the entry point);
-#: ``PYTEST_CURRENT_TEST`` is pytest's note of the test running.
+#: ``PYTEST_CURRENT_TEST`` is pytest's note of the test running; inductor reads
+#: ``TORCHINDUCTOR_CACHE_DIR`` when it compiles, and writes its default into ``os.environ`` the
+#: first time, so a pytest process that compiled a test in-process has it and its server may not.
 RUNTIME_VARIABLES = frozenset(
-    {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTEST_CURRENT_TEST"}
+    {
+        "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+        "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR",
+    }
 )
 RUNTIME_PREFIXES = ("FUSIONTRAIN_", "WANDB_")
 _MAX_REQUEST = 1 << 20
