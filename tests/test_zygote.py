@@ -7,8 +7,10 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,92 @@ def test_a_malformed_request_is_answered_and_the_server_goes_on(tmp_path: Path) 
         connection.close()
     proc, log = _start(tmp_path, ["-m", "fusiontrain", "--help"])
     assert proc.wait(timeout=60) == 0, _output(log)
+
+
+# A rank's dataloader: 1 forkserver worker (the trainer's default start), after the trainer's
+# signal handling (tests/helpers/worker_start_probe.py). It prints its own pid, its children when
+# it started (the helper-in-waiting, when forked), and for the worker's parent (the forkserver
+# helper): its parent, whether it was started as `python -c` (a fresh interpreter) and its open
+# descriptors. With an argument "idle" it starts no loader.
+_LOADER_RANK = """
+import json, os, sys
+from fusiontrain.data.workers import build_loader
+from fusiontrain.train.preemption import PreemptionWatcher
+from tests.helpers.worker_probe import WhereBuilt
+
+
+def main(idle: bool) -> dict:
+    children = open(f"/proc/self/task/{os.getpid()}/children").read().split()
+    report = {"pid": os.getpid(), "children": [int(pid) for pid in children]}
+    if idle:
+        return report
+    watcher = PreemptionWatcher().install()
+    watcher.start()
+    items = list(build_loader(WhereBuilt(), num_workers=1, worker_start="forkserver"))
+    helper = items[0]["parent"]
+    stat = open(f"/proc/{helper}/stat").read()
+    report.update(
+        items=items,
+        helper=helper,
+        helper_parent=int(stat[stat.rindex(")") + 2 :].split()[1]),
+        helper_command=open(f"/proc/{helper}/cmdline").read().split("\\0"),
+        helper_descriptors=len(os.listdir(f"/proc/{helper}/fd")),
+    )
+    return report
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1:] == ["idle"])), flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _gone_soon(pids: list[int], seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not any(_alive(pid) for pid in pids)
+
+
+def test_a_forked_rank_gets_its_forkserver_helper_pre_forked_as_a_fresh_one_would_be(tmp_path: Path) -> None:
+    """A forked rank's forkserver helper is its pre-forked child, not a fresh interpreter, and is
+    what a spawned one is: the rank's child, holding as many descriptors, starting workers that
+    block the preemption signals (the mask of the thread that started it), gone after the rank."""
+    script = tmp_path / "loader_rank.py"
+    script.write_text(_LOADER_RANK)
+    env = {**rank_zygote().env}
+    proc, log = _start(tmp_path, [str(script)])
+    assert proc.wait(timeout=120) == 0, _output(log)
+    forked = json.loads(_output(log).strip().splitlines()[-1])
+    fresh_run = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert fresh_run.returncode == 0, fresh_run.stderr[-3000:]
+    fresh = json.loads(fresh_run.stdout.strip().splitlines()[-1])
+
+    assert forked["helper"] in forked["children"]  # the one it forked before its command ran
+    assert forked["helper_command"][:2] != ["-c", zygote_module.FORKSERVER_COMMAND]
+    assert any(part.startswith(zygote_module.FORKSERVER_COMMAND) for part in fresh["helper_command"])
+    for report in (forked, fresh):
+        assert report["helper_parent"] == report["pid"]
+        (item,) = {json.dumps(item) for item in report["items"]}
+        item = json.loads(item)
+        assert item["parent"] == report["helper"] != report["pid"]
+        assert item["sigterm_blocked"] and item["sigusr1_blocked"]
+    assert forked["helper_descriptors"] == fresh["helper_descriptors"]
+    assert _gone_soon([forked["helper"], fresh["helper"]])
+
+
+def test_a_forked_rank_that_starts_no_workers_leaves_nothing_behind(tmp_path: Path) -> None:
+    script = tmp_path / "loader_rank.py"
+    script.write_text(_LOADER_RANK)
+    proc, log = _start(tmp_path, [str(script), "idle"])
+    assert proc.wait(timeout=60) == 0, _output(log)
+    report = json.loads(_output(log).strip().splitlines()[-1])
+    assert len(report["children"]) == 1  # the helper-in-waiting
+    assert _gone_soon(report["children"])

@@ -19,12 +19,25 @@ answers ``exit CODE CPU_SECONDS`` (``-SIGNAL`` for a signal, as ``subprocess`` r
 child's CPU time from ``wait4``) when it has reaped that child. :class:`ForkedProcess` gives the
 caller ``subprocess.Popen``'s ``pid``, ``poll``, ``wait`` and ``returncode``.
 
+A rank that starts dataloader workers by ``forkserver`` (the trainer's default) would start the
+helper as a fresh interpreter, which imports torch and the data modules again (about 5 CPU-s a
+rank here, more than the rank's own start cost before the zygote). So a forked child forks once
+more before its command runs, while it is still single-threaded and clean: that grandchild waits
+to become the rank's forkserver helper. When the rank starts the helper
+(``multiprocessing.util.spawnv_passfds`` with the forkserver's ``-c`` command, the one call this
+module replaces, and only in a forked child), the grandchild receives the command, its file
+descriptors (``SCM_RIGHTS``, put back at the numbers the command names) and the calling thread's
+signal mask, and runs it as ``python -c`` would. It is the rank's child, as a spawned helper is
+(``multiprocessing`` polls it with ``waitpid``); a rank that never starts a helper lets it go
+(end of file on their socket). A second helper (the first died) is spawned as usual.
+
 Run as a script, this file is the server: ``python zygote.py NAME``, listening on the abstract
 Unix socket ``NAME`` (Linux: no file, so no path-length limit and nothing left behind).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -39,7 +52,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 #: What the server imports before it forks: every rank imports these (the trainer, the model
-#: families, FSDP2, DCP; dynamo through torch's optimizers).
+#: families, FSDP2, DCP; dynamo through torch's optimizers), and a rank that reads real data, and
+#: its forkserver helper, the data libraries (transformers' tokenizers and the image processors
+#: and feature extractor of the suite's tiny models; Mllama's brings in the shared image code, about
+#: 2 CPU-s; ``datasets`` for streams).
 PRELOAD = (
     "torch",
     "torch._dynamo",
@@ -49,6 +65,17 @@ PRELOAD = (
     "fusiontrain.train.trainer",
     "fusiontrain.source.model_source",
     "fusiontrain.families.registry",
+    "tokenizers",
+    "transformers",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.auto.image_processing_auto",
+    "transformers.models.auto.feature_extraction_auto",
+    "transformers.models.mllama.image_processing_pil_mllama",
+    "transformers.models.clip.image_processing_pil_clip",
+    "transformers.models.siglip.image_processing_pil_siglip",
+    "transformers.models.siglip2.image_processing_pil_siglip2",
+    "transformers.models.whisper.feature_extraction_whisper",
+    "datasets",
 )
 #: Environment variables a forked rank may differ in from the server: read when the code runs, not
 #: when a module is imported or the interpreter starts. The process-group variables are set per
@@ -64,6 +91,8 @@ RUNTIME_VARIABLES = frozenset(
 )
 RUNTIME_PREFIXES = ("FUSIONTRAIN_", "WANDB_")
 _MAX_REQUEST = 1 << 20
+#: How ``multiprocessing.forkserver`` starts its helper: ``python -c "<this>; main(...)"``.
+FORKSERVER_COMMAND = "from multiprocessing.forkserver import main"
 #: The CPU time (user + system) of every rank this process had forked that has ended, with the
 #: descendants each reaped (its dataloader workers): ``pytest --cpu-times`` adds it to the tests'.
 forked_cpu_seconds = 0.0
@@ -230,6 +259,7 @@ def serve(name: str) -> list[str]:
             connection.close()
             os.close(ready_read)
             _become(request, fds[0], ready_write)
+            _prefork_forkserver_helper()
             return request["argv"]
         os.close(fds[0])
         os.close(ready_write)
@@ -269,6 +299,74 @@ def _become(request: dict, output: int, ready: int) -> None:
     else:
         sys.argv = list(argv)
         sys.path[0] = str(Path(argv[0]).resolve().parent)
+
+
+def _prefork_forkserver_helper() -> None:
+    """In the forked child, before its command runs: fork the process that becomes this rank's
+    forkserver helper if the rank starts one, and route that one start to it (module docstring)."""
+    import multiprocessing.util
+
+    ours, theirs = socket.socketpair()
+    helper = os.fork()
+    if helper == 0:
+        ours.close()
+        _become_forkserver_helper(theirs)  # never returns
+    theirs.close()
+    spawn = multiprocessing.util.spawnv_passfds
+    waiting = [ours]  # emptied when the helper has its command
+
+    def spawnv_passfds(path: str, args: Sequence[str], passfds: Sequence[int]) -> int:
+        if not waiting or len(args) < 2 or args[-2] != "-c" or not args[-1].startswith(FORKSERVER_COMMAND):
+            return spawn(path, args, passfds)
+        connection = waiting.pop()
+        mask = sorted(int(sig) for sig in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        request = json.dumps({"code": args[-1], "fds": [int(fd) for fd in passfds], "mask": mask}).encode()
+        socket.send_fds(connection, [request], [int(fd) for fd in passfds])
+        connection.close()
+        return helper
+
+    multiprocessing.util.spawnv_passfds = spawnv_passfds
+
+
+def _become_forkserver_helper(connection: socket.socket) -> None:
+    """The grandchild: wait for the forkserver's command, then run it as ``python -c`` would, with
+    exactly its descriptors (at the numbers it names, besides 0-2) and the signal mask of the
+    thread that started it; leave when the rank is gone without starting one."""
+    try:
+        message, fds, _, _ = socket.recv_fds(connection, _MAX_REQUEST, 16)
+    except OSError:
+        message = b""
+    if not message:
+        os._exit(0)
+    request = json.loads(message)
+    targets = request["fds"]
+    base = max([*targets, *(int(fd) for fd in os.listdir("/proc/self/fd"))]) + 1
+    held = [fcntl.fcntl(fd, fcntl.F_DUPFD, base) for fd in fds]
+    for fd in (int(name) for name in os.listdir("/proc/self/fd")):
+        if fd > 2 and fd not in held:
+            try:
+                os.close(fd)
+            except OSError:  # the listing's own descriptor, closed already
+                pass
+    for fd, target in zip(held, targets, strict=True):
+        os.dup2(fd, target)  # inheritable, as spawnv_passfds passes them
+        os.close(fd)
+    signal.pthread_sigmask(signal.SIG_SETMASK, request["mask"])
+    sys.argv = ["-c"]
+    code = 0
+    try:
+        exec(compile(request["code"], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    except SystemExit as leaving:
+        code = leaving.code if isinstance(leaving.code, int) else (0 if leaving.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def run_command(argv: list[str]) -> None:
