@@ -28,12 +28,8 @@ def test_only_commands_whose_differences_are_read_at_run_time_are_forkable() -> 
     assert forkable(["script.py"], {**server, "FUSIONTRAIN_INJECT_NONFINITE": "step=2"}, server)
     # inductor writes its default cache folder into the environment of a process that compiled
     assert forkable(["script.py"], {**server, "TORCHINDUCTOR_CACHE_DIR": "/tmp/torchinductor_me"}, server)
-    # The child sets this malloc threshold itself (mallopt), unless the server has one to undo.
-    assert forkable(["script.py"], {**server, "MALLOC_MMAP_THRESHOLD_": "65536"}, server)
-    assert not forkable(["script.py"], server, {**server, "MALLOC_MMAP_THRESHOLD_": "65536"})
-    assert not forkable(["script.py"], {**server, "MALLOC_MMAP_THRESHOLD_": "64k"}, server)
     # Read when the interpreter or a module starts: a fresh interpreter is needed.
-    assert not forkable(["script.py"], {**server, "MALLOC_ARENA_MAX": "2"}, server)
+    assert not forkable(["script.py"], {**server, "MALLOC_MMAP_THRESHOLD_": "65536"}, server)
     assert not forkable(["script.py"], {**server, "OMP_NUM_THREADS": "2"}, server)
     assert not forkable(["script.py"], {"PATH": "/bin"}, server)  # a variable the server has, unset
     # Not a module or a script.
@@ -219,35 +215,3 @@ def test_a_forked_rank_that_starts_no_workers_leaves_nothing_behind(tmp_path: Pa
     report = json.loads(_output(log).strip().splitlines()[-1])
     assert len(report["children"]) == 1  # the helper-in-waiting
     assert _gone_soon(report["children"])
-
-
-# How many of 20 blocks of 100,000 bytes malloc serves by mmap (glibc's mallinfo2 counts mmapped
-# blocks): none below the default threshold (128 KiB, and never lower), most above
-# MALLOC_MMAP_THRESHOLD_=65536 (free chunks of the heap serve the others: a forked child's heap holds
-# about 1.5 MB free, a fresh one's about 0.1 MB).
-_MMAP_PROBE = """
-import ctypes
-FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-class Info(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in FIELDS]
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = Info
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-before = libc.mallinfo2()
-blocks = [libc.malloc(100_000) for _ in range(20)]
-print("mmapped", libc.mallinfo2().hblks - before.hblks)
-"""
-
-
-def test_a_forked_child_takes_the_mmap_threshold_of_its_environment_as_a_fresh_one_does(tmp_path: Path) -> None:
-    script = tmp_path / "mmap_probe.py"
-    script.write_text(_MMAP_PROBE)
-    mmapped = {}
-    for threshold in (None, "65536"):
-        env = {"MALLOC_MMAP_THRESHOLD_": threshold} if threshold else {}
-        proc, log = _start(tmp_path, [str(script)], env)
-        assert proc.wait(timeout=60) == 0, _output(log)
-        fresh = subprocess.run([sys.executable, str(script)], env={**rank_zygote().env, **env}, capture_output=True, text=True, timeout=60)
-        mmapped[threshold] = (int(_output(log).split()[-1]), int(fresh.stdout.split()[-1]))
-    assert mmapped[None] == (0, 0)
-    assert min(mmapped["65536"]) >= 5, mmapped

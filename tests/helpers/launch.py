@@ -165,12 +165,11 @@ def run_world(
     ``AssertionError`` on timeout, and on a non-zero exit unless ``check`` is false.
 
     ``beside``: other commands (e.g. a ``plan`` of the same config) run at the same time, outside
-    the world and with the launch environment (forked as the ranks are, where they may be); then
-    ``(world result, their results)`` is returned.
+    the world and with the launch environment; then ``(world result, their results)`` is returned.
     """
     envs = _rank_envs(nproc, env) + [launch_env(env)] * len(beside)
     cmds = [[sys.executable, *args] for _ in range(nproc)] + [list(command) for command in beside]
-    every = _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, end_all_on_failure=True, ranks=len(cmds))
+    every = _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, end_all_on_failure=True, ranks=nproc)
     results, others = every[:nproc], every[nproc:]
     codes = [r.returncode for r in results]
     # A rank's own failure before the signals with which the others were ended.
@@ -252,9 +251,8 @@ def _run_all(
     """Start every command at once (each in its own session), wait for all with one deadline,
     and check the exit codes (unless ``check`` is false; a timeout always raises). With
     ``end_all_on_failure``, a command that exits non-zero ends the others FAILURE_GRACE_S later.
-    The first ``ranks`` commands are the test's own Python commands (a world's ranks, and what runs
-    beside them), not launchers: those :func:`forkable` are forked from the session's
-    :class:`~tests.helpers.zygote.Zygote` (:func:`rank_zygote`)."""
+    The first ``ranks`` commands are ranks of a world: those :func:`forkable` are forked from the
+    session's :class:`~tests.helpers.zygote.Zygote` (:func:`rank_zygote`)."""
     envs = [env] * len(cmds) if isinstance(env, Mapping) else list(env)
     logs = [tempfile.TemporaryFile(mode="w+b") for _ in cmds]
     procs: list[subprocess.Popen | ForkedProcess] = []

@@ -10,8 +10,8 @@ environment, working folder, ``sys.argv`` and ``sys.path[0]`` of that command, i
 caller's file, the module or script run as ``__main__``, and on return the interpreter's normal
 exit (``atexit`` handlers, non-daemon threads joined). Only what the imports themselves did is
 shared, so a command whose environment changes what happens at import or at interpreter start
-(``OMP_NUM_THREADS``, ``TORCH_LOGS``, most ``MALLOC_*``, ...) is not forked: :func:`forkable`
-says which are (``MALLOC_MMAP_THRESHOLD_`` is: the child sets it with ``mallopt``).
+(``MALLOC_*``, ``OMP_NUM_THREADS``, ``TORCH_LOGS``, ...) is not forked:
+:func:`forkable` says which are.
 
 The protocol, over a Unix socket: the caller sends one JSON request (``argv``, ``env``, ``cwd``)
 with its output file's descriptor (``SCM_RIGHTS``); the server forks, answers ``pid N``, and
@@ -90,11 +90,6 @@ RUNTIME_VARIABLES = frozenset(
     }
 )
 RUNTIME_PREFIXES = ("FUSIONTRAIN_", "WANDB_")
-#: glibc malloc settings read from the environment when malloc starts, which a forked child makes
-#: with ``mallopt(3)`` instead, before its command runs (the same setting for everything it
-#: allocates from then on): variable -> mallopt parameter (``M_MMAP_THRESHOLD``, which the
-#: planner's measured-peak tests set so that freed tensors leave the RSS at once).
-MALLOPT_VARIABLES = {"MALLOC_MMAP_THRESHOLD_": -3}
 _MAX_REQUEST = 1 << 20
 #: How ``multiprocessing.forkserver`` starts its helper: ``python -c "<this>; main(...)"``.
 FORKSERVER_COMMAND = "from multiprocessing.forkserver import main"
@@ -106,17 +101,11 @@ forked_cpu_seconds = 0.0
 def forkable(args: Sequence[str], env: Mapping[str, str], server_env: Mapping[str, str]) -> bool:
     """Whether ``python <args>`` under ``env`` may be forked from a server started under
     ``server_env``: a module (``-m``) or a script, and no variable that differs between the two
-    environments is one read at import or interpreter start, except a :data:`MALLOPT_VARIABLES`
-    setting that the server does not have (the child makes it)."""
+    environments is one read at import or interpreter start."""
     if not args or (args[0].startswith("-") and args[0] != "-m") or (args[0] == "-m" and len(args) < 2):
         return False
     differing = {key for key in set(env) | set(server_env) if env.get(key) != server_env.get(key)}
-    return all(
-        key in RUNTIME_VARIABLES
-        or key.startswith(RUNTIME_PREFIXES)
-        or (key in MALLOPT_VARIABLES and key not in server_env and env[key].isdigit())
-        for key in differing
-    )
+    return all(key in RUNTIME_VARIABLES or key.startswith(RUNTIME_PREFIXES) for key in differing)
 
 
 class ForkedProcess:
@@ -303,9 +292,6 @@ def _become(request: dict, output: int, ready: int) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    malloc_settings = {parameter: int(os.environ[variable]) for variable, parameter in MALLOPT_VARIABLES.items() if variable in os.environ}
-    if malloc_settings:
-        _set_malloc(malloc_settings)
     argv = request["argv"]
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
@@ -313,21 +299,6 @@ def _become(request: dict, output: int, ready: int) -> None:
     else:
         sys.argv = list(argv)
         sys.path[0] = str(Path(argv[0]).resolve().parent)
-
-
-def _set_malloc(settings: dict[int, int]) -> None:
-    """``mallopt(parameter, value)`` for each setting; then the free memory of the heap inherited
-    from the server (about 1.5 MB) goes back to the system (``malloc_trim``), so that what reuses
-    it counts in the RSS as new memory does in a fresh interpreter (whose RSS a test may measure)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None)
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    for parameter, value in settings.items():
-        if libc.mallopt(parameter, value) != 1:
-            raise OSError(f"mallopt({parameter}, {value}) failed")
-    libc.malloc_trim(0)
 
 
 def _prefork_forkserver_helper() -> None:
