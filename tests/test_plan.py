@@ -221,11 +221,13 @@ def test_shipped_configs_plan_within_the_host_memory_bound_and_their_plan_commen
     # Two processes, one per core, each planning every other config in turn (tests/helpers/
     # plan_many.py): nine processes cost 9 interpreter and torch starts and cold fake-tensor caches;
     # all at once took a quarter more CPU (cache and memory contention: 198 against 163 CPU-s on 2
-    # cores), and the suite is CPU-bound. A process's peak RSS after a plan bounds that plan's own.
+    # cores), and the suite is CPU-bound; both are forked from the zygote (tests/helpers/zygote.py),
+    # which has imported torch and fusiontrain. A process's peak RSS after a plan (counting what the
+    # fork inherited) bounds that plan's own.
     helper = [sys.executable, str(REPO_ROOT / "tests" / "helpers" / "plan_many.py")]
     groups = [runs[0::2], runs[1::2]]
     commands = [[*helper, *[arg for _, _, args in group for arg in [*args, "---"]]] for group in groups]
-    outputs = [plan_many.outputs(result.stdout) for result in run_commands(commands, timeout=600)]
+    outputs = [plan_many.outputs(result.stdout) for result in run_commands(commands, timeout=600, fork=True)]
     results = {id(run): output for group, output in zip(groups, outputs) for run, output in zip(group, output, strict=True)}
     peaks = []
     for run in runs:

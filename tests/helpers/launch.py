@@ -165,11 +165,12 @@ def run_world(
     ``AssertionError`` on timeout, and on a non-zero exit unless ``check`` is false.
 
     ``beside``: other commands (e.g. a ``plan`` of the same config) run at the same time, outside
-    the world and with the launch environment; then ``(world result, their results)`` is returned.
+    the world, with the launch environment without ``env`` (which is the ranks'), and forked as
+    the ranks are where they may be; then ``(world result, their results)`` is returned.
     """
-    envs = _rank_envs(nproc, env) + [launch_env(env)] * len(beside)
+    envs = _rank_envs(nproc, env) + [launch_env()] * len(beside)
     cmds = [[sys.executable, *args] for _ in range(nproc)] + [list(command) for command in beside]
-    every = _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, end_all_on_failure=True, ranks=nproc)
+    every = _run_all(cmds, env=envs, timeout=timeout, cwd=REPO_ROOT, check=check, end_all_on_failure=True, ranks=len(cmds))
     results, others = every[:nproc], every[nproc:]
     codes = [r.returncode for r in results]
     # A rank's own failure before the signals with which the others were ended.
@@ -230,9 +231,12 @@ def run_commands(
     timeout: float = 240,
     env: Mapping[str, str] | None = None,
     cwd: Path | str = REPO_ROOT,
+    fork: bool = False,
 ) -> list[subprocess.CompletedProcess]:
-    """:func:`run_command` for several commands at once (they run concurrently)."""
-    return _run_all(cmds, env=launch_env(env), timeout=timeout, cwd=Path(cwd))
+    """:func:`run_command` for several commands at once (they run concurrently). ``fork``: they are
+    the test's own Python commands, not launchers, and are forked where they may be (as
+    :func:`run_world`'s ranks are)."""
+    return _run_all(cmds, env=launch_env(env), timeout=timeout, cwd=Path(cwd), ranks=len(cmds) if fork else 0)
 
 
 # -- process plumbing ---------------------------------------------------------------------------
@@ -251,8 +255,9 @@ def _run_all(
     """Start every command at once (each in its own session), wait for all with one deadline,
     and check the exit codes (unless ``check`` is false; a timeout always raises). With
     ``end_all_on_failure``, a command that exits non-zero ends the others FAILURE_GRACE_S later.
-    The first ``ranks`` commands are ranks of a world: those :func:`forkable` are forked from the
-    session's :class:`~tests.helpers.zygote.Zygote` (:func:`rank_zygote`)."""
+    The first ``ranks`` commands are the test's own Python commands (a world's ranks, what runs
+    beside them), not launchers: those :func:`forkable` are forked from the session's
+    :class:`~tests.helpers.zygote.Zygote` (:func:`rank_zygote`)."""
     envs = [env] * len(cmds) if isinstance(env, Mapping) else list(env)
     logs = [tempfile.TemporaryFile(mode="w+b") for _ in cmds]
     procs: list[subprocess.Popen | ForkedProcess] = []
