@@ -20,7 +20,7 @@ from fusiontrain.checkpoint.layout import CheckpointError, UnsafeCheckpoint, lis
 from fusiontrain.checkpoint.manager import CheckpointManager, verify
 from fusiontrain.checkpoint.optimizer_state import OptimizerState
 from fusiontrain.cli import main as cli_main
-from tests.helpers.launch import REPO_ROOT, launch_env
+from tests.helpers.launch import REPO_ROOT, run_commands
 from tests.test_checkpoint import _model_and_optimizer
 
 BASE = {"family": "mllama", "folders": {"hf_mllama": "/base"}}
@@ -125,8 +125,10 @@ def test_resume_refuses_a_pickle_and_never_unpickles_it(poisoned, caplog) -> Non
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fusiontrain", *argv], env=launch_env(), cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=120)
+    """``python -m fusiontrain ARGV`` as a process of its own (forked from the zygote, as
+    ``python`` would start it); its ``stdout`` holds its error output too."""
+    (done,) = run_commands([[sys.executable, "-m", "fusiontrain", *argv]], timeout=120, fork=True, check=False)
+    return done
 
 
 def _cli_here(capsys: pytest.CaptureFixture, *argv: str) -> subprocess.CompletedProcess:
@@ -148,7 +150,7 @@ def test_export_generate_and_verify_refuse_a_pickle_from_the_command_line(poison
     image = tmp_path / "image.png"
     Image.new("RGB", (8, 8), (200, 10, 10)).save(image)
     export = _cli("export", "--checkpoint", str(planted), "--out", str(tmp_path / "out"))
-    assert export.returncode == 2 and "pickle" in export.stderr and str(planted) in export.stderr, export.stderr
+    assert export.returncode == 2 and "pickle" in export.stdout and str(planted) in export.stdout, export.stdout
     for path in (planted, old):
         export = _cli_here(capsys, "export", "--checkpoint", str(path), "--out", str(tmp_path / "out"))
         assert export.returncode == 2 and "pickle" in export.stderr and str(path) in export.stderr, export.stderr
@@ -246,5 +248,5 @@ def test_train_refuses_to_resume_from_a_pickle(poisoned, tiny_mllama_dir: Path, 
         train = _cli("train", "--config", config, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={tmp_path / 'train'}",
                      "max_steps=1", "logging.every_n_steps=0", "eval.every_n_steps=0", "data.num_workers=0",
                      f"checkpoint.resume={path}")
-        assert train.returncode != 0 and "pickle" in train.stderr and "never unpickles" in train.stderr, train.stderr[-2000:]
+        assert train.returncode != 0 and "pickle" in train.stdout and "never unpickles" in train.stdout, train.stdout[-2000:]
     assert not marker.exists()

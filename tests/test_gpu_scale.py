@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 from benchmarks import gpu_scale
 from fusiontrain.source.model_source import ModelSource
 from fusiontrain.train.model import build_meta_model
+from tests.helpers.launch import run_commands
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,11 +46,8 @@ def test_cpu_tiny_mode_runs_both_sides(tmp_path: Path) -> None:
     """Plan, fusiontrain's step (with the per-phase split) and HF's loop on the tiny Mllama: every
     figure the GPU run reports is there and sane."""
     out = tmp_path / "gpu_scale.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_scale.py"), "--device", "cpu", "--tiny", "--json", str(out)],
-        capture_output=True, text=True, timeout=280, cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_scale.py"), "--device", "cpu", "--tiny", "--json", str(out)]
+    (result,) = run_commands([command], timeout=280, cwd=tmp_path, fork=True)  # raises, with the output, unless it exits 0
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["precision"] == "fp32" and report["peak_flops"] > 0
     entry = report["shapes"]["tiny"]

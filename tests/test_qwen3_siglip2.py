@@ -15,7 +15,6 @@ tied LM head); the tower ``save_tiny_siglip2_naflex`` (4 px patches, at most 16 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from fusiontrain.families.siglip2_image import NaflexImage
 from fusiontrain.inference.generation import generate
 from fusiontrain.inference.load import build_prompt_inputs, load_for_inference
 from fusiontrain.models import compose_from_hf
-from tests.helpers.launch import REPO_ROOT, launch_env, run_world
+from tests.helpers.launch import REPO_ROOT, run_commands, run_world
 from tests.helpers.tiny_models import open_gates
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
@@ -220,26 +219,11 @@ def caption_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cli(*commands: list[str]) -> list[str]:
-    """Run ``python -m fusiontrain ARGS`` for each of ``commands`` at once, each in a fresh
-    process; fails the test on a non-zero exit. Returns their stdouts."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "fusiontrain", *args], cwd=REPO_ROOT, env=launch_env(), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )
-        for args in commands
-    ]
-    outputs = []
-    for args, proc in zip(commands, procs):
-        try:
-            out, err = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            raise
-        assert proc.returncode == 0, f"{args[0]} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}"
-        outputs.append(out)
-    return outputs
+    """Run ``python -m fusiontrain ARGS`` for each of ``commands`` at once (forked from the
+    zygote, as ``python`` would start them); fails the test on a non-zero exit. Returns their
+    outputs (stdout and stderr together)."""
+    results = run_commands([[sys.executable, "-m", "fusiontrain", *args] for args in commands], timeout=180, fork=True)
+    return [result.stdout for result in results]
 
 
 def test_cli_trains_exports_and_generates(

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from fusiontrain.checkpoint import layout
 from fusiontrain.parallel.processes import descendant_pids, parent_pid
-from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_world
+from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_commands, run_world
 from tests.helpers.shared import PACKED_RUN, WITH_WORKERS, uninterrupted_packed_run
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
@@ -164,11 +164,8 @@ def test_export_of_a_training_checkpoint_loads_in_transformers(tmp_path, tiny_ml
 
     _, weights, run = uninterrupted_run
     out = tmp_path / "export"
-    subprocess.run(
-        [sys.executable, "-m", "fusiontrain", "export", "--checkpoint", str(run / "checkpoints" / "step_8"),
-         "--out", str(out), "--dtype", "fp32"],
-        check=True, env=launch_env(), cwd=REPO_ROOT, capture_output=True,
-    )
+    run_commands([[sys.executable, "-m", "fusiontrain", "export", "--checkpoint", str(run / "checkpoints" / "step_8"),
+                   "--out", str(out), "--dtype", "fp32"]], fork=True)
     ours = load_hf_mllama(tiny_mllama_dir).eval()
     with torch.no_grad():
         for name, param in ours.named_parameters():
@@ -213,11 +210,8 @@ def test_a_run_starts_from_a_fusiontrain_export_of_a_composed_model(tmp_path, ti
     trained = load_file(tmp_path / "h1" / "trainable.safetensors")
 
     def export(checkpoint: Path, out: Path) -> None:
-        subprocess.run(
-            [sys.executable, "-m", "fusiontrain", "export", "--checkpoint", str(checkpoint), "--out", str(out),
-             "--format", "fusiontrain", "--dtype", "fp32"],
-            check=True, env=launch_env(), cwd=REPO_ROOT, capture_output=True,
-        )
+        run_commands([[sys.executable, "-m", "fusiontrain", "export", "--checkpoint", str(checkpoint), "--out", str(out),
+                       "--format", "fusiontrain", "--dtype", "fp32"]], fork=True)
 
     export(tmp_path / "run1" / "checkpoints" / "step_2", tmp_path / "export1")
     from_export = ["model.hf_mllama=null", f"model.fusiontrain_export={tmp_path / 'export1'}", "checkpoint.every_n_steps=1",
@@ -252,8 +246,7 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_and_still_matches(tmp_p
     newest = run / "checkpoints" / "step_6"
     shard = sorted((newest / "fusion").glob("*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    verify = subprocess.run([sys.executable, "-m", "fusiontrain", "verify", str(run)], env=launch_env(), cwd=REPO_ROOT,
-                            capture_output=True, text=True)
+    (verify,) = run_commands([[sys.executable, "-m", "fusiontrain", "verify", str(run)]], fork=True, check=False)
     assert verify.returncode == 1 and "step_6: DAMAGED" in verify.stdout and "newest intact: step_4" in verify.stdout
     args = [HARNESS, str(tmp_path / "h2"), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
             *RUN, "checkpoint.every_n_steps=2"]

@@ -232,11 +232,13 @@ def run_commands(
     env: Mapping[str, str] | None = None,
     cwd: Path | str = REPO_ROOT,
     fork: bool = False,
+    check: bool = True,
 ) -> list[subprocess.CompletedProcess]:
-    """:func:`run_command` for several commands at once (they run concurrently). ``fork``: they are
-    the test's own Python commands, not launchers, and are forked where they may be (as
-    :func:`run_world`'s ranks are)."""
-    return _run_all(cmds, env=launch_env(env), timeout=timeout, cwd=Path(cwd), ranks=len(cmds) if fork else 0)
+    """:func:`run_command` for several commands at once (they run concurrently); each result's
+    ``stdout`` is the command's output and error output together. ``fork``: they are the test's
+    own Python commands, not launchers, and are forked where they may be (as :func:`run_world`'s
+    ranks are). ``check``: raise on a non-zero exit (a timeout always raises)."""
+    return _run_all(cmds, env=launch_env(env), timeout=timeout, cwd=Path(cwd), check=check, ranks=len(cmds) if fork else 0)
 
 
 # -- process plumbing ---------------------------------------------------------------------------
