@@ -59,6 +59,7 @@ __all__ = [
     "ModuleRegistries",
     "TorchDispatchMode",
     "active_fake_mode",
+    "current_fake_mode",
     "checkpoint_wrapped_module",
     "checkpoint_wrapper",
     "compiled_original_module",
@@ -80,6 +81,7 @@ __all__ = [
     "read_module_registries",
     "shutdown_dataloader_workers",
     "storage_id",
+    "untyped_storage_id",
     "tensor_base",
     "tensor_version",
     "unset_fake_temporarily",
@@ -272,6 +274,11 @@ def storage_id(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
+def untyped_storage_id(storage: torch.UntypedStorage) -> int:
+    """:func:`storage_id` of a storage in hand (``UntypedStorage._cdata``)."""
+    return storage._cdata
+
+
 def tensor_base(tensor: torch.Tensor) -> torch.Tensor | None:
     """The tensor ``tensor`` is a view of, or None when it is not a view (``Tensor._base``)."""
     return tensor._base
@@ -290,6 +297,14 @@ def tensor_version(tensor: torch.Tensor) -> int:
 # store of the "fake" process-group backend (``torch.testing._internal.distributed.fake_pg``);
 # ``pytree``, torch's pytree module (``torch.utils._pytree``: tree_flatten, tree_map, tree_leaves,
 # arg_tree_leaves).
+
+def current_fake_mode() -> FakeTensorMode | None:
+    """The fake-tensor mode active now, or None: what ``active_fake_mode`` finds by walking the
+    mode stack, read in one call from the dispatcher's FAKE slot, which every ``FakeTensorMode``
+    takes while entered (``torch._C._get_dispatch_mode``). The planner's memory tracker asks this of
+    every op it traces."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+
 
 #: The op behind reading a tensor's value on the host (``.item()``, ``.tolist()``, ``float()``):
 #: ``aten._local_scalar_dense``.

@@ -41,6 +41,7 @@ from fusiontrain.torch_private import (
     checkpoint_wrapped_module,
     checkpoint_wrapper,
     compiled_original_module,
+    current_fake_mode,
     dtensor_sharding_rule_misses,
     forget_pending_forward,
     fsdp_group_params,
@@ -59,6 +60,7 @@ from fusiontrain.torch_private import (
     read_module_registries,
     shutdown_dataloader_workers,
     storage_id,
+    untyped_storage_id,
     tensor_base,
     tensor_version,
     unset_fake_temporarily,
@@ -351,6 +353,7 @@ def test_storage_ids_base_and_version() -> None:
     view = tensor[1:]
     assert storage_id(tensor) == storage_id(view) == storage_id(tensor.view(2, 2))
     assert storage_id(tensor) != storage_id(other)
+    assert untyped_storage_id(view.untyped_storage()) == storage_id(tensor)
     assert tensor_base(view) is tensor and tensor_base(tensor) is None
     version = tensor_version(tensor)
     tensor.add_(1)
@@ -358,12 +361,31 @@ def test_storage_ids_base_and_version() -> None:
 
 
 def test_fake_tensors_and_their_mode() -> None:
-    assert active_fake_mode() is None
+    assert active_fake_mode() is None and current_fake_mode() is None
     with FakeTensorMode() as mode:
         fake = torch.empty(2, 3)
-        assert isinstance(fake, FakeTensor) and active_fake_mode() is mode
+        assert isinstance(fake, FakeTensor) and active_fake_mode() is mode and current_fake_mode() is mode
         with unset_fake_temporarily():
             assert not isinstance(torch.zeros(1), FakeTensor)
+            assert current_fake_mode() is active_fake_mode() is None
+
+
+def test_inside_a_dispatch_mode_the_current_fake_mode_is_the_innermost_one() -> None:
+    """What the memory tracker asks of each op: the fake mode the op runs under, also when
+    another one (DTensor's sharding propagation) is entered inside the first."""
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            seen.append((current_fake_mode(), active_fake_mode()))
+            return func(*args, **(kwargs or {}))
+
+    with FakeTensorMode() as outer, Watch():
+        torch.empty(3).add_(1)
+        with FakeTensorMode() as inner:
+            torch.empty(2).mul_(2)
+    assert [current for current, _ in seen] == [outer, outer, inner, inner]
+    assert all(current is walked for current, walked in seen)
 
 
 def test_a_dispatch_mode_sees_a_value_read_back_as_local_scalar_dense() -> None:

@@ -33,10 +33,9 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from fusiontrain.dispatch_args import op_tensors
-from fusiontrain.torch_private import TorchDispatchMode, active_fake_mode, storage_id
+from fusiontrain.torch_private import TorchDispatchMode, current_fake_mode, storage_id, untyped_storage_id
 
 # ``tensor.device`` on a tensor subclass (a fake tensor) is an op of its own: three in five of the
 # ops a traced step dispatches (133k ops for an 11B model). It allocates nothing, so the tracker
@@ -74,7 +73,7 @@ class TensorMemoryTracker(TorchDispatchMode):
     ) -> None:
         super().__init__()
         self._labels = [default_label]
-        self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> [label, bytes]
+        self._storages: dict[int, list[Any]] = {}  # live storage's id (storage_id) -> [label, bytes]
         self._untracked = untracked or {}
         self._op_label = op_label
         self._regroup = regroup
@@ -106,24 +105,26 @@ class TensorMemoryTracker(TorchDispatchMode):
         self._labels.pop()
 
     def __enter__(self) -> TensorMemoryTracker:
-        self._fake_mode = active_fake_mode()  # None when tracking real tensors
+        self._fake_mode = current_fake_mode()  # None when tracking real tensors
         return super().__enter__()
 
-    def _track(self, tensor: torch.Tensor, label: str) -> None:
-        storage = tensor.untyped_storage()
-        if storage in self._storages:
+    def _track(self, storage: torch.UntypedStorage, key: int, label: str) -> None:
+        """Count ``storage`` (its id ``key``) under ``label`` until it dies, unless counted already."""
+        if key in self._storages:
             return
         record = [label, storage.nbytes()]
-        self._storages[storage] = record
+        self._storages[key] = record
         if label in self._host_labels:
             self.host_current += record[1]
             self.host_peak = max(self.host_peak, self.host_current)
         else:
             self.by_label[label] += record[1]
             self.tracked += record[1]
-        weakref.finalize(storage, self._release, record)
+        weakref.finalize(storage, self._release, key, record)
 
-    def _release(self, record: list[Any]) -> None:
+    def _release(self, key: int, record: list[Any]) -> None:
+        if self._storages.get(key) is record:
+            del self._storages[key]
         if record[0] in self._host_labels:
             self.host_current -= record[1]
         else:
@@ -143,8 +144,7 @@ class TensorMemoryTracker(TorchDispatchMode):
             for name, tensors in self._regroup().items():
                 seen: set[int] = set()
                 for tensor in tensors:
-                    storage = tensor.untyped_storage()
-                    record = self._storages.get(storage)
+                    record = self._storages.get(storage_id(tensor))
                     if record is None or id(record) in seen:
                         continue
                     seen.add(id(record))
@@ -159,7 +159,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         if any(issubclass(kind, DTensor) for kind in types):
             return NotImplemented  # let DTensor run its local ops, which come back here
         out = func(*args, **(kwargs or {}))
-        if active_fake_mode() is not self._fake_mode:
+        if current_fake_mode() is not self._fake_mode:
             # DTensor's sharding propagation runs ops under a fake mode of its own to learn output
             # shapes (and caches them): metadata, not memory.
             return out
@@ -168,7 +168,9 @@ class TensorMemoryTracker(TorchDispatchMode):
         # input may even predate the tracker (a transposed weight).
         inputs = {storage_id(t) for t in op_tensors(args, kwargs)}
         for value in op_tensors(out):
-            if storage_id(value) not in inputs:
-                self._track(value, label)
+            storage = value.untyped_storage()
+            key = untyped_storage_id(storage)
+            if key not in inputs:
+                self._track(storage, key, label)
         self._update_peak()
         return out
