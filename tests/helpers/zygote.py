@@ -53,9 +53,9 @@ from pathlib import Path
 
 #: What the server imports before it forks: every rank imports these (the trainer, the model
 #: families, FSDP2, DCP; dynamo through torch's optimizers), and a rank that reads real data, and
-#: its forkserver helper, the data libraries (transformers' tokenizers and the image processors
-#: and feature extractor of the suite's tiny models; Mllama's brings in the shared image code, about
-#: 2 CPU-s; ``datasets`` for streams).
+#: its forkserver helper, the data libraries: transformers' tokenizers, its auto classes and the
+#: image-processing code every image processor builds on (about 2 CPU-s; a model's own processor
+#: module then costs a hundredth of that), ``datasets`` for streams. No model family is named here.
 PRELOAD = (
     "torch",
     "torch._dynamo",
@@ -67,14 +67,10 @@ PRELOAD = (
     "fusiontrain.families.registry",
     "tokenizers",
     "transformers",
+    "transformers.image_processing_utils",
     "transformers.models.auto.tokenization_auto",
     "transformers.models.auto.image_processing_auto",
     "transformers.models.auto.feature_extraction_auto",
-    "transformers.models.mllama.image_processing_pil_mllama",
-    "transformers.models.clip.image_processing_pil_clip",
-    "transformers.models.siglip.image_processing_pil_siglip",
-    "transformers.models.siglip2.image_processing_pil_siglip2",
-    "transformers.models.whisper.feature_extraction_whisper",
     "datasets",
 )
 #: Environment variables a forked rank may differ in from the server: read when the code runs, not
