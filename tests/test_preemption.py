@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from fusiontrain.train.preemption import MARKER_ENV, PREEMPTED_EXIT_CODE, PreemptionWatcher
-from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_world
+from tests.helpers.launch import LOCAL_RDZV_ENDPOINT, REPO_ROOT, free_port, launch_env, run_world
 from tests.helpers.shared import MAX_STEPS, PACKED_RUN, WITH_WORKERS, uninterrupted_packed_run
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
@@ -132,7 +132,7 @@ def _interrupted_run(tmp_path: Path, mllama: Path, deliver, *overrides: str) -> 
     run = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        "--rdzv-endpoint", LOCAL_RDZV_ENDPOINT,
         "-m", "fusiontrain", "train", "--config", TINY_CONFIG, f"model.hf_mllama={mllama}", f"output_dir={run}", *RUN,
         *overrides,
     ]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from fusiontrain.checkpoint import layout
 from fusiontrain.parallel.processes import descendant_pids, parent_pid
-from tests.helpers.launch import REPO_ROOT, free_port, launch_env, run_commands, run_world
+from tests.helpers.launch import LOCAL_RDZV_ENDPOINT, REPO_ROOT, launch_env, run_commands, run_world
 from tests.helpers.shared import PACKED_RUN, WITH_WORKERS, uninterrupted_packed_run
 
 HARNESS = str(REPO_ROOT / "tests" / "helpers" / "train_harness.py")
@@ -89,7 +89,7 @@ def test_sigkilled_rank_restarts_and_resumes_to_the_same_weights(tmp_path, tiny_
     out, run = tmp_path / "h", tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", LOCAL_RDZV_ENDPOINT,
         HARNESS, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
         *RUN, WITH_WORKERS, "checkpoint.every_n_steps=2",
     ]
@@ -277,7 +277,7 @@ def test_chaos_three_sigkills_of_random_ranks_end_at_the_uninterrupted_weights(
     out, run = tmp_path / "h", tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "3",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", LOCAL_RDZV_ENDPOINT,
         HARNESS, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={run}",
         *RUN, "checkpoint.every_n_steps=1", "checkpoint.keep_last_n=0",
     ]
@@ -312,7 +312,7 @@ def test_chaos_three_sigkills_of_random_ranks_end_at_the_uninterrupted_weights(
 def _torchrun(nproc: int, *args: str) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *args,
+        "--rdzv-endpoint", LOCAL_RDZV_ENDPOINT, *args,
     ]
 
 

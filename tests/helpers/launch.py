@@ -38,6 +38,13 @@ TAIL_LINES = 80
 FAILURE_GRACE_S = 5.0  # run_world: how long the other ranks may take to report a rank's failure
 
 
+#: The rendezvous endpoint of a single-node torchrun: port 0, so the agent's store binds a port the
+#: kernel picks, as ``torchrun --standalone`` does. A port from :func:`free_port` can be taken by
+#: another process (an ephemeral port of one of the suite's other connections) before the agent
+#: binds it, and the agent then fails at once ("The connection to the C10d store has failed").
+LOCAL_RDZV_ENDPOINT = "127.0.0.1:0"
+
+
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -90,7 +97,8 @@ def run_torchrun(
     """Run ``python -m torch.distributed.run ... <args>`` with ``nproc`` processes on this machine.
 
     ``args`` is what follows the torchrun options: ``["-m", "fusiontrain", "train", ...]`` or
-    ``[script_path, ...]``. The rendezvous is c10d on a fresh port of 127.0.0.1 (override it, or
+    ``[script_path, ...]``. The rendezvous is c10d on 127.0.0.1 (:data:`LOCAL_RDZV_ENDPOINT` on
+    one node, else a fresh port; override it, or
     anything else, through ``extra_torchrun_args``; later options win). Returns the completed
     process with the combined output in ``.stdout``; raises ``AssertionError`` on timeout, and
     on a non-zero exit unless ``check`` is false.
@@ -106,7 +114,7 @@ def run_torchrun(
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
-        f"127.0.0.1:{free_port()}",
+        LOCAL_RDZV_ENDPOINT if nnodes == 1 else f"127.0.0.1:{free_port()}",
         *extra_torchrun_args,
         *args,
     ]
