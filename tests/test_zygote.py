@@ -134,7 +134,7 @@ def test_a_malformed_request_is_answered_and_the_server_goes_on(tmp_path: Path) 
 # helper): its parent, whether it was started as `python -c` (a fresh interpreter) and its open
 # descriptors. With an argument "idle" it starts no loader.
 _LOADER_RANK = """
-import json, os, sys
+import json, os, sys, time
 from fusiontrain.data.workers import build_loader
 from fusiontrain.train.preemption import PreemptionWatcher
 from tests.helpers.worker_probe import WhereBuilt
@@ -149,6 +149,10 @@ def main(idle: bool) -> dict:
     watcher.start()
     items = list(build_loader(WhereBuilt(), num_workers=1, worker_start="forkserver"))
     helper = items[0]["parent"]
+    # The helper holds a descriptor per live worker: count them once its worker has exited.
+    deadline = time.monotonic() + 30
+    while open(f"/proc/{helper}/task/{helper}/children").read().split() and time.monotonic() < deadline:
+        time.sleep(0.05)
     stat = open(f"/proc/{helper}/stat").read()
     report.update(
         items=items,
