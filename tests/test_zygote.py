@@ -140,6 +140,11 @@ from fusiontrain.train.preemption import PreemptionWatcher
 from tests.helpers.worker_probe import WhereBuilt
 
 
+def _state(pid: int) -> str:
+    stat = open(f"/proc/{pid}/stat").read()
+    return stat[stat.rindex(")") + 2]
+
+
 def main(idle: bool) -> dict:
     children = open(f"/proc/self/task/{os.getpid()}/children").read().split()
     report = {"pid": os.getpid(), "children": [int(pid) for pid in children]}
@@ -149,10 +154,14 @@ def main(idle: bool) -> dict:
     watcher.start()
     items = list(build_loader(WhereBuilt(), num_workers=1, worker_start="forkserver"))
     helper = items[0]["parent"]
-    # The helper holds a descriptor per live worker: count them once its worker has exited.
+    # The helper holds a pipe per live worker, closed just after it reaps the worker and writes
+    # the exit code (which the loader's join reads): count once it is reaped and the helper is
+    # asleep again in its select loop, the first sleep after the reap.
     deadline = time.monotonic() + 30
     while open(f"/proc/{helper}/task/{helper}/children").read().split() and time.monotonic() < deadline:
         time.sleep(0.05)
+    while _state(helper) != "S" and time.monotonic() < deadline:
+        time.sleep(0.01)
     stat = open(f"/proc/{helper}/stat").read()
     report.update(
         items=items,
