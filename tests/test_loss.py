@@ -209,6 +209,23 @@ def test_frozen_projection_matches_full_cross_entropy(dtype: torch.dtype, k: int
     assert torch.all(leaf.grad[labels == -100] == 0)
 
 
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "trainable"])
+def test_an_index_holding_ignored_positions_counts_only_the_targets(frozen: bool) -> None:
+    """A target index may be a superset of the targets (here every position): its ignored rows
+    add no loss and get no gradient, in every chunk."""
+    hidden, labels, output = _inputs(torch.float32, seed=2)
+    want_loss, want_h, _ = _reference(hidden, labels, output)
+    output.weight.grad = None
+    output.weight.requires_grad_(not frozen)
+    leaf = hidden.detach().clone().requires_grad_(True)
+    every_position = torch.arange(B * S)
+    loss = chunked_cross_entropy_sum(leaf, labels, output, num_chunks=3, target_index=every_position)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(leaf.grad, want_h, rtol=1e-5, atol=1e-6)
+    assert torch.all(leaf.grad[labels == -100] == 0) and torch.all(leaf.grad[labels != -100] != 0)
+
+
 def test_frozen_projection_all_ignored_and_no_grad() -> None:
     hidden, labels, output = _inputs(torch.float32, ignore_all=True)
     output.weight.requires_grad_(False)
@@ -342,7 +359,7 @@ class _ProjectionRows(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - the dispatch protocol
         out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape[-1] == V:
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default) and out.shape[-1] == V:
             self.rows.append(out.shape[0])
         return out
 

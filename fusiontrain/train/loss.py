@@ -90,21 +90,32 @@ class _FrozenProjectionCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=flat.device)
         n = index.shape[0]
         grad = flat.new_empty(n, flat.shape[1]) if ctx.needs_input_grad[0] else None
-        for chunk in _row_chunks(n, num_chunks, chunk_rows):
-            logits = (flat.index_select(0, index[chunk]) @ weight.T).float()  # [n / k, v], fp32
+        chunks = _row_chunks(n, num_chunks, chunk_rows)
+        # One fp32 buffer [rows of the largest chunk, v] holds every chunk's logits in turn: a
+        # large allocation on the CPU is a fresh mmap whose pages fault in at first touch.
+        buffer = flat.new_empty(min(chunks[0].stop, n), weight.shape[0], dtype=torch.float32)
+        for chunk in chunks:
+            rows = flat.index_select(0, index[chunk])  # [m, d]
+            log_probs = buffer[: rows.shape[0]]  # [m, v]
+            if rows.dtype == torch.float32:
+                torch.mm(rows, weight.T, out=log_probs)
+            else:
+                log_probs.copy_(rows @ weight.T)
+            # log_softmax in place: its kernels read a row whole (max, then sum of exp) before
+            # writing it, one row per thread block on a GPU.
+            torch.log_softmax(log_probs, dim=-1, out=log_probs)
             # an index may hold ignored positions too (a superset of the targets): they count nothing
             valid = targets[chunk] != ignore_index
             target = torch.where(valid, targets[chunk], 0)
-            log_norm = torch.logsumexp(logits, dim=-1)
-            row_losses = (log_norm - logits.gather(1, target[:, None]).squeeze(1)) * valid
+            row_losses = -log_probs.gather(1, target[:, None]).squeeze(1) * valid
             total += row_losses.sum()
             if per_source is not None:
                 _add_per_source(per_source, row_losses, target_sources, chunk)
             if grad is not None:  # d loss / d logits = softmax - one_hot, on valid rows only
-                probs = logits.sub_(log_norm[:, None]).exp_()
+                probs = log_probs.exp_()
                 probs[torch.arange(len(target), device=probs.device), target] -= 1.0
-                probs *= valid[:, None]
-                grad[chunk] = probs.to(flat.dtype) @ weight
+                # rows of ignored positions are zeroed after the projection: [m, d], not [m, v]
+                grad[chunk] = (probs.to(flat.dtype) @ weight) * valid[:, None]
         ctx.save_for_backward(grad, index)
         ctx.flat_shape = flat.shape
         return total
