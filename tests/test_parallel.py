@@ -33,11 +33,13 @@ from fusiontrain.parallel.fsdp import (
     apply_activation_checkpointing,
     canonical_parameters,
     checkpoint_every,
+    lookup_tables_only,
     mixed_precision_policy,
     parallelize,
     shard_model,
 )
 from fusiontrain.parallel.precision import StorageDtypes, store_parameters
+from fusiontrain.torch_private import fsdp_param_group
 from tests.helpers.tiny_models import IMAGE_TOKEN, VOCAB, random_mllama, random_pixels, tiny_mllama_args
 
 STACKS = {"decoder.layers": 4, "encoder.vision.layers": 4, "encoder.projection.layers": 2}
@@ -216,6 +218,20 @@ def _expected_units(split: bool) -> list[str]:
             else:
                 units.append(f"{stack}.{index}")
     return units + ["decoder.tok_embeddings", "decoder.norm+output", "encoder.projection", "<root>"]
+
+
+def test_only_a_unit_of_lookup_tables_skips_its_gather_in_backward(mesh) -> None:
+    """The embeddings' unit is not gathered in backward (their backward reads no weight); a unit
+    holding anything else (a norm, a linear layer) is."""
+    assert lookup_tables_only(nn.Embedding(5, 3)) and lookup_tables_only(random_mllama().decoder.tok_embeddings)
+    assert not lookup_tables_only(nn.Sequential(nn.Embedding(5, 3), nn.LayerNorm(3)))
+    assert not lookup_tables_only(nn.Linear(3, 3)) and not lookup_tables_only(nn.Sequential())
+    model = _meta_twin()
+    shard_model(model, mesh, mp_policy=mixed_precision_policy("auto", torch.device("cpu")))
+    groups = {name: fsdp_param_group(module) for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+    in_backward = {name: group.unshard_in_backward for name, group in groups.items() if group is not None}
+    assert in_backward.pop("decoder.tok_embeddings") is False
+    assert len(in_backward) >= 10 and set(in_backward.values()) == {True}
 
 
 @pytest.mark.parametrize("split", [False, True])

@@ -1,9 +1,10 @@
 """The collectives of a training step (fusiontrain/train/step.py), counted on 2 gloo ranks with the
 real Trainer (tests/helpers/step_collectives_probe.py): two small all-reduces per step (the counts
-before the forward; loss, grad norm, non-finite and preemption flags after backward), and the
-output projection gathered once per micro-batch, by its FSDP unit (it used to be gathered three
-times: the unit's forward, the loss's ``full_tensor()``, the unit's backward). A change that adds
-a collective to every step fails here."""
+before the forward; loss, grad norm, non-finite and preemption flags after backward), the output
+projection gathered once per micro-batch, by its FSDP unit (it used to be gathered three times:
+the unit's forward, the loss's ``full_tensor()``, the unit's backward), and the token embeddings
+gathered once per micro-batch, in forward (their backward reads no weight; they used to be
+gathered again for it). A change that adds a collective to every step fails here."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ STEPS = 4
 MICRO_BATCHES = 2  # per rank and step: global batch 8 = 2 ranks x 2 rows x 2 micro-batches
 
 
-def test_a_step_issues_two_small_all_reduces_and_gathers_the_output_projection_once_per_micro_batch(
+def test_a_step_issues_two_small_all_reduces_and_gathers_the_output_projection_and_embeddings_once_per_micro_batch(
     tmp_path: Path, tiny_mllama_dir: Path
 ) -> None:
     out = tmp_path / "collectives.json"
@@ -35,6 +36,7 @@ def test_a_step_issues_two_small_all_reduces_and_gathers_the_output_projection_o
     steps = report["steps"]
     assert len(steps) == STEPS
     assert report["output_unit_gathers"] == [MICRO_BATCHES] * STEPS
+    assert report["embedding_unit_gathers"] == [MICRO_BATCHES] * STEPS  # forward only
     for step, ops in enumerate(steps):
         # c10d.allreduce_: the counts, then the one after backward (clipping, the non-finite
         # check and the preemption flag used to take one each); DTensor issues none of its own.

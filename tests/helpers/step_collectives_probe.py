@@ -8,9 +8,10 @@ gloo; ``_c10d_functional.*`` from DTensor) dispatched while ``Trainer.run`` runs
 counted per step: from the start of one ``Trainer.train_step`` to the start of the next, so a
 step's bucket holds its own collectives and whatever the loop does after it (eval, checkpoint,
 the preemption check) before the next step. Rank 0 writes ``OUT.json``: ``steps``, a list with
-one ``{op name: count}`` per step; ``output_unit_gathers``, per step, the all-gathers of the size
-of the decoder's norm + output projection unit (each parameter's first dimension padded to a
-multiple of the world size, as FSDP2 does).
+one ``{op name: count}`` per step; ``output_unit_gathers`` and ``embedding_unit_gathers``, per
+step, the all-gathers of the size of the decoder's norm + output projection unit and of its token
+embeddings' unit (each parameter's first dimension padded to a multiple of the world size, as
+FSDP2 does).
 """
 
 from __future__ import annotations
@@ -61,11 +62,14 @@ def main(out: str, argv: list[str]) -> None:
 
     world = trainer.context.world_size
     decoder = trainer.model.decoder
-    output_unit = sum(
-        math.ceil(p.shape[0] / world) * world * math.prod(p.shape[1:])
-        for module in (decoder.norm, decoder.output)
-        for p in module.parameters()
-    )
+
+    def gathered_size(*modules: Any) -> int:
+        return sum(
+            math.ceil(p.shape[0] / world) * world * math.prod(p.shape[1:]) for module in modules for p in module.parameters()
+        )
+
+    output_unit, embedding_unit = gathered_size(decoder.norm, decoder.output), gathered_size(decoder.tok_embeddings)
+    assert output_unit != embedding_unit, "two units of one size: their gathers cannot be told apart"
 
     trainer.train_step = counted_step  # the loop calls self.train_step: a new bucket per step
     with counter:
@@ -76,6 +80,7 @@ def main(out: str, argv: list[str]) -> None:
                 {
                     "steps": [dict(step) for step in counter.steps[1:]],
                     "output_unit_gathers": [sizes[output_unit] for sizes in counter.gather_sizes[1:]],
+                    "embedding_unit_gathers": [sizes[embedding_unit] for sizes in counter.gather_sizes[1:]],
                 }
             )
         )
