@@ -46,6 +46,7 @@ CHECKED_ON: tuple[str, ...] = (
 )
 
 __all__ = [
+    "ALLGATHER_INTO_TENSOR",
     "CHECKED_ON",
     "CHECKPOINT_WRAPPER_PREFIX",
     "COLLECTIVE_OP_NAMESPACES",
@@ -263,6 +264,10 @@ def dtensor_sharding_rule_misses() -> int | None:
 #: The op namespaces of collectives (FSDP2's, c10d's, and the private functional collectives'
 #: ``torch.ops._c10d_functional``).
 COLLECTIVE_OP_NAMESPACES: tuple[str, ...] = ("fsdp", "c10d", "_c10d_functional")
+
+#: The op ``all_gather_into_tensor`` dispatches (``(output, input, group, ...)``): FSDP2 gathers each
+#: unit's parameters with one of it.
+ALLGATHER_INTO_TENSOR = torch.ops.c10d._allgather_base_.default
 
 
 # -- tensors and their storages -------------------------------------------------------------------

@@ -4,11 +4,13 @@ before the forward; loss, grad norm, non-finite and preemption flags after backw
 projection gathered once per micro-batch, by its FSDP unit (it used to be gathered three times:
 the unit's forward, the loss's ``full_tensor()``, the unit's backward), and the token embeddings
 gathered once per micro-batch, in forward (their backward reads no weight; they used to be
-gathered again for it). A change that adds a collective to every step fails here."""
+gathered again for it); and the planner's time model counts exactly the bytes these gathers move
+(its traced micro-batch's). A change that adds a collective to every step fails here."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,11 +27,12 @@ def test_a_step_issues_two_small_all_reduces_and_gathers_the_output_projection_a
     tmp_path: Path, tiny_mllama_dir: Path
 ) -> None:
     out = tmp_path / "collectives.json"
-    run_world(
-        [PROBE, str(out), "--config", TINY_CONFIG, f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={tmp_path / 'run'}",
-         f"max_steps={STEPS}", "batch.micro_batch_size=2", "batch.global_batch_size=8", "eval.every_n_steps=0",
-         "logging.every_n_steps=0", "data.num_workers=0", "optim.max_grad_norm=0.1"],
+    shape = [f"model.hf_mllama={tiny_mllama_dir}", "batch.micro_batch_size=2", "batch.global_batch_size=8"]
+    _, (plan,) = run_world(
+        [PROBE, str(out), "--config", TINY_CONFIG, *shape, f"output_dir={tmp_path / 'run'}", f"max_steps={STEPS}",
+         "eval.every_n_steps=0", "logging.every_n_steps=0", "data.num_workers=0", "optim.max_grad_norm=0.1"],
         nproc=2,
+        beside=[[sys.executable, "-m", "fusiontrain", "plan", "--config", TINY_CONFIG, "--gpus", "2", "--gpu", "cpu", "--json", *shape]],
         timeout=240,
     )
     report = json.loads(out.read_text())
@@ -37,6 +40,9 @@ def test_a_step_issues_two_small_all_reduces_and_gathers_the_output_projection_a
     assert len(steps) == STEPS
     assert report["output_unit_gathers"] == [MICRO_BATCHES] * STEPS
     assert report["embedding_unit_gathers"] == [MICRO_BATCHES] * STEPS  # forward only
+    # The planner's time model counts what FSDP gathers: its traced micro-batch's all-gathers.
+    planned = json.loads(plan.stdout[plan.stdout.index("{") :])["gathered_bytes_per_micro_batch"]
+    assert planned > 0 and report["gathered_bytes"] == [MICRO_BATCHES * planned] * STEPS
     for step, ops in enumerate(steps):
         # c10d.allreduce_: the counts, then the one after backward (clipping, the non-finite
         # check and the preemption flag used to take one each); DTensor issues none of its own.

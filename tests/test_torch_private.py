@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from fusiontrain import torch_private
 from fusiontrain.torch_private import (
+    ALLGATHER_INTO_TENSOR,
     CHECKED_ON,
     CHECKPOINT_WRAPPER_PREFIX,
     COLLECTIVE_OP_NAMESPACES,
@@ -346,6 +347,22 @@ def test_the_collective_namespaces_are_the_collectives_ones() -> None:
         torch.ops._c10d_functional.all_reduce.default.namespace,
     }
     assert namespaces == set(COLLECTIVE_OP_NAMESPACES)
+
+
+def test_the_all_gather_op_is_what_all_gather_into_tensor_dispatches(mesh) -> None:
+    class Seen(torch_private.TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.funcs: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - the dispatch protocol
+            self.funcs.append(func)
+            return func(*args, **(kwargs or {}))
+
+    output, shard = torch.zeros(4), torch.arange(4.0)
+    with Seen() as seen:
+        dist.all_gather_into_tensor(output, shard)
+    assert ALLGATHER_INTO_TENSOR in seen.funcs and torch.equal(output, shard)
 
 
 def test_storage_ids_base_and_version() -> None:

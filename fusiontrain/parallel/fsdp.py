@@ -147,8 +147,12 @@ def fsdp_units(model: nn.Module, *, split_fusion_layers: bool = False) -> list[t
         projection = getattr(encoder, "projection", None)
         if projection is not None:
             units.append((f"{prefix}.projection", projection))
-    units.append(("<root>", model))
+    units.append((ROOT_UNIT, model))
     return units
+
+
+#: The unit of every parameter no other unit holds (the model itself).
+ROOT_UNIT = "<root>"
 
 
 #: The FSDP unit of the decoder's final norm and output projection. With a frozen projection (the
@@ -177,6 +181,22 @@ def lookup_tables_only(module: nn.Module) -> bool:
     return bool(holders) and all(isinstance(child, (nn.Embedding, FusionEmbedding)) for child in holders)
 
 
+def forward_only_units(model: nn.Module) -> set[str]:
+    """The units of :func:`fsdp_units` that :func:`shard_model` has gathered in forward only: the
+    norm + output unit when the projection is frozen (kept unsharded until its backward), the
+    embeddings' unit when it holds only lookup tables (not gathered for its backward). FSDP2 on its
+    own gathers the root once (kept unsharded until its backward), and skips the backward gather of
+    a unit that no gradient reaches (the blocks of a frozen encoder)."""
+    units: set[str] = set()
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        if not any(param.requires_grad for param in decoder.output.parameters()):
+            units.add(OUTPUT_UNIT)
+        if lookup_tables_only(decoder.tok_embeddings):
+            units.add(EMBEDDING_UNIT)
+    return units
+
+
 def shard_model(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -186,14 +206,13 @@ def shard_model(
 ) -> list[str]:
     """``fully_shard`` every unit of :func:`fsdp_units`, innermost first; returns their names."""
     units = fsdp_units(model, split_fusion_layers=split_fusion_layers)
-    output = getattr(getattr(model, "decoder", None), "output", None)
-    frozen_output = output is not None and not any(p.requires_grad for p in output.parameters())
+    once = forward_only_units(model)
     for name, module in units:
         # The others keep FSDP2's default (None, not True: with it the root stays unsharded after
         # forward, as backward needs it at once).
-        keep = {"reshard_after_forward": False} if name == OUTPUT_UNIT and frozen_output else {}
+        keep = {"reshard_after_forward": False} if name == OUTPUT_UNIT and name in once else {}
         fully_shard(module, mesh=mesh, mp_policy=mp_policy, **keep)
-        if name == EMBEDDING_UNIT and lookup_tables_only(module):
+        if name == EMBEDDING_UNIT and name in once:
             module.set_unshard_in_backward(False)
     return [name for name, _ in units]
 

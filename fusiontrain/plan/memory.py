@@ -49,7 +49,7 @@ class TensorMemoryTracker(TorchDispatchMode):
     Args:
         default_label: the label outside every :meth:`label` block.
         untracked: bytes held outside the dispatcher, by label, polled after each op.
-        op_label: ``op_label(func)`` -> a label for that op's outputs, or None for the active one.
+        op_label: ``op_label(func, args)`` -> a label for that op's outputs, or None for the active one.
         regroup: at a new peak, tensors whose bytes belong to another label (see module doc).
         host_labels: labels of tensors in host memory, counted apart (see module doc).
 
@@ -67,7 +67,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         default_label: str = "other",
         *,
         untracked: dict[str, Callable[[], int]] | None = None,
-        op_label: Callable[[Any], str | None] | None = None,
+        op_label: Callable[[Any, tuple], str | None] | None = None,
         regroup: Callable[[], dict[str, list[torch.Tensor]]] | None = None,
         host_labels: Collection[str] = (),
     ) -> None:
@@ -163,7 +163,7 @@ class TensorMemoryTracker(TorchDispatchMode):
             # DTensor's sharding propagation runs ops under a fake mode of its own to learn output
             # shapes (and caches them): metadata, not memory.
             return out
-        label = (self._op_label(func) if self._op_label is not None else None) or self._labels[-1]
+        label = (self._op_label(func, args) if self._op_label is not None else None) or self._labels[-1]
         # An output sharing an input's storage (a view, an in-place op) allocated nothing; the
         # input may even predate the tracker (a transposed weight).
         inputs = {storage_id(t) for t in op_tensors(args, kwargs)}

@@ -177,6 +177,7 @@ class Plan:
     flops_per_step_per_device: float
     compute_time_s: float
     communication_time_s: float
+    gathered_bytes_per_micro_batch: int  # FSDP's all-gathers of one micro-batch (their outputs)
     tokens_per_step: int
     efficiency: float
     notes: list[str] = field(default_factory=list)
@@ -249,11 +250,11 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
     trainable = [p for p in params if p.requires_grad]
     bandwidth = hardware.intra_node_bandwidth if shards <= hardware.devices_per_node else hardware.inter_node_bandwidth
     ring = (shards - 1) / shards
-    # Each shard is all-gathered in the policy's dtype when it has one, else as stored; forward and
-    # again in backward.
-    gathered = sum(p.numel() * (policy.param_dtype or p.dtype).itemsize for p in params) * ring
+    # What the traced micro-batch's all-gathers produced (in forward, and again in backward for the
+    # units whose backward needs their parameters), each rank receiving all but its own shard.
+    gathered = trace.gathered_bytes * ring
     reduced = sum(p.numel() for p in trainable) * 4 * ring  # fp32 gradient reduce-scatter
-    communication = (2 * gathered * accum + reduced) / bandwidth
+    communication = (gathered * accum + reduced) / bandwidth
     if parallel.dp_replicate > 1:  # HSDP: all-reduce the reduced shards across replicas
         shard_grads = reduced / max(shards - 1, 1)
         communication += 2 * shard_grads * (parallel.dp_replicate - 1) / parallel.dp_replicate / hardware.inter_node_bandwidth
@@ -277,6 +278,7 @@ def plan_run(config: TrainConfig, *, gpus: int, hardware: Hardware, efficiency: 
         flops_per_step_per_device=flops.total * accum,
         compute_time_s=compute_time,
         communication_time_s=communication,
+        gathered_bytes_per_micro_batch=trace.gathered_bytes,
         tokens_per_step=global_rows * batch_config.seq_len,
         efficiency=efficiency,
         notes=notes,
@@ -320,6 +322,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "flops_per_step_per_device": plan.flops_per_step_per_device,
         "compute_time_s": plan.compute_time_s,
         "communication_time_s": plan.communication_time_s,
+        "gathered_bytes_per_micro_batch": plan.gathered_bytes_per_micro_batch,
         "step_time_s": plan.step_time_s,
         "tokens_per_s": plan.tokens_per_step / plan.step_time_s,
         "mfu": plan.mfu,

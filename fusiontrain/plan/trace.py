@@ -37,6 +37,7 @@ from fusiontrain.parallel.precision import StorageDtypes
 from fusiontrain.plan.memory import TensorMemoryTracker
 from fusiontrain.source.model_source import ModelSource
 from fusiontrain.torch_private import (
+    ALLGATHER_INTO_TENSOR,
     COLLECTIVE_OP_NAMESPACES,
     LOCAL_SCALAR_DENSE,
     FakeStore,
@@ -216,9 +217,19 @@ class _UnshardedParameters:
         return grads
 
 
-def _collective_label(func: Any) -> str | None:
-    namespace = getattr(func, "namespace", "")
-    return "FSDP all-gather / reduce-scatter buffers" if namespace in COLLECTIVE_OP_NAMESPACES else None
+class _CollectiveLabels:
+    """The tracker's label for the outputs of collectives; counts the bytes FSDP's all-gathers
+    produce (each unit's gathered parameters, every rank's shard)."""
+
+    def __init__(self) -> None:
+        self.gathered_bytes = 0
+
+    def __call__(self, func: Any, args: tuple) -> str | None:
+        if getattr(func, "namespace", "") not in COLLECTIVE_OP_NAMESPACES:
+            return None
+        if func is ALLGATHER_INTO_TENSOR:  # (output, input, group, ...)
+            self.gathered_bytes += args[0].numel() * args[0].element_size()
+        return "FSDP all-gather / reduce-scatter buffers"
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -237,6 +248,7 @@ class StepTrace:
     model: nn.Module  # the sharded model, on fake tensors
     input_formats: dict[str, EncoderInputFormat]  # how each encoder takes its items, by modality ("image" for one)
     items_per_row: dict[str, int]  # each modality's item slots per worst-case row (per sample when padding-free)
+    gathered_bytes: int  # what FSDP's all-gathers produce per micro-batch (0 at one shard: nothing is gathered)
 
 
 class PlanningFakeMode(ValueKeepingFakeMode):
@@ -334,10 +346,11 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
             unsharded = _UnshardedParameters(model)
             for _ in range(2):  # a second time only if DTensor derived a sharding rule in the first
                 misses = dtensor_sharding_rule_misses()
+                collectives = _CollectiveLabels()
                 tracker = TensorMemoryTracker(
                     "decoder activations",
                     untracked={"FSDP unsharded parameters": unsharded, "optimizer state (AdamW)": lambda: state_bytes},
-                    op_label=_collective_label,
+                    op_label=collectives,
                     regroup=lambda: {
                         "FSDP unsharded gradients": unsharded.gradients(),
                         "FSDP gradient-reduction buffers": unsharded.reduce_buffers(),
@@ -369,6 +382,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
         model=model,
         input_formats=formats,
         items_per_row=items_per_row,
+        gathered_bytes=collectives.gathered_bytes // micro_batches,
     )
 
 

@@ -11,7 +11,7 @@ the preemption check) before the next step. Rank 0 writes ``OUT.json``: ``steps`
 one ``{op name: count}`` per step; ``output_unit_gathers`` and ``embedding_unit_gathers``, per
 step, the all-gathers of the size of the decoder's norm + output projection unit and of its token
 embeddings' unit (each parameter's first dimension padded to a multiple of the world size, as
-FSDP2 does).
+FSDP2 does); ``gathered_bytes``, per step, the bytes of all FSDP all-gathers' outputs.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class CollectiveCounter(TorchDispatchMode):
         super().__init__()
         self.steps: list[Counter] = [Counter()]  # the first bucket: before the first step
         self.gather_sizes: list[Counter] = [Counter()]  # numel of each FSDP all-gather's output
+        self.gathered_bytes: list[int] = [0]  # bytes of all FSDP all-gathers' outputs
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func.namespace in COLLECTIVE_NAMESPACES:
@@ -46,6 +47,7 @@ class CollectiveCounter(TorchDispatchMode):
             self.steps[-1][name] += 1
             if name == "_allgather_base_":
                 self.gather_sizes[-1][args[0].numel()] += 1
+                self.gathered_bytes[-1] += args[0].numel() * args[0].element_size()
         return func(*args, **(kwargs or {}))
 
 
@@ -58,6 +60,7 @@ def main(out: str, argv: list[str]) -> None:
     def counted_step(step: int, host_batches: Any = None) -> dict[str, Any]:
         counter.steps.append(Counter())
         counter.gather_sizes.append(Counter())
+        counter.gathered_bytes.append(0)
         return step_once(step, host_batches)
 
     world = trainer.context.world_size
@@ -81,6 +84,7 @@ def main(out: str, argv: list[str]) -> None:
                     "steps": [dict(step) for step in counter.steps[1:]],
                     "output_unit_gathers": [sizes[output_unit] for sizes in counter.gather_sizes[1:]],
                     "embedding_unit_gathers": [sizes[embedding_unit] for sizes in counter.gather_sizes[1:]],
+                    "gathered_bytes": counter.gathered_bytes[1:],
                 }
             )
         )
