@@ -10,6 +10,9 @@ proves it in five to eight minutes on one GPU and prints one table, a row per ch
   (the block-causal ``BlockMask`` fusiontrain builds from segment ids, grouped-query heads)
   against ``scaled_dot_product_attention`` with the dense boolean mask; both are measured against
   a float64 SDPA reference, and flex must be as close to it as SDPA is (times 2, plus a floor).
+- ``frozen_projection_loss/{fp32,bf16}``: the chunked loss of a frozen output projection (one
+  logits buffer for all chunks, ``log_softmax`` in place) against full fp32 logits at Llama 3's
+  vocabulary (128,256): loss and hidden-state gradient (relative 1e-5 in fp32, 1e-2 in bf16).
 - ``model_flex_vs_dense``: the whole benchmark Mllama (63M parameters, FSDP2 over nccl, fp32):
   loss and every trainable gradient of one packed micro-batch through the flex ``BlockMask``s
   (self- and cross-attention) against the packed layouts (SDPA per segment, cross-attention on
@@ -241,6 +244,41 @@ def check_flex_vs_sdpa() -> list[Check]:
             details={"flex_vs_fp64": flex_err, "sdpa_vs_fp64": sdpa_err, "flex_vs_sdpa": between,
                      "shape": {"b": b, "n_h": n_h, "n_kv": n_kv, "s": s, "h_d": h_d},
                      "segments_per_row": [int(row.max()) + 1 for row in segments]},
+        ))
+    return checks
+
+
+def check_frozen_projection_loss(device: str = "cuda", seq: int = 4096) -> list[Check]:
+    """The chunked loss of a frozen output projection (``fusiontrain.train.loss``: one fp32 logits
+    buffer for every chunk, ``log_softmax`` written in place) against the full fp32 logits, at
+    Llama 3's vocabulary: loss and the hidden states' gradient."""
+    from fusiontrain.train.loss import chunked_cross_entropy_sum, full_cross_entropy_sum
+
+    generator = torch.Generator().manual_seed(0)
+    vocab, width = 128_256, 1024
+    hidden = torch.randn(1, seq, width, generator=generator)
+    labels = torch.randint(0, vocab, (1, seq), generator=generator)
+    labels[0, : seq // 8] = -100  # a prompt
+    weight = torch.randn(vocab, width, generator=generator) / width**0.5
+    checks = []
+    for name, dtype, bound in (("fp32", torch.float32, 1e-5), ("bf16", torch.bfloat16, 1e-2)):
+        output = torch.nn.Linear(width, vocab, bias=False, device=device, dtype=dtype).requires_grad_(False)
+        output.weight.copy_(weight)
+        results = []
+        for loss_of in (
+            lambda h: chunked_cross_entropy_sum(h, labels.to(device), output, num_chunks=16, chunk_rows=seq // 16),
+            lambda h: full_cross_entropy_sum(h, labels.to(device), output),
+        ):
+            leaf = hidden.to(device=device, dtype=dtype).detach().clone().requires_grad_()
+            loss = loss_of(leaf)
+            loss.backward()
+            results.append((loss.detach(), leaf.grad))
+        (chunked_loss, chunked_grad), (full_loss, full_grad) = results
+        loss_err, grad_err = relative(chunked_loss, full_loss), relative(chunked_grad, full_grad)
+        checks.append(Check(
+            f"frozen_projection_loss/{name}", verdict(loss_err <= bound and grad_err <= bound),
+            f"loss {loss_err:.1e}, hidden grad {grad_err:.1e} vs full logits", f"{bound:.0e} relative",
+            details={"chunked": float(chunked_loss), "full": float(full_loss), "vocab": vocab, "width": width, "rows": seq},
         ))
     return checks
 
@@ -521,6 +559,7 @@ def main() -> None:
     report.run("env", check_env)
     report.run("nccl", check_nccl)
     report.run("flex_vs_sdpa", check_flex_vs_sdpa)
+    report.run("frozen_projection_loss", check_frozen_projection_loss)
     report.run("model_flex_vs_dense", lambda: check_model_and_optimizer(args.out))
 
     def compare(name: str, a: str, b: str, rtol: float, bound: str) -> Check:
