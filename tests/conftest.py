@@ -13,7 +13,6 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from fusiontrain import tiny
-from fusiontrain.parallel.distributed import free_port
 from tests.helpers.strict_json import non_strict_lines
 
 pytest_plugins = ["tests.helpers.cpu_times"]  # pytest --cpu-times N: the tests that cost the most CPU
@@ -78,7 +77,7 @@ def mesh() -> Iterator[DeviceMesh]:
         "a process group is already initialized in the pytest process: a previous test leaked it (tests that "
         "need several ranks must start them with torchrun, see tests/helpers/launch.py)"
     )
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield init_device_mesh("cpu", (1,), mesh_dim_names=("dp_shard",))
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -173,13 +174,8 @@ def test_checkpoint_writes_get_a_gloo_group_of_their_own_whatever_the_device(mon
     finishing in the background never shares a group with the training loop)."""
     import torch.distributed as dist
 
-    from fusiontrain.parallel.distributed import (
-        checkpoint_group,
-        free_port,
-        init_distributed,
-        process_group_backends,
-        shutdown,
-    )
+    from fusiontrain.parallel.distributed import checkpoint_group, init_distributed, process_group_backends, shutdown
+    from tests.helpers.launch import free_port
 
     assert process_group_backends("cuda") == ("nccl", "gloo")
     assert process_group_backends("cpu") == ("gloo", "gloo")
@@ -195,6 +191,29 @@ def test_checkpoint_writes_get_a_gloo_group_of_their_own_whatever_the_device(mon
     finally:
         shutdown()
     assert checkpoint_group() is None
+
+
+def test_a_world_of_one_outside_a_launcher_binds_no_port_and_forms_again(monkeypatch) -> None:
+    """Without a launcher's variables the process forms a world of one on a store of its own (no
+    port to choose, which another process could take before the bind), leaves the environment
+    as it was, and can form it again after a shutdown (a benchmark's several Trainers)."""
+    import torch.distributed as dist
+
+    from fusiontrain.parallel.distributed import checkpoint_group, init_distributed, shutdown
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for _ in range(2):
+        context = init_distributed(timeout_s=60)
+        try:
+            assert (context.rank, context.world_size, context.backend) == (0, 1, "gloo")
+            value = torch.tensor([3.0])
+            dist.all_reduce(value)
+            dist.all_reduce(value, group=checkpoint_group())
+            assert value.item() == 3.0
+            assert not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+        finally:
+            shutdown()
 
 
 def test_manifests_are_complete_when_a_rank_lists_wrong_and_resume_splits_the_checksums(tmp_path: Path) -> None:

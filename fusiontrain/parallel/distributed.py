@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -70,13 +69,6 @@ class DistributedContext:
         return self.rank == 0
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedContext:
     """Join the process group torchrun (or accelerate, or srun + torchrun) describes in the
     environment, or form a world of one. Picks nccl and ``cuda:LOCAL_RANK`` when CUDA is
@@ -85,10 +77,9 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedContext
     global _timeout_s, _checkpoint_group
     if not timeout_s > 0:
         raise ValueError(f"the collective timeout must be > 0 seconds; got {timeout_s}")
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-        )
+    # Outside a launcher: a world of one, whose store is in this process (no port to bind, which
+    # another process could take between its choice and its bind).
+    world_of_one = "RANK" not in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     backend, checkpoint_backend = process_group_backends(device_type)
@@ -98,11 +89,11 @@ def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> DistributedContext
     if not dist.is_initialized():
         device_id = device if backend == "nccl" else None
         timeout = timedelta(seconds=timeout_s)
-        store = _restart_safe_store()
+        store = dist.HashStore() if world_of_one else _restart_safe_store()
         if store is None:
             dist.init_process_group(backend, device_id=device_id, timeout=timeout)
         else:
-            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            rank, world = (0, 1) if world_of_one else (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
             dist.init_process_group(
                 backend, store=store, rank=rank, world_size=world, device_id=device_id, timeout=timeout
             )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -45,11 +46,30 @@ FAILURE_GRACE_S = 5.0  # run_world: how long the other ranks may take to report 
 LOCAL_RDZV_ENDPOINT = "127.0.0.1:0"
 
 
+#: Where :func:`free_port` draws from: below the kernel's ephemeral range
+#: (``net.ipv4.ip_local_port_range``, 32768-60999 by default), from which it gives every outgoing
+#: connection its local port. A port from that range, free when drawn, can become some connection's
+#: before the process meant to bind it does (the suite makes thousands of connections).
+_PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PORTS_BELOW_EPHEMERAL = 12_000
+
+
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now, drawn at random below the ephemeral range, so that
+    only another explicit bind (another test's draw, one in 12,000) can take it before the
+    process it is for binds it."""
+    ephemeral_low = int(_PORT_RANGE_FILE.read_text().split()[0]) if _PORT_RANGE_FILE.is_file() else 32768
+    low = max(1024, ephemeral_low - _PORTS_BELOW_EPHEMERAL)
+    draw = random.SystemRandom()  # distinct in every xdist worker, whatever seeds the random module
+    for _ in range(100):
+        port = draw.randrange(low, ephemeral_low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use: draw again
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port on 127.0.0.1 in {low}-{ephemeral_low - 1} after 100 draws")
 
 
 # Launcher / process-group variables a developer's shell (or an outer torchrun) may hold; a test
