@@ -2,8 +2,8 @@
 
 Each benchmark runs in its own process, one after the other (they time the whole machine, so
 nothing else should run meanwhile); its printed tables go into RESULTS.md under its heading, with
-the machine, the commit, the date and the command that reproduces them. About 22 minutes on 2
-CPU cores.
+the machine, the commit, the date and the command that reproduces them. Sections it does not
+write (measurements written by hand, the GPU results) are kept. About 22 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -132,14 +132,31 @@ def machine() -> str:
 GPU_HEADING = "## On a GPU"
 
 
-def gpu_section() -> str:
-    """The GPU results already in RESULTS.md (from ``scripts/gpu_check.py`` on a lent GPU; this
-    script runs on the CPU and cannot redo them), kept as they are."""
+def kept_sections(generated_titles: set[str]) -> tuple[list[str], str]:
+    """What RESULTS.md holds that this run does not write, kept as it is: the sections written by
+    hand (measurements at several commits, a machine of their own), in their order, and the GPU
+    results (from ``scripts/gpu_check.py`` on a lent GPU; this script runs on the CPU and cannot
+    redo them), which stay last."""
     if not RESULTS.is_file():
-        return ""
+        return [], ""
     text = RESULTS.read_text()
-    start = text.find("\n" + GPU_HEADING)
-    return "" if start < 0 else "\n" + text[start + 1 :]
+    gpu_start = text.find("\n" + GPU_HEADING)
+    gpu = "" if gpu_start < 0 else "\n" + text[gpu_start + 1 :]
+    body = text if gpu_start < 0 else text[:gpu_start]
+    sections: list[list[str]] = []  # each "## " heading's lines (none before the first: the header)
+    in_code = False
+    for line in body.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        if line.startswith("## ") and not in_code:
+            sections.append([])
+        if sections:
+            sections[-1].append(line)
+    by_hand = []
+    for lines in sections:
+        if lines[0].removeprefix("## ").strip() not in generated_titles:
+            by_hand.append("\n".join(lines).rstrip() + "\n")
+    return by_hand, gpu
 
 
 def run(script: list[str]) -> tuple[str, float]:
@@ -168,10 +185,11 @@ def main() -> None:
         f"Written by `python benchmarks/run_all.py` on {datetime.date.today().isoformat()}, commit `{git_commit()}`.\n\n"
         f"Machine: {machine()}.\n\n"
         "Reproduce: `make test` once (it builds `.venv`), then `.venv/bin/python benchmarks/run_all.py` on an "
-        "otherwise idle machine. Every number below comes from this one run; ratios are taken within a "
-        "table, never across machines.\n"
+        "otherwise idle machine. Every number of its sections comes from this one run (sections written by hand "
+        "say when and where they were measured); ratios are taken within a table, never across machines.\n"
     )
-    RESULTS.write_text(header + "\n" + "\n".join(sections) + gpu_section())
+    by_hand, gpu = kept_sections({title for title, _, _ in BENCHMARKS})
+    RESULTS.write_text(header + "\n" + "\n".join(sections + by_hand) + gpu)
     print(f"wrote {RESULTS.relative_to(REPO)}")
 
 
