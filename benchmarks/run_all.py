@@ -37,6 +37,13 @@ BENCHMARKS: list[tuple[str, list[str], str]] = [
         "mmap threshold). The profile is (c)'s top operators.",
     ),
     (
+        "The model's matmul shapes against the square peak (matmul_shapes.py)",
+        ["benchmarks/matmul_shapes.py"],
+        "torch.mm on the benchmark Mllama's own shapes (packed and padding-free rows against d = 512 and the MLP's "
+        "1536, the loss's chunks against the 32k output projection), with a preallocated output, against the "
+        "2048^2 matmul vs_hf.py takes as the machine's peak; median of interleaved rounds.",
+    ),
+    (
         "Packed attention against the dense-mask path (attention.py)",
         ["benchmarks/attention.py"],
         "Self-attention, cross-attention and a whole cross-attention layer on one packed micro-batch of the "
