@@ -123,3 +123,19 @@ def test_workers_end_when_the_training_process_is_killed(method: str) -> None:
     for pid in left:  # leave nothing behind, then fail
         os.kill(pid, signal.SIGKILL)
     assert not left, f"{method}: still running 30 s after the training process was killed: {left}"
+
+
+def test_a_run_with_workers_outside_a_launcher_leaves_no_semaphore_behind(tmp_path: Path, tiny_mllama_dir: Path) -> None:
+    """``train`` in a world of one with dataloader workers ends without the interpreter's teardown
+    (``distributed.exit_promptly``): closing the loader frees its queues and events first, so
+    multiprocessing's resource tracker finds no leaked semaphore to warn of (a fresh interpreter,
+    with a resource tracker of its own)."""
+    from tests.helpers.launch import run_commands
+
+    (result,) = run_commands([[
+        sys.executable, "-m", "fusiontrain", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+        f"model.hf_mllama={tiny_mllama_dir}", f"output_dir={tmp_path}", "max_steps=2", "data.num_workers=2",
+        "eval.every_n_steps=0", "checkpoint.every_n_steps=0",
+    ]])
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # it trained
+    assert "leaked semaphore" not in result.stdout, result.stdout[-2000:]

@@ -30,8 +30,10 @@ exactly the next global rows.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -300,6 +302,7 @@ class PlannedLoader:
         self.start = DataPosition()
         self.position = self.start
         self._loaders: list[ClosableLoader] = []
+        self._handed_out: weakref.WeakSet = weakref.WeakSet()  # the iterators __iter__ returned
         if num_workers:  # now, so that the helper's imports overlap with the rest of the trainer's setup
             prepare_worker_server(make_stream(self.start), worker_start)
 
@@ -309,7 +312,9 @@ class PlannedLoader:
         they are born with."""
         loader = build_loader(self.make_stream(self.start), num_workers=self.num_workers, worker_start=self.worker_start)
         self._loaders.append(loader)
-        return self._batches(iter(loader))
+        batches = self._batches(iter(loader))
+        self._handed_out.add(batches)
+        return batches
 
     def _batches(self, deliveries: Iterator[Delivery]) -> Iterator[Batch]:
         for delivery in deliveries:
@@ -342,6 +347,14 @@ class PlannedLoader:
         self.start = self.position = DataPosition.from_dict(state["position"])
 
     def close(self) -> None:
-        """End the worker processes of every dataloader made so far."""
+        """End the worker processes of every dataloader made so far, and let go of them: the
+        iterators handed out end (their next ``next`` stops), and the dataloaders' queues and
+        events are freed now, which unlinks their semaphores. A process that then leaves without
+        the interpreter's teardown (``distributed.exit_promptly``) would otherwise leave them to
+        multiprocessing's resource tracker, which warns of "leaked semaphore objects"."""
         for loader in self._loaders:
             loader.close()
+        for batches in list(self._handed_out):
+            batches.close()
+        self._loaders.clear()
+        gc.collect()  # the dataloader iterators hold reference cycles
