@@ -251,6 +251,10 @@ class FusionEmbedding(nn.Module):
         embed_dim: width ``d``.
     """
 
+    #: Its parameters are lookup tables: backward reads none of them (a row's gradient is the
+    #: output gradient added at the looked-up positions), so sharding need not gather them for it.
+    is_lookup_table = True
+
     def __init__(self, vocab_size: int, fusion_vocab_size: int, embed_dim: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size

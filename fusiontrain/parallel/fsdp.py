@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from fusiontrain.modules import FusionEmbedding, FusionLayer
+from fusiontrain.modules import FusionLayer
 from fusiontrain.modules.blocks import block_stacks, encoders_by_prefix
 from fusiontrain.parallel.offload import MIN_OFFLOAD_BYTES, ActivationOffloader
 from fusiontrain.parallel.precision import computes_in_bf16
@@ -175,10 +175,13 @@ EMBEDDING_UNIT = "decoder.tok_embeddings"
 
 
 def lookup_tables_only(module: nn.Module) -> bool:
-    """Whether every parameter of ``module`` belongs to an ``nn.Embedding`` or a
-    ``FusionEmbedding``, whose backward never reads its weights."""
+    """Whether every parameter of ``module`` belongs to a lookup table, whose backward never reads
+    its weights: an ``nn.Embedding``, or a module that says so (``is_lookup_table = True``, as the
+    decoders' ``FusionEmbedding`` does)."""
     holders = [child for child in module.modules() if next(child.parameters(recurse=False), None) is not None]
-    return bool(holders) and all(isinstance(child, (nn.Embedding, FusionEmbedding)) for child in holders)
+    return bool(holders) and all(
+        isinstance(child, nn.Embedding) or getattr(child, "is_lookup_table", False) is True for child in holders
+    )
 
 
 def forward_only_units(model: nn.Module) -> set[str]:
