@@ -27,6 +27,7 @@ from tests.helpers.launch import (
     run_command,
     run_script_multinode,
     run_torchrun,
+    run_world,
 )
 
 LAUNCH = REPO_ROOT / "launch"
@@ -344,9 +345,10 @@ def _metrics(output_dir: Path) -> list[dict]:
 def test_accelerate_launch_runs_the_real_trainer_like_torchrun(tmp_path: Path, tiny_mllama_dir: Path) -> None:
     """`accelerate launch --config_file launch/accelerate.yaml --num_processes 2 -m fusiontrain
     train ...` trains on 2 CPU processes (gloo): world size 2 in the checkpoint, and every
-    metrics.jsonl row (loss, grad norm, lr, tokens) equal to the same run under torchrun."""
+    metrics.jsonl row (loss, grad norm, lr, tokens) equal to the same run with its ranks started
+    directly, as torchrun's workers are."""
     train = ["--config", "configs/tiny.yaml", f"model.hf_mllama={tiny_mllama_dir}", *TRAIN_RUN]
-    accelerate_dir, torchrun_dir = tmp_path / "accelerate", tmp_path / "torchrun"
+    accelerate_dir, direct_dir = tmp_path / "accelerate", tmp_path / "direct"
     result = run_command(
         [
             sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
@@ -357,10 +359,12 @@ def test_accelerate_launch_runs_the_real_trainer_like_torchrun(tmp_path: Path, t
         ],
         timeout=240,
     )
-    run_torchrun(["-m", "fusiontrain", "train", *train, f"output_dir={torchrun_dir}"], nproc=2, timeout=240)
+    # The reference: the same 2 ranks started directly (run_world; the torchrun launch of the same
+    # trainer has tests of its own), env:// as torchrun's workers see it.
+    run_world(["-m", "fusiontrain", "train", *train, f"output_dir={direct_dir}"], nproc=2, timeout=240)
     manifest = json.loads((accelerate_dir / "checkpoints" / "step_2" / "manifest.json").read_text())
     assert manifest["world_size"] == 2, result.stdout[-2000:]
-    rows, reference = _metrics(accelerate_dir), _metrics(torchrun_dir)
+    rows, reference = _metrics(accelerate_dir), _metrics(direct_dir)
     assert [row["step"] for row in rows] == [0, 1]
     for row, want in zip(rows, reference):
         for key in ("loss", "grad_norm", "lr", "tokens", "real_tokens"):
