@@ -58,7 +58,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,7 +386,6 @@ def main() -> None:
         parser.error("--steps must exceed --warmup-steps (or be 0)")
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
     load_before = os.getloadavg()
     folder = model_folder("bench")
     scratch = Path(tempfile.mkdtemp(prefix="fusiontrain-compile-"))

@@ -314,7 +314,6 @@ def main() -> None:
     setup = Setup(torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu"), args.precision)
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata's, once per loader
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     from transformers import __version__ as transformers_version
     from transformers.utils import logging as hf_logging

@@ -37,6 +37,26 @@ def test_an_unknown_start_method_is_refused_by_name() -> None:
         worker_context("threads")
 
 
+def test_a_loader_is_built_without_warnings() -> None:
+    """torchdata's loader calls torch's deprecated (no-op) ``set_vital`` in its constructor; the
+    trainer's loader keeps that warning out of every run's output, and only that one."""
+    import warnings
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from fusiontrain.data.workers import ClosableLoader
+
+    with warnings.catch_warnings(record=True) as plain:
+        warnings.simplefilter("always")
+        StatefulDataLoader(range(4), batch_size=None)
+    assert any("set_vital" in str(w.message) for w in plain)  # what the filter is for, still raised
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        ClosableLoader(range(4)).close()
+        warnings.warn("after the loader", UserWarning)  # the filter ends with the constructor
+    assert [str(w.message) for w in ours] == ["after the loader"]
+
+
 def test_the_helper_preloads_the_modules_that_the_stream_pickle_names() -> None:
     """What a worker would import to unpickle its stream, and no more: a synthetic stream names no
     tokenizer, image-processor or datasets module; one that holds a tokenizer and tensors names

@@ -49,6 +49,7 @@ import signal
 import threading
 import time
 import types
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -208,15 +209,19 @@ class ClosableLoader(StatefulDataLoader):
     """
 
     def __init__(self, stream: IterableDataset, *, num_workers: int = 0, worker_start: str = WORKER_START_METHODS[0]) -> None:
-        super().__init__(
-            stream,
-            batch_size=None,
-            num_workers=num_workers,
-            prefetch_factor=2 if num_workers else None,
-            persistent_workers=False,
-            multiprocessing_context=worker_context(worker_start) if num_workers else None,
-            worker_init_fn=functools.partial(end_with_the_training_process, os.getpid()) if num_workers else None,
-        )
+        with warnings.catch_warnings():
+            # torchdata's constructor calls torch.set_vital, which torch has deprecated (and which
+            # records nothing now): a warning per loader that says nothing to the user.
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            super().__init__(
+                stream,
+                batch_size=None,
+                num_workers=num_workers,
+                prefetch_factor=2 if num_workers else None,
+                persistent_workers=False,
+                multiprocessing_context=worker_context(worker_start) if num_workers else None,
+                worker_init_fn=functools.partial(end_with_the_training_process, os.getpid()) if num_workers else None,
+            )
         self.worker_start = worker_start
         self._live_iterators: weakref.WeakSet = weakref.WeakSet()
         if num_workers:
