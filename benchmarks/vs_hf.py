@@ -90,7 +90,6 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,7 +313,6 @@ def main() -> None:
     setup = Setup(torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu"), args.precision)
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     from transformers import __version__ as transformers_version
     from transformers.utils import logging as hf_logging
     from torchtune import __version__ as torchtune_version

@@ -22,6 +22,7 @@ import torch
 from fusiontrain.data.audio import load_audio, resample
 from fusiontrain.data.errors import BadSample
 from fusiontrain.families import encoder_family_for
+from fusiontrain.families.hf_tower import project_tokens
 from fusiontrain.families.whisper import WhisperAudioEncoder, WhisperTowerEncoder
 from fusiontrain.families.whisper_audio import WhisperClips
 from fusiontrain.models import compose_from_hf
@@ -93,7 +94,7 @@ def test_packed_clips_equal_hf_whisper_encoder_clip_by_clip(
 
     projected = encoder(**batch)
     assert projected.requires_grad  # the projection head trains
-    assert torch.equal(projected.detach(), encoder.projection(features).detach())
+    assert torch.equal(projected.detach(), project_tokens(encoder.projection, features).detach())
 
 
 def test_token_counts_follow_the_real_frames_and_too_long(fmt: WhisperClips, feature_extractor: object) -> None:

@@ -17,6 +17,7 @@ from fusiontrain.families.hf_tower import (
     MLPProjectionHead,
     build_vision_tower,
     canonical_vision_tower_key,
+    project_tokens,
     vision_tower_config_from_dict,
     vision_tower_tensor_names,
 )
@@ -140,7 +141,7 @@ class HFVisionTowerEncoder(nn.Module):
         needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
             features = self.tower(pixel_values=images).last_hidden_state  # [b*i or n, n_tok, d_e]
-        embeddings = self.projection(features)
+        embeddings = project_tokens(self.projection, features)
         if image_slots is not None:
             embeddings = place_slots(embeddings, image_slots, b, i)
         return embeddings.reshape(b, i * features.shape[1], self.decoder_dim)

@@ -23,7 +23,7 @@ from torch import nn
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.fixed_size_image import FixedSizeImage
-from fusiontrain.families.hf_tower import MLPProjectionHead
+from fusiontrain.families.hf_tower import MLPProjectionHead, project_tokens
 from fusiontrain.modules import register_fusion_module
 from fusiontrain.modules.image_slots import check_image_slots, place_slots, select_slots
 
@@ -156,10 +156,10 @@ class DinoV2TowerEncoder(nn.Module):
         With ``image_slots`` (``[n]`` flat indices of the slots that hold an image) only those run,
         the others' columns are zeros (:mod:`fusiontrain.modules.image_slots`)."""
         if image_slots is None:
-            return self.projection(self.features(pixel_values))
+            return project_tokens(self.projection, self.features(pixel_values))
         b, i = pixel_values.shape[:2]
         check_image_slots(image_slots, b, i)
-        embeddings = self.projection(self.features(select_slots(pixel_values, image_slots)[None]))  # [1, n * n_tok, d]
+        embeddings = project_tokens(self.projection, self.features(select_slots(pixel_values, image_slots)[None]))  # [1, n * n_tok, d]
         per_image = embeddings.reshape(len(image_slots), -1, embeddings.shape[-1])  # [n, n_tok, d]
         return place_slots(per_image, image_slots, b, i).reshape(b, i * per_image.shape[1], -1)
 

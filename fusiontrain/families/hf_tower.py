@@ -5,7 +5,8 @@
   vision-only ``clip_vision_model`` / ``siglip_vision_model`` config, or the ``vision_config`` of a
   full ``clip`` / ``siglip`` one).
 - :func:`build_vision_tower` builds the matching ``CLIPVisionModel`` / ``SiglipVisionModel``.
-- :class:`MLPProjectionHead` is the LLaVA-style head ``Linear(d_e, d) -> GELU -> Linear(d, d)``.
+- :class:`MLPProjectionHead` is the LLaVA-style head ``Linear(d_e, d) -> GELU -> Linear(d, d)``, on
+  flat tokens (:func:`project_tokens` runs it on ``[..., d_e]``).
 - :func:`vision_tower_weight_map` routes a checkpoint's tensors to the tower's parameters, and
   :func:`vision_tower_tensor_names` says which stored tensors must all be used.
 
@@ -127,5 +128,17 @@ class MLPProjectionHead(nn.Module):
         self.linear_2 = nn.Linear(decoder_dim, decoder_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[..., d_e]`` -> ``[..., d]``."""
+        """``x`` ``[n, d_e]`` (tokens flattened) -> ``[n, d]``; :func:`project_tokens` takes ``[..., d_e]``.
+
+        Flat in and out because the head is an FSDP unit of its own: FSDP2 hooks a unit's output
+        for its backward, and warns (on every run) when that output is a view, which is what
+        ``nn.Linear`` returns for a 3-D input."""
+        if x.dim() != 2:
+            raise ValueError(f"the projection head takes flat tokens [n, d_e], got {list(x.shape)}: call project_tokens")
         return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+def project_tokens(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """``features`` ``[..., d_e]`` through ``head``, which takes flat tokens ``[n, d_e]``
+    (:class:`MLPProjectionHead`) -> ``[..., d]``."""
+    return head(features.reshape(-1, features.shape[-1])).unflatten(0, features.shape[:-1])

@@ -24,7 +24,7 @@ from torch import nn
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.families.encoder import EncoderFamily
 from fusiontrain.families.siglip2_image import NaflexImage
-from fusiontrain.families.hf_tower import MLPProjectionHead, canonical_vision_tower_key, vision_tower_tensor_names
+from fusiontrain.families.hf_tower import MLPProjectionHead, canonical_vision_tower_key, project_tokens, vision_tower_tensor_names
 from fusiontrain.modules import register_fusion_module
 from fusiontrain.modules.image_slots import check_image_slots, place_slots, select_slots
 
@@ -143,7 +143,8 @@ class Siglip2NaflexTowerEncoder(nn.Module):
         image_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See :meth:`features`; returns ``[b, s_e, d]``."""
-        return self.projection(self.features(pixel_values, pixel_attention_mask, spatial_shapes, token_index, image_slots))
+        features = self.features(pixel_values, pixel_attention_mask, spatial_shapes, token_index, image_slots)
+        return project_tokens(self.projection, features)
 
 
 class Siglip2NaflexEncoder(EncoderFamily):

@@ -28,7 +28,7 @@ from torch import nn
 from fusiontrain.data.audio_format import AudioFormat
 from fusiontrain.data.image_format import ImageFormat
 from fusiontrain.families.encoder import EncoderFamily
-from fusiontrain.families.hf_tower import MLPProjectionHead
+from fusiontrain.families.hf_tower import MLPProjectionHead, project_tokens
 from fusiontrain.families.whisper_audio import WhisperClips
 from fusiontrain.flops.rules import Tally, any_trainable, count_attention_core, count_linear, unwrap
 from fusiontrain.modules import register_fusion_module
@@ -185,7 +185,7 @@ class WhisperTowerEncoder(nn.Module):
         clip_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See :meth:`features`; returns ``[b, s_e, d]``."""
-        return self.projection(self.features(input_features, token_index, clip_slots))
+        return project_tokens(self.projection, self.features(input_features, token_index, clip_slots))
 
 
 class WhisperAudioEncoder(EncoderFamily):

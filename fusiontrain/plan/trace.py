@@ -11,7 +11,6 @@ are labelled as host memory on a GPU. :mod:`fusiontrain.plan.planner` turns the 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -281,9 +280,7 @@ def simulate_step(config: TrainConfig, *, gpus: int, device_type: str, micro_bat
     parallel = config.parallel
     dtypes = run_storage_dtypes(config, device_type)
     source = ModelSource.from_config(config.model)
-    with fake_process_group(gpus), warnings.catch_warnings():
-        # The projection head returns a view (FSDP2 warns once per run; nothing modifies it in place).
-        warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+    with fake_process_group(gpus):
         context = DistributedContext(rank=0, world_size=gpus, local_rank=0, device=torch.device("cpu"), backend="fake")
         mesh = build_mesh(context, parallel.dp_replicate, parallel.dp_shard)
         tracking: list[TensorMemoryTracker] = []  # the tracker, once the tracked step starts

@@ -21,6 +21,7 @@ from PIL import Image
 from fusiontrain import tiny
 from fusiontrain.data.image_format import ImageFormat, ImageInput, encoder_mask_rows
 from fusiontrain.families import encoder_family_for, model_family
+from fusiontrain.families.hf_tower import project_tokens
 from fusiontrain.models import compose_from_hf
 from fusiontrain.modules.blocks import block_stacks
 from tests.helpers.tiny_models import open_gates
@@ -174,7 +175,7 @@ def check_fixed_size_tower_matches_hf(case: EncoderCase, llama_dir: Path, folder
     print(f"{case.name}: max |ours - hf| = {max(diffs):.2e}")
     assert max(diffs) <= ATOL
     assert projected.shape == (2, 2 * n, model.encoder.decoder_dim)
-    assert max_diff(projected, model.encoder.projection(got)) <= ATOL
+    assert max_diff(projected, project_tokens(model.encoder.projection, got)) <= ATOL
 
 
 def image_tokens(model: torch.nn.Module, s: int, start: int, seed: int) -> torch.Tensor:

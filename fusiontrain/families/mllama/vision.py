@@ -247,14 +247,17 @@ class MllamaProjectionHead(nn.Module):
         self.output = nn.Linear(args.output_dim, decoder_dim)
 
     def forward(self, features: TiledFeatures) -> torch.Tensor:
-        """``features`` -> encoder embeddings ``[b, s_e, d]`` in (image, tile, token) order."""
+        """``features`` -> encoder embeddings ``[b * s_e, d]``, flat, in (row, image, tile, token)
+        order. Flat because the head is an FSDP unit of its own: FSDP2 hooks a unit's output for
+        its backward, and warns (on every run) when that output is a view, which is what
+        ``nn.Linear`` returns for a 3-D input; the encoder views it as ``[b, s_e, d]``."""
         x = features.hidden
         for layer in self.layers:
             x = layer(x, mask=features.attention_mask)
         images, t, p = x.shape[0], features.num_tiles, features.tokens_per_tile
         x = torch.cat([x, features.intermediate], dim=-1)
         x = x.reshape(images, t, features.padded_tokens_per_tile, -1)[:, :, :p]  # drop padded slots
-        return self.output(x.reshape(features.batch_size, features.num_images * t * p, -1))
+        return self.output(x.reshape(images * t * p, -1))
 
 
 class MllamaVisionEncoder(nn.Module):
@@ -347,4 +350,5 @@ class MllamaVisionEncoder(nn.Module):
         needs_grad = pixel_values.requires_grad or any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and needs_grad):
             features = self.vision(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        return self.projection(features)
+        embeddings = self.projection(features)  # [b * s_e, d]
+        return embeddings.view(features.batch_size, -1, embeddings.shape[-1])
