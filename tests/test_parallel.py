@@ -18,7 +18,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
     checkpoint_wrapper,
 )
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from fusiontrain.train.loss import chunked_cross_entropy_sum
@@ -33,6 +33,7 @@ from fusiontrain.parallel.fsdp import (
     apply_activation_checkpointing,
     canonical_parameters,
     checkpoint_every,
+    copy_only_parameters,
     lookup_tables_only,
     mixed_precision_policy,
     parallelize,
@@ -231,7 +232,37 @@ def test_only_a_unit_of_lookup_tables_skips_its_gather_in_backward(mesh) -> None
     groups = {name: fsdp_param_group(module) for name, module in model.named_modules() if isinstance(module, FSDPModule)}
     in_backward = {name: group.unshard_in_backward for name, group in groups.items() if group is not None}
     assert in_backward.pop("decoder.tok_embeddings") is False
-    assert len(in_backward) >= 10 and set(in_backward.values()) == {True}
+    # (the units of frozen blocks hold no FSDP parameters over one rank: copy_only_parameters)
+    assert len(in_backward) >= 4 and set(in_backward.values()) == {True}
+
+
+def test_over_one_rank_fsdp_leaves_out_the_frozen_parameters_it_would_only_copy(mesh) -> None:
+    """Over a shard dimension of one rank, FSDP2 would copy a frozen parameter stored in the
+    compute dtype into a new buffer at every unshard, and do nothing else for it: such parameters
+    stay plain tensors, and a unit holding nothing else has no parameter group (never gathered).
+    Trainable parameters, and frozen ones that FSDP2 casts to another compute dtype, are its
+    DTensors; over more ranks nothing is left out."""
+    model = _meta_twin()
+    shard_model(model, mesh, mp_policy=mixed_precision_policy("auto", torch.device("cpu")))
+    params = canonical_parameters(model)
+    frozen = {name for name, param in params.items() if not param.requires_grad}
+    assert frozen and len(frozen) < len(params)
+    assert {name for name, param in params.items() if not isinstance(param, DTensor)} == frozen
+    groups = {name: fsdp_param_group(module) for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+    assert groups["decoder.layers.0"] is None and groups["encoder.vision.layers.0"] is None  # frozen blocks
+    assert groups["decoder.layers.1"] is not None and groups["encoder.projection"] is not None  # fusion parameters
+
+    cast = _meta_twin()  # computed in bf16: FSDP2 casts the frozen fp32 parameters at each unshard
+    shard_model(cast, mesh, mp_policy=mixed_precision_policy("bf16", torch.device("cpu")))
+    assert all(isinstance(param, DTensor) for param in cast.parameters())
+
+    class TwoRanks:  # the one thing copy_only_parameters asks of a mesh
+        ndim = 1
+
+        def size(self, dim: int) -> int:
+            return 2
+
+    assert copy_only_parameters(_meta_twin(), TwoRanks(), MixedPrecisionPolicy()) == set()
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -252,7 +283,8 @@ def test_shard_model_units_and_logits(mesh, split: bool) -> None:
         assert all(isinstance(m, FSDPModule) for m in modules), unit
     if split:  # the FusionLayer wrapper itself is not a unit
         assert not isinstance(model.decoder.layers[1], FSDPModule)
-    assert all(isinstance(p, DTensor) for p in model.parameters())
+    # One rank: the frozen parameters (fp32, computed in fp32) stay out of FSDP (copy_only_parameters).
+    assert all(isinstance(p, DTensor) == p.requires_grad for p in model.parameters())
 
     _fill_from(model, reference)
     model.eval()
@@ -369,7 +401,11 @@ def test_frozen_bf16_storage_under_bf16_compute_equals_fp32_storage_bitwise(mesh
     fp32_stored = _meta_twin()
     parallelize(fp32_stored, mesh, torch.device("cpu"), mixed_precision="bf16", fusion_layer_sharding="split")
     bf16_stored = _frozen_bf16_twin(False, "split", "bf16", mesh)
-    assert _check_unit_dtypes(bf16_stored) == {"decoder.tok_embeddings"}  # split: each FusionLayer half is uniform
+    # Over one rank the frozen bf16 parameters, stored in the compute dtype, stay out of FSDP
+    # (copy_only_parameters), so no unit holds both dtypes; over two ranks the embeddings' unit
+    # does (tests/test_precision.py runs that).
+    assert _check_unit_dtypes(bf16_stored) == set()
+    assert all(isinstance(p, DTensor) == p.requires_grad for p in bf16_stored.parameters())
     results = []
     for model in (fp32_stored, bf16_stored):
         _fill_from(model, reference)

@@ -200,6 +200,23 @@ def forward_only_units(model: nn.Module) -> set[str]:
     return units
 
 
+def copy_only_parameters(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> set[nn.Parameter]:
+    """The parameters that FSDP2 would do nothing for but copy, which :func:`shard_model` leaves
+    out of it (``ignored_params``): when the shard dimension of ``mesh`` has one rank (one device,
+    or HSDP over replicas of one), a frozen parameter already stored in the compute dtype is whole
+    on its rank and needs no all-gather, no cast and no gradient reduction; FSDP2 would still copy
+    it into a new buffer at every unshard (each micro-batch's forward, and the backward of units
+    that read their weights there), and hold both copies while the unit is unsharded. Empty when
+    the shard dimension has more than one rank."""
+    if mesh.size(mesh.ndim - 1) != 1:
+        return set()
+    return {
+        param
+        for param in model.parameters()
+        if not param.requires_grad and param.dtype == (mp_policy.param_dtype or param.dtype)
+    }
+
+
 def shard_model(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -207,14 +224,16 @@ def shard_model(
     mp_policy: MixedPrecisionPolicy,
     split_fusion_layers: bool = False,
 ) -> list[str]:
-    """``fully_shard`` every unit of :func:`fsdp_units`, innermost first; returns their names."""
+    """``fully_shard`` every unit of :func:`fsdp_units`, innermost first, except the parameters
+    of :func:`copy_only_parameters`; returns the units' names."""
     units = fsdp_units(model, split_fusion_layers=split_fusion_layers)
     once = forward_only_units(model)
+    ignored = copy_only_parameters(model, mesh, mp_policy)
     for name, module in units:
         # The others keep FSDP2's default (None, not True: with it the root stays unsharded after
         # forward, as backward needs it at once).
         keep = {"reshard_after_forward": False} if name == OUTPUT_UNIT and name in once else {}
-        fully_shard(module, mesh=mesh, mp_policy=mp_policy, **keep)
+        fully_shard(module, mesh=mesh, mp_policy=mp_policy, ignored_params=ignored or None, **keep)
         if name == EMBEDDING_UNIT and name in once:
             module.set_unshard_in_backward(False)
     return [name for name, _ in units]
