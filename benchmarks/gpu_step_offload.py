@@ -28,7 +28,7 @@ from fusiontrain.families.mllama.model import build_mllama  # noqa: E402
 from fusiontrain.train.nonfinite import NonFiniteGuard  # noqa: E402
 from fusiontrain.parallel.offload import ActivationOffloader  # noqa: E402
 from fusiontrain.parallel.fsdp import canonical_parameters, parallelize  # noqa: E402
-from fusiontrain.train.step import StepSettings, TrainStep  # noqa: E402
+from fusiontrain.train.step import StepSettings, TrainStep, local_tensor  # noqa: E402
 from benchmarks.models import IMAGE_TOKEN, VOCAB, random_pixels, tiny_mllama_args  # noqa: E402
 
 CUDA = torch.cuda.is_available()  # without a GPU: a small smoke run of the same code on the CPU (gloo)
@@ -87,7 +87,7 @@ def run(mesh, checkpointing: str, offloading: str, micro_batches: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in canonical_parameters(model).values():
-            local = param.to_local()
+            local = local_tensor(param)  # frozen parameters are plain over one rank
             local.copy_(torch.randn(local.shape, generator=generator) * 0.02)
     model.set_skip_output_projection(True)
     model.train()
@@ -110,7 +110,7 @@ def run(mesh, checkpointing: str, offloading: str, micro_batches: int) -> dict:
         result = step(index, batches)
     synchronize()
     elapsed = time.perf_counter() - started
-    weights = {name: p.to_local().detach().cpu().clone() for name, p in canonical_parameters(model).items()}
+    weights = {name: local_tensor(p).detach().cpu().clone() for name, p in canonical_parameters(model).items()}
     return {
         "peak": torch.cuda.max_memory_allocated() if CUDA else 0,
         "time": elapsed,
