@@ -124,6 +124,16 @@ def test_hsdp_2x2_matches_fsdp_and_one_process(tmp_path, mllama_args, fsdp_four_
     _assert_same_run(hsdp, reference)
 
 
+def test_two_replicas_of_one_shard_match_one_process(tmp_path, mllama_args, reference) -> None:
+    """HSDP over replicas of one shard (dp_replicate=2, dp_shard=1): the shard dimension has one
+    rank, so the frozen parameters stay out of FSDP2 (plain tensors, never copied) while the
+    trained ones are its DTensors, their gradients all-reduced across the two replicas."""
+    replicas = _train(
+        tmp_path, "replicas", 2, mllama_args, "parallel.dp_replicate=2", "parallel.dp_shard=1", "batch.micro_batch_size=1"
+    )
+    _assert_same_run(replicas, reference)
+
+
 def test_eight_padded_rows_equal_four_accumulated_padding_free_rows_of_two(tmp_path, mllama_args, reference) -> None:
     """One micro-batch of 8 padded rows (data.padding_free=false) against the reference's 4
     accumulated micro-batches of 2 samples, each in one padding-free row."""
