@@ -23,6 +23,7 @@ from tests.helpers.encoder_cases import (
     check_fixed_size_tower_matches_hf,
     check_images_reach_only_later_text,
     check_meta_build_has_no_unknown_buffers,
+    check_every_trained_parameter_gets_a_gradient,
     check_padding_slots_are_not_encoded,
     save_tower,
     save_towers,
@@ -100,3 +101,8 @@ def test_meta_build_has_no_unknown_buffers(tower_dirs: dict[str, Path], case: En
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_padding_slots_are_not_encoded(tiny_llama_dir: Path, tower_dirs: dict[str, Path], case: EncoderCase) -> None:
     check_padding_slots_are_not_encoded(case, tiny_llama_dir, tower_dirs[case.name])
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_trained_parameter_gets_a_gradient(tiny_llama_dir: Path, tower_dirs: dict[str, Path], case: EncoderCase) -> None:
+    check_every_trained_parameter_gets_a_gradient(tiny_llama_dir, tower_dirs[case.name])

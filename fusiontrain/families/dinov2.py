@@ -115,6 +115,12 @@ class DinoV2TowerEncoder(nn.Module):
         config = self.tower.config
         return 1 + self.num_register_tokens + (config.image_size // config.patch_size) ** 2
 
+    def frozen_params(self) -> list[str]:
+        """The masked-image-modelling mask token, which replaces patches only when ``bool_masked_pos``
+        is given (never here): ``encoder_trainable`` leaves it frozen rather than in the optimizer
+        with no gradient and no AdamW state (:class:`~fusiontrain.modules.DeepFusionModel`)."""
+        return [f"tower.{name}" for name, _ in self.tower.named_parameters() if name == "embeddings.mask_token"]
+
     def block_lists(self) -> list[nn.ModuleList]:
         """The tower's transformer blocks (``encoder.layer``), for checkpointing, FSDP and compile."""
         return [self.tower.encoder.layer]

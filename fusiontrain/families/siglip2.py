@@ -79,6 +79,12 @@ class Siglip2NaflexTowerEncoder(nn.Module):
     def patch_size(self) -> int:
         return self.tower.config.patch_size
 
+    def frozen_params(self) -> list[str]:
+        """The tower's attention-pooling ``head`` (``vision_use_head``), which does not feed
+        ``last_hidden_state``: ``encoder_trainable`` leaves it frozen rather than in the optimizer
+        with no gradient and no AdamW state (:class:`~fusiontrain.modules.DeepFusionModel`)."""
+        return [f"tower.{name}" for name, _ in self.tower.named_parameters() if "head" in name.split(".")[:2]]  # (vision_model.)head
+
     def block_lists(self) -> list[nn.ModuleList]:
         """The tower's transformer blocks (``encoder.layers``)."""
         return [self.tower.encoder.layers]

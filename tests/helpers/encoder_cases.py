@@ -222,6 +222,24 @@ def check_images_reach_only_later_text(llama_dir: Path, folder: Path) -> None:
         assert max_diff(with_images[row, start:], other_images[row, start:]) > 1e-4
 
 
+def check_every_trained_parameter_gets_a_gradient(llama_dir: Path, folder: Path) -> None:
+    """With the tower trained (``encoder_trainable``), one backward through two rows of images
+    reaches every parameter that requires grad. A tower part that does not feed the embeddings (a
+    pooling head, a mask token) must be declared never trained (the encoder's ``frozen_params``):
+    else it sits in the optimizer with no gradient and no AdamW state, which a resume then finds
+    missing."""
+    model = compose_from_hf(llama_dir, folder, fusion_interval=FUSION_INTERVAL, encoder_trainable=True)
+    open_gates(model)
+    fmt, processor = image_format(model), hf_processor(folder)
+    s, start = 10, 4
+    _, mask, encoder_input = two_rows_of_images(fmt, processor, 3, [(48, 20), (20, 36), (30, 30)], s, start)
+    model(image_tokens(model, s, start, seed=0), encoder_input=encoder_input, encoder_mask=mask).square().mean().backward()
+    trained = [name for name, param in model.named_parameters() if param.requires_grad]
+    assert any(name.startswith("encoder.tower.") for name in trained)
+    missing = [name for name, param in model.named_parameters() if param.requires_grad and param.grad is None]
+    assert not missing, f"trained without a gradient: {missing}"
+
+
 def check_meta_build_has_no_unknown_buffers(case: EncoderCase, folder: Path) -> None:
     """The family builds its encoder on the meta device and rebuilds its buffers after
     ``to_empty``; a buffer it does not know raises rather than being left uninitialised."""
