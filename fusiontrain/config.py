@@ -111,9 +111,8 @@ class ModelConfig:
     decoder_trainable: bool = _field(False, "Train the pretrained decoder's parameters too.")
     encoder_trainable: bool = _field(
         False,
-        "Train the pretrained encoder's parameters too, but the tower parts that do not feed its embeddings (CLIP's "
-        "post_layernorm, the SigLIP and SigLIP2 pooling head, DINOv2's mask token, Whisper's sinusoidal positions): "
-        "no gradient reaches them, so they stay frozen.",
+        "Train the pretrained encoder's parameters too, but those its family declares never trained (an encoder's "
+        "frozen_params(): tower parts that do not feed its embeddings, such as a pooling head), which stay frozen.",
     )
     fusion_trainable: bool = _field(True, "Train the fusion parameters (cross-attention, projection head, new rows).")
     lora: LoraConfig = _field(LoraConfig, "LoRA adapters on the frozen pretrained linears, beside the fusion parameters.")

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
 from fusiontrain.parallel.offload import ActivationOffloader
 from fusiontrain.parallel.fsdp import apply_activation_offloading, canonical_parameters, parallelize
+from fusiontrain.train.step import local_tensor
 from tests.helpers.tiny_models import random_mllama
 from tests.test_parallel import _batch, _fill_from, _loss_and_grads, _meta_twin
 
@@ -65,8 +65,7 @@ def test_offloading_leaves_gradients_bitwise_equal(mesh, checkpointing: str, off
         assert stats.kept_bytes > 0
     parameters = set()
     for param in canonical_parameters(model).values():
-        local = param.to_local() if isinstance(param, DTensor) else param  # frozen ones: plain over one rank
-        parameters.add(local.untyped_storage().data_ptr())
+        parameters.add(local_tensor(param).untyped_storage().data_ptr())  # frozen ones: plain over one rank
     assert not offloader.copied_storages & parameters
 
 
