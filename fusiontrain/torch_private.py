@@ -66,7 +66,9 @@ __all__ = [
     "compiled_original_module",
     "dtensor_sharding_rule_misses",
     "forget_pending_forward",
+    "fsdp_all_gather_outputs",
     "fsdp_group_params",
+    "fsdp_groups_unsharding",
     "fsdp_held_reduce_outputs",
     "fsdp_param_group",
     "fsdp_retained_reduce_scatter_inputs",
@@ -194,6 +196,28 @@ def fsdp_unsharded_groups(groups: Sequence[Any]) -> list[Any]:
 
     unsharded = ShardedState.UNSHARDED
     return [group for group in groups if group._sharded_state is unsharded]
+
+
+def fsdp_groups_unsharding(groups: Sequence[Any]) -> list[Any]:
+    """Those of ``groups`` inside an unshard now: between ``unshard()`` (which sets
+    ``FSDPParamGroup._all_gather_result``) and the end of ``wait_for_unshard()`` (which clears it),
+    and not yet marked unsharded. Their parameters' all-gather outputs are allocated one by one
+    (one rank: each copied from its shard, cast to the compute dtype) or all at once (several:
+    the copy-out of the all-gather), before the group's state says so."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState  # loaded with FSDP by now
+
+    unsharded = ShardedState.UNSHARDED
+    return [
+        group
+        for group in groups
+        if getattr(group, "_all_gather_result", None) is not None and group._sharded_state is not unsharded
+    ]
+
+
+def fsdp_all_gather_outputs(fsdp_param: Any) -> list[torch.Tensor]:
+    """The flat tensors an FSDP parameter's unsharded data lives in (``FSDPParam.all_gather_outputs``:
+    empty before the first unshard; their storages are resized to 0 between unshards)."""
+    return fsdp_param.all_gather_outputs
 
 
 def fsdp_sharded_data(fsdp_param: Any) -> torch.Tensor:

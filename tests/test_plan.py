@@ -103,6 +103,35 @@ def test_tracker_counts_live_storages_once() -> None:
     assert tracker.tracked == 0
 
 
+def test_an_fsdp_unit_is_counted_once_and_inside_its_unshard() -> None:
+    """A unit of two modules sharing one FSDP parameter group (as the final norm and the output
+    projection do) counts its unsharded parameters once; inside its unshard over one rank, each
+    bf16 shard cast to the fp32 compute dtype (a tensor) lives beside the copies allocated so
+    far (storages FSDP2 resizes, which no op reports): the peak holds both."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from fusiontrain.plan.trace import _UnshardedParameters, fake_process_group
+
+    with fake_process_group(1):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(64, 256, bias=False))
+        model.to(torch.bfloat16).requires_grad_(False)
+        fully_shard(list(model), mesh=init_device_mesh("cpu", (1,)), mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32))
+        model[0].unshard()  # the first unshard makes FSDP2's buffers; later ones resize them
+        model[0].reshard()
+        poll = _UnshardedParameters(model)
+        assert poll() == 0
+        tracker = TensorMemoryTracker("casts", untracked={"unsharded": poll})
+        with tracker:
+            model[0].unshard()
+        fp32_bytes = (4 * 4 + 64 * 256) * 4
+        assert poll() == fp32_bytes  # once, though two modules share the group
+        # at the larger parameter's copy: every copy, and that parameter's cast shard
+        assert tracker.peak == fp32_bytes + 64 * 256 * 4
+        model[0].reshard()
+        assert poll() == 0
+
+
 # -- prediction against measurement ------------------------------------------------------------------
 
 

@@ -45,7 +45,9 @@ from fusiontrain.torch_private import (
     current_fake_mode,
     dtensor_sharding_rule_misses,
     forget_pending_forward,
+    fsdp_all_gather_outputs,
     fsdp_group_params,
+    fsdp_groups_unsharding,
     fsdp_held_reduce_outputs,
     fsdp_param_group,
     fsdp_retained_reduce_scatter_inputs,
@@ -314,12 +316,19 @@ def test_fsdp_internals_are_where_the_wrappers_read_them(mesh: DeviceMesh) -> No
     assert isinstance(fsdp_sharded_data(params[0]), torch.Tensor)
     assert fsdp_unsharded_accumulated_grad(params[0]) is None
 
-    model[0].unshard()
+    handle = model[0].unshard(async_op=True)  # issued, not yet waited for: inside the unshard
+    assert fsdp_groups_unsharding([group, fsdp_param_group(model)]) == [group]
+    assert fsdp_unsharded_groups([group]) == []
+    handle.wait()
+    assert fsdp_groups_unsharding([group]) == []
     assert fsdp_unsharded_groups([group, fsdp_param_group(model)]) == [group]  # not the root
     unsharded = fsdp_unsharded_param(params[0])
     assert unsharded is not None and torch.equal(unsharded, full_weight)
+    (buffer,) = fsdp_all_gather_outputs(params[0])  # the unsharded weight lives in it
+    assert buffer.untyped_storage().nbytes() == full_weight.numel() * 4
     model[0].reshard()
     assert fsdp_unsharded_groups([group]) == []
+    assert buffer.untyped_storage().nbytes() == 0  # freed by a resize, no op
 
     model(torch.ones(3, 4)).sum().backward()
     assert fsdp_held_reduce_outputs(group) == []  # released when the backward ended

@@ -43,7 +43,9 @@ from fusiontrain.torch_private import (
     FakeTensor,
     FakeTensorMode,
     dtensor_sharding_rule_misses,
+    fsdp_all_gather_outputs,
     fsdp_group_params,
+    fsdp_groups_unsharding,
     fsdp_held_reduce_outputs,
     fsdp_param_group,
     fsdp_retained_reduce_scatter_inputs,
@@ -54,6 +56,7 @@ from fusiontrain.torch_private import (
     local_tensor,
     storage_id,
     unset_fake_temporarily,
+    untyped_storage_id,
 )
 from fusiontrain.train.model import build_meta_model
 from fusiontrain.train.model_inputs import model_inputs, other_limits, other_names
@@ -173,7 +176,7 @@ class _UnshardedParameters:
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 group = fsdp_param_group(module)
-                if group is not None:
+                if group is not None and all(group is not seen for seen in self._groups):
                     self._groups.append(group)
         self._sizes: dict[int, int] = {}
 
@@ -190,7 +193,20 @@ class _UnshardedParameters:
         return size
 
     def __call__(self) -> int:
-        return sum(self._size(group) for group in fsdp_unsharded_groups(self._groups))
+        unsharded = sum(self._size(group) for group in fsdp_unsharded_groups(self._groups))
+        return unsharded + sum(self._allocated(group) for group in fsdp_groups_unsharding(self._groups))
+
+    @staticmethod
+    def _allocated(group: Any) -> int:
+        """Bytes a group inside its unshard has allocated so far: over one rank each parameter's
+        copy is allocated in turn, beside the temporary cast of its shard to the compute dtype
+        (tracked as a tensor), which is the moment a frozen bf16 output projection peaks."""
+        storages = {}
+        for fsdp_param in fsdp_group_params(group):
+            for output in fsdp_all_gather_outputs(fsdp_param):
+                storage = output.untyped_storage()
+                storages[untyped_storage_id(storage)] = storage.nbytes()
+        return sum(storages.values())
 
     def reduce_buffers(self) -> list[torch.Tensor]:
         """Gradient-reduction buffers FSDP2 holds on to: the reduce-scatter inputs it retains
