@@ -41,11 +41,10 @@ def measure_one(method: str, mllama: Path, data: Path, out: Path, workers: int, 
     import torch.distributed as dist
 
     from fusiontrain.config import load_config
-    from fusiontrain.parallel.distributed import free_port
     from fusiontrain.source.model_source import ModelSource
     from fusiontrain.train.data import build_dataset, build_train_loader
 
-    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one rank: no port
     overrides = [
         f"model.hf_mllama={mllama}", "data.format=caption", f"data.train.path={data}", f"output_dir={out}",
         f"data.num_workers={workers}", f"data.worker_start={method}", "batch.seq_len=64",
