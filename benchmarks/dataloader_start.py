@@ -107,7 +107,10 @@ def main() -> None:
                     sys.executable, __file__, "--one", method, "--workers", str(args.workers), "--batches",
                     str(args.batches), "--setup", str(args.setup), "--folders", str(mllama), str(data), str(root / f"run_{method}_{round_index}"),
                 ]
-                output = subprocess.run(command, check=True, capture_output=True, text=True, cwd=REPO).stdout
+                run = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+                if run.returncode != 0:
+                    raise SystemExit(f"{method} round {round_index} failed (exit {run.returncode}):\n{run.stderr[-4000:]}")
+                output = run.stdout
                 results[method].append(json.loads(output.strip().splitlines()[-1]))
     digests = {result["digest"] for runs in results.values() for result in runs}
     print(f"{args.workers} workers, {args.batches} micro-batches of 2 caption samples (tiny Mllama, 64 tokens), "

@@ -145,6 +145,23 @@ def test_workers_end_when_the_training_process_is_killed(method: str) -> None:
     assert not left, f"{method}: still running 30 s after the training process was killed: {left}"
 
 
+def test_a_spawned_worker_ends_cleanly_while_its_last_item_is_still_being_sent() -> None:
+    """A spawned worker (the one start method whose workers run the interpreter's teardown) may
+    return while its queue's feeder thread is still pickling its last batch inside torch's C++
+    code: without the loader's worker init, that feeder aborts the whole worker during the
+    teardown (SIGABRT, "terminate called without an active exception"), which failed 1 in 5
+    ``data.worker_start=spawn`` loaders as they closed (benchmarks/dataloader_start.py); with it,
+    the worker waits for its feeders first and exits with 0."""
+    probe = subprocess.run(
+        [sys.executable, "-m", "tests.helpers.feeder_teardown_probe"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    codes = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert codes["with_init"] == 0, probe.stderr[-2000:]
+    if sys.version_info < (3, 14):  # 3.14's teardown parks such threads instead of unwinding them
+        assert codes["without"] == -signal.SIGABRT, "the probe no longer reproduces the abort"
+
+
 def test_a_run_with_workers_outside_a_launcher_leaves_no_semaphore_behind(tmp_path: Path, tiny_mllama_dir: Path) -> None:
     """``train`` in a world of one with dataloader workers ends without the interpreter's teardown
     (``distributed.exit_promptly``): closing the loader frees its queues and events first, so

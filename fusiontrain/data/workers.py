@@ -40,6 +40,7 @@ killer, a torchrun restart) would leave its workers and their shared memory on t
 
 from __future__ import annotations
 
+import atexit
 import functools
 import multiprocessing
 import os
@@ -136,6 +137,29 @@ def end_with_the_training_process(training_pid: int, worker_id: int) -> None:
     (Linux 5.3+), where there is none it polls the pid every second."""
     del worker_id  # every worker watches the same process
     threading.Thread(target=_exit_after, args=(training_pid,), name="training-process-watch", daemon=True).start()
+    atexit.register(_join_queue_feeders)
+
+
+#: How long a worker's exit waits for its queues' feeder threads (:func:`_join_queue_feeders`).
+FEEDER_JOIN_S = 2.0
+
+
+def _join_queue_feeders(timeout_s: float = FEEDER_JOIN_S) -> None:
+    """At a spawned worker's exit (the only start method whose workers run the interpreter's
+    teardown; fork and forkserver end them with ``os._exit``): wait, up to ``timeout_s`` in all,
+    for the feeder threads of its multiprocessing queues.
+
+    The dataloader's worker loop closes its result queue without waiting for it
+    (``cancel_join_thread``), so its feeder, a daemon thread, may still be pickling the last
+    batch, inside torch's C++ code (sharing a storage's file descriptor), when the teardown starts.
+    A daemon thread that reacquires the GIL during the teardown exits by unwinding its stack, and
+    unwinding through those C++ frames calls ``std::terminate``: the worker dies of SIGABRT
+    ("terminate called without an active exception") and the training process's loader fails
+    as it closes, at the end of a run. A closed queue's feeder ends once its last item is written."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread":  # multiprocessing.queues.Queue's feeder
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _exit_after(pid: int) -> None:
