@@ -36,6 +36,8 @@ PyTorch's own check (is my parent still the one that started me?) never fires fo
 worker, whose parent is the helper; the helper in turn outlives the training process, because
 every worker holds the pipe whose closing would end it. Without this a SIGKILLed rank (the OOM
 killer, a torchrun restart) would leave its workers and their shared memory on the node for good.
+A ``spawn`` worker, the one kind that runs the interpreter's teardown, first waits for its
+queues' feeder threads (:func:`_join_queue_feeders`: one still sending a batch aborts it).
 """
 
 from __future__ import annotations
