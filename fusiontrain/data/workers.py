@@ -142,8 +142,9 @@ def end_with_the_training_process(training_pid: int, worker_id: int) -> None:
     atexit.register(_join_queue_feeders)
 
 
-#: How long a worker's exit waits for its queues' feeder threads (:func:`_join_queue_feeders`).
-FEEDER_JOIN_S = 2.0
+#: How long a worker's exit waits for its queues' feeder threads (:func:`_join_queue_feeders`):
+#: the 5 s the dataloader gives each worker to end (``MP_STATUS_CHECK_INTERVAL``).
+FEEDER_JOIN_S = 5.0
 
 
 def _join_queue_feeders(timeout_s: float = FEEDER_JOIN_S) -> None:

@@ -168,8 +168,10 @@ def fake_process_group(world_size: int) -> Iterator[None]:
 
 
 class _UnshardedParameters:
-    """Bytes of the FSDP units whose parameters are unsharded now. FSDP2 allocates and frees them
-    by resizing storages in place, which no op reports, so the tracker polls this."""
+    """Bytes of the FSDP units whose parameters are unsharded now, and of those a unit inside its
+    unshard has allocated so far. FSDP2 allocates and frees them by resizing storages in place,
+    which no op reports, so the tracker polls this. A unit of several modules (the final norm and
+    the output projection) is one parameter group, counted once."""
 
     def __init__(self, model: nn.Module) -> None:
         self._groups = []

@@ -1,6 +1,6 @@
 """Run as a fresh interpreter by tests/test_workers.py: two spawned processes, each a dataloader
 worker's last moments. Each puts one item on a multiprocessing queue whose pickling runs a
-torch op of about a second (torch's C++ code, the GIL released, as when a batch's storages are
+torch op of about a third of a second (torch's C++ code, the GIL released, as when a batch's storages are
 shared), then closes the queue without waiting for it and returns while its feeder thread is
 still inside that op, as the dataloader's worker loop does when the loader shuts down. The first
 runs the worker init function of fusiontrain's loaders first, the second does not. Prints one
@@ -11,17 +11,23 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import time
+import threading
 
 import torch  # imported before the feeder runs, as in a dataloader worker
 
 
+#: Set by the feeder thread as it starts pickling (in the worker process).
+PICKLING = threading.Event()
+
+
 class SlowToPickle:
-    """Pickling it multiplies matrices for about a second (inside torch, the GIL released)."""
+    """Pickling it multiplies matrices for about a third of a second on an idle machine (inside torch,
+    the GIL released); it sets :data:`PICKLING` first."""
 
     def __reduce__(self) -> tuple:
+        PICKLING.set()
         product = torch.ones(2000, 2000)
-        for _ in range(16):
+        for _ in range(4):
             product = product @ product / 2000
         return int, (0,)
 
@@ -34,7 +40,7 @@ def worker_exit(with_init: bool, training_pid: int) -> None:
         end_with_the_training_process(training_pid, 0)
     queue = multiprocessing.get_context("spawn").Queue()
     queue.put(SlowToPickle())
-    time.sleep(0.2)  # the feeder thread is inside the torch op now
+    PICKLING.wait(60)  # the feeder thread is inside the torch op now, for a while yet
     queue.cancel_join_thread()
     queue.close()
 
