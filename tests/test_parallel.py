@@ -248,9 +248,15 @@ def test_over_one_rank_fsdp_leaves_out_the_frozen_parameters_it_would_only_copy(
     frozen = {name for name, param in params.items() if not param.requires_grad}
     assert frozen and len(frozen) < len(params)
     assert {name for name, param in params.items() if not isinstance(param, DTensor)} == frozen
-    groups = {name: fsdp_param_group(module) for name, module in model.named_modules() if isinstance(module, FSDPModule)}
-    assert groups["decoder.layers.0"] is None and groups["encoder.vision.layers.0"] is None  # frozen blocks
-    assert groups["decoder.layers.1"] is not None and groups["encoder.projection"] is not None  # fusion parameters
+    units = {name: module for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+    leaves = {  # units with no unit inside (blocks, projection heads): their parameters are their own
+        name: module for name, module in units.items() if not any(isinstance(m, FSDPModule) for m in list(module.modules())[1:])
+    }
+    frozen_units = [name for name, module in leaves.items() if not any(p.requires_grad for p in module.parameters())]
+    trained_units = [name for name, module in leaves.items() if any(p.requires_grad for p in module.parameters())]
+    assert frozen_units and trained_units
+    assert all(fsdp_param_group(units[name]) is None for name in frozen_units)  # never gathered
+    assert all(fsdp_param_group(units[name]) is not None for name in trained_units)  # fusion parameters
 
     cast = _meta_twin()  # computed in bf16: FSDP2 casts the frozen fp32 parameters at each unshard
     shard_model(cast, mesh, mp_policy=mixed_precision_policy("bf16", torch.device("cpu")))
